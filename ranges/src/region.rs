@@ -1,0 +1,516 @@
+//! Guest memory as a table of regions, each a host mapping of guest pages.
+//!
+//! A [`GuestRegion`] is one contiguous stretch of guest physical memory backed
+//! by one host mapping: anonymous memory, a private (copy-on-write) file
+//! mapping, a shared file mapping (a VM's `memory-backend-file`, a file in
+//! `/dev/shm`, a DAX device) or memory the embedding VMM already mapped.
+//!
+//! Live guest pages change under our feet (vCPUs, mutator threads), so this
+//! module never hands out `&[u8]` into guest memory. Every access is a copy
+//! between guest memory and a caller-owned buffer through raw pointers, after
+//! a bounds check against the region. All `unsafe` of the crate lives here.
+
+use std::any::Any;
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use memmap2::{MmapOptions, MmapRaw};
+
+use crate::addr::{Gpa, PageIdx, PageRange, RegionIdx, PAGE_SIZE, PAGE_SIZE_U64};
+
+/// Host page size a region declares for its backing (the migration unit is
+/// always 4 KiB; huge pages only change how the backing is mapped and locked).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostPageSize {
+    /// 4 KiB pages.
+    Small,
+    /// 2 MiB pages (the region's base and length must be 2 MiB aligned).
+    Huge2M,
+}
+
+impl HostPageSize {
+    /// Size in bytes.
+    pub fn bytes(self) -> u64 {
+        match self {
+            HostPageSize::Small => 4096,
+            HostPageSize::Huge2M => 2 << 20,
+        }
+    }
+}
+
+/// What backs a region's host mapping.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Backing {
+    /// Private anonymous memory owned by this region.
+    Anonymous,
+    /// A private copy-on-write mapping of a file: writes stay in this process.
+    PrivateFile(PathBuf),
+    /// A shared mapping of a file: writes reach the file and its other mappers.
+    SharedFile(PathBuf),
+    /// Memory mapped by the embedder; the region only borrows it.
+    External,
+}
+
+/// Errors building or accessing guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// A region of zero bytes, or not a whole number of pages.
+    #[error("region at {gpa} of {len} bytes is not a whole, non-zero number of {align}-byte pages")]
+    BadSize {
+        /// Guest address of the region.
+        gpa: Gpa,
+        /// Length asked for.
+        len: u64,
+        /// Alignment required.
+        align: u64,
+    },
+    /// A region whose guest address is not aligned to its page size.
+    #[error("region at {gpa} is not aligned to its {align}-byte pages")]
+    Misaligned {
+        /// Guest address of the region.
+        gpa: Gpa,
+        /// Alignment required.
+        align: u64,
+    },
+    /// Two regions overlap in guest physical space, or one wraps around.
+    #[error("region at {gpa} of {len} bytes overlaps another or wraps the address space")]
+    Overlap {
+        /// Guest address of the region.
+        gpa: Gpa,
+        /// Its length.
+        len: u64,
+    },
+    /// A region too large for this host's address space.
+    #[error("region of {len} bytes does not fit the host address space")]
+    TooLarge {
+        /// Its length.
+        len: u64,
+    },
+    /// Mapping or opening the backing failed.
+    #[error("cannot map {what}")]
+    Map {
+        /// What was being mapped.
+        what: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A page access outside the region.
+    #[error("pages {first}..+{count} are outside a region of {pages} pages")]
+    OutOfBounds {
+        /// First page asked for.
+        first: u64,
+        /// Number of pages asked for.
+        count: u64,
+        /// Pages in the region.
+        pages: u64,
+    },
+    /// No such region.
+    #[error("{0} does not exist")]
+    NoRegion(RegionIdx),
+    /// A buffer whose length does not match the pages asked for.
+    #[error("buffer of {got} bytes for {pages} pages")]
+    BufferSize {
+        /// Buffer length.
+        got: usize,
+        /// Pages asked for.
+        pages: u64,
+    },
+}
+
+enum Owner {
+    Mmap(#[allow(dead_code)] MmapRaw),
+    External(#[allow(dead_code)] Box<dyn Any + Send + Sync>),
+}
+
+/// One contiguous region of guest memory and its host mapping.
+pub struct GuestRegion {
+    gpa: Gpa,
+    len: u64,
+    host_page: HostPageSize,
+    backing: Backing,
+    ptr: *mut u8,
+    _owner: Owner,
+}
+
+// SAFETY: the region owns (or keeps alive through `_owner`) a mapping that is
+// valid for its whole life; all accesses go through raw-pointer copies that
+// tolerate concurrent writers, exactly like the guest's own vCPUs do.
+unsafe impl Send for GuestRegion {}
+// SAFETY: as for `Send`: no method hands out references into the mapping.
+unsafe impl Sync for GuestRegion {}
+
+impl std::fmt::Debug for GuestRegion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestRegion")
+            .field("gpa", &self.gpa)
+            .field("len", &self.len)
+            .field("host_page", &self.host_page)
+            .field("backing", &self.backing)
+            .finish()
+    }
+}
+
+fn check_shape(gpa: Gpa, len: u64, host_page: HostPageSize) -> Result<usize, MemoryError> {
+    let align = host_page.bytes();
+    if len == 0 || len % align != 0 {
+        return Err(MemoryError::BadSize { gpa, len, align });
+    }
+    if !gpa.is_aligned(align) {
+        return Err(MemoryError::Misaligned { gpa, align });
+    }
+    if gpa.checked_add(len).is_none() {
+        return Err(MemoryError::Overlap { gpa, len });
+    }
+    usize::try_from(len)
+        .ok()
+        .filter(|&l| isize::try_from(l).is_ok())
+        .ok_or(MemoryError::TooLarge { len })
+}
+
+impl GuestRegion {
+    /// A region of fresh, zeroed anonymous memory.
+    pub fn anonymous(gpa: Gpa, len: u64, host_page: HostPageSize) -> Result<Self, MemoryError> {
+        let n = check_shape(gpa, len, host_page)?;
+        let mut opts = MmapOptions::new();
+        opts.len(n);
+        if host_page == HostPageSize::Huge2M {
+            opts.huge(Some(21));
+        }
+        let map = opts.map_anon().map_err(|source| MemoryError::Map {
+            what: format!("{n} bytes of anonymous memory"),
+            source,
+        })?;
+        Ok(Self::from_mmap(gpa, len, host_page, Backing::Anonymous, MmapRaw::from(map)))
+    }
+
+    /// A region mapping `path`, created and sized to `len` bytes if needed.
+    /// `shared` chooses a shared mapping (writes reach the file) over a
+    /// private copy-on-write one. With `truncate` the file is emptied first,
+    /// so the region starts all zero.
+    pub fn file(
+        gpa: Gpa,
+        len: u64,
+        host_page: HostPageSize,
+        path: &Path,
+        shared: bool,
+        truncate: bool,
+    ) -> Result<Self, MemoryError> {
+        let n = check_shape(gpa, len, host_page)?;
+        let map_err = |source| MemoryError::Map { what: path.display().to_string(), source };
+        let file: File = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(truncate)
+            .open(path)
+            .map_err(map_err)?;
+        let cur = file.metadata().map_err(map_err)?.len();
+        if cur != len && (truncate || cur < len) {
+            file.set_len(len).map_err(map_err)?;
+        }
+        let mut opts = MmapOptions::new();
+        opts.len(n);
+        let (raw, backing) = if shared {
+            (opts.map_raw(&file).map_err(map_err)?, Backing::SharedFile(path.into()))
+        } else {
+            // SAFETY: a private mapping: other processes' writes to the file
+            // may show through pages we have not written yet, which is the
+            // documented meaning of a private file region; we never form
+            // references into it.
+            let m = unsafe { opts.map_copy(&file) }.map_err(map_err)?;
+            (MmapRaw::from(m), Backing::PrivateFile(path.into()))
+        };
+        Ok(Self::from_mmap(gpa, len, host_page, backing, raw))
+    }
+
+    fn from_mmap(gpa: Gpa, len: u64, host_page: HostPageSize, backing: Backing, map: MmapRaw) -> Self {
+        let ptr = map.as_mut_ptr();
+        Self { gpa, len, host_page, backing, ptr, _owner: Owner::Mmap(map) }
+    }
+
+    /// A region over memory the embedder mapped, kept alive by `owner`.
+    ///
+    /// # Safety
+    /// `host` must point to `len` bytes that stay mapped, readable and
+    /// writable for as long as `owner` lives, and nothing may unmap or remap
+    /// them meanwhile. Concurrent writes by vCPUs are fine.
+    pub unsafe fn from_raw(
+        gpa: Gpa,
+        len: u64,
+        host_page: HostPageSize,
+        host: *mut u8,
+        owner: Box<dyn Any + Send + Sync>,
+    ) -> Result<Self, MemoryError> {
+        check_shape(gpa, len, host_page)?;
+        Ok(Self { gpa, len, host_page, backing: Backing::External, ptr: host, _owner: Owner::External(owner) })
+    }
+
+    /// Guest physical address of the first byte.
+    pub fn gpa(&self) -> Gpa {
+        self.gpa
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the region is empty (never: regions are checked non-empty).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Number of 4 KiB pages.
+    pub fn pages(&self) -> u64 {
+        self.len / PAGE_SIZE_U64
+    }
+
+    /// The host page size declared for the backing.
+    pub fn host_page_size(&self) -> HostPageSize {
+        self.host_page
+    }
+
+    /// What backs the mapping.
+    pub fn backing(&self) -> &Backing {
+        &self.backing
+    }
+
+    /// Host virtual address of the first byte, for kernel interfaces
+    /// (userfaultfd, pagemap) that take addresses.
+    pub fn host_addr(&self) -> usize {
+        self.ptr as usize
+    }
+
+    /// The page holding guest address `gpa`, if this region holds it.
+    pub fn page_of(&self, gpa: Gpa) -> Option<PageIdx> {
+        let off = gpa.checked_offset_from(self.gpa)?;
+        (off < self.len).then_some(PageIdx(off / PAGE_SIZE_U64))
+    }
+
+    /// Checks that `count` pages from `first` lie inside the region and
+    /// returns the byte offset of `first`.
+    fn span(&self, first: PageIdx, count: u64) -> Result<usize, MemoryError> {
+        let oob = || MemoryError::OutOfBounds { first: first.0, count, pages: self.pages() };
+        let end = first.0.checked_add(count).ok_or_else(oob)?;
+        if end > self.pages() {
+            return Err(oob());
+        }
+        // In bounds, so the offset is below `len`, which fits usize (check_shape).
+        Ok((first.0 * PAGE_SIZE_U64) as usize)
+    }
+
+    /// Copies `dst.len() / 4096` pages starting at `first` out of guest memory.
+    pub fn read_pages(&self, first: PageIdx, dst: &mut [u8]) -> Result<(), MemoryError> {
+        let pages = (dst.len() / PAGE_SIZE) as u64;
+        if dst.len() % PAGE_SIZE != 0 {
+            return Err(MemoryError::BufferSize { got: dst.len(), pages });
+        }
+        let off = self.span(first, pages)?;
+        // SAFETY: `span` checked [off, off + dst.len()) lies inside the
+        // mapping, which lives as long as `self`; `dst` is a distinct
+        // caller-owned buffer. Guest writers may race: the copy then holds a
+        // mix of old and new bytes, which dirty tracking resends.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(off), dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+
+    /// Copies `src.len() / 4096` pages into guest memory starting at `first`.
+    pub fn write_pages(&self, first: PageIdx, src: &[u8]) -> Result<(), MemoryError> {
+        let pages = (src.len() / PAGE_SIZE) as u64;
+        if src.len() % PAGE_SIZE != 0 {
+            return Err(MemoryError::BufferSize { got: src.len(), pages });
+        }
+        let off = self.span(first, pages)?;
+        // SAFETY: bounds checked by `span`; the mapping is writable and lives
+        // as long as `self`; `src` is caller-owned and cannot alias it.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.add(off), src.len()) };
+        Ok(())
+    }
+
+    /// Zeroes `count` pages from `first`.
+    pub fn zero_pages(&self, first: PageIdx, count: u64) -> Result<(), MemoryError> {
+        let off = self.span(first, count)?;
+        // SAFETY: bounds checked by `span`; the mapping is writable.
+        unsafe { std::ptr::write_bytes(self.ptr.add(off), 0, (count * PAGE_SIZE_U64) as usize) };
+        Ok(())
+    }
+
+    /// Writes `value` to the 8-byte word at byte `offset` (aligned to 8), as
+    /// a guest vCPU would. For workloads and tests that mutate guest memory.
+    pub fn write_u64(&self, offset: u64, value: u64) -> Result<(), MemoryError> {
+        self.check_word(offset)?;
+        // SAFETY: `check_word` proved the aligned 8 bytes lie in the mapping.
+        unsafe { std::ptr::write_volatile(self.ptr.add(offset as usize).cast::<u64>(), value) };
+        Ok(())
+    }
+
+    /// Reads the 8-byte word at byte `offset` (aligned to 8).
+    pub fn read_u64(&self, offset: u64) -> Result<u64, MemoryError> {
+        self.check_word(offset)?;
+        // SAFETY: `check_word` proved the aligned 8 bytes lie in the mapping.
+        Ok(unsafe { std::ptr::read_volatile(self.ptr.add(offset as usize).cast::<u64>()) })
+    }
+
+    fn check_word(&self, offset: u64) -> Result<(), MemoryError> {
+        if offset % 8 != 0 || offset.checked_add(8).is_none_or(|e| e > self.len) {
+            return Err(MemoryError::OutOfBounds {
+                first: offset / PAGE_SIZE_U64,
+                count: 1,
+                pages: self.pages(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Flushes a shared file mapping's writes to the file (msync).
+    pub fn flush(&self) -> Result<(), MemoryError> {
+        if let Owner::Mmap(m) = &self._owner {
+            if matches!(self.backing, Backing::SharedFile(_)) {
+                m.flush().map_err(|source| MemoryError::Map { what: "msync".into(), source })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A table of non-overlapping guest memory regions.
+#[derive(Debug, Default)]
+pub struct GuestMemory {
+    regions: Vec<GuestRegion>,
+}
+
+impl GuestMemory {
+    /// A table of `regions`, checked not to overlap in guest physical space.
+    pub fn new(regions: Vec<GuestRegion>) -> Result<Self, MemoryError> {
+        let mut spans: Vec<(u64, u64)> = regions.iter().map(|r| (r.gpa.0, r.gpa.0 + r.len)).collect();
+        spans.sort_unstable();
+        for w in spans.windows(2) {
+            if w[1].0 < w[0].1 {
+                return Err(MemoryError::Overlap { gpa: Gpa(w[1].0), len: w[1].1 - w[1].0 });
+            }
+        }
+        if regions.len() > u32::MAX as usize {
+            return Err(MemoryError::TooLarge { len: regions.len() as u64 });
+        }
+        Ok(Self { regions })
+    }
+
+    /// One anonymous region of `len` bytes at guest address 0.
+    pub fn anonymous(len: u64) -> Result<Self, MemoryError> {
+        Self::new(vec![GuestRegion::anonymous(Gpa(0), len, HostPageSize::Small)?])
+    }
+
+    /// The regions, in table order (their index is their [`RegionIdx`]).
+    pub fn regions(&self) -> &[GuestRegion] {
+        &self.regions
+    }
+
+    /// Region `idx`, or an error naming it.
+    pub fn region(&self, idx: RegionIdx) -> Result<&GuestRegion, MemoryError> {
+        self.regions.get(idx.as_usize()).ok_or(MemoryError::NoRegion(idx))
+    }
+
+    /// Iterates `(index, region)`.
+    pub fn iter(&self) -> impl Iterator<Item = (RegionIdx, &GuestRegion)> {
+        self.regions.iter().enumerate().map(|(i, r)| (RegionIdx(i as u32), r))
+    }
+
+    /// Total bytes of guest memory.
+    pub fn total_bytes(&self) -> u64 {
+        self.regions.iter().map(|r| r.len).sum()
+    }
+
+    /// Total 4 KiB pages.
+    pub fn total_pages(&self) -> u64 {
+        self.regions.iter().map(|r| r.pages()).sum()
+    }
+
+    /// The region and page holding guest address `gpa`.
+    pub fn locate(&self, gpa: Gpa) -> Option<(RegionIdx, PageIdx)> {
+        self.iter().find_map(|(i, r)| r.page_of(gpa).map(|p| (i, p)))
+    }
+
+    /// Checks that `range` names pages inside an existing region.
+    pub fn check(&self, range: PageRange) -> Result<(), MemoryError> {
+        let r = self.region(range.region)?;
+        let oob = MemoryError::OutOfBounds {
+            first: range.start.0,
+            count: range.len(),
+            pages: r.pages(),
+        };
+        if range.start.0 > range.end.0 || range.end.0 > r.pages() {
+            return Err(oob);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_are_checked() {
+        assert!(matches!(
+            GuestRegion::anonymous(Gpa(0), 4095, HostPageSize::Small),
+            Err(MemoryError::BadSize { .. })
+        ));
+        assert!(matches!(
+            GuestRegion::anonymous(Gpa(0), 0, HostPageSize::Small),
+            Err(MemoryError::BadSize { .. })
+        ));
+        assert!(matches!(
+            GuestRegion::anonymous(Gpa(4096), 2 << 20, HostPageSize::Huge2M),
+            Err(MemoryError::Misaligned { .. })
+        ));
+        assert!(matches!(
+            GuestRegion::anonymous(Gpa(u64::MAX - 4095), 8192, HostPageSize::Small),
+            Err(MemoryError::Overlap { .. })
+        ));
+    }
+
+    #[test]
+    fn overlapping_regions_are_refused() {
+        let a = GuestRegion::anonymous(Gpa(0), 8192, HostPageSize::Small).unwrap();
+        let b = GuestRegion::anonymous(Gpa(4096), 8192, HostPageSize::Small).unwrap();
+        assert!(matches!(GuestMemory::new(vec![a, b]), Err(MemoryError::Overlap { .. })));
+    }
+
+    #[test]
+    fn page_copies_are_bounds_checked() {
+        let mem = GuestMemory::anonymous(4 * 4096).unwrap();
+        let r = &mem.regions()[0];
+        let mut buf = vec![7u8; 2 * PAGE_SIZE];
+        r.write_pages(PageIdx(2), &buf).unwrap();
+        assert!(r.write_pages(PageIdx(3), &buf).is_err());
+        assert!(r.write_pages(PageIdx(u64::MAX), &buf[..PAGE_SIZE]).is_err());
+        assert!(r.read_pages(PageIdx(0), &mut buf[..100]).is_err());
+        buf.fill(0);
+        r.read_pages(PageIdx(2), &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 7));
+        r.zero_pages(PageIdx(3), 1).unwrap();
+        r.read_pages(PageIdx(2), &mut buf).unwrap();
+        assert!(buf[..PAGE_SIZE].iter().all(|&b| b == 7) && buf[PAGE_SIZE..].iter().all(|&b| b == 0));
+        assert!(r.read_u64(4 * 4096 - 8).is_ok());
+        assert!(r.read_u64(4 * 4096).is_err());
+        assert!(r.read_u64(3).is_err());
+        assert_eq!(mem.locate(Gpa(4096 * 3 + 5)), Some((RegionIdx(0), PageIdx(3))));
+        assert_eq!(mem.locate(Gpa(4096 * 4)), None);
+    }
+
+    #[test]
+    fn shared_file_regions_share_bytes() {
+        let dir = std::env::temp_dir().join(format!("pmigrate-ranges-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("mem");
+        let a = GuestRegion::file(Gpa(0), 8192, HostPageSize::Small, &path, true, true).unwrap();
+        let b = GuestRegion::file(Gpa(0), 8192, HostPageSize::Small, &path, true, false).unwrap();
+        let p = GuestRegion::file(Gpa(0), 8192, HostPageSize::Small, &path, false, false).unwrap();
+        a.write_u64(4096, 42).unwrap();
+        assert_eq!(b.read_u64(4096).unwrap(), 42);
+        p.write_u64(0, 9).unwrap();
+        assert_eq!(a.read_u64(0).unwrap(), 0, "private mapping writes stay private");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,35 @@
+//! Wire protocol v1 and the multi-stream TCP transport of pmigrate.
+//!
+//! - [`frame`]: the 40-byte frame header, its codec and the check that
+//!   covers header and body. The full specification is `docs/protocol.md`.
+//! - [`hello`]: handshake payloads (`Hello`, `Welcome`) and `Error` frames.
+//! - [`payload`]: building page and stream-chunk frames (raw, zero, lz4) and
+//!   opening them with verification.
+//! - [`net`]: tuned TCP sockets, binding a stream to a local address or an
+//!   interface, and a framed reader.
+//! - [`session`]: opening the N streams of a session and accepting exactly
+//!   the streams of one session on the other side.
+//!
+//! ```
+//! use pmigrate_transport::frame::{FrameHdr, FrameKind, HEADER_LEN};
+//! use pmigrate_transport::payload::{build_zero_pages, Opener, OpenedPages};
+//!
+//! let mut frame = Vec::new();
+//! build_zero_pages(&mut frame, 0, 16, 4, 1);
+//! let hdr = FrameHdr::decode(frame[..HEADER_LEN].try_into().unwrap()).unwrap();
+//! assert_eq!((hdr.kind, hdr.first, hdr.count), (FrameKind::Pages, 16, 4));
+//! let mut opener = Opener::default();
+//! assert!(matches!(opener.open_pages(&hdr, &frame[HEADER_LEN..]), Ok(OpenedPages::Zero)));
+//! ```
+#![warn(missing_docs)]
+
+pub mod frame;
+pub mod hello;
+pub mod net;
+pub mod payload;
+pub mod session;
+
+pub use frame::{Encoding, FrameHdr, FrameKind, WireError};
+pub use hello::{ErrorCode, ErrorMsg, Hello, Mode, RegionDesc, Welcome};
+pub use net::{FrameReader, TransportError, Via};
+pub use session::{connect_session, Acceptor, Accepted, StreamPlan};

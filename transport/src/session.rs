@@ -1,0 +1,279 @@
+//! Setting up a session: N streams, one handshake each.
+//!
+//! The source opens every stream, sends `Hello` and waits for `Welcome`.
+//! The destination accepts connections on one or more listeners until it
+//! holds every stream of exactly one session: the first valid `Hello` fixes
+//! the session (its id, stream count, mode and region table, which the
+//! embedder checks); any other connection — garbage, another session, a
+//! stream index already taken — gets an `Error` frame and is closed, and
+//! the acceptor keeps waiting for the real streams.
+
+use std::io::{self, ErrorKind};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::frame::{FrameHdr, FrameKind};
+use crate::hello::{ErrorCode, ErrorMsg, Hello, Mode, Welcome};
+use crate::net::{connect, listen, tune_accepted, write_frame, FrameReader, TransportError, Via};
+use crate::payload::build_control;
+
+/// How long an accepted connection may take to send its `Hello`.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the source's streams go and how they leave.
+#[derive(Clone, Debug)]
+pub struct StreamPlan {
+    /// Destination addresses; stream `i` goes to `dests[i % dests.len()]`.
+    pub dests: Vec<SocketAddr>,
+    /// Local addresses or interfaces; stream `i` leaves by `via[i % via.len()]`.
+    pub via: Vec<Via>,
+    /// Number of streams.
+    pub streams: u16,
+    /// Timeout for each connect and for the handshake.
+    pub connect_timeout: Duration,
+}
+
+impl StreamPlan {
+    /// `streams` streams spread over `dests`, leaving by the default route.
+    pub fn new(dests: Vec<SocketAddr>, streams: u16) -> Self {
+        Self { dests, via: Vec::new(), streams, connect_timeout: Duration::from_secs(10) }
+    }
+
+    /// Destination of stream `i`.
+    pub fn dest(&self, i: usize) -> SocketAddr {
+        self.dests[i % self.dests.len()]
+    }
+
+    /// Local side of stream `i`, if any.
+    pub fn via(&self, i: usize) -> Option<&Via> {
+        (!self.via.is_empty()).then(|| &self.via[i % self.via.len()])
+    }
+}
+
+/// A fresh random session id.
+pub fn new_session_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    // getrandom(2) never fails for 16 bytes once the pool is initialised;
+    // fall back to time and pid bits if it somehow does.
+    // SAFETY: the buffer is valid for 16 bytes of writes.
+    let n = unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
+    if n != 16 {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        id[..8].copy_from_slice(&(t.as_nanos() as u64).to_le_bytes());
+        id[8..12].copy_from_slice(&std::process::id().to_le_bytes());
+    }
+    id
+}
+
+/// Sends an `Error` frame, best effort (the peer may be gone already).
+pub fn send_error(s: &mut TcpStream, code: ErrorCode, message: impl Into<String>) {
+    let mut f = Vec::new();
+    build_control(&mut f, FrameHdr::new(FrameKind::Error), &ErrorMsg { code, message: message.into() }.encode());
+    let _ = write_frame(s, &f, "error");
+}
+
+/// Opens every stream of a session: connect, `Hello`, `Welcome`. `hello`
+/// is the template; its stream numbering is filled in per stream.
+pub fn connect_session(plan: &StreamPlan, hello: &Hello) -> Result<(Vec<TcpStream>, Welcome), TransportError> {
+    if plan.dests.is_empty() || plan.streams == 0 {
+        return Err(TransportError::Setup("a session needs at least one destination and one stream".into()));
+    }
+    let mut streams = Vec::with_capacity(plan.streams as usize);
+    let mut welcome = None;
+    for i in 0..plan.streams {
+        let name = format!("stream {i}");
+        let mut s = connect(plan.dest(i.into()), plan.via(i.into()), plan.connect_timeout)?;
+        s.set_read_timeout(Some(plan.connect_timeout)).map_err(|e| TransportError::io(&name, e))?;
+        let mut h = hello.clone();
+        h.stream_index = i;
+        h.stream_count = plan.streams;
+        let mut f = Vec::new();
+        build_control(&mut f, FrameHdr::new(FrameKind::Hello), &h.encode());
+        write_frame(&mut s, &f, &name)?;
+        let mut r = FrameReader::new(&s, name.clone());
+        let (hdr, payload) = r.expect(FrameKind::Welcome)?;
+        hdr.verify(payload).map_err(|source| TransportError::Wire { what: name.clone(), source })?;
+        let w = Welcome::decode(payload).map_err(|source| TransportError::Wire { what: name.clone(), source })?;
+        if w.session != hello.session {
+            return Err(TransportError::Setup(format!("{name}: welcomed into another session")));
+        }
+        welcome = Some(w);
+        s.set_read_timeout(None).map_err(|e| TransportError::io(&name, e))?;
+        streams.push(s);
+    }
+    Ok((streams, welcome.expect("at least one stream")))
+}
+
+/// What the embedder says about a session's first `Hello`.
+pub type HelloCheck<'a> = dyn FnMut(&Hello) -> Result<u64, ErrorMsg> + 'a;
+
+/// Listens for the streams of one session.
+#[derive(Debug)]
+pub struct Acceptor {
+    listeners: Vec<TcpListener>,
+    /// How long the remaining streams may take once the first arrived.
+    pub gather_timeout: Duration,
+}
+
+/// An accepted session: its `Hello` and its streams ordered by index.
+#[derive(Debug)]
+pub struct Accepted {
+    /// The first stream's `Hello` (its index field is that stream's).
+    pub hello: Hello,
+    /// Capabilities in force.
+    pub caps: u64,
+    /// Streams, index `i` at position `i`.
+    pub streams: Vec<TcpStream>,
+    /// Connections refused while gathering, with the reason.
+    pub refused: Vec<(SocketAddr, String)>,
+}
+
+fn read_hello(s: &TcpStream) -> Result<Hello, TransportError> {
+    s.set_read_timeout(Some(HELLO_TIMEOUT)).map_err(|e| TransportError::io("hello", e))?;
+    let mut r = FrameReader::new(s, "handshake");
+    let (hdr, payload) = r.expect(FrameKind::Hello)?;
+    hdr.verify(payload).map_err(|source| TransportError::Wire { what: "hello".into(), source })?;
+    Hello::decode(payload).map_err(|source| TransportError::Wire { what: "hello".into(), source })
+}
+
+impl Acceptor {
+    /// Listens on every address.
+    pub fn bind(addrs: &[SocketAddr]) -> Result<Self, TransportError> {
+        if addrs.is_empty() {
+            return Err(TransportError::Setup("no address to listen on".into()));
+        }
+        let listeners = addrs.iter().map(|a| listen(*a)).collect::<Result<Vec<_>, _>>()?;
+        for l in &listeners {
+            l.set_nonblocking(true).map_err(|e| TransportError::io("listener", e))?;
+        }
+        Ok(Self { listeners, gather_timeout: Duration::from_secs(30) })
+    }
+
+    /// The bound addresses (with the ports the kernel chose for port 0).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
+    }
+
+    /// Accepts the streams of one session of `mode`. `check` judges the
+    /// first valid `Hello` (region table, capabilities) and returns the
+    /// capabilities to use; a refusal is sent to that peer and the acceptor
+    /// keeps waiting. `deadline` bounds the whole wait.
+    pub fn accept_session(
+        &self,
+        mode: Mode,
+        check: &mut HelloCheck<'_>,
+        deadline: Option<Instant>,
+    ) -> Result<Accepted, TransportError> {
+        let (tx, rx) = mpsc::channel::<(TcpStream, SocketAddr, Result<Hello, TransportError>)>();
+        let mut session: Option<(Hello, u64, Instant)> = None;
+        let mut slots: Vec<Option<TcpStream>> = Vec::new();
+        let mut refused = Vec::new();
+        loop {
+            if let Some((h, _, first_at)) = &session {
+                if slots.iter().all(Option::is_some) {
+                    let (hello, caps, _) = session.expect("session set");
+                    let streams = slots.into_iter().map(|s| s.expect("every slot filled")).collect();
+                    return Ok(Accepted { hello, caps, streams, refused });
+                }
+                if first_at.elapsed() > self.gather_timeout {
+                    let got = slots.iter().filter(|s| s.is_some()).count();
+                    return Err(TransportError::Setup(format!(
+                        "only {got} of {} streams of the session arrived within {:?}",
+                        h.stream_count, self.gather_timeout
+                    )));
+                }
+            }
+            if deadline.is_some_and(|d| Instant::now() > d) {
+                return Err(TransportError::Setup("no migration session arrived in time".into()));
+            }
+            let mut idle = true;
+            for l in &self.listeners {
+                match l.accept() {
+                    Ok((s, peer)) => {
+                        idle = false;
+                        let tx = tx.clone();
+                        std::thread::spawn(move || {
+                            let _ = s.set_nonblocking(false);
+                            let res = tune_accepted(&s).and_then(|_| read_hello(&s));
+                            let _ = tx.send((s, peer, res));
+                        });
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => return Err(TransportError::io("accept", e)),
+                }
+            }
+            match rx.recv_timeout(Duration::from_millis(if idle { 5 } else { 0 })) {
+                Ok((mut s, peer, res)) => {
+                    let verdict = match res {
+                        Err(e) => Err((ErrorCode::Protocol, e.to_string())),
+                        Ok(h) => self.judge(&h, mode, &mut session, &mut slots, check).map(|()| h),
+                    };
+                    match verdict {
+                        Ok(h) => {
+                            let (_, caps, _) = session.as_ref().expect("judge fixed the session");
+                            let mut f = Vec::new();
+                            let w = Welcome { session: h.session, caps: *caps };
+                            build_control(&mut f, FrameHdr::new(FrameKind::Welcome), &w.encode());
+                            if let Err(e) = write_frame(&mut s, &f, "welcome").and_then(|_| {
+                                s.set_read_timeout(None).map_err(|e| TransportError::io("welcome", e))
+                            }) {
+                                // The stream broke during the handshake: the session cannot complete.
+                                return Err(e);
+                            }
+                            slots[h.stream_index as usize] = Some(s);
+                        }
+                        Err((code, why)) => {
+                            send_error(&mut s, code, why.clone());
+                            let _ = s.shutdown(std::net::Shutdown::Both);
+                            refused.push((peer, why));
+                        }
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => unreachable!("we hold a sender"),
+            }
+        }
+    }
+
+    fn judge(
+        &self,
+        h: &Hello,
+        mode: Mode,
+        session: &mut Option<(Hello, u64, Instant)>,
+        slots: &mut Vec<Option<TcpStream>>,
+        check: &mut HelloCheck<'_>,
+    ) -> Result<(), (ErrorCode, String)> {
+        if h.mode != mode {
+            return Err((ErrorCode::NotInSession, format!("this end serves {mode:?} sessions, not {:?}", h.mode)));
+        }
+        match session {
+            None => {
+                let caps = check(h).map_err(|e| (e.code, e.message))?;
+                *slots = (0..h.stream_count).map(|_| None).collect();
+                *session = Some((h.clone(), caps, Instant::now()));
+                Ok(())
+            }
+            Some((first, _, _)) => {
+                if h.session != first.session {
+                    return Err((ErrorCode::NotInSession, "another session is being served".into()));
+                }
+                if h.stream_count != first.stream_count || h.regions != first.regions || h.caps != first.caps {
+                    return Err((ErrorCode::Protocol, "stream disagrees with its session's handshake".into()));
+                }
+                if slots[h.stream_index as usize].is_some() {
+                    return Err((ErrorCode::NotInSession, format!("stream {} already connected", h.stream_index)));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Whether an I/O error means the peer went away (as opposed to a local fault).
+pub fn is_disconnect(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe | ErrorKind::UnexpectedEof
+    )
+}
