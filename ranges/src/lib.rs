@@ -23,12 +23,12 @@
 
 pub mod addr;
 pub mod bitmap;
-// pub mod range_lock; (pending)
+pub mod range_lock;
 pub mod region;
 pub mod shard;
 
 pub use addr::{Gpa, PageIdx, PageRange, RegionIdx, PAGE_SHIFT, PAGE_SIZE, PAGE_SIZE_U64};
 pub use bitmap::AtomicBitmap;
-// pub use range_lock::{RangeGuard, RangeLock};
+pub use range_lock::{RangeGuard, RangeLock};
 pub use region::{Backing, GuestMemory, GuestRegion, HostPageSize, MemoryError};
 pub use shard::{distribute, plan_shards, ShardWorker, DEFAULT_SHARD_PAGES};

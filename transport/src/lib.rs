@@ -32,4 +32,4 @@ pub mod session;
 pub use frame::{Encoding, FrameHdr, FrameKind, WireError};
 pub use hello::{ErrorCode, ErrorMsg, Hello, Mode, RegionDesc, Welcome};
 pub use net::{FrameReader, TransportError, Via};
-pub use session::{connect_session, Acceptor, Accepted, StreamPlan};
+pub use session::{connect_session, Accepted, Acceptor, StreamPlan};

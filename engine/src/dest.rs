@@ -1,0 +1,393 @@
+//! The destination side: receive, verify and place pages, then confirm.
+//!
+//! One thread per stream reads frames, bounds-checks the page range against
+//! the region table, decodes and verifies the check, and only then writes
+//! the pages into guest memory under an exclusive range lock. Streams are
+//! independent, so a page sent in round 3 on stream 1 may arrive before the
+//! same page's round-2 copy on stream 0; every page therefore carries a
+//! stamp (its round + 1), and a copy older than what the page holds is
+//! dropped. The range lock makes check-and-write atomic per batch.
+//!
+//! Each stream's frames of a round are followed by a `RoundEnd` that counts
+//! them, so a lost or extra frame is caught at the round boundary. After
+//! every stream ended the final round, stream 0 brings the source's digest;
+//! the destination answers `Verified` only if its own digest — from the
+//! hashes of the pages it wrote — matches.
+
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use pmigrate_ranges::{GuestMemory, PageIdx, RangeLock, PAGE_SIZE};
+use pmigrate_transport::frame::{FrameHdr, FrameKind, FLAG_FINAL};
+use pmigrate_transport::hello::{ErrorCode, ErrorMsg, Mode, RegionDesc, CAP_LZ4, KNOWN_CAPS};
+use pmigrate_transport::net::{write_frame, FrameReader};
+use pmigrate_transport::payload::{build_control, zero_page_hash, OpenedPages, Opener};
+use pmigrate_transport::session::send_error;
+use pmigrate_transport::{Acceptor, Accepted, TransportError};
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::digest::memory_digest;
+use crate::report::{Report, StreamReport};
+use crate::MigrateError;
+
+/// Checks that `mem` has exactly the regions the source described.
+pub fn layout_matches(mem: &GuestMemory, regions: &[RegionDesc]) -> Result<(), String> {
+    if mem.regions().len() != regions.len() {
+        return Err(format!("source has {} regions, destination {}", regions.len(), mem.regions().len()));
+    }
+    for ((i, r), d) in mem.iter().zip(regions) {
+        if r.gpa().0 != d.gpa || r.len() != d.len {
+            return Err(format!(
+                "{i}: source {:#x}+{:#x}, destination {}+{:#x}",
+                d.gpa,
+                d.len,
+                r.gpa(),
+                r.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A migration session whose streams have all arrived, not yet received.
+#[derive(Debug)]
+pub struct Incoming {
+    accepted: Accepted,
+    t0: Instant,
+}
+
+/// Options of the receiving side.
+#[derive(Clone, Debug, Default)]
+pub struct ReceiveOptions {
+    /// After the final round, rehash all of guest memory and compare it
+    /// with the hashes of the pages written, before confirming.
+    pub verify_memory: bool,
+}
+
+impl Incoming {
+    /// Waits on `acceptor` for the streams of one memory-migration session
+    /// whose region table `check` accepts. Connections that are not part of
+    /// it are refused with an error frame and do not end the wait.
+    pub fn accept(
+        acceptor: &Acceptor,
+        mut check: impl FnMut(&[RegionDesc]) -> Result<(), String>,
+        deadline: Option<Instant>,
+    ) -> Result<Incoming, MigrateError> {
+        let mut judge = |h: &pmigrate_transport::Hello| {
+            check(&h.regions).map_err(|message| ErrorMsg { code: ErrorCode::Layout, message })?;
+            Ok(h.caps & KNOWN_CAPS & CAP_LZ4)
+        };
+        let accepted = acceptor.accept_session(Mode::Memory, &mut judge, deadline)?;
+        Ok(Incoming { accepted, t0: Instant::now() })
+    }
+
+    /// Waits for a session whose layout is exactly that of `mem`.
+    pub fn accept_for(acceptor: &Acceptor, mem: &GuestMemory, deadline: Option<Instant>) -> Result<Incoming, MigrateError> {
+        Self::accept(acceptor, |r| layout_matches(mem, r), deadline)
+    }
+
+    /// The source's region table.
+    pub fn regions(&self) -> &[RegionDesc] {
+        &self.accepted.hello.regions
+    }
+
+    /// Connections refused while the session gathered.
+    pub fn refused(&self) -> &[(std::net::SocketAddr, String)] {
+        &self.accepted.refused
+    }
+
+    /// Receives the whole migration into `mem`, which must have the
+    /// session's layout and be all zero (fresh anonymous memory, or a file
+    /// region created with `truncate`): pages the source never sends are
+    /// zero there.
+    pub fn receive(self, mem: &GuestMemory, opts: &ReceiveOptions) -> Result<Report, MigrateError> {
+        let streams = self.accepted.streams;
+        if let Err(why) = layout_matches(mem, &self.accepted.hello.regions) {
+            for s in &streams {
+                send_error(s, ErrorCode::Layout, why.clone());
+            }
+            return Err(MigrateError::Layout(why));
+        }
+        let state = State {
+            mem,
+            locks: mem.regions().iter().map(|_| RangeLock::new()).collect(),
+            stamps: mem.regions().iter().map(|r| (0..r.pages()).map(|_| AtomicU32::new(0)).collect()).collect(),
+            hashes: mem.regions().iter().map(|r| (0..r.pages()).map(|_| AtomicU64::new(zero_page_hash())).collect()).collect(),
+            abort: AtomicBool::new(false),
+            first_error: Mutex::new(None),
+        };
+        let results: Vec<Result<StreamOutcome, ()>> = std::thread::scope(|s| {
+            let handles: Vec<_> = streams
+                .iter()
+                .enumerate()
+                .map(|(i, st)| {
+                    let state = &state;
+                    let streams = &streams;
+                    s.spawn(move || {
+                        state.receive_stream(st, i).map_err(|e| state.fail(streams, i, e))
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("receiver panicked")).collect()
+        });
+        if let Some(e) = state.first_error.lock().expect("error lock").take() {
+            return Err(e);
+        }
+        let outcomes: Vec<StreamOutcome> = results.into_iter().map(|r| r.expect("no error recorded")).collect();
+        let source_digest = outcomes[0].digest.expect("stream 0 ends with Done");
+        let digest = memory_digest(&state.hashes);
+        let mut s0 = &streams[0];
+        if digest != source_digest {
+            let why = format!("memory digest {digest:016x} differs from the source's {source_digest:016x}");
+            send_error(s0, ErrorCode::Digest, why.clone());
+            return Err(MigrateError::Digest {
+                source_digest: format!("{source_digest:016x}"),
+                dest_digest: format!("{digest:016x}"),
+            });
+        }
+        if opts.verify_memory {
+            if let Err(e) = state.verify_memory() {
+                send_error(s0, ErrorCode::Digest, e.to_string());
+                return Err(e);
+            }
+        }
+        let mut h = FrameHdr::new(FrameKind::Verified);
+        h.aux = digest;
+        let mut f = Vec::new();
+        build_control(&mut f, h, &[]);
+        write_frame(&mut s0, &f, "stream 0")?;
+        let total = self.t0.elapsed().as_secs_f64();
+        let mut report = Report {
+            role: "destination".into(),
+            memory_bytes: mem.total_bytes(),
+            total_secs: total,
+            converged: true,
+            digest: format!("{digest:016x}"),
+            compression: if self.accepted.caps & CAP_LZ4 != 0 { "lz4".into() } else { "off".into() },
+            ..Report::default()
+        };
+        for (i, (o, st)) in outcomes.iter().zip(&streams).enumerate() {
+            report.wire_bytes += o.bytes;
+            report.payload_bytes += o.pages * PAGE_SIZE as u64;
+            report.streams.push(StreamReport {
+                index: i as u16,
+                local: st.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+                peer: st.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
+                bytes: o.bytes,
+                frames: o.frames,
+                bytes_per_sec: o.bytes as f64 / total.max(1e-9),
+            });
+        }
+        // Let the source read `Verified` before the sockets close.
+        for st in &streams {
+            let _ = st.shutdown(Shutdown::Write);
+        }
+        Ok(report)
+    }
+}
+
+struct State<'m> {
+    mem: &'m GuestMemory,
+    locks: Vec<RangeLock>,
+    /// Per page: 1 + the round of the copy it holds (0: never written).
+    stamps: Vec<Box<[AtomicU32]>>,
+    /// Per page: xxh3 of the copy it holds.
+    hashes: Vec<Box<[AtomicU64]>>,
+    abort: AtomicBool,
+    first_error: Mutex<Option<MigrateError>>,
+}
+
+#[derive(Default)]
+struct StreamOutcome {
+    bytes: u64,
+    frames: u64,
+    pages: u64,
+    digest: Option<u64>,
+}
+
+fn protocol(stream: usize, why: impl Into<String>) -> MigrateError {
+    MigrateError::Protocol { stream, why: why.into() }
+}
+
+impl State<'_> {
+    /// Records the first error, tells the source why, and closes every
+    /// stream so the other receivers stop.
+    fn fail(&self, streams: &[TcpStream], index: usize, e: MigrateError) {
+        if self.abort.swap(true, Ordering::AcqRel) {
+            return; // a consequence of the first failure
+        }
+        let code = match &e {
+            MigrateError::Transport(TransportError::Wire { source: pmigrate_transport::WireError::Checksum { .. }, .. }) => {
+                ErrorCode::Checksum
+            }
+            MigrateError::Transport(TransportError::Wire { .. }) | MigrateError::Protocol { .. } => ErrorCode::Protocol,
+            _ => ErrorCode::Aborted,
+        };
+        let msg = e.to_string();
+        send_error(&streams[index], code, msg.clone());
+        if index != 0 {
+            send_error(&streams[0], code, msg);
+        }
+        *self.first_error.lock().expect("error lock") = Some(e);
+        for s in streams {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn receive_stream(&self, stream: &TcpStream, index: usize) -> Result<StreamOutcome, MigrateError> {
+        let mut reader = FrameReader::new(stream, format!("stream {index}"));
+        let mut opener = Opener::default();
+        let mut out = StreamOutcome::default();
+        let mut round = 0u64;
+        let mut frames_in_round = 0u64;
+        let mut finished = false;
+        loop {
+            let Some((hdr, payload)) = reader.next_frame()? else {
+                return Err(if self.abort.load(Ordering::Relaxed) {
+                    MigrateError::Aborted
+                } else {
+                    TransportError::Closed(format!("stream {index}: before the migration completed")).into()
+                });
+            };
+            out.bytes += (pmigrate_transport::frame::HEADER_LEN + payload.len()) as u64;
+            out.frames += 1;
+            match hdr.kind {
+                FrameKind::Pages if !finished => {
+                    if hdr.aux != round {
+                        return Err(protocol(index, format!("page frame of round {} during round {round}", hdr.aux)));
+                    }
+                    let stamp = u32::try_from(round + 1).map_err(|_| protocol(index, "too many rounds"))?;
+                    self.check_range(index, &hdr)?;
+                    let opened = opener.open_pages(&hdr, payload).map_err(|source| TransportError::Wire {
+                        what: format!("stream {index}"),
+                        source,
+                    })?;
+                    self.apply(&hdr, opened, stamp)?;
+                    out.pages += u64::from(hdr.count);
+                    frames_in_round += 1;
+                }
+                FrameKind::RoundEnd if !finished => {
+                    hdr.verify(&[]).map_err(|source| TransportError::Wire { what: format!("stream {index}"), source })?;
+                    if hdr.aux != round || hdr.first != frames_in_round {
+                        return Err(protocol(
+                            index,
+                            format!(
+                                "round {} ended after {} frames; received round {round} with {frames_in_round}",
+                                hdr.aux, hdr.first
+                            ),
+                        ));
+                    }
+                    round += 1;
+                    frames_in_round = 0;
+                    if hdr.flags & FLAG_FINAL != 0 {
+                        finished = true;
+                        if index != 0 {
+                            return Ok(out);
+                        }
+                    }
+                }
+                FrameKind::Done if finished && index == 0 => {
+                    hdr.verify(&[]).map_err(|source| TransportError::Wire { what: format!("stream {index}"), source })?;
+                    out.digest = Some(hdr.aux);
+                    return Ok(out);
+                }
+                kind => return Err(TransportError::Unexpected { what: format!("stream {index}"), kind }.into()),
+            }
+        }
+    }
+
+    /// Bounds-checks a page frame against the region table before anything
+    /// else looks at it.
+    fn check_range(&self, index: usize, hdr: &FrameHdr) -> Result<(), MigrateError> {
+        let region = self
+            .mem
+            .regions()
+            .get(hdr.region as usize)
+            .ok_or_else(|| protocol(index, format!("region {} does not exist", hdr.region)))?;
+        let end = hdr.first.checked_add(u64::from(hdr.count));
+        if end.is_none_or(|e| e > region.pages()) {
+            return Err(protocol(
+                index,
+                format!("pages {}..+{} are outside region {} of {} pages", hdr.first, hdr.count, hdr.region, region.pages()),
+            ));
+        }
+        Ok(())
+    }
+
+    fn apply(&self, hdr: &FrameHdr, opened: OpenedPages<'_>, stamp: u32) -> Result<(), MigrateError> {
+        let r = hdr.region as usize;
+        let (first, count) = (hdr.first, u64::from(hdr.count));
+        let region = &self.mem.regions()[r];
+        let stamps = &self.stamps[r];
+        let hashes = &self.hashes[r];
+        let _guard = self.locks[r].write(first, first + count);
+        let newer = |p: u64| stamps[p as usize].load(Ordering::Relaxed) <= stamp;
+        match opened {
+            OpenedPages::Zero => {
+                let z = zero_page_hash();
+                for p in first..first + count {
+                    let old = stamps[p as usize].load(Ordering::Relaxed);
+                    if old > stamp {
+                        continue;
+                    }
+                    // A page never written is still the zero it started as.
+                    if old != 0 {
+                        region.zero_pages(PageIdx(p), 1)?;
+                    }
+                    stamps[p as usize].store(stamp, Ordering::Relaxed);
+                    hashes[p as usize].store(z, Ordering::Relaxed);
+                }
+            }
+            OpenedPages::Data { pages, hashes: page_hashes } => {
+                if (first..first + count).all(newer) {
+                    region.write_pages(PageIdx(first), pages)?;
+                    for (i, h) in page_hashes.iter().enumerate() {
+                        stamps[(first + i as u64) as usize].store(stamp, Ordering::Relaxed);
+                        hashes[(first + i as u64) as usize].store(*h, Ordering::Relaxed);
+                    }
+                } else {
+                    for (i, (page, h)) in pages.chunks_exact(PAGE_SIZE).zip(page_hashes).enumerate() {
+                        let p = first + i as u64;
+                        if newer(p) {
+                            region.write_pages(PageIdx(p), page)?;
+                            stamps[p as usize].store(stamp, Ordering::Relaxed);
+                            hashes[p as usize].store(*h, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Rehashes every page of guest memory against the table of hashes of
+    /// the pages written.
+    fn verify_memory(&self) -> Result<(), MigrateError> {
+        let mut buf = vec![0u8; 64 * PAGE_SIZE];
+        for (i, region) in self.mem.iter() {
+            let table = &self.hashes[i.as_usize()];
+            let mut p = 0u64;
+            while p < region.pages() {
+                let n = (region.pages() - p).min(64);
+                let bytes = &mut buf[..n as usize * PAGE_SIZE];
+                region.read_pages(PageIdx(p), bytes)?;
+                for (k, page) in bytes.chunks_exact(PAGE_SIZE).enumerate() {
+                    if xxh3_64(page) != table[(p + k as u64) as usize].load(Ordering::Relaxed) {
+                        return Err(MigrateError::Layout(format!(
+                            "{i}, page {}: memory differs from what was received",
+                            p + k as u64
+                        )));
+                    }
+                }
+                p += n;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Default time a destination waits for a session before giving up, when
+/// the caller sets no deadline of its own.
+pub const DEFAULT_ACCEPT_WAIT: Duration = Duration::from_secs(3600);

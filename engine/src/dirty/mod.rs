@@ -1,0 +1,195 @@
+//! Dirty-page tracking: which pages the guest wrote since we last looked.
+//!
+//! One trait, [`DirtyTracker`], three implementations:
+//! - [`VmmBitmapTracker`]: the embedding VMM owns the truth (its KVM dirty
+//!   log) and sets bits in bitmaps it shares with us.
+//! - [`UffdWpTracker`](uffd_wp::UffdWpTracker): userfaultfd write-protect in
+//!   asynchronous mode, read and re-armed with the `PAGEMAP_SCAN` ioctl
+//!   (Linux 6.7+, probed at run time). For memory this process maps.
+//! - [`HashTracker`]: no kernel help at all; compares an xxh3 of every page
+//!   with the one taken last time. Works on any mapping, including a shared
+//!   file another process writes, at the cost of reading all memory a round.
+//!
+//! The contract that makes pre-copy correct: `collect` hands out every page
+//! written before it returns, and a write that lands after a page's bit was
+//! handed out is reported by a later `collect`. The engine reads a page only
+//! after `collect` handed it out, so the last write before the pause is
+//! always sent.
+
+use pmigrate_ranges::{AtomicBitmap, GuestMemory};
+
+mod hash;
+pub mod uffd_wp;
+mod vmm;
+
+pub use hash::HashTracker;
+pub use uffd_wp::UffdWpTracker;
+pub use vmm::VmmBitmapTracker;
+
+/// Errors from dirty tracking.
+#[derive(Debug, thiserror::Error)]
+pub enum DirtyError {
+    /// The kernel lacks a feature the tracker needs.
+    #[error("{tracker} dirty tracking is not available: {why}")]
+    Unsupported {
+        /// Tracker name.
+        tracker: &'static str,
+        /// What is missing.
+        why: String,
+    },
+    /// A system call failed.
+    #[error("{what} failed")]
+    Sys {
+        /// What was being done.
+        what: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The tracker was given bitmaps that do not match the memory.
+    #[error("dirty bitmaps do not match guest memory: {0}")]
+    Shape(String),
+    /// Reading guest memory failed.
+    #[error(transparent)]
+    Memory(#[from] pmigrate_ranges::MemoryError),
+}
+
+/// Records which guest pages were written between two calls of `collect`.
+pub trait DirtyTracker: Send {
+    /// Short name for reports (`"uffd-wp"`, `"hash"`, `"vmm-bitmap"`).
+    fn name(&self) -> &'static str;
+
+    /// Begins tracking writes to `mem`; called once, before round 0 reads
+    /// any page. Writes before `start` are not reported (round 0 sends
+    /// everything anyway).
+    fn start(&mut self, mem: &GuestMemory) -> Result<(), DirtyError>;
+
+    /// Sets in `out[r]` (one bitmap per region of `mem`, in order) every page
+    /// written since the previous `collect` (or `start`), and re-arms
+    /// tracking so that writes from now on show up in the next call. Bits
+    /// already set in `out` stay set.
+    fn collect(&mut self, mem: &GuestMemory, out: &[AtomicBitmap]) -> Result<(), DirtyError>;
+
+    /// Stops tracking and releases kernel resources. Also done on drop.
+    fn stop(&mut self, mem: &GuestMemory);
+}
+
+/// Checks that `out` has one bitmap per region, each one bit a page.
+pub(crate) fn check_shape(mem: &GuestMemory, out: &[AtomicBitmap]) -> Result<(), DirtyError> {
+    if out.len() != mem.regions().len() {
+        return Err(DirtyError::Shape(format!("{} bitmaps for {} regions", out.len(), mem.regions().len())));
+    }
+    for ((i, r), b) in mem.iter().zip(out) {
+        if b.len() != r.pages() {
+            return Err(DirtyError::Shape(format!("{i}: {} bits for {} pages", b.len(), r.pages())));
+        }
+    }
+    Ok(())
+}
+
+/// Which tracker to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrackerKind {
+    /// userfaultfd write-protect when the kernel has it, else hash compare.
+    Auto,
+    /// userfaultfd write-protect (async) + PAGEMAP_SCAN.
+    UffdWp,
+    /// Page hash comparison.
+    Hash,
+}
+
+/// The best tracker this kernel offers for `kind`.
+pub fn tracker_for(kind: TrackerKind) -> Result<Box<dyn DirtyTracker>, DirtyError> {
+    match kind {
+        TrackerKind::Hash => Ok(Box::new(HashTracker::new())),
+        TrackerKind::UffdWp => {
+            uffd_wp::probe()?;
+            Ok(Box::new(UffdWpTracker::new()))
+        }
+        TrackerKind::Auto => match uffd_wp::probe() {
+            Ok(()) => Ok(Box::new(UffdWpTracker::new())),
+            Err(_) => Ok(Box::new(HashTracker::new())),
+        },
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    //! One suite, run over every tracker the kernel supports.
+    use super::*;
+    use pmigrate_ranges::{Gpa, GuestRegion, HostPageSize, PAGE_SIZE_U64};
+
+    fn bitmaps(mem: &GuestMemory) -> Vec<AtomicBitmap> {
+        mem.regions().iter().map(|r| AtomicBitmap::new(r.pages())).collect()
+    }
+
+    fn set_bits(b: &[AtomicBitmap]) -> Vec<(usize, u64)> {
+        let mut v = Vec::new();
+        for (i, m) in b.iter().enumerate() {
+            for (s, n) in m.runs(0, m.len()) {
+                v.extend((s..s + n).map(|p| (i, p)));
+            }
+        }
+        v
+    }
+
+    /// Runs the shared suite over `t`. Trackers may over-report (a page
+    /// counts as dirty if its bit is set) but never miss a write.
+    pub(crate) fn suite(mut t: Box<dyn DirtyTracker>, exact: bool) {
+        let mem = GuestMemory::new(vec![
+            GuestRegion::anonymous(Gpa(0), 64 * PAGE_SIZE_U64, HostPageSize::Small).unwrap(),
+            GuestRegion::anonymous(Gpa(1 << 30), 130 * PAGE_SIZE_U64, HostPageSize::Small).unwrap(),
+        ])
+        .unwrap();
+        // Some pages populated before tracking starts, some not.
+        mem.regions()[0].write_u64(5 * 4096, 1).unwrap();
+        t.start(&mem).unwrap();
+        let out = bitmaps(&mem);
+        t.collect(&mem, &out).unwrap();
+        if exact {
+            assert_eq!(set_bits(&out), vec![], "{}: nothing written yet", t.name());
+        }
+        for b in &out {
+            b.clear_all();
+        }
+        mem.regions()[0].write_u64(5 * 4096 + 8, 2).unwrap();
+        mem.regions()[0].write_u64(63 * 4096, 3).unwrap();
+        mem.regions()[1].write_u64(129 * 4096 + 4088, 4).unwrap();
+        mem.regions()[1].write_u64(0, 5).unwrap();
+        t.collect(&mem, &out).unwrap();
+        let got = set_bits(&out);
+        for want in [(0, 5), (0, 63), (1, 0), (1, 129)] {
+            assert!(got.contains(&want), "{}: missed {want:?} in {got:?}", t.name());
+        }
+        if exact {
+            assert_eq!(got.len(), 4, "{}: {got:?}", t.name());
+        }
+        // Re-armed: a second collect with no writes reports nothing new.
+        let again = bitmaps(&mem);
+        t.collect(&mem, &again).unwrap();
+        if exact {
+            assert_eq!(set_bits(&again), vec![], "{}: re-armed", t.name());
+        }
+        // A page written again after being collected is reported again.
+        mem.regions()[0].write_u64(63 * 4096, 33).unwrap();
+        t.collect(&mem, &again).unwrap();
+        assert!(set_bits(&again).contains(&(0, 63)), "{}: rewrite missed", t.name());
+        // A mismatched bitmap table is refused.
+        assert!(t.collect(&mem, &again[..1]).is_err());
+        t.stop(&mem);
+    }
+
+    #[test]
+    fn hash_tracker_passes_the_suite() {
+        suite(Box::new(HashTracker::new()), true);
+    }
+
+    #[test]
+    fn uffd_wp_tracker_passes_the_suite() {
+        match uffd_wp::probe() {
+            Ok(()) => suite(Box::new(UffdWpTracker::new()), true),
+            Err(e) => eprintln!("skipping uffd-wp suite: {e}"),
+        }
+    }
+}

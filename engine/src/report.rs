@@ -1,0 +1,168 @@
+//! What a migration did, for people (`Display`) and machines (JSON).
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Pages of one round, by what happened to them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RoundReport {
+    /// Round number (0 is the full copy; the last is the one after pause).
+    pub round: u32,
+    /// Whether the guest was paused during this round.
+    pub paused: bool,
+    /// Dirty pages scanned.
+    pub scanned: u64,
+    /// Pages sent as they are.
+    pub raw: u64,
+    /// Pages sent lz4-compressed.
+    pub compressed: u64,
+    /// Zero pages (sent as markers, or skipped where the destination has zeros).
+    pub zero: u64,
+    /// Non-zero pages skipped because the destination already has them.
+    pub unchanged: u64,
+    /// Bytes written to the streams, frame headers included.
+    pub wire_bytes: u64,
+    /// Bytes of page data before compression.
+    pub payload_bytes: u64,
+    /// Seconds the round took.
+    pub secs: f64,
+}
+
+/// One stream's share.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StreamReport {
+    /// Stream index.
+    pub index: u16,
+    /// Local address.
+    pub local: String,
+    /// Peer address.
+    pub peer: String,
+    /// Bytes sent (source) or received (destination), headers included.
+    pub bytes: u64,
+    /// Frames carried.
+    pub frames: u64,
+    /// Average throughput over the migration, in bytes per second.
+    pub bytes_per_sec: f64,
+}
+
+/// The report of a migration, from either end.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// `"source"` or `"destination"`.
+    pub role: String,
+    /// Guest memory size in bytes.
+    pub memory_bytes: u64,
+    /// Seconds from start to verified completion.
+    pub total_secs: f64,
+    /// Seconds spent opening the streams.
+    pub setup_secs: f64,
+    /// Seconds from the pause hook to the destination's verification
+    /// (source); from the final round's first frame to verification
+    /// (destination).
+    pub downtime_secs: f64,
+    /// Whether the dirty set shrank under the downtime target before the
+    /// round cap.
+    pub converged: bool,
+    /// Rounds run, the final (paused) round included.
+    pub rounds: Vec<RoundReport>,
+    /// Bytes written or read on all streams.
+    pub wire_bytes: u64,
+    /// Bytes of page data before compression.
+    pub payload_bytes: u64,
+    /// Per-stream figures.
+    pub streams: Vec<StreamReport>,
+    /// Worker threads.
+    pub threads: usize,
+    /// Dirty tracker used.
+    pub tracker: String,
+    /// Compression setting.
+    pub compression: String,
+    /// Digest of all memory both ends agreed on, hex.
+    pub digest: String,
+}
+
+impl Report {
+    /// Pages sent in all rounds (raw + compressed).
+    pub fn pages_sent(&self) -> u64 {
+        self.rounds.iter().map(|r| r.raw + r.compressed).sum()
+    }
+
+    /// Average throughput of page data (before compression), bytes per second.
+    pub fn payload_rate(&self) -> f64 {
+        let secs: f64 = self.rounds.iter().map(|r| r.secs).sum();
+        if secs > 0.0 {
+            self.payload_bytes as f64 / secs
+        } else {
+            0.0
+        }
+    }
+
+    /// The report as pretty JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("reports serialise")
+    }
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1 << 20) as f64
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{}: {:.1} MiB of guest memory in {:.3} s (setup {:.3} s), downtime {:.1} ms, {}",
+            self.role,
+            mib(self.memory_bytes),
+            self.total_secs,
+            self.setup_secs,
+            self.downtime_secs * 1e3,
+            if self.converged { "converged" } else { "did NOT converge (round cap)" }
+        )?;
+        writeln!(
+            f,
+            "  wire {:.1} MiB, page data {:.1} MiB, {} threads, tracker {}, compression {}",
+            mib(self.wire_bytes),
+            mib(self.payload_bytes),
+            self.threads,
+            self.tracker,
+            self.compression
+        )?;
+        if !self.rounds.is_empty() {
+            writeln!(
+                f,
+                "  {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8}",
+                "round", "scanned", "raw", "lz4", "zero", "unchanged", "wire MiB", "secs"
+            )?;
+            for r in &self.rounds {
+                writeln!(
+                    f,
+                    "  {:>4}{} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10.1} {:>8.3}",
+                    r.round,
+                    if r.paused { "*" } else { " " },
+                    r.scanned,
+                    r.raw,
+                    r.compressed,
+                    r.zero,
+                    r.unchanged,
+                    mib(r.wire_bytes),
+                    r.secs
+                )?;
+            }
+        }
+        for s in &self.streams {
+            writeln!(
+                f,
+                "  stream {:>2} {} -> {}: {:.1} MiB, {} frames, {:.1} MiB/s",
+                s.index,
+                s.local,
+                s.peer,
+                mib(s.bytes),
+                s.frames,
+                s.bytes_per_sec / (1 << 20) as f64
+            )?;
+        }
+        write!(f, "  digest {}", self.digest)
+    }
+}
