@@ -25,7 +25,7 @@ use pmigrate_transport::hello::{ErrorCode, ErrorMsg, Mode, RegionDesc, CAP_LZ4, 
 use pmigrate_transport::net::{write_frame, FrameReader};
 use pmigrate_transport::payload::{build_control, zero_page_hash, OpenedPages, Opener};
 use pmigrate_transport::session::send_error;
-use pmigrate_transport::{Acceptor, Accepted, TransportError};
+use pmigrate_transport::{Accepted, Acceptor, TransportError};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::digest::memory_digest;
@@ -39,13 +39,7 @@ pub fn layout_matches(mem: &GuestMemory, regions: &[RegionDesc]) -> Result<(), S
     }
     for ((i, r), d) in mem.iter().zip(regions) {
         if r.gpa().0 != d.gpa || r.len() != d.len {
-            return Err(format!(
-                "{i}: source {:#x}+{:#x}, destination {}+{:#x}",
-                d.gpa,
-                d.len,
-                r.gpa(),
-                r.len()
-            ));
+            return Err(format!("{i}: source {:#x}+{:#x}, destination {}+{:#x}", d.gpa, d.len, r.gpa(), r.len()));
         }
     }
     Ok(())
@@ -84,7 +78,11 @@ impl Incoming {
     }
 
     /// Waits for a session whose layout is exactly that of `mem`.
-    pub fn accept_for(acceptor: &Acceptor, mem: &GuestMemory, deadline: Option<Instant>) -> Result<Incoming, MigrateError> {
+    pub fn accept_for(
+        acceptor: &Acceptor,
+        mem: &GuestMemory,
+        deadline: Option<Instant>,
+    ) -> Result<Incoming, MigrateError> {
         Self::accept(acceptor, |r| layout_matches(mem, r), deadline)
     }
 
@@ -114,7 +112,11 @@ impl Incoming {
             mem,
             locks: mem.regions().iter().map(|_| RangeLock::new()).collect(),
             stamps: mem.regions().iter().map(|r| (0..r.pages()).map(|_| AtomicU32::new(0)).collect()).collect(),
-            hashes: mem.regions().iter().map(|r| (0..r.pages()).map(|_| AtomicU64::new(zero_page_hash())).collect()).collect(),
+            hashes: mem
+                .regions()
+                .iter()
+                .map(|r| (0..r.pages()).map(|_| AtomicU64::new(zero_page_hash())).collect())
+                .collect(),
             abort: AtomicBool::new(false),
             first_error: Mutex::new(None),
         };
@@ -125,9 +127,7 @@ impl Incoming {
                 .map(|(i, st)| {
                     let state = &state;
                     let streams = &streams;
-                    s.spawn(move || {
-                        state.receive_stream(st, i).map_err(|e| state.fail(streams, i, e))
-                    })
+                    s.spawn(move || state.receive_stream(st, i).map_err(|e| state.fail(streams, i, e)))
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().expect("receiver panicked")).collect()
@@ -219,9 +219,10 @@ impl State<'_> {
             return; // a consequence of the first failure
         }
         let code = match &e {
-            MigrateError::Transport(TransportError::Wire { source: pmigrate_transport::WireError::Checksum { .. }, .. }) => {
-                ErrorCode::Checksum
-            }
+            MigrateError::Transport(TransportError::Wire {
+                source: pmigrate_transport::WireError::Checksum { .. },
+                ..
+            }) => ErrorCode::Checksum,
             MigrateError::Transport(TransportError::Wire { .. }) | MigrateError::Protocol { .. } => ErrorCode::Protocol,
             _ => ErrorCode::Aborted,
         };
@@ -260,16 +261,16 @@ impl State<'_> {
                     }
                     let stamp = u32::try_from(round + 1).map_err(|_| protocol(index, "too many rounds"))?;
                     self.check_range(index, &hdr)?;
-                    let opened = opener.open_pages(&hdr, payload).map_err(|source| TransportError::Wire {
-                        what: format!("stream {index}"),
-                        source,
-                    })?;
+                    let opened = opener
+                        .open_pages(&hdr, payload)
+                        .map_err(|source| TransportError::Wire { what: format!("stream {index}"), source })?;
                     self.apply(&hdr, opened, stamp)?;
                     out.pages += u64::from(hdr.count);
                     frames_in_round += 1;
                 }
                 FrameKind::RoundEnd if !finished => {
-                    hdr.verify(&[]).map_err(|source| TransportError::Wire { what: format!("stream {index}"), source })?;
+                    hdr.verify(&[])
+                        .map_err(|source| TransportError::Wire { what: format!("stream {index}"), source })?;
                     if hdr.aux != round || hdr.first != frames_in_round {
                         return Err(protocol(
                             index,
@@ -289,7 +290,8 @@ impl State<'_> {
                     }
                 }
                 FrameKind::Done if finished && index == 0 => {
-                    hdr.verify(&[]).map_err(|source| TransportError::Wire { what: format!("stream {index}"), source })?;
+                    hdr.verify(&[])
+                        .map_err(|source| TransportError::Wire { what: format!("stream {index}"), source })?;
                     out.digest = Some(hdr.aux);
                     return Ok(out);
                 }
@@ -310,7 +312,13 @@ impl State<'_> {
         if end.is_none_or(|e| e > region.pages()) {
             return Err(protocol(
                 index,
-                format!("pages {}..+{} are outside region {} of {} pages", hdr.first, hdr.count, hdr.region, region.pages()),
+                format!(
+                    "pages {}..+{} are outside region {} of {} pages",
+                    hdr.first,
+                    hdr.count,
+                    hdr.region,
+                    region.pages()
+                ),
             ));
         }
         Ok(())

@@ -43,6 +43,8 @@ pub mod report;
 pub mod source;
 #[cfg(feature = "vm-memory")]
 pub mod vmm;
+#[cfg(feature = "vm-memory")]
+pub use vmm::from_vm_memory;
 
 pub use dest::{layout_matches, Incoming, ReceiveOptions};
 pub use dirty::{DirtyTracker, HashTracker, TrackerKind, UffdWpTracker, VmmBitmapTracker};

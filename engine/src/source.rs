@@ -221,7 +221,12 @@ impl<'a> Source<'a> {
             mem: self.mem,
             cfg: &self.cfg,
             lz4_allowed,
-            sent: self.mem.regions().iter().map(|r| (0..r.pages()).map(|_| AtomicU64::new(zero_page_hash())).collect()).collect(),
+            sent: self
+                .mem
+                .regions()
+                .iter()
+                .map(|r| (0..r.pages()).map(|_| AtomicU64::new(zero_page_hash())).collect())
+                .collect(),
             progress: &self.progress,
             abort: AtomicBool::new(false),
         };
@@ -421,7 +426,13 @@ impl Worker<'_> {
                 let h = if zero { zero_hash } else { xxh3_64(page) };
                 self.hashes.push(h);
                 let unchanged = sent[(pos + i as u64) as usize].load(Ordering::Relaxed) == h;
-                let kind = if unchanged { 0 } else if zero { 1 } else { 2 };
+                let kind = if unchanged {
+                    0
+                } else if zero {
+                    1
+                } else {
+                    2
+                };
                 if unchanged {
                     if zero {
                         self.counts.zero += 1;
@@ -558,7 +569,9 @@ fn listener(stream: &TcpStream, index: usize, verdict: Sender<Result<u64, Migrat
     let mut r = FrameReader::new(stream, format!("stream {index}"));
     let outcome = match r.next_frame() {
         Ok(Some((h, _))) if h.kind == FrameKind::Verified && index == 0 => Ok(h.aux),
-        Ok(Some((h, _))) => Err(MigrateError::Transport(TransportError::Unexpected { what: r.name().into(), kind: h.kind })),
+        Ok(Some((h, _))) => {
+            Err(MigrateError::Transport(TransportError::Unexpected { what: r.name().into(), kind: h.kind }))
+        }
         Ok(None) => return,
         Err(e) => Err(e.into()),
     };
@@ -576,7 +589,8 @@ impl<'r> Run<'r> {
         pause: Option<PauseHook<'_>>,
     ) -> Result<Report, MigrateError> {
         let n = streams.len();
-        let stats: Vec<StreamStats> = (0..n).map(|_| StreamStats { bytes: AtomicU64::new(0), frames: AtomicU64::new(0) }).collect();
+        let stats: Vec<StreamStats> =
+            (0..n).map(|_| StreamStats { bytes: AtomicU64::new(0), frames: AtomicU64::new(0) }).collect();
         let (txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| bounded::<Msg>(QUEUE_DEPTH)).unzip();
         let (pool_tx, pool_rx) = bounded::<Vec<u8>>(n * QUEUE_DEPTH + self.cfg.threads);
         let (verdict_tx, verdict) = bounded::<Result<u64, MigrateError>>(n);
@@ -586,7 +600,11 @@ impl<'r> Run<'r> {
             memory_bytes: this.mem.total_bytes(),
             threads: this.cfg.threads,
             tracker: tracker.name().into(),
-            compression: if this.lz4_allowed { format!("{:?}", this.cfg.compression).to_lowercase() } else { "off".into() },
+            compression: if this.lz4_allowed {
+                format!("{:?}", this.cfg.compression).to_lowercase()
+            } else {
+                "off".into()
+            },
             ..Report::default()
         };
         let outcome = std::thread::scope(|s| -> Result<(), MigrateError> {
@@ -628,10 +646,9 @@ impl<'r> Run<'r> {
                 (None, Err(_)) => Err(MigrateError::Transport(TransportError::Setup(format!(
                     "the destination did not confirm within {VERDICT_TIMEOUT:?}"
                 )))),
-                (None, Ok(Ok(d))) if format!("{d:016x}") != report.digest => Err(MigrateError::Digest {
-                    source_digest: report.digest.clone(),
-                    dest_digest: format!("{d:016x}"),
-                }),
+                (None, Ok(Ok(d))) if format!("{d:016x}") != report.digest => {
+                    Err(MigrateError::Digest { source_digest: report.digest.clone(), dest_digest: format!("{d:016x}") })
+                }
                 (None, Ok(Ok(_))) => {
                     if let Some(t) = t_pause {
                         report.downtime_secs = t.elapsed().as_secs_f64();

@@ -120,10 +120,7 @@ impl AtomicBitmap {
 
     /// Number of set bits.
     pub fn count(&self) -> u64 {
-        self.words
-            .iter()
-            .map(|w| u64::from(w.load(Ordering::Acquire).count_ones()))
-            .sum()
+        self.words.iter().map(|w| u64::from(w.load(Ordering::Acquire).count_ones())).sum()
     }
 
     /// Clears every bit.

@@ -162,10 +162,7 @@ fn check_shape(gpa: Gpa, len: u64, host_page: HostPageSize) -> Result<usize, Mem
     if gpa.checked_add(len).is_none() {
         return Err(MemoryError::Overlap { gpa, len });
     }
-    usize::try_from(len)
-        .ok()
-        .filter(|&l| isize::try_from(l).is_ok())
-        .ok_or(MemoryError::TooLarge { len })
+    usize::try_from(len).ok().filter(|&l| isize::try_from(l).is_ok()).ok_or(MemoryError::TooLarge { len })
 }
 
 impl GuestRegion {
@@ -177,10 +174,9 @@ impl GuestRegion {
         if host_page == HostPageSize::Huge2M {
             opts.huge(Some(21));
         }
-        let map = opts.map_anon().map_err(|source| MemoryError::Map {
-            what: format!("{n} bytes of anonymous memory"),
-            source,
-        })?;
+        let map = opts
+            .map_anon()
+            .map_err(|source| MemoryError::Map { what: format!("{n} bytes of anonymous memory"), source })?;
         Ok(Self::from_mmap(gpa, len, host_page, Backing::Anonymous, MmapRaw::from(map)))
     }
 
@@ -198,13 +194,8 @@ impl GuestRegion {
     ) -> Result<Self, MemoryError> {
         let n = check_shape(gpa, len, host_page)?;
         let map_err = |source| MemoryError::Map { what: path.display().to_string(), source };
-        let file: File = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(truncate)
-            .open(path)
-            .map_err(map_err)?;
+        let file: File =
+            OpenOptions::new().read(true).write(true).create(true).truncate(truncate).open(path).map_err(map_err)?;
         let cur = file.metadata().map_err(map_err)?.len();
         if cur != len && (truncate || cur < len) {
             file.set_len(len).map_err(map_err)?;
@@ -354,11 +345,7 @@ impl GuestRegion {
 
     fn check_word(&self, offset: u64) -> Result<(), MemoryError> {
         if offset % 8 != 0 || offset.checked_add(8).is_none_or(|e| e > self.len) {
-            return Err(MemoryError::OutOfBounds {
-                first: offset / PAGE_SIZE_U64,
-                count: 1,
-                pages: self.pages(),
-            });
+            return Err(MemoryError::OutOfBounds { first: offset / PAGE_SIZE_U64, count: 1, pages: self.pages() });
         }
         Ok(())
     }
@@ -434,11 +421,7 @@ impl GuestMemory {
     /// Checks that `range` names pages inside an existing region.
     pub fn check(&self, range: PageRange) -> Result<(), MemoryError> {
         let r = self.region(range.region)?;
-        let oob = MemoryError::OutOfBounds {
-            first: range.start.0,
-            count: range.len(),
-            pages: r.pages(),
-        };
+        let oob = MemoryError::OutOfBounds { first: range.start.0, count: range.len(), pages: r.pages() };
         if range.start.0 > range.end.0 || range.end.0 > r.pages() {
             return Err(oob);
         }
@@ -452,14 +435,8 @@ mod tests {
 
     #[test]
     fn shapes_are_checked() {
-        assert!(matches!(
-            GuestRegion::anonymous(Gpa(0), 4095, HostPageSize::Small),
-            Err(MemoryError::BadSize { .. })
-        ));
-        assert!(matches!(
-            GuestRegion::anonymous(Gpa(0), 0, HostPageSize::Small),
-            Err(MemoryError::BadSize { .. })
-        ));
+        assert!(matches!(GuestRegion::anonymous(Gpa(0), 4095, HostPageSize::Small), Err(MemoryError::BadSize { .. })));
+        assert!(matches!(GuestRegion::anonymous(Gpa(0), 0, HostPageSize::Small), Err(MemoryError::BadSize { .. })));
         assert!(matches!(
             GuestRegion::anonymous(Gpa(4096), 2 << 20, HostPageSize::Huge2M),
             Err(MemoryError::Misaligned { .. })

@@ -62,11 +62,7 @@ pub fn distribute(shards: Vec<PageRange>, workers: usize) -> Vec<ShardWorker> {
         deques[i / per].push(shard);
     }
     let stealers: Arc<[Stealer<PageRange>]> = deques.iter().map(|d| d.stealer()).collect();
-    deques
-        .into_iter()
-        .enumerate()
-        .map(|(index, own)| ShardWorker { own, others: stealers.clone(), index })
-        .collect()
+    deques.into_iter().enumerate().map(|(index, own)| ShardWorker { own, others: stealers.clone(), index }).collect()
 }
 
 impl ShardWorker {

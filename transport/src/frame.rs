@@ -206,17 +206,7 @@ const _: () = assert!(HEADER_LEN == 1 + 1 + 2 + 4 + 4 + 4 + 8 + 8 + 8);
 impl FrameHdr {
     /// A header of `kind` with every other field zero.
     pub fn new(kind: FrameKind) -> Self {
-        Self {
-            kind,
-            encoding: Encoding::None,
-            flags: 0,
-            len: 0,
-            region: 0,
-            count: 0,
-            first: 0,
-            aux: 0,
-            check: 0,
-        }
+        Self { kind, encoding: Encoding::None, flags: 0, len: 0, region: 0, count: 0, first: 0, aux: 0, check: 0 }
     }
 
     /// The 40 header bytes.
@@ -244,10 +234,7 @@ impl FrameHdr {
             u64::from_le_bytes(x)
         };
         let kind = FrameKind::from_u8(b[0]).ok_or(WireError::UnknownKind(b[0]))?;
-        let encoding = Encoding::from_u8(b[1]).ok_or(WireError::BadEncoding {
-            kind,
-            encoding: b[1],
-        })?;
+        let encoding = Encoding::from_u8(b[1]).ok_or(WireError::BadEncoding { kind, encoding: b[1] })?;
         let hdr = FrameHdr {
             kind,
             encoding,
@@ -271,10 +258,7 @@ impl FrameHdr {
             _ => 0,
         };
         if self.flags & !allowed_flags != 0 {
-            return Err(WireError::BadFlags {
-                kind,
-                flags: self.flags,
-            });
+            return Err(WireError::BadFlags { kind, flags: self.flags });
         }
         let max = match kind {
             Pages | Data => MAX_PAYLOAD,
@@ -283,19 +267,12 @@ impl FrameHdr {
             RoundEnd | Done | Verified | End | PageRequest => 0,
         };
         if self.len > max {
-            return Err(WireError::TooLong {
-                kind,
-                len: self.len,
-                max,
-            });
+            return Err(WireError::TooLong { kind, len: self.len, max });
         }
         let malformed = |why| Err(WireError::Malformed { kind, why });
         match (kind, self.encoding) {
             (Pages, Encoding::None) | (Data, Encoding::None | Encoding::Zero) => {
-                Err(WireError::BadEncoding {
-                    kind,
-                    encoding: self.encoding as u8,
-                })
+                Err(WireError::BadEncoding { kind, encoding: self.encoding as u8 })
             }
             (Pages, enc) => {
                 if self.count == 0 || self.count > MAX_FRAME_PAGES {
@@ -306,9 +283,7 @@ impl FrameHdr {
                 }
                 let raw_len = self.count * 4096;
                 match enc {
-                    Encoding::Raw if self.len != raw_len => {
-                        malformed("raw length differs from page count")
-                    }
+                    Encoding::Raw if self.len != raw_len => malformed("raw length differs from page count"),
                     Encoding::Zero if self.len != 0 => malformed("zero pages carry no payload"),
                     Encoding::Lz4 if self.len == 0 || self.len > raw_len => {
                         malformed("lz4 payload larger than its pages")
@@ -321,9 +296,7 @@ impl FrameHdr {
                     return malformed("data length out of range");
                 }
                 match enc {
-                    Encoding::Raw if self.len != self.count => {
-                        malformed("raw length differs from data length")
-                    }
+                    Encoding::Raw if self.len != self.count => malformed("raw length differs from data length"),
                     Encoding::Lz4 if self.len == 0 || self.len > self.count => {
                         malformed("lz4 payload larger than its data")
                     }
@@ -337,10 +310,7 @@ impl FrameHdr {
                 Ok(())
             }
             (_, Encoding::None) => Ok(()),
-            (_, enc) => Err(WireError::BadEncoding {
-                kind,
-                encoding: enc as u8,
-            }),
+            (_, enc) => Err(WireError::BadEncoding { kind, encoding: enc as u8 }),
         }
     }
 
@@ -370,12 +340,7 @@ impl FrameHdr {
         if digest == self.check {
             Ok(())
         } else {
-            Err(WireError::Checksum {
-                kind: self.kind,
-                region: self.region,
-                first: self.first,
-                count: self.count,
-            })
+            Err(WireError::Checksum { kind: self.kind, region: self.region, first: self.first, count: self.count })
         }
     }
 }
@@ -433,21 +398,12 @@ mod tests {
         assert_eq!(FrameHdr::decode(&h), Err(WireError::UnknownKind(200)));
         h[0] = FrameKind::RoundEnd as u8;
         h[2] = 0x80;
-        assert!(matches!(
-            FrameHdr::decode(&h),
-            Err(WireError::BadFlags { .. })
-        ));
+        assert!(matches!(FrameHdr::decode(&h), Err(WireError::BadFlags { .. })));
         h[2] = 0;
         h[1] = 9;
-        assert!(matches!(
-            FrameHdr::decode(&h),
-            Err(WireError::BadEncoding { .. })
-        ));
+        assert!(matches!(FrameHdr::decode(&h), Err(WireError::BadEncoding { .. })));
         h[1] = Encoding::Raw as u8;
-        assert!(matches!(
-            FrameHdr::decode(&h),
-            Err(WireError::BadEncoding { .. })
-        ));
+        assert!(matches!(FrameHdr::decode(&h), Err(WireError::BadEncoding { .. })));
     }
 
     #[test]
@@ -456,20 +412,14 @@ mod tests {
         h.encoding = Encoding::Raw;
         h.count = 2;
         h.len = 4096;
-        assert!(matches!(
-            FrameHdr::decode(&h.encode()),
-            Err(WireError::Malformed { .. })
-        ));
+        assert!(matches!(FrameHdr::decode(&h.encode()), Err(WireError::Malformed { .. })));
         h.count = MAX_FRAME_PAGES + 1;
         h.len = MAX_PAYLOAD;
         assert!(FrameHdr::decode(&h.encode()).is_err());
         h.count = 1;
         h.len = 4096;
         h.first = u64::MAX;
-        assert!(matches!(
-            FrameHdr::decode(&h.encode()),
-            Err(WireError::Malformed { .. })
-        ));
+        assert!(matches!(FrameHdr::decode(&h.encode()), Err(WireError::Malformed { .. })));
         h.first = 0;
         h.encoding = Encoding::Lz4;
         h.len = 4097;
@@ -477,16 +427,10 @@ mod tests {
         h.len = MAX_PAYLOAD + 1;
         h.kind = FrameKind::Data;
         h.count = MAX_PAYLOAD;
-        assert!(matches!(
-            FrameHdr::decode(&h.encode()),
-            Err(WireError::TooLong { .. })
-        ));
+        assert!(matches!(FrameHdr::decode(&h.encode()), Err(WireError::TooLong { .. })));
         let mut e = FrameHdr::new(FrameKind::Done);
         e.len = 1;
-        assert!(matches!(
-            FrameHdr::decode(&e.encode()),
-            Err(WireError::TooLong { .. })
-        ));
+        assert!(matches!(FrameHdr::decode(&e.encode()), Err(WireError::TooLong { .. })));
     }
 
     #[test]

@@ -101,10 +101,7 @@ impl<'a> Cursor<'a> {
     }
 
     fn err(&self, why: impl Into<String>) -> WireError {
-        WireError::BadPayload {
-            what: self.what,
-            why: why.into(),
-        }
+        WireError::BadPayload { what: self.what, why: why.into() }
     }
 
     pub(crate) fn bytes(&mut self, n: usize) -> Result<&'a [u8], WireError> {
@@ -182,9 +179,7 @@ impl Hello {
         }
         let version = c.u16()?;
         if version != PROTOCOL_VERSION {
-            return Err(c.err(format!(
-                "protocol version {version}, this end speaks {PROTOCOL_VERSION}"
-            )));
+            return Err(c.err(format!("protocol version {version}, this end speaks {PROTOCOL_VERSION}")));
         }
         let mode = match c.u8()? {
             1 => Mode::Memory,
@@ -208,22 +203,14 @@ impl Hello {
         }
         let mut regions = Vec::with_capacity(n as usize);
         for _ in 0..n {
-            let r = RegionDesc {
-                gpa: c.u64()?,
-                len: c.u64()?,
-                flags: c.u32()?,
-            };
+            let r = RegionDesc { gpa: c.u64()?, len: c.u64()?, flags: c.u32()? };
             if c.u32()? != 0 {
                 return Err(c.err("reserved region field set"));
             }
             if r.flags & !REGION_HUGE != 0 {
                 return Err(c.err(format!("unknown region flags {:#x}", r.flags)));
             }
-            if r.len == 0
-                || r.len % 4096 != 0
-                || r.gpa % 4096 != 0
-                || r.gpa.checked_add(r.len).is_none()
-            {
+            if r.len == 0 || r.len % 4096 != 0 || r.gpa % 4096 != 0 || r.gpa.checked_add(r.len).is_none() {
                 return Err(c.err(format!("region at {:#x} of {} bytes", r.gpa, r.len)));
             }
             regions.push(r);
@@ -244,16 +231,7 @@ impl Hello {
             extensions.push((t, c.bytes(l as usize)?.to_vec()));
         }
         c.finish()?;
-        Ok(Hello {
-            version,
-            mode,
-            stream_index,
-            stream_count,
-            session,
-            caps,
-            regions,
-            extensions,
-        })
+        Ok(Hello { version, mode, stream_index, stream_count, session, caps, regions, extensions })
     }
 }
 
@@ -342,8 +320,7 @@ impl ErrorMsg {
             x => return Err(c.err(format!("unknown error code {x}"))),
         };
         let rest = c.bytes(payload.len() - 4)?;
-        let message =
-            String::from_utf8(rest.to_vec()).map_err(|_| c.err("message is not UTF-8"))?;
+        let message = String::from_utf8(rest.to_vec()).map_err(|_| c.err("message is not UTF-8"))?;
         Ok(ErrorMsg { code, message })
     }
 }
@@ -362,16 +339,8 @@ mod tests {
             session: [7; 16],
             caps: CAP_LZ4,
             regions: vec![
-                RegionDesc {
-                    gpa: 0,
-                    len: 1 << 30,
-                    flags: 0,
-                },
-                RegionDesc {
-                    gpa: 1 << 32,
-                    len: 2 << 20,
-                    flags: REGION_HUGE,
-                },
+                RegionDesc { gpa: 0, len: 1 << 30, flags: 0 },
+                RegionDesc { gpa: 1 << 32, len: 2 << 20, flags: REGION_HUGE },
             ],
             extensions: vec![(0x7777, b"future".to_vec())],
         }
@@ -406,18 +375,12 @@ mod tests {
         assert!(Hello::decode(&b).is_err(), "trailing byte");
         let mut b = hello().encode();
         b[40..44].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(
-            Hello::decode(&b).is_err(),
-            "huge region count is refused before allocating"
-        );
+        assert!(Hello::decode(&b).is_err(), "huge region count is refused before allocating");
     }
 
     #[test]
     fn error_messages_round_trip_and_are_bounded() {
-        let e = ErrorMsg {
-            code: ErrorCode::Checksum,
-            message: "é".repeat(5000),
-        };
+        let e = ErrorMsg { code: ErrorCode::Checksum, message: "é".repeat(5000) };
         let b = e.encode();
         assert!(b.len() <= 4096);
         let d = ErrorMsg::decode(&b).unwrap();

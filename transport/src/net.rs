@@ -62,10 +62,7 @@ pub enum TransportError {
 impl TransportError {
     /// Wraps an I/O error with context; timeouts and resets keep their kind.
     pub fn io(what: impl Into<String>, source: io::Error) -> Self {
-        TransportError::Io {
-            what: what.into(),
-            source,
-        }
+        TransportError::Io { what: what.into(), source }
     }
 }
 
@@ -86,9 +83,7 @@ impl FromStr for Via {
             return Ok(Via::Addr(ip));
         }
         if s.is_empty() || s.len() >= 16 || s.contains(['/', ' ', ':']) {
-            return Err(format!(
-                "{s:?} is neither an IP address nor an interface name"
-            ));
+            return Err(format!("{s:?} is neither an IP address nor an interface name"));
         }
         Ok(Via::Iface(s.to_string()))
     }
@@ -108,19 +103,13 @@ fn tune(s: &SockRef<'_>) -> io::Result<()> {
     // Best effort: the kernel clamps these; a smaller buffer is not fatal.
     let _ = s.set_send_buffer_size(SOCKET_BUFFER);
     let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
-    let ka = TcpKeepalive::new()
-        .with_time(Duration::from_secs(10))
-        .with_interval(Duration::from_secs(2))
-        .with_retries(5);
+    let ka =
+        TcpKeepalive::new().with_time(Duration::from_secs(10)).with_interval(Duration::from_secs(2)).with_retries(5);
     s.set_tcp_keepalive(&ka)
 }
 
 /// Connects to `dest`, leaving by `via` when given.
-pub fn connect(
-    dest: SocketAddr,
-    via: Option<&Via>,
-    timeout: Duration,
-) -> Result<TcpStream, TransportError> {
+pub fn connect(dest: SocketAddr, via: Option<&Via>, timeout: Duration) -> Result<TcpStream, TransportError> {
     let what = || match via {
         Some(v) => format!("connect to {dest} via {v}"),
         None => format!("connect to {dest}"),
@@ -134,8 +123,7 @@ pub fn connect(
     }
     .map_err(|e| TransportError::io(what(), e))?;
     tune(&SockRef::from(&sock)).map_err(|e| TransportError::io(what(), e))?;
-    sock.connect_timeout(&dest.into(), timeout)
-        .map_err(|e| TransportError::io(what(), e))?;
+    sock.connect_timeout(&dest.into(), timeout).map_err(|e| TransportError::io(what(), e))?;
     Ok(sock.into())
 }
 
@@ -144,13 +132,10 @@ pub fn listen(addr: SocketAddr) -> Result<TcpListener, TransportError> {
     let what = || format!("listen on {addr}");
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
         .map_err(|e| TransportError::io(what(), e))?;
-    sock.set_reuse_address(true)
-        .map_err(|e| TransportError::io(what(), e))?;
+    sock.set_reuse_address(true).map_err(|e| TransportError::io(what(), e))?;
     let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
-    sock.bind(&addr.into())
-        .map_err(|e| TransportError::io(what(), e))?;
-    sock.listen(128)
-        .map_err(|e| TransportError::io(what(), e))?;
+    sock.bind(&addr.into()).map_err(|e| TransportError::io(what(), e))?;
+    sock.listen(128).map_err(|e| TransportError::io(what(), e))?;
     Ok(sock.into())
 }
 
@@ -170,11 +155,7 @@ pub struct FrameReader<R> {
 impl<R: Read> FrameReader<R> {
     /// A reader over `inner`; `name` prefixes its errors ("stream 2").
     pub fn new(inner: R, name: impl Into<String>) -> Self {
-        Self {
-            inner: BufReader::with_capacity(READ_BUFFER, inner),
-            payload: Vec::new(),
-            name: name.into(),
-        }
+        Self { inner: BufReader::with_capacity(READ_BUFFER, inner), payload: Vec::new(), name: name.into() }
     }
 
     /// The name used in errors.
@@ -196,21 +177,13 @@ impl<R: Read> FrameReader<R> {
         while got < HEADER_LEN {
             match self.inner.read(&mut hb[got..]) {
                 Ok(0) if got == 0 => return Ok(None),
-                Ok(0) => {
-                    return Err(TransportError::Closed(format!(
-                        "{}: inside a frame header",
-                        self.name
-                    )))
-                }
+                Ok(0) => return Err(TransportError::Closed(format!("{}: inside a frame header", self.name))),
                 Ok(n) => got += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(TransportError::io(format!("{}: read", self.name), e)),
             }
         }
-        let hdr = FrameHdr::decode(&hb).map_err(|source| TransportError::Wire {
-            what: self.name.clone(),
-            source,
-        })?;
+        let hdr = FrameHdr::decode(&hb).map_err(|source| TransportError::Wire { what: self.name.clone(), source })?;
         // `len` was bounded by `decode` for this kind (at most MAX_PAYLOAD).
         self.payload.resize(hdr.len as usize, 0);
         self.inner.read_exact(&mut self.payload).map_err(|e| {
@@ -221,15 +194,9 @@ impl<R: Read> FrameReader<R> {
             }
         })?;
         if hdr.kind == FrameKind::Error {
-            hdr.verify(&self.payload)
-                .map_err(|source| TransportError::Wire {
-                    what: self.name.clone(),
-                    source,
-                })?;
-            let msg = ErrorMsg::decode(&self.payload).map_err(|source| TransportError::Wire {
-                what: self.name.clone(),
-                source,
-            })?;
+            hdr.verify(&self.payload).map_err(|source| TransportError::Wire { what: self.name.clone(), source })?;
+            let msg = ErrorMsg::decode(&self.payload)
+                .map_err(|source| TransportError::Wire { what: self.name.clone(), source })?;
             return Err(TransportError::Peer(msg));
         }
         Ok(Some((hdr, &self.payload)))
@@ -239,13 +206,8 @@ impl<R: Read> FrameReader<R> {
     pub fn expect(&mut self, kind: FrameKind) -> Result<(FrameHdr, &[u8]), TransportError> {
         let name = self.name.clone();
         match self.next_frame()? {
-            None => Err(TransportError::Closed(format!(
-                "{name}: waiting for {kind:?}"
-            ))),
-            Some((h, _)) if h.kind != kind => Err(TransportError::Unexpected {
-                what: name,
-                kind: h.kind,
-            }),
+            None => Err(TransportError::Closed(format!("{name}: waiting for {kind:?}"))),
+            Some((h, _)) if h.kind != kind => Err(TransportError::Unexpected { what: name, kind: h.kind }),
             Some(f) => Ok(f),
         }
     }
@@ -253,8 +215,7 @@ impl<R: Read> FrameReader<R> {
 
 /// Writes a whole, already-built frame.
 pub fn write_frame(w: &mut impl Write, frame: &[u8], name: &str) -> Result<(), TransportError> {
-    w.write_all(frame)
-        .map_err(|e| TransportError::io(format!("{name}: write"), e))
+    w.write_all(frame).map_err(|e| TransportError::io(format!("{name}: write"), e))
 }
 
 #[cfg(test)]
@@ -263,14 +224,8 @@ mod tests {
 
     #[test]
     fn via_parses_addresses_and_interfaces() {
-        assert_eq!(
-            "10.0.0.1".parse::<Via>().unwrap(),
-            Via::Addr("10.0.0.1".parse().unwrap())
-        );
-        assert_eq!(
-            "::1".parse::<Via>().unwrap(),
-            Via::Addr("::1".parse().unwrap())
-        );
+        assert_eq!("10.0.0.1".parse::<Via>().unwrap(), Via::Addr("10.0.0.1".parse().unwrap()));
+        assert_eq!("::1".parse::<Via>().unwrap(), Via::Addr("::1".parse().unwrap()));
         assert_eq!("eth1".parse::<Via>().unwrap(), Via::Iface("eth1".into()));
         assert!("a/b".parse::<Via>().is_err());
         assert!("".parse::<Via>().is_err());

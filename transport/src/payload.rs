@@ -7,9 +7,7 @@
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::frame::{
-    Encoding, FrameHdr, FrameKind, WireError, HEADER_LEN, MAX_FRAME_PAGES, MAX_PAYLOAD,
-};
+use crate::frame::{Encoding, FrameHdr, FrameKind, WireError, HEADER_LEN, MAX_FRAME_PAGES, MAX_PAYLOAD};
 
 /// Page size on the wire.
 pub const PAGE: usize = 4096;
@@ -27,9 +25,7 @@ pub fn is_zero_page(page: &[u8]) -> bool {
         // the aligned middle of the slice and leaves the rest in pre/post.
         unsafe { page.align_to::<u64>() }
     };
-    pre.iter().all(|&b| b == 0)
-        && post.iter().all(|&b| b == 0)
-        && words.iter().fold(0, |a, &w| a | w) == 0
+    pre.iter().all(|&b| b == 0) && post.iter().all(|&b| b == 0) && words.iter().fold(0, |a, &w| a | w) == 0
 }
 
 fn hashes_as_bytes(hashes: &[u64], out: &mut Vec<u8>) {
@@ -174,25 +170,15 @@ fn lz4_into(dst: &mut Vec<u8>, src: &[u8], len: usize, kind: FrameKind) -> Resul
     dst.resize(len, 0);
     match lz4_flex::block::decompress_into(src, dst) {
         Ok(n) if n == len => Ok(()),
-        Ok(_) => Err(WireError::Malformed {
-            kind,
-            why: "lz4 payload decodes to the wrong length",
-        }),
-        Err(_) => Err(WireError::Malformed {
-            kind,
-            why: "lz4 payload does not decode",
-        }),
+        Ok(_) => Err(WireError::Malformed { kind, why: "lz4 payload decodes to the wrong length" }),
+        Err(_) => Err(WireError::Malformed { kind, why: "lz4 payload does not decode" }),
     }
 }
 
 impl Opener {
     /// Decodes and verifies a `Pages` frame. Nothing is returned unless the
     /// check over header and page hashes matches.
-    pub fn open_pages<'a>(
-        &'a mut self,
-        hdr: &FrameHdr,
-        payload: &'a [u8],
-    ) -> Result<OpenedPages<'a>, WireError> {
+    pub fn open_pages<'a>(&'a mut self, hdr: &FrameHdr, payload: &'a [u8]) -> Result<OpenedPages<'a>, WireError> {
         debug_assert_eq!(hdr.kind, FrameKind::Pages);
         let len = hdr.count as usize * PAGE;
         let pages: &[u8] = match hdr.encoding {
@@ -205,35 +191,20 @@ impl Opener {
                 lz4_into(&mut self.decoded, payload, len, hdr.kind)?;
                 &self.decoded
             }
-            Encoding::None => {
-                return Err(WireError::BadEncoding {
-                    kind: hdr.kind,
-                    encoding: 0,
-                })
-            }
+            Encoding::None => return Err(WireError::BadEncoding { kind: hdr.kind, encoding: 0 }),
         };
         if pages.len() != len {
-            return Err(WireError::Malformed {
-                kind: hdr.kind,
-                why: "payload length",
-            });
+            return Err(WireError::Malformed { kind: hdr.kind, why: "payload length" });
         }
         self.hashes.clear();
         self.hashes.extend(pages.chunks_exact(PAGE).map(xxh3_64));
         hashes_as_bytes(&self.hashes, &mut self.body);
         hdr.verify(&self.body)?;
-        Ok(OpenedPages::Data {
-            pages,
-            hashes: &self.hashes,
-        })
+        Ok(OpenedPages::Data { pages, hashes: &self.hashes })
     }
 
     /// Decodes and verifies a `Data` frame, returning its bytes.
-    pub fn open_data<'a>(
-        &'a mut self,
-        hdr: &FrameHdr,
-        payload: &'a [u8],
-    ) -> Result<&'a [u8], WireError> {
+    pub fn open_data<'a>(&'a mut self, hdr: &FrameHdr, payload: &'a [u8]) -> Result<&'a [u8], WireError> {
         debug_assert_eq!(hdr.kind, FrameKind::Data);
         let data: &[u8] = match hdr.encoding {
             Encoding::Raw => payload,
@@ -241,12 +212,7 @@ impl Opener {
                 lz4_into(&mut self.decoded, payload, hdr.count as usize, hdr.kind)?;
                 &self.decoded
             }
-            e => {
-                return Err(WireError::BadEncoding {
-                    kind: hdr.kind,
-                    encoding: e as u8,
-                })
-            }
+            e => return Err(WireError::BadEncoding { kind: hdr.kind, encoding: e as u8 }),
         };
         hdr.verify(data)?;
         Ok(data)
@@ -284,25 +250,15 @@ mod tests {
     fn page_frames_round_trip_in_every_encoding() {
         let mut s = Scratch::default();
         let mut o = Opener::default();
-        for (kind, lz4, want) in [
-            (0, true, Encoding::Raw),
-            (1, true, Encoding::Lz4),
-            (1, false, Encoding::Raw),
-        ] {
+        for (kind, lz4, want) in [(0, true, Encoding::Raw), (1, true, Encoding::Lz4), (1, false, Encoding::Raw)] {
             let pages = pages_of(kind, 3, 9);
             let hashes: Vec<u64> = pages.chunks(PAGE).map(xxh3_64).collect();
             let mut f = Vec::new();
-            assert_eq!(
-                build_pages(&mut f, &mut s, 2, 10, 5, &pages, &hashes, lz4),
-                want
-            );
+            assert_eq!(build_pages(&mut f, &mut s, 2, 10, 5, &pages, &hashes, lz4), want);
             let (h, p) = split(&f);
             assert_eq!((h.region, h.first, h.count, h.aux), (2, 10, 3, 5));
             match o.open_pages(&h, p).unwrap() {
-                OpenedPages::Data {
-                    pages: got,
-                    hashes: gh,
-                } => {
+                OpenedPages::Data { pages: got, hashes: gh } => {
                     assert_eq!(got, &pages[..]);
                     assert_eq!(gh, &hashes[..]);
                 }

@@ -37,12 +37,7 @@ pub struct StreamPlan {
 impl StreamPlan {
     /// `streams` streams spread over `dests`, leaving by the default route.
     pub fn new(dests: Vec<SocketAddr>, streams: u16) -> Self {
-        Self {
-            dests,
-            via: Vec::new(),
-            streams,
-            connect_timeout: Duration::from_secs(10),
-        }
+        Self { dests, via: Vec::new(), streams, connect_timeout: Duration::from_secs(10) }
     }
 
     /// Destination of stream `i`.
@@ -64,9 +59,7 @@ pub fn new_session_id() -> [u8; 16] {
     // SAFETY: the buffer is valid for 16 bytes of writes.
     let n = unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
     if n != 16 {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         id[..8].copy_from_slice(&(t.as_nanos() as u64).to_le_bytes());
         id[8..12].copy_from_slice(&std::process::id().to_le_bytes());
     }
@@ -76,40 +69,22 @@ pub fn new_session_id() -> [u8; 16] {
 /// Sends an `Error` frame, best effort (the peer may be gone already).
 pub fn send_error(mut s: impl std::io::Write, code: ErrorCode, message: impl Into<String>) {
     let mut f = Vec::new();
-    build_control(
-        &mut f,
-        FrameHdr::new(FrameKind::Error),
-        &ErrorMsg {
-            code,
-            message: message.into(),
-        }
-        .encode(),
-    );
+    build_control(&mut f, FrameHdr::new(FrameKind::Error), &ErrorMsg { code, message: message.into() }.encode());
     let _ = write_frame(&mut s, &f, "error");
 }
 
 /// Opens every stream of a session: connect, `Hello`, `Welcome`. `hello`
 /// is the template; its stream numbering is filled in per stream.
-pub fn connect_session(
-    plan: &StreamPlan,
-    hello: &Hello,
-) -> Result<(Vec<TcpStream>, Welcome), TransportError> {
+pub fn connect_session(plan: &StreamPlan, hello: &Hello) -> Result<(Vec<TcpStream>, Welcome), TransportError> {
     if plan.dests.is_empty() || plan.streams == 0 {
-        return Err(TransportError::Setup(
-            "a session needs at least one destination and one stream".into(),
-        ));
+        return Err(TransportError::Setup("a session needs at least one destination and one stream".into()));
     }
     let mut streams = Vec::with_capacity(plan.streams as usize);
     let mut welcome = None;
     for i in 0..plan.streams {
         let name = format!("stream {i}");
-        let mut s = connect(
-            plan.dest(i.into()),
-            plan.via(i.into()),
-            plan.connect_timeout,
-        )?;
-        s.set_read_timeout(Some(plan.connect_timeout))
-            .map_err(|e| TransportError::io(&name, e))?;
+        let mut s = connect(plan.dest(i.into()), plan.via(i.into()), plan.connect_timeout)?;
+        s.set_read_timeout(Some(plan.connect_timeout)).map_err(|e| TransportError::io(&name, e))?;
         let mut h = hello.clone();
         h.stream_index = i;
         h.stream_count = plan.streams;
@@ -118,22 +93,13 @@ pub fn connect_session(
         write_frame(&mut s, &f, &name)?;
         let mut r = FrameReader::new(&s, name.clone());
         let (hdr, payload) = r.expect(FrameKind::Welcome)?;
-        hdr.verify(payload).map_err(|source| TransportError::Wire {
-            what: name.clone(),
-            source,
-        })?;
-        let w = Welcome::decode(payload).map_err(|source| TransportError::Wire {
-            what: name.clone(),
-            source,
-        })?;
+        hdr.verify(payload).map_err(|source| TransportError::Wire { what: name.clone(), source })?;
+        let w = Welcome::decode(payload).map_err(|source| TransportError::Wire { what: name.clone(), source })?;
         if w.session != hello.session {
-            return Err(TransportError::Setup(format!(
-                "{name}: welcomed into another session"
-            )));
+            return Err(TransportError::Setup(format!("{name}: welcomed into another session")));
         }
         welcome = Some(w);
-        s.set_read_timeout(None)
-            .map_err(|e| TransportError::io(&name, e))?;
+        s.set_read_timeout(None).map_err(|e| TransportError::io(&name, e))?;
         streams.push(s);
     }
     Ok((streams, welcome.expect("at least one stream")))
@@ -164,18 +130,11 @@ pub struct Accepted {
 }
 
 fn read_hello(s: &TcpStream) -> Result<Hello, TransportError> {
-    s.set_read_timeout(Some(HELLO_TIMEOUT))
-        .map_err(|e| TransportError::io("hello", e))?;
+    s.set_read_timeout(Some(HELLO_TIMEOUT)).map_err(|e| TransportError::io("hello", e))?;
     let mut r = FrameReader::new(s, "handshake");
     let (hdr, payload) = r.expect(FrameKind::Hello)?;
-    hdr.verify(payload).map_err(|source| TransportError::Wire {
-        what: "hello".into(),
-        source,
-    })?;
-    Hello::decode(payload).map_err(|source| TransportError::Wire {
-        what: "hello".into(),
-        source,
-    })
+    hdr.verify(payload).map_err(|source| TransportError::Wire { what: "hello".into(), source })?;
+    Hello::decode(payload).map_err(|source| TransportError::Wire { what: "hello".into(), source })
 }
 
 impl Acceptor {
@@ -184,26 +143,16 @@ impl Acceptor {
         if addrs.is_empty() {
             return Err(TransportError::Setup("no address to listen on".into()));
         }
-        let listeners = addrs
-            .iter()
-            .map(|a| listen(*a))
-            .collect::<Result<Vec<_>, _>>()?;
+        let listeners = addrs.iter().map(|a| listen(*a)).collect::<Result<Vec<_>, _>>()?;
         for l in &listeners {
-            l.set_nonblocking(true)
-                .map_err(|e| TransportError::io("listener", e))?;
+            l.set_nonblocking(true).map_err(|e| TransportError::io("listener", e))?;
         }
-        Ok(Self {
-            listeners,
-            gather_timeout: Duration::from_secs(30),
-        })
+        Ok(Self { listeners, gather_timeout: Duration::from_secs(30) })
     }
 
     /// The bound addresses (with the ports the kernel chose for port 0).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .collect()
+        self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
     }
 
     /// Accepts the streams of one session of `mode`. `check` judges the
@@ -224,16 +173,8 @@ impl Acceptor {
             if let Some((h, _, first_at)) = &session {
                 if slots.iter().all(Option::is_some) {
                     let (hello, caps, _) = session.expect("session set");
-                    let streams = slots
-                        .into_iter()
-                        .map(|s| s.expect("every slot filled"))
-                        .collect();
-                    return Ok(Accepted {
-                        hello,
-                        caps,
-                        streams,
-                        refused,
-                    });
+                    let streams = slots.into_iter().map(|s| s.expect("every slot filled")).collect();
+                    return Ok(Accepted { hello, caps, streams, refused });
                 }
                 if first_at.elapsed() > self.gather_timeout {
                     let got = slots.iter().filter(|s| s.is_some()).count();
@@ -244,9 +185,7 @@ impl Acceptor {
                 }
             }
             if deadline.is_some_and(|d| Instant::now() > d) {
-                return Err(TransportError::Setup(
-                    "no migration session arrived in time".into(),
-                ));
+                return Err(TransportError::Setup("no migration session arrived in time".into()));
             }
             let mut idle = true;
             for l in &self.listeners {
@@ -260,9 +199,7 @@ impl Acceptor {
                             let _ = tx.send((s, peer, res));
                         });
                     }
-                    Err(e)
-                        if e.kind() == ErrorKind::WouldBlock
-                            || e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
                     Err(e) => return Err(TransportError::io("accept", e)),
                 }
             }
@@ -270,23 +207,17 @@ impl Acceptor {
                 Ok((mut s, peer, res)) => {
                     let verdict = match res {
                         Err(e) => Err((ErrorCode::Protocol, e.to_string())),
-                        Ok(h) => self
-                            .judge(&h, mode, &mut session, &mut slots, check)
-                            .map(|()| h),
+                        Ok(h) => self.judge(&h, mode, &mut session, &mut slots, check).map(|()| h),
                     };
                     match verdict {
                         Ok(h) => {
                             let (_, caps, _) = session.as_ref().expect("judge fixed the session");
                             let mut f = Vec::new();
-                            let w = Welcome {
-                                session: h.session,
-                                caps: *caps,
-                            };
+                            let w = Welcome { session: h.session, caps: *caps };
                             build_control(&mut f, FrameHdr::new(FrameKind::Welcome), &w.encode());
-                            if let Err(e) = write_frame(&mut s, &f, "welcome").and_then(|_| {
-                                s.set_read_timeout(None)
-                                    .map_err(|e| TransportError::io("welcome", e))
-                            }) {
+                            if let Err(e) = write_frame(&mut s, &f, "welcome")
+                                .and_then(|_| s.set_read_timeout(None).map_err(|e| TransportError::io("welcome", e)))
+                            {
                                 // The stream broke during the handshake: the session cannot complete.
                                 return Err(e);
                             }
@@ -314,10 +245,7 @@ impl Acceptor {
         check: &mut HelloCheck<'_>,
     ) -> Result<(), (ErrorCode, String)> {
         if h.mode != mode {
-            return Err((
-                ErrorCode::NotInSession,
-                format!("this end serves {mode:?} sessions, not {:?}", h.mode),
-            ));
+            return Err((ErrorCode::NotInSession, format!("this end serves {mode:?} sessions, not {:?}", h.mode)));
         }
         match session {
             None => {
@@ -328,25 +256,13 @@ impl Acceptor {
             }
             Some((first, _, _)) => {
                 if h.session != first.session {
-                    return Err((
-                        ErrorCode::NotInSession,
-                        "another session is being served".into(),
-                    ));
+                    return Err((ErrorCode::NotInSession, "another session is being served".into()));
                 }
-                if h.stream_count != first.stream_count
-                    || h.regions != first.regions
-                    || h.caps != first.caps
-                {
-                    return Err((
-                        ErrorCode::Protocol,
-                        "stream disagrees with its session's handshake".into(),
-                    ));
+                if h.stream_count != first.stream_count || h.regions != first.regions || h.caps != first.caps {
+                    return Err((ErrorCode::Protocol, "stream disagrees with its session's handshake".into()));
                 }
                 if slots[h.stream_index as usize].is_some() {
-                    return Err((
-                        ErrorCode::NotInSession,
-                        format!("stream {} already connected", h.stream_index),
-                    ));
+                    return Err((ErrorCode::NotInSession, format!("stream {} already connected", h.stream_index)));
                 }
                 Ok(())
             }
@@ -358,9 +274,6 @@ impl Acceptor {
 pub fn is_disconnect(e: &io::Error) -> bool {
     matches!(
         e.kind(),
-        ErrorKind::ConnectionReset
-            | ErrorKind::ConnectionAborted
-            | ErrorKind::BrokenPipe
-            | ErrorKind::UnexpectedEof
+        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe | ErrorKind::UnexpectedEof
     )
 }
