@@ -589,6 +589,13 @@ impl<'r> Run<'r> {
         pause: Option<PauseHook<'_>>,
     ) -> Result<Report, MigrateError> {
         let n = streams.len();
+        let ends: Vec<(String, String)> = streams
+            .iter()
+            .map(|st| {
+                let name = |a: std::io::Result<std::net::SocketAddr>| a.map(|a| a.to_string()).unwrap_or_default();
+                (name(st.local_addr()), name(st.peer_addr()))
+            })
+            .collect();
         let stats: Vec<StreamStats> =
             (0..n).map(|_| StreamStats { bytes: AtomicU64::new(0), frames: AtomicU64::new(0) }).collect();
         let (txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| bounded::<Msg>(QUEUE_DEPTH)).unzip();
@@ -660,14 +667,14 @@ impl<'r> Run<'r> {
         outcome?;
         report.wire_bytes = stats.iter().map(|s| s.bytes.load(Ordering::Relaxed)).sum();
         report.payload_bytes = report.rounds.iter().map(|r| r.payload_bytes).sum();
-        report.streams = streams
-            .iter()
+        report.streams = ends
+            .into_iter()
             .zip(&stats)
             .enumerate()
-            .map(|(i, (st, s))| StreamReport {
+            .map(|(i, ((local, peer), s))| StreamReport {
                 index: i as u16,
-                local: st.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-                peer: st.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
+                local,
+                peer,
                 bytes: s.bytes.load(Ordering::Relaxed),
                 frames: s.frames.load(Ordering::Relaxed),
                 bytes_per_sec: 0.0,

@@ -1,0 +1,76 @@
+//! One migration of a synthetic guest, source and destination in this
+//! process, over the addresses given (loopback by default).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use pmigrate::{Acceptor, GuestMemory, Incoming, ReceiveOptions, Report, Source, SourceConfig, VmmBitmapTracker};
+
+use crate::synth::{fill, start_mutators, ContentMix, MutatorConfig};
+
+/// What to migrate and how.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    /// Guest memory size, bytes.
+    pub memory: u64,
+    /// Page contents.
+    pub mix: ContentMix,
+    /// Dirtying while pre-copy runs (none: an idle guest).
+    pub mutators: Option<MutatorConfig>,
+    /// Streams.
+    pub streams: u16,
+    /// Engine settings (threads, compression, downtime target, …).
+    pub config: SourceConfig,
+    /// Where the destination listens (port 0: any).
+    pub listen: Vec<SocketAddr>,
+}
+
+/// Both ends' reports of one run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Outcome {
+    /// The source's report.
+    pub source: Report,
+    /// The destination's report.
+    pub destination: Report,
+    /// Seconds the fill took (not part of the migration).
+    pub fill_secs: f64,
+}
+
+/// Runs `sc` once. With mutators, dirty pages are tracked through a VMM
+/// bitmap the mutators set, as a VMM's dirty log would; the pause hook
+/// stops them.
+pub fn run(sc: &Scenario, seed: u64) -> anyhow::Result<Outcome> {
+    let src = Arc::new(GuestMemory::anonymous(sc.memory)?);
+    let dst = GuestMemory::anonymous(sc.memory)?;
+    let t = Instant::now();
+    fill(&src, sc.mix, seed);
+    let fill_secs = t.elapsed().as_secs_f64();
+    let acceptor = Acceptor::bind(&sc.listen)?;
+    let addrs = acceptor.local_addrs();
+    std::thread::scope(|s| -> anyhow::Result<Outcome> {
+        let rx = s.spawn(|| -> anyhow::Result<Report> {
+            let incoming = Incoming::accept_for(&acceptor, &dst, None)?;
+            Ok(incoming.receive(&dst, &ReceiveOptions::default())?)
+        });
+        let mut source = Source::new(&src, addrs).streams(sc.streams).config(sc.config.clone());
+        let mut muts = None;
+        if let Some(m) = sc.mutators {
+            let maps = VmmBitmapTracker::bitmaps_for(&src);
+            source = source.tracker(Box::new(VmmBitmapTracker::new(maps.clone())));
+            muts = Some(start_mutators(src.clone(), m, Some(maps)));
+        }
+        let muts = std::sync::Mutex::new(muts);
+        let report = source
+            .on_pause(|| {
+                if let Some(m) = muts.lock().expect("mutators").as_mut() {
+                    m.stop();
+                }
+                Ok(())
+            })
+            .run();
+        let dest = rx.join().expect("destination thread");
+        let source = report?;
+        Ok(Outcome { source, destination: dest?, fill_secs })
+    })
+}

@@ -1,0 +1,173 @@
+//! End-to-end migrations over loopback: the destination must equal the
+//! source byte for byte, with every stream count, tracker and compression.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pmigrate::{
+    Acceptor, Compression, DirtyTracker, GuestMemory, HashTracker, Incoming, ReceiveOptions, Report, Source,
+    SourceConfig, TrackerKind, UffdWpTracker, VmmBitmapTracker,
+};
+use pmigrate_bench::synth::{fill, first_difference, start_mutators, ContentMix, MutatorConfig, Skew};
+
+struct Run {
+    source: Report,
+    dest: Report,
+    dst: GuestMemory,
+}
+
+/// Migrates `src` to fresh memory over loopback; `mutate` chooses the
+/// tracker and starts mutators, returning what the pause hook must stop.
+fn migrate(
+    src: &Arc<GuestMemory>,
+    streams: u16,
+    cfg: SourceConfig,
+    tracker: Option<Box<dyn DirtyTracker>>,
+    mutators: Option<MutatorConfig>,
+    bitmap: Option<Arc<[pmigrate::ranges::AtomicBitmap]>>,
+) -> Run {
+    let dst = GuestMemory::anonymous(src.total_bytes()).unwrap();
+    let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
+    let addr = acceptor.local_addrs()[0];
+    let (source, dest) = std::thread::scope(|s| {
+        let dst = &dst;
+        let rx = s.spawn(move || {
+            let incoming = Incoming::accept_for(&acceptor, dst, None).unwrap();
+            incoming.receive(dst, &ReceiveOptions { verify_memory: true }).unwrap()
+        });
+        let mut m = mutators.map(|m| start_mutators(src.clone(), m, bitmap));
+        let mut source = Source::new(src, vec![addr]).streams(streams).config(cfg);
+        if let Some(t) = tracker {
+            source = source.tracker(t);
+        }
+        let paused = AtomicBool::new(false);
+        let report = source
+            .on_pause(|| {
+                if let Some(m) = m.as_mut() {
+                    m.stop();
+                }
+                paused.store(true, Ordering::SeqCst);
+                Ok(())
+            })
+            .run()
+            .unwrap();
+        assert!(paused.load(Ordering::SeqCst), "the pause hook ran");
+        (report, rx.join().unwrap())
+    });
+    Run { source, dest, dst }
+}
+
+fn assert_equal(src: &GuestMemory, run: &Run) {
+    assert_eq!(first_difference(src, &run.dst), None, "destination differs from source");
+    assert_eq!(run.source.digest, run.dest.digest);
+}
+
+#[test]
+fn gib_of_mixed_content_over_four_streams_and_four_workers() {
+    let src = Arc::new(GuestMemory::anonymous(1 << 30).unwrap());
+    fill(&src, ContentMix::TYPICAL, 1);
+    let cfg = SourceConfig { threads: 4, tracker: TrackerKind::Hash, ..SourceConfig::default() };
+    let run = migrate(&src, 4, cfg, None, None, None);
+    assert_equal(&src, &run);
+    let r0 = &run.source.rounds[0];
+    assert_eq!(r0.scanned, (1 << 30) / 4096, "round 0 scans every page");
+    assert!(r0.zero > 0 && r0.compressed > 0 && r0.raw > 0, "mixed content takes every path: {r0:?}");
+    assert_eq!(run.source.streams.len(), 4);
+    assert!(run.source.streams.iter().all(|s| s.frames > 0), "every stream carried pages: {:?}", run.source.streams);
+    eprintln!("{}", run.source);
+}
+
+#[test]
+fn every_stream_count_and_compression_gives_the_same_memory() {
+    let src = Arc::new(GuestMemory::anonymous(64 << 20).unwrap());
+    fill(&src, ContentMix::TYPICAL, 2);
+    for (streams, threads, compression) in
+        [(1, 1, Compression::Off), (1, 2, Compression::On), (3, 2, Compression::Auto), (8, 3, Compression::Off)]
+    {
+        let cfg = SourceConfig { threads, compression, tracker: TrackerKind::Hash, ..SourceConfig::default() };
+        let run = migrate(&src, streams, cfg, None, None, None);
+        assert_equal(&src, &run);
+        let lz4: u64 = run.source.rounds.iter().map(|r| r.compressed).sum();
+        assert_eq!(lz4 == 0, compression == Compression::Off, "{compression:?}: {lz4} lz4 pages");
+    }
+}
+
+fn live(tracker: Box<dyn DirtyTracker>, with_bitmap: Option<Arc<[pmigrate::ranges::AtomicBitmap]>>) -> Run {
+    let src = Arc::new(GuestMemory::anonymous(256 << 20).unwrap());
+    fill(&src, ContentMix::TYPICAL, 3);
+    let m = MutatorConfig {
+        threads: 2,
+        rate: 64 << 20,
+        working_set: 128 << 20,
+        skew: Skew::HotCold { hot_pct: 80, hot_share: 10 },
+    };
+    // A tight downtime target, so that several live rounds run.
+    let cfg = SourceConfig {
+        threads: 2,
+        max_rounds: 6,
+        downtime_target: Duration::from_millis(5),
+        ..SourceConfig::default()
+    };
+    let run = migrate(&src, 3, cfg, Some(tracker), Some(m), with_bitmap);
+    assert_equal(&src, &run);
+    assert!(run.source.rounds.len() >= 3, "live rounds and the final one: {}", run.source);
+    let resent: u64 = run.source.rounds[1..].iter().map(|r| r.raw + r.compressed).sum();
+    assert!(resent > 0, "pages dirtied during pre-copy were sent again");
+    eprintln!("{}", run.source);
+    run
+}
+
+#[test]
+fn live_precopy_with_the_vmm_bitmap_tracker() {
+    let probe = GuestMemory::anonymous(256 << 20).unwrap();
+    let maps = VmmBitmapTracker::bitmaps_for(&probe);
+    drop(probe);
+    let run = live(Box::new(VmmBitmapTracker::new(maps.clone())), Some(maps));
+    assert_eq!(run.source.tracker, "vmm-bitmap");
+}
+
+#[test]
+fn live_precopy_with_the_uffd_wp_tracker() {
+    if let Err(e) = pmigrate::engine::dirty::uffd_wp::probe() {
+        eprintln!("skipping: {e}");
+        return;
+    }
+    let run = live(Box::new(UffdWpTracker::new()), None);
+    assert_eq!(run.source.tracker, "uffd-wp");
+}
+
+#[test]
+fn live_precopy_with_the_hash_tracker() {
+    let run = live(Box::new(HashTracker::new()), None);
+    assert_eq!(run.source.tracker, "hash");
+}
+
+#[test]
+fn a_slow_dirty_rate_converges_a_fast_one_hits_the_round_cap() {
+    let src = Arc::new(GuestMemory::anonymous(128 << 20).unwrap());
+    fill(&src, ContentMix::TYPICAL, 4);
+    // 1 MiB/s of dirtying against a loopback link of hundreds of MiB/s.
+    let slow = MutatorConfig { threads: 1, rate: 1 << 20, working_set: 64 << 20, skew: Skew::Uniform };
+    let cfg = SourceConfig { threads: 2, max_rounds: 30, tracker: TrackerKind::Hash, ..SourceConfig::default() };
+    let run = migrate(&src, 2, cfg, Some(Box::new(HashTracker::new())), Some(slow), None);
+    assert_equal(&src, &run);
+    assert!(run.source.converged, "{}", run.source);
+    assert!(run.source.rounds.len() < 31);
+
+    // Dirtying the whole working set many times a second, against a
+    // downtime target no link could meet: only the round cap stops it.
+    let fast = MutatorConfig { threads: 1, rate: 4 << 30, working_set: 128 << 20, skew: Skew::Uniform };
+    let cfg = SourceConfig {
+        threads: 2,
+        max_rounds: 3,
+        downtime_target: Duration::from_micros(1),
+        tracker: TrackerKind::Hash,
+        ..SourceConfig::default()
+    };
+    let run = migrate(&src, 2, cfg, Some(Box::new(HashTracker::new())), Some(fast), None);
+    assert_equal(&src, &run);
+    assert!(!run.source.converged, "{}", run.source);
+    assert_eq!(run.source.rounds.len(), 4, "three live rounds and the final one");
+    assert!(run.source.rounds[3].paused);
+}
