@@ -34,7 +34,7 @@ fn migrate(
         let dst = &dst;
         let rx = s.spawn(move || {
             let incoming = Incoming::accept_for(&acceptor, dst, None).unwrap();
-            incoming.receive(dst, &ReceiveOptions { verify_memory: true }).unwrap()
+            incoming.receive(dst, &ReceiveOptions { verify_memory: true, ..ReceiveOptions::default() }).unwrap()
         });
         let mut m = mutators.map(|m| start_mutators(src.clone(), m, bitmap));
         let mut source = Source::new(src, vec![addr]).streams(streams).config(cfg);

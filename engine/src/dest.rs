@@ -53,12 +53,25 @@ pub struct Incoming {
 }
 
 /// Options of the receiving side.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct ReceiveOptions {
     /// After the final round, rehash all of guest memory and compare it
     /// with the hashes of the pages written, before confirming.
     pub verify_memory: bool,
+    /// A frame whose bytes stop arriving for this long fails the migration
+    /// (between frames a stream may idle as long as the source likes).
+    pub stall_timeout: Duration,
 }
+
+impl Default for ReceiveOptions {
+    fn default() -> Self {
+        Self { verify_memory: false, stall_timeout: Duration::from_secs(30) }
+    }
+}
+
+/// The polling tick of receivers: how often a blocked read wakes up to
+/// account for a stall.
+const READ_TICK: Duration = Duration::from_millis(500);
 
 impl Incoming {
     /// Waits on `acceptor` for the streams of one memory-migration session
@@ -127,7 +140,7 @@ impl Incoming {
                 .map(|(i, st)| {
                     let state = &state;
                     let streams = &streams;
-                    s.spawn(move || state.receive_stream(st, i).map_err(|e| state.fail(streams, i, e)))
+                    s.spawn(move || state.receive_stream(st, i, opts).map_err(|e| state.fail(streams, i, e)))
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().expect("receiver panicked")).collect()
@@ -237,8 +250,15 @@ impl State<'_> {
         }
     }
 
-    fn receive_stream(&self, stream: &TcpStream, index: usize) -> Result<StreamOutcome, MigrateError> {
+    fn receive_stream(
+        &self,
+        stream: &TcpStream,
+        index: usize,
+        opts: &ReceiveOptions,
+    ) -> Result<StreamOutcome, MigrateError> {
+        stream.set_read_timeout(Some(READ_TICK)).map_err(|e| TransportError::io(format!("stream {index}"), e))?;
         let mut reader = FrameReader::new(stream, format!("stream {index}"));
+        reader.set_stall_limit(opts.stall_timeout);
         let mut opener = Opener::default();
         let mut out = StreamOutcome::default();
         let mut round = 0u64;
@@ -395,7 +415,3 @@ impl State<'_> {
         Ok(())
     }
 }
-
-/// Default time a destination waits for a session before giving up, when
-/// the caller sets no deadline of its own.
-pub const DEFAULT_ACCEPT_WAIT: Duration = Duration::from_secs(3600);

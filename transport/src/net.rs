@@ -145,17 +145,35 @@ pub fn tune_accepted(s: &TcpStream) -> Result<(), TransportError> {
 }
 
 /// Reads whole frames from a stream, reusing one payload buffer.
+///
+/// Between frames the reader waits as long as it takes (a dead peer is
+/// found by TCP keepalive or a close). Inside a frame it tolerates a stall
+/// of at most [`FrameReader::set_stall_limit`] when the socket has a read
+/// timeout set (the timeout is then only the polling tick): a peer that
+/// starts a frame and stops sending fails instead of holding a receiver
+/// forever.
 #[derive(Debug)]
 pub struct FrameReader<R> {
     inner: BufReader<R>,
     payload: Vec<u8>,
     name: String,
+    stall_limit: Option<Duration>,
 }
 
 impl<R: Read> FrameReader<R> {
     /// A reader over `inner`; `name` prefixes its errors ("stream 2").
     pub fn new(inner: R, name: impl Into<String>) -> Self {
-        Self { inner: BufReader::with_capacity(READ_BUFFER, inner), payload: Vec::new(), name: name.into() }
+        Self {
+            inner: BufReader::with_capacity(READ_BUFFER, inner),
+            payload: Vec::new(),
+            name: name.into(),
+            stall_limit: None,
+        }
+    }
+
+    /// Fails a frame whose bytes stop arriving for longer than `limit`.
+    pub fn set_stall_limit(&mut self, limit: Duration) {
+        self.stall_limit = Some(limit);
     }
 
     /// The name used in errors.
@@ -168,31 +186,59 @@ impl<R: Read> FrameReader<R> {
         self.inner.get_ref()
     }
 
+    /// Fills `buf` completely. `Ok(false)` only when the stream ended
+    /// before the first byte and `at_boundary` says that is clean.
+    fn fill(
+        &mut self,
+        buf_len: usize,
+        header: &mut [u8; HEADER_LEN],
+        at_boundary: bool,
+    ) -> Result<bool, TransportError> {
+        let mut got = 0;
+        let mut stalled_since: Option<std::time::Instant> = None;
+        while got < buf_len {
+            let dst = if at_boundary { &mut header[got..] } else { &mut self.payload[got..] };
+            match self.inner.read(dst) {
+                Ok(0) if got == 0 && at_boundary => return Ok(false),
+                Ok(0) => {
+                    let what = if at_boundary { "inside a frame header" } else { "inside a frame payload" };
+                    return Err(TransportError::Closed(format!("{}: {what}", self.name)));
+                }
+                Ok(n) => {
+                    got += n;
+                    stalled_since = None;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                    if got == 0 && at_boundary {
+                        continue; // idle between frames: keep waiting
+                    }
+                    let since = *stalled_since.get_or_insert_with(std::time::Instant::now);
+                    if self.stall_limit.is_some_and(|l| since.elapsed() >= l) {
+                        return Err(TransportError::io(
+                            format!("{}: peer stalled inside a frame for {:?}", self.name, since.elapsed()),
+                            e,
+                        ));
+                    }
+                }
+                Err(e) => return Err(TransportError::io(format!("{}: read", self.name), e)),
+            }
+        }
+        Ok(true)
+    }
+
     /// Reads the next frame. A clean end of stream between frames is
     /// `Ok(None)`; anywhere else it is an error. An `Error` frame from the
     /// peer is returned as [`TransportError::Peer`].
     pub fn next_frame(&mut self) -> Result<Option<(FrameHdr, &[u8])>, TransportError> {
         let mut hb = [0u8; HEADER_LEN];
-        let mut got = 0;
-        while got < HEADER_LEN {
-            match self.inner.read(&mut hb[got..]) {
-                Ok(0) if got == 0 => return Ok(None),
-                Ok(0) => return Err(TransportError::Closed(format!("{}: inside a frame header", self.name))),
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(TransportError::io(format!("{}: read", self.name), e)),
-            }
+        if !self.fill(HEADER_LEN, &mut hb, true)? {
+            return Ok(None);
         }
         let hdr = FrameHdr::decode(&hb).map_err(|source| TransportError::Wire { what: self.name.clone(), source })?;
         // `len` was bounded by `decode` for this kind (at most MAX_PAYLOAD).
         self.payload.resize(hdr.len as usize, 0);
-        self.inner.read_exact(&mut self.payload).map_err(|e| {
-            if e.kind() == io::ErrorKind::UnexpectedEof {
-                TransportError::Closed(format!("{}: inside a {:?} payload", self.name, hdr.kind))
-            } else {
-                TransportError::io(format!("{}: read", self.name), e)
-            }
-        })?;
+        self.fill(hdr.len as usize, &mut hb, false)?;
         if hdr.kind == FrameKind::Error {
             hdr.verify(&self.payload).map_err(|source| TransportError::Wire { what: self.name.clone(), source })?;
             let msg = ErrorMsg::decode(&self.payload)
