@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use pmigrate::transport::frame::{Encoding, FrameHdr, FrameKind, FLAG_FINAL, HEADER_LEN, MAX_PAYLOAD};
 use pmigrate::transport::hello::{ErrorCode, Hello, Mode, RegionDesc, CAP_LZ4, PROTOCOL_VERSION};
 use pmigrate::transport::net::FrameReader;
-use pmigrate::transport::payload::{build_control, build_pages, Scratch};
+use pmigrate::transport::payload::{build_control, build_pages, PagesAt, Scratch};
 use pmigrate::transport::session::{connect_session, new_session_id, StreamPlan};
 use pmigrate::transport::{TransportError, WireError};
 use pmigrate::{
@@ -81,7 +81,7 @@ fn page_frame(first: u64, round: u64, fill_byte: u8) -> Vec<u8> {
     let pages = vec![fill_byte; 2 * 4096];
     let hashes: Vec<u64> = pages.chunks(4096).map(xxh3_64).collect();
     let mut f = Vec::new();
-    build_pages(&mut f, &mut Scratch::default(), 0, first, round, &pages, &hashes, false);
+    build_pages(&mut f, &mut Scratch::default(), PagesAt { region: 0, first, round }, &pages, &hashes, false);
     f
 }
 

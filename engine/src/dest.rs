@@ -132,6 +132,7 @@ impl Incoming {
                 .collect(),
             abort: AtomicBool::new(false),
             first_error: Mutex::new(None),
+            lz4_granted: self.accepted.caps & CAP_LZ4 != 0,
         };
         let results: Vec<Result<StreamOutcome, ()>> = std::thread::scope(|s| {
             let handles: Vec<_> = streams
@@ -150,6 +151,11 @@ impl Incoming {
         }
         let outcomes: Vec<StreamOutcome> = results.into_iter().map(|r| r.expect("no error recorded")).collect();
         let source_digest = outcomes[0].digest.expect("stream 0 ends with Done");
+        if let Some(o) = outcomes.iter().find(|o| o.final_round != outcomes[0].final_round) {
+            let why = format!("streams disagree on the final round: {} and {}", outcomes[0].final_round, o.final_round);
+            send_error(&streams[0], ErrorCode::Protocol, why.clone());
+            return Err(MigrateError::Protocol { stream: 0, why });
+        }
         let digest = memory_digest(&state.hashes);
         let mut s0 = &streams[0];
         if digest != source_digest {
@@ -210,6 +216,7 @@ struct State<'m> {
     hashes: Vec<Box<[AtomicU64]>>,
     abort: AtomicBool,
     first_error: Mutex<Option<MigrateError>>,
+    lz4_granted: bool,
 }
 
 #[derive(Default)]
@@ -218,6 +225,7 @@ struct StreamOutcome {
     frames: u64,
     pages: u64,
     digest: Option<u64>,
+    final_round: u64,
 }
 
 fn protocol(stream: usize, why: impl Into<String>) -> MigrateError {
@@ -280,6 +288,9 @@ impl State<'_> {
                         return Err(protocol(index, format!("page frame of round {} during round {round}", hdr.aux)));
                     }
                     let stamp = u32::try_from(round + 1).map_err(|_| protocol(index, "too many rounds"))?;
+                    if hdr.encoding == pmigrate_transport::Encoding::Lz4 && !self.lz4_granted {
+                        return Err(protocol(index, "lz4 pages without the capability"));
+                    }
                     self.check_range(index, &hdr)?;
                     let opened = opener
                         .open_pages(&hdr, payload)
@@ -304,6 +315,7 @@ impl State<'_> {
                     frames_in_round = 0;
                     if hdr.flags & FLAG_FINAL != 0 {
                         finished = true;
+                        out.final_round = hdr.aux;
                         if index != 0 {
                             return Ok(out);
                         }

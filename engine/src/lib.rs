@@ -39,6 +39,7 @@
 pub mod dest;
 pub mod digest;
 pub mod dirty;
+pub mod relay;
 pub mod report;
 pub mod source;
 #[cfg(feature = "vm-memory")]

@@ -33,7 +33,7 @@ use pmigrate_transport::frame::{Encoding, FrameHdr, FrameKind, FLAG_FINAL};
 use pmigrate_transport::hello::{Hello, Mode, RegionDesc, CAP_LZ4, PROTOCOL_VERSION, REGION_HUGE};
 use pmigrate_transport::net::{write_frame, FrameReader};
 use pmigrate_transport::payload::{
-    build_control, build_pages, build_zero_pages, is_zero_page, zero_page_hash, Scratch,
+    build_control, build_pages, build_zero_pages, is_zero_page, zero_page_hash, PagesAt, Scratch,
 };
 use pmigrate_transport::session::{connect_session, new_session_id, StreamPlan};
 use pmigrate_transport::TransportError;
@@ -192,7 +192,7 @@ impl<'a> Source<'a> {
         let t0 = Instant::now();
         let mut tracker = match self.tracker {
             Some(t) => t,
-            None => tracker_for(self.cfg.tracker)?,
+            None => tracker_for(self.cfg.tracker, self.mem)?,
         };
         let caps = if self.cfg.compression == Compression::Off { 0 } else { CAP_LZ4 };
         let hello = Hello {
@@ -292,14 +292,18 @@ impl Counts {
 /// Per-worker lz4 decision for [`Compression::Auto`]: compress while it
 /// saves at least 1/8 of the bytes; after a run of batches that did not,
 /// stop trying for a while and probe again later.
-struct Lz4Gate {
+pub(crate) struct Lz4Gate {
     mode: Compression,
     misses: u32,
     skip: u32,
 }
 
 impl Lz4Gate {
-    fn try_now(&mut self) -> bool {
+    pub(crate) fn new(mode: Compression) -> Self {
+        Self { mode, misses: 0, skip: 0 }
+    }
+
+    pub(crate) fn try_now(&mut self) -> bool {
         match self.mode {
             Compression::Off => false,
             Compression::On => true,
@@ -314,7 +318,7 @@ impl Lz4Gate {
         }
     }
 
-    fn record(&mut self, raw: usize, wire: usize) {
+    pub(crate) fn record(&mut self, raw: usize, wire: usize) {
         if self.mode != Compression::Auto {
             return;
         }
@@ -370,7 +374,8 @@ impl Worker<'_> {
         let bytes = &self.pages[a * PAGE_SIZE..b * PAGE_SIZE];
         let mut frame = self.buffer();
         let lz4 = self.run.lz4_allowed && self.gate.try_now();
-        let enc = build_pages(&mut frame, &mut self.scratch, region, first, self.round, bytes, &self.hashes[a..b], lz4);
+        let at = PagesAt { region, first, round: self.round };
+        let enc = build_pages(&mut frame, &mut self.scratch, at, bytes, &self.hashes[a..b], lz4);
         if lz4 {
             self.gate.record(bytes.len(), frame.len());
         }
@@ -568,7 +573,10 @@ fn sender(
 fn listener(stream: &TcpStream, index: usize, verdict: Sender<Result<u64, MigrateError>>, abort: &AtomicBool) {
     let mut r = FrameReader::new(stream, format!("stream {index}"));
     let outcome = match r.next_frame() {
-        Ok(Some((h, _))) if h.kind == FrameKind::Verified && index == 0 => Ok(h.aux),
+        Ok(Some((h, _))) if h.kind == FrameKind::Verified && index == 0 => h
+            .verify(&[])
+            .map(|()| h.aux)
+            .map_err(|source| TransportError::Wire { what: r.name().into(), source }.into()),
         Ok(Some((h, _))) => {
             Err(MigrateError::Transport(TransportError::Unexpected { what: r.name().into(), kind: h.kind }))
         }
@@ -710,7 +718,7 @@ impl<'r> Run<'r> {
                             pages: vec![0u8; batch * PAGE_SIZE],
                             hashes: Vec::with_capacity(batch),
                             scratch: Scratch::default(),
-                            gate: Lz4Gate { mode: self.cfg.compression, misses: 0, skip: 0 },
+                            gate: Lz4Gate::new(self.cfg.compression),
                             counts: Counts::default(),
                             pool,
                         };

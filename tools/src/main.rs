@@ -1,1 +1,349 @@
-fn main() {}
+//! `pmigrate`: the command-line face of the pmigrate data plane.
+//!
+//! - `serve` / `migrate`: migrate a memory file (a VM's shared
+//!   `memory-backend-file`, a snapshot) between hosts over N streams.
+//! - `send` / `recv`: QEMU `exec:` migration helpers that stripe QEMU's
+//!   migration stream over N streams and NICs.
+//! - `bench`: a loopback migration of a synthetic guest, side by side with
+//!   the classic single-stream data plane and raw TCP.
+
+use std::io::IsTerminal;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use pmigrate::engine::relay::{self, RelayRecvOptions, RelaySendConfig};
+use pmigrate::transport::session::StreamPlan;
+use pmigrate::{
+    Acceptor, Compression, Gpa, GuestMemory, GuestRegion, HostPageSize, Incoming, Progress, ReceiveOptions, Source,
+    SourceConfig, TrackerKind, Via,
+};
+
+mod bench;
+
+#[derive(Parser)]
+#[command(name = "pmigrate", version, about = "Parallel live-migration data plane for virtual machines")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Destination: receive one migration into a memory file.
+    Serve(ServeArgs),
+    /// Source: migrate a memory file to a `serve` destination.
+    Migrate(MigrateArgs),
+    /// QEMU exec: helper, source side: stripe stdin over N streams.
+    Send(SendArgs),
+    /// QEMU exec: helper, destination side: reassemble the stream on stdout.
+    Recv(RecvArgs),
+    /// Benchmark: migrate a synthetic guest over loopback, against the
+    /// classic single-stream data plane and raw TCP.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on (repeat for several NICs).
+    #[arg(long, required = true, num_args = 1..)]
+    listen: Vec<String>,
+    /// Memory file to create (truncated) and fill.
+    #[arg(long)]
+    memory: PathBuf,
+    /// Rehash all memory at the end against what was received.
+    #[arg(long)]
+    verify_memory: bool,
+    /// Give up if no session arrives within this many seconds.
+    #[arg(long, default_value_t = 3600)]
+    wait: u64,
+    /// Largest memory accepted from a source, in MiB.
+    #[arg(long, default_value_t = 1 << 22)]
+    max_memory_mib: u64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct StreamArgs {
+    /// Number of TCP streams (spread over the destinations).
+    #[arg(long, default_value_t = 4)]
+    streams: u16,
+    /// Local address or interface for each stream, comma-separated; stream
+    /// i leaves by the i-th (cycling).
+    #[arg(long, value_delimiter = ',')]
+    via: Vec<Via>,
+    /// Worker threads.
+    #[arg(long, default_value_t = default_threads())]
+    threads: usize,
+    /// lz4: auto (while it pays), lz4 (always) or none.
+    #[arg(long, default_value = "auto")]
+    compress: Compression,
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()).min(4)
+}
+
+#[derive(Args)]
+struct MigrateArgs {
+    /// Memory file to migrate (mapped shared, read in place).
+    #[arg(long)]
+    memory: PathBuf,
+    /// Destination addresses (host:port).
+    #[arg(required = true)]
+    dest: Vec<String>,
+    #[command(flatten)]
+    streams: StreamArgs,
+    /// Dirty tracker: hash (sees writes by any process), uffd-wp (writes by
+    /// this process only) or auto.
+    #[arg(long, default_value = "hash")]
+    tracker: String,
+    /// Downtime target in milliseconds.
+    #[arg(long, default_value_t = 300)]
+    downtime_ms: u64,
+    /// Most live rounds before pausing anyway.
+    #[arg(long, default_value_t = 30)]
+    max_rounds: u32,
+    /// Shell command that pauses the VM (run once, must exit 0).
+    #[arg(long)]
+    pause_cmd: Option<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct SendArgs {
+    /// Destination addresses (host:port).
+    #[arg(required = true)]
+    dest: Vec<String>,
+    #[command(flatten)]
+    streams: StreamArgs,
+    /// Print a one-line report on stderr at the end.
+    #[arg(long)]
+    report: bool,
+}
+
+#[derive(Args)]
+struct RecvArgs {
+    /// Address to listen on (repeat for several NICs).
+    #[arg(long, required = true, num_args = 1..)]
+    listen: Vec<String>,
+    /// Give up if the sender does not connect within this many seconds.
+    #[arg(long, default_value_t = 600)]
+    wait: u64,
+    /// Print a one-line report on stderr at the end.
+    #[arg(long)]
+    report: bool,
+}
+
+fn resolve(addrs: &[String]) -> Result<Vec<SocketAddr>> {
+    addrs
+        .iter()
+        .map(|a| a.to_socket_addrs().with_context(|| format!("bad address {a:?}"))?.next().context("no address"))
+        .collect()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Serve(a) => serve(a),
+        Cmd::Migrate(a) => migrate(a),
+        Cmd::Send(a) => send(a),
+        Cmd::Recv(a) => recv(a),
+        Cmd::Bench(a) => bench::run(a),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pmigrate: error: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    let acceptor = Acceptor::bind(&resolve(&a.listen)?)?;
+    eprintln!("pmigrate serve: listening on {:?}", acceptor.local_addrs());
+    let max = a.max_memory_mib << 20;
+    let incoming = Incoming::accept(
+        &acceptor,
+        |regions| {
+            let total: u64 = regions.iter().map(|r| r.len).sum();
+            if total > max {
+                return Err(format!("{total} bytes of memory exceed this destination's limit of {max}"));
+            }
+            Ok(())
+        },
+        Some(Instant::now() + Duration::from_secs(a.wait)),
+    )?;
+    for (peer, why) in incoming.refused() {
+        eprintln!("pmigrate serve: refused {peer}: {why}");
+    }
+    // One file holds every region back to back, in table order.
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    let total: u64 = incoming.regions().iter().map(|r| r.len).sum();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&a.memory)
+        .with_context(|| format!("create {}", a.memory.display()))?;
+    file.set_len(total)?;
+    drop(file);
+    for r in incoming.regions() {
+        if offset != 0 {
+            bail!("memory files hold one region; the source has {}", incoming.regions().len());
+        }
+        regions.push(GuestRegion::file(Gpa(r.gpa), r.len, HostPageSize::Small, &a.memory, true, false)?);
+        offset += r.len;
+    }
+    let mem = GuestMemory::new(regions)?;
+    let report = incoming.receive(&mem, &ReceiveOptions { verify_memory: a.verify_memory, ..Default::default() })?;
+    mem.regions().iter().try_for_each(|r| r.flush())?;
+    if a.json {
+        println!("{}", report.to_json());
+    } else {
+        println!("{report}");
+    }
+    Ok(())
+}
+
+fn progress_bar(progress: Arc<Progress>, total: u64) -> Option<std::thread::JoinHandle<()>> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    Some(std::thread::spawn(move || {
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("round {msg} [{bar:40}] {pos}/{len} pages ({per_sec})")
+                .expect("template")
+                .progress_chars("=> "),
+        );
+        loop {
+            let round = progress.round.load(Ordering::Relaxed);
+            bar.set_length(progress.round_pages.load(Ordering::Relaxed).max(1));
+            bar.set_position(progress.done_pages.load(Ordering::Relaxed));
+            bar.set_message(format!(
+                "{round}{}, {:.0} MiB sent",
+                if progress.paused.load(Ordering::Relaxed) { " (paused)" } else { "" },
+                progress.wire_bytes.load(Ordering::Relaxed) as f64 / (1 << 20) as f64
+            ));
+            if Arc::strong_count(&progress) == 1 {
+                bar.finish_and_clear();
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }))
+}
+
+fn migrate(a: MigrateArgs) -> Result<()> {
+    let len = std::fs::metadata(&a.memory).with_context(|| format!("open {}", a.memory.display()))?.len();
+    if len == 0 || len % 4096 != 0 {
+        bail!("{} is {len} bytes, not a whole number of 4 KiB pages", a.memory.display());
+    }
+    let mem = GuestMemory::new(vec![GuestRegion::file(Gpa(0), len, HostPageSize::Small, &a.memory, true, false)?])?;
+    let tracker = match a.tracker.as_str() {
+        "hash" => TrackerKind::Hash,
+        "uffd-wp" => TrackerKind::UffdWp,
+        "auto" => TrackerKind::Auto,
+        t => bail!("unknown tracker {t:?} (hash, uffd-wp, auto)"),
+    };
+    let cfg = SourceConfig {
+        threads: a.streams.threads.max(1),
+        compression: a.streams.compress,
+        downtime_target: Duration::from_millis(a.downtime_ms),
+        max_rounds: a.max_rounds,
+        tracker,
+        ..SourceConfig::default()
+    };
+    let pause_cmd = a.pause_cmd.clone();
+    let source = Source::new(&mem, resolve(&a.dest)?)
+        .streams(a.streams.streams)
+        .via(a.streams.via.clone())
+        .config(cfg)
+        .on_pause(move || match &pause_cmd {
+            None => Ok(()),
+            Some(cmd) => {
+                let st = std::process::Command::new("/bin/sh")
+                    .arg("-c")
+                    .arg(cmd)
+                    .status()
+                    .map_err(|e| format!("run {cmd:?}: {e}"))?;
+                if st.success() {
+                    Ok(())
+                } else {
+                    Err(format!("{cmd:?} exited with {st}"))
+                }
+            }
+        });
+    let bar = progress_bar(source.progress(), mem.total_pages());
+    let report = source.run();
+    if let Some(b) = bar {
+        let _ = b.join();
+    }
+    let report = report?;
+    if a.json {
+        println!("{}", report.to_json());
+    } else {
+        println!("{report}");
+    }
+    Ok(())
+}
+
+fn send(a: SendArgs) -> Result<()> {
+    let mut plan = StreamPlan::new(resolve(&a.dest)?, a.streams.streams.max(1));
+    plan.via = a.streams.via.clone();
+    let cfg = RelaySendConfig { plan, threads: a.streams.threads, compression: a.streams.compress };
+    let stdin = std::fs::File::from(std::io::stdin().as_fd_owned()?);
+    // A larger pipe lets the producer run ahead by a chunk or four.
+    grow_pipe(&stdin);
+    let report = relay::send(stdin, &cfg)?;
+    if a.report {
+        eprintln!("{report}");
+    }
+    Ok(())
+}
+
+fn recv(a: RecvArgs) -> Result<()> {
+    let acceptor = Acceptor::bind(&resolve(&a.listen)?)?;
+    let stdout = std::fs::File::from(std::io::stdout().as_fd_owned()?);
+    let opts = RelayRecvOptions {
+        accept_deadline: Some(Instant::now() + Duration::from_secs(a.wait)),
+        ..RelayRecvOptions::default()
+    };
+    let report = relay::receive(&acceptor, stdout, &opts)?;
+    if a.report {
+        eprintln!("{report}");
+    }
+    Ok(())
+}
+
+/// Owned duplicates of the standard descriptors: raw, unbuffered files
+/// (std's stdout is line-buffered, wrong for a binary stream).
+trait AsFdOwned {
+    fn as_fd_owned(&self) -> Result<std::os::fd::OwnedFd>;
+}
+
+impl<T: std::os::fd::AsFd> AsFdOwned for T {
+    fn as_fd_owned(&self) -> Result<std::os::fd::OwnedFd> {
+        Ok(self.as_fd().try_clone_to_owned()?)
+    }
+}
+
+fn grow_pipe(f: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: F_SETPIPE_SZ takes an int argument and only resizes the pipe
+    // behind a valid descriptor; on anything but a pipe it fails harmlessly.
+    let _ = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
+}

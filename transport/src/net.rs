@@ -158,6 +158,7 @@ pub struct FrameReader<R> {
     payload: Vec<u8>,
     name: String,
     stall_limit: Option<Duration>,
+    idle_limit: Option<Duration>,
 }
 
 impl<R: Read> FrameReader<R> {
@@ -168,12 +169,19 @@ impl<R: Read> FrameReader<R> {
             payload: Vec::new(),
             name: name.into(),
             stall_limit: None,
+            idle_limit: None,
         }
     }
 
     /// Fails a frame whose bytes stop arriving for longer than `limit`.
     pub fn set_stall_limit(&mut self, limit: Duration) {
         self.stall_limit = Some(limit);
+    }
+
+    /// Fails when no frame starts within `limit` (for handshakes, where a
+    /// silent peer must not hold a thread).
+    pub fn set_idle_limit(&mut self, limit: Duration) {
+        self.idle_limit = Some(limit);
     }
 
     /// The name used in errors.
@@ -196,6 +204,7 @@ impl<R: Read> FrameReader<R> {
     ) -> Result<bool, TransportError> {
         let mut got = 0;
         let mut stalled_since: Option<std::time::Instant> = None;
+        let idle_since = std::time::Instant::now();
         while got < buf_len {
             let dst = if at_boundary { &mut header[got..] } else { &mut self.payload[got..] };
             match self.inner.read(dst) {
@@ -211,6 +220,12 @@ impl<R: Read> FrameReader<R> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
                     if got == 0 && at_boundary {
+                        if self.idle_limit.is_some_and(|l| idle_since.elapsed() >= l) {
+                            return Err(TransportError::io(
+                                format!("{}: no frame within {:?}", self.name, idle_since.elapsed()),
+                                e,
+                            ));
+                        }
                         continue; // idle between frames: keep waiting
                     }
                     let since = *stalled_since.get_or_insert_with(std::time::Instant::now);

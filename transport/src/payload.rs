@@ -52,6 +52,18 @@ pub struct Scratch {
     body: Vec<u8>,
 }
 
+/// Where a batch of pages goes: region, first page, and the round it
+/// belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PagesAt {
+    /// Region index.
+    pub region: u32,
+    /// First page.
+    pub first: u64,
+    /// Round.
+    pub round: u64,
+}
+
 /// Builds a `Pages` frame of `pages` (a whole number of 4 KiB pages, at most
 /// [`MAX_FRAME_PAGES`]) whose per-page xxh3 are `hashes`, into `out`. With
 /// `lz4` the payload is compressed, unless that does not make it smaller.
@@ -59,13 +71,12 @@ pub struct Scratch {
 pub fn build_pages(
     out: &mut Vec<u8>,
     scratch: &mut Scratch,
-    region: u32,
-    first: u64,
-    round: u64,
+    at: PagesAt,
     pages: &[u8],
     hashes: &[u64],
     lz4: bool,
 ) -> Encoding {
+    let PagesAt { region, first, round } = at;
     let count = pages.len() / PAGE;
     assert!(pages.len() % PAGE == 0 && count > 0 && count <= MAX_FRAME_PAGES as usize);
     assert_eq!(hashes.len(), count);
@@ -254,7 +265,10 @@ mod tests {
             let pages = pages_of(kind, 3, 9);
             let hashes: Vec<u64> = pages.chunks(PAGE).map(xxh3_64).collect();
             let mut f = Vec::new();
-            assert_eq!(build_pages(&mut f, &mut s, 2, 10, 5, &pages, &hashes, lz4), want);
+            assert_eq!(
+                build_pages(&mut f, &mut s, PagesAt { region: 2, first: 10, round: 5 }, &pages, &hashes, lz4),
+                want
+            );
             let (h, p) = split(&f);
             assert_eq!((h.region, h.first, h.count, h.aux), (2, 10, 3, 5));
             match o.open_pages(&h, p).unwrap() {
@@ -289,7 +303,7 @@ mod tests {
             let pages = pages_of(kind, 2, 3);
             let hashes: Vec<u64> = pages.chunks(PAGE).map(xxh3_64).collect();
             let mut f = Vec::new();
-            build_pages(&mut f, &mut Scratch::default(), 0, 0, 0, &pages, &hashes, lz4);
+            build_pages(&mut f, &mut Scratch::default(), PagesAt { region: 0, first: 0, round: 0 }, &pages, &hashes, lz4);
             let i = at.index(f.len());
             f[i] ^= 1 << bit;
             let mut o = Opener::default();

@@ -84,7 +84,7 @@ pub fn connect_session(plan: &StreamPlan, hello: &Hello) -> Result<(Vec<TcpStrea
     for i in 0..plan.streams {
         let name = format!("stream {i}");
         let mut s = connect(plan.dest(i.into()), plan.via(i.into()), plan.connect_timeout)?;
-        s.set_read_timeout(Some(plan.connect_timeout)).map_err(|e| TransportError::io(&name, e))?;
+        s.set_read_timeout(Some(HANDSHAKE_TICK)).map_err(|e| TransportError::io(&name, e))?;
         let mut h = hello.clone();
         h.stream_index = i;
         h.stream_count = plan.streams;
@@ -92,6 +92,8 @@ pub fn connect_session(plan: &StreamPlan, hello: &Hello) -> Result<(Vec<TcpStrea
         build_control(&mut f, FrameHdr::new(FrameKind::Hello), &h.encode());
         write_frame(&mut s, &f, &name)?;
         let mut r = FrameReader::new(&s, name.clone());
+        r.set_idle_limit(plan.connect_timeout);
+        r.set_stall_limit(plan.connect_timeout);
         let (hdr, payload) = r.expect(FrameKind::Welcome)?;
         hdr.verify(payload).map_err(|source| TransportError::Wire { what: name.clone(), source })?;
         let w = Welcome::decode(payload).map_err(|source| TransportError::Wire { what: name.clone(), source })?;
@@ -129,9 +131,18 @@ pub struct Accepted {
     pub refused: Vec<(SocketAddr, String)>,
 }
 
+/// Read timeout used as the polling tick of handshake reads.
+const HANDSHAKE_TICK: Duration = Duration::from_millis(200);
+
+/// Handshakes in progress at most; further connections are refused at once
+/// until some finish, so idle connections cannot pile up threads.
+pub const MAX_PENDING_HANDSHAKES: usize = 64;
+
 fn read_hello(s: &TcpStream) -> Result<Hello, TransportError> {
-    s.set_read_timeout(Some(HELLO_TIMEOUT)).map_err(|e| TransportError::io("hello", e))?;
+    s.set_read_timeout(Some(HANDSHAKE_TICK)).map_err(|e| TransportError::io("hello", e))?;
     let mut r = FrameReader::new(s, "handshake");
+    r.set_idle_limit(HELLO_TIMEOUT);
+    r.set_stall_limit(HELLO_TIMEOUT);
     let (hdr, payload) = r.expect(FrameKind::Hello)?;
     hdr.verify(payload).map_err(|source| TransportError::Wire { what: "hello".into(), source })?;
     Hello::decode(payload).map_err(|source| TransportError::Wire { what: "hello".into(), source })
@@ -169,6 +180,7 @@ impl Acceptor {
         let mut session: Option<(Hello, u64, Instant)> = None;
         let mut slots: Vec<Option<TcpStream>> = Vec::new();
         let mut refused = Vec::new();
+        let pending = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         loop {
             if let Some((h, _, first_at)) = &session {
                 if slots.iter().all(Option::is_some) {
@@ -190,12 +202,20 @@ impl Acceptor {
             let mut idle = true;
             for l in &self.listeners {
                 match l.accept() {
-                    Ok((s, peer)) => {
+                    Ok((mut s, peer)) => {
                         idle = false;
-                        let tx = tx.clone();
+                        if pending.load(std::sync::atomic::Ordering::Acquire) >= MAX_PENDING_HANDSHAKES {
+                            let _ = s.set_nonblocking(false);
+                            send_error(&mut s, ErrorCode::Aborted, "too many handshakes in progress");
+                            refused.push((peer, "too many handshakes in progress".to_string()));
+                            continue;
+                        }
+                        pending.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                        let (tx, pending) = (tx.clone(), pending.clone());
                         std::thread::spawn(move || {
                             let _ = s.set_nonblocking(false);
                             let res = tune_accepted(&s).and_then(|_| read_hello(&s));
+                            pending.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
                             let _ = tx.send((s, peer, res));
                         });
                     }
@@ -215,12 +235,9 @@ impl Acceptor {
                             let mut f = Vec::new();
                             let w = Welcome { session: h.session, caps: *caps };
                             build_control(&mut f, FrameHdr::new(FrameKind::Welcome), &w.encode());
-                            if let Err(e) = write_frame(&mut s, &f, "welcome")
-                                .and_then(|_| s.set_read_timeout(None).map_err(|e| TransportError::io("welcome", e)))
-                            {
-                                // The stream broke during the handshake: the session cannot complete.
-                                return Err(e);
-                            }
+                            // A stream that breaks during its handshake dooms the session.
+                            write_frame(&mut s, &f, "welcome")?;
+                            s.set_read_timeout(None).map_err(|e| TransportError::io("welcome", e))?;
                             slots[h.stream_index as usize] = Some(s);
                         }
                         Err((code, why)) => {

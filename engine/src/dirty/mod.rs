@@ -3,7 +3,7 @@
 //! One trait, [`DirtyTracker`], three implementations:
 //! - [`VmmBitmapTracker`]: the embedding VMM owns the truth (its KVM dirty
 //!   log) and sets bits in bitmaps it shares with us.
-//! - [`UffdWpTracker`](uffd_wp::UffdWpTracker): userfaultfd write-protect in
+//! - [`UffdWpTracker`]: userfaultfd write-protect in
 //!   asynchronous mode, read and re-armed with the `PAGEMAP_SCAN` ioctl
 //!   (Linux 6.7+, probed at run time). For memory this process maps.
 //! - [`HashTracker`]: no kernel help at all; compares an xxh3 of every page
@@ -99,8 +99,11 @@ pub enum TrackerKind {
     Hash,
 }
 
-/// The best tracker this kernel offers for `kind`.
-pub fn tracker_for(kind: TrackerKind) -> Result<Box<dyn DirtyTracker>, DirtyError> {
+/// The best tracker this kernel offers for `kind` and `mem`. `Auto` takes
+/// userfaultfd write-protect unless a region is a shared file mapping,
+/// which other processes may write behind our page tables' back.
+pub fn tracker_for(kind: TrackerKind, mem: &GuestMemory) -> Result<Box<dyn DirtyTracker>, DirtyError> {
+    let shared = mem.regions().iter().any(|r| matches!(r.backing(), pmigrate_ranges::Backing::SharedFile(_)));
     match kind {
         TrackerKind::Hash => Ok(Box::new(HashTracker::new())),
         TrackerKind::UffdWp => {
@@ -108,8 +111,8 @@ pub fn tracker_for(kind: TrackerKind) -> Result<Box<dyn DirtyTracker>, DirtyErro
             Ok(Box::new(UffdWpTracker::new()))
         }
         TrackerKind::Auto => match uffd_wp::probe() {
-            Ok(()) => Ok(Box::new(UffdWpTracker::new())),
-            Err(_) => Ok(Box::new(HashTracker::new())),
+            Ok(()) if !shared => Ok(Box::new(UffdWpTracker::new())),
+            _ => Ok(Box::new(HashTracker::new())),
         },
     }
 }
