@@ -541,3 +541,199 @@ fn receive_one(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pmigrate_transport::payload::build_data;
+    use std::io::Cursor;
+    use std::sync::{Arc, Mutex as StdMutex};
+
+    /// A reader that hands out its bytes in small, uneven pieces, as a pipe
+    /// from a producer writing small buffers would.
+    struct Dribble {
+        data: Cursor<Vec<u8>>,
+        step: usize,
+    }
+
+    impl Read for Dribble {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.step = (self.step * 7 + 3) % 9000 + 1;
+            let n = buf.len().min(self.step);
+            self.data.read(&mut buf[..n])
+        }
+    }
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<StdMutex<Vec<u8>>>);
+
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn payload(len: usize) -> Vec<u8> {
+        let mut x = 0x1234_5678_u64;
+        (0..len)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                if (i / 4096) % 3 == 0 {
+                    b"qemu device state "[i % 18]
+                } else {
+                    x as u8
+                }
+            })
+            .collect()
+    }
+
+    fn listen() -> Acceptor {
+        Acceptor::bind(&["127.0.0.1:0".parse().unwrap()]).unwrap()
+    }
+
+    fn opts() -> RelayRecvOptions {
+        RelayRecvOptions {
+            stall_timeout: Duration::from_secs(2),
+            accept_deadline: Some(Instant::now() + Duration::from_secs(30)),
+        }
+    }
+
+    #[test]
+    fn streams_arrive_whole_and_in_order() {
+        for (streams, threads, compression, reader_step) in
+            [(1, 1, Compression::Off, 0), (4, 2, Compression::Auto, 1), (8, 3, Compression::On, 0)]
+        {
+            let data = payload(3 << 20);
+            let acc = listen();
+            let addr = acc.local_addrs()[0];
+            let sink = Sink::default();
+            let out = sink.clone();
+            let rx = std::thread::spawn(move || receive(&acc, out, &opts()));
+            let cfg = RelaySendConfig { plan: StreamPlan::new(vec![addr], streams), threads, compression };
+            let sent = if reader_step == 0 {
+                send(Cursor::new(data.clone()), &cfg).unwrap()
+            } else {
+                send(Dribble { data: Cursor::new(data.clone()), step: reader_step }, &cfg).unwrap()
+            };
+            let got = rx.join().unwrap().unwrap();
+            assert_eq!(sent.bytes, data.len() as u64);
+            assert_eq!(got.chunks, sent.chunks);
+            assert!(*sink.0.lock().unwrap() == data, "{streams} streams: output differs");
+            assert_eq!(sent.compressed_chunks > 0, compression != Compression::Off);
+        }
+    }
+
+    #[test]
+    fn an_empty_stream_ends_cleanly() {
+        let acc = listen();
+        let addr = acc.local_addrs()[0];
+        let sink = Sink::default();
+        let out = sink.clone();
+        let rx = std::thread::spawn(move || receive(&acc, out, &opts()));
+        let cfg = RelaySendConfig { plan: StreamPlan::new(vec![addr], 2), threads: 1, compression: Compression::Auto };
+        assert_eq!(send(Cursor::new(Vec::new()), &cfg).unwrap().chunks, 0);
+        assert_eq!(rx.join().unwrap().unwrap().bytes, 0);
+    }
+
+    /// A hand-driven sender: a real handshake, then the frames given.
+    /// With `vanish`, the sender closes its streams after the frames;
+    /// otherwise it stays connected until the receiver has given its verdict.
+    fn hostile_with(
+        streams: u16,
+        frames: Vec<(usize, Vec<u8>)>,
+        vanish: bool,
+    ) -> (Result<RelayReport, MigrateError>, Vec<u8>) {
+        let acc = listen();
+        let addr = acc.local_addrs()[0];
+        let sink = Sink::default();
+        let out = sink.clone();
+        let rx = std::thread::spawn(move || receive(&acc, out, &opts()));
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            mode: Mode::Stream,
+            stream_index: 0,
+            stream_count: streams,
+            session: new_session_id(),
+            caps: CAP_LZ4,
+            regions: vec![],
+            extensions: vec![],
+        };
+        let (mut conns, _) = connect_session(&StreamPlan::new(vec![addr], streams), &hello).unwrap();
+        for (i, f) in frames {
+            let _ = conns[i].write_all(&f);
+        }
+        if vanish {
+            conns.clear();
+        }
+        let res = rx.join().unwrap();
+        drop(conns);
+        let out = sink.0.lock().unwrap().clone();
+        (res, out)
+    }
+
+    fn hostile(streams: u16, frames: Vec<(usize, Vec<u8>)>) -> (Result<RelayReport, MigrateError>, Vec<u8>) {
+        hostile_with(streams, frames, false)
+    }
+
+    fn data(seq: u64, byte: u8) -> Vec<u8> {
+        let mut f = Vec::new();
+        build_data(&mut f, seq, &[byte; 1000], false);
+        f
+    }
+
+    fn end(total: u64) -> Vec<u8> {
+        let mut h = FrameHdr::new(FrameKind::End);
+        h.aux = total;
+        let mut f = Vec::new();
+        build_control(&mut f, h, &[]);
+        f
+    }
+
+    #[test]
+    fn a_corrupted_chunk_is_never_written() {
+        let mut bad = data(1, 2);
+        bad[HEADER_LEN + 10] ^= 1;
+        let (res, out) = hostile(1, vec![(0, data(0, 1)), (0, bad), (0, data(2, 3)), (0, end(3))]);
+        let err = res.expect_err("corruption");
+        assert!(err.to_string().contains("checksum"), "{err}");
+        assert!(out.iter().all(|&b| b == 1), "only verified bytes, in order, reached the output");
+    }
+
+    #[test]
+    fn a_skipped_chunk_is_an_error_not_a_hang() {
+        // Stream 0 carries 0, 2, 3, ...; stream 1 jumps ahead: chunk 1 never comes.
+        let mut frames = vec![(0, data(0, 1))];
+        for s in 2..200 {
+            frames.push(((s % 2) as usize, data(s, 1)));
+        }
+        let (res, _) = hostile(2, frames);
+        let err = res.expect_err("gap");
+        assert!(err.to_string().contains("skipped"), "{err}");
+    }
+
+    #[test]
+    fn duplicates_oversized_chunks_and_a_short_end_are_refused() {
+        let (res, _) = hostile(2, vec![(0, data(0, 1)), (1, data(0, 1))]);
+        assert!(res.expect_err("dup").to_string().contains("duplicated"));
+        let (res, _) = hostile(1, vec![(0, data(0, 1)), (0, end(2))]);
+        assert!(res.is_err(), "End announces a chunk that never came");
+        let mut big = Vec::new();
+        build_data(&mut big, 0, &vec![7u8; CHUNK + 1], false);
+        let (res, out) = hostile(1, vec![(0, big)]);
+        assert!(res.expect_err("big").to_string().contains("chunk of"));
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_sender_that_vanishes_fails_the_receiver() {
+        let (res, _) = hostile_with(2, vec![(0, data(0, 1))], true);
+        let err = res.expect_err("vanished");
+        assert!(matches!(err, MigrateError::Transport(_)), "{err}");
+    }
+}

@@ -139,7 +139,7 @@ struct RecvArgs {
     /// Give up if the sender does not connect within this many seconds.
     #[arg(long, default_value_t = 600)]
     wait: u64,
-    /// Print a one-line report on stderr at the end.
+    /// Print where it listens, and a one-line report at the end, on stderr.
     #[arg(long)]
     report: bool,
 }
@@ -317,6 +317,9 @@ fn send(a: SendArgs) -> Result<()> {
 
 fn recv(a: RecvArgs) -> Result<()> {
     let acceptor = Acceptor::bind(&resolve(&a.listen)?)?;
+    if a.report {
+        eprintln!("pmigrate recv: listening on {:?}", acceptor.local_addrs());
+    }
     let stdout = std::fs::File::from(std::io::stdout().as_fd_owned()?);
     let opts = RelayRecvOptions {
         accept_deadline: Some(Instant::now() + Duration::from_secs(a.wait)),
