@@ -29,11 +29,12 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
 use pmigrate_ranges::{distribute, plan_shards, AtomicBitmap, GuestMemory, PageIdx, ShardWorker, PAGE_SIZE};
-use pmigrate_transport::frame::{Encoding, FrameHdr, FrameKind, FLAG_FINAL};
+use pmigrate_transport::frame::{Encoding, FrameHdr, FrameKind, FLAG_FINAL, HEADER_LEN};
 use pmigrate_transport::hello::{Hello, Mode, RegionDesc, CAP_LZ4, PROTOCOL_VERSION, REGION_HUGE};
 use pmigrate_transport::net::{write_frame, FrameReader};
 use pmigrate_transport::payload::{
-    build_control, build_pages, build_zero_pages, is_zero_page, zero_page_hash, PagesAt, Scratch,
+    build_control, build_pages, build_zero_pages, is_zero_page, seal_raw_pages_in_place, zero_page_hash, PagesAt,
+    Scratch,
 };
 use pmigrate_transport::session::{connect_session, new_session_id, StreamPlan};
 use pmigrate_transport::TransportError;
@@ -366,29 +367,42 @@ impl Worker<'_> {
         self.pool.try_recv().unwrap_or_default()
     }
 
-    /// Sends pages `[a, b)` of the batch in `self.pages` (already hashed).
-    fn emit_data(&mut self, region: u32, first: u64, a: usize, b: usize) -> Result<(), MigrateError> {
+    /// Sends pages `[a, b)` of the batch in `self.pages` (already hashed);
+    /// `whole` says they are the whole batch.
+    fn emit_data(&mut self, region: u32, first: u64, a: usize, b: usize, whole: bool) -> Result<(), MigrateError> {
         if a == b {
             return Ok(());
         }
-        let bytes = &self.pages[a * PAGE_SIZE..b * PAGE_SIZE];
-        let mut frame = self.buffer();
         let lz4 = self.run.lz4_allowed && self.gate.try_now();
         let at = PagesAt { region, first, round: self.round };
+        let n = (b - a) as u64;
+        let sent = &self.run.sent[region as usize];
+        for (i, h) in self.hashes[a..b].iter().enumerate() {
+            sent[(first + i as u64) as usize].store(*h, Ordering::Relaxed);
+        }
+        self.counts.payload += n * PAGE_SIZE as u64;
+        if whole && !lz4 {
+            // The pages already sit behind room for a header: seal the batch
+            // buffer itself and send it, no copy.
+            let end = HEADER_LEN + b * PAGE_SIZE;
+            seal_raw_pages_in_place(&mut self.pages[..end], &mut self.scratch, at, &self.hashes[a..b]);
+            let mut next = self.buffer();
+            next.resize(self.pages.len(), 0);
+            let mut frame = std::mem::replace(&mut self.pages, next);
+            frame.truncate(end);
+            self.counts.raw += n;
+            return self.send(frame);
+        }
+        let bytes = &self.pages[HEADER_LEN + a * PAGE_SIZE..HEADER_LEN + b * PAGE_SIZE];
+        let mut frame = self.buffer();
         let enc = build_pages(&mut frame, &mut self.scratch, at, bytes, &self.hashes[a..b], lz4);
         if lz4 {
             self.gate.record(bytes.len(), frame.len());
         }
-        let n = (b - a) as u64;
         if enc == Encoding::Lz4 {
             self.counts.compressed += n;
         } else {
             self.counts.raw += n;
-        }
-        self.counts.payload += bytes.len() as u64;
-        let sent = &self.run.sent[region as usize];
-        for (i, h) in self.hashes[a..b].iter().enumerate() {
-            sent[(first + i as u64) as usize].store(*h, Ordering::Relaxed);
         }
         self.send(frame)
     }
@@ -419,14 +433,14 @@ impl Worker<'_> {
                 return Err(MigrateError::Aborted);
             }
             let n = (start + len - pos).min(batch as u64) as usize;
-            mem_region.read_pages(PageIdx(pos), &mut self.pages[..n * PAGE_SIZE])?;
+            mem_region.read_pages(PageIdx(pos), &mut self.pages[HEADER_LEN..HEADER_LEN + n * PAGE_SIZE])?;
             // Classify each page; data pages are compacted to the front of
             // the hashes/pages buffers in runs, flushed when a run breaks.
             self.hashes.clear();
             let mut data_from: Option<usize> = None; // start of current data run (index in batch)
             let mut zero_from: Option<usize> = None;
             for i in 0..n {
-                let page = &self.pages[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
+                let page = &self.pages[HEADER_LEN + i * PAGE_SIZE..HEADER_LEN + (i + 1) * PAGE_SIZE];
                 let zero = is_zero_page(page);
                 let h = if zero { zero_hash } else { xxh3_64(page) };
                 self.hashes.push(h);
@@ -449,7 +463,7 @@ impl Worker<'_> {
                 }
                 if kind != 2 {
                     if let Some(a) = data_from.take() {
-                        self.emit_data(region, pos + a as u64, a, i)?;
+                        self.emit_data(region, pos + a as u64, a, i, false)?;
                     }
                 }
                 if kind != 1 {
@@ -464,7 +478,7 @@ impl Worker<'_> {
                 }
             }
             if let Some(a) = data_from {
-                self.emit_data(region, pos + a as u64, a, n)?;
+                self.emit_data(region, pos + a as u64, a, n, a == 0)?;
             }
             if let Some(a) = zero_from {
                 self.emit_zero(region, pos + a as u64, (n - a) as u64)?;
@@ -715,7 +729,7 @@ impl<'r> Run<'r> {
                             queues: txs,
                             home: i % txs.len(),
                             round,
-                            pages: vec![0u8; batch * PAGE_SIZE],
+                            pages: vec![0u8; HEADER_LEN + batch * PAGE_SIZE],
                             hashes: Vec::with_capacity(batch),
                             scratch: Scratch::default(),
                             gate: Lz4Gate::new(self.cfg.compression),

@@ -107,6 +107,23 @@ pub fn build_pages(
     encoding
 }
 
+/// Seals a raw `Pages` frame whose pages were already copied into
+/// `frame[HEADER_LEN..]`: fills in the header, nothing is copied. This is
+/// the source's common path for incompressible pages.
+pub fn seal_raw_pages_in_place(frame: &mut [u8], scratch: &mut Scratch, at: PagesAt, hashes: &[u64]) {
+    let len = frame.len() - HEADER_LEN;
+    let count = len / PAGE;
+    assert!(len % PAGE == 0 && count > 0 && count <= MAX_FRAME_PAGES as usize && hashes.len() == count);
+    let mut hdr = FrameHdr::new(FrameKind::Pages);
+    hdr.encoding = Encoding::Raw;
+    hdr.region = at.region;
+    hdr.count = count as u32;
+    hdr.first = at.first;
+    hdr.aux = at.round;
+    hashes_as_bytes(hashes, &mut scratch.body);
+    finish_frame(frame, &mut hdr, &scratch.body);
+}
+
 /// Builds a `Pages` frame of `count` zero pages into `out`.
 pub fn build_zero_pages(out: &mut Vec<u8>, region: u32, first: u64, count: u32, round: u64) {
     assert!(count > 0 && count <= MAX_FRAME_PAGES);
@@ -279,6 +296,15 @@ mod tests {
                 OpenedPages::Zero => panic!("not zero"),
             }
         }
+        let pages = pages_of(0, 4, 1);
+        let hashes: Vec<u64> = pages.chunks(PAGE).map(xxh3_64).collect();
+        let mut f = vec![0u8; HEADER_LEN];
+        f.extend_from_slice(&pages);
+        let at = PagesAt { region: 1, first: 8, round: 2 };
+        seal_raw_pages_in_place(&mut f, &mut s, at, &hashes);
+        let mut g = Vec::new();
+        build_pages(&mut g, &mut s, at, &pages, &hashes, false);
+        assert_eq!(f, g, "sealing in place builds the same frame");
         let mut f = Vec::new();
         build_zero_pages(&mut f, 0, 7, 512, 1);
         let (h, p) = split(&f);
