@@ -294,3 +294,66 @@ pub fn is_disconnect(e: &io::Error) -> bool {
         ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe | ErrorKind::UnexpectedEof
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hello::CAP_LZ4;
+
+    fn hello(count: u16) -> Hello {
+        Hello {
+            version: crate::hello::PROTOCOL_VERSION,
+            mode: Mode::Stream,
+            stream_index: 0,
+            stream_count: count,
+            session: new_session_id(),
+            caps: CAP_LZ4,
+            regions: vec![],
+            extensions: vec![],
+        }
+    }
+
+    #[test]
+    fn streams_leave_by_the_address_or_interface_asked_for() {
+        let acc = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
+        let addr = acc.local_addrs()[0];
+        let server = std::thread::spawn(move || acc.accept_session(Mode::Stream, &mut |_| Ok(CAP_LZ4), None));
+        let mut plan = StreamPlan::new(vec![addr], 3);
+        plan.via = vec!["127.0.0.2".parse().unwrap(), "lo".parse().unwrap()];
+        let (streams, welcome) = connect_session(&plan, &hello(3)).unwrap();
+        assert_eq!(welcome.caps, CAP_LZ4);
+        let locals: Vec<_> = streams.iter().map(|s| s.local_addr().unwrap().ip().to_string()).collect();
+        assert_eq!(locals[0], "127.0.0.2", "stream 0 bound to its address");
+        assert_eq!(locals[2], "127.0.0.2", "vias cycle");
+        let accepted = server.join().unwrap().unwrap();
+        assert_eq!(accepted.streams.len(), 3);
+        let peers: Vec<_> = accepted.streams.iter().map(|s| s.peer_addr().unwrap()).collect();
+        for (s, p) in streams.iter().zip(&peers) {
+            assert_eq!(s.local_addr().unwrap(), *p, "streams are ordered by index at the destination");
+        }
+    }
+
+    #[test]
+    fn a_missing_interface_is_a_clear_error() {
+        let mut plan = StreamPlan::new(vec!["127.0.0.1:9".parse().unwrap()], 1);
+        plan.via = vec!["nosuchif0".parse().unwrap()];
+        let err = connect_session(&plan, &hello(1)).unwrap_err();
+        assert!(err.to_string().contains("via nosuchif0"), "{err}");
+    }
+
+    #[test]
+    fn a_silent_peer_cannot_hold_the_handshake() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let _hold = std::thread::spawn(move || {
+            let conn = l.accept();
+            std::thread::sleep(Duration::from_secs(5));
+            drop(conn);
+        });
+        let mut plan = StreamPlan::new(vec![addr], 1);
+        plan.connect_timeout = Duration::from_millis(500);
+        let t = std::time::Instant::now();
+        let err = connect_session(&plan, &hello(1)).unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(4), "gave up on a silent peer: {err}");
+    }
+}
