@@ -35,6 +35,24 @@ pub struct Outcome {
     pub destination: Report,
     /// Seconds the fill took (not part of the migration).
     pub fill_secs: f64,
+    /// CPU seconds (user + system) of this process, both ends together,
+    /// from the session's start to its end.
+    pub cpu_secs: f64,
+}
+
+/// CPU seconds (user + system) this process has used so far.
+pub fn cpu_secs() -> f64 {
+    let mut u = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the struct it is given; RUSAGE_SELF is a valid
+    // target, and on success every field is initialised.
+    let u = unsafe {
+        if libc::getrusage(libc::RUSAGE_SELF, u.as_mut_ptr()) != 0 {
+            return 0.0;
+        }
+        u.assume_init()
+    };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(u.ru_utime) + tv(u.ru_stime)
 }
 
 /// Runs `sc` once. Dirty pages are tracked through a VMM bitmap that the
@@ -51,6 +69,7 @@ pub fn run(sc: &Scenario, seed: u64) -> anyhow::Result<Outcome> {
     let fill_secs = t.elapsed().as_secs_f64();
     let acceptor = Acceptor::bind(&sc.listen)?;
     let addrs = acceptor.local_addrs();
+    let cpu0 = cpu_secs();
     std::thread::scope(|s| -> anyhow::Result<Outcome> {
         let rx = s.spawn(|| -> anyhow::Result<Report> {
             let incoming = Incoming::accept_for(&acceptor, &dst, None)?;
@@ -73,6 +92,6 @@ pub fn run(sc: &Scenario, seed: u64) -> anyhow::Result<Outcome> {
             .run();
         let dest = rx.join().expect("destination thread");
         let source = report?;
-        Ok(Outcome { source, destination: dest?, fill_secs })
+        Ok(Outcome { source, destination: dest?, fill_secs, cpu_secs: cpu_secs() - cpu0 })
     })
 }

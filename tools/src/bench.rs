@@ -30,6 +30,10 @@ pub struct BenchArgs {
     /// Dirty rate while migrating, MiB/s (0: idle guest).
     #[arg(long, default_value_t = 0)]
     dirty_mib_s: u64,
+    /// Extra runs as THREADSxSTREAMS, comma-separated (e.g. `1x1,2x2,4x4`),
+    /// with the configured compression.
+    #[arg(long, value_delimiter = ',')]
+    matrix: Vec<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -44,6 +48,11 @@ struct Row {
     wire_mib: f64,
     payload_mib: f64,
     throughput_mib_s: f64,
+    /// Page data over the seconds the rounds took (setup and the final
+    /// handshake excluded): the engine's transfer rate.
+    transfer_mib_s: f64,
+    /// CPU seconds of the whole process (source and destination) during the run.
+    cpu_secs: f64,
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -58,10 +67,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
     eprintln!("measuring raw TCP over loopback ({} streams)...", a.streams);
     let raw = ceiling::raw_tcp("127.0.0.1:0".parse()?, a.streams as usize, memory.min(1 << 30))?;
     let mut rows = Vec::new();
-    for (name, streams, threads, compression) in [
-        ("classic (1 thread, 1 stream, no lz4)", 1, 1, Compression::Off),
-        ("pmigrate", a.streams, a.threads, a.compress),
-    ] {
+    let mut runs = vec![
+        ("classic (1 thread, 1 stream, no lz4)".to_string(), 1, 1, Compression::Off),
+        (format!("pmigrate {}x{}", a.threads, a.streams), a.streams, a.threads, a.compress),
+    ];
+    for m in &a.matrix {
+        let (t, s) = m.split_once('x').ok_or_else(|| anyhow::anyhow!("{m:?}: expected THREADSxSTREAMS"))?;
+        runs.push((format!("pmigrate {m}"), s.parse()?, t.parse()?, a.compress));
+    }
+    for (name, streams, threads, compression) in runs {
         eprintln!("migrating {} MiB: {name}...", a.memory_mib);
         let sc = Scenario {
             memory,
@@ -82,6 +96,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let s = &o.source;
         rows.push(Row {
             name: name.to_string(),
+            transfer_mib_s: s.payload_rate() / (1 << 20) as f64,
+            cpu_secs: o.cpu_secs,
             total_secs: s.total_secs,
             downtime_ms: s.downtime_secs * 1e3,
             rounds: s.rounds.len(),
@@ -109,22 +125,26 @@ pub fn run(a: BenchArgs) -> Result<()> {
         raw / (1 << 20) as f64
     );
     println!(
-        "{:<38} {:>8} {:>10} {:>6} {:>9} {:>9} {:>12} {:>9}",
-        "run", "total s", "downtime", "rounds", "wire MiB", "data MiB", "guest MiB/s", "vs classic"
+        "{:<38} {:>8} {:>10} {:>6} {:>9} {:>9} {:>11} {:>8} {:>8} {:>10}",
+        "run", "total s", "downtime", "rounds", "wire MiB", "data MiB", "xfer MiB/s", "vs TCP", "cpu s", "vs classic"
     );
     let base = rows[0].total_secs;
+    let raw_mib = raw / (1 << 20) as f64;
     for r in &rows {
         println!(
-            "{:<38} {:>8.3} {:>8.1}ms {:>6} {:>9.1} {:>9.1} {:>12.0} {:>8.2}x",
+            "{:<38} {:>8.3} {:>8.1}ms {:>6} {:>9.1} {:>9.1} {:>11.0} {:>7.2}x {:>8.2} {:>9.2}x",
             r.name,
             r.total_secs,
             r.downtime_ms,
             r.rounds,
             r.wire_mib,
             r.payload_mib,
-            r.throughput_mib_s,
+            r.transfer_mib_s,
+            r.transfer_mib_s / raw_mib,
+            r.cpu_secs,
             base / r.total_secs
         );
     }
+    println!("(xfer: page data over the time the rounds took; vs TCP: against raw TCP with {} streams, measured just before; cpu: both ends, one process)", a.streams);
     Ok(())
 }
