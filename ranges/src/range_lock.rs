@@ -16,8 +16,8 @@
 //! One [`Mutex`] guards a small table: the ranges currently held and the
 //! requests waiting, in arrival order. Taking or releasing a range is one short
 //! critical section (scan the table, push or remove an entry); a caller blocks
-//! only when its range really conflicts, and then it sleeps on a [`Condvar`] of
-//! its own. Alternatives and why they lose here:
+//! only when its range really conflicts, and then it spins briefly and sleeps
+//! on a [`Condvar`] of its own. Alternatives and why they lose here:
 //!
 //! - a lock word per page costs memory for millions of pages and one atomic
 //!   operation per page, so taking a 512-page batch would be 512 of them;
@@ -54,17 +54,22 @@
 //! Releasing a range re-examines only the waiters that overlap it, in arrival
 //! order, and grants each one that no longer conflicts with anything held or
 //! waiting ahead of it: the releaser inserts the waiter's range into the held
-//! table itself, then signals that waiter's own condition variable. A woken
-//! thread therefore owns its range already and returns without retrying, and
-//! no thread is woken only to find it must sleep again. Only a release can
-//! unblock a waiter: a waiter granted by a hand-off keeps blocking whatever
-//! it blocked while waiting, so a grant never wakes anybody else.
+//! table itself and sets the waiter's own flag. A granted thread therefore
+//! owns its range already and returns without retrying, and no thread is
+//! woken only to find it must sleep again. Only a release can unblock a
+//! waiter: a waiter granted by a hand-off keeps blocking whatever it blocked
+//! while waiting, so a grant never wakes anybody else.
 //!
-//! The price of strict hand-off is the usual one of fair locks: when many
-//! threads hammer the *same* range, every release waits for the next owner to
-//! be scheduled, where an unfair `Mutex` would let the running thread take the
-//! lock again. Overlap is the rare case for this lock, so it is the right
-//! trade (the `range_lock` bench measures both cases).
+//! A waiter first polls its flag for a short while (`SPIN_LIMIT`), outside
+//! the mutex, and only then sleeps on a condition variable of its own, which
+//! the releaser signals only if the waiter is asleep. Two threads trading a
+//! range they hold briefly then hand it over without system calls.
+//!
+//! The price of strict hand-off is the usual one of fair locks: when more
+//! threads than CPUs hammer the *same* range, a release must wait for the
+//! next owner to be scheduled, where an unfair `Mutex` lets the running
+//! thread take the lock again. Overlap is the rare case for this lock, so it
+//! is the right trade (the `range_lock` bench measures both cases).
 //!
 //! ## Deadlock rules
 //!
@@ -130,15 +135,26 @@ impl Span {
     }
 }
 
-/// Where a blocked request sleeps until a releaser grants it its range.
+/// Where a blocked request waits until a releaser grants it its range.
 #[derive(Default)]
 struct Slot {
     cv: Condvar,
-    /// Set by the releaser that moved the request into the held table. Only
-    /// read and written with the state mutex held, which orders the accesses;
-    /// it is atomic only so that `Slot` can be shared between threads.
+    /// Set by the releaser that moved the request into the held table, with
+    /// `Release`, so that a waiter spinning on it outside the mutex (with
+    /// `Acquire`) sees everything the previous holders did in the range.
     granted: AtomicBool,
+    /// Set by the waiter when it gives up spinning and sleeps on `cv`; only
+    /// accessed with the state mutex held, so `Relaxed` suffices. A releaser
+    /// signals `cv` only if it is set: a spinning waiter needs no system call.
+    sleeping: AtomicBool,
 }
+
+/// How many times a blocked request polls its [`Slot`] before it sleeps.
+/// A `spin_loop` hint takes tens of cycles, so this covers a holder that
+/// touches a few pages, a few microseconds at most: then the hand-off costs
+/// no system call and no context switch on either side, and a holder that
+/// copies whole batches is not waited for by burning a CPU for long.
+const SPIN_LIMIT: u32 = 100;
 
 /// A range somebody holds; `id` is what its guard releases it by.
 struct Held {
@@ -187,7 +203,8 @@ impl State {
     }
 
     /// Drops held range `id` and grants every waiter that this unblocks;
-    /// returns their slots, to be signalled once the mutex is released.
+    /// returns the slots of those that sleep, to be signalled once the mutex
+    /// is released.
     fn release(&mut self, id: u64) -> Vec<Arc<Slot>> {
         let pos =
             self.held.iter().position(|h| h.id == id).expect("RangeLock: a live guard's range is in the held table");
@@ -203,8 +220,10 @@ impl State {
             if span.overlaps(&freed) && !self.blocked(&span, i) {
                 let w = self.waiters.remove(i);
                 self.held.push(Held { id: w.id, span });
-                w.slot.granted.store(true, Ordering::Relaxed);
-                woken.push(w.slot);
+                w.slot.granted.store(true, Ordering::Release);
+                if w.slot.sleeping.load(Ordering::Relaxed) {
+                    woken.push(w.slot);
+                }
             } else {
                 i += 1;
             }
@@ -294,6 +313,12 @@ impl RangeLock {
         self.state().waiters.len()
     }
 
+    /// Number of blocked requests that stopped spinning and sleep.
+    #[cfg(test)]
+    fn sleeping(&self) -> usize {
+        self.state().waiters.iter().filter(|w| w.slot.sleeping.load(Ordering::Relaxed)).count()
+    }
+
     fn acquire(&self, span: Span) -> RangeGuard<'_> {
         let mut state = self.state();
         if let Some(id) = state.try_take(span) {
@@ -302,8 +327,19 @@ impl RangeLock {
         let id = state.new_id();
         let slot = Arc::new(Slot::default());
         state.waiters.push(Waiter { id, span, slot: Arc::clone(&slot) });
+        drop(state);
         // The releaser that grants us moves our range into the held table
         // before setting `granted`, so once it is set we own the range.
+        for _ in 0..SPIN_LIMIT {
+            if slot.granted.load(Ordering::Acquire) {
+                return self.guard(id, span);
+            }
+            std::hint::spin_loop();
+        }
+        let state = self.state();
+        // Checked under the mutex before sleeping, so a grant made between
+        // the last poll and now is seen here rather than lost.
+        slot.sleeping.store(true, Ordering::Relaxed);
         let _state = slot
             .cv
             .wait_while(state, |_| !slot.granted.load(Ordering::Relaxed))
@@ -400,112 +436,123 @@ mod tests {
     /// Long enough that only a bug (a hang, a lost wake-up) runs into it.
     const PATIENCE: Duration = Duration::from_secs(10);
 
-    /// Waits until `n` requests are blocked in `lock`, proving without
-    /// timing that they did not get through.
-    fn wait_for_waiters(lock: &RangeLock, n: usize) {
+    /// Waits until `n` requests are blocked in `lock` and asleep, proving
+    /// without timing that they did not get through, and making sure the
+    /// release that follows must signal them (the property tests cover the
+    /// hand-off to a spinning waiter).
+    fn wait_for_sleepers(lock: &RangeLock, n: usize) {
         let deadline = Instant::now() + PATIENCE;
-        while lock.waiting() != n {
-            assert!(Instant::now() < deadline, "expected {n} blocked requests");
+        while lock.sleeping() != n {
+            assert!(Instant::now() < deadline, "expected {n} sleeping requests");
             thread::yield_now();
         }
     }
 
-    /// Spawns a thread that takes `[start, end)` in `lock` (exclusive if
-    /// `write`), reports on the returned channel, holds it until `release`
-    /// yields a message or hangs up, then reports the release.
-    fn spawn_holder<'s>(
-        s: &'s thread::Scope<'s, '_>,
-        lock: &'s RangeLock,
-        (start, end, write): (u64, u64, bool),
-        release: mpsc::Receiver<()>,
-    ) -> mpsc::Receiver<&'static str> {
-        let (tx, rx) = mpsc::channel();
-        s.spawn(move || {
-            let g = if write { lock.write(start, end) } else { lock.read(start, end) };
-            tx.send("acquired").unwrap();
-            let _ = release.recv();
-            drop(g);
-            let _ = tx.send("released");
-        });
-        rx
+    /// A thread of its own that takes one range and holds it until told to
+    /// let go. The thread is detached, so that a test whose lock is broken
+    /// fails on a timeout instead of hanging in a join.
+    struct Holder {
+        events: mpsc::Receiver<&'static str>,
+        hold: Option<mpsc::Sender<()>>,
+    }
+
+    impl Holder {
+        /// Starts taking `[start, end)` in `lock`, exclusive if `write`.
+        fn spawn(lock: &Arc<RangeLock>, (start, end, write): (u64, u64, bool)) -> Self {
+            let lock = Arc::clone(lock);
+            let (tx, events) = mpsc::channel();
+            let (hold, until) = mpsc::channel::<()>();
+            thread::spawn(move || {
+                let g = if write { lock.write(start, end) } else { lock.read(start, end) };
+                let _ = tx.send("acquired");
+                let _ = until.recv(); // returns when the `Holder` hangs up
+                drop(g);
+                let _ = tx.send("released");
+            });
+            Self { events, hold: Some(hold) }
+        }
+
+        /// Asserts that the thread takes its range (soon).
+        #[track_caller]
+        fn acquired(&self) {
+            assert_eq!(self.events.recv_timeout(PATIENCE), Ok("acquired"));
+        }
+
+        /// Asserts that the thread has not taken its range yet.
+        #[track_caller]
+        fn waits(&self, why: &str) {
+            assert_eq!(self.events.try_recv(), Err(mpsc::TryRecvError::Empty), "{why}");
+        }
+
+        /// Lets go of the range and waits until it is released.
+        #[track_caller]
+        fn release(&mut self) {
+            self.hold = None;
+            assert_eq!(self.events.recv_timeout(PATIENCE), Ok("released"));
+        }
     }
 
     #[test]
     fn overlapping_writers_exclude() {
-        let lock = RangeLock::new();
-        thread::scope(|s| {
-            let g = lock.write(0, 10);
-            let (_keep, hold) = mpsc::channel();
-            let got = spawn_holder(s, &lock, (5, 15, true), hold);
-            wait_for_waiters(&lock, 1);
-            assert!(got.try_recv().is_err(), "overlapping writer got in");
-            assert_eq!(lock.held(), 1);
-            drop(g);
-            assert_eq!(got.recv_timeout(PATIENCE), Ok("acquired"));
-            assert_eq!((lock.held(), lock.waiting()), (1, 0));
-        });
+        let lock = Arc::new(RangeLock::new());
+        let g = lock.write(0, 10);
+        let mut h = Holder::spawn(&lock, (5, 15, true));
+        wait_for_sleepers(&lock, 1);
+        h.waits("overlapping writer got in");
+        assert_eq!(lock.held(), 1);
+        drop(g);
+        h.acquired();
+        assert_eq!((lock.held(), lock.waiting()), (1, 0));
+        h.release();
         assert_eq!(lock.held(), 0);
     }
 
     #[test]
     fn readers_share() {
-        let lock = RangeLock::new();
-        thread::scope(|s| {
-            let _g = lock.read(0, 10);
-            let (_keep, hold) = mpsc::channel();
-            let got = spawn_holder(s, &lock, (5, 15, false), hold);
-            assert_eq!(got.recv_timeout(PATIENCE), Ok("acquired"));
-            assert_eq!(lock.held(), 2);
-            let _h = lock.try_read(0, 20).expect("a third reader shares too");
-            assert_eq!(lock.held(), 3);
-        });
+        let lock = Arc::new(RangeLock::new());
+        let _g = lock.read(0, 10);
+        let h = Holder::spawn(&lock, (5, 15, false));
+        h.acquired();
+        assert_eq!(lock.held(), 2);
+        let _g3 = lock.try_read(0, 20).expect("a third reader shares too");
+        assert_eq!(lock.held(), 3);
     }
 
     #[test]
     fn reader_excludes_writer() {
-        let lock = RangeLock::new();
-        thread::scope(|s| {
-            let g = lock.read(0, 10);
-            let (_keep, hold) = mpsc::channel();
-            let got = spawn_holder(s, &lock, (9, 10, true), hold);
-            wait_for_waiters(&lock, 1);
-            assert!(got.try_recv().is_err(), "writer got past a reader");
-            drop(g);
-            assert_eq!(got.recv_timeout(PATIENCE), Ok("acquired"));
-        });
+        let lock = Arc::new(RangeLock::new());
+        let g = lock.read(0, 10);
+        let h = Holder::spawn(&lock, (9, 10, true));
+        wait_for_sleepers(&lock, 1);
+        h.waits("writer got past a reader");
+        drop(g);
+        h.acquired();
     }
 
     #[test]
     fn writer_excludes_reader() {
-        let lock = RangeLock::new();
-        thread::scope(|s| {
-            let g = lock.write(0, 10);
-            let (_keep, hold) = mpsc::channel();
-            let got = spawn_holder(s, &lock, (0, 1, false), hold);
-            wait_for_waiters(&lock, 1);
-            assert!(got.try_recv().is_err(), "reader got past a writer");
-            drop(g);
-            assert_eq!(got.recv_timeout(PATIENCE), Ok("acquired"));
-        });
+        let lock = Arc::new(RangeLock::new());
+        let g = lock.write(0, 10);
+        let h = Holder::spawn(&lock, (0, 1, false));
+        wait_for_sleepers(&lock, 1);
+        h.waits("reader got past a writer");
+        drop(g);
+        h.acquired();
     }
 
     #[test]
     fn disjoint_writers_proceed_concurrently() {
-        let lock = RangeLock::new();
-        thread::scope(|s| {
-            // A takes [0, 10) and keeps it until told to let go.
-            let (release_a, hold_a) = mpsc::channel();
-            let a = spawn_holder(s, &lock, (0, 10, true), hold_a);
-            assert_eq!(a.recv_timeout(PATIENCE), Ok("acquired"));
-            // B takes the adjacent [10, 20) while A still holds its range.
-            let (_keep_b, hold_b) = mpsc::channel();
-            let b = spawn_holder(s, &lock, (10, 20, true), hold_b);
-            assert_eq!(b.recv_timeout(PATIENCE), Ok("acquired"));
-            assert!(a.try_recv().is_err(), "A released too early");
-            assert_eq!(lock.held(), 2);
-            release_a.send(()).unwrap();
-            assert_eq!(a.recv_timeout(PATIENCE), Ok("released"));
-        });
+        let lock = Arc::new(RangeLock::new());
+        // A takes [0, 10) and keeps it until told to let go...
+        let mut a = Holder::spawn(&lock, (0, 10, true));
+        a.acquired();
+        // ...and B takes the adjacent [10, 20) while A still holds its range.
+        let b = Holder::spawn(&lock, (10, 20, true));
+        b.acquired();
+        assert_eq!(lock.held(), 2);
+        a.release();
+        assert_eq!(lock.held(), 1);
+        drop(b);
     }
 
     #[test]
@@ -539,51 +586,67 @@ mod tests {
 
     #[test]
     fn waiting_writer_is_not_overtaken_by_new_readers() {
-        let lock = RangeLock::new();
-        thread::scope(|s| {
-            let r = lock.read(0, 10);
-            let (release_w, hold_w) = mpsc::channel();
-            let w = spawn_holder(s, &lock, (5, 15, true), hold_w);
-            wait_for_waiters(&lock, 1);
-            // A new reader overlapping the waiting writer (but not needing
-            // anything held exclusively) queues behind it...
-            assert!(lock.try_read(12, 13).is_none());
-            let (_keep, hold_r2) = mpsc::channel();
-            let r2 = spawn_holder(s, &lock, (0, 10, false), hold_r2);
-            wait_for_waiters(&lock, 2);
-            // ...while one clear of both still goes straight through.
-            assert!(lock.try_read(15, 16).is_some());
-            drop(r);
-            assert_eq!(w.recv_timeout(PATIENCE), Ok("acquired"));
-            assert!(r2.try_recv().is_err(), "reader overtook the writer");
-            release_w.send(()).unwrap();
-            assert_eq!(r2.recv_timeout(PATIENCE), Ok("acquired"));
-        });
+        let lock = Arc::new(RangeLock::new());
+        let r = lock.read(0, 10);
+        let mut w = Holder::spawn(&lock, (5, 15, true));
+        wait_for_sleepers(&lock, 1);
+        // A new reader overlapping the waiting writer (but nothing held
+        // exclusively) queues behind it...
+        assert!(lock.try_read(12, 13).is_none());
+        let r2 = Holder::spawn(&lock, (0, 10, false));
+        wait_for_sleepers(&lock, 2);
+        // ...while one clear of both still goes straight through.
+        assert!(lock.try_read(15, 16).is_some());
+        drop(r);
+        w.acquired();
+        r2.waits("reader overtook the writer");
+        w.release();
+        r2.acquired();
     }
 
     #[test]
     fn release_grants_every_waiter_it_unblocks() {
-        let lock = RangeLock::new();
-        thread::scope(|s| {
-            let g = lock.write(0, 10);
-            let mut keep = Vec::new();
-            let mut got = Vec::new();
-            for (i, range) in [(0, 5, true), (5, 10, false), (2, 8, false)].into_iter().enumerate() {
-                let (tx, hold) = mpsc::channel();
-                keep.push(tx);
-                got.push(spawn_holder(s, &lock, range, hold));
-                wait_for_waiters(&lock, i + 1);
-            }
-            // Writer [0, 5) and reader [5, 10) are granted together; reader
-            // [2, 8) waits behind the writer it overlaps.
-            drop(g);
-            assert_eq!(got[0].recv_timeout(PATIENCE), Ok("acquired"));
-            assert_eq!(got[1].recv_timeout(PATIENCE), Ok("acquired"));
-            assert_eq!((lock.held(), lock.waiting()), (2, 1));
-            keep[0].send(()).unwrap();
-            assert_eq!(got[2].recv_timeout(PATIENCE), Ok("acquired"));
-        });
+        let lock = Arc::new(RangeLock::new());
+        let g = lock.write(0, 10);
+        let mut hs = Vec::new();
+        for (i, range) in [(0, 5, true), (5, 10, false), (2, 8, false)].into_iter().enumerate() {
+            hs.push(Holder::spawn(&lock, range));
+            wait_for_sleepers(&lock, i + 1);
+        }
+        // Writer [0, 5) and reader [5, 10) are granted together; reader
+        // [2, 8) waits behind the writer it overlaps.
+        drop(g);
+        hs[0].acquired();
+        hs[1].acquired();
+        assert_eq!((lock.held(), lock.waiting()), (2, 1));
+        hs[2].waits("reader got past a writer");
+        hs[0].release();
+        hs[2].acquired();
+        hs[1].release();
+        hs[2].release();
         assert_eq!((lock.held(), lock.waiting()), (0, 0));
+    }
+
+    #[test]
+    fn release_does_not_let_a_later_waiter_overtake() {
+        let lock = Arc::new(RangeLock::new());
+        let a = lock.write(0, 5);
+        let b = lock.write(10, 15);
+        // Y needs both held ranges; X needs only B's, but overlaps Y.
+        let y = Holder::spawn(&lock, (0, 15, true));
+        wait_for_sleepers(&lock, 1);
+        let x = Holder::spawn(&lock, (10, 12, false));
+        wait_for_sleepers(&lock, 2);
+        drop(b);
+        // X conflicts with nothing held now, but Y came first and still
+        // waits for A; X must stay behind Y.
+        assert_eq!((lock.held(), lock.waiting()), (1, 2));
+        x.waits("a later reader overtook a waiting writer");
+        drop(a);
+        y.acquired();
+        x.waits("reader got past a writer");
+        drop(y);
+        x.acquired();
     }
 
     #[test]
