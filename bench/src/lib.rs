@@ -5,4 +5,5 @@
 
 pub mod ceiling;
 pub mod loopback;
+pub mod netns;
 pub mod synth;

@@ -1,5 +1,6 @@
 //! One migration of a synthetic guest, source and destination in this
-//! process, over the addresses given (loopback by default).
+//! process, over the addresses given: loopback by default, or the links of
+//! the multi-NIC testbed with each end in its own network namespace.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,8 +23,13 @@ pub struct Scenario {
     pub streams: u16,
     /// Engine settings (threads, compression, downtime target, …).
     pub config: SourceConfig,
-    /// Where the destination listens (port 0: any).
+    /// Where the destination listens (port 0: any); streams are spread over
+    /// these addresses.
     pub listen: Vec<SocketAddr>,
+    /// Local address or interface of each stream.
+    pub via: Vec<pmigrate::Via>,
+    /// Network namespaces of the source and destination threads.
+    pub netns: Option<(String, String)>,
 }
 
 /// Both ends' reports of one run.
@@ -67,29 +73,58 @@ pub fn run(sc: &Scenario, seed: u64) -> anyhow::Result<Outcome> {
     // migration starts; do the same, so first-touch faults are not timed.
     dst.regions().iter().try_for_each(|r| r.populate())?;
     let fill_secs = t.elapsed().as_secs_f64();
-    let acceptor = Acceptor::bind(&sc.listen)?;
-    let addrs = acceptor.local_addrs();
     let cpu0 = cpu_secs();
     std::thread::scope(|s| -> anyhow::Result<Outcome> {
-        let rx = s.spawn(|| -> anyhow::Result<Report> {
-            let incoming = Incoming::accept_for(&acceptor, &dst, None)?;
-            Ok(incoming.receive(&dst, &ReceiveOptions::default())?)
-        });
-        let maps = VmmBitmapTracker::bitmaps_for(&src);
-        let source = Source::new(&src, addrs)
-            .streams(sc.streams)
-            .config(sc.config.clone())
-            .tracker(Box::new(VmmBitmapTracker::new(maps.clone())));
-        let muts = sc.mutators.map(|m| start_mutators(src.clone(), m, Some(maps)));
-        let muts = std::sync::Mutex::new(muts);
-        let report = source
-            .on_pause(|| {
-                if let Some(m) = muts.lock().expect("mutators").as_mut() {
-                    m.stop();
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let dst = &dst;
+        let rx = s.spawn(move || -> anyhow::Result<Report> {
+            let acceptor = (|| {
+                if let Some((_, ns)) = &sc.netns {
+                    crate::netns::enter(ns)?;
                 }
-                Ok(())
+                Ok::<_, anyhow::Error>(Acceptor::bind(&sc.listen)?)
+            })();
+            let acceptor = match acceptor {
+                Ok(a) => a,
+                Err(e) => {
+                    let _ = addr_tx.send(None);
+                    return Err(e);
+                }
+            };
+            let _ = addr_tx.send(Some(acceptor.local_addrs()));
+            let incoming = Incoming::accept_for(&acceptor, dst, None)?;
+            Ok(incoming.receive(dst, &ReceiveOptions::default())?)
+        });
+        let Some(addrs) = addr_rx.recv()? else {
+            return Err(rx.join().expect("destination thread").expect_err("bind failed"));
+        };
+        // The source runs on a thread of its own, so that entering its
+        // namespace leaves the caller's thread where it was.
+        let src = &src;
+        let report = s
+            .spawn(move || -> anyhow::Result<Report> {
+                if let Some((ns, _)) = &sc.netns {
+                    crate::netns::enter(ns)?;
+                }
+                let maps = VmmBitmapTracker::bitmaps_for(src);
+                let source = Source::new(src, addrs)
+                    .streams(sc.streams)
+                    .via(sc.via.clone())
+                    .config(sc.config.clone())
+                    .tracker(Box::new(VmmBitmapTracker::new(maps.clone())));
+                let muts = sc.mutators.map(|m| start_mutators(src.clone(), m, Some(maps)));
+                let muts = std::sync::Mutex::new(muts);
+                Ok(source
+                    .on_pause(|| {
+                        if let Some(m) = muts.lock().expect("mutators").as_mut() {
+                            m.stop();
+                        }
+                        Ok(())
+                    })
+                    .run()?)
             })
-            .run();
+            .join()
+            .expect("source thread");
         let dest = rx.join().expect("destination thread");
         let source = report?;
         Ok(Outcome { source, destination: dest?, fill_secs, cpu_secs: cpu_secs() - cpu0 })

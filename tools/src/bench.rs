@@ -30,6 +30,17 @@ pub struct BenchArgs {
     /// Dirty rate while migrating, MiB/s (0: idle guest).
     #[arg(long, default_value_t = 0)]
     dirty_mib_s: u64,
+    /// Destination addresses to listen on (port 0: any); streams are
+    /// spread over them. Default: 127.0.0.1:0.
+    #[arg(long, value_delimiter = ',')]
+    listen: Vec<std::net::SocketAddr>,
+    /// Local address or interface of each stream, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    via: Vec<pmigrate::Via>,
+    /// Run the source and destination in these network namespaces, as
+    /// SRC:DST (see tools/testbed.sh).
+    #[arg(long)]
+    netns: Option<String>,
     /// Extra runs as THREADSxSTREAMS, comma-separated (e.g. `1x1,2x2,4x4`),
     /// with the configured compression.
     #[arg(long, value_delimiter = ',')]
@@ -63,9 +74,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
         working_set: memory / 2,
         skew: Skew::HotCold { hot_pct: 80, hot_share: 20 },
     });
-    let listen = vec!["127.0.0.1:0".parse()?];
-    eprintln!("measuring raw TCP over loopback ({} streams)...", a.streams);
-    let raw = ceiling::raw_tcp("127.0.0.1:0".parse()?, a.streams as usize, memory.min(1 << 30))?;
+    let listen = if a.listen.is_empty() { vec!["127.0.0.1:0".parse()?] } else { a.listen.clone() };
+    let netns = match &a.netns {
+        None => None,
+        Some(s) => {
+            let (src, dst) = s.split_once(':').ok_or_else(|| anyhow::anyhow!("--netns takes SRC:DST"))?;
+            Some((src.to_string(), dst.to_string()))
+        }
+    };
+    let path = ceiling::Path { listen: listen.clone(), via: a.via.clone(), netns: netns.clone() };
+    eprintln!("measuring raw TCP over the same path ({} streams)...", a.streams);
+    let ceiling = ceiling::raw_tcp(&path, a.streams as usize, memory.min(1 << 30))?;
+    let raw = ceiling.bytes_per_sec;
     let mut rows = Vec::new();
     let mut runs = vec![
         ("classic (1 thread, 1 stream, no lz4)".to_string(), 1, 1, Compression::Off),
@@ -91,6 +111,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 ..SourceConfig::default()
             },
             listen: listen.clone(),
+            via: a.via.clone(),
+            netns: netns.clone(),
         };
         let o = loopback::run(&sc, 7)?;
         let s = &o.source;
@@ -112,27 +134,40 @@ pub fn run(a: BenchArgs) -> Result<()> {
             serde_json::to_string_pretty(&serde_json::json!({
                 "memory_mib": a.memory_mib,
                 "raw_tcp_mib_s": raw / (1 << 20) as f64,
+                "raw_tcp_cpu_secs_per_gib": ceiling.cpu_secs_per_gib,
                 "runs": rows,
             }))?
         );
         return Ok(());
     }
     println!(
-        "loopback migration of {} MiB ({:?}), raw TCP with {} streams: {:.0} MiB/s",
+        "migration of {} MiB ({:?}) to {:?}{}; raw TCP with {} streams: {:.0} MiB/s, {:.2} CPU s/GiB",
         a.memory_mib,
         a.mix,
+        listen,
+        a.netns.as_ref().map(|n| format!(" (namespaces {n})")).unwrap_or_default(),
         a.streams,
-        raw / (1 << 20) as f64
+        raw / (1 << 20) as f64,
+        ceiling.cpu_secs_per_gib
     );
     println!(
-        "{:<38} {:>8} {:>10} {:>6} {:>9} {:>9} {:>11} {:>8} {:>8} {:>10}",
-        "run", "total s", "downtime", "rounds", "wire MiB", "data MiB", "xfer MiB/s", "vs TCP", "cpu s", "vs classic"
+        "{:<38} {:>8} {:>10} {:>6} {:>9} {:>9} {:>11} {:>8} {:>9} {:>10}",
+        "run",
+        "total s",
+        "downtime",
+        "rounds",
+        "wire MiB",
+        "data MiB",
+        "xfer MiB/s",
+        "vs TCP",
+        "cpu s/GiB",
+        "vs classic"
     );
     let base = rows[0].total_secs;
     let raw_mib = raw / (1 << 20) as f64;
     for r in &rows {
         println!(
-            "{:<38} {:>8.3} {:>8.1}ms {:>6} {:>9.1} {:>9.1} {:>11.0} {:>7.2}x {:>8.2} {:>9.2}x",
+            "{:<38} {:>8.3} {:>8.1}ms {:>6} {:>9.1} {:>9.1} {:>11.0} {:>7.2}x {:>9.2} {:>9.2}x",
             r.name,
             r.total_secs,
             r.downtime_ms,
@@ -141,10 +176,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
             r.payload_mib,
             r.transfer_mib_s,
             r.transfer_mib_s / raw_mib,
-            r.cpu_secs,
+            r.cpu_secs / (a.memory_mib as f64 / 1024.0),
             base / r.total_secs
         );
     }
-    println!("(xfer: page data over the time the rounds took; vs TCP: against raw TCP with {} streams, measured just before; cpu: both ends, one process)", a.streams);
+    println!("(xfer: page data over the time the rounds took; vs TCP: against raw TCP with {} streams, measured just before; cpu s/GiB: both ends, one process, per GiB of guest memory)", a.streams);
     Ok(())
 }
