@@ -119,3 +119,13 @@ pub enum MigrateError {
     #[error("migration aborted")]
     Aborted,
 }
+
+impl MigrateError {
+    /// Keeps the most telling of two errors in `slot`: the first real one,
+    /// over an `Aborted` that only reports that something else failed.
+    pub(crate) fn keep(slot: &mut Option<MigrateError>, e: MigrateError) {
+        if slot.as_ref().is_none_or(|s| matches!(s, MigrateError::Aborted)) {
+            *slot = Some(e);
+        }
+    }
+}

@@ -234,7 +234,7 @@ pub fn send(mut input: impl Read + Send + 'static, cfg: &RelaySendConfig) -> Res
             // The workers ended, so the reader has ended too.
             match done_rx.recv().unwrap_or(Err(MigrateError::Aborted)) {
                 Ok(x) => (chunks, bytes) = x,
-                Err(e) => first_err = Some(e),
+                Err(e) => MigrateError::keep(&mut first_err, e),
             }
         }
         if first_err.is_none() {
@@ -244,14 +244,14 @@ pub fn send(mut input: impl Read + Send + 'static, cfg: &RelaySendConfig) -> Res
             build_control(&mut f, h, &[]);
             for tx in &stream_txs {
                 if tx.send(f.clone()).is_err() {
-                    first_err.get_or_insert(MigrateError::Aborted);
+                    MigrateError::keep(&mut first_err, MigrateError::Aborted);
                 }
             }
         }
         drop(stream_txs);
         for w in writers {
             if let Err(e) = w.join().expect("writer panicked") {
-                first_err.get_or_insert(e);
+                MigrateError::keep(&mut first_err, e);
             }
         }
         let wait = if first_err.is_none() { Duration::from_secs(120) } else { Duration::from_secs(1) };

@@ -656,7 +656,7 @@ impl<'r> Run<'r> {
             };
             for h in senders {
                 if let Err(e) = h.join().expect("sender thread panicked") {
-                    error.get_or_insert(e);
+                    MigrateError::keep(&mut error, e);
                 }
             }
             // On success, wait for the destination's verdict; on failure, give

@@ -55,7 +55,10 @@ pub struct GuestImage {
 
 /// The repository root (the root package's manifest directory).
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    // Included from tests of the root package and of workspace members:
+    // walk up from the including package to the repository root.
+    let start = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    start.ancestors().find(|d| d.join("tests/guest/build.sh").is_file()).map(PathBuf::from).unwrap_or(start)
 }
 
 /// Where `tests/guest/build.sh` puts its outputs.

@@ -1,0 +1,559 @@
+//! QEMU migrates a live test guest through the `exec:` helpers `pmigrate send`
+//! (source) and `pmigrate recv` (destination).
+//!
+//! Every test boots the self-checking guest of `tests/guest/` under TCG, so a
+//! lost, torn or misplaced page shows up as `PMW CORRUPT` on the console.
+//! The tests check that:
+//!
+//! - an idle and a busy guest land intact, the busy one also through QEMU's own
+//!   `tcp:` for comparison (both query-migrate summaries are printed);
+//! - a corrupted byte or cut connections between `send` and `recv` fail the
+//!   migration: the source guest keeps running, the destination QEMU never runs
+//!   the guest, and each helper prints one `pmigrate: error:` line;
+//! - streams spread over two destination addresses leave by the local address
+//!   `--via` names (this destination waits with `-incoming defer` and gets
+//!   `migrate-incoming`);
+//! - the helpers' `--report` lines match.
+//!
+//! The tests run one at a time (they share two loaded cores) and skip, saying
+//! why, when QEMU is missing. `PMIGRATE_KEEP_VM_LOGS=1` keeps the consoles and
+//! helper logs; they are kept anyway when a test fails.
+
+#[path = "../../tests/support/qemu.rs"]
+mod qemu;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use qemu::{migration_summary, Qemu, VmConfig, BOOT_TIMEOUT};
+use serde_json::Value;
+
+/// The binary under test.
+const PMIGRATE: &str = env!("CARGO_BIN_EXE_pmigrate");
+/// Longest a migration may take, failed or not.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest wait for a handful of workload heartbeats.
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest wait for a helper or a failed destination QEMU to exit.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(90);
+/// How far into the first stream the proxy strikes.
+const FAULT_AT: u64 = 8 << 20;
+
+/// The busy guest: working set and dirtying rate (MiB, MiB/s).
+const BUSY_WORKING_SET_MIB: u64 = 128;
+const BUSY_RATE_MIBPS: u64 = 150;
+
+// ---------------------------------------------------------------- helpers
+
+/// The tests share two cores with their guests: one at a time.
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A temp dir for the helpers' stderr; kept when the test fails.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(test: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("pmx-{}-{test}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("creating the scratch dir");
+        Scratch(dir)
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if std::thread::panicking() || std::env::var_os("PMIGRATE_KEEP_VM_LOGS").is_some() {
+            eprintln!("helper logs kept in {}", self.0.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// Quotes a word for `/bin/sh`.
+fn sh(word: &str) -> String {
+    format!("'{}'", word.replace('\'', r"'\''"))
+}
+
+/// The destination's `-incoming` URI: `recv` on `listen`, stderr to `err`.
+fn recv_uri(listen: &[SocketAddr], err: &Path) -> String {
+    let listen: Vec<String> = listen.iter().map(SocketAddr::to_string).collect();
+    format!(
+        "exec:{} recv --listen {} --wait 300 --report 2>{}",
+        sh(PMIGRATE),
+        listen.join(" "),
+        sh(&err.to_string_lossy())
+    )
+}
+
+/// The source's `migrate` URI: `send` with `opts` to `dests`, stderr to `err`.
+fn send_uri(opts: &str, dests: &[SocketAddr], err: &Path) -> String {
+    let dests: Vec<String> = dests.iter().map(SocketAddr::to_string).collect();
+    format!("exec:{} send {opts} --report {} 2>{}", sh(PMIGRATE), dests.join(" "), sh(&err.to_string_lossy()))
+}
+
+fn localhost(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn guest(name: &str, working_set_mib: u64, rate_mibps: u64) -> VmConfig {
+    VmConfig::new(name).working_set_mib(working_set_mib).dirty_rate_mibps(rate_mibps)
+}
+
+/// Spawns the source and waits until its workload is running cleanly.
+fn boot_source(cfg: VmConfig) -> Qemu {
+    let mut src = Qemu::spawn(cfg).expect("spawning the source QEMU");
+    src.wait_ready(BOOT_TIMEOUT).expect("source guest boot");
+    src.wait_heartbeats_after(0, 3, HEARTBEAT_TIMEOUT).expect("source heartbeats before migrating");
+    src.check_healthy_after(0).expect("source guest before migrating");
+    src
+}
+
+/// Starts a migration and waits for its end; returns the final
+/// query-migrate and the wall time.
+fn migrate(src: &mut Qemu, uri: &str) -> (Value, Duration) {
+    let t0 = Instant::now();
+    src.qmp().migrate(uri).expect("QMP migrate");
+    let info = src.qmp().wait_migration(MIGRATION_TIMEOUT).expect("waiting for the migration to end");
+    (info, t0.elapsed())
+}
+
+/// Checks that a completed migration landed: the destination runs the
+/// guest the source paused, and its workload goes on without damage.
+fn check_landed(src: &mut Qemu, dst: &mut Qemu, info: &Value, busy: bool) {
+    assert_eq!(info["status"], "completed", "migration did not complete: {}", migration_summary(info));
+    dst.qmp().wait_status("running", Duration::from_secs(60)).expect("destination run state");
+    assert_eq!(src.qmp().query_status().expect("source run state"), "postmigrate");
+    let last_src = src.heartbeats_after(0).last().cloned().expect("source heartbeats");
+    let beats = dst.wait_heartbeats_after(0, 5, HEARTBEAT_TIMEOUT).expect("destination heartbeats");
+    dst.check_healthy_after(0).expect("destination guest after migrating");
+    let console = dst.console_log();
+    assert!(!console.contains("PMW boot"), "the destination booted a new guest:\n{}", dst.console_tail(20));
+    let (first, last) = (&beats[0], &beats[beats.len() - 1]);
+    // The workload's counters go on from where the source left them.
+    assert!(
+        first.t >= last_src.t && first.verified >= last_src.verified && first.gen >= last_src.gen,
+        "destination workload did not continue the source's: source {last_src:?}, destination {first:?}"
+    );
+    assert!(last.verified > first.verified, "destination workload stopped verifying: {first:?} .. {last:?}");
+    if busy {
+        assert!(last.gen > first.gen, "destination workload stopped writing: {first:?} .. {last:?}");
+    }
+}
+
+/// Whether `line` is the `--report` line of `role` (`send` or `recv`).
+fn is_report(line: &str, role: &str) -> bool {
+    line.starts_with(&format!("pmigrate {role}: ")) && line.contains(" bytes in ")
+}
+
+/// Waits until a helper's stderr shows its report or an error; returns the text.
+fn wait_helper_log(path: &Path, role: &str) -> String {
+    let deadline = Instant::now() + EXIT_TIMEOUT;
+    loop {
+        let text = fs::read_to_string(path).unwrap_or_default();
+        if text.lines().any(|l| is_report(l, role) || l.starts_with("pmigrate: error:")) {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "{role}: no report in {} after {EXIT_TIMEOUT:?}: {text:?}", path.display());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The report line of a helper that succeeded.
+fn helper_report(path: &Path, role: &str) -> String {
+    let text = wait_helper_log(path, role);
+    assert!(!text.contains("pmigrate: error:"), "{role} failed: {text}");
+    text.lines().find(|l| is_report(l, role)).unwrap_or_default().to_string()
+}
+
+/// Stream bytes, chunks and wire bytes of a `--report` line.
+fn report_numbers(line: &str) -> (u64, u64, u64) {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let number_before = |at: Option<usize>| -> u64 {
+        at.and_then(|i| words.get(i.wrapping_sub(1)))
+            .and_then(|w| w.parse().ok())
+            .unwrap_or_else(|| panic!("cannot read the report line {line:?}"))
+    };
+    let bytes = number_before(words.iter().position(|w| *w == "bytes"));
+    let chunks = number_before(words.iter().position(|w| *w == "chunks"));
+    let wire = number_before(words.windows(3).position(|w| w == ["bytes", "on", "the"]));
+    (bytes, chunks, wire)
+}
+
+/// Prints both helpers' reports and checks that they agree.
+fn check_reports(scratch: &Scratch) {
+    let send = helper_report(&scratch.path("send.err"), "send");
+    let recv = helper_report(&scratch.path("recv.err"), "recv");
+    eprintln!("  {send}\n  {recv}");
+    assert_eq!(report_numbers(&send), report_numbers(&recv), "send and recv disagree:\n{send}\n{recv}");
+    assert!(report_numbers(&send).0 > 0, "no bytes moved: {send}");
+}
+
+/// What is wrong with the stderr of a helper that should have failed with
+/// one clear `pmigrate: error:` line (nothing when all is well).
+fn helper_error_problems(path: &Path, role: &str) -> Vec<String> {
+    let text = wait_helper_log(path, role);
+    eprintln!("  {role} stderr: {}", text.trim());
+    let mut problems = Vec::new();
+    let errors: Vec<&str> = text.lines().filter(|l| l.starts_with("pmigrate: error:")).collect();
+    if errors.len() != 1 {
+        problems.push(format!("{role}: {} `pmigrate: error:` lines, not one: {text:?}", errors.len()));
+    }
+    if text.lines().any(|l| is_report(l, role)) {
+        problems.push(format!("{role} failed yet printed a report: {text:?}"));
+    }
+    for line in errors {
+        // The line must say what went wrong, not only that the helper gave up...
+        let why = line.trim_start_matches("pmigrate: error:").trim();
+        if why.len() < 6 || why == "migration aborted" {
+            problems.push(format!("{role}: the error line names no cause: {line:?}"));
+        }
+        // ... and say it once.
+        let clauses: Vec<&str> = why.split(": ").collect();
+        if let Some((_, c)) = clauses.iter().enumerate().find(|(i, c)| clauses[..*i].contains(c)) {
+            problems.push(format!("{role}: the error line repeats {c:?}: {line:?}"));
+        }
+    }
+    problems
+}
+
+/// Waits for a QEMU to exit and returns its status.
+fn wait_exit(vm: &mut Qemu, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = vm.exited() {
+            return Some(st);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+// ------------------------------------------------------------------ proxy
+
+/// What the proxy does to the traffic.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// Nothing: forward and count.
+    None,
+    /// Flip one byte at this offset of the first connection's forward direction.
+    FlipByteAt(u64),
+    /// Once the first connection forwarded this many bytes, shut down every
+    /// connection, both sides, and refuse new ones.
+    CloseAllAt(u64),
+}
+
+#[derive(Default)]
+struct ProxyState {
+    stop: AtomicBool,
+    fired: AtomicBool,
+    /// Both sockets of every connection, to shut them down.
+    sockets: Mutex<Vec<TcpStream>>,
+    /// Per accepted connection, in order: the client's address and the bytes forwarded.
+    conns: Mutex<Vec<(SocketAddr, Arc<AtomicU64>)>>,
+}
+
+impl ProxyState {
+    fn cut_everything(&self) {
+        for s in self.sockets.lock().expect("proxy lock").drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// A TCP proxy on threads between `send` and `recv`.
+struct Proxy {
+    addr: SocketAddr,
+    state: Arc<ProxyState>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl Proxy {
+    fn start(listen: IpAddr, upstream: SocketAddr, fault: Fault) -> Proxy {
+        let listener = TcpListener::bind((listen, 0)).expect("binding the proxy");
+        listener.set_nonblocking(true).expect("proxy listener non-blocking");
+        let addr = listener.local_addr().expect("proxy address");
+        let state = Arc::new(ProxyState::default());
+        let st = state.clone();
+        let acceptor = std::thread::spawn(move || {
+            while !st.stop.load(Ordering::Relaxed) {
+                let (client, peer) = match listener.accept() {
+                    Ok(c) => c,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                };
+                if matches!(fault, Fault::CloseAllAt(_)) && st.fired.load(Ordering::Relaxed) {
+                    continue; // dropped: closed at once
+                }
+                let Ok(server) = TcpStream::connect(upstream) else { continue };
+                let _ = client.set_nonblocking(false);
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                let first = {
+                    let mut conns = st.conns.lock().expect("proxy lock");
+                    conns.push((peer, Arc::new(AtomicU64::new(0))));
+                    conns.len() == 1
+                };
+                let counter = st.conns.lock().expect("proxy lock").last().expect("just pushed").1.clone();
+                let clones = (client.try_clone(), server.try_clone(), client.try_clone(), server.try_clone());
+                let (Ok(c1), Ok(s1), Ok(c2), Ok(s2)) = clones else { continue };
+                st.sockets.lock().expect("proxy lock").extend([c2, s2]);
+                let fwd_fault = if first { fault } else { Fault::None };
+                let (st1, st2) = (st.clone(), st.clone());
+                std::thread::spawn(move || pump(client, server, fwd_fault, &st1, Some(&counter)));
+                std::thread::spawn(move || pump(s1, c1, Fault::None, &st2, None));
+            }
+        });
+        Proxy { addr, state, acceptor: Some(acceptor) }
+    }
+
+    /// Whether the fault happened.
+    fn fired(&self) -> bool {
+        self.state.fired.load(Ordering::Relaxed)
+    }
+
+    /// Client address and forwarded bytes of every connection so far.
+    fn connections(&self) -> Vec<(SocketAddr, u64)> {
+        self.state.conns.lock().expect("proxy lock").iter().map(|(a, n)| (*a, n.load(Ordering::Relaxed))).collect()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.state.stop.store(true, Ordering::Relaxed);
+        self.state.cut_everything();
+        if let Some(t) = self.acceptor.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Copies `from` to `to` until EOF or an error, applying `fault`.
+fn pump(mut from: TcpStream, mut to: TcpStream, fault: Fault, st: &ProxyState, counter: Option<&AtomicU64>) {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut done = 0u64;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let chunk = &mut buf[..n];
+        let end = done + n as u64;
+        match fault {
+            Fault::FlipByteAt(at) if (done..end).contains(&at) => {
+                chunk[(at - done) as usize] ^= 0x5a;
+                st.fired.store(true, Ordering::Relaxed);
+            }
+            Fault::CloseAllAt(at) if end >= at => {
+                let _ = to.write_all(&chunk[..(at - done) as usize]);
+                st.fired.store(true, Ordering::Relaxed);
+                st.cut_everything();
+                break;
+            }
+            _ => {}
+        }
+        if to.write_all(chunk).is_err() {
+            break;
+        }
+        done = end;
+        if let Some(c) = counter {
+            c.store(done, Ordering::Relaxed);
+        }
+    }
+    // Pass the end on; a cut or failed connection ends both ways.
+    let _ = to.shutdown(Shutdown::Write);
+    let _ = from.shutdown(Shutdown::Read);
+}
+
+// ------------------------------------------------------------------ tests
+
+#[test]
+fn exec_helper_migrates_an_idle_guest() {
+    let _serial = one_at_a_time();
+    if qemu::skip_without_qemu("exec_helper_migrates_an_idle_guest") {
+        return;
+    }
+    let scratch = Scratch::new("idle");
+    let port = qemu::free_port().expect("free port");
+    let cfg = guest("idle", 32, 0);
+    let mut dst = Qemu::spawn(cfg.clone().incoming(&recv_uri(&[localhost(port)], &scratch.path("recv.err"))))
+        .expect("spawning the destination QEMU");
+    let mut src = boot_source(cfg);
+    let (info, wall) = migrate(&mut src, &send_uri("--streams 4", &[localhost(port)], &scratch.path("send.err")));
+    eprintln!("idle guest, exec:pmigrate: {} wall={:.1}s", migration_summary(&info), wall.as_secs_f64());
+    check_landed(&mut src, &mut dst, &info, false);
+    check_reports(&scratch);
+}
+
+/// One busy-guest migration, through `exec:pmigrate` or QEMU's own `tcp:`;
+/// returns the final query-migrate and the wall time.
+fn busy_migration(scratch: &Scratch, exec: bool) -> (Value, Duration) {
+    let label = if exec { "exec:pmigrate" } else { "tcp:" };
+    let port = qemu::free_port().expect("free port");
+    let cfg = guest(if exec { "busy-exec" } else { "busy-tcp" }, BUSY_WORKING_SET_MIB, BUSY_RATE_MIBPS);
+    let incoming =
+        if exec { recv_uri(&[localhost(port)], &scratch.path("recv.err")) } else { format!("tcp:{}", localhost(port)) };
+    let mut dst = Qemu::spawn(cfg.clone().incoming(&incoming)).expect("spawning the destination QEMU");
+    let mut src = boot_source(cfg);
+    // Let the workload dirty at full rate for a few seconds first.
+    src.wait_heartbeats_after(src.console_offset(), 3, HEARTBEAT_TIMEOUT).expect("source heartbeats");
+    // QEMU's defaults for both runs (max-bandwidth 128 MiB/s, downtime-limit 300 ms).
+    let params = src.qmp().query_migrate_parameters().expect("query-migrate-parameters");
+    let src_beats = src.heartbeats_after(0);
+    let (a, b) = (&src_beats[0], &src_beats[src_beats.len() - 1]);
+    eprintln!(
+        "busy guest via {label} dirtying {:.0} MiB/s, max-bandwidth {} MiB/s, downtime-limit {} ms",
+        (b.gen - a.gen) as f64 / 256.0 / (b.t - a.t),
+        params["max-bandwidth"].as_u64().unwrap_or(0) >> 20,
+        params["downtime-limit"]
+    );
+    let uri = if exec {
+        send_uri("--streams 4", &[localhost(port)], &scratch.path("send.err"))
+    } else {
+        format!("tcp:{}", localhost(port))
+    };
+    let (info, wall) = migrate(&mut src, &uri);
+    eprintln!("busy guest via {label} {} wall={:.1}s", migration_summary(&info), wall.as_secs_f64());
+    check_landed(&mut src, &mut dst, &info, true);
+    if exec {
+        check_reports(scratch);
+    }
+    (info, wall)
+}
+
+#[test]
+fn exec_helper_migrates_a_busy_guest_like_qemu_tcp() {
+    let _serial = one_at_a_time();
+    if qemu::skip_without_qemu("exec_helper_migrates_a_busy_guest_like_qemu_tcp") {
+        return;
+    }
+    let scratch = Scratch::new("busy");
+    let (tcp, tcp_wall) = busy_migration(&scratch, false);
+    let (exec, exec_wall) = busy_migration(&scratch, true);
+    eprintln!(
+        "busy guest ({BUSY_WORKING_SET_MIB} MiB at {BUSY_RATE_MIBPS} MiB/s), QEMU's default parameters:\n  \
+         tcp:           {} wall={:.1}s\n  exec:pmigrate: {} wall={:.1}s",
+        migration_summary(&tcp),
+        tcp_wall.as_secs_f64(),
+        migration_summary(&exec),
+        exec_wall.as_secs_f64()
+    );
+}
+
+/// A migration through a faulty proxy must fail cleanly on both sides.
+fn failed_migration(test: &str, fault: Fault) {
+    let scratch = Scratch::new(test);
+    let port = qemu::free_port().expect("free port");
+    let proxy = Proxy::start(IpAddr::from([127, 0, 0, 1]), localhost(port), fault);
+    let cfg = guest(test, 64, 20);
+    let mut dst = Qemu::spawn(cfg.clone().incoming(&recv_uri(&[localhost(port)], &scratch.path("recv.err"))))
+        .expect("spawning the destination QEMU");
+    let mut src = boot_source(cfg);
+    let (info, wall) = migrate(&mut src, &send_uri("--streams 4", &[proxy.addr], &scratch.path("send.err")));
+    eprintln!("{test}: {} wall={:.1}s", migration_summary(&info), wall.as_secs_f64());
+    assert!(proxy.fired(), "the proxy never struck ({fault:?}); connections {:?}", proxy.connections());
+    assert_eq!(info["status"], "failed", "the migration did not fail: {}", migration_summary(&info));
+
+    // The source guest goes on.
+    src.qmp().wait_status("running", Duration::from_secs(60)).expect("source run state after the failure");
+    let off = src.console_offset();
+    let beats = src.wait_heartbeats_after(off, 5, HEARTBEAT_TIMEOUT).expect("source heartbeats after the failure");
+    src.check_healthy_after(0).expect("source guest after the failure");
+    let (first, last) = (&beats[0], &beats[beats.len() - 1]);
+    assert!(last.gen > first.gen && last.verified > first.verified, "source workload stalled: {first:?} .. {last:?}");
+
+    // The destination QEMU gives up without ever running the guest.
+    let status = wait_exit(&mut dst, EXIT_TIMEOUT);
+    eprintln!("  destination QEMU: {status:?}, stderr: {}", dst.stderr().trim());
+    let status = status.expect("the destination QEMU did not exit after the failed incoming migration");
+    assert_eq!(status.code(), Some(1), "destination QEMU exit status");
+    // An I/O error: QEMU saw its stream end early, not bytes that fail to parse
+    // (recv writes no byte it has not verified).
+    assert!(
+        dst.stderr().contains("load of migration failed: Input/output error"),
+        "destination QEMU stderr: {}",
+        dst.stderr()
+    );
+    assert!(
+        dst.heartbeats_after(0).is_empty() && !dst.console_log().contains("PMW"),
+        "the destination ran the guest:\n{}",
+        dst.console_tail(20)
+    );
+
+    // Each helper says why, once.
+    let mut problems = helper_error_problems(&scratch.path("recv.err"), "recv");
+    problems.extend(helper_error_problems(&scratch.path("send.err"), "send"));
+    assert!(problems.is_empty(), "the helpers' error reports:\n{}", problems.join("\n"));
+}
+
+#[test]
+fn corrupted_stream_fails_cleanly_and_the_source_keeps_running() {
+    let _serial = one_at_a_time();
+    if qemu::skip_without_qemu("corrupted_stream_fails_cleanly_and_the_source_keeps_running") {
+        return;
+    }
+    failed_migration("corrupt", Fault::FlipByteAt(FAULT_AT));
+}
+
+#[test]
+fn killed_connection_fails_cleanly_and_the_source_keeps_running() {
+    let _serial = one_at_a_time();
+    if qemu::skip_without_qemu("killed_connection_fails_cleanly_and_the_source_keeps_running") {
+        return;
+    }
+    failed_migration("killed", Fault::CloseAllAt(FAULT_AT));
+}
+
+#[test]
+fn exec_helper_spreads_streams_over_addresses_and_via_with_deferred_incoming() {
+    let _serial = one_at_a_time();
+    if qemu::skip_without_qemu("exec_helper_spreads_streams_over_addresses_and_via_with_deferred_incoming") {
+        return;
+    }
+    let scratch = Scratch::new("via");
+    let (one, two) = (IpAddr::from([127, 0, 0, 1]), IpAddr::from([127, 0, 0, 2]));
+    let ports = (qemu::free_port().expect("free port"), qemu::free_port().expect("free port"));
+    let listen = [SocketAddr::new(one, ports.0), SocketAddr::new(two, ports.1)];
+    let proxies = [Proxy::start(one, listen[0], Fault::None), Proxy::start(two, listen[1], Fault::None)];
+    let cfg = guest("via", 32, 10);
+    // This time the destination waits for `migrate-incoming`.
+    let mut dst = Qemu::spawn(cfg.clone().incoming("defer")).expect("spawning the destination QEMU");
+    dst.qmp().migrate_incoming(&recv_uri(&listen, &scratch.path("recv.err"))).expect("QMP migrate-incoming");
+    let mut src = boot_source(cfg);
+    let uri = send_uri(
+        "--streams 4 --via 127.0.0.1,127.0.0.2",
+        &[proxies[0].addr, proxies[1].addr],
+        &scratch.path("send.err"),
+    );
+    let (info, wall) = migrate(&mut src, &uri);
+    eprintln!("via: {} wall={:.1}s", migration_summary(&info), wall.as_secs_f64());
+    check_landed(&mut src, &mut dst, &info, true);
+    check_reports(&scratch);
+    // Stream i goes to destination i % 2 and leaves by via i % 2.
+    for (proxy, ip) in proxies.iter().zip([one, two]) {
+        let conns = proxy.connections();
+        eprintln!("  {} <- {conns:?}", proxy.addr);
+        assert_eq!(conns.len(), 2, "streams reaching {}: {conns:?}", proxy.addr);
+        for (peer, bytes) in conns {
+            assert_eq!(peer.ip(), ip, "a stream to {} left by {peer}", proxy.addr);
+            assert!(bytes > 1 << 20, "a stream to {} carried only {bytes} bytes", proxy.addr);
+        }
+    }
+}
