@@ -194,7 +194,8 @@ pub enum OpenedPages<'a> {
 }
 
 fn lz4_into(dst: &mut Vec<u8>, src: &[u8], len: usize, kind: FrameKind) -> Result<(), WireError> {
-    dst.clear();
+    // No clearing: the decoder overwrites all `len` bytes or fails, and a
+    // reused buffer of the same length then costs no zero-fill.
     dst.resize(len, 0);
     match lz4_flex::block::decompress_into(src, dst) {
         Ok(n) if n == len => Ok(()),
