@@ -67,7 +67,12 @@ fn assert_equal(src: &GuestMemory, run: &Run) {
 fn gib_of_mixed_content_over_four_streams_and_four_workers() {
     let src = Arc::new(GuestMemory::anonymous(1 << 30).unwrap());
     fill(&src, ContentMix::TYPICAL, 1);
-    let cfg = SourceConfig { threads: 4, tracker: TrackerKind::Hash, ..SourceConfig::default() };
+    let cfg = SourceConfig {
+        threads: 4,
+        tracker: TrackerKind::Hash,
+        compression: Compression::On,
+        ..SourceConfig::default()
+    };
     let run = migrate(&src, 4, cfg, None, None, None);
     assert_equal(&src, &run);
     let r0 = &run.source.rounds[0];
@@ -89,7 +94,11 @@ fn every_stream_count_and_compression_gives_the_same_memory() {
         let run = migrate(&src, streams, cfg, None, None, None);
         assert_equal(&src, &run);
         let lz4: u64 = run.source.rounds.iter().map(|r| r.compressed).sum();
-        assert_eq!(lz4 == 0, compression == Compression::Off, "{compression:?}: {lz4} lz4 pages");
+        match compression {
+            Compression::Off => assert_eq!(lz4, 0),
+            Compression::On => assert!(lz4 > 0, "text-like pages compress"),
+            Compression::Auto => {} // lz4 only while the streams back up
+        }
     }
 }
 

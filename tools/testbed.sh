@@ -188,8 +188,9 @@ shape() {
         esac
     fi
     if [[ $DELAY != 0 ]]; then
-        # Packets in flight during the delay: at most RATE x DELAY (or a
-        # generous fixed number when unshaped), in MTU-sized units.
+        modprobe -q sch_netem 2>/dev/null || true
+        # netem's limit counts packets held during the delay; it must cover
+        # RATE x DELAY in MTU-sized packets (10gbit x 100ms = 83k at 1500).
         local limit=100000
         if ! tc -n "$ns" qdisc add dev "$dev" $parent handle 10: netem delay "$DELAY" limit "$limit" 2>/tmp/pm-testbed-netem.$$; then
             local err
@@ -261,9 +262,12 @@ cmd_up() {
     [[ $RATE == none ]] && qkind=none
     [[ $RATE == none && $DELAY != 0 ]] && qkind=netem
 
+    local shaping="$QDISC rate $RATE"
+    [[ $RATE == none ]] && shaping="unshaped"
+    [[ $DELAY != 0 ]] && shaping+=" + netem delay $DELAY"
     local tag="$TAG links=$k rate=$RATE delay=$DELAY mtu=$MTU qdisc=$QDISC queue_ms=$QLAT_MS"
     if [[ $(current_tag) == "$tag" ]] && healthy "$k" "$qkind"; then
-        echo "testbed already up: $k link(s), rate $RATE, delay $DELAY, mtu $MTU, $QDISC"
+        echo "testbed already up: $k link(s), $shaping, mtu $MTU ($NS_SRC <-> $NS_DST)"
         return 0
     fi
     cmd_down quiet
@@ -306,7 +310,7 @@ cmd_up() {
             die "route to 10.77.$i.1 does not leave by pmv${i}d"
     done
     healthy "$k" "$qkind" || die "testbed came up incomplete; see '$prog status'"
-    echo "testbed up: $k link(s), rate $RATE, delay $DELAY, mtu $MTU, $QDISC ($NS_SRC <-> $NS_DST)"
+    echo "testbed up: $k link(s), $shaping, mtu $MTU ($NS_SRC <-> $NS_DST)"
 }
 
 # Sets K RATE DELAY MTU from the live testbed, or fails.

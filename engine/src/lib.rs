@@ -39,6 +39,7 @@
 pub mod dest;
 pub mod digest;
 pub mod dirty;
+pub mod lz4gate;
 pub mod relay;
 pub mod report;
 pub mod source;
@@ -62,8 +63,7 @@ pub enum Compression {
     Off,
     /// Always (a batch that does not shrink is still sent raw).
     On,
-    /// While it pays: stop trying after batches that do not shrink by 1/8,
-    /// probe again later.
+    /// While the links are the bottleneck and it pays: see [`lz4gate`].
     Auto,
 }
 

@@ -46,6 +46,34 @@ pub struct StreamReport {
     pub bytes_per_sec: f64,
 }
 
+/// Percentiles of a latency, in microseconds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencySummary {
+    /// Samples.
+    pub count: u64,
+    /// Median.
+    pub p50_us: u64,
+    /// 90th percentile.
+    pub p90_us: u64,
+    /// 99th percentile.
+    pub p99_us: u64,
+    /// Largest.
+    pub max_us: u64,
+}
+
+impl LatencySummary {
+    /// The summary of a histogram of microseconds (`None` when empty).
+    pub fn of(h: &hdrhistogram::Histogram<u64>) -> Option<Self> {
+        (!h.is_empty()).then(|| LatencySummary {
+            count: h.len(),
+            p50_us: h.value_at_quantile(0.5),
+            p90_us: h.value_at_quantile(0.9),
+            p99_us: h.value_at_quantile(0.99),
+            max_us: h.max(),
+        })
+    }
+}
+
 /// The report of a migration, from either end.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Report {
@@ -80,6 +108,10 @@ pub struct Report {
     pub compression: String,
     /// Digest of all memory both ends agreed on, hex.
     pub digest: String,
+    /// Source: per-batch latency, from a frame sealed by a worker to its
+    /// last byte handed to the kernel (queueing behind slower streams
+    /// included).
+    pub batch_latency: Option<LatencySummary>,
 }
 
 impl Report {
@@ -150,6 +182,13 @@ impl fmt::Display for Report {
                     r.secs
                 )?;
             }
+        }
+        if let Some(l) = &self.batch_latency {
+            writeln!(
+                f,
+                "  batch latency: p50 {} us, p90 {} us, p99 {} us, max {} us ({} batches)",
+                l.p50_us, l.p90_us, l.p99_us, l.max_us, l.count
+            )?;
         }
         for s in &self.streams {
             writeln!(

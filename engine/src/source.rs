@@ -42,8 +42,10 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::digest::memory_digest;
 use crate::dirty::{tracker_for, DirtyTracker, TrackerKind};
-use crate::report::{Report, RoundReport, StreamReport};
+use crate::lz4gate::Lz4Gate;
+use crate::report::{LatencySummary, Report, RoundReport, StreamReport};
 use crate::{Compression, MigrateError};
+use hdrhistogram::Histogram;
 
 /// Frames queued per stream. Four frames of up to 256 KiB keep a stream's
 /// socket buffer fed while a worker builds the next one, and bound the
@@ -245,9 +247,15 @@ impl<'a> Source<'a> {
 
 /// What a stream's queue carries.
 enum Msg {
-    Frame(Vec<u8>),
-    RoundEnd { round: u64, last: bool },
-    Done { digest: u64 },
+    /// A sealed frame and when it was sealed.
+    Frame(Vec<u8>, Instant),
+    RoundEnd {
+        round: u64,
+        last: bool,
+    },
+    Done {
+        digest: u64,
+    },
 }
 
 struct StreamStats {
@@ -290,51 +298,6 @@ impl Counts {
     }
 }
 
-/// Per-worker lz4 decision for [`Compression::Auto`]: compress while it
-/// saves at least 1/8 of the bytes; after a run of batches that did not,
-/// stop trying for a while and probe again later.
-pub(crate) struct Lz4Gate {
-    mode: Compression,
-    misses: u32,
-    skip: u32,
-}
-
-impl Lz4Gate {
-    pub(crate) fn new(mode: Compression) -> Self {
-        Self { mode, misses: 0, skip: 0 }
-    }
-
-    pub(crate) fn try_now(&mut self) -> bool {
-        match self.mode {
-            Compression::Off => false,
-            Compression::On => true,
-            Compression::Auto => {
-                if self.skip > 0 {
-                    self.skip -= 1;
-                    false
-                } else {
-                    true
-                }
-            }
-        }
-    }
-
-    pub(crate) fn record(&mut self, raw: usize, wire: usize) {
-        if self.mode != Compression::Auto {
-            return;
-        }
-        if wire * 8 > raw * 7 {
-            self.misses += 1;
-            if self.misses >= 4 {
-                self.misses = 0;
-                self.skip = 64;
-            }
-        } else {
-            self.misses = 0;
-        }
-    }
-}
-
 struct Worker<'w> {
     run: &'w Run<'w>,
     queues: &'w [Sender<Msg>],
@@ -352,14 +315,19 @@ impl Worker<'_> {
     fn send(&mut self, frame: Vec<u8>) -> Result<(), MigrateError> {
         self.counts.wire += frame.len() as u64;
         let n = self.queues.len();
-        let mut msg = Msg::Frame(frame);
+        let mut msg = Msg::Frame(frame, Instant::now());
         for k in 0..n {
             match self.queues[(self.home + k) % n].try_send(msg) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.gate.pressure(false);
+                    return Ok(());
+                }
                 Err(TrySendError::Full(m)) | Err(TrySendError::Disconnected(m)) => msg = m,
             }
         }
-        // Every queue is full: wait on our own stream (backpressure).
+        // Every queue is full: the links are the bottleneck. Wait on our
+        // own stream (backpressure), and let lz4 trade CPU for bytes.
+        self.gate.pressure(true);
         self.queues[self.home].send(msg).map_err(|_| MigrateError::Aborted)
     }
 
@@ -539,15 +507,18 @@ fn sender(
     stats: &StreamStats,
     progress: &Progress,
     abort: &AtomicBool,
-) -> Result<(), MigrateError> {
+) -> Result<Histogram<u64>, MigrateError> {
     let name = format!("stream {index}");
     let mut frames_this_round = 0u64;
+    // Microseconds from a frame sealed to its last byte handed to the kernel.
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 2).expect("valid histogram bounds");
     let mut ctl = Vec::with_capacity(64);
     let res = (|| {
         for msg in rx.iter() {
             let buf: &[u8] = match msg {
-                Msg::Frame(f) => {
+                Msg::Frame(f, sealed) => {
                     write_frame(&mut stream, &f, &name)?;
+                    latency.saturating_record(sealed.elapsed().as_micros() as u64);
                     frames_this_round += 1;
                     stats.frames.fetch_add(1, Ordering::Relaxed);
                     stats.bytes.fetch_add(f.len() as u64, Ordering::Relaxed);
@@ -579,7 +550,7 @@ fn sender(
     if res.is_err() {
         abort.store(true, Ordering::Relaxed);
     }
-    res.map_err(MigrateError::from)
+    res.map(|()| latency).map_err(MigrateError::from)
 }
 
 /// Reads what the destination says on a stream: `Verified` on stream 0 at
@@ -636,6 +607,7 @@ impl<'r> Run<'r> {
             },
             ..Report::default()
         };
+        let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 2).expect("valid histogram bounds");
         let outcome = std::thread::scope(|s| -> Result<(), MigrateError> {
             let mut senders = Vec::new();
             for (i, (stream, rx)) in streams.iter().zip(rxs).enumerate() {
@@ -655,8 +627,9 @@ impl<'r> Run<'r> {
                 Err(e) => (None, Some(e)),
             };
             for h in senders {
-                if let Err(e) = h.join().expect("sender thread panicked") {
-                    MigrateError::keep(&mut error, e);
+                match h.join().expect("sender thread panicked") {
+                    Ok(hist) => latency.add(&hist).expect("histograms of equal bounds"),
+                    Err(e) => MigrateError::keep(&mut error, e),
                 }
             }
             // On success, wait for the destination's verdict; on failure, give
@@ -688,6 +661,7 @@ impl<'r> Run<'r> {
         });
         outcome?;
         report.wire_bytes = stats.iter().map(|s| s.bytes.load(Ordering::Relaxed)).sum();
+        report.batch_latency = LatencySummary::of(&latency);
         report.payload_bytes = report.rounds.iter().map(|r| r.payload_bytes).sum();
         report.streams = ends
             .into_iter()

@@ -1,10 +1,17 @@
-//! `pmigrate bench`: the embedded default job.
+//! `pmigrate bench`: the embedded default job, and the sweeps behind
+//! `docs/benchmarks.md`.
+//!
+//! Every figure is measured in the same run as what it is compared with:
+//! the raw TCP ceiling of the same path just before, and the classic data
+//! plane (one thread, one stream, no compression) beside pmigrate.
 
+use std::io::Write;
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{anyhow, Result};
 use clap::Args;
-use pmigrate::{Compression, SourceConfig, TrackerKind};
+use pmigrate::{Compression, SourceConfig, TrackerKind, Via};
 use pmigrate_bench::ceiling;
 use pmigrate_bench::loopback::{self, Scenario};
 use pmigrate_bench::synth::{ContentMix, MutatorConfig, Skew};
@@ -33,10 +40,10 @@ pub struct BenchArgs {
     /// Destination addresses to listen on (port 0: any); streams are
     /// spread over them. Default: 127.0.0.1:0.
     #[arg(long, value_delimiter = ',')]
-    listen: Vec<std::net::SocketAddr>,
+    listen: Vec<SocketAddr>,
     /// Local address or interface of each stream, comma-separated.
     #[arg(long, value_delimiter = ',')]
-    via: Vec<pmigrate::Via>,
+    via: Vec<Via>,
     /// Run the source and destination in these network namespaces, as
     /// SRC:DST (see tools/testbed.sh).
     #[arg(long)]
@@ -45,6 +52,11 @@ pub struct BenchArgs {
     /// with the configured compression.
     #[arg(long, value_delimiter = ',')]
     matrix: Vec<String>,
+    /// Sweep threads × streams × links × dirty rate and print CSV: links
+    /// are the first 1, 2, … of the --listen/--via addresses; dirty rates
+    /// are 0 and --dirty-mib-s.
+    #[arg(long)]
+    sweep: bool,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -53,87 +65,141 @@ pub struct BenchArgs {
 #[derive(serde::Serialize)]
 struct Row {
     name: String,
+    threads: usize,
+    streams: u16,
+    links: usize,
+    dirty_mib_s: u64,
+    compression: String,
     total_secs: f64,
     downtime_ms: f64,
     rounds: usize,
+    converged: bool,
     wire_mib: f64,
     payload_mib: f64,
     throughput_mib_s: f64,
     /// Page data over the seconds the rounds took (setup and the final
     /// handshake excluded): the engine's transfer rate.
     transfer_mib_s: f64,
-    /// CPU seconds of the whole process (source and destination) during the run.
-    cpu_secs: f64,
+    /// CPU seconds of the whole process (source and destination) per GiB
+    /// of guest memory.
+    cpu_secs_per_gib: f64,
+    batch_p50_us: u64,
+    batch_p99_us: u64,
+    per_stream_mib_s: Vec<f64>,
+}
+
+struct Plan {
+    listen: Vec<SocketAddr>,
+    via: Vec<Via>,
+    netns: Option<(String, String)>,
+}
+
+impl Plan {
+    /// The first `links` addresses of each list.
+    fn links(&self, links: usize) -> (Vec<SocketAddr>, Vec<Via>) {
+        let cut = |n: usize| n.min(links).max(1);
+        (self.listen[..cut(self.listen.len())].to_vec(), self.via[..self.via.len().min(links)].to_vec())
+    }
+}
+
+const MIB: f64 = (1 << 20) as f64;
+
+#[allow(clippy::too_many_arguments)]
+fn measure(
+    a: &BenchArgs,
+    plan: &Plan,
+    name: &str,
+    threads: usize,
+    streams: u16,
+    links: usize,
+    dirty_mib_s: u64,
+    compression: Compression,
+) -> Result<Row> {
+    let memory = a.memory_mib << 20;
+    let (listen, via) = plan.links(links);
+    eprintln!(
+        "migrating {} MiB: {name}, {threads} threads x {streams} streams, {links} links, {dirty_mib_s} MiB/s dirty...",
+        a.memory_mib
+    );
+    let sc = Scenario {
+        memory,
+        mix: a.mix,
+        mutators: (dirty_mib_s > 0).then_some(MutatorConfig {
+            threads: 1,
+            rate: dirty_mib_s << 20,
+            working_set: memory / 2,
+            skew: Skew::HotCold { hot_pct: 80, hot_share: 20 },
+        }),
+        streams,
+        config: SourceConfig {
+            threads,
+            compression,
+            tracker: TrackerKind::Hash,
+            max_rounds: 30,
+            downtime_target: Duration::from_millis(300),
+            ..SourceConfig::default()
+        },
+        listen,
+        via,
+        netns: plan.netns.clone(),
+    };
+    let o = loopback::run(&sc, 7)?;
+    let s = &o.source;
+    Ok(Row {
+        name: name.to_string(),
+        threads,
+        streams,
+        links,
+        dirty_mib_s,
+        compression: format!("{compression:?}").to_lowercase(),
+        total_secs: s.total_secs,
+        downtime_ms: s.downtime_secs * 1e3,
+        rounds: s.rounds.len(),
+        converged: s.converged,
+        wire_mib: s.wire_bytes as f64 / MIB,
+        payload_mib: s.payload_bytes as f64 / MIB,
+        throughput_mib_s: memory as f64 / MIB / s.total_secs,
+        transfer_mib_s: s.payload_rate() / MIB,
+        cpu_secs_per_gib: o.cpu_secs / (a.memory_mib as f64 / 1024.0),
+        batch_p50_us: s.batch_latency.as_ref().map_or(0, |l| l.p50_us),
+        batch_p99_us: s.batch_latency.as_ref().map_or(0, |l| l.p99_us),
+        per_stream_mib_s: s.streams.iter().map(|st| st.bytes_per_sec / MIB).collect(),
+    })
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
-    let memory = a.memory_mib << 20;
-    let mutators = (a.dirty_mib_s > 0).then_some(MutatorConfig {
-        threads: 1,
-        rate: a.dirty_mib_s << 20,
-        working_set: memory / 2,
-        skew: Skew::HotCold { hot_pct: 80, hot_share: 20 },
-    });
-    let listen = if a.listen.is_empty() { vec!["127.0.0.1:0".parse()?] } else { a.listen.clone() };
     let netns = match &a.netns {
         None => None,
         Some(s) => {
-            let (src, dst) = s.split_once(':').ok_or_else(|| anyhow::anyhow!("--netns takes SRC:DST"))?;
+            let (src, dst) = s.split_once(':').ok_or_else(|| anyhow!("--netns takes SRC:DST"))?;
             Some((src.to_string(), dst.to_string()))
         }
     };
-    let path = ceiling::Path { listen: listen.clone(), via: a.via.clone(), netns: netns.clone() };
+    let listen = if a.listen.is_empty() { vec!["127.0.0.1:0".parse()?] } else { a.listen.clone() };
+    let plan = Plan { listen, via: a.via.clone(), netns };
+    if a.sweep {
+        return sweep(&a, &plan);
+    }
+    let path = ceiling::Path { listen: plan.listen.clone(), via: plan.via.clone(), netns: plan.netns.clone() };
     eprintln!("measuring raw TCP over the same path ({} streams)...", a.streams);
-    let ceiling = ceiling::raw_tcp(&path, a.streams as usize, memory.min(1 << 30))?;
-    let raw = ceiling.bytes_per_sec;
-    let mut rows = Vec::new();
-    let mut runs = vec![
-        ("classic (1 thread, 1 stream, no lz4)".to_string(), 1, 1, Compression::Off),
-        (format!("pmigrate {}x{}", a.threads, a.streams), a.streams, a.threads, a.compress),
+    let ceiling = ceiling::raw_tcp(&path, a.streams as usize, (a.memory_mib << 20).min(1 << 30))?;
+    let raw = ceiling.bytes_per_sec / MIB;
+    let links = plan.listen.len().max(plan.via.len());
+    let mut rows = vec![
+        measure(&a, &plan, "classic (1 thread, 1 stream, no lz4)", 1, 1, links, a.dirty_mib_s, Compression::Off)?,
+        measure(&a, &plan, "pmigrate", a.threads, a.streams, links, a.dirty_mib_s, a.compress)?,
     ];
     for m in &a.matrix {
-        let (t, s) = m.split_once('x').ok_or_else(|| anyhow::anyhow!("{m:?}: expected THREADSxSTREAMS"))?;
-        runs.push((format!("pmigrate {m}"), s.parse()?, t.parse()?, a.compress));
-    }
-    for (name, streams, threads, compression) in runs {
-        eprintln!("migrating {} MiB: {name}...", a.memory_mib);
-        let sc = Scenario {
-            memory,
-            mix: a.mix,
-            mutators,
-            streams,
-            config: SourceConfig {
-                threads,
-                compression,
-                tracker: TrackerKind::Hash,
-                max_rounds: 30,
-                downtime_target: Duration::from_millis(300),
-                ..SourceConfig::default()
-            },
-            listen: listen.clone(),
-            via: a.via.clone(),
-            netns: netns.clone(),
-        };
-        let o = loopback::run(&sc, 7)?;
-        let s = &o.source;
-        rows.push(Row {
-            name: name.to_string(),
-            transfer_mib_s: s.payload_rate() / (1 << 20) as f64,
-            cpu_secs: o.cpu_secs,
-            total_secs: s.total_secs,
-            downtime_ms: s.downtime_secs * 1e3,
-            rounds: s.rounds.len(),
-            wire_mib: s.wire_bytes as f64 / (1 << 20) as f64,
-            payload_mib: s.payload_bytes as f64 / (1 << 20) as f64,
-            throughput_mib_s: memory as f64 / (1 << 20) as f64 / s.total_secs,
-        });
+        let (t, s) = m.split_once('x').ok_or_else(|| anyhow!("{m:?}: expected THREADSxSTREAMS"))?;
+        rows.push(measure(&a, &plan, "pmigrate", t.parse()?, s.parse()?, links, a.dirty_mib_s, a.compress)?);
     }
     if a.json {
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "memory_mib": a.memory_mib,
-                "raw_tcp_mib_s": raw / (1 << 20) as f64,
+                "mix": a.mix,
+                "raw_tcp_mib_s": raw,
                 "raw_tcp_cpu_secs_per_gib": ceiling.cpu_secs_per_gib,
                 "runs": rows,
             }))?
@@ -144,15 +210,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "migration of {} MiB ({:?}) to {:?}{}; raw TCP with {} streams: {:.0} MiB/s, {:.2} CPU s/GiB",
         a.memory_mib,
         a.mix,
-        listen,
+        plan.listen,
         a.netns.as_ref().map(|n| format!(" (namespaces {n})")).unwrap_or_default(),
         a.streams,
-        raw / (1 << 20) as f64,
+        raw,
         ceiling.cpu_secs_per_gib
     );
     println!(
-        "{:<38} {:>8} {:>10} {:>6} {:>9} {:>9} {:>11} {:>8} {:>9} {:>10}",
+        "{:<10} {:>5} {:>8} {:>10} {:>6} {:>9} {:>9} {:>11} {:>7} {:>9} {:>9} {:>10}",
         "run",
+        "TxS",
         "total s",
         "downtime",
         "rounds",
@@ -161,25 +228,75 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "xfer MiB/s",
         "vs TCP",
         "cpu s/GiB",
+        "p99 batch",
         "vs classic"
     );
     let base = rows[0].total_secs;
-    let raw_mib = raw / (1 << 20) as f64;
     for r in &rows {
         println!(
-            "{:<38} {:>8.3} {:>8.1}ms {:>6} {:>9.1} {:>9.1} {:>11.0} {:>7.2}x {:>9.2} {:>9.2}x",
-            r.name,
+            "{:<10} {:>5} {:>8.3} {:>8.1}ms {:>6} {:>9.1} {:>9.1} {:>11.0} {:>6.2}x {:>9.2} {:>7}us {:>9.2}x",
+            if r.name.starts_with("classic") { "classic" } else { "pmigrate" },
+            format!("{}x{}", r.threads, r.streams),
             r.total_secs,
             r.downtime_ms,
             r.rounds,
             r.wire_mib,
             r.payload_mib,
             r.transfer_mib_s,
-            r.transfer_mib_s / raw_mib,
-            r.cpu_secs / (a.memory_mib as f64 / 1024.0),
+            r.transfer_mib_s / raw,
+            r.cpu_secs_per_gib,
+            r.batch_p99_us,
             base / r.total_secs
         );
     }
-    println!("(xfer: page data over the time the rounds took; vs TCP: against raw TCP with {} streams, measured just before; cpu s/GiB: both ends, one process, per GiB of guest memory)", a.streams);
+    println!(
+        "(classic: 1 thread, 1 stream, no lz4. xfer: page data over the time the rounds took; vs TCP: against raw \
+         TCP with {} streams over the same path, measured just before; cpu: both ends in one process, per GiB of guest \
+         memory; p99 batch: a frame sealed to its last byte handed to the kernel)",
+        a.streams
+    );
+    Ok(())
+}
+
+fn sweep(a: &BenchArgs, plan: &Plan) -> Result<()> {
+    let max_links = plan.listen.len().max(plan.via.len()).max(1);
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "threads,streams,links,dirty_mib_s,compression,total_secs,downtime_ms,rounds,converged,wire_mib,payload_mib,\
+         transfer_mib_s,raw_tcp_mib_s,cpu_secs_per_gib,batch_p99_us"
+    )?;
+    let rates: Vec<u64> = if a.dirty_mib_s > 0 { vec![0, a.dirty_mib_s] } else { vec![0] };
+    for links in (1..=max_links).filter(|l| l.is_power_of_two() || *l == max_links) {
+        let (listen, via) = plan.links(links);
+        let path = ceiling::Path { listen, via, netns: plan.netns.clone() };
+        for (threads, streams) in [(1usize, 1u16), (2, 2), (4, 4), (8, 8)] {
+            let streams = streams.max(links as u16);
+            let raw = ceiling::raw_tcp(&path, streams as usize, (a.memory_mib << 20).min(1 << 30))?.bytes_per_sec / MIB;
+            for &rate in &rates {
+                let r = measure(a, plan, "sweep", threads, streams, links, rate, a.compress)?;
+                writeln!(
+                    out,
+                    "{},{},{},{},{},{:.3},{:.1},{},{},{:.1},{:.1},{:.1},{:.1},{:.3},{}",
+                    r.threads,
+                    r.streams,
+                    r.links,
+                    r.dirty_mib_s,
+                    r.compression,
+                    r.total_secs,
+                    r.downtime_ms,
+                    r.rounds,
+                    r.converged,
+                    r.wire_mib,
+                    r.payload_mib,
+                    r.transfer_mib_s,
+                    raw,
+                    r.cpu_secs_per_gib,
+                    r.batch_p99_us
+                )?;
+                out.flush()?;
+            }
+        }
+    }
     Ok(())
 }
