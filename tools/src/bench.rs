@@ -28,8 +28,8 @@ pub struct BenchArgs {
     /// Streams of the pmigrate run.
     #[arg(long, default_value_t = 4)]
     streams: u16,
-    /// Worker threads of the pmigrate run.
-    #[arg(long, default_value_t = 4)]
+    /// Worker threads of the pmigrate run (default: the cores, at most 4).
+    #[arg(long, default_value_t = crate::default_threads())]
     threads: usize,
     /// lz4 of the pmigrate run: auto, lz4, none.
     #[arg(long, default_value = "auto")]
@@ -255,6 +255,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
          memory; p99 batch: a frame sealed to its last byte handed to the kernel)",
         a.streams
     );
+    if plan.listen.iter().all(|l| l.ip().is_loopback()) {
+        println!(
+            "(loopback: both ends share this machine's {} cores, so the CPU, not a link, is the limit and lz4 competes              with the receiver for it; tools/testbed.sh builds rate-limited links, see docs/benchmarks.md)",
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        );
+    }
     Ok(())
 }
 
