@@ -96,3 +96,22 @@ pub fn raw_tcp(path: &Path, streams: usize, bytes: u64) -> anyhow::Result<Ceilin
     let cpu = crate::loopback::cpu_secs() - cpu0;
     Ok(Ceiling { bytes_per_sec: moved / t, cpu_secs_per_gib: cpu / (moved / (1u64 << 30) as f64) })
 }
+
+/// Bytes per second `threads` threads copy from one buffer to another
+/// (each thread its own slice; `bytes` per side in all): the ceiling of a
+/// data plane that must copy every page out of guest memory once.
+pub fn memory_copy(bytes: usize, threads: usize) -> f64 {
+    let threads = threads.max(1);
+    let src = vec![0x5au8; bytes];
+    let mut dst = vec![0u8; bytes];
+    // Touch the destination first so page faults are not timed.
+    dst.iter_mut().step_by(4096).for_each(|b| *b = 1);
+    let per = bytes.div_ceil(threads);
+    let t0 = Instant::now();
+    std::thread::scope(|s| {
+        for (d, from) in dst.chunks_mut(per).zip(src.chunks(per)) {
+            s.spawn(move || d.copy_from_slice(from));
+        }
+    });
+    bytes as f64 / t0.elapsed().as_secs_f64()
+}

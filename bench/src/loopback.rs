@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use pmigrate::{Acceptor, GuestMemory, Incoming, ReceiveOptions, Report, Source, SourceConfig, VmmBitmapTracker};
+use pmigrate::{
+    Acceptor, GuestMemory, Incoming, Progress, ReceiveOptions, Report, Source, SourceConfig, VmmBitmapTracker,
+};
 
 use crate::synth::{fill, start_mutators, ContentMix, MutatorConfig};
 
@@ -65,6 +67,12 @@ pub fn cpu_secs() -> f64 {
 /// mutators set, as a VMM's KVM dirty log would (it costs the source
 /// nothing, like the real thing); the pause hook stops the mutators.
 pub fn run(sc: &Scenario, seed: u64) -> anyhow::Result<Outcome> {
+    run_watched(sc, seed, &|_| {})
+}
+
+/// [`run`], handing the source's live counters to `watch` (a progress bar)
+/// when the migration starts; they are dropped when it ends.
+pub fn run_watched(sc: &Scenario, seed: u64, watch: &(dyn Fn(Arc<Progress>) + Sync)) -> anyhow::Result<Outcome> {
     let src = Arc::new(GuestMemory::anonymous(sc.memory)?);
     let dst = GuestMemory::anonymous(sc.memory)?;
     let t = Instant::now();
@@ -112,6 +120,7 @@ pub fn run(sc: &Scenario, seed: u64) -> anyhow::Result<Outcome> {
                     .via(sc.via.clone())
                     .config(sc.config.clone())
                     .tracker(Box::new(VmmBitmapTracker::new(maps.clone())));
+                watch(source.progress());
                 let muts = sc.mutators.map(|m| start_mutators(src.clone(), m, Some(maps)));
                 let muts = std::sync::Mutex::new(muts);
                 Ok(source

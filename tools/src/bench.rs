@@ -143,7 +143,12 @@ fn measure(
         via,
         netns: plan.netns.clone(),
     };
-    let o = loopback::run(&sc, 7)?;
+    let bar = std::sync::Mutex::new(None);
+    let o = loopback::run_watched(&sc, 7, &|p| *bar.lock().expect("bar") = crate::progress_bar(p));
+    if let Some(b) = bar.lock().expect("bar").take() {
+        let _ = b.join();
+    }
+    let o = o?;
     let s = &o.source;
     Ok(Row {
         name: name.to_string(),
@@ -184,6 +189,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     eprintln!("measuring raw TCP over the same path ({} streams)...", a.streams);
     let ceiling = ceiling::raw_tcp(&path, a.streams as usize, (a.memory_mib << 20).min(1 << 30))?;
     let raw = ceiling.bytes_per_sec / MIB;
+    let memcpy = ceiling::memory_copy(256 << 20, a.threads) / MIB;
     let links = plan.listen.len().max(plan.via.len());
     let mut rows = vec![
         measure(&a, &plan, "classic (1 thread, 1 stream, no lz4)", 1, 1, links, a.dirty_mib_s, Compression::Off)?,
@@ -201,20 +207,24 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 "mix": a.mix,
                 "raw_tcp_mib_s": raw,
                 "raw_tcp_cpu_secs_per_gib": ceiling.cpu_secs_per_gib,
+                "memory_copy_mib_s": memcpy,
                 "runs": rows,
             }))?
         );
         return Ok(());
     }
     println!(
-        "migration of {} MiB ({:?}) to {:?}{}; raw TCP with {} streams: {:.0} MiB/s, {:.2} CPU s/GiB",
+        "migration of {} MiB ({:?}) to {:?}{}; raw TCP with {} streams: {:.0} MiB/s, {:.2} CPU s/GiB; \
+         memory copy with {} threads: {:.0} MiB/s",
         a.memory_mib,
         a.mix,
         plan.listen,
         a.netns.as_ref().map(|n| format!(" (namespaces {n})")).unwrap_or_default(),
         a.streams,
         raw,
-        ceiling.cpu_secs_per_gib
+        ceiling.cpu_secs_per_gib,
+        a.threads,
+        memcpy
     );
     println!(
         "{:<10} {:>5} {:>8} {:>10} {:>6} {:>9} {:>9} {:>11} {:>7} {:>9} {:>9} {:>10}",
@@ -257,7 +267,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     );
     if plan.listen.iter().all(|l| l.ip().is_loopback()) {
         println!(
-            "(loopback: both ends share this machine's {} cores, so the CPU, not a link, is the limit and lz4 competes              with the receiver for it; tools/testbed.sh builds rate-limited links, see docs/benchmarks.md)",
+            "(loopback: both ends share this machine's {} cores, so the CPU, not a link, is the limit and lz4 competes with the receiver for it; tools/testbed.sh builds rate-limited links, see docs/benchmarks.md)",
             std::thread::available_parallelism().map_or(1, |n| n.get())
         );
     }

@@ -234,12 +234,14 @@ fn serve(a: ServeArgs) -> Result<()> {
     Ok(())
 }
 
-fn progress_bar(progress: Arc<Progress>, total: u64) -> Option<std::thread::JoinHandle<()>> {
+/// A progress bar on stderr over a running source's counters, when stderr
+/// is a terminal; it ends when the source drops its counters.
+fn progress_bar(progress: Arc<Progress>) -> Option<std::thread::JoinHandle<()>> {
     if !std::io::stderr().is_terminal() {
         return None;
     }
     Some(std::thread::spawn(move || {
-        let bar = indicatif::ProgressBar::new(total);
+        let bar = indicatif::ProgressBar::new(1);
         bar.set_style(
             indicatif::ProgressStyle::with_template("round {msg} [{bar:40}] {pos}/{len} pages ({per_sec})")
                 .expect("template")
@@ -303,7 +305,7 @@ fn migrate(a: MigrateArgs) -> Result<()> {
                 }
             }
         });
-    let bar = progress_bar(source.progress(), mem.total_pages());
+    let bar = progress_bar(source.progress());
     let report = source.run();
     if let Some(b) = bar {
         let _ = b.join();
