@@ -46,6 +46,25 @@ fn finish_frame(out: &mut [u8], hdr: &mut FrameHdr, body: &[u8]) {
     out[..HEADER_LEN].copy_from_slice(&hdr.encode());
 }
 
+/// Starts a frame in `out` and appends `bytes` as its payload: lz4 when
+/// asked for and it makes the payload smaller, as they are otherwise.
+fn put_payload(out: &mut Vec<u8>, bytes: &[u8], lz4: bool) -> Encoding {
+    start_frame(out);
+    if lz4 {
+        let max = lz4_flex::block::get_maximum_output_size(bytes.len());
+        out.resize(HEADER_LEN + max, 0);
+        match lz4_flex::block::compress_into(bytes, &mut out[HEADER_LEN..]) {
+            Ok(n) if n < bytes.len() => {
+                out.truncate(HEADER_LEN + n);
+                return Encoding::Lz4;
+            }
+            _ => out.truncate(HEADER_LEN),
+        }
+    }
+    out.extend_from_slice(bytes);
+    Encoding::Raw
+}
+
 /// Reusable scratch for building frames.
 #[derive(Default, Debug)]
 pub struct Scratch {
@@ -80,22 +99,7 @@ pub fn build_pages(
     let count = pages.len() / PAGE;
     assert!(pages.len() % PAGE == 0 && count > 0 && count <= MAX_FRAME_PAGES as usize);
     assert_eq!(hashes.len(), count);
-    start_frame(out);
-    let mut encoding = Encoding::Raw;
-    if lz4 {
-        let max = lz4_flex::block::get_maximum_output_size(pages.len());
-        out.resize(HEADER_LEN + max, 0);
-        match lz4_flex::block::compress_into(pages, &mut out[HEADER_LEN..]) {
-            Ok(n) if n < pages.len() => {
-                out.truncate(HEADER_LEN + n);
-                encoding = Encoding::Lz4;
-            }
-            _ => out.truncate(HEADER_LEN),
-        }
-    }
-    if encoding == Encoding::Raw {
-        out.extend_from_slice(pages);
-    }
+    let encoding = put_payload(out, pages, lz4);
     let mut hdr = FrameHdr::new(FrameKind::Pages);
     hdr.encoding = encoding;
     hdr.region = region;
@@ -140,22 +144,7 @@ pub fn build_zero_pages(out: &mut Vec<u8>, region: u32, first: u64, count: u32, 
 /// Builds a `Data` frame (byte-stream mode) carrying `data` as chunk `seq`.
 pub fn build_data(out: &mut Vec<u8>, seq: u64, data: &[u8], lz4: bool) -> Encoding {
     assert!(!data.is_empty() && data.len() <= MAX_PAYLOAD as usize);
-    start_frame(out);
-    let mut encoding = Encoding::Raw;
-    if lz4 {
-        let max = lz4_flex::block::get_maximum_output_size(data.len());
-        out.resize(HEADER_LEN + max, 0);
-        match lz4_flex::block::compress_into(data, &mut out[HEADER_LEN..]) {
-            Ok(n) if n < data.len() => {
-                out.truncate(HEADER_LEN + n);
-                encoding = Encoding::Lz4;
-            }
-            _ => out.truncate(HEADER_LEN),
-        }
-    }
-    if encoding == Encoding::Raw {
-        out.extend_from_slice(data);
-    }
+    let encoding = put_payload(out, data, lz4);
     let mut hdr = FrameHdr::new(FrameKind::Data);
     hdr.encoding = encoding;
     hdr.count = data.len() as u32;
