@@ -20,8 +20,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use pmigrate_ranges::{GuestMemory, PageIdx, RangeLock, PAGE_SIZE};
-use pmigrate_transport::frame::{FrameHdr, FrameKind, FLAG_FINAL};
-use pmigrate_transport::hello::{ErrorCode, ErrorMsg, Mode, RegionDesc, CAP_LZ4, KNOWN_CAPS};
+use pmigrate_transport::frame::{FrameHdr, FrameKind, FLAG_FINAL, FLAG_PROBE_WORDS};
+use pmigrate_transport::hello::{
+    decode_shared_paths, ErrorCode, ErrorMsg, Mode, RegionDesc, CAP_LZ4, CAP_SHARED, EXT_SHARED_PATHS, KNOWN_CAPS,
+};
 use pmigrate_transport::net::{write_frame, FrameReader};
 use pmigrate_transport::payload::{build_control, zero_page_hash, OpenedPages, Opener};
 use pmigrate_transport::session::send_error;
@@ -30,6 +32,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::digest::memory_digest;
 use crate::report::{Report, StreamReport};
+use crate::shared;
 use crate::MigrateError;
 
 /// Checks that `mem` has exactly the regions the source described.
@@ -84,7 +87,13 @@ impl Incoming {
     ) -> Result<Incoming, MigrateError> {
         let mut judge = |h: &pmigrate_transport::Hello| {
             check(&h.regions).map_err(|message| ErrorMsg { code: ErrorCode::Layout, message })?;
-            Ok(h.caps & KNOWN_CAPS & CAP_LZ4)
+            if h.caps & CAP_SHARED != 0 {
+                if let Some((_, ext)) = h.extensions.iter().find(|(t, _)| *t == EXT_SHARED_PATHS) {
+                    decode_shared_paths(ext, h.regions.len())
+                        .map_err(|e| ErrorMsg { code: ErrorCode::Protocol, message: e.to_string() })?;
+                }
+            }
+            Ok(h.caps & KNOWN_CAPS)
         };
         let accepted = acceptor.accept_session(Mode::Memory, &mut judge, deadline)?;
         Ok(Incoming { accepted, t0: Instant::now() })
@@ -97,6 +106,23 @@ impl Incoming {
         deadline: Option<Instant>,
     ) -> Result<Incoming, MigrateError> {
         Self::accept(acceptor, |r| layout_matches(mem, r), deadline)
+    }
+
+    /// The regions the source offers to hand over, with the path of their
+    /// backing on the source's host. An embedder that can map the same
+    /// memory maps that path, shared, as the region (it is then not zero);
+    /// the source proves it is the same memory before relying on it, and
+    /// copies the region otherwise.
+    pub fn shared_paths(&self) -> Vec<(u32, String)> {
+        let h = &self.accepted.hello;
+        if self.accepted.caps & CAP_SHARED == 0 {
+            return Vec::new();
+        }
+        h.extensions
+            .iter()
+            .find(|(t, _)| *t == EXT_SHARED_PATHS)
+            .and_then(|(_, ext)| decode_shared_paths(ext, h.regions.len()).ok())
+            .unwrap_or_default()
     }
 
     /// The source's region table.
@@ -114,6 +140,7 @@ impl Incoming {
     /// region created with `truncate`): pages the source never sends are
     /// zero there.
     pub fn receive(self, mem: &GuestMemory, opts: &ReceiveOptions) -> Result<Report, MigrateError> {
+        let shared_paths = self.shared_paths();
         let streams = self.accepted.streams;
         if let Err(why) = layout_matches(mem, &self.accepted.hello.regions) {
             for s in &streams {
@@ -133,6 +160,13 @@ impl Incoming {
             abort: AtomicBool::new(false),
             first_error: Mutex::new(None),
             lz4_granted: self.accepted.caps & CAP_LZ4 != 0,
+            offered: {
+                let mut v = vec![false; mem.regions().len()];
+                for (r, _) in &shared_paths {
+                    v[*r as usize] = true;
+                }
+                v
+            },
         };
         let results: Vec<Result<StreamOutcome, ()>> = std::thread::scope(|s| {
             let handles: Vec<_> = streams
@@ -187,6 +221,18 @@ impl Incoming {
             compression: if self.accepted.caps & CAP_LZ4 != 0 { "lz4".into() } else { "off".into() },
             ..Report::default()
         };
+        for (r, offered) in state.offered.iter().enumerate() {
+            if !*offered {
+                continue;
+            }
+            let received = state.stamps[r].iter().any(|s| s.load(Ordering::Relaxed) != 0);
+            report.regions.push(crate::shared::RegionPath {
+                region: r as u32,
+                bytes: mem.regions()[r].len(),
+                path: if received { "copy" } else { "zero-copy" }.into(),
+                why: if received { "pages received" } else { "no page received: handed over" }.into(),
+            });
+        }
         for (i, (o, st)) in outcomes.iter().zip(&streams).enumerate() {
             report.wire_bytes += o.bytes;
             report.payload_bytes += o.pages * PAGE_SIZE as u64;
@@ -217,6 +263,9 @@ struct State<'m> {
     abort: AtomicBool,
     first_error: Mutex<Option<MigrateError>>,
     lz4_granted: bool,
+    /// Per region: offered for handover, so its memory is not known to be
+    /// zero (it may be the source's own memory, or another file).
+    offered: Vec<bool>,
 }
 
 #[derive(Default)]
@@ -321,6 +370,22 @@ impl State<'_> {
                         }
                     }
                 }
+                FrameKind::Probe if !finished && index == 0 && !self.offered.is_empty() => {
+                    hdr.verify(payload)
+                        .map_err(|source| TransportError::Wire { what: format!("stream {index}"), source })?;
+                    if !self.offered.get(hdr.region as usize).copied().unwrap_or(false) {
+                        return Err(protocol(
+                            index,
+                            format!("probe of region {}, not offered for handover", hdr.region),
+                        ));
+                    }
+                    let words = hdr.flags & FLAG_PROBE_WORDS != 0;
+                    let answer =
+                        shared::answer(self.mem, hdr.region, words, payload).map_err(|why| protocol(index, why))?;
+                    let mut f = Vec::new();
+                    build_control(&mut f, FrameHdr::new(FrameKind::ProbeReply), &answer);
+                    write_frame(&mut &*stream, &f, &format!("stream {index}"))?;
+                }
                 FrameKind::Done if finished && index == 0 => {
                     hdr.verify(&[])
                         .map_err(|source| TransportError::Wire { what: format!("stream {index}"), source })?;
@@ -373,7 +438,7 @@ impl State<'_> {
                         continue;
                     }
                     // A page never written is still the zero it started as.
-                    if old != 0 {
+                    if old != 0 || self.offered[r] {
                         region.zero_pages(PageIdx(p), 1)?;
                     }
                     stamps[p as usize].store(stamp, Ordering::Relaxed);
@@ -408,6 +473,10 @@ impl State<'_> {
         let mut buf = vec![0u8; 64 * PAGE_SIZE];
         for (i, region) in self.mem.iter() {
             let table = &self.hashes[i.as_usize()];
+            let stamps = &self.stamps[i.as_usize()];
+            if self.offered[i.as_usize()] && stamps.iter().all(|s| s.load(Ordering::Relaxed) == 0) {
+                continue; // handed over: its bytes are the source's own, never received
+            }
             let mut p = 0u64;
             while p < region.pages() {
                 let n = (region.pages() - p).min(64);

@@ -42,6 +42,7 @@ pub mod dirty;
 pub mod lz4gate;
 pub mod relay;
 pub mod report;
+pub mod shared;
 pub mod source;
 #[cfg(feature = "vm-memory")]
 pub mod vmm;

@@ -112,6 +112,8 @@ pub struct Report {
     /// last byte handed to the kernel (queueing behind slower streams
     /// included).
     pub batch_latency: Option<LatencySummary>,
+    /// Regions offered for zero-copy handover: which path each took, and why.
+    pub regions: Vec<crate::shared::RegionPath>,
 }
 
 impl Report {
@@ -182,6 +184,9 @@ impl fmt::Display for Report {
                     r.secs
                 )?;
             }
+        }
+        for r in &self.regions {
+            writeln!(f, "  region {} ({:.1} MiB): {} — {}", r.region, mib(r.bytes), r.path, r.why)?;
         }
         if let Some(l) = &self.batch_latency {
             writeln!(

@@ -29,8 +29,12 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
 use pmigrate_ranges::{distribute, plan_shards, AtomicBitmap, GuestMemory, PageIdx, ShardWorker, PAGE_SIZE};
-use pmigrate_transport::frame::{Encoding, FrameHdr, FrameKind, FLAG_FINAL, HEADER_LEN};
-use pmigrate_transport::hello::{Hello, Mode, RegionDesc, CAP_LZ4, PROTOCOL_VERSION, REGION_HUGE};
+use pmigrate_transport::frame::{
+    Encoding, FrameHdr, FrameKind, FLAG_FINAL, FLAG_PROBE_HASH, FLAG_PROBE_WORDS, HEADER_LEN,
+};
+use pmigrate_transport::hello::{
+    encode_shared_paths, Hello, Mode, RegionDesc, CAP_LZ4, CAP_SHARED, EXT_SHARED_PATHS, PROTOCOL_VERSION, REGION_HUGE,
+};
 use pmigrate_transport::net::{write_frame, FrameReader};
 use pmigrate_transport::payload::{
     build_control, build_pages, build_zero_pages, is_zero_page, seal_raw_pages_in_place, zero_page_hash, PagesAt,
@@ -44,6 +48,7 @@ use crate::digest::memory_digest;
 use crate::dirty::{tracker_for, DirtyTracker, TrackerKind};
 use crate::lz4gate::Lz4Gate;
 use crate::report::{LatencySummary, Report, RoundReport, StreamReport};
+use crate::shared::{self, RegionPath};
 use crate::{Compression, MigrateError};
 use hdrhistogram::Histogram;
 
@@ -55,6 +60,9 @@ pub const QUEUE_DEPTH: usize = 4;
 /// Default pages per frame: 64 pages (256 KiB), large enough that headers
 /// and syscalls are noise, small enough to spread over streams evenly.
 pub const DEFAULT_BATCH_PAGES: usize = 64;
+
+/// How long the source waits for the answer to a probe.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long the source waits for the destination to verify the digest
 /// after the last frame: the destination only hashes tables by then.
@@ -77,6 +85,9 @@ pub struct SourceConfig {
     pub max_rounds: u32,
     /// Dirty tracker to use when the embedder supplies none.
     pub tracker: TrackerKind,
+    /// Offer shared file regions for handover instead of copying them
+    /// (see [`crate::shared`]).
+    pub zero_copy: bool,
 }
 
 impl Default for SourceConfig {
@@ -89,6 +100,7 @@ impl Default for SourceConfig {
             downtime_target: Duration::from_millis(300),
             max_rounds: 30,
             tracker: TrackerKind::Auto,
+            zero_copy: true,
         }
     }
 }
@@ -197,7 +209,13 @@ impl<'a> Source<'a> {
             Some(t) => t,
             None => tracker_for(self.cfg.tracker, self.mem)?,
         };
-        let caps = if self.cfg.compression == Compression::Off { 0 } else { CAP_LZ4 };
+        let mut caps = if self.cfg.compression == Compression::Off { 0 } else { CAP_LZ4 };
+        let candidates = if self.cfg.zero_copy { shared::candidates(self.mem) } else { Vec::new() };
+        let mut extensions = Vec::new();
+        if !candidates.is_empty() {
+            caps |= CAP_SHARED;
+            extensions.push((EXT_SHARED_PATHS, encode_shared_paths(&candidates)));
+        }
         let hello = Hello {
             version: PROTOCOL_VERSION,
             mode: Mode::Memory,
@@ -215,9 +233,10 @@ impl<'a> Source<'a> {
                     flags: if r.host_page_size() == pmigrate_ranges::HostPageSize::Huge2M { REGION_HUGE } else { 0 },
                 })
                 .collect(),
-            extensions: Vec::new(),
+            extensions,
         };
         let (streams, welcome) = connect_session(&self.plan, &hello)?;
+        let candidates = if welcome.caps & CAP_SHARED != 0 { candidates } else { Vec::new() };
         let setup_secs = t0.elapsed().as_secs_f64();
         let lz4_allowed = welcome.caps & CAP_LZ4 != 0 && self.cfg.compression != Compression::Off;
         let mut run = Run {
@@ -232,6 +251,9 @@ impl<'a> Source<'a> {
                 .collect(),
             progress: &self.progress,
             abort: AtomicBool::new(false),
+            candidates,
+            force: self.mem.regions().iter().map(|_| AtomicBool::new(false)).collect(),
+            session: hello.session,
         };
         let result = run.drive(streams, tracker.as_mut(), self.pause);
         tracker.stop(self.mem);
@@ -249,6 +271,8 @@ impl<'a> Source<'a> {
 enum Msg {
     /// A sealed frame and when it was sealed.
     Frame(Vec<u8>, Instant),
+    /// A control frame built by the coordinator (probes).
+    Control(Vec<u8>),
     RoundEnd {
         round: u64,
         last: bool,
@@ -273,6 +297,13 @@ struct Run<'r> {
     sent: Vec<Box<[AtomicU64]>>,
     progress: &'r Progress,
     abort: AtomicBool,
+    /// Regions offered for handover, accepted by the destination for
+    /// proving.
+    candidates: Vec<(u32, String)>,
+    /// Per region: send every page this round, whatever the destination
+    /// was thought to hold (a region that fell back to the copy path).
+    force: Vec<AtomicBool>,
+    session: [u8; 16],
 }
 
 #[derive(Default)]
@@ -394,6 +425,7 @@ impl Worker<'_> {
         let mem_region = &self.run.mem.regions()[region as usize];
         let sent = &self.run.sent[region as usize];
         let zero_hash = zero_page_hash();
+        let force = self.run.force[region as usize].load(Ordering::Relaxed);
         let batch = self.cfg_batch();
         let mut pos = start;
         while pos < start + len {
@@ -412,7 +444,7 @@ impl Worker<'_> {
                 let zero = is_zero_page(page);
                 let h = if zero { zero_hash } else { xxh3_64(page) };
                 self.hashes.push(h);
-                let unchanged = sent[(pos + i as u64) as usize].load(Ordering::Relaxed) == h;
+                let unchanged = !force && sent[(pos + i as u64) as usize].load(Ordering::Relaxed) == h;
                 let kind = if unchanged {
                     0
                 } else if zero {
@@ -535,6 +567,10 @@ fn sender(
                     build_control(&mut ctl, h, &[]);
                     &ctl
                 }
+                Msg::Control(f) => {
+                    ctl = f;
+                    &ctl
+                }
                 Msg::Done { digest } => {
                     let mut h = FrameHdr::new(FrameKind::Done);
                     h.aux = digest;
@@ -553,20 +589,35 @@ fn sender(
     res.map(|()| latency).map_err(MigrateError::from)
 }
 
-/// Reads what the destination says on a stream: `Verified` on stream 0 at
-/// the end, or an `Error` at any time; reports it on `verdict`.
-fn listener(stream: &TcpStream, index: usize, verdict: Sender<Result<u64, MigrateError>>, abort: &AtomicBool) {
+/// Reads what the destination says on a stream: probe replies (stream 0,
+/// handed to `probes`), then `Verified` on stream 0 at the end, or an
+/// `Error` at any time; reports the outcome on `verdict`.
+fn listener(
+    stream: &TcpStream,
+    index: usize,
+    verdict: Sender<Result<u64, MigrateError>>,
+    probes: Sender<Vec<u8>>,
+    abort: &AtomicBool,
+) {
     let mut r = FrameReader::new(stream, format!("stream {index}"));
-    let outcome = match r.next_frame() {
-        Ok(Some((h, _))) if h.kind == FrameKind::Verified && index == 0 => h
-            .verify(&[])
-            .map(|()| h.aux)
-            .map_err(|source| TransportError::Wire { what: r.name().into(), source }.into()),
-        Ok(Some((h, _))) => {
-            Err(MigrateError::Transport(TransportError::Unexpected { what: r.name().into(), kind: h.kind }))
+    let outcome = loop {
+        let wire = |source| MigrateError::from(TransportError::Wire { what: format!("stream {index}"), source });
+        match r.next_frame() {
+            Ok(Some((h, p))) if h.kind == FrameKind::ProbeReply && index == 0 => match h.verify(p) {
+                Ok(()) => {
+                    let _ = probes.send(p.to_vec());
+                }
+                Err(e) => break Err(wire(e)),
+            },
+            Ok(Some((h, _))) if h.kind == FrameKind::Verified && index == 0 => {
+                break h.verify(&[]).map(|()| h.aux).map_err(wire)
+            }
+            Ok(Some((h, _))) => {
+                break Err(TransportError::Unexpected { what: format!("stream {index}"), kind: h.kind }.into())
+            }
+            Ok(None) => return,
+            Err(e) => break Err(e.into()),
         }
-        Ok(None) => return,
-        Err(e) => Err(e.into()),
     };
     if outcome.is_err() {
         abort.store(true, Ordering::Relaxed);
@@ -594,6 +645,7 @@ impl<'r> Run<'r> {
         let (txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| bounded::<Msg>(QUEUE_DEPTH)).unzip();
         let (pool_tx, pool_rx) = bounded::<Vec<u8>>(n * QUEUE_DEPTH + self.cfg.threads);
         let (verdict_tx, verdict) = bounded::<Result<u64, MigrateError>>(n);
+        let (probe_tx, probe_rx) = bounded::<Vec<u8>>(4);
         let this: &Run<'r> = self;
         let mut report = Report {
             role: "source".into(),
@@ -611,16 +663,18 @@ impl<'r> Run<'r> {
         let outcome = std::thread::scope(|s| -> Result<(), MigrateError> {
             let mut senders = Vec::new();
             for (i, (stream, rx)) in streams.iter().zip(rxs).enumerate() {
-                let (pool, st, verdict) = (pool_tx.clone(), &stats[i], verdict_tx.clone());
+                let (pool, st, verdict, probes) = (pool_tx.clone(), &stats[i], verdict_tx.clone(), probe_tx.clone());
                 senders.push(s.spawn(move || sender(stream, i, rx, pool, st, this.progress, &this.abort)));
-                s.spawn(move || listener(stream, i, verdict, &this.abort));
+                s.spawn(move || listener(stream, i, verdict, probes, &this.abort));
             }
-            let res = this.rounds(&txs, &pool_rx, tracker, pause, &mut report).and_then(|t_pause| {
-                let digest = memory_digest(&this.sent);
-                report.digest = format!("{digest:016x}");
-                txs[0].send(Msg::Done { digest }).map_err(|_| MigrateError::Aborted)?;
-                Ok(t_pause)
-            });
+            drop(probe_tx);
+            let res =
+                this.rounds(&txs, &pool_rx, &probe_rx, &verdict, tracker, pause, &mut report).and_then(|t_pause| {
+                    let digest = memory_digest(&this.sent);
+                    report.digest = format!("{digest:016x}");
+                    txs[0].send(Msg::Done { digest }).map_err(|_| MigrateError::Aborted)?;
+                    Ok(t_pause)
+                });
             drop(txs);
             let (t_pause, mut error) = match res {
                 Ok(t) => (Some(t), None),
@@ -734,16 +788,127 @@ impl<'r> Run<'r> {
         Ok(())
     }
 
+    /// Asks the destination about `places` of `region` on stream 0 and
+    /// waits for its answer (or its error).
+    fn probe(
+        &self,
+        txs: &[Sender<Msg>],
+        probes: &Receiver<Vec<u8>>,
+        verdict: &Receiver<Result<u64, MigrateError>>,
+        region: u32,
+        flag: u16,
+        places: &[u64],
+    ) -> Result<Vec<u64>, MigrateError> {
+        let mut h = FrameHdr::new(FrameKind::Probe);
+        h.region = region;
+        h.flags = flag;
+        let mut f = Vec::new();
+        build_control(&mut f, h, &shared::to_bytes(places));
+        txs[0].send(Msg::Control(f)).map_err(|_| MigrateError::Aborted)?;
+        crossbeam_channel::select! {
+            recv(probes) -> r => {
+                let closed = |_| TransportError::Closed("stream 0: waiting for a probe's answer".into());
+                let v = shared::from_bytes(&r.map_err(closed)?);
+                if v.len() != places.len() {
+                    return Err(MigrateError::Protocol { stream: 0, why: "probe answered with the wrong count".into() });
+                }
+                Ok(v)
+            }
+            recv(verdict) -> v => Err(match v {
+                Ok(Err(e)) => e,
+                _ => MigrateError::Protocol { stream: 0, why: "the destination ended the session during a probe".into() },
+            }),
+            default(PROBE_TIMEOUT) => Err(MigrateError::Protocol { stream: 0, why: "no answer to a probe".into() }),
+        }
+    }
+
+    /// Step 1 of the proof: which offered regions the destination sees with
+    /// the same content. Returns per region whether it is (so far) shared.
+    fn prove_content(
+        &self,
+        txs: &[Sender<Msg>],
+        probes: &Receiver<Vec<u8>>,
+        verdict: &Receiver<Result<u64, MigrateError>>,
+        report: &mut Report,
+    ) -> Result<Vec<bool>, MigrateError> {
+        let mut shared = vec![false; self.mem.regions().len()];
+        let mut pick = shared::Picker::new(&self.session);
+        for (r, path) in &self.candidates {
+            let region = &self.mem.regions()[*r as usize];
+            let pages = shared::sample_pages(region.pages(), shared::HASH_SAMPLES, &mut pick);
+            let ours = shared::hash_pages(region, &pages)?;
+            let theirs = self.probe(txs, probes, verdict, *r, FLAG_PROBE_HASH, &pages)?;
+            shared[*r as usize] = ours == theirs;
+            if ours != theirs {
+                self.force[*r as usize].store(true, Ordering::Relaxed);
+                report.regions.push(RegionPath {
+                    region: *r,
+                    bytes: region.len(),
+                    path: "copy".into(),
+                    why: format!("{path}: sampled pages differ at the destination"),
+                });
+            }
+        }
+        Ok(shared)
+    }
+
+    /// Step 2, with the guest paused: nonces through our mapping must show
+    /// through the destination's. A region that fails is copied whole.
+    fn prove_identity(
+        &self,
+        txs: &[Sender<Msg>],
+        probes: &Receiver<Vec<u8>>,
+        verdict: &Receiver<Result<u64, MigrateError>>,
+        shared: &mut [bool],
+        dirty: &[AtomicBitmap],
+        report: &mut Report,
+    ) -> Result<(), MigrateError> {
+        let mut pick = shared::Picker::new(&[&self.session[..], b"nonce"].concat());
+        for (r, path) in &self.candidates {
+            let ri = *r as usize;
+            if !shared[ri] {
+                continue;
+            }
+            let region = &self.mem.regions()[ri];
+            let nonces = shared::Nonces::plant(region, &mut pick)?;
+            let seen = self.probe(txs, probes, verdict, *r, FLAG_PROBE_WORDS, &nonces.offsets);
+            let planted = nonces.values.clone();
+            // Put the guest's words back before anything else, whatever happened.
+            nonces.restore(region)?;
+            let same = seen? == planted;
+            let (path_taken, why) = if same {
+                ("zero-copy", format!("{path}: the destination maps the same memory (nonce proof)"))
+            } else {
+                shared[ri] = false;
+                self.force[ri].store(true, Ordering::Relaxed);
+                dirty[ri].set_range(0, region.pages());
+                ("copy", format!("{path}: same content but not the same memory; copied during the pause"))
+            };
+            report.regions.push(RegionPath { region: *r, bytes: region.len(), path: path_taken.into(), why });
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn rounds(
         &self,
         txs: &[Sender<Msg>],
         pool: &Receiver<Vec<u8>>,
+        probes: &Receiver<Vec<u8>>,
+        verdict: &Receiver<Result<u64, MigrateError>>,
         tracker: &mut dyn DirtyTracker,
         mut pause: Option<PauseHook<'_>>,
         report: &mut Report,
     ) -> Result<Instant, MigrateError> {
+        let mut shared = self.prove_content(txs, probes, verdict, report)?;
         tracker.start(self.mem)?;
         let dirty: Vec<AtomicBitmap> = self.mem.regions().iter().map(|r| AtomicBitmap::new_full(r.pages())).collect();
+        let mask = |dirty: &[AtomicBitmap], shared: &[bool]| {
+            for (d, _) in dirty.iter().zip(shared).filter(|(_, s)| **s) {
+                d.clear_all();
+            }
+        };
+        mask(&dirty, &shared);
         // Bytes of page data per second through the whole pipeline, from
         // the rounds that moved enough to measure.
         let mut rate: Option<f64> = None;
@@ -752,6 +917,7 @@ impl<'r> Run<'r> {
         loop {
             let t = Instant::now();
             let c = self.one_round(round, &dirty, txs, pool)?;
+            self.force.iter().for_each(|f| f.store(false, Ordering::Relaxed));
             self.end_round(txs, round, false)?;
             let secs = t.elapsed().as_secs_f64();
             report.rounds.push(round_report(round, false, &c, secs));
@@ -761,6 +927,7 @@ impl<'r> Run<'r> {
                 rate = Some(rate.map_or(r, |old| 0.5 * old + 0.5 * r));
             }
             tracker.collect(self.mem, &dirty)?;
+            mask(&dirty, &shared);
             let left: u64 = dirty.iter().map(|d| d.count()).sum::<u64>() * PAGE_SIZE as u64;
             let estimate = rate.map_or(if left == 0 { 0.0 } else { f64::INFINITY }, |r| left as f64 / r);
             if estimate <= self.cfg.downtime_target.as_secs_f64() {
@@ -780,6 +947,8 @@ impl<'r> Run<'r> {
         let t_pause = Instant::now();
         self.progress.paused.store(true, Ordering::Relaxed);
         tracker.collect(self.mem, &dirty)?;
+        mask(&dirty, &shared);
+        self.prove_identity(txs, probes, verdict, &mut shared, &dirty, report)?;
         round += 1;
         let c = self.one_round(round, &dirty, txs, pool)?;
         self.end_round(txs, round, true)?;

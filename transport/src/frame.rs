@@ -64,6 +64,15 @@ pub enum FrameKind {
     Resume = 11,
     /// Reserved (authentication): a challenge or response.
     Auth = 12,
+    /// Source → destination on stream 0 (with `CAP_SHARED`): read these
+    /// places of a region through your own mapping and answer. Flag
+    /// [`FLAG_PROBE_HASH`]: the payload lists page indices, the answer is
+    /// each page's xxh3. Flag [`FLAG_PROBE_WORDS`]: the payload lists byte
+    /// offsets of 8-byte words, the answer is each word.
+    Probe = 13,
+    /// Destination → source on stream 0: the values a `Probe` asked for,
+    /// in order, as little-endian `u64`s.
+    ProbeReply = 14,
 }
 
 impl FrameKind {
@@ -82,6 +91,8 @@ impl FrameKind {
             10 => PageRequest,
             11 => Resume,
             12 => Auth,
+            13 => Probe,
+            14 => ProbeReply,
             _ => return None,
         })
     }
@@ -115,6 +126,12 @@ impl Encoding {
 
 /// RoundEnd flag: the last round; the source is paused.
 pub const FLAG_FINAL: u16 = 1;
+/// Probe flag: hash whole pages.
+pub const FLAG_PROBE_HASH: u16 = 1;
+/// Probe flag: read 8-byte words.
+pub const FLAG_PROBE_WORDS: u16 = 2;
+/// Most places one probe may ask about.
+pub const MAX_PROBE_ITEMS: u32 = 512;
 
 /// A frame that breaks the protocol.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -255,6 +272,7 @@ impl FrameHdr {
         let kind = self.kind;
         let allowed_flags = match kind {
             RoundEnd => FLAG_FINAL,
+            Probe => FLAG_PROBE_HASH | FLAG_PROBE_WORDS,
             _ => 0,
         };
         if self.flags & !allowed_flags != 0 {
@@ -265,6 +283,7 @@ impl FrameHdr {
             Hello | Welcome | Resume | Auth => 64 << 10,
             Error => 4 << 10,
             RoundEnd | Done | Verified | End | PageRequest => 0,
+            Probe | ProbeReply => MAX_PROBE_ITEMS * 8,
         };
         if self.len > max {
             return Err(WireError::TooLong { kind, len: self.len, max });
@@ -303,6 +322,13 @@ impl FrameHdr {
                     _ => Ok(()),
                 }
             }
+            (Probe, Encoding::None) => {
+                if self.flags.count_ones() != 1 || self.len == 0 || self.len % 8 != 0 {
+                    return malformed("a probe asks one kind of question about whole u64 places");
+                }
+                Ok(())
+            }
+            (ProbeReply, Encoding::None) if self.len % 8 != 0 => malformed("a probe reply is whole u64s"),
             (PageRequest, Encoding::None) => {
                 if self.count == 0 || self.count > MAX_FRAME_PAGES {
                     return malformed("page count out of range");
@@ -431,6 +457,24 @@ mod tests {
         let mut e = FrameHdr::new(FrameKind::Done);
         e.len = 1;
         assert!(matches!(FrameHdr::decode(&e.encode()), Err(WireError::TooLong { .. })));
+    }
+
+    #[test]
+    fn probes_ask_one_kind_of_question_about_whole_words() {
+        let mut h = FrameHdr::new(FrameKind::Probe);
+        h.flags = FLAG_PROBE_HASH;
+        h.len = 16;
+        assert!(FrameHdr::decode(&h.encode()).is_ok());
+        h.flags = FLAG_PROBE_HASH | FLAG_PROBE_WORDS;
+        assert!(FrameHdr::decode(&h.encode()).is_err(), "both kinds");
+        h.flags = FLAG_PROBE_WORDS;
+        h.len = 12;
+        assert!(FrameHdr::decode(&h.encode()).is_err(), "not whole u64s");
+        h.len = MAX_PROBE_ITEMS * 8 + 8;
+        assert!(matches!(FrameHdr::decode(&h.encode()), Err(WireError::TooLong { .. })));
+        let mut r = FrameHdr::new(FrameKind::ProbeReply);
+        r.len = 7;
+        assert!(FrameHdr::decode(&r.encode()).is_err());
     }
 
     #[test]

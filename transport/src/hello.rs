@@ -41,8 +41,49 @@ pub const CAP_POSTCOPY: u64 = 1 << 1;
 pub const CAP_RESUME: u64 = 1 << 2;
 /// Capability (reserved): an `Auth` exchange follows `Welcome`.
 pub const CAP_AUTH: u64 = 1 << 3;
+/// Capability: regions may be handed over instead of copied when the
+/// destination proves it maps the same memory (`Probe` frames, and the
+/// [`EXT_SHARED_PATHS`] extension naming the regions' backing paths).
+pub const CAP_SHARED: u64 = 1 << 4;
 /// Capabilities this implementation understands.
-pub const KNOWN_CAPS: u64 = CAP_LZ4;
+pub const KNOWN_CAPS: u64 = CAP_LZ4 | CAP_SHARED;
+
+/// Hello extension: the backing path of each region the source could hand
+/// over, as repeated `{ region u32, len u16, UTF-8 path }`.
+pub const EXT_SHARED_PATHS: u16 = 1;
+/// Longest path in [`EXT_SHARED_PATHS`].
+pub const MAX_PATH: usize = 4096;
+
+/// Encodes the [`EXT_SHARED_PATHS`] extension.
+pub fn encode_shared_paths(paths: &[(u32, String)]) -> Vec<u8> {
+    let mut b = Vec::new();
+    for (r, p) in paths {
+        b.extend_from_slice(&r.to_le_bytes());
+        b.extend_from_slice(&(p.len() as u16).to_le_bytes());
+        b.extend_from_slice(p.as_bytes());
+    }
+    b
+}
+
+/// Decodes the [`EXT_SHARED_PATHS`] extension against a table of
+/// `regions` regions: every region index in range, once, with a UTF-8 path.
+pub fn decode_shared_paths(ext: &[u8], regions: usize) -> Result<Vec<(u32, String)>, WireError> {
+    let mut c = Cursor::new(ext, "shared paths");
+    let mut out: Vec<(u32, String)> = Vec::new();
+    while c.pos < ext.len() {
+        let r = c.u32()?;
+        let len = c.u16()? as usize;
+        if len == 0 || len > MAX_PATH {
+            return Err(c.err(format!("path of {len} bytes")));
+        }
+        let p = std::str::from_utf8(c.bytes(len)?).map_err(|_| c.err("path is not UTF-8"))?.to_string();
+        if r as usize >= regions || out.iter().any(|(x, _)| *x == r) {
+            return Err(c.err(format!("region {r} out of range or named twice")));
+        }
+        out.push((r, p));
+    }
+    Ok(out)
+}
 
 /// Region flag: the source backs the region with 2 MiB pages.
 pub const REGION_HUGE: u32 = 1;
@@ -389,7 +430,24 @@ mod tests {
         assert!(ErrorMsg::decode(&[99, 0, 0, 0]).is_err());
     }
 
+    #[test]
+    fn shared_paths_round_trip_and_are_checked() {
+        let paths = vec![(0u32, "/dev/shm/vm.mem".to_string()), (2, "/mnt/cxl/region2".to_string())];
+        assert_eq!(decode_shared_paths(&encode_shared_paths(&paths), 3).unwrap(), paths);
+        assert!(decode_shared_paths(&encode_shared_paths(&paths), 2).is_err(), "region 2 of 2");
+        let twice = vec![(1u32, "a".to_string()), (1, "b".to_string())];
+        assert!(decode_shared_paths(&encode_shared_paths(&twice), 3).is_err(), "named twice");
+        let mut bad = encode_shared_paths(&paths);
+        bad.truncate(bad.len() - 1);
+        assert!(decode_shared_paths(&bad, 3).is_err(), "truncated");
+    }
+
     proptest! {
+        #[test]
+        fn random_shared_path_extensions_never_panic(b in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = decode_shared_paths(&b, 4);
+        }
+
         #[test]
         fn random_payloads_never_panic(b in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = Hello::decode(&b);

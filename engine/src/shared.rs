@@ -1,0 +1,172 @@
+//! Zero-copy regions: memory both ends map, handed over instead of copied.
+//!
+//! When a region lives in memory the destination can map too — a file in
+//! `/dev/shm` on one machine, a DAX device, CXL or other disaggregated
+//! memory — copying it is wasted work: the destination maps the very same
+//! bytes. Zero-copy is the copy path with nothing left to copy: such a
+//! region is simply never put in a dirty set, and its pages never travel.
+//!
+//! Configuration cannot be trusted to say which regions are shared (the same
+//! path may name a different file on the other host), so it is proved, in
+//! two steps, each on stream 0 with `Probe`/`ProbeReply` frames:
+//!
+//! 1. **At the handshake**, for every region the source offers (a shared
+//!    file mapping, named by path in the `Hello`), the destination hashes 16
+//!    pages the source picked and the source compares them with its own.
+//!    A mismatch sends the region down the copy path from round 0.
+//! 2. **After the pause**, with the guest stopped, the source writes a fresh
+//!    random nonce into 4 words of the region through its own mapping,
+//!    flushes them (`msync`), and asks the destination to read those words
+//!    through its mapping. Only the same memory shows the nonces: a copy of
+//!    the file with identical content does not. The source then puts the
+//!    words back and flushes again. A region that fails this proof is
+//!    copied whole in the final round (slow, but correct, and reported).
+//!
+//! Until the destination confirms the migration, the source still owns the
+//! region: any failure before `Verified` leaves the guest at the source,
+//! with its memory as it was (the nonces are restored before anything else
+//! happens).
+
+use pmigrate_ranges::{Backing, GuestMemory, GuestRegion, PageIdx, PAGE_SIZE, PAGE_SIZE_U64};
+use xxhash_rust::xxh3::xxh3_64;
+
+/// Pages hashed per region at the handshake.
+pub const HASH_SAMPLES: usize = 16;
+/// Words overwritten with nonces per region at the pause.
+pub const NONCE_WORDS: usize = 4;
+
+/// Which way a region travelled, and why.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RegionPath {
+    /// Region index.
+    pub region: u32,
+    /// Bytes in the region.
+    pub bytes: u64,
+    /// `"zero-copy"` or `"copy"`.
+    pub path: String,
+    /// Why.
+    pub why: String,
+}
+
+/// The regions of `mem` that could be handed over: shared file mappings.
+pub fn candidates(mem: &GuestMemory) -> Vec<(u32, String)> {
+    mem.iter()
+        .filter_map(|(i, r)| match r.backing() {
+            Backing::SharedFile(p) => Some((i.0, p.to_string_lossy().into_owned())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A small xorshift generator seeded from the session: picks places the
+/// peer cannot predict before the session exists.
+pub struct Picker(u64);
+
+impl Picker {
+    /// A picker seeded from `seed` bytes.
+    pub fn new(seed: &[u8]) -> Self {
+        Picker(xxh3_64(seed) | 1)
+    }
+
+    /// The next pseudo-random value.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// `n` distinct-ish page indices of a region of `pages` pages, the first
+/// and last always included.
+pub fn sample_pages(pages: u64, n: usize, pick: &mut Picker) -> Vec<u64> {
+    let mut v = vec![0, pages - 1];
+    while v.len() < n.min(pages as usize) {
+        v.push(pick.next_u64() % pages);
+    }
+    v
+}
+
+/// Little-endian `u64`s as bytes (probe payloads and replies).
+pub fn to_bytes(v: &[u64]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Bytes as little-endian `u64`s; the length was checked to be a multiple
+/// of 8 by the frame decoder.
+pub fn from_bytes(b: &[u8]) -> Vec<u64> {
+    b.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()
+}
+
+/// The xxh3 of each listed page of `region`.
+pub fn hash_pages(region: &GuestRegion, pages: &[u64]) -> Result<Vec<u64>, pmigrate_ranges::MemoryError> {
+    let mut buf = vec![0u8; PAGE_SIZE];
+    pages
+        .iter()
+        .map(|&p| {
+            region.read_pages(PageIdx(p), &mut buf)?;
+            Ok(xxh3_64(&buf))
+        })
+        .collect()
+}
+
+/// The 8-byte words at the listed byte offsets of `region`.
+pub fn read_words(region: &GuestRegion, offsets: &[u64]) -> Result<Vec<u64>, pmigrate_ranges::MemoryError> {
+    offsets.iter().map(|&o| region.read_u64(o)).collect()
+}
+
+/// Nonces planted in a region, to be checked and taken out again.
+pub struct Nonces {
+    /// Byte offsets of the words.
+    pub offsets: Vec<u64>,
+    /// What the words held before.
+    originals: Vec<u64>,
+    /// What was written.
+    pub values: Vec<u64>,
+}
+
+impl Nonces {
+    /// Overwrites [`NONCE_WORDS`] words of `region` with fresh values and
+    /// flushes them. The guest must be stopped.
+    pub fn plant(region: &GuestRegion, pick: &mut Picker) -> Result<Self, pmigrate_ranges::MemoryError> {
+        let words = region.len() / 8;
+        let offsets: Vec<u64> = (0..NONCE_WORDS).map(|_| (pick.next_u64() % words) * 8).collect();
+        let originals = read_words(region, &offsets)?;
+        let values: Vec<u64> = originals.iter().map(|&o| o ^ pick.next_u64() | 1).collect();
+        for (&o, &v) in offsets.iter().zip(&values) {
+            region.write_u64(o, v)?;
+        }
+        region.flush()?;
+        Ok(Nonces { offsets, originals, values })
+    }
+
+    /// Puts the original words back and flushes them.
+    pub fn restore(self, region: &GuestRegion) -> Result<(), pmigrate_ranges::MemoryError> {
+        // Restored in reverse, so a word planted twice ends as it began.
+        for (&o, &v) in self.offsets.iter().zip(&self.originals).rev() {
+            region.write_u64(o, v)?;
+        }
+        region.flush()
+    }
+}
+
+/// Checks a probe from the source against `mem` and answers it: the hashes
+/// of the pages or the words asked for. Every place is bounds-checked.
+pub fn answer(mem: &GuestMemory, region: u32, words: bool, payload: &[u8]) -> Result<Vec<u8>, String> {
+    let r =
+        mem.regions().get(region as usize).ok_or_else(|| format!("probe of region {region}, which does not exist"))?;
+    let places = from_bytes(payload);
+    let values = if words {
+        if places.iter().any(|&o| o % 8 != 0 || o.checked_add(8).is_none_or(|e| e > r.len())) {
+            return Err(format!("probe of words outside region {region}"));
+        }
+        read_words(r, &places)
+    } else {
+        if places.iter().any(|&p| p >= r.len() / PAGE_SIZE_U64) {
+            return Err(format!("probe of pages outside region {region}"));
+        }
+        hash_pages(r, &places)
+    }
+    .map_err(|e| e.to_string())?;
+    Ok(to_bytes(&values))
+}
