@@ -139,3 +139,37 @@ pub fn run_watched(sc: &Scenario, seed: u64, watch: &(dyn Fn(Arc<Progress>) + Sy
         Ok(Outcome { source, destination: dest?, fill_secs, cpu_secs: cpu_secs() - cpu0 })
     })
 }
+
+/// One zero-copy switchover: a shared region of `bytes` (a sparse file in
+/// `dir`, which must be on a shared-memory filesystem such as /dev/shm)
+/// that both ends map, migrated over loopback with an idle guest. With
+/// `copy`, the destination maps a different file, so the region takes the
+/// copy path instead, for comparison.
+pub fn zero_copy_switchover(dir: &std::path::Path, bytes: u64, copy: bool) -> anyhow::Result<Report> {
+    use pmigrate::{Gpa, GuestRegion, HostPageSize};
+    let path = dir.join(format!("zc-{}-{bytes}.mem", std::process::id()));
+    let other = dir.join(format!("zc-{}-{bytes}.other", std::process::id()));
+    let src = GuestMemory::new(vec![GuestRegion::file(Gpa(0), bytes, HostPageSize::Small, &path, true, true)?])?;
+    // A few pages of content, so the handshake's sampled hashes mean something.
+    for p in [0, bytes / 4096 / 2, bytes / 4096 - 1] {
+        src.regions()[0].write_u64(p * 4096, 0x5eed_0000 + p)?;
+    }
+    let dst_path = if copy { &other } else { &path };
+    let dst = GuestMemory::new(vec![GuestRegion::file(Gpa(0), bytes, HostPageSize::Small, dst_path, true, copy)?])?;
+    let acceptor = Acceptor::bind(&["127.0.0.1:0".parse()?])?;
+    let addr = acceptor.local_addrs()[0];
+    let res = std::thread::scope(|s| -> anyhow::Result<Report> {
+        let dst = &dst;
+        let rx = s.spawn(move || -> anyhow::Result<Report> {
+            let incoming = Incoming::accept_for(&acceptor, dst, None)?;
+            Ok(incoming.receive(dst, &ReceiveOptions::default())?)
+        });
+        let maps = VmmBitmapTracker::bitmaps_for(&src);
+        let report = Source::new(&src, vec![addr]).streams(4).tracker(Box::new(VmmBitmapTracker::new(maps))).run();
+        rx.join().expect("destination thread")?;
+        Ok(report?)
+    });
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&other);
+    res
+}

@@ -30,7 +30,7 @@ use pmigrate_transport::session::send_error;
 use pmigrate_transport::{Accepted, Acceptor, TransportError};
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::digest::memory_digest;
+use crate::digest::digest_handing_over;
 use crate::report::{Report, StreamReport};
 use crate::shared;
 use crate::MigrateError;
@@ -160,6 +160,7 @@ impl Incoming {
             abort: AtomicBool::new(false),
             first_error: Mutex::new(None),
             lz4_granted: self.accepted.caps & CAP_LZ4 != 0,
+            written: mem.regions().iter().map(|_| AtomicBool::new(false)).collect(),
             offered: {
                 let mut v = vec![false; mem.regions().len()];
                 for (r, _) in &shared_paths {
@@ -190,7 +191,8 @@ impl Incoming {
             send_error(&streams[0], ErrorCode::Protocol, why.clone());
             return Err(MigrateError::Protocol { stream: 0, why });
         }
-        let digest = memory_digest(&state.hashes);
+        let handed_over = state.handed_over();
+        let digest = digest_handing_over(&state.hashes, &handed_over);
         let mut s0 = &streams[0];
         if digest != source_digest {
             let why = format!("memory digest {digest:016x} differs from the source's {source_digest:016x}");
@@ -225,7 +227,7 @@ impl Incoming {
             if !*offered {
                 continue;
             }
-            let received = state.stamps[r].iter().any(|s| s.load(Ordering::Relaxed) != 0);
+            let received = !handed_over[r];
             report.regions.push(crate::shared::RegionPath {
                 region: r as u32,
                 bytes: mem.regions()[r].len(),
@@ -266,6 +268,15 @@ struct State<'m> {
     /// Per region: offered for handover, so its memory is not known to be
     /// zero (it may be the source's own memory, or another file).
     offered: Vec<bool>,
+    /// Per region: some page of it was received.
+    written: Vec<AtomicBool>,
+}
+
+impl State<'_> {
+    /// Regions handed over: offered, and not one page of theirs received.
+    fn handed_over(&self) -> Vec<bool> {
+        self.offered.iter().zip(&self.written).map(|(o, w)| *o && !w.load(Ordering::Relaxed)).collect()
+    }
 }
 
 #[derive(Default)]
@@ -428,6 +439,7 @@ impl State<'_> {
         let stamps = &self.stamps[r];
         let hashes = &self.hashes[r];
         let _guard = self.locks[r].write(first, first + count);
+        self.written[r].store(true, Ordering::Relaxed);
         let newer = |p: u64| stamps[p as usize].load(Ordering::Relaxed) <= stamp;
         match opened {
             OpenedPages::Zero => {
@@ -473,9 +485,8 @@ impl State<'_> {
         let mut buf = vec![0u8; 64 * PAGE_SIZE];
         for (i, region) in self.mem.iter() {
             let table = &self.hashes[i.as_usize()];
-            let stamps = &self.stamps[i.as_usize()];
-            if self.offered[i.as_usize()] && stamps.iter().all(|s| s.load(Ordering::Relaxed) == 0) {
-                continue; // handed over: its bytes are the source's own, never received
+            if self.handed_over()[i.as_usize()] {
+                continue; // its bytes are the source's own, never received
             }
             let mut p = 0u64;
             while p < region.pages() {

@@ -135,8 +135,8 @@ impl Nonces {
         let values: Vec<u64> = originals.iter().map(|&o| o ^ pick.next_u64() | 1).collect();
         for (&o, &v) in offsets.iter().zip(&values) {
             region.write_u64(o, v)?;
+            region.flush_page_of(o)?;
         }
-        region.flush()?;
         Ok(Nonces { offsets, originals, values })
     }
 
@@ -145,8 +145,9 @@ impl Nonces {
         // Restored in reverse, so a word planted twice ends as it began.
         for (&o, &v) in self.offsets.iter().zip(&self.originals).rev() {
             region.write_u64(o, v)?;
+            region.flush_page_of(o)?;
         }
-        region.flush()
+        Ok(())
     }
 }
 

@@ -44,7 +44,7 @@ use pmigrate_transport::session::{connect_session, new_session_id, StreamPlan};
 use pmigrate_transport::TransportError;
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::digest::memory_digest;
+use crate::digest::digest_handing_over;
 use crate::dirty::{tracker_for, DirtyTracker, TrackerKind};
 use crate::lz4gate::Lz4Gate;
 use crate::report::{LatencySummary, Report, RoundReport, StreamReport};
@@ -668,13 +668,14 @@ impl<'r> Run<'r> {
                 s.spawn(move || listener(stream, i, verdict, probes, &this.abort));
             }
             drop(probe_tx);
-            let res =
-                this.rounds(&txs, &pool_rx, &probe_rx, &verdict, tracker, pause, &mut report).and_then(|t_pause| {
-                    let digest = memory_digest(&this.sent);
+            let res = this.rounds(&txs, &pool_rx, &probe_rx, &verdict, tracker, pause, &mut report).and_then(
+                |(t_pause, handed_over)| {
+                    let digest = digest_handing_over(&this.sent, &handed_over);
                     report.digest = format!("{digest:016x}");
                     txs[0].send(Msg::Done { digest }).map_err(|_| MigrateError::Aborted)?;
                     Ok(t_pause)
-                });
+                },
+            );
             drop(txs);
             let (t_pause, mut error) = match res {
                 Ok(t) => (Some(t), None),
@@ -899,7 +900,7 @@ impl<'r> Run<'r> {
         tracker: &mut dyn DirtyTracker,
         mut pause: Option<PauseHook<'_>>,
         report: &mut Report,
-    ) -> Result<Instant, MigrateError> {
+    ) -> Result<(Instant, Vec<bool>), MigrateError> {
         let mut shared = self.prove_content(txs, probes, verdict, report)?;
         tracker.start(self.mem)?;
         let dirty: Vec<AtomicBitmap> = self.mem.regions().iter().map(|r| AtomicBitmap::new_full(r.pages())).collect();
@@ -953,7 +954,7 @@ impl<'r> Run<'r> {
         let c = self.one_round(round, &dirty, txs, pool)?;
         self.end_round(txs, round, true)?;
         report.rounds.push(round_report(round, true, &c, t_pause.elapsed().as_secs_f64()));
-        Ok(t_pause)
+        Ok((t_pause, shared))
     }
 }
 

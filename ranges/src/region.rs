@@ -368,6 +368,18 @@ impl GuestRegion {
         Ok(())
     }
 
+    /// Flushes the writes to the page holding byte `offset` of a shared
+    /// file mapping (msync of one page).
+    pub fn flush_page_of(&self, offset: u64) -> Result<(), MemoryError> {
+        if let Owner::Mmap(m) = &self._owner {
+            if matches!(self.backing, Backing::SharedFile(_)) && offset < self.len {
+                let start = (offset & !(PAGE_SIZE_U64 - 1)) as usize;
+                m.flush_range(start, PAGE_SIZE).map_err(|source| MemoryError::Map { what: "msync".into(), source })?;
+            }
+        }
+        Ok(())
+    }
+
     /// Flushes a shared file mapping's writes to the file (msync).
     pub fn flush(&self) -> Result<(), MemoryError> {
         if let Owner::Mmap(m) = &self._owner {

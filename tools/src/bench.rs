@@ -57,6 +57,14 @@ pub struct BenchArgs {
     /// are 0 and --dirty-mib-s.
     #[arg(long)]
     sweep: bool,
+    /// Zero-copy switchover instead: shared regions of these sizes in GiB
+    /// (sparse files in /dev/shm), e.g. `1,4,16,64`, each also through the
+    /// copy path when it fits in memory (`--copy-max-gib`).
+    #[arg(long, value_delimiter = ',')]
+    zero_copy_gib: Vec<u64>,
+    /// Largest region also migrated through the copy path for comparison.
+    #[arg(long, default_value_t = 4)]
+    copy_max_gib: u64,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -185,6 +193,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.sweep {
         return sweep(&a, &plan);
     }
+    if !a.zero_copy_gib.is_empty() {
+        return zero_copy(&a);
+    }
     let path = ceiling::Path { listen: plan.listen.clone(), via: plan.via.clone(), netns: plan.netns.clone() };
     eprintln!("measuring raw TCP over the same path ({} streams)...", a.streams);
     let ceiling = ceiling::raw_tcp(&path, a.streams as usize, (a.memory_mib << 20).min(1 << 30))?;
@@ -271,6 +282,39 @@ pub fn run(a: BenchArgs) -> Result<()> {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         );
     }
+    Ok(())
+}
+
+fn zero_copy(a: &BenchArgs) -> Result<()> {
+    let dir = std::path::Path::new("/dev/shm");
+    println!("{:>8} {:>10} {:>14} {:>12} {:>10}", "GiB", "path", "switchover ms", "wire bytes", "total s");
+    let mut rows = Vec::new();
+    for &gib in &a.zero_copy_gib {
+        for copy in [false, true] {
+            if copy && gib > a.copy_max_gib {
+                continue;
+            }
+            eprintln!("{gib} GiB shared region, {}...", if copy { "copy path" } else { "zero-copy" });
+            let r = loopback::zero_copy_switchover(dir, gib << 30, copy)?;
+            let path = r.regions.first().map_or("-", |p| p.path.as_str()).to_string();
+            println!(
+                "{:>8} {:>10} {:>14.1} {:>12} {:>10.3}",
+                gib,
+                path,
+                r.downtime_secs * 1e3,
+                r.wire_bytes,
+                r.total_secs
+            );
+            rows.push(serde_json::json!({
+                "gib": gib, "path": path, "switchover_ms": r.downtime_secs * 1e3,
+                "wire_bytes": r.wire_bytes, "total_secs": r.total_secs,
+            }));
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    }
+    println!("(switchover: pause to the destination's verification; an idle guest, 4 streams, loopback)");
     Ok(())
 }
 
