@@ -62,6 +62,9 @@ struct ServeArgs {
     /// Give up if no session arrives within this many seconds.
     #[arg(long, default_value_t = 3600)]
     wait: u64,
+    /// Never map a region the source offers to hand over; copy everything.
+    #[arg(long)]
+    no_zero_copy: bool,
     /// Largest memory accepted from a source, in MiB.
     #[arg(long, default_value_t = 1 << 22)]
     max_memory_mib: u64,
@@ -105,6 +108,9 @@ struct MigrateArgs {
     /// this process only) or auto.
     #[arg(long, default_value = "hash")]
     tracker: String,
+    /// Copy the memory file even when the destination can map it.
+    #[arg(long)]
+    no_zero_copy: bool,
     /// Downtime target in milliseconds.
     #[arg(long, default_value_t = 300)]
     downtime_ms: u64,
@@ -203,26 +209,28 @@ fn serve(a: ServeArgs) -> Result<()> {
     for (peer, why) in incoming.refused() {
         eprintln!("pmigrate serve: refused {peer}: {why}");
     }
-    // One file holds every region back to back, in table order.
-    let mut regions = Vec::new();
-    let mut offset = 0u64;
-    let total: u64 = incoming.regions().iter().map(|r| r.len).sum();
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&a.memory)
-        .with_context(|| format!("create {}", a.memory.display()))?;
-    file.set_len(total)?;
-    drop(file);
-    for r in incoming.regions() {
-        if offset != 0 {
-            bail!("memory files hold one region; the source has {}", incoming.regions().len());
-        }
-        regions.push(GuestRegion::file(Gpa(r.gpa), r.len, HostPageSize::Small, &a.memory, true, false)?);
-        offset += r.len;
+    // A region the source offers to hand over is mapped from its path when
+    // this host has that file at the same size (the source then proves it
+    // is the same memory, and copies it if not); otherwise the memory file
+    // holds the region. Memory files hold one region.
+    if incoming.regions().len() != 1 {
+        bail!("memory files hold one region; the source has {}", incoming.regions().len());
     }
+    let r = incoming.regions()[0];
+    let shared = incoming
+        .shared_paths()
+        .into_iter()
+        .find(|(i, p)| *i == 0 && !a.no_zero_copy && std::fs::metadata(p).is_ok_and(|m| m.len() == r.len))
+        .map(|(_, p)| PathBuf::from(p));
+    let region = match &shared {
+        Some(p) => {
+            eprintln!("pmigrate serve: mapping {} shared, as the source offers", p.display());
+            GuestRegion::file(Gpa(r.gpa), r.len, HostPageSize::Small, p, true, false)?
+        }
+        None => GuestRegion::file(Gpa(r.gpa), r.len, HostPageSize::Small, &a.memory, true, true)
+            .with_context(|| format!("create {}", a.memory.display()))?,
+    };
+    let regions = vec![region];
     let mem = GuestMemory::new(regions)?;
     let report = incoming.receive(&mem, &ReceiveOptions { verify_memory: a.verify_memory, ..Default::default() })?;
     mem.regions().iter().try_for_each(|r| r.flush())?;
@@ -283,6 +291,7 @@ fn migrate(a: MigrateArgs) -> Result<()> {
         downtime_target: Duration::from_millis(a.downtime_ms),
         max_rounds: a.max_rounds,
         tracker,
+        zero_copy: !a.no_zero_copy,
         ..SourceConfig::default()
     };
     let pause_cmd = a.pause_cmd.clone();

@@ -82,7 +82,11 @@ fn serve_and_migrate_a_memory_file_with_intruders_refused() {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let (serve, log) = start_listening(
-        Command::new(BIN).args(["serve", "--listen", &addr, "--memory"]).arg(&dst).arg("--json").stdout(Stdio::piped()),
+        Command::new(BIN)
+            .args(["serve", "--listen", &addr, "--no-zero-copy", "--memory"])
+            .arg(&dst)
+            .arg("--json")
+            .stdout(Stdio::piped()),
     );
     // Noise on the port first: refused, and serve keeps waiting.
     let mut noise = TcpStream::connect(&addr).unwrap();
@@ -108,6 +112,30 @@ fn serve_and_migrate_a_memory_file_with_intruders_refused() {
     let digest = |j: &str| j.lines().find(|l| l.contains("\"digest\"")).map(str::to_owned);
     assert_eq!(digest(&src_json), digest(&dst_json));
     assert!(std::fs::read(&dst).unwrap() == data, "destination file equals the source file");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_memory_file_both_hosts_map_is_handed_over_not_copied() {
+    let dir = PathBuf::from(format!("/dev/shm/pmigrate-cli-{}-zc", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = dir.join("vm.mem");
+    write_guest_file(&src, 16);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let (serve, log) = start_listening(
+        Command::new(BIN)
+            .args(["serve", "--listen", &addr, "--json", "--memory"])
+            .arg(dir.join("unused.mem"))
+            .stdout(Stdio::piped()),
+    );
+    let migrate = Command::new(BIN).args(["migrate", "--memory"]).arg(&src).args(["--json", &addr]).output().unwrap();
+    assert!(migrate.status.success(), "migrate: {}", String::from_utf8_lossy(&migrate.stderr));
+    let (served, log) = wait_output(serve, log);
+    assert!(served.status.success(), "serve: {log}");
+    let json = String::from_utf8(migrate.stdout).unwrap();
+    assert!(json.contains("\"path\": \"zero-copy\""), "{json}");
+    assert!(!dir.join("unused.mem").exists(), "nothing was copied into a memory file");
     std::fs::remove_dir_all(dir).unwrap();
 }
 
