@@ -123,10 +123,13 @@ impl AtomicBitmap {
         self.words.iter().map(|w| u64::from(w.load(Ordering::Acquire).count_ones())).sum()
     }
 
-    /// Clears every bit.
+    /// Clears every bit. Words already clear are only read, so clearing a
+    /// mostly empty bitmap costs a read of it, not a write.
     pub fn clear_all(&self) {
         for w in self.words.iter() {
-            w.store(0, Ordering::Release);
+            if w.load(Ordering::Relaxed) != 0 {
+                w.store(0, Ordering::Release);
+            }
         }
     }
 
@@ -134,7 +137,11 @@ impl AtomicBitmap {
     pub fn drain_into(&self, other: &AtomicBitmap) {
         assert_eq!(self.bits, other.bits, "bitmaps of different sizes");
         for (i, w) in other.words.iter().enumerate() {
-            self.or_word(i, w.swap(0, Ordering::AcqRel));
+            // Read first: an atomic swap of every word of a huge, mostly
+            // clean bitmap would cost a write per word.
+            if w.load(Ordering::Relaxed) != 0 {
+                self.or_word(i, w.swap(0, Ordering::AcqRel));
+            }
         }
     }
 
