@@ -25,6 +25,8 @@ use pmigrate::{
 };
 
 mod bench;
+mod qemu;
+mod qmp;
 
 #[derive(Parser)]
 #[command(name = "pmigrate", version, about = "Parallel live-migration data plane for virtual machines")]
@@ -46,6 +48,9 @@ enum Cmd {
     /// Benchmark: migrate a synthetic guest over loopback, against the
     /// classic single-stream data plane and raw TCP.
     Bench(bench::BenchArgs),
+    /// Drive a whole QEMU migration over QMP on both sides through
+    /// `send`/`recv`, handing over shared guest RAM instead of copying it.
+    Qemu(qemu::QemuArgs),
 }
 
 #[derive(Args)]
@@ -165,6 +170,7 @@ fn main() -> ExitCode {
         Cmd::Send(a) => send(a),
         Cmd::Recv(a) => recv(a),
         Cmd::Bench(a) => bench::run(a),
+        Cmd::Qemu(a) => qemu::run(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
