@@ -200,6 +200,12 @@ pub struct VmConfig {
     pub extra_append: Vec<String>,
     /// Extra QEMU arguments, e.g. `["-incoming", "defer"]`.
     pub extra_args: Vec<String>,
+    /// A command QEMU is started under, e.g. `["ip", "netns", "exec", "pm-src"]`
+    /// (empty: QEMU is started directly).  The prefix must `exec` QEMU (as
+    /// `ip netns exec`, `nice`, `taskset` do), so that the spawned process
+    /// is QEMU itself: [`Qemu::pid`], kill on drop and `PR_SET_PDEATHSIG`
+    /// then apply to QEMU.
+    pub command_prefix: Vec<String>,
 }
 
 impl Default for VmConfig {
@@ -215,6 +221,7 @@ impl Default for VmConfig {
             inject_after_s: None,
             extra_append: Vec::new(),
             extra_args: Vec::new(),
+            command_prefix: Vec::new(),
         }
     }
 }
@@ -277,6 +284,23 @@ impl VmConfig {
     pub fn append(mut self, word: impl Into<String>) -> Self {
         self.extra_append.push(word.into());
         self
+    }
+    /// Starts QEMU under a command prefix that execs it, e.g.
+    /// `["taskset", "-c", "1"]` (see [`VmConfig::command_prefix`]).
+    pub fn command_prefix<I, S>(mut self, prefix: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.command_prefix = prefix.into_iter().map(Into::into).collect();
+        self
+    }
+    /// Starts QEMU inside the network namespace `ns` (`ip netns exec NS`,
+    /// needs root).  Its sockets, and those of the `exec:` helpers it
+    /// starts, live in `ns`; its QMP socket and console log are files, so
+    /// they stay reachable from outside.
+    pub fn netns(self, ns: &str) -> Self {
+        self.command_prefix(["ip", "netns", "exec", ns])
     }
     /// Allows a 256 KiB-aligned RAM size (see [`VmConfig::allow_aligned_mem`]).
     pub fn allow_aligned_mem(mut self) -> Self {
@@ -420,7 +444,14 @@ impl Qemu {
             }
         }
 
-        let mut cmd = Command::new(QEMU_BIN);
+        let mut cmd = match config.command_prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(QEMU_BIN);
+                c
+            }
+            None => Command::new(QEMU_BIN),
+        };
         cmd.args(["-name", &config.name])
             .args(["-accel", "tcg"])
             .args(["-nographic", "-nodefaults", "-no-user-config", "-no-reboot"])
@@ -454,7 +485,10 @@ impl Qemu {
         }
         fs::write(dir.join("cmdline"), format!("{cmd:?}\n"))?;
         let started = Instant::now();
-        let mut child = cmd.spawn().with_context(|| format!("spawning {QEMU_BIN}"))?;
+        let mut child = cmd.spawn().with_context(|| match config.command_prefix.first() {
+            Some(first) => format!("spawning {QEMU_BIN} under {first}"),
+            None => format!("spawning {QEMU_BIN}"),
+        })?;
 
         let qmp = match Qmp::connect_while(&qmp_path, QMP_CONNECT_TIMEOUT, || match child.try_wait() {
             Ok(Some(st)) => Err(anyhow!("QEMU exited ({st}) before QMP came up")),

@@ -354,6 +354,8 @@ fn recv(a: RecvArgs) -> Result<()> {
         eprintln!("pmigrate recv: listening on {:?}", acceptor.local_addrs());
     }
     let stdout = std::fs::File::from(std::io::stdout().as_fd_owned()?);
+    // A larger pipe lets recv run ahead of QEMU's loader by a few chunks.
+    grow_pipe(&stdout);
     let opts = RelayRecvOptions {
         accept_deadline: Some(Instant::now() + Duration::from_secs(a.wait)),
         ..RelayRecvOptions::default()
