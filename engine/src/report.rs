@@ -122,9 +122,12 @@ impl Report {
         self.rounds.iter().map(|r| r.raw + r.compressed).sum()
     }
 
-    /// Average throughput of page data (before compression), bytes per second.
+    /// Throughput of page data (before compression), bytes per second:
+    /// from the first round's start to the destination's verification, so
+    /// bytes still sitting in socket buffers when a round ends are not
+    /// counted as moved.
     pub fn payload_rate(&self) -> f64 {
-        let secs: f64 = self.rounds.iter().map(|r| r.secs).sum();
+        let secs = self.total_secs - self.setup_secs;
         if secs > 0.0 {
             self.payload_bytes as f64 / secs
         } else {

@@ -85,8 +85,8 @@ struct Row {
     wire_mib: f64,
     payload_mib: f64,
     throughput_mib_s: f64,
-    /// Page data over the seconds the rounds took (setup and the final
-    /// handshake excluded): the engine's transfer rate.
+    /// Page data over the time from the first round's start to the
+    /// destination's verification: the engine's transfer rate.
     transfer_mib_s: f64,
     /// CPU seconds of the whole process (source and destination) per GiB
     /// of guest memory.
@@ -271,7 +271,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         );
     }
     println!(
-        "(classic: 1 thread, 1 stream, no lz4. xfer: page data over the time the rounds took; vs TCP: against raw \
+        "(classic: 1 thread, 1 stream, no lz4. xfer: page data from the first round to verification; vs TCP: against raw \
          TCP with {} streams over the same path, measured just before; cpu: both ends in one process, per GiB of guest \
          memory; p99 batch: a frame sealed to its last byte handed to the kernel)",
         a.streams
