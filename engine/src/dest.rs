@@ -16,7 +16,7 @@
 
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use pmigrate_ranges::{GuestMemory, PageIdx, RangeLock, PAGE_SIZE};
@@ -151,12 +151,7 @@ impl Incoming {
         let state = State {
             mem,
             locks: mem.regions().iter().map(|_| RangeLock::new()).collect(),
-            stamps: mem.regions().iter().map(|r| (0..r.pages()).map(|_| AtomicU32::new(0)).collect()).collect(),
-            hashes: mem
-                .regions()
-                .iter()
-                .map(|r| (0..r.pages()).map(|_| AtomicU64::new(zero_page_hash())).collect())
-                .collect(),
+            tables: mem.regions().iter().map(|_| OnceLock::new()).collect(),
             abort: AtomicBool::new(false),
             first_error: Mutex::new(None),
             lz4_granted: self.accepted.caps & CAP_LZ4 != 0,
@@ -169,6 +164,13 @@ impl Incoming {
                 v
             },
         };
+        // Regions that will be copied get their tables now, off the path of
+        // the first frames.
+        for (r, offered) in state.offered.iter().enumerate() {
+            if !offered {
+                state.tables(r);
+            }
+        }
         let results: Vec<Result<StreamOutcome, ()>> = std::thread::scope(|s| {
             let handles: Vec<_> = streams
                 .iter()
@@ -192,7 +194,10 @@ impl Incoming {
             return Err(MigrateError::Protocol { stream: 0, why });
         }
         let handed_over = state.handed_over();
-        let digest = digest_handing_over(&state.hashes, &handed_over);
+        let tables: Vec<&[AtomicU64]> = (0..mem.regions().len())
+            .map(|r| if handed_over[r] { &[][..] } else { &state.tables(r).hashes[..] })
+            .collect();
+        let digest = digest_handing_over(&tables, &handed_over);
         let mut s0 = &streams[0];
         if digest != source_digest {
             let why = format!("memory digest {digest:016x} differs from the source's {source_digest:016x}");
@@ -258,10 +263,10 @@ impl Incoming {
 struct State<'m> {
     mem: &'m GuestMemory,
     locks: Vec<RangeLock>,
-    /// Per page: 1 + the round of the copy it holds (0: never written).
-    stamps: Vec<Box<[AtomicU32]>>,
-    /// Per page: xxh3 of the copy it holds.
-    hashes: Vec<Box<[AtomicU64]>>,
+    /// Per region, made on first use: the page tables below. A region
+    /// offered for handover gets them only if a page of it arrives, so a
+    /// huge handed-over region costs nothing.
+    tables: Vec<OnceLock<PageTables>>,
     abort: AtomicBool,
     first_error: Mutex<Option<MigrateError>>,
     lz4_granted: bool,
@@ -272,7 +277,26 @@ struct State<'m> {
     written: Vec<AtomicBool>,
 }
 
+/// What the destination knows of each page of a region.
+struct PageTables {
+    /// Per page: 1 + the round of the copy it holds (0: never written).
+    stamps: Box<[AtomicU32]>,
+    /// Per page: xxh3 of the copy it holds.
+    hashes: Box<[AtomicU64]>,
+}
+
 impl State<'_> {
+    /// Region `r`'s page tables, made on first use.
+    fn tables(&self, r: usize) -> &PageTables {
+        self.tables[r].get_or_init(|| {
+            let pages = self.mem.regions()[r].pages();
+            PageTables {
+                stamps: (0..pages).map(|_| AtomicU32::new(0)).collect(),
+                hashes: (0..pages).map(|_| AtomicU64::new(zero_page_hash())).collect(),
+            }
+        })
+    }
+
     /// Regions handed over: offered, and not one page of theirs received.
     fn handed_over(&self) -> Vec<bool> {
         self.offered.iter().zip(&self.written).map(|(o, w)| *o && !w.load(Ordering::Relaxed)).collect()
@@ -436,8 +460,7 @@ impl State<'_> {
         let r = hdr.region as usize;
         let (first, count) = (hdr.first, u64::from(hdr.count));
         let region = &self.mem.regions()[r];
-        let stamps = &self.stamps[r];
-        let hashes = &self.hashes[r];
+        let PageTables { stamps, hashes } = self.tables(r);
         let _guard = self.locks[r].write(first, first + count);
         self.written[r].store(true, Ordering::Relaxed);
         let newer = |p: u64| stamps[p as usize].load(Ordering::Relaxed) <= stamp;
@@ -484,10 +507,10 @@ impl State<'_> {
     fn verify_memory(&self) -> Result<(), MigrateError> {
         let mut buf = vec![0u8; 64 * PAGE_SIZE];
         for (i, region) in self.mem.iter() {
-            let table = &self.hashes[i.as_usize()];
             if self.handed_over()[i.as_usize()] {
                 continue; // its bytes are the source's own, never received
             }
+            let table = &self.tables(i.as_usize()).hashes;
             let mut p = 0u64;
             while p < region.pages() {
                 let n = (region.pages() - p).min(64);

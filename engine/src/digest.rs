@@ -12,23 +12,25 @@ use xxhash_rust::xxh3::Xxh3;
 
 /// The digest of per-page hash tables, one table per region in order.
 pub fn memory_digest(tables: &[Box<[AtomicU64]>]) -> u64 {
-    digest_handing_over(tables, &[])
+    let tables: Vec<&[AtomicU64]> = tables.iter().map(|t| &t[..]).collect();
+    digest_handing_over(&tables, &[])
 }
 
 /// The digest of per-page hash tables, where the regions marked in
 /// `handed_over` (zero-copy: no page of theirs travels, so their tables say
-/// nothing) count by index and size only. This keeps the switchover of a
-/// huge shared region from hashing a table of it.
-pub fn digest_handing_over(tables: &[Box<[AtomicU64]>], handed_over: &[bool]) -> u64 {
+/// nothing, and the destination may not even have one) count by index only.
+/// This keeps the switchover of a huge shared region from hashing a table
+/// of it.
+pub fn digest_handing_over(tables: &[&[AtomicU64]], handed_over: &[bool]) -> u64 {
     let mut h = Xxh3::new();
     let mut buf = Vec::with_capacity(8 * 1024);
     for (i, t) in tables.iter().enumerate() {
         h.update(&(i as u64).to_le_bytes());
-        h.update(&(t.len() as u64).to_le_bytes());
         if handed_over.get(i).copied().unwrap_or(false) {
             h.update(b"handed over");
             continue;
         }
+        h.update(&(t.len() as u64).to_le_bytes());
         for chunk in t.chunks(1024) {
             buf.clear();
             for x in chunk {

@@ -670,7 +670,8 @@ impl<'r> Run<'r> {
             drop(probe_tx);
             let res = this.rounds(&txs, &pool_rx, &probe_rx, &verdict, tracker, pause, &mut report).and_then(
                 |(t_pause, handed_over)| {
-                    let digest = digest_handing_over(&this.sent, &handed_over);
+                    let tables: Vec<&[AtomicU64]> = this.sent.iter().map(|t| &t[..]).collect();
+                    let digest = digest_handing_over(&tables, &handed_over);
                     report.digest = format!("{digest:016x}");
                     txs[0].send(Msg::Done { digest }).map_err(|_| MigrateError::Aborted)?;
                     Ok(t_pause)
