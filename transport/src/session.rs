@@ -100,6 +100,12 @@ pub fn connect_session(plan: &StreamPlan, hello: &Hello) -> Result<(Vec<TcpStrea
         if w.session != hello.session {
             return Err(TransportError::Setup(format!("{name}: welcomed into another session")));
         }
+        if w.caps & !hello.caps != 0 {
+            return Err(TransportError::Setup(format!(
+                "{name}: the destination granted capabilities {:#x} that were not offered",
+                w.caps & !hello.caps
+            )));
+        }
         welcome = Some(w);
         s.set_read_timeout(None).map_err(|e| TransportError::io(&name, e))?;
         streams.push(s);
