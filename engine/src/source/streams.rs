@@ -1,0 +1,130 @@
+//! Source streams: one writer per stream draining its bounded queue to the
+//! socket, and one listener per stream for what the destination says.
+
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender};
+use hdrhistogram::Histogram;
+use pmigrate_transport::frame::{FrameHdr, FrameKind, FLAG_FINAL};
+use pmigrate_transport::net::{write_frame, FrameReader};
+use pmigrate_transport::payload::build_control;
+use pmigrate_transport::TransportError;
+
+use super::Progress;
+use crate::MigrateError;
+
+/// What a stream's queue carries.
+pub(super) enum Msg {
+    /// A sealed frame and when it was sealed.
+    Frame(Vec<u8>, Instant),
+    /// A control frame built by the coordinator (probes).
+    Control(Vec<u8>),
+    RoundEnd {
+        round: u64,
+        last: bool,
+    },
+    Done {
+        digest: u64,
+    },
+}
+
+pub(super) struct StreamStats {
+    pub(super) bytes: AtomicU64,
+    pub(super) frames: AtomicU64,
+}
+
+pub(super) fn sender(
+    mut stream: &TcpStream,
+    index: usize,
+    rx: Receiver<Msg>,
+    pool: Sender<Vec<u8>>,
+    stats: &StreamStats,
+    progress: &Progress,
+    abort: &AtomicBool,
+) -> Result<Histogram<u64>, MigrateError> {
+    let name = format!("stream {index}");
+    let mut frames_this_round = 0u64;
+    // Microseconds from a frame sealed to its last byte handed to the kernel.
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 2).expect("valid histogram bounds");
+    let mut ctl = Vec::with_capacity(64);
+    let res = (|| {
+        for msg in rx.iter() {
+            let buf: &[u8] = match msg {
+                Msg::Frame(f, sealed) => {
+                    write_frame(&mut stream, &f, &name)?;
+                    latency.saturating_record(sealed.elapsed().as_micros() as u64);
+                    frames_this_round += 1;
+                    stats.frames.fetch_add(1, Ordering::Relaxed);
+                    stats.bytes.fetch_add(f.len() as u64, Ordering::Relaxed);
+                    progress.wire_bytes.fetch_add(f.len() as u64, Ordering::Relaxed);
+                    let _ = pool.try_send(f);
+                    continue;
+                }
+                Msg::RoundEnd { round, last } => {
+                    let mut h = FrameHdr::new(FrameKind::RoundEnd);
+                    h.aux = round;
+                    h.first = frames_this_round;
+                    h.flags = if last { FLAG_FINAL } else { 0 };
+                    frames_this_round = 0;
+                    build_control(&mut ctl, h, &[]);
+                    &ctl
+                }
+                Msg::Control(f) => {
+                    ctl = f;
+                    &ctl
+                }
+                Msg::Done { digest } => {
+                    let mut h = FrameHdr::new(FrameKind::Done);
+                    h.aux = digest;
+                    build_control(&mut ctl, h, &[]);
+                    &ctl
+                }
+            };
+            write_frame(&mut stream, buf, &name)?;
+            stats.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        }
+        Ok::<(), TransportError>(())
+    })();
+    if res.is_err() {
+        abort.store(true, Ordering::Relaxed);
+    }
+    res.map(|()| latency).map_err(MigrateError::from)
+}
+
+/// Reads what the destination says on a stream: probe replies (stream 0,
+/// handed to `probes`), then `Verified` on stream 0 at the end, or an
+/// `Error` at any time; reports the outcome on `verdict`.
+pub(super) fn listener(
+    stream: &TcpStream,
+    index: usize,
+    verdict: Sender<Result<u64, MigrateError>>,
+    probes: Sender<Vec<u8>>,
+    abort: &AtomicBool,
+) {
+    let mut r = FrameReader::new(stream, format!("stream {index}"));
+    let outcome = loop {
+        let wire = |source| MigrateError::from(TransportError::Wire { what: format!("stream {index}"), source });
+        match r.next_frame() {
+            Ok(Some((h, p))) if h.kind == FrameKind::ProbeReply && index == 0 => match h.verify(p) {
+                Ok(()) => {
+                    let _ = probes.send(p.to_vec());
+                }
+                Err(e) => break Err(wire(e)),
+            },
+            Ok(Some((h, _))) if h.kind == FrameKind::Verified && index == 0 => {
+                break h.verify(&[]).map(|()| h.aux).map_err(wire)
+            }
+            Ok(Some((h, _))) => {
+                break Err(TransportError::Unexpected { what: format!("stream {index}"), kind: h.kind }.into())
+            }
+            Ok(None) => return,
+            Err(e) => break Err(e.into()),
+        }
+    };
+    if outcome.is_err() {
+        abort.store(true, Ordering::Relaxed);
+    }
+    let _ = verdict.send(outcome);
+}
