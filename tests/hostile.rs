@@ -309,11 +309,22 @@ fn a_destination_that_vanishes_mid_round_leaves_the_source_running() {
         s.read_exact(&mut buf).unwrap();
         // Dropping `acc` closes every stream.
     });
-    let paused = AtomicBool::new(false);
-    let cfg = SourceConfig { compression: Compression::Off, ..SourceConfig::default() };
     let t = Instant::now();
-    let err = Source::new(&src, vec![addr])
-        .streams(3)
+    let (err, paused) = failing_source(&src, addr, 3, 4);
+    killer.join().unwrap();
+    assert!(t.elapsed() < WAIT, "failed within bounded time");
+    assert!(!paused, "the guest was never paused: it keeps running at the source");
+    assert!(matches!(err, MigrateError::Transport(_) | MigrateError::Aborted), "{err}");
+    assert_eq!(first_difference(&src, &before), None, "source memory unchanged");
+}
+
+/// Runs a source (no compression, hash tracker) that must fail; returns
+/// its error and whether the pause hook ran.
+fn failing_source(src: &GuestMemory, to: SocketAddr, streams: u16, threads: usize) -> (MigrateError, bool) {
+    let paused = AtomicBool::new(false);
+    let cfg = SourceConfig { compression: Compression::Off, threads, ..SourceConfig::default() };
+    let err = Source::new(src, vec![to])
+        .streams(streams)
         .config(cfg)
         .tracker(Box::new(HashTracker::new()))
         .on_pause(|| {
@@ -321,12 +332,8 @@ fn a_destination_that_vanishes_mid_round_leaves_the_source_running() {
             Ok(())
         })
         .run()
-        .expect_err("the destination died");
-    killer.join().unwrap();
-    assert!(t.elapsed() < WAIT, "failed within bounded time");
-    assert!(!paused.load(Ordering::SeqCst), "the guest was never paused: it keeps running at the source");
-    assert!(matches!(err, MigrateError::Transport(_) | MigrateError::Aborted), "{err}");
-    assert_eq!(first_difference(&src, &before), None, "source memory unchanged");
+        .expect_err("the migration must fail");
+    (err, paused.load(Ordering::SeqCst))
 }
 
 /// Forwards connections to `to`, flipping one byte of the first
@@ -374,18 +381,8 @@ fn a_stream_corrupted_in_flight_fails_both_ends_and_the_source_keeps_running() {
     let proxy = corrupting_proxy(d.addr, 3 << 20);
     let m = MutatorConfig { threads: 1, rate: 8 << 20, working_set: 16 << 20, skew: Skew::Uniform };
     let mut muts = start_mutators(src.clone(), m, None);
-    let paused = AtomicBool::new(false);
-    let cfg = SourceConfig { compression: Compression::Off, threads: 2, ..SourceConfig::default() };
-    let err = Source::new(&src, vec![proxy])
-        .streams(2)
-        .config(cfg)
-        .tracker(Box::new(HashTracker::new()))
-        .on_pause(|| {
-            paused.store(true, Ordering::SeqCst);
-            Ok(())
-        })
-        .run()
-        .expect_err("corruption must fail the migration");
+    let (err, paused) = failing_source(&src, proxy, 2, 2);
+    assert!(!paused, "the guest was never paused");
     let dest_err = d.outcome().expect_err("the destination refuses corrupted bytes");
     assert!(matches!(&dest_err, MigrateError::Transport(TransportError::Wire { .. })), "destination: {dest_err}");
     assert!(
@@ -396,5 +393,4 @@ fn a_stream_corrupted_in_flight_fails_both_ends_and_the_source_keeps_running() {
     std::thread::sleep(Duration::from_millis(100));
     assert!(muts.writes.load(Ordering::Relaxed) > w, "the guest is still running at the source");
     muts.stop();
-    let _ = paused;
 }
