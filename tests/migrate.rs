@@ -180,3 +180,53 @@ fn a_slow_dirty_rate_converges_a_fast_one_hits_the_round_cap() {
     assert_eq!(run.source.rounds.len(), 4, "three live rounds and the final one");
     assert!(run.source.rounds[3].paused);
 }
+
+#[test]
+fn free_page_hints_are_not_sent_unless_written_after_the_hint() {
+    use pmigrate::ranges::{PageRange, RegionIdx};
+    let src = Arc::new(GuestMemory::anonymous(64 << 20).unwrap());
+    fill(&src, ContentMix::RANDOM, 8); // every page non-zero
+    let pages = (64 << 20) / 4096;
+    let dst = GuestMemory::anonymous(64 << 20).unwrap();
+    let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
+    let addr = acceptor.local_addrs()[0];
+    let maps = VmmBitmapTracker::bitmaps_for(&src);
+    let hint = PageRange { region: RegionIdx(0), start: pmigrate::PageIdx(100), end: pmigrate::PageIdx(200) };
+    let report = std::thread::scope(|s| {
+        let dst = &dst;
+        let rx = s.spawn(move || {
+            let incoming = Incoming::accept_for(&acceptor, dst, None).unwrap();
+            incoming.receive(dst, &ReceiveOptions { verify_memory: true, ..ReceiveOptions::default() }).unwrap()
+        });
+        let region = &src.regions()[0];
+        let report = Source::new(&src, vec![addr])
+            .streams(2)
+            .tracker(Box::new(VmmBitmapTracker::new(maps.clone())))
+            .free_pages(vec![hint])
+            .on_pause(|| {
+                // The guest takes page 150 back into use just before it stops.
+                region.write_u64(150 * 4096, 0xfeed_f00d).map_err(|e| e.to_string())?;
+                maps[0].set(150);
+                Ok(())
+            })
+            .run()
+            .unwrap();
+        rx.join().unwrap();
+        report
+    });
+    assert_eq!(report.rounds[0].hinted_free, 100, "{report}");
+    assert_eq!(report.pages_sent(), pages - 100 + 1, "hinted pages never sent, but the one written after: {report}");
+    let (s0, d0) = (&src.regions()[0], &dst.regions()[0]);
+    let page = |r: &pmigrate::GuestRegion, p: u64| {
+        let mut b = vec![0u8; 4096];
+        r.read_pages(pmigrate::PageIdx(p), &mut b).unwrap();
+        b
+    };
+    assert_eq!(page(d0, 150), page(s0, 150), "the page written after the hint arrived");
+    for p in (100..200).filter(|&p| p != 150) {
+        assert!(page(d0, p).iter().all(|&b| b == 0), "free page {p} was not sent");
+    }
+    for p in (0..100).chain(200..pages) {
+        assert_eq!(page(d0, p), page(s0, p), "page {p}");
+    }
+}

@@ -39,6 +39,7 @@
 pub mod dest;
 pub mod digest;
 pub mod dirty;
+pub mod hints;
 pub mod lz4gate;
 pub mod relay;
 pub mod report;

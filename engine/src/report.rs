@@ -27,6 +27,8 @@ pub struct RoundReport {
     pub payload_bytes: u64,
     /// Seconds the round took.
     pub secs: f64,
+    /// Pages not sent because the guest reported them free (round 0).
+    pub hinted_free: u64,
 }
 
 /// One stream's share.
@@ -187,6 +189,10 @@ impl fmt::Display for Report {
                     r.secs
                 )?;
             }
+        }
+        let hinted: u64 = self.rounds.iter().map(|r| r.hinted_free).sum();
+        if hinted > 0 {
+            writeln!(f, "  {hinted} pages the guest reported free were not sent")?;
         }
         for r in &self.regions {
             writeln!(f, "  region {} ({:.1} MiB): {} — {}", r.region, mib(r.bytes), r.path, r.why)?;

@@ -122,6 +122,10 @@ struct MigrateArgs {
     /// Most live rounds before pausing anyway.
     #[arg(long, default_value_t = 30)]
     max_rounds: u32,
+    /// The guest's free-page list (`GPA LENGTH` per line): those pages are
+    /// not sent unless written after this hint.
+    #[arg(long)]
+    free_pages: Option<PathBuf>,
     /// Shell command that pauses the VM (run once, must exit 0).
     #[arg(long)]
     pause_cmd: Option<String>,
@@ -300,8 +304,17 @@ fn migrate(a: MigrateArgs) -> Result<()> {
         zero_copy: !a.no_zero_copy,
         ..SourceConfig::default()
     };
+    let free = match &a.free_pages {
+        None => Vec::new(),
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()))?;
+            pmigrate::engine::hints::parse_free_pages(&text, &mem)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?
+        }
+    };
     let pause_cmd = a.pause_cmd.clone();
     let source = Source::new(&mem, resolve(&a.dest)?)
+        .free_pages(free)
         .streams(a.streams.streams)
         .via(a.streams.via.clone())
         .config(cfg)

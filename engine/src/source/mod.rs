@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
-use pmigrate_ranges::{distribute, plan_shards, AtomicBitmap, GuestMemory, PAGE_SIZE};
+use pmigrate_ranges::{distribute, plan_shards, AtomicBitmap, GuestMemory, PageRange, PAGE_SIZE};
 use pmigrate_transport::frame::{FrameHdr, FrameKind, FLAG_PROBE_HASH, FLAG_PROBE_WORDS, HEADER_LEN};
 use pmigrate_transport::hello::{
     encode_shared_paths, Hello, Mode, RegionDesc, CAP_LZ4, CAP_SHARED, EXT_SHARED_PATHS, PROTOCOL_VERSION, REGION_HUGE,
@@ -144,6 +144,7 @@ pub struct Source<'a> {
     tracker: Option<Box<dyn DirtyTracker + 'a>>,
     pause: Option<PauseHook<'a>>,
     progress: Arc<Progress>,
+    free: Vec<PageRange>,
 }
 
 impl<'a> Source<'a> {
@@ -157,6 +158,7 @@ impl<'a> Source<'a> {
             tracker: None,
             pause: None,
             progress: Arc::default(),
+            free: Vec::new(),
         }
     }
 
@@ -190,6 +192,17 @@ impl<'a> Source<'a> {
         self
     }
 
+    /// Pages the guest reports free (its free-page list, e.g. from a
+    /// balloon or an eBPF walker), as of now. They are not sent: round 0
+    /// skips them, and only a write after this hint — which the dirty
+    /// tracker reports like any other — sends one. The destination keeps
+    /// them as it has them (zero): the guest does not care what a free page
+    /// holds.
+    pub fn free_pages(mut self, ranges: Vec<PageRange>) -> Self {
+        self.free = ranges;
+        self
+    }
+
     /// Called once, when pre-copy is done, to stop the guest. An error
     /// aborts the migration (the guest keeps running at the source).
     pub fn on_pause(mut self, f: impl FnMut() -> Result<(), String> + Send + 'a) -> Self {
@@ -206,6 +219,9 @@ impl<'a> Source<'a> {
     /// verification by the destination.
     pub fn run(self) -> Result<Report, MigrateError> {
         let t0 = Instant::now();
+        for r in &self.free {
+            self.mem.check(*r).map_err(|e| MigrateError::Layout(format!("free-page hint {r:?}: {e}")))?;
+        }
         let mut tracker = match self.tracker {
             Some(t) => t,
             None => tracker_for(self.cfg.tracker, self.mem)?,
@@ -255,6 +271,7 @@ impl<'a> Source<'a> {
             candidates,
             force: self.mem.regions().iter().map(|_| AtomicBool::new(false)).collect(),
             session: hello.session,
+            free: self.free,
         };
         let result = run.drive(streams, tracker.as_mut(), self.pause);
         tracker.stop(self.mem);
@@ -285,6 +302,8 @@ struct Run<'r> {
     /// was thought to hold (a region that fell back to the copy path).
     force: Vec<AtomicBool>,
     session: [u8; 16],
+    /// Free-page hints, honoured in round 0.
+    free: Vec<PageRange>,
 }
 
 impl<'r> Run<'r> {
@@ -573,6 +592,12 @@ impl<'r> Run<'r> {
             }
         };
         mask(&dirty, &shared);
+        let mut hinted = 0u64;
+        for r in &self.free {
+            let map = &dirty[r.region.as_usize()];
+            hinted += map.runs(r.start.0, r.end.0).map(|(_, n)| n).sum::<u64>();
+            map.clear_range(r.start.0, r.len());
+        }
         // Bytes of page data per second through the whole pipeline, from
         // the rounds that moved enough to measure.
         let mut rate: Option<f64> = None;
@@ -585,6 +610,9 @@ impl<'r> Run<'r> {
             self.end_round(txs, round, false)?;
             let secs = t.elapsed().as_secs_f64();
             report.rounds.push(round_report(round, false, &c, secs));
+            if round == 0 {
+                report.rounds[0].hinted_free = hinted;
+            }
             let moved = c.scanned * PAGE_SIZE as u64;
             if moved >= 4 << 20 && secs > 0.0 {
                 let r = moved as f64 / secs;
@@ -633,5 +661,6 @@ fn round_report(round: u64, paused: bool, c: &Counts, secs: f64) -> RoundReport 
         wire_bytes: c.wire,
         payload_bytes: c.payload,
         secs,
+        hinted_free: 0,
     }
 }
