@@ -230,3 +230,53 @@ fn free_page_hints_are_not_sent_unless_written_after_the_hint() {
         assert_eq!(page(d0, p), page(s0, p), "page {p}");
     }
 }
+
+#[test]
+fn a_working_set_hint_keeps_the_migration_exact() {
+    use pmigrate::ranges::{PageRange, RegionIdx};
+    let src = Arc::new(GuestMemory::anonymous(128 << 20).unwrap());
+    fill(&src, ContentMix::TYPICAL, 9);
+    let dst = GuestMemory::anonymous(128 << 20).unwrap();
+    let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
+    let addr = acceptor.local_addrs()[0];
+    let maps = VmmBitmapTracker::bitmaps_for(&src);
+    // Mutators write the first 6.4 MiB (10 % of their 64 MiB) nine times in ten.
+    let m = MutatorConfig {
+        threads: 1,
+        rate: 64 << 20,
+        working_set: 64 << 20,
+        skew: Skew::HotCold { hot_pct: 90, hot_share: 10 },
+    };
+    let hot = PageRange { region: RegionIdx(0), start: pmigrate::PageIdx(0), end: pmigrate::PageIdx(2048) };
+    let report = std::thread::scope(|s| {
+        let dst = &dst;
+        let rx = s.spawn(move || {
+            let incoming = Incoming::accept_for(&acceptor, dst, None).unwrap();
+            incoming.receive(dst, &ReceiveOptions { verify_memory: true, ..ReceiveOptions::default() }).unwrap()
+        });
+        let mut muts = Some(start_mutators(src.clone(), m, Some(maps.clone())));
+        let cfg = SourceConfig {
+            threads: 2,
+            downtime_target: Duration::from_millis(5),
+            max_rounds: 5,
+            ..SourceConfig::default()
+        };
+        let report = Source::new(&src, vec![addr])
+            .streams(2)
+            .config(cfg)
+            .tracker(Box::new(VmmBitmapTracker::new(maps.clone())))
+            .working_set(vec![hot])
+            .on_pause(|| {
+                if let Some(mut m) = muts.take() {
+                    m.stop();
+                }
+                Ok(())
+            })
+            .run()
+            .unwrap();
+        rx.join().unwrap();
+        report
+    });
+    assert!(report.rounds.len() >= 2, "{report}");
+    assert_eq!(first_difference(&src, &dst), None);
+}

@@ -1,4 +1,5 @@
-//! Guest hints read from a file: the free-page list a guest agent reports.
+//! Guest hints read from a file: the free-page list or the working set a
+//! guest agent reports.
 //!
 //! One range per line, `GPA LENGTH`, each a decimal or `0x` hexadecimal
 //! number of bytes; blank lines and `#` comments are skipped. A range may
@@ -19,7 +20,8 @@ fn number(s: &str) -> Option<u64> {
     }
 }
 
-/// The page ranges of `mem` that the free-page list `text` covers.
+/// The page ranges of `mem` that the range list `text` covers (a free-page
+/// list or a working set).
 pub fn parse_free_pages(text: &str, mem: &GuestMemory) -> Result<Vec<PageRange>, String> {
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate() {

@@ -31,4 +31,4 @@ pub use addr::{Gpa, PageIdx, PageRange, RegionIdx, PAGE_SHIFT, PAGE_SIZE, PAGE_S
 pub use bitmap::AtomicBitmap;
 pub use range_lock::{RangeGuard, RangeLock};
 pub use region::{Backing, GuestMemory, GuestRegion, HostPageSize, MemoryError};
-pub use shard::{distribute, plan_shards, ShardWorker, DEFAULT_SHARD_PAGES};
+pub use shard::{distribute, distribute_late, plan_shards, ShardWorker, DEFAULT_SHARD_PAGES};

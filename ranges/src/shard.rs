@@ -55,11 +55,22 @@ impl std::fmt::Debug for ShardWorker {
 /// Spreads `shards` over `workers` deques in contiguous blocks and returns a
 /// handle per worker.
 pub fn distribute(shards: Vec<PageRange>, workers: usize) -> Vec<ShardWorker> {
+    distribute_late(shards, Vec::new(), workers)
+}
+
+/// Like [`distribute`], with the `late` shards dealt round robin at the
+/// back of every worker's deque, so each worker takes them after all of its
+/// others: the guest's working set goes last in a pre-copy round, when the
+/// pages it is about to dirty again have had the least time to change.
+pub fn distribute_late(shards: Vec<PageRange>, late: Vec<PageRange>, workers: usize) -> Vec<ShardWorker> {
     let workers = workers.max(1);
     let deques: Vec<Worker<PageRange>> = (0..workers).map(|_| Worker::new_fifo()).collect();
     let per = shards.len().div_ceil(workers).max(1);
     for (i, shard) in shards.into_iter().enumerate() {
         deques[i / per].push(shard);
+    }
+    for (i, shard) in late.into_iter().enumerate() {
+        deques[i % workers].push(shard);
     }
     let stealers: Arc<[Stealer<PageRange>]> = deques.iter().map(|d| d.stealer()).collect();
     deques.into_iter().enumerate().map(|(index, own)| ShardWorker { own, others: stealers.clone(), index }).collect()
@@ -106,6 +117,23 @@ mod tests {
         let s = plan_shards(&[a, b], 512);
         let got: Vec<_> = s.iter().map(|r| (r.region.0, r.start.0, r.end.0)).collect();
         assert_eq!(got, vec![(0, 0, 512), (0, 1024, 1536), (0, 1536, 2000), (1, 0, 100)]);
+    }
+
+    #[test]
+    fn late_shards_come_after_every_other_shard_of_a_worker() {
+        let r = |s: u64| PageRange { region: RegionIdx(0), start: PageIdx(s), end: PageIdx(s + 64) };
+        let early: Vec<_> = (0..6).map(|i| r(i * 64)).collect();
+        let late: Vec<_> = (6..10).map(|i| r(i * 64)).collect();
+        for w in distribute_late(early, late, 2) {
+            let mut seen_late = false;
+            // No stealing: take from the worker's own deque only.
+            while let Some(s) = w.own.pop() {
+                let is_late = s.start.0 >= 6 * 64;
+                assert!(is_late || !seen_late, "an early shard after a late one");
+                seen_late |= is_late;
+            }
+            assert!(seen_late, "every worker got late shards");
+        }
     }
 
     #[test]

@@ -126,6 +126,9 @@ struct MigrateArgs {
     /// not sent unless written after this hint.
     #[arg(long)]
     free_pages: Option<PathBuf>,
+    /// The guest's working set (same format): sent last in every round.
+    #[arg(long)]
+    working_set: Option<PathBuf>,
     /// Shell command that pauses the VM (run once, must exit 0).
     #[arg(long)]
     pause_cmd: Option<String>,
@@ -304,17 +307,16 @@ fn migrate(a: MigrateArgs) -> Result<()> {
         zero_copy: !a.no_zero_copy,
         ..SourceConfig::default()
     };
-    let free = match &a.free_pages {
-        None => Vec::new(),
-        Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()))?;
-            pmigrate::engine::hints::parse_free_pages(&text, &mem)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?
-        }
+    let hints = |file: &Option<PathBuf>| -> Result<Vec<pmigrate::ranges::PageRange>> {
+        let Some(p) = file else { return Ok(Vec::new()) };
+        let text = std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()))?;
+        pmigrate::engine::hints::parse_free_pages(&text, &mem).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
     };
+    let (free, working_set) = (hints(&a.free_pages)?, hints(&a.working_set)?);
     let pause_cmd = a.pause_cmd.clone();
     let source = Source::new(&mem, resolve(&a.dest)?)
         .free_pages(free)
+        .working_set(working_set)
         .streams(a.streams.streams)
         .via(a.streams.via.clone())
         .config(cfg)

@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
-use pmigrate_ranges::{distribute, plan_shards, AtomicBitmap, GuestMemory, PageRange, PAGE_SIZE};
+use pmigrate_ranges::{distribute_late, plan_shards, AtomicBitmap, GuestMemory, PageRange, PAGE_SIZE};
 use pmigrate_transport::frame::{FrameHdr, FrameKind, FLAG_PROBE_HASH, FLAG_PROBE_WORDS, HEADER_LEN};
 use pmigrate_transport::hello::{
     encode_shared_paths, Hello, Mode, RegionDesc, CAP_LZ4, CAP_SHARED, EXT_SHARED_PATHS, PROTOCOL_VERSION, REGION_HUGE,
@@ -145,6 +145,7 @@ pub struct Source<'a> {
     pause: Option<PauseHook<'a>>,
     progress: Arc<Progress>,
     free: Vec<PageRange>,
+    working_set: Vec<PageRange>,
 }
 
 impl<'a> Source<'a> {
@@ -159,6 +160,7 @@ impl<'a> Source<'a> {
             pause: None,
             progress: Arc::default(),
             free: Vec::new(),
+            working_set: Vec::new(),
         }
     }
 
@@ -203,6 +205,14 @@ impl<'a> Source<'a> {
         self
     }
 
+    /// The guest's working set (hottest pages), as it reports it: sent last
+    /// in every pre-copy round, so the pages most likely to be written
+    /// again have the least time to change before the round ends.
+    pub fn working_set(mut self, ranges: Vec<PageRange>) -> Self {
+        self.working_set = ranges;
+        self
+    }
+
     /// Called once, when pre-copy is done, to stop the guest. An error
     /// aborts the migration (the guest keeps running at the source).
     pub fn on_pause(mut self, f: impl FnMut() -> Result<(), String> + Send + 'a) -> Self {
@@ -219,8 +229,8 @@ impl<'a> Source<'a> {
     /// verification by the destination.
     pub fn run(self) -> Result<Report, MigrateError> {
         let t0 = Instant::now();
-        for r in &self.free {
-            self.mem.check(*r).map_err(|e| MigrateError::Layout(format!("free-page hint {r:?}: {e}")))?;
+        for r in self.free.iter().chain(&self.working_set) {
+            self.mem.check(*r).map_err(|e| MigrateError::Layout(format!("hint {r:?}: {e}")))?;
         }
         let mut tracker = match self.tracker {
             Some(t) => t,
@@ -272,6 +282,7 @@ impl<'a> Source<'a> {
             force: self.mem.regions().iter().map(|_| AtomicBool::new(false)).collect(),
             session: hello.session,
             free: self.free,
+            working_set: self.working_set,
         };
         let result = run.drive(streams, tracker.as_mut(), self.pause);
         tracker.stop(self.mem);
@@ -304,6 +315,8 @@ struct Run<'r> {
     session: [u8; 16],
     /// Free-page hints, honoured in round 0.
     free: Vec<PageRange>,
+    /// The guest's working set, sent last in each round.
+    working_set: Vec<PageRange>,
 }
 
 impl<'r> Run<'r> {
@@ -427,7 +440,10 @@ impl<'r> Run<'r> {
         self.progress.round.store(round, Ordering::Relaxed);
         self.progress.round_pages.store(dirty.iter().map(|d| d.count()).sum(), Ordering::Relaxed);
         self.progress.done_pages.store(0, Ordering::Relaxed);
-        let workers = distribute(shards, self.cfg.threads);
+        // The guest's working set goes last in the round.
+        let (late, early): (Vec<PageRange>, Vec<PageRange>) =
+            shards.into_iter().partition(|s| self.working_set.iter().any(|w| overlaps(w, s)));
+        let workers = distribute_late(early, late, self.cfg.threads);
         let batch = self.cfg.batch_pages.clamp(1, pmigrate_transport::frame::MAX_FRAME_PAGES as usize);
         let results: Vec<Result<Counts, MigrateError>> = std::thread::scope(|s| {
             let handles: Vec<_> = workers
@@ -647,6 +663,10 @@ impl<'r> Run<'r> {
         report.rounds.push(round_report(round, true, &c, t_pause.elapsed().as_secs_f64()));
         Ok((t_pause, shared))
     }
+}
+
+fn overlaps(a: &PageRange, b: &PageRange) -> bool {
+    a.region == b.region && a.start < b.end && b.start < a.end
 }
 
 fn round_report(round: u64, paused: bool, c: &Counts, secs: f64) -> RoundReport {
