@@ -8,7 +8,7 @@
 //! stream index already taken — gets an `Error` frame and is closed, and
 //! the acceptor keeps waiting for the real streams.
 
-use std::io::{self, ErrorKind};
+use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -291,14 +291,6 @@ impl Acceptor {
             }
         }
     }
-}
-
-/// Whether an I/O error means the peer went away (as opposed to a local fault).
-pub fn is_disconnect(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe | ErrorKind::UnexpectedEof
-    )
 }
 
 #[cfg(test)]
