@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 use pmigrate_ranges::{GuestMemory, PageIdx, RangeLock, PAGE_SIZE};
 use pmigrate_transport::frame::{FrameHdr, FrameKind, FLAG_FINAL, FLAG_PROBE_WORDS};
 use pmigrate_transport::hello::{
-    decode_shared_paths, ErrorCode, ErrorMsg, Mode, RegionDesc, CAP_LZ4, CAP_SHARED, EXT_SHARED_PATHS, KNOWN_CAPS,
+    decode_shared_paths, ErrorCode, ErrorMsg, Mode, RegionDesc, CAP_LZ4, CAP_POSTCOPY, CAP_SHARED, EXT_SHARED_PATHS,
+    KNOWN_CAPS,
 };
 use pmigrate_transport::net::{write_frame, FrameReader};
 use pmigrate_transport::payload::{build_control, zero_page_hash, OpenedPages, Opener};
@@ -31,6 +32,7 @@ use pmigrate_transport::{Accepted, Acceptor, TransportError};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::digest::digest_handing_over;
+use crate::postcopy::{self, DestPost};
 use crate::report::{Report, StreamReport};
 use crate::shared;
 use crate::MigrateError;
@@ -87,6 +89,12 @@ impl Incoming {
     ) -> Result<Incoming, MigrateError> {
         let mut judge = |h: &pmigrate_transport::Hello| {
             check(&h.regions).map_err(|message| ErrorMsg { code: ErrorCode::Layout, message })?;
+            if h.caps & CAP_POSTCOPY != 0 {
+                postcopy::probe().map_err(|why| ErrorMsg {
+                    code: ErrorCode::Unsupported,
+                    message: format!("the destination cannot do post-copy: {why}"),
+                })?;
+            }
             if h.caps & CAP_SHARED != 0 {
                 if let Some((_, ext)) = h.extensions.iter().find(|(t, _)| *t == EXT_SHARED_PATHS) {
                     decode_shared_paths(ext, h.regions.len())
@@ -135,11 +143,36 @@ impl Incoming {
         &self.accepted.refused
     }
 
+    /// Whether the source asked for post-copy (and this end can do it).
+    pub fn is_postcopy(&self) -> bool {
+        self.accepted.caps & CAP_POSTCOPY != 0
+    }
+
     /// Receives the whole migration into `mem`, which must have the
     /// session's layout and be all zero (fresh anonymous memory, or a file
     /// region created with `truncate`): pages the source never sends are
-    /// zero there.
+    /// zero there. The guest may run once this returns.
     pub fn receive(self, mem: &GuestMemory, opts: &ReceiveOptions) -> Result<Report, MigrateError> {
+        self.receive_and_run(mem, opts, || Ok(()))
+    }
+
+    /// Like [`Incoming::receive`], calling `resume` the moment the guest
+    /// may run here: in pre-copy once memory is verified, just before
+    /// returning; in post-copy (see [`crate::postcopy`]) at the switchover,
+    /// while pages are still arriving. From then on the guest's touches of
+    /// missing pages wait for them. An error from `resume` ends the
+    /// migration before the guest ran here, and the source may resume it.
+    ///
+    /// In post-copy, guest memory must be private anonymous. An error
+    /// returned after `resume` was called means pages never arrived: the
+    /// guest here is incomplete and must be stopped — its threads waiting
+    /// on a missing page are released when this returns and find zeros.
+    pub fn receive_and_run(
+        self,
+        mem: &GuestMemory,
+        opts: &ReceiveOptions,
+        resume: impl FnOnce() -> Result<(), String> + Send,
+    ) -> Result<Report, MigrateError> {
         let shared_paths = self.shared_paths();
         let streams = self.accepted.streams;
         if let Err(why) = layout_matches(mem, &self.accepted.hello.regions) {
@@ -148,8 +181,28 @@ impl Incoming {
             }
             return Err(MigrateError::Layout(why));
         }
+        let post = if self.accepted.caps & CAP_POSTCOPY != 0 {
+            match DestPost::new(mem) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    let why = format!("cannot open a userfaultfd for post-copy: {e}");
+                    for s in &streams {
+                        send_error(s, ErrorCode::Unsupported, why.clone());
+                    }
+                    return Err(MigrateError::Postcopy(why));
+                }
+            }
+        } else {
+            None
+        };
+        let resume: ResumeHook<'_> = Box::new(resume);
         let state = State {
             mem,
+            prio: if post.is_some() { streams.len() - 1 } else { usize::MAX },
+            post,
+            resume: Mutex::new(Some(resume)),
+            complete: AtomicBool::new(false),
+            prio_writer: Mutex::new(()),
             locks: mem.regions().iter().map(|_| RangeLock::new()).collect(),
             tables: mem.regions().iter().map(|_| OnceLock::new()).collect(),
             abort: AtomicBool::new(false),
@@ -172,23 +225,36 @@ impl Incoming {
             }
         }
         let results: Vec<Result<StreamOutcome, ()>> = std::thread::scope(|s| {
+            let state = &state;
+            let streams = &streams;
+            if let Some(post) = &state.post {
+                s.spawn(move || {
+                    let res = post.handle_faults(mem, &state.locks, |r, p, n| state.request(streams, r, p, n));
+                    if let Err(why) = res {
+                        state.fail(streams, state.prio, MigrateError::Postcopy(why));
+                    }
+                });
+            }
             let handles: Vec<_> = streams
                 .iter()
                 .enumerate()
                 .map(|(i, st)| {
-                    let state = &state;
-                    let streams = &streams;
-                    s.spawn(move || state.receive_stream(st, i, opts).map_err(|e| state.fail(streams, i, e)))
+                    s.spawn(move || state.receive_stream(streams, st, i, opts).map_err(|e| state.fail(streams, i, e)))
                 })
                 .collect();
-            handles.into_iter().map(|h| h.join().expect("receiver panicked")).collect()
+            let results = handles.into_iter().map(|h| h.join().expect("receiver panicked")).collect();
+            if let Some(post) = &state.post {
+                post.end();
+            }
+            results
         });
         if let Some(e) = state.first_error.lock().expect("error lock").take() {
             return Err(e);
         }
         let outcomes: Vec<StreamOutcome> = results.into_iter().map(|r| r.expect("no error recorded")).collect();
         let source_digest = outcomes[0].digest.expect("stream 0 ends with Done");
-        if let Some(o) = outcomes.iter().find(|o| o.final_round != outcomes[0].final_round) {
+        let bulk = if state.post.is_some() { &outcomes[..outcomes.len() - 1] } else { &outcomes[..] };
+        if let Some(o) = bulk.iter().find(|o| o.final_round != outcomes[0].final_round) {
             let why = format!("streams disagree on the final round: {} and {}", outcomes[0].final_round, o.final_round);
             send_error(&streams[0], ErrorCode::Protocol, why.clone());
             return Err(MigrateError::Protocol { stream: 0, why });
@@ -207,7 +273,7 @@ impl Incoming {
                 dest_digest: format!("{digest:016x}"),
             });
         }
-        if opts.verify_memory {
+        if opts.verify_memory && state.post.is_none() {
             if let Err(e) = state.verify_memory() {
                 send_error(s0, ErrorCode::Digest, e.to_string());
                 return Err(e);
@@ -218,6 +284,15 @@ impl Incoming {
         let mut f = Vec::new();
         build_control(&mut f, h, &[]);
         write_frame(&mut s0, &f, "stream 0")?;
+        if let Some(post) = &state.post {
+            post.faults.unregister_all();
+        }
+        if state.post.is_none() {
+            let resume = state.resume.lock().expect("resume lock").take();
+            if let Some(resume) = resume {
+                resume().map_err(MigrateError::Resume)?;
+            }
+        }
         let total = self.t0.elapsed().as_secs_f64();
         let mut report = Report {
             role: "destination".into(),
@@ -226,6 +301,11 @@ impl Incoming {
             converged: true,
             digest: format!("{digest:016x}"),
             compression: if self.accepted.caps & CAP_LZ4 != 0 { "lz4".into() } else { "off".into() },
+            mode: if state.post.is_some() { "post-copy".into() } else { "pre-copy".into() },
+            postcopy: state.post.as_ref().map(|p| {
+                let f = p.round.load(Ordering::Relaxed);
+                p.report(self.t0, u32::try_from(f).unwrap_or(0))
+            }),
             ..Report::default()
         };
         for (r, offered) in state.offered.iter().enumerate() {
@@ -260,8 +340,20 @@ impl Incoming {
     }
 }
 
+type ResumeHook<'a> = Box<dyn FnOnce() -> Result<(), String> + Send + 'a>;
+
 struct State<'m> {
     mem: &'m GuestMemory,
+    /// Post-copy: the fault handling state, and the index of the priority
+    /// stream (the last).
+    post: Option<DestPost>,
+    prio: usize,
+    /// The embedder's hook that starts the guest here.
+    resume: Mutex<Option<ResumeHook<'m>>>,
+    /// Post-copy: every needed page arrived.
+    complete: AtomicBool,
+    /// Serialises the frames written on the priority stream.
+    prio_writer: Mutex<()>,
     locks: Vec<RangeLock>,
     /// Per region, made on first use: the page tables below. A region
     /// offered for handover gets them only if a page of it arrives, so a
@@ -340,10 +432,83 @@ impl State<'_> {
         for s in streams {
             let _ = s.shutdown(Shutdown::Both);
         }
+        if let Some(post) = &self.post {
+            post.end();
+        }
+    }
+
+    /// Asks the source for pages on the priority stream.
+    fn request(&self, streams: &[TcpStream], region: usize, first: u64, count: u32) -> Result<(), String> {
+        let mut h = FrameHdr::new(FrameKind::PageRequest);
+        h.region = region as u32;
+        h.first = first;
+        h.count = count;
+        let mut f = Vec::with_capacity(pmigrate_transport::frame::HEADER_LEN);
+        build_control(&mut f, h, &[]);
+        let _w = self.prio_writer.lock().expect("writer lock");
+        write_frame(&mut &streams[self.prio], &f, "priority stream").map_err(|e| e.to_string())
+    }
+
+    /// Stream 0 at its switchover marker: once every stream reached its
+    /// own, drops the stale copies of needed pages, registers the regions
+    /// with userfaultfd, starts the guest and tells the source.
+    fn switch_over(&self, streams: &[TcpStream], post: &DestPost) -> Result<(), MigrateError> {
+        if !post.wait_arrivals(streams.len(), &self.abort) {
+            return Err(MigrateError::Aborted);
+        }
+        let mut which = vec![false; self.mem.regions().len()];
+        for (r, region) in self.mem.regions().iter().enumerate() {
+            let runs: Vec<(u64, u64)> = post.need[r].runs(0, region.pages()).collect();
+            which[r] = !runs.is_empty();
+            for (s, n) in runs {
+                region.discard_pages(PageIdx(s), n)?;
+            }
+        }
+        post.faults.register(self.mem, &which).map_err(MigrateError::Postcopy)?;
+        post.needed_pages.store(post.missing.load(Ordering::Acquire), Ordering::Relaxed);
+        let resume = self.resume.lock().expect("resume lock").take();
+        if let Some(resume) = resume {
+            resume().map_err(MigrateError::Resume)?;
+        }
+        post.start_running();
+        let mut h = FrameHdr::new(FrameKind::Switchover);
+        h.flags = FLAG_FINAL;
+        let mut f = Vec::new();
+        build_control(&mut f, h, &[]);
+        let _w = self.prio_writer.lock().expect("writer lock");
+        write_frame(&mut &streams[self.prio], &f, "priority stream")?;
+        Ok(())
+    }
+
+    /// Stream 0 after the source's `Done` in post-copy: waits until every
+    /// needed page arrived, asking again for those that stopped coming.
+    fn await_complete(&self, streams: &[TcpStream], post: &DestPost) -> Result<(), MigrateError> {
+        let mut last = (post.landed.load(Ordering::Relaxed), Instant::now());
+        while post.missing.load(Ordering::Acquire) > 0 {
+            if self.abort.load(Ordering::Relaxed) {
+                return Err(MigrateError::Aborted);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+            let landed = post.landed.load(Ordering::Relaxed);
+            if landed != last.0 {
+                last = (landed, Instant::now());
+            } else if last.1.elapsed() >= postcopy::SWEEP_AFTER {
+                for (r, first, n) in post.still_needed(postcopy::SWEEP_MAX_PAGES) {
+                    self.request(streams, r, first, n as u32).map_err(MigrateError::Postcopy)?;
+                }
+                last.1 = Instant::now();
+            }
+        }
+        self.complete.store(true, Ordering::Release);
+        post.end();
+        // The priority stream's receiver waits for frames no longer coming.
+        let _ = streams[self.prio].shutdown(Shutdown::Read);
+        Ok(())
     }
 
     fn receive_stream(
         &self,
+        streams: &[TcpStream],
         stream: &TcpStream,
         index: usize,
         opts: &ReceiveOptions,
@@ -356,8 +521,13 @@ impl State<'_> {
         let mut round = 0u64;
         let mut frames_in_round = 0u64;
         let mut finished = false;
+        // Post-copy: this stream passed its switchover marker.
+        let mut switched = false;
         loop {
             let Some((hdr, payload)) = reader.next_frame()? else {
+                if index == self.prio && self.complete.load(Ordering::Acquire) {
+                    return Ok(out);
+                }
                 return Err(if self.abort.load(Ordering::Relaxed) {
                     MigrateError::Aborted
                 } else {
@@ -379,7 +549,10 @@ impl State<'_> {
                     let opened = opener
                         .open_pages(&hdr, payload)
                         .map_err(|source| TransportError::Wire { what: format!("stream {index}"), source })?;
-                    self.apply(&hdr, opened, stamp)?;
+                    match &self.post {
+                        Some(post) if switched => self.apply_post(post, &hdr, opened, stamp)?,
+                        _ => self.apply(&hdr, opened, stamp)?,
+                    }
                     out.pages += u64::from(hdr.count);
                     frames_in_round += 1;
                 }
@@ -421,10 +594,46 @@ impl State<'_> {
                     build_control(&mut f, FrameHdr::new(FrameKind::ProbeReply), &answer);
                     write_frame(&mut &*stream, &f, &format!("stream {index}"))?;
                 }
+                FrameKind::Switchover if !finished && !switched && self.post.is_some() => {
+                    let post = self.post.as_ref().expect("guarded");
+                    hdr.verify(payload)
+                        .map_err(|source| TransportError::Wire { what: format!("stream {index}"), source })?;
+                    if hdr.aux != round {
+                        return Err(protocol(index, format!("switchover at round {} during round {round}", hdr.aux)));
+                    }
+                    if let Err(other) = post.round.compare_exchange(u64::MAX, round, Ordering::AcqRel, Ordering::Acquire)
+                    {
+                        if other != round {
+                            return Err(protocol(index, format!("switchover at round {round}, another at {other}")));
+                        }
+                    }
+                    if hdr.count > 0 {
+                        if index != 0 {
+                            return Err(protocol(index, "switchover bitmap on a stream other than 0"));
+                        }
+                        self.check_range(index, &hdr)?;
+                        post.mark_needed(hdr.region as usize, hdr.first, payload, u64::from(hdr.count));
+                    }
+                    if hdr.flags & FLAG_FINAL != 0 {
+                        switched = true;
+                        post.arrive();
+                        if index == 0 {
+                            self.switch_over(streams, post)?;
+                        } else if !post.wait_running(&self.abort) {
+                            return Err(MigrateError::Aborted);
+                        }
+                    }
+                }
                 FrameKind::Done if finished && index == 0 => {
                     hdr.verify(&[])
                         .map_err(|source| TransportError::Wire { what: format!("stream {index}"), source })?;
                     out.digest = Some(hdr.aux);
+                    if let Some(post) = &self.post {
+                        if !switched {
+                            return Err(protocol(index, "post-copy session ended without a switchover"));
+                        }
+                        self.await_complete(streams, post)?;
+                    }
                     return Ok(out);
                 }
                 kind => return Err(TransportError::Unexpected { what: format!("stream {index}"), kind }.into()),
@@ -500,6 +709,26 @@ impl State<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Places a post-copy batch: only its pages still needed, each once.
+    fn apply_post(&self, post: &DestPost, hdr: &FrameHdr, opened: OpenedPages<'_>, stamp: u32) -> Result<(), MigrateError> {
+        let r = hdr.region as usize;
+        let (first, count) = (hdr.first, u64::from(hdr.count));
+        let PageTables { stamps, hashes } = self.tables(r);
+        let _guard = self.locks[r].write(first, first + count);
+        self.written[r].store(true, Ordering::Relaxed);
+        let res = match opened {
+            OpenedPages::Zero => post.place(r, first, count, None, |p| {
+                stamps[p as usize].store(stamp, Ordering::Relaxed);
+                hashes[p as usize].store(zero_page_hash(), Ordering::Relaxed);
+            }),
+            OpenedPages::Data { pages, hashes: page_hashes } => post.place(r, first, count, Some(pages), |p| {
+                stamps[p as usize].store(stamp, Ordering::Relaxed);
+                hashes[p as usize].store(page_hashes[(p - first) as usize], Ordering::Relaxed);
+            }),
+        };
+        res.map(drop).map_err(MigrateError::Postcopy)
     }
 
     /// Rehashes every page of guest memory against the table of hashes of

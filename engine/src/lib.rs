@@ -41,10 +41,12 @@ pub mod digest;
 pub mod dirty;
 pub mod hints;
 pub mod lz4gate;
+pub mod postcopy;
 pub mod relay;
 pub mod report;
 pub mod shared;
 pub mod source;
+mod uffd;
 #[cfg(feature = "vm-memory")]
 pub mod vmm;
 #[cfg(feature = "vm-memory")]
@@ -117,6 +119,13 @@ pub enum MigrateError {
     /// The embedder's pause hook failed; the guest keeps running.
     #[error("pause hook failed: {0}")]
     Pause(String),
+    /// Post-copy could not go on (userfaultfd, or pages that could not be
+    /// placed).
+    #[error("post-copy: {0}")]
+    Postcopy(String),
+    /// The embedder's hook starting the guest at the destination failed.
+    #[error("resume hook failed: {0}")]
+    Resume(String),
     /// Stopped because another part of the migration failed.
     #[error("migration aborted")]
     Aborted,

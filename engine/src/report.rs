@@ -116,6 +116,10 @@ pub struct Report {
     pub batch_latency: Option<LatencySummary>,
     /// Regions offered for zero-copy handover: which path each took, and why.
     pub regions: Vec<crate::shared::RegionPath>,
+    /// `"pre-copy"`, `"post-copy"` (after no pre-copy round) or `"hybrid"`.
+    pub mode: String,
+    /// Post-copy's figures, when the migration switched to it.
+    pub postcopy: Option<crate::postcopy::PostcopyReport>,
 }
 
 impl Report {

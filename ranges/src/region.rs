@@ -327,6 +327,38 @@ impl GuestRegion {
         Ok(())
     }
 
+    /// Drops `count` pages from `first` of a private anonymous region
+    /// (`MADV_DONTNEED`): they read as zero again and are *missing* — the
+    /// next touch faults, which a userfaultfd registered on the region in
+    /// missing mode sees. Post-copy discards the pages whose copy went stale
+    /// this way before the guest runs. Other backings are refused: dropping
+    /// a file page reverts it to the file rather than making it missing.
+    pub fn discard_pages(&self, first: PageIdx, count: u64) -> Result<(), MemoryError> {
+        if self.backing != Backing::Anonymous {
+            return Err(MemoryError::Map {
+                what: format!("discarding pages of a {:?} region", self.backing),
+                source: std::io::Error::from(std::io::ErrorKind::Unsupported),
+            });
+        }
+        let off = self.span(first, count)?;
+        // SAFETY: bounds checked by `span`; the range lies in this region's
+        // private anonymous mapping, whose pages the advice only drops
+        // (contents become zero), as the documentation above promises.
+        let rc = unsafe {
+            libc::madvise(self.ptr.add(off).cast(), (count * PAGE_SIZE_U64) as usize, libc::MADV_DONTNEED)
+        };
+        if rc != 0 {
+            return Err(MemoryError::Map { what: "MADV_DONTNEED".into(), source: std::io::Error::last_os_error() });
+        }
+        Ok(())
+    }
+
+    /// Host address of byte `offset` of the region, for kernel interfaces
+    /// that take addresses (userfaultfd); `None` past the end.
+    pub fn host_addr_of(&self, offset: u64) -> Option<u64> {
+        (offset < self.len).then(|| self.ptr as u64 + offset)
+    }
+
     /// Writes `value` to the 8-byte word at byte `offset` (aligned to 8), as
     /// a guest vCPU would. For workloads and tests that mutate guest memory.
     pub fn write_u64(&self, offset: u64, value: u64) -> Result<(), MemoryError> {

@@ -58,7 +58,8 @@ pub enum FrameKind {
     /// Source → destination in byte-stream mode: the stream ended after
     /// `aux` chunks.
     End = 9,
-    /// Reserved (post-copy): destination asks for pages on a priority stream.
+    /// Destination → source on the priority stream (post-copy): send pages
+    /// `first..first + count` of `region` now; a guest vCPU waits on one.
     PageRequest = 10,
     /// Reserved (recovery): a reconnecting stream resumes a session.
     Resume = 11,
@@ -73,6 +74,13 @@ pub enum FrameKind {
     /// Destination → source on stream 0: the values a `Probe` asked for,
     /// in order, as little-endian `u64`s.
     ProbeReply = 14,
+    /// Post-copy switchover. Source → destination on stream 0: the pages
+    /// `first..first + count` of `region` the destination must not use
+    /// until they arrive, as a bitmap (bit `i` of byte `i / 8`: page
+    /// `first + i`); `aux` is the post-copy round, [`FLAG_FINAL`] marks the
+    /// last piece. Destination → source on the priority stream, empty with
+    /// [`FLAG_FINAL`]: the guest runs here now.
+    Switchover = 15,
 }
 
 impl FrameKind {
@@ -93,6 +101,7 @@ impl FrameKind {
             12 => Auth,
             13 => Probe,
             14 => ProbeReply,
+            15 => Switchover,
             _ => return None,
         })
     }
@@ -271,7 +280,7 @@ impl FrameHdr {
         use FrameKind::*;
         let kind = self.kind;
         let allowed_flags = match kind {
-            RoundEnd => FLAG_FINAL,
+            RoundEnd | Switchover => FLAG_FINAL,
             Probe => FLAG_PROBE_HASH | FLAG_PROBE_WORDS,
             _ => 0,
         };
@@ -279,7 +288,7 @@ impl FrameHdr {
             return Err(WireError::BadFlags { kind, flags: self.flags });
         }
         let max = match kind {
-            Pages | Data => MAX_PAYLOAD,
+            Pages | Data | Switchover => MAX_PAYLOAD,
             Hello | Welcome | Resume | Auth => 64 << 10,
             Error => 4 << 10,
             RoundEnd | Done | Verified | End | PageRequest => 0,
@@ -332,6 +341,18 @@ impl FrameHdr {
             (PageRequest, Encoding::None) => {
                 if self.count == 0 || self.count > MAX_FRAME_PAGES {
                     return malformed("page count out of range");
+                }
+                if self.first.checked_add(u64::from(self.count)).is_none() {
+                    return malformed("page range wraps");
+                }
+                Ok(())
+            }
+            (Switchover, Encoding::None) => {
+                if u64::from(self.len) != u64::from(self.count).div_ceil(8) {
+                    return malformed("a switchover bitmap has one bit per page");
+                }
+                if self.first.checked_add(u64::from(self.count)).is_none() {
+                    return malformed("page range wraps");
                 }
                 Ok(())
             }

@@ -35,7 +35,9 @@ pub const MAX_EXTENSIONS: u16 = 64;
 
 /// Capability: the sender may use lz4 payloads.
 pub const CAP_LZ4: u64 = 1 << 0;
-/// Capability (reserved): post-copy page requests on a priority stream.
+/// Capability: post-copy. The session has one stream more than the bulk
+/// streams, the last, which carries only page requests (`PageRequest`) and
+/// the pages that answer them, so a fault never waits behind bulk data.
 pub const CAP_POSTCOPY: u64 = 1 << 1;
 /// Capability (reserved): streams may reconnect with `Resume`.
 pub const CAP_RESUME: u64 = 1 << 2;
@@ -46,7 +48,7 @@ pub const CAP_AUTH: u64 = 1 << 3;
 /// [`EXT_SHARED_PATHS`] extension naming the regions' backing paths).
 pub const CAP_SHARED: u64 = 1 << 4;
 /// Capabilities this implementation understands.
-pub const KNOWN_CAPS: u64 = CAP_LZ4 | CAP_SHARED;
+pub const KNOWN_CAPS: u64 = CAP_LZ4 | CAP_SHARED | CAP_POSTCOPY;
 
 /// Hello extension: the backing path of each region the source could hand
 /// over, as repeated `{ region u32, len u16, UTF-8 path }`.
@@ -323,6 +325,8 @@ pub enum ErrorCode {
     Digest = 6,
     /// The peer gave up for another reason.
     Aborted = 7,
+    /// The peer cannot do what the session asks (a capability it lacks).
+    Unsupported = 8,
 }
 
 /// An `Error` frame's payload: code and message.
@@ -358,6 +362,7 @@ impl ErrorMsg {
             5 => Io,
             6 => Digest,
             7 => Aborted,
+            8 => Unsupported,
             x => return Err(c.err(format!("unknown error code {x}"))),
         };
         let rest = c.bytes(payload.len() - 4)?;

@@ -25,19 +25,22 @@
 //! The workers are in `source/worker.rs`, the stream writers and listeners in
 //! `source/streams.rs`; this module holds the builder and the rounds.
 
+mod requests;
 mod streams;
 mod worker;
 
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use pmigrate_ranges::{distribute_late, plan_shards, AtomicBitmap, GuestMemory, PageRange, PAGE_SIZE};
 use pmigrate_transport::frame::{FrameHdr, FrameKind, FLAG_PROBE_HASH, FLAG_PROBE_WORDS, HEADER_LEN};
+use pmigrate_transport::frame::FLAG_FINAL;
 use pmigrate_transport::hello::{
-    encode_shared_paths, Hello, Mode, RegionDesc, CAP_LZ4, CAP_SHARED, EXT_SHARED_PATHS, PROTOCOL_VERSION, REGION_HUGE,
+    encode_shared_paths, Hello, Mode, RegionDesc, CAP_LZ4, CAP_POSTCOPY, CAP_SHARED, EXT_SHARED_PATHS, PROTOCOL_VERSION,
+    REGION_HUGE,
 };
 use pmigrate_transport::payload::{build_control, zero_page_hash, Scratch};
 use pmigrate_transport::session::{connect_session, new_session_id, StreamPlan};
@@ -50,7 +53,7 @@ use crate::report::{LatencySummary, Report, RoundReport, StreamReport};
 use crate::shared::{self, RegionPath};
 use crate::{Compression, MigrateError};
 use hdrhistogram::Histogram;
-use streams::{listener, sender, Msg, StreamStats};
+use streams::{listener, sender, Listen, Msg, StreamStats};
 use worker::{Counts, Worker};
 
 /// Frames queued per stream. Four frames of up to 256 KiB keep a stream's
@@ -89,6 +92,10 @@ pub struct SourceConfig {
     /// Offer shared file regions for handover instead of copying them
     /// (see [`crate::shared`]).
     pub zero_copy: bool,
+    /// Post-copy: switch after this many pre-copy rounds (0: at once;
+    /// fewer if pre-copy converges first), see [`crate::postcopy`]. `None`:
+    /// pre-copy to the end.
+    pub postcopy: Option<u32>,
 }
 
 impl Default for SourceConfig {
@@ -102,6 +109,7 @@ impl Default for SourceConfig {
             max_rounds: 30,
             tracker: TrackerKind::Auto,
             zero_copy: true,
+            postcopy: None,
         }
     }
 }
@@ -213,6 +221,14 @@ impl<'a> Source<'a> {
         self
     }
 
+    /// Post-copy after `precopy_rounds` pre-copy rounds (0: pure post-copy,
+    /// more: hybrid); see [`crate::postcopy`]. The destination must run
+    /// [`crate::Incoming::receive_and_run`] on private anonymous memory.
+    pub fn postcopy(mut self, precopy_rounds: u32) -> Self {
+        self.cfg.postcopy = Some(precopy_rounds);
+        self
+    }
+
     /// Called once, when pre-copy is done, to stop the guest. An error
     /// aborts the migration (the guest keeps running at the source).
     pub fn on_pause(mut self, f: impl FnMut() -> Result<(), String> + Send + 'a) -> Self {
@@ -243,11 +259,17 @@ impl<'a> Source<'a> {
             caps |= CAP_SHARED;
             extensions.push((EXT_SHARED_PATHS, encode_shared_paths(&candidates)));
         }
+        let mut plan = self.plan.clone();
+        if self.cfg.postcopy.is_some() {
+            caps |= CAP_POSTCOPY;
+            // The priority stream, last, over the first path.
+            plan.streams += 1;
+        }
         let hello = Hello {
             version: PROTOCOL_VERSION,
             mode: Mode::Memory,
             stream_index: 0,
-            stream_count: self.plan.streams,
+            stream_count: plan.streams,
             session: new_session_id(),
             caps,
             regions: self
@@ -262,7 +284,10 @@ impl<'a> Source<'a> {
                 .collect(),
             extensions,
         };
-        let (streams, welcome) = connect_session(&self.plan, &hello)?;
+        let (streams, welcome) = connect_session(&plan, &hello)?;
+        if self.cfg.postcopy.is_some() && welcome.caps & CAP_POSTCOPY == 0 {
+            return Err(MigrateError::Postcopy("the destination did not accept post-copy".into()));
+        }
         let candidates = if welcome.caps & CAP_SHARED != 0 { candidates } else { Vec::new() };
         let setup_secs = t0.elapsed().as_secs_f64();
         let lz4_allowed = welcome.caps & CAP_LZ4 != 0 && self.cfg.compression != Compression::Off;
@@ -283,10 +308,17 @@ impl<'a> Source<'a> {
             session: hello.session,
             free: self.free,
             working_set: self.working_set,
+            post_round: AtomicU64::new(u64::MAX),
+            running: OnceLock::new(),
+            requested_pages: AtomicU64::new(0),
         };
         let result = run.drive(streams, tracker.as_mut(), self.pause);
         tracker.stop(self.mem);
         let mut report = result?;
+        if let Some(p) = report.postcopy.as_mut() {
+            p.requested_pages = run.requested_pages.load(Ordering::Relaxed);
+            p.runnable_secs = run.running.get().map_or(0.0, |t| t.duration_since(t0).as_secs_f64());
+        }
         report.setup_secs = setup_secs;
         report.total_secs = t0.elapsed().as_secs_f64();
         for s in &mut report.streams {
@@ -315,8 +347,15 @@ struct Run<'r> {
     session: [u8; 16],
     /// Free-page hints, honoured in round 0.
     free: Vec<PageRange>,
-    /// The guest's working set, sent last in each round.
+    /// The guest's working set, sent last in each pre-copy round and first
+    /// in the post-copy push.
     working_set: Vec<PageRange>,
+    /// Post-copy: the post-copy round, once switched.
+    post_round: AtomicU64,
+    /// Post-copy: when the destination said the guest runs there.
+    running: OnceLock<Instant>,
+    /// Post-copy: pages sent to answer requests.
+    requested_pages: AtomicU64,
 }
 
 impl<'r> Run<'r> {
@@ -340,6 +379,11 @@ impl<'r> Run<'r> {
         let (pool_tx, pool_rx) = bounded::<Vec<u8>>(n * QUEUE_DEPTH + self.cfg.threads);
         let (verdict_tx, verdict) = bounded::<Result<u64, MigrateError>>(n);
         let (probe_tx, probe_rx) = bounded::<Vec<u8>>(4);
+        let post = self.cfg.postcopy.is_some();
+        // Post-copy: the last stream is the priority stream, and page
+        // requests from its listener go to the request server.
+        let bulk = if post { n - 1 } else { n };
+        let (req_tx, req_rx) = bounded::<requests::Request>(1024);
         let this: &Run<'r> = self;
         let mut report = Report {
             role: "source".into(),
@@ -351,18 +395,33 @@ impl<'r> Run<'r> {
             } else {
                 "off".into()
             },
+            mode: match this.cfg.postcopy {
+                None => "pre-copy".into(),
+                Some(0) => "post-copy".into(),
+                Some(_) => "hybrid".into(),
+            },
             ..Report::default()
         };
         let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 2).expect("valid histogram bounds");
         let outcome = std::thread::scope(|s| -> Result<(), MigrateError> {
             let mut senders = Vec::new();
             for (i, (stream, rx)) in streams.iter().zip(rxs).enumerate() {
-                let (pool, st, verdict, probes) = (pool_tx.clone(), &stats[i], verdict_tx.clone(), probe_tx.clone());
+                let (pool, st) = (pool_tx.clone(), &stats[i]);
                 senders.push(s.spawn(move || sender(stream, i, rx, pool, st, this.progress, &this.abort)));
-                s.spawn(move || listener(stream, i, verdict, probes, &this.abort));
+                let listen = Listen {
+                    verdict: verdict_tx.clone(),
+                    probes: probe_tx.clone(),
+                    requests: (post && i == bulk).then(|| req_tx.clone()),
+                    running: &this.running,
+                };
+                s.spawn(move || listener(stream, i, listen, &this.abort));
             }
-            drop(probe_tx);
-            let res = this.rounds(&txs, &pool_rx, &probe_rx, &verdict, tracker, pause, &mut report).and_then(
+            drop((probe_tx, req_tx));
+            let server = post.then(|| {
+                let (tx, pool) = (txs[bulk].clone(), pool_rx.clone());
+                s.spawn(move || requests::serve(this, bulk, req_rx, tx, &pool))
+            });
+            let res = this.rounds(&txs, bulk, &pool_rx, &probe_rx, &verdict, tracker, pause, &mut report).and_then(
                 |(t_pause, handed_over)| {
                     let tables: Vec<&[AtomicU64]> = this.sent.iter().map(|t| &t[..]).collect();
                     let digest = digest_handing_over(&tables, &handed_over);
@@ -376,6 +435,9 @@ impl<'r> Run<'r> {
                 Ok(t) => (Some(t), None),
                 Err(e) => (None, Some(e)),
             };
+            // The priority stream's writer lasts as long as the request
+            // server, which lasts until the destination is done.
+            let prio_sender = if post { senders.pop() } else { None };
             for h in senders {
                 match h.join().expect("sender thread panicked") {
                     Ok(hist) => latency.add(&hist).expect("histograms of equal bounds"),
@@ -391,6 +453,15 @@ impl<'r> Run<'r> {
             for st in &streams {
                 let _ = st.shutdown(std::net::Shutdown::Both);
             }
+            if let Some(h) = server {
+                if let Err(e) = h.join().expect("request server panicked") {
+                    MigrateError::keep(&mut error, e);
+                }
+            }
+            if let Some(h) = prio_sender {
+                // Its errors after the verdict are the shutdown's own.
+                let _ = h.join().expect("sender thread panicked");
+            }
             match (error, verdict) {
                 (Some(_), Ok(Err(peer))) => Err(peer),
                 (Some(e), _) => Err(e),
@@ -403,7 +474,10 @@ impl<'r> Run<'r> {
                 }
                 (None, Ok(Ok(_))) => {
                     if let Some(t) = t_pause {
-                        report.downtime_secs = t.elapsed().as_secs_f64();
+                        report.downtime_secs = match this.running.get() {
+                            Some(run) => run.duration_since(t).as_secs_f64(),
+                            None => t.elapsed().as_secs_f64(),
+                        };
                     }
                     Ok(())
                 }
@@ -429,21 +503,27 @@ impl<'r> Run<'r> {
         Ok(report)
     }
 
+    /// Sends the pages marked in `dirty` as round `round` over `txs`; the
+    /// guest's working set goes last, or first with `ws_first`.
     fn one_round(
         &self,
         round: u64,
         dirty: &[AtomicBitmap],
         txs: &[Sender<Msg>],
         pool: &Receiver<Vec<u8>>,
+        ws_first: bool,
     ) -> Result<Counts, MigrateError> {
         let shards = plan_shards(dirty, self.cfg.shard_pages);
         self.progress.round.store(round, Ordering::Relaxed);
         self.progress.round_pages.store(dirty.iter().map(|d| d.count()).sum(), Ordering::Relaxed);
         self.progress.done_pages.store(0, Ordering::Relaxed);
-        // The guest's working set goes last in the round.
-        let (late, early): (Vec<PageRange>, Vec<PageRange>) =
+        let (ws, rest): (Vec<PageRange>, Vec<PageRange>) =
             shards.into_iter().partition(|s| self.working_set.iter().any(|w| overlaps(w, s)));
-        let workers = distribute_late(early, late, self.cfg.threads);
+        let workers = if ws_first {
+            distribute_late(ws, rest, self.cfg.threads)
+        } else {
+            distribute_late(rest, ws, self.cfg.threads)
+        };
         let batch = self.cfg.batch_pages.clamp(1, pmigrate_transport::frame::MAX_FRAME_PAGES as usize);
         let results: Vec<Result<Counts, MigrateError>> = std::thread::scope(|s| {
             let handles: Vec<_> = workers
@@ -592,6 +672,7 @@ impl<'r> Run<'r> {
     fn rounds(
         &self,
         txs: &[Sender<Msg>],
+        bulk: usize,
         pool: &Receiver<Vec<u8>>,
         probes: &Receiver<Vec<u8>>,
         verdict: &Receiver<Result<u64, MigrateError>>,
@@ -618,17 +699,16 @@ impl<'r> Run<'r> {
         // the rounds that moved enough to measure.
         let mut rate: Option<f64> = None;
         let mut round = 0u64;
-        let converged;
-        loop {
+        let mut converged = false;
+        let precopy_rounds = self.cfg.postcopy.map_or(u64::MAX, u64::from);
+        while round < precopy_rounds {
             let t = Instant::now();
-            let c = self.one_round(round, &dirty, txs, pool)?;
+            let c = self.one_round(round, &dirty, &txs[..bulk], pool, false)?;
             self.force.iter().for_each(|f| f.store(false, Ordering::Relaxed));
             self.end_round(txs, round, false)?;
             let secs = t.elapsed().as_secs_f64();
             report.rounds.push(round_report(round, false, &c, secs));
-            if round == 0 {
-                report.rounds[0].hinted_free = hinted;
-            }
+            round += 1;
             let moved = c.scanned * PAGE_SIZE as u64;
             if moved >= 4 << 20 && secs > 0.0 {
                 let r = moved as f64 / secs;
@@ -642,11 +722,9 @@ impl<'r> Run<'r> {
                 converged = true;
                 break;
             }
-            if round + 1 >= u64::from(self.cfg.max_rounds.max(1)) {
-                converged = false;
+            if round >= u64::from(self.cfg.max_rounds.max(1)) {
                 break;
             }
-            round += 1;
         }
         report.converged = converged;
         if let Some(p) = pause.as_mut() {
@@ -657,11 +735,62 @@ impl<'r> Run<'r> {
         tracker.collect(self.mem, &dirty)?;
         mask(&dirty, &shared);
         self.prove_identity(txs, probes, verdict, &mut shared, &dirty, report)?;
-        round += 1;
-        let c = self.one_round(round, &dirty, txs, pool)?;
-        self.end_round(txs, round, true)?;
+        if self.cfg.postcopy.is_some() {
+            self.switch_over(txs, round, &dirty)?;
+            report.postcopy = Some(crate::postcopy::PostcopyReport {
+                precopy_rounds: round as u32,
+                needed_pages: dirty.iter().map(|d| d.count()).sum(),
+                ..Default::default()
+            });
+            // Every page the destination lacks goes, whatever it held before.
+            self.force.iter().for_each(|f| f.store(true, Ordering::Relaxed));
+        }
+        let c = self.one_round(round, &dirty, &txs[..bulk], pool, self.cfg.postcopy.is_some())?;
+        self.end_round(&txs[..bulk], round, true)?;
         report.rounds.push(round_report(round, true, &c, t_pause.elapsed().as_secs_f64()));
+        report.rounds[0].hinted_free = hinted;
+        if let Some(p) = report.postcopy.as_mut() {
+            p.pushed_pages = c.scanned;
+        }
         Ok((t_pause, shared))
+    }
+
+    /// Starts post-copy as round `round`: the bitmap of pages to come on
+    /// stream 0, then a marker on every stream (see [`crate::postcopy`]).
+    fn switch_over(&self, txs: &[Sender<Msg>], round: u64, dirty: &[AtomicBitmap]) -> Result<(), MigrateError> {
+        /// Pages per bitmap piece: 4 MiB of bitmap, 128 GiB of memory.
+        const PIECE: u64 = (pmigrate_transport::frame::MAX_PAYLOAD as u64) * 8;
+        self.post_round.store(round, Ordering::Release);
+        let send = |tx: &Sender<Msg>, h: FrameHdr, body: &[u8]| {
+            let mut f = Vec::new();
+            build_control(&mut f, h, body);
+            tx.send(Msg::Control(f)).map_err(|_| MigrateError::Aborted)
+        };
+        for (r, map) in dirty.iter().enumerate() {
+            let mut first = 0;
+            while first < map.len() {
+                let count = (map.len() - first).min(PIECE);
+                if map.runs(first, first + count).next().is_some() {
+                    let words = (first / 64) as usize..(first + count).div_ceil(64) as usize;
+                    let mut bits: Vec<u8> = words.flat_map(|w| map.load_word(w).to_le_bytes()).collect();
+                    bits.truncate(count.div_ceil(8) as usize);
+                    let mut h = FrameHdr::new(FrameKind::Switchover);
+                    h.region = r as u32;
+                    h.first = first;
+                    h.count = count as u32;
+                    h.aux = round;
+                    send(&txs[0], h, &bits)?;
+                }
+                first += count;
+            }
+        }
+        for tx in txs {
+            let mut h = FrameHdr::new(FrameKind::Switchover);
+            h.aux = round;
+            h.flags = FLAG_FINAL;
+            send(tx, h, &[])?;
+        }
+        Ok(())
     }
 }
 

@@ -3,6 +3,7 @@
 
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -93,24 +94,47 @@ pub(super) fn sender(
     res.map(|()| latency).map_err(MigrateError::from)
 }
 
-/// Reads what the destination says on a stream: probe replies (stream 0,
-/// handed to `probes`), then `Verified` on stream 0 at the end, or an
-/// `Error` at any time; reports the outcome on `verdict`.
-pub(super) fn listener(
-    stream: &TcpStream,
-    index: usize,
-    verdict: Sender<Result<u64, MigrateError>>,
-    probes: Sender<Vec<u8>>,
-    abort: &AtomicBool,
-) {
+/// Where a stream's listener passes what the destination says.
+pub(super) struct Listen<'a> {
+    /// The outcome: `Verified`'s digest, or the error.
+    pub(super) verdict: Sender<Result<u64, MigrateError>>,
+    /// Probe replies (stream 0).
+    pub(super) probes: Sender<Vec<u8>>,
+    /// Post-copy page requests (the priority stream only).
+    pub(super) requests: Option<Sender<super::requests::Request>>,
+    /// Set when the destination says the guest runs there.
+    pub(super) running: &'a OnceLock<Instant>,
+}
+
+/// Reads what the destination says on a stream: probe replies (stream 0),
+/// page requests and the switchover's answer (priority stream), then
+/// `Verified` on stream 0 at the end, or an `Error` at any time; reports
+/// the outcome on `verdict`.
+pub(super) fn listener(stream: &TcpStream, index: usize, to: Listen<'_>, abort: &AtomicBool) {
     let mut r = FrameReader::new(stream, format!("stream {index}"));
     let outcome = loop {
         let wire = |source| MigrateError::from(TransportError::Wire { what: format!("stream {index}"), source });
         match r.next_frame() {
             Ok(Some((h, p))) if h.kind == FrameKind::ProbeReply && index == 0 => match h.verify(p) {
                 Ok(()) => {
-                    let _ = probes.send(p.to_vec());
+                    let _ = to.probes.send(p.to_vec());
                 }
+                Err(e) => break Err(wire(e)),
+            },
+            Ok(Some((h, _))) if h.kind == FrameKind::PageRequest && to.requests.is_some() => match h.verify(&[]) {
+                Ok(()) => {
+                    let req = super::requests::Request { region: h.region, first: h.first, count: h.count };
+                    if to.requests.as_ref().is_some_and(|q| q.send(req).is_err()) {
+                        return;
+                    }
+                }
+                Err(e) => break Err(wire(e)),
+            },
+            Ok(Some((h, _))) if h.kind == FrameKind::Switchover && to.requests.is_some() => match h.verify(&[]) {
+                Ok(()) if h.flags & FLAG_FINAL != 0 => {
+                    let _ = to.running.set(Instant::now());
+                }
+                Ok(()) => break Err(TransportError::Unexpected { what: format!("stream {index}"), kind: h.kind }.into()),
                 Err(e) => break Err(wire(e)),
             },
             Ok(Some((h, _))) if h.kind == FrameKind::Verified && index == 0 => {
@@ -126,5 +150,5 @@ pub(super) fn listener(
     if outcome.is_err() {
         abort.store(true, Ordering::Relaxed);
     }
-    let _ = verdict.send(outcome);
+    let _ = to.verdict.send(outcome);
 }

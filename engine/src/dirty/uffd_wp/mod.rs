@@ -76,12 +76,13 @@
 use std::fmt;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::OnceLock;
 
 use pmigrate_ranges::{AtomicBitmap, Backing, GuestMemory, GuestRegion, HostPageSize, PAGE_SIZE_U64};
 
 use super::{check_shape, DirtyError, DirtyTracker};
+use crate::uffd::{abi, cvt, req, Uffd};
 
 /// The tracker's name in reports and errors.
 const NAME: &str = "uffd-wp";
@@ -92,157 +93,6 @@ const NAME: &str = "uffd-wp";
 /// affects what is reported. 1024 ranges cover 1% of 1 GiB dirtied at random
 /// pages in three calls.
 const SCAN_VEC_LEN: usize = 1024;
-
-/// The kernel interface, from `include/uapi/linux/userfaultfd.h` and
-/// `include/uapi/linux/fs.h` (Linux 6.7), which libc 0.2 does not carry.
-mod abi {
-    use std::mem::size_of;
-
-    /// Whether this architecture encodes ioctl numbers the generic way
-    /// (`_IOC` of `asm-generic/ioctl.h`), which `ioc` implements.
-    pub(super) const GENERIC_IOCTL: bool = cfg!(any(
-        target_arch = "x86_64",
-        target_arch = "x86",
-        target_arch = "aarch64",
-        target_arch = "arm",
-        target_arch = "riscv64",
-        target_arch = "loongarch64",
-        target_arch = "s390x"
-    ));
-
-    const IOC_NONE: u32 = 0;
-    const IOC_WRITE: u32 = 1;
-    const IOC_READ: u32 = 2;
-
-    /// `_IOC(dir, ty, nr, size)`. The size field has 14 bits, checked first,
-    /// so the cast below is exact.
-    const fn ioc(dir: u32, ty: u8, nr: u8, size: usize) -> u32 {
-        assert!(size < 1 << 14, "ioctl argument too large to encode");
-        (dir << 30) | ((size as u32) << 16) | ((ty as u32) << 8) | nr as u32
-    }
-
-    pub(super) const UFFD_API: u64 = 0xAA;
-    /// `userfaultfd(2)` flag: handle only faults raised in user mode, which
-    /// unprivileged callers may ask for. Harmless in asynchronous WP mode,
-    /// where the kernel resolves every write fault itself.
-    pub(super) const UFFD_USER_MODE_ONLY: libc::c_int = 1;
-
-    pub(super) const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
-    pub(super) const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
-    pub(super) const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
-
-    pub(super) const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
-    pub(super) const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
-    /// Bit of `uffdio_register.ioctls` saying `UFFDIO_WRITEPROTECT` works on
-    /// the range (`1 << _UFFDIO_WRITEPROTECT`).
-    pub(super) const UFFDIO_WRITEPROTECT_BIT: u64 = 1 << 0x06;
-
-    pub(super) const PAGE_IS_WPALLOWED: u64 = 1 << 0;
-    pub(super) const PAGE_IS_WRITTEN: u64 = 1 << 1;
-    /// Mapped by a huge page (THP or hugetlbfs); the tests check THP use.
-    #[cfg(test)]
-    pub(super) const PAGE_IS_HUGE: u64 = 1 << 6;
-    pub(super) const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
-    pub(super) const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
-
-    /// `struct uffdio_api`.
-    #[repr(C)]
-    #[derive(Debug, Default)]
-    pub(super) struct UffdioApi {
-        pub(super) api: u64,
-        pub(super) features: u64,
-        pub(super) ioctls: u64,
-    }
-
-    /// `struct uffdio_range`.
-    #[repr(C)]
-    #[derive(Debug, Default)]
-    pub(super) struct UffdioRange {
-        pub(super) start: u64,
-        pub(super) len: u64,
-    }
-
-    /// `struct uffdio_register`.
-    #[repr(C)]
-    #[derive(Debug, Default)]
-    pub(super) struct UffdioRegister {
-        pub(super) range: UffdioRange,
-        pub(super) mode: u64,
-        pub(super) ioctls: u64,
-    }
-
-    /// `struct uffdio_writeprotect`.
-    #[repr(C)]
-    #[derive(Debug, Default)]
-    pub(super) struct UffdioWriteprotect {
-        pub(super) range: UffdioRange,
-        pub(super) mode: u64,
-    }
-
-    /// `struct page_region`: pages `[start, end)` share `categories`.
-    #[repr(C)]
-    #[derive(Clone, Copy, Debug, Default)]
-    pub(super) struct PageRegion {
-        pub(super) start: u64,
-        pub(super) end: u64,
-        pub(super) categories: u64,
-    }
-
-    /// `struct pm_scan_arg`.
-    #[repr(C)]
-    #[derive(Debug, Default)]
-    pub(super) struct PmScanArg {
-        pub(super) size: u64,
-        pub(super) flags: u64,
-        pub(super) start: u64,
-        pub(super) end: u64,
-        pub(super) walk_end: u64,
-        pub(super) vec: u64,
-        pub(super) vec_len: u64,
-        pub(super) max_pages: u64,
-        pub(super) category_inverted: u64,
-        pub(super) category_mask: u64,
-        pub(super) category_anyof_mask: u64,
-        pub(super) return_mask: u64,
-    }
-
-    pub(super) const USERFAULTFD_IOC_NEW: u32 = ioc(IOC_NONE, 0xAA, 0x00, 0);
-    pub(super) const UFFDIO_API: u32 = ioc(IOC_READ | IOC_WRITE, 0xAA, 0x3F, size_of::<UffdioApi>());
-    pub(super) const UFFDIO_REGISTER: u32 = ioc(IOC_READ | IOC_WRITE, 0xAA, 0x00, size_of::<UffdioRegister>());
-    pub(super) const UFFDIO_UNREGISTER: u32 = ioc(IOC_READ, 0xAA, 0x01, size_of::<UffdioRange>());
-    pub(super) const UFFDIO_WRITEPROTECT: u32 = ioc(IOC_READ | IOC_WRITE, 0xAA, 0x06, size_of::<UffdioWriteprotect>());
-    pub(super) const PAGEMAP_SCAN: u32 = ioc(IOC_READ | IOC_WRITE, b'f', 16, size_of::<PmScanArg>());
-
-    // Layouts and numbers as the kernel headers define them (x86_64 values).
-    const _: () = assert!(size_of::<UffdioApi>() == 24);
-    const _: () = assert!(size_of::<UffdioRange>() == 16);
-    const _: () = assert!(size_of::<UffdioRegister>() == 32);
-    const _: () = assert!(size_of::<UffdioWriteprotect>() == 24);
-    const _: () = assert!(size_of::<PageRegion>() == 24);
-    const _: () = assert!(size_of::<PmScanArg>() == 96);
-    const _: () = assert!(USERFAULTFD_IOC_NEW == 0xAA00);
-    const _: () = assert!(UFFDIO_API == 0xC018_AA3F);
-    const _: () = assert!(UFFDIO_REGISTER == 0xC020_AA00);
-    const _: () = assert!(UFFDIO_UNREGISTER == 0x8010_AA01);
-    const _: () = assert!(UFFDIO_WRITEPROTECT == 0xC018_AA06);
-    const _: () = assert!(PAGEMAP_SCAN == 0xC060_6610);
-}
-
-/// An ioctl request number in the type `libc::ioctl` takes. The numbers are
-/// bit patterns: on targets where that type is `c_int` the top bit becomes
-/// the sign bit, as it does in C.
-fn req(n: u32) -> libc::Ioctl {
-    n as libc::Ioctl
-}
-
-/// `Ok(rc)` for a non-negative return, else the thread's `errno`.
-fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
-}
 
 /// A `DirtyError::Sys` for the failed `what`.
 fn sys(what: impl Into<String>, source: io::Error) -> DirtyError {
@@ -259,103 +109,6 @@ fn describe(e: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     s
-}
-
-/// A userfaultfd.
-#[derive(Debug)]
-struct Uffd(OwnedFd);
-
-impl Uffd {
-    /// A new userfaultfd (close-on-exec, non-blocking): from `userfaultfd(2)`;
-    /// if that is refused (`EPERM`: `vm.unprivileged_userfaultfd` is 0 and we
-    /// lack `CAP_SYS_PTRACE`), from `/dev/userfaultfd`; failing that, from
-    /// `userfaultfd(2)` with `UFFD_USER_MODE_ONLY`.
-    fn open() -> io::Result<Self> {
-        let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
-        let refused = match Self::syscall(flags) {
-            Err(e) if e.raw_os_error() == Some(libc::EPERM) => e,
-            done => return done,
-        };
-        let dev = match Self::from_dev(flags) {
-            Ok(u) => return Ok(u),
-            Err(e) => e,
-        };
-        Self::syscall(flags | abi::UFFD_USER_MODE_ONLY).map_err(|user| {
-            io::Error::new(
-                refused.kind(),
-                format!(
-                    "userfaultfd(2): {refused}; /dev/userfaultfd: {dev}; \
-                     userfaultfd(2) with UFFD_USER_MODE_ONLY: {user}"
-                ),
-            )
-        })
-    }
-
-    fn syscall(flags: libc::c_int) -> io::Result<Self> {
-        // SAFETY: userfaultfd(2) takes one integer of flags and touches none
-        // of our memory.
-        let rc = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
-        Self::own(rc)
-    }
-
-    fn from_dev(flags: libc::c_int) -> io::Result<Self> {
-        let dev = File::options().read(true).write(true).open("/dev/userfaultfd")?;
-        // SAFETY: USERFAULTFD_IOC_NEW takes its flags by value, not a pointer,
-        // and touches none of our memory.
-        let rc = unsafe { libc::ioctl(dev.as_raw_fd(), req(abi::USERFAULTFD_IOC_NEW), flags) };
-        Self::own(rc.into())
-    }
-
-    /// Takes ownership of the descriptor a call returned, or its error.
-    fn own(rc: libc::c_long) -> io::Result<Self> {
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let fd = RawFd::try_from(rc).map_err(|_| io::Error::other(format!("descriptor {rc} out of range")))?;
-        // SAFETY: the kernel just returned `fd` as a new open descriptor, which
-        // nothing else owns.
-        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
-    }
-
-    /// The `UFFDIO_API` handshake, enabling `features`; returns the features
-    /// the kernel offers. Allowed once per userfaultfd.
-    fn api(&self, features: u64) -> io::Result<u64> {
-        let mut arg = abi::UffdioApi { api: abi::UFFD_API, features, ioctls: 0 };
-        // SAFETY: UFFDIO_API reads and writes one `struct uffdio_api`, which
-        // `UffdioApi` lays out (size asserted, and encoded in the number);
-        // `arg` is a live local.
-        cvt(unsafe { libc::ioctl(self.0.as_raw_fd(), req(abi::UFFDIO_API), &raw mut arg) })?;
-        Ok(arg.features)
-    }
-
-    /// Registers `span` for write-protect tracking; returns the ioctls the
-    /// kernel allows on it.
-    fn register_wp(&self, span: Span) -> io::Result<u64> {
-        let mut arg = abi::UffdioRegister { range: span.range(), mode: abi::UFFDIO_REGISTER_MODE_WP, ioctls: 0 };
-        // SAFETY: UFFDIO_REGISTER reads and writes one `struct uffdio_register`,
-        // which `UffdioRegister` lays out (size asserted); `arg` is a live local.
-        cvt(unsafe { libc::ioctl(self.0.as_raw_fd(), req(abi::UFFDIO_REGISTER), &raw mut arg) })?;
-        Ok(arg.ioctls)
-    }
-
-    /// Write-protects every page of `span`, populated or not.
-    fn write_protect(&self, span: Span) -> io::Result<()> {
-        let mut arg = abi::UffdioWriteprotect { range: span.range(), mode: abi::UFFDIO_WRITEPROTECT_MODE_WP };
-        // SAFETY: UFFDIO_WRITEPROTECT reads and writes one `struct
-        // uffdio_writeprotect`, which `UffdioWriteprotect` lays out (size
-        // asserted); `arg` is a live local.
-        cvt(unsafe { libc::ioctl(self.0.as_raw_fd(), req(abi::UFFDIO_WRITEPROTECT), &raw mut arg) })?;
-        Ok(())
-    }
-
-    /// Unregisters `span`, removing its protection marks.
-    fn unregister(&self, span: Span) -> io::Result<()> {
-        let mut arg = span.range();
-        // SAFETY: UFFDIO_UNREGISTER reads one `struct uffdio_range`, which
-        // `UffdioRange` lays out (size asserted); `arg` is a live local.
-        cvt(unsafe { libc::ioctl(self.0.as_raw_fd(), req(abi::UFFDIO_UNREGISTER), &raw mut arg) })?;
-        Ok(())
-    }
 }
 
 /// `/proc/self/pagemap`, with a reusable output buffer for `PAGEMAP_SCAN`.
@@ -470,7 +223,7 @@ impl Armed {
         let pagemap = Pagemap::open().map_err(|e| sys("opening /proc/self/pagemap", e))?;
         let mut armed = Self { uffd, pagemap, spans: Vec::with_capacity(spans.len()) };
         for (i, &span) in spans.iter().enumerate() {
-            let ioctls = armed.uffd.register_wp(span).map_err(|e| sys(span.what("UFFDIO_REGISTER", i), e))?;
+            let ioctls = armed.uffd.register(span.range(), abi::UFFDIO_REGISTER_MODE_WP).map_err(|e| sys(span.what("UFFDIO_REGISTER", i), e))?;
             // Registered: from here on, dropping `armed` unregisters it.
             armed.spans.push(span);
             if ioctls & abi::UFFDIO_WRITEPROTECT_BIT == 0 {
@@ -481,7 +234,7 @@ impl Armed {
             }
         }
         for (i, &span) in spans.iter().enumerate() {
-            armed.uffd.write_protect(span).map_err(|e| sys(span.what("UFFDIO_WRITEPROTECT", i), e))?;
+            armed.uffd.write_protect(span.range()).map_err(|e| sys(span.what("UFFDIO_WRITEPROTECT", i), e))?;
         }
         for (i, &span) in spans.iter().enumerate() {
             armed.check_coverage(i, span)?;
@@ -565,7 +318,7 @@ impl Drop for Armed {
         for &span in &self.spans {
             // Nothing to do on failure: the descriptor is closed right after,
             // which releases the registration anyway.
-            let _ = self.uffd.unregister(span);
+            let _ = self.uffd.unregister(span.range());
         }
     }
 }

@@ -1,0 +1,221 @@
+//! Post-copy and hybrid migrations over loopback, with a guest running at
+//! the destination from the moment it may: every page it touches must hold
+//! what the source held at the pause, its own writes must stay, and at the
+//! end the destination must equal the source's memory at the pause plus
+//! those writes — no page lost, none placed twice.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pmigrate::ranges::{PageRange, RegionIdx};
+use pmigrate::{
+    Acceptor, GuestMemory, Incoming, PageIdx, ReceiveOptions, Report, Source, SourceConfig, VmmBitmapTracker,
+};
+use pmigrate_bench::synth::{fill, start_mutators, ContentMix, MutatorConfig, Skew};
+
+/// Byte offset, in every page, of the word the destination's guest stamps.
+const STAMP_WORD: u64 = 8;
+
+/// What the destination's guest did.
+#[derive(Default)]
+struct GuestLog {
+    /// Page → the last stamp it wrote there.
+    stamps: HashMap<u64, u64>,
+    /// Pages touched before the migration completed.
+    touched_early: u64,
+    /// Pages whose first word differed from the source's at first touch.
+    wrong: Vec<u64>,
+}
+
+struct Outcome {
+    source: Report,
+    dest: Report,
+    dst: GuestMemory,
+    log: GuestLog,
+}
+
+struct Scenario {
+    precopy_rounds: u32,
+    streams: u16,
+    /// Mutators on the source during pre-copy (hybrid).
+    source_writes: Option<MutatorConfig>,
+    free: Vec<PageRange>,
+    /// Pages the source's guest writes in its last moment before pausing.
+    late_writes: Vec<u64>,
+}
+
+impl Scenario {
+    fn new(precopy_rounds: u32) -> Self {
+        Self { precopy_rounds, streams: 3, source_writes: None, free: Vec::new(), late_writes: Vec::new() }
+    }
+}
+
+/// Runs the scenario: the destination's guest starts from the resume hook
+/// and reads and writes pages all over memory until the migration is over.
+fn migrate(src: &Arc<GuestMemory>, sc: Scenario) -> Outcome {
+    let dst = GuestMemory::anonymous(src.total_bytes()).unwrap();
+    let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
+    let addr = acceptor.local_addrs()[0];
+    let maps = VmmBitmapTracker::bitmaps_for(src);
+    let running = AtomicBool::new(false);
+    let done = AtomicBool::new(false);
+    let log = Mutex::new(GuestLog::default());
+    let free = sc.free.clone();
+    let late = sc.late_writes.clone();
+    // A free page not written after the hint is zero at the destination.
+    let zero_here = move |p: u64| free.iter().any(|r| r.start.0 <= p && p < r.end.0) && !late.contains(&p);
+    let (source, dest) = std::thread::scope(|s| {
+        let (dst, running, done, log, zero_here) = (&dst, &running, &done, &log, &zero_here);
+        // The guest at the destination: touches pages at random, checks what
+        // it reads against the source (paused by then, so frozen), stamps
+        // one word of each page it touches.
+        let guest = s.spawn(move || {
+            while !running.load(Ordering::Acquire) {
+                if done.load(Ordering::Acquire) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let (sr, dr) = (&src.regions()[0], &dst.regions()[0]);
+            let pages = dr.pages();
+            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            let mut stamp = 1u64 << 40;
+            let mut local = GuestLog::default();
+            let mut after = 0;
+            // Keep going a little after completion, over placed pages too.
+            while after < 2000 {
+                if done.load(Ordering::Acquire) {
+                    after += 1;
+                } else {
+                    local.touched_early += 1;
+                }
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let p = x % pages;
+                let at = p * 4096;
+                let first = dr.read_u64(at).unwrap();
+                let want = if zero_here(p) { 0 } else { sr.read_u64(at).unwrap() };
+                if !local.stamps.contains_key(&p) && first != want {
+                    local.wrong.push(p);
+                }
+                stamp += 1;
+                dr.write_u64(at + STAMP_WORD, stamp).unwrap();
+                local.stamps.insert(p, stamp);
+            }
+            *log.lock().unwrap() = local;
+        });
+        let rx = s.spawn(move || {
+            let incoming = Incoming::accept_for(&acceptor, dst, None).unwrap();
+            assert!(incoming.is_postcopy());
+            let report = incoming.receive_and_run(dst, &ReceiveOptions::default(), || {
+                running.store(true, Ordering::Release);
+                Ok(())
+            });
+            done.store(true, Ordering::Release);
+            report.unwrap()
+        });
+        let mut m = sc.source_writes.map(|m| start_mutators(src.clone(), m, Some(maps.clone())));
+        let cfg = SourceConfig { threads: 2, downtime_target: Duration::from_millis(1), ..SourceConfig::default() };
+        let region = &src.regions()[0];
+        let source = Source::new(src, vec![addr])
+            .streams(sc.streams)
+            .config(cfg)
+            .postcopy(sc.precopy_rounds)
+            .tracker(Box::new(VmmBitmapTracker::new(maps.clone())))
+            .free_pages(sc.free)
+            .on_pause(|| {
+                if let Some(m) = m.as_mut() {
+                    m.stop();
+                }
+                for &p in &sc.late_writes {
+                    region.write_u64(p * 4096 + 16, 0xfeed_f00d).map_err(|e| e.to_string())?;
+                    maps[0].set(p);
+                }
+                Ok(())
+            })
+            .run();
+        let dest = rx.join().unwrap();
+        guest.join().unwrap();
+        (source.unwrap(), dest)
+    });
+    Outcome { source, dest, dst, log: log.into_inner().unwrap() }
+}
+
+/// The destination equals the source, except the stamp word of each page
+/// the destination's guest wrote, which holds its last stamp; pages in
+/// `free` (and not in `sent_anyway`) are zero.
+fn check(src: &GuestMemory, o: &Outcome, free: &[PageRange], sent_anyway: &[u64]) {
+    assert!(o.log.wrong.is_empty(), "pages read before they held the source's content: {:?}", &o.log.wrong[..]);
+    assert_eq!(o.source.digest, o.dest.digest);
+    let (sr, dr) = (&src.regions()[0], &o.dst.regions()[0]);
+    let is_free = |p: u64| free.iter().any(|r| r.start.0 <= p && p < r.end.0) && !sent_anyway.contains(&p);
+    let (mut a, mut b) = (vec![0u8; 4096], vec![0u8; 4096]);
+    for p in 0..sr.pages() {
+        sr.read_pages(PageIdx(p), &mut a).unwrap();
+        dr.read_pages(PageIdx(p), &mut b).unwrap();
+        if is_free(p) {
+            a.fill(0);
+        }
+        if let Some(stamp) = o.log.stamps.get(&p) {
+            let w = STAMP_WORD as usize;
+            assert_eq!(u64::from_le_bytes(b[w..w + 8].try_into().unwrap()), *stamp, "page {p}: the guest's write");
+            a[w..w + 8].copy_from_slice(&stamp.to_le_bytes());
+        }
+        assert!(a == b, "page {p} differs");
+    }
+}
+
+#[test]
+fn post_copy_of_a_gib_while_the_guest_runs_at_the_destination() {
+    let src = Arc::new(GuestMemory::anonymous(1 << 30).unwrap());
+    fill(&src, ContentMix::TYPICAL, 11);
+    let t = Instant::now();
+    let o = migrate(&src, Scenario { streams: 4, ..Scenario::new(0) });
+    check(&src, &o, &[], &[]);
+    let p = o.dest.postcopy.as_ref().expect("post-copy figures");
+    eprintln!("{}\n{}\n{:?} in {:?}", o.source, o.dest, p, t.elapsed());
+    assert_eq!(o.source.mode, "post-copy");
+    assert_eq!(p.needed_pages, (1 << 30) / 4096, "no pre-copy: every page came after the switchover");
+    assert!(o.log.touched_early > 0, "the guest ran before the migration completed");
+    assert!(p.faults > 0 && p.fault_latency.is_some(), "the guest faulted on missing pages: {p:?}");
+    let sp = o.source.postcopy.as_ref().unwrap();
+    assert!(sp.requested_pages > 0, "faults were answered on the priority stream: {sp:?}");
+    assert_eq!(sp.pushed_pages, (1 << 30) / 4096, "the push covers every page");
+}
+
+#[test]
+fn hybrid_pre_copy_rounds_then_post_copy() {
+    let src = Arc::new(GuestMemory::anonymous(256 << 20).unwrap());
+    fill(&src, ContentMix::TYPICAL, 12);
+    let writes = MutatorConfig { threads: 1, rate: 64 << 20, working_set: 128 << 20, skew: Skew::Uniform };
+    let o = migrate(&src, Scenario { source_writes: Some(writes), ..Scenario::new(2) });
+    check(&src, &o, &[], &[]);
+    eprintln!("{}\n{}", o.source, o.dest);
+    assert_eq!(o.source.mode, "hybrid");
+    let sp = o.source.postcopy.as_ref().unwrap();
+    assert_eq!(sp.precopy_rounds, 2, "{}", o.source);
+    assert_eq!(o.source.rounds.len(), 3, "two pre-copy rounds and the post-copy push: {}", o.source);
+    let all = (256 << 20) / 4096;
+    assert!(sp.needed_pages > 0 && sp.needed_pages < all, "only pages dirtied since round 1 are needed: {sp:?}");
+    assert_eq!(o.dest.postcopy.as_ref().unwrap().needed_pages, sp.needed_pages);
+}
+
+#[test]
+fn free_pages_are_zero_in_post_copy_and_never_sent_unless_written() {
+    let src = Arc::new(GuestMemory::anonymous(64 << 20).unwrap());
+    fill(&src, ContentMix { random: 100, text: 0, binary: 0 }, 13);
+    let free = vec![PageRange { region: RegionIdx(0), start: PageIdx(1000), end: PageIdx(9000) }];
+    let o = migrate(
+        &src,
+        Scenario { free: free.clone(), late_writes: vec![5000], ..Scenario::new(0) },
+    );
+    check(&src, &o, &free, &[5000]);
+    let sp = o.source.postcopy.as_ref().unwrap();
+    assert_eq!(o.source.rounds[0].hinted_free, 8000, "{}", o.source);
+    let all = (64 << 20) / 4096;
+    assert_eq!(sp.needed_pages, all - 8000 + 1, "hinted pages never needed, but the one written after: {sp:?}");
+    assert_eq!(sp.pushed_pages, all - 8000 + 1, "nor pushed: {sp:?}");
+}
