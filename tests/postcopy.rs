@@ -208,10 +208,7 @@ fn free_pages_are_zero_in_post_copy_and_never_sent_unless_written() {
     let src = Arc::new(GuestMemory::anonymous(64 << 20).unwrap());
     fill(&src, ContentMix { random: 100, text: 0, binary: 0 }, 13);
     let free = vec![PageRange { region: RegionIdx(0), start: PageIdx(1000), end: PageIdx(9000) }];
-    let o = migrate(
-        &src,
-        Scenario { free: free.clone(), late_writes: vec![5000], ..Scenario::new(0) },
-    );
+    let o = migrate(&src, Scenario { free: free.clone(), late_writes: vec![5000], ..Scenario::new(0) });
     check(&src, &o, &free, &[5000]);
     let sp = o.source.postcopy.as_ref().unwrap();
     assert_eq!(o.source.rounds[0].hinted_free, 8000, "{}", o.source);

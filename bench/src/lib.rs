@@ -6,4 +6,5 @@
 pub mod ceiling;
 pub mod loopback;
 pub mod netns;
+pub mod postcopy;
 pub mod synth;

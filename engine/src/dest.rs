@@ -601,7 +601,8 @@ impl State<'_> {
                     if hdr.aux != round {
                         return Err(protocol(index, format!("switchover at round {} during round {round}", hdr.aux)));
                     }
-                    if let Err(other) = post.round.compare_exchange(u64::MAX, round, Ordering::AcqRel, Ordering::Acquire)
+                    if let Err(other) =
+                        post.round.compare_exchange(u64::MAX, round, Ordering::AcqRel, Ordering::Acquire)
                     {
                         if other != round {
                             return Err(protocol(index, format!("switchover at round {round}, another at {other}")));
@@ -712,7 +713,13 @@ impl State<'_> {
     }
 
     /// Places a post-copy batch: only its pages still needed, each once.
-    fn apply_post(&self, post: &DestPost, hdr: &FrameHdr, opened: OpenedPages<'_>, stamp: u32) -> Result<(), MigrateError> {
+    fn apply_post(
+        &self,
+        post: &DestPost,
+        hdr: &FrameHdr,
+        opened: OpenedPages<'_>,
+        stamp: u32,
+    ) -> Result<(), MigrateError> {
         let r = hdr.region as usize;
         let (first, count) = (hdr.first, u64::from(hdr.count));
         let PageTables { stamps, hashes } = self.tables(r);

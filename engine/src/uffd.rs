@@ -16,9 +16,9 @@
 //! stay mapped at the same address while it is registered (the kernel
 //! refuses ioctls on ranges that are not, with an error).
 
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::fs::File;
 
 /// The kernel interface, from `include/uapi/linux/userfaultfd.h` and
 /// `include/uapi/linux/fs.h` (Linux 6.7), which libc 0.2 does not carry.

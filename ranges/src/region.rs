@@ -344,9 +344,8 @@ impl GuestRegion {
         // SAFETY: bounds checked by `span`; the range lies in this region's
         // private anonymous mapping, whose pages the advice only drops
         // (contents become zero), as the documentation above promises.
-        let rc = unsafe {
-            libc::madvise(self.ptr.add(off).cast(), (count * PAGE_SIZE_U64) as usize, libc::MADV_DONTNEED)
-        };
+        let rc =
+            unsafe { libc::madvise(self.ptr.add(off).cast(), (count * PAGE_SIZE_U64) as usize, libc::MADV_DONTNEED) };
         if rc != 0 {
             return Err(MemoryError::Map { what: "MADV_DONTNEED".into(), source: std::io::Error::last_os_error() });
         }

@@ -62,6 +62,12 @@ pub struct BenchArgs {
     /// copy path when it fits in memory (`--copy-max-gib`).
     #[arg(long, value_delimiter = ',')]
     zero_copy_gib: Vec<u64>,
+    /// Post-copy against pre-copy instead, on the same busy guest
+    /// (`--dirty-mib-s`, default 256 when 0): time until the destination
+    /// runs, total time, bytes, fault latency against the raw userfaultfd
+    /// round trip, and the bytes free-page hints save.
+    #[arg(long)]
+    postcopy: bool,
     /// Largest region also migrated through the copy path for comparison.
     #[arg(long, default_value_t = 4)]
     copy_max_gib: u64,
@@ -196,6 +202,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if !a.zero_copy_gib.is_empty() {
         return zero_copy(&a);
     }
+    if a.postcopy {
+        return postcopy(&a);
+    }
     let path = ceiling::Path { listen: plan.listen.clone(), via: plan.via.clone(), netns: plan.netns.clone() };
     eprintln!("measuring raw TCP over the same path ({} streams)...", a.streams);
     let ceiling = ceiling::raw_tcp(&path, a.streams as usize, (a.memory_mib << 20).min(1 << 30))?;
@@ -281,6 +290,72 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "(loopback: both ends share this machine's {} cores, so the CPU, not a link, is the limit and lz4 competes with the receiver for it; tools/testbed.sh builds rate-limited links, see docs/benchmarks.md)",
             std::thread::available_parallelism().map_or(1, |n| n.get())
         );
+    }
+    Ok(())
+}
+
+fn postcopy(a: &BenchArgs) -> Result<()> {
+    use pmigrate_bench::postcopy::{raw_round_trip, run, Case};
+    eprintln!("measuring the raw userfaultfd round trip (16384 faults)...");
+    let raw = raw_round_trip(16 << 10)?;
+    let dirty = if a.dirty_mib_s == 0 { 256 } else { a.dirty_mib_s };
+    let busy = MutatorConfig {
+        threads: 1,
+        rate: dirty << 20,
+        working_set: (a.memory_mib << 20) / 2,
+        skew: Skew::HotCold { hot_pct: 80, hot_share: 10 },
+    };
+    let base = Case {
+        memory: a.memory_mib << 20,
+        mix: a.mix,
+        mutators: Some(busy),
+        streams: a.streams,
+        config: SourceConfig {
+            threads: a.threads,
+            compression: a.compress,
+            tracker: TrackerKind::Auto,
+            ..SourceConfig::default()
+        },
+        postcopy: None,
+        half_free: false,
+        dest_guest: false,
+    };
+    let cases = [
+        ("pre-copy", Case { ..base.clone() }),
+        ("post-copy", Case { postcopy: Some(0), dest_guest: true, ..base.clone() }),
+        ("hybrid (1 round)", Case { postcopy: Some(1), dest_guest: true, ..base.clone() }),
+        ("pre-copy, idle", Case { mutators: None, ..base.clone() }),
+        ("pre-copy, idle, half free", Case { mutators: None, half_free: true, ..base.clone() }),
+    ];
+    println!(
+        "{:<26} {:>9} {:>8} {:>11} {:>10} {:>8} {:>9} {:>9}",
+        "case", "runs at s", "total s", "downtime ms", "wire MiB", "faults", "p50 us", "p99 us"
+    );
+    let mut rows = Vec::new();
+    for (name, c) in cases {
+        eprintln!("{name}: {} MiB, {} MiB/s dirtied...", a.memory_mib, c.mutators.map_or(0, |m| m.rate >> 20));
+        let m = run(&c, 1)?;
+        let p = m.destination.postcopy.clone().unwrap_or_default();
+        let lat = p.fault_latency.clone().unwrap_or_default();
+        println!(
+            "{:<26} {:>9.3} {:>8.3} {:>11.1} {:>10.1} {:>8} {:>9} {:>9}",
+            name,
+            m.runnable_secs,
+            m.source.total_secs,
+            m.source.downtime_secs * 1e3,
+            m.source.wire_bytes as f64 / (1 << 20) as f64,
+            p.faults,
+            lat.p50_us,
+            lat.p99_us
+        );
+        rows.push(serde_json::json!({ "case": name, "measured": m }));
+    }
+    println!(
+        "raw userfaultfd round trip (fault -> UFFDIO_COPY -> wake, no network): p50 {} us, p99 {} us",
+        raw.p50_us, raw.p99_us
+    );
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "raw": raw, "cases": rows }))?);
     }
     Ok(())
 }

@@ -36,11 +36,11 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use pmigrate_ranges::{distribute_late, plan_shards, AtomicBitmap, GuestMemory, PageRange, PAGE_SIZE};
-use pmigrate_transport::frame::{FrameHdr, FrameKind, FLAG_PROBE_HASH, FLAG_PROBE_WORDS, HEADER_LEN};
 use pmigrate_transport::frame::FLAG_FINAL;
+use pmigrate_transport::frame::{FrameHdr, FrameKind, FLAG_PROBE_HASH, FLAG_PROBE_WORDS, HEADER_LEN};
 use pmigrate_transport::hello::{
-    encode_shared_paths, Hello, Mode, RegionDesc, CAP_LZ4, CAP_POSTCOPY, CAP_SHARED, EXT_SHARED_PATHS, PROTOCOL_VERSION,
-    REGION_HUGE,
+    encode_shared_paths, Hello, Mode, RegionDesc, CAP_LZ4, CAP_POSTCOPY, CAP_SHARED, EXT_SHARED_PATHS,
+    PROTOCOL_VERSION, REGION_HUGE,
 };
 use pmigrate_transport::payload::{build_control, zero_page_hash, Scratch};
 use pmigrate_transport::session::{connect_session, new_session_id, StreamPlan};

@@ -134,7 +134,9 @@ pub(super) fn listener(stream: &TcpStream, index: usize, to: Listen<'_>, abort: 
                 Ok(()) if h.flags & FLAG_FINAL != 0 => {
                     let _ = to.running.set(Instant::now());
                 }
-                Ok(()) => break Err(TransportError::Unexpected { what: format!("stream {index}"), kind: h.kind }.into()),
+                Ok(()) => {
+                    break Err(TransportError::Unexpected { what: format!("stream {index}"), kind: h.kind }.into())
+                }
                 Err(e) => break Err(wire(e)),
             },
             Ok(Some((h, _))) if h.kind == FrameKind::Verified && index == 0 => {

@@ -223,7 +223,10 @@ impl Armed {
         let pagemap = Pagemap::open().map_err(|e| sys("opening /proc/self/pagemap", e))?;
         let mut armed = Self { uffd, pagemap, spans: Vec::with_capacity(spans.len()) };
         for (i, &span) in spans.iter().enumerate() {
-            let ioctls = armed.uffd.register(span.range(), abi::UFFDIO_REGISTER_MODE_WP).map_err(|e| sys(span.what("UFFDIO_REGISTER", i), e))?;
+            let ioctls = armed
+                .uffd
+                .register(span.range(), abi::UFFDIO_REGISTER_MODE_WP)
+                .map_err(|e| sys(span.what("UFFDIO_REGISTER", i), e))?;
             // Registered: from here on, dropping `armed` unregisters it.
             armed.spans.push(span);
             if ioctls & abi::UFFDIO_WRITEPROTECT_BIT == 0 {
