@@ -5,6 +5,7 @@
 //! those writes — no page lost, none placed twice.
 
 use std::collections::HashMap;
+use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,6 +35,8 @@ struct Outcome {
     dest: Report,
     dst: GuestMemory,
     log: GuestLog,
+    /// Connections cut while the migration was still going on.
+    cut_mid_migration: usize,
 }
 
 struct Scenario {
@@ -44,11 +47,14 @@ struct Scenario {
     free: Vec<PageRange>,
     /// Pages the source's guest writes in its last moment before pausing.
     late_writes: Vec<u64>,
+    /// Cut connections once the guest runs at the destination: first
+    /// stream 1 alone, then every stream.
+    cut_links: bool,
 }
 
 impl Scenario {
     fn new(precopy_rounds: u32) -> Self {
-        Self { precopy_rounds, streams: 3, source_writes: None, free: Vec::new(), late_writes: Vec::new() }
+        Self { precopy_rounds, streams: 3, source_writes: None, free: Vec::new(), late_writes: Vec::new(), cut_links: false }
     }
 }
 
@@ -58,6 +64,9 @@ fn migrate(src: &Arc<GuestMemory>, sc: Scenario) -> Outcome {
     let dst = GuestMemory::anonymous(src.total_bytes()).unwrap();
     let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
     let addr = acceptor.local_addrs()[0];
+    let cutter = sc.cut_links.then(|| Cutter::new(addr));
+    let dial = cutter.as_ref().map_or(addr, |c| c.addr);
+    let mut cut_mid_migration = 0;
     let maps = VmmBitmapTracker::bitmaps_for(src);
     let running = AtomicBool::new(false);
     let done = AtomicBool::new(false);
@@ -117,10 +126,21 @@ fn migrate(src: &Arc<GuestMemory>, sc: Scenario) -> Outcome {
             done.store(true, Ordering::Release);
             report.unwrap()
         });
+        let cuts = cutter.as_ref().map(|c| {
+            s.spawn(move || {
+                while !running.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                let mut mid = c.cut(|i| i == 1) * usize::from(!done.load(Ordering::Acquire));
+                std::thread::sleep(Duration::from_millis(100));
+                mid += c.cut(|_| true) * usize::from(!done.load(Ordering::Acquire));
+                mid
+            })
+        });
         let mut m = sc.source_writes.map(|m| start_mutators(src.clone(), m, Some(maps.clone())));
         let cfg = SourceConfig { threads: 2, downtime_target: Duration::from_millis(1), ..SourceConfig::default() };
         let region = &src.regions()[0];
-        let source = Source::new(src, vec![addr])
+        let source = Source::new(src, vec![dial])
             .streams(sc.streams)
             .config(cfg)
             .postcopy(sc.precopy_rounds)
@@ -139,9 +159,57 @@ fn migrate(src: &Arc<GuestMemory>, sc: Scenario) -> Outcome {
             .run();
         let dest = rx.join().unwrap();
         guest.join().unwrap();
+        if let Some(c) = cuts {
+            cut_mid_migration = c.join().unwrap();
+        }
         (source.unwrap(), dest)
     });
-    Outcome { source, dest, dst, log: log.into_inner().unwrap() }
+    Outcome { source, dest, dst, log: log.into_inner().unwrap(), cut_mid_migration }
+}
+
+/// A TCP relay whose connections the test cuts: both of its sockets of a
+/// connection are shut down at once, as a lost link looks to both ends.
+struct Cutter {
+    addr: std::net::SocketAddr,
+    conns: Arc<Mutex<Vec<(TcpStream, TcpStream)>>>,
+}
+
+impl Cutter {
+    fn new(to: std::net::SocketAddr) -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let conns: Arc<Mutex<Vec<(TcpStream, TcpStream)>>> = Arc::default();
+        let reg = conns.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(c) = c else { return };
+                let Ok(up) = TcpStream::connect(to) else { return };
+                reg.lock().unwrap().push((c.try_clone().unwrap(), up.try_clone().unwrap()));
+                for (mut from, mut to) in [(c.try_clone().unwrap(), up.try_clone().unwrap()), (up, c)] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        Self { addr, conns }
+    }
+
+    /// Cuts the connections (numbered in the order they came) `which`
+    /// selects and that are not cut yet; returns how many.
+    fn cut(&self, which: impl Fn(usize) -> bool) -> usize {
+        let conns = self.conns.lock().unwrap();
+        let mut n = 0;
+        for (i, (a, b)) in conns.iter().enumerate() {
+            if which(i) && a.peer_addr().is_ok() {
+                let _ = a.shutdown(std::net::Shutdown::Both);
+                let _ = b.shutdown(std::net::Shutdown::Both);
+                n += 1;
+            }
+        }
+        n
+    }
 }
 
 /// The destination equals the source, except the stamp word of each page
@@ -215,4 +283,16 @@ fn free_pages_are_zero_in_post_copy_and_never_sent_unless_written() {
     let all = (64 << 20) / 4096;
     assert_eq!(sp.needed_pages, all - 8000 + 1, "hinted pages never needed, but the one written after: {sp:?}");
     assert_eq!(sp.pushed_pages, all - 8000 + 1, "nor pushed: {sp:?}");
+}
+
+#[test]
+fn post_copy_survives_losing_one_stream_and_then_all() {
+    let src = Arc::new(GuestMemory::anonymous(512 << 20).unwrap());
+    fill(&src, ContentMix { random: 60, text: 20, binary: 10 }, 14);
+    let o = migrate(&src, Scenario { cut_links: true, ..Scenario::new(0) });
+    check(&src, &o, &[], &[]);
+    eprintln!("{}\n{}", o.source, o.dest);
+    let (sp, dp) = (o.source.postcopy.as_ref().unwrap(), o.dest.postcopy.as_ref().unwrap());
+    assert!(o.cut_mid_migration >= 2, "links were cut while pages were still coming: {}", o.cut_mid_migration);
+    assert!(sp.reconnects >= 2 && dp.reconnects >= 2, "streams reconnected: {sp:?} {dp:?}");
 }

@@ -16,19 +16,19 @@
 
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use pmigrate_ranges::{GuestMemory, PageIdx, RangeLock, PAGE_SIZE};
 use pmigrate_transport::frame::{FrameHdr, FrameKind, FLAG_FINAL, FLAG_PROBE_WORDS};
 use pmigrate_transport::hello::{
-    decode_shared_paths, ErrorCode, ErrorMsg, Mode, RegionDesc, CAP_LZ4, CAP_POSTCOPY, CAP_SHARED, EXT_SHARED_PATHS,
-    KNOWN_CAPS,
+    decode_shared_paths, ErrorCode, ErrorMsg, Mode, RegionDesc, CAP_LZ4, CAP_POSTCOPY, CAP_RESUME, CAP_SHARED,
+    EXT_SHARED_PATHS, KNOWN_CAPS,
 };
 use pmigrate_transport::net::{write_frame, FrameReader};
 use pmigrate_transport::payload::{build_control, zero_page_hash, OpenedPages, Opener};
 use pmigrate_transport::session::send_error;
-use pmigrate_transport::{Accepted, Acceptor, TransportError};
+use pmigrate_transport::{Accepted, Acceptor, Link, TransportError};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::digest::digest_handing_over;
@@ -55,6 +55,8 @@ pub fn layout_matches(mem: &GuestMemory, regions: &[RegionDesc]) -> Result<(), S
 pub struct Incoming {
     accepted: Accepted,
     t0: Instant,
+    /// The listeners again, to take back streams lost in post-copy.
+    acceptor: Option<Acceptor>,
 }
 
 /// Options of the receiving side.
@@ -71,6 +73,18 @@ pub struct ReceiveOptions {
 impl Default for ReceiveOptions {
     fn default() -> Self {
         Self { verify_memory: false, stall_timeout: Duration::from_secs(30) }
+    }
+}
+
+/// How long a stream lost after the switchover may take to come back.
+pub const RESUME_WINDOW: Duration = Duration::from_secs(60);
+
+/// A connection a [`FrameReader`] can own while the link swaps it.
+struct Conn(Arc<TcpStream>);
+
+impl std::io::Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        (&*self.0).read(buf)
     }
 }
 
@@ -104,7 +118,7 @@ impl Incoming {
             Ok(h.caps & KNOWN_CAPS)
         };
         let accepted = acceptor.accept_session(Mode::Memory, &mut judge, deadline)?;
-        Ok(Incoming { accepted, t0: Instant::now() })
+        Ok(Incoming { accepted, t0: Instant::now(), acceptor: acceptor.try_clone().ok() })
     }
 
     /// Waits for a session whose layout is exactly that of `mem`.
@@ -174,10 +188,11 @@ impl Incoming {
         resume: impl FnOnce() -> Result<(), String> + Send,
     ) -> Result<Report, MigrateError> {
         let shared_paths = self.shared_paths();
-        let streams = self.accepted.streams;
+        let streams: Vec<Link> = self.accepted.streams.into_iter().map(Link::new).collect();
+        let (session, caps) = (self.accepted.hello.session, self.accepted.caps);
         if let Err(why) = layout_matches(mem, &self.accepted.hello.regions) {
             for s in &streams {
-                send_error(s, ErrorCode::Layout, why.clone());
+                send_error(&*s.current().0, ErrorCode::Layout, why.clone());
             }
             return Err(MigrateError::Layout(why));
         }
@@ -187,7 +202,7 @@ impl Incoming {
                 Err(e) => {
                     let why = format!("cannot open a userfaultfd for post-copy: {e}");
                     for s in &streams {
-                        send_error(s, ErrorCode::Unsupported, why.clone());
+                        send_error(&*s.current().0, ErrorCode::Unsupported, why.clone());
                     }
                     return Err(MigrateError::Postcopy(why));
                 }
@@ -201,6 +216,7 @@ impl Incoming {
             prio: if post.is_some() { streams.len() - 1 } else { usize::MAX },
             post,
             resume: Mutex::new(Some(resume)),
+            resumable: caps & CAP_RESUME != 0,
             complete: AtomicBool::new(false),
             prio_writer: Mutex::new(()),
             locks: mem.regions().iter().map(|_| RangeLock::new()).collect(),
@@ -235,6 +251,20 @@ impl Incoming {
                     }
                 });
             }
+            if let (Some(post), Some(acceptor)) = (&state.post, &self.acceptor) {
+                if caps & CAP_RESUME != 0 {
+                    s.spawn(move || {
+                        // Streams lost after the switchover come back here.
+                        while post.wait_running(&state.abort) && !state.complete.load(Ordering::Acquire) {
+                            match acceptor.accept_resume(session, streams.len() as u16, postcopy::TICK) {
+                                Ok(Some((i, conn))) => streams[i as usize].replace(conn),
+                                Ok(None) => {}
+                                Err(_) => return,
+                            }
+                        }
+                    });
+                }
+            }
             let handles: Vec<_> = streams
                 .iter()
                 .enumerate()
@@ -256,7 +286,7 @@ impl Incoming {
         let bulk = if state.post.is_some() { &outcomes[..outcomes.len() - 1] } else { &outcomes[..] };
         if let Some(o) = bulk.iter().find(|o| o.final_round != outcomes[0].final_round) {
             let why = format!("streams disagree on the final round: {} and {}", outcomes[0].final_round, o.final_round);
-            send_error(&streams[0], ErrorCode::Protocol, why.clone());
+            send_error(&*streams[0].current().0, ErrorCode::Protocol, why.clone());
             return Err(MigrateError::Protocol { stream: 0, why });
         }
         let handed_over = state.handed_over();
@@ -264,7 +294,8 @@ impl Incoming {
             .map(|r| if handed_over[r] { &[][..] } else { &state.tables(r).hashes[..] })
             .collect();
         let digest = digest_handing_over(&tables, &handed_over);
-        let mut s0 = &streams[0];
+        let s0 = streams[0].current().0;
+        let mut s0 = &*s0;
         if digest != source_digest {
             let why = format!("memory digest {digest:016x} differs from the source's {source_digest:016x}");
             send_error(s0, ErrorCode::Digest, why.clone());
@@ -304,7 +335,9 @@ impl Incoming {
             mode: if state.post.is_some() { "post-copy".into() } else { "pre-copy".into() },
             postcopy: state.post.as_ref().map(|p| {
                 let f = p.round.load(Ordering::Relaxed);
-                p.report(self.t0, u32::try_from(f).unwrap_or(0))
+                let mut r = p.report(self.t0, u32::try_from(f).unwrap_or(0));
+                r.reconnects = streams.iter().map(Link::replaced).sum();
+                r
             }),
             ..Report::default()
         };
@@ -320,7 +353,7 @@ impl Incoming {
                 why: if received { "pages received" } else { "no page received: handed over" }.into(),
             });
         }
-        for (i, (o, st)) in outcomes.iter().zip(&streams).enumerate() {
+        for (i, (o, st)) in outcomes.iter().zip(streams.iter().map(|l| l.current().0)).enumerate() {
             report.wire_bytes += o.bytes;
             report.payload_bytes += o.pages * PAGE_SIZE as u64;
             report.streams.push(StreamReport {
@@ -334,7 +367,7 @@ impl Incoming {
         }
         // Let the source read `Verified` before the sockets close.
         for st in &streams {
-            let _ = st.shutdown(Shutdown::Write);
+            let _ = st.current().0.shutdown(Shutdown::Write);
         }
         Ok(report)
     }
@@ -354,6 +387,9 @@ struct State<'m> {
     complete: AtomicBool,
     /// Serialises the frames written on the priority stream.
     prio_writer: Mutex<()>,
+    /// Post-copy with `CAP_RESUME`: streams lost after the switchover may
+    /// reconnect.
+    resumable: bool,
     locks: Vec<RangeLock>,
     /// Per region, made on first use: the page tables below. A region
     /// offered for handover gets them only if a page of it arrives, so a
@@ -411,7 +447,7 @@ fn protocol(stream: usize, why: impl Into<String>) -> MigrateError {
 impl State<'_> {
     /// Records the first error, tells the source why, and closes every
     /// stream so the other receivers stop.
-    fn fail(&self, streams: &[TcpStream], index: usize, e: MigrateError) {
+    fn fail(&self, streams: &[Link], index: usize, e: MigrateError) {
         if self.abort.swap(true, Ordering::AcqRel) {
             return; // a consequence of the first failure
         }
@@ -424,13 +460,13 @@ impl State<'_> {
             _ => ErrorCode::Aborted,
         };
         let msg = e.to_string();
-        send_error(&streams[index], code, msg.clone());
+        send_error(&*streams[index].current().0, code, msg.clone());
         if index != 0 {
-            send_error(&streams[0], code, msg);
+            send_error(&*streams[0].current().0, code, msg);
         }
         *self.first_error.lock().expect("error lock") = Some(e);
         for s in streams {
-            let _ = s.shutdown(Shutdown::Both);
+            s.shutdown();
         }
         if let Some(post) = &self.post {
             post.end();
@@ -438,7 +474,10 @@ impl State<'_> {
     }
 
     /// Asks the source for pages on the priority stream.
-    fn request(&self, streams: &[TcpStream], region: usize, first: u64, count: u32) -> Result<(), String> {
+    /// A request lost with a broken priority stream is not an error: the
+    /// page comes with the push, or is asked for again (see
+    /// [`Self::await_complete`]).
+    fn request(&self, streams: &[Link], region: usize, first: u64, count: u32) -> Result<(), String> {
         let mut h = FrameHdr::new(FrameKind::PageRequest);
         h.region = region as u32;
         h.first = first;
@@ -446,13 +485,14 @@ impl State<'_> {
         let mut f = Vec::with_capacity(pmigrate_transport::frame::HEADER_LEN);
         build_control(&mut f, h, &[]);
         let _w = self.prio_writer.lock().expect("writer lock");
-        write_frame(&mut &streams[self.prio], &f, "priority stream").map_err(|e| e.to_string())
+        let _ = write_frame(&mut &*streams[self.prio].current().0, &f, "priority stream");
+        Ok(())
     }
 
     /// Stream 0 at its switchover marker: once every stream reached its
     /// own, drops the stale copies of needed pages, registers the regions
     /// with userfaultfd, starts the guest and tells the source.
-    fn switch_over(&self, streams: &[TcpStream], post: &DestPost) -> Result<(), MigrateError> {
+    fn switch_over(&self, streams: &[Link], post: &DestPost) -> Result<(), MigrateError> {
         if !post.wait_arrivals(streams.len(), &self.abort) {
             return Err(MigrateError::Aborted);
         }
@@ -476,13 +516,13 @@ impl State<'_> {
         let mut f = Vec::new();
         build_control(&mut f, h, &[]);
         let _w = self.prio_writer.lock().expect("writer lock");
-        write_frame(&mut &streams[self.prio], &f, "priority stream")?;
+        write_frame(&mut &*streams[self.prio].current().0, &f, "priority stream")?;
         Ok(())
     }
 
     /// Stream 0 after the source's `Done` in post-copy: waits until every
     /// needed page arrived, asking again for those that stopped coming.
-    fn await_complete(&self, streams: &[TcpStream], post: &DestPost) -> Result<(), MigrateError> {
+    fn await_complete(&self, streams: &[Link], post: &DestPost) -> Result<(), MigrateError> {
         let mut last = (post.landed.load(Ordering::Relaxed), Instant::now());
         while post.missing.load(Ordering::Acquire) > 0 {
             if self.abort.load(Ordering::Relaxed) {
@@ -502,20 +542,27 @@ impl State<'_> {
         self.complete.store(true, Ordering::Release);
         post.end();
         // The priority stream's receiver waits for frames no longer coming.
-        let _ = streams[self.prio].shutdown(Shutdown::Read);
+        let _ = streams[self.prio].current().0.shutdown(Shutdown::Read);
         Ok(())
     }
 
     fn receive_stream(
         &self,
-        streams: &[TcpStream],
-        stream: &TcpStream,
+        streams: &[Link],
+        link: &Link,
         index: usize,
         opts: &ReceiveOptions,
     ) -> Result<StreamOutcome, MigrateError> {
-        stream.set_read_timeout(Some(READ_TICK)).map_err(|e| TransportError::io(format!("stream {index}"), e))?;
-        let mut reader = FrameReader::new(stream, format!("stream {index}"));
-        reader.set_stall_limit(opts.stall_timeout);
+        let reader_on = |s: &Arc<TcpStream>| -> Result<FrameReader<Conn>, MigrateError> {
+            s.set_read_timeout(Some(READ_TICK)).map_err(|e| TransportError::io(format!("stream {index}"), e))?;
+            let mut r = FrameReader::new(Conn(s.clone()), format!("stream {index}"));
+            r.set_stall_limit(opts.stall_timeout);
+            Ok(r)
+        };
+        let mut cur = link.current();
+        let mut reader = reader_on(&cur.0)?;
+        // Frames of this round may have been lost with a connection.
+        let mut lossy = false;
         let mut opener = Opener::default();
         let mut out = StreamOutcome::default();
         let mut round = 0u64;
@@ -524,7 +571,29 @@ impl State<'_> {
         // Post-copy: this stream passed its switchover marker.
         let mut switched = false;
         loop {
-            let Some((hdr, payload)) = reader.next_frame()? else {
+            let res = match reader.next_frame() {
+                Ok(None) if index == self.prio && self.complete.load(Ordering::Acquire) => Ok(None),
+                // Streams close only after the end: this one was cut.
+                Ok(None) if switched && self.resumable && !self.abort.load(Ordering::Relaxed) => {
+                    Err(TransportError::Closed(format!("stream {index}: connection closed")))
+                }
+                other => other,
+            };
+            let next = match res {
+                Ok(f) => f,
+                // After the switchover, a broken connection may come back.
+                Err(e) if switched && self.resumable => match link.wait_newer(cur.1, RESUME_WINDOW) {
+                    Some(next) => {
+                        cur = next;
+                        reader = reader_on(&cur.0)?;
+                        lossy = true;
+                        continue;
+                    }
+                    None => return Err(e.into()),
+                },
+                Err(e) => return Err(e.into()),
+            };
+            let Some((hdr, payload)) = next else {
                 if index == self.prio && self.complete.load(Ordering::Acquire) {
                     return Ok(out);
                 }
@@ -559,7 +628,7 @@ impl State<'_> {
                 FrameKind::RoundEnd if !finished => {
                     hdr.verify(&[])
                         .map_err(|source| TransportError::Wire { what: format!("stream {index}"), source })?;
-                    if hdr.aux != round || hdr.first != frames_in_round {
+                    if hdr.aux != round || (hdr.first != frames_in_round && !lossy) {
                         return Err(protocol(
                             index,
                             format!(
@@ -570,6 +639,7 @@ impl State<'_> {
                     }
                     round += 1;
                     frames_in_round = 0;
+                    lossy = false;
                     if hdr.flags & FLAG_FINAL != 0 {
                         finished = true;
                         out.final_round = hdr.aux;
@@ -592,7 +662,7 @@ impl State<'_> {
                         shared::answer(self.mem, hdr.region, words, payload).map_err(|why| protocol(index, why))?;
                     let mut f = Vec::new();
                     build_control(&mut f, FrameHdr::new(FrameKind::ProbeReply), &answer);
-                    write_frame(&mut &*stream, &f, &format!("stream {index}"))?;
+                    write_frame(&mut &*cur.0, &f, &format!("stream {index}"))?;
                 }
                 FrameKind::Switchover if !finished && !switched && self.post.is_some() => {
                     let post = self.post.as_ref().expect("guarded");

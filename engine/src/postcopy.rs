@@ -105,6 +105,8 @@ pub struct PostcopyReport {
     pub fault_latency: Option<LatencySummary>,
     /// Seconds from the start until the guest ran at the destination.
     pub runnable_secs: f64,
+    /// Streams lost after the switchover and reconnected.
+    pub reconnects: u64,
 }
 
 /// Checks (once, then from a cache) that this process may handle missing

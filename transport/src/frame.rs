@@ -61,7 +61,9 @@ pub enum FrameKind {
     /// Destination → source on the priority stream (post-copy): send pages
     /// `first..first + count` of `region` now; a guest vCPU waits on one.
     PageRequest = 10,
-    /// Reserved (recovery): a reconnecting stream resumes a session.
+    /// Source → destination, first frame of a reconnected stream (with
+    /// `CAP_RESUME`): the session's `Hello` with this stream's index; the
+    /// destination answers `Welcome` and the stream goes on.
     Resume = 11,
     /// Reserved (authentication): a challenge or response.
     Auth = 12,

@@ -39,7 +39,8 @@ pub const CAP_LZ4: u64 = 1 << 0;
 /// streams, the last, which carries only page requests (`PageRequest`) and
 /// the pages that answer them, so a fault never waits behind bulk data.
 pub const CAP_POSTCOPY: u64 = 1 << 1;
-/// Capability (reserved): streams may reconnect with `Resume`.
+/// Capability: a stream lost after the switchover of a post-copy session
+/// may reconnect with `Resume` and go on.
 pub const CAP_RESUME: u64 = 1 << 2;
 /// Capability (reserved): an `Auth` exchange follows `Welcome`.
 pub const CAP_AUTH: u64 = 1 << 3;
@@ -48,7 +49,7 @@ pub const CAP_AUTH: u64 = 1 << 3;
 /// [`EXT_SHARED_PATHS`] extension naming the regions' backing paths).
 pub const CAP_SHARED: u64 = 1 << 4;
 /// Capabilities this implementation understands.
-pub const KNOWN_CAPS: u64 = CAP_LZ4 | CAP_SHARED | CAP_POSTCOPY;
+pub const KNOWN_CAPS: u64 = CAP_LZ4 | CAP_SHARED | CAP_POSTCOPY | CAP_RESUME;
 
 /// Hello extension: the backing path of each region the source could hand
 /// over, as repeated `{ region u32, len u16, UTF-8 path }`.

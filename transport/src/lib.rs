@@ -25,6 +25,7 @@
 
 pub mod frame;
 pub mod hello;
+pub mod link;
 pub mod net;
 pub mod payload;
 pub mod session;
@@ -32,4 +33,5 @@ pub mod session;
 pub use frame::{Encoding, FrameHdr, FrameKind, WireError};
 pub use hello::{ErrorCode, ErrorMsg, Hello, Mode, RegionDesc, Welcome};
 pub use net::{FrameReader, TransportError, Via};
+pub use link::Link;
 pub use session::{connect_session, Accepted, Acceptor, StreamPlan};

@@ -167,6 +167,18 @@ impl Acceptor {
         Ok(Self { listeners, gather_timeout: Duration::from_secs(30) })
     }
 
+    /// The listening sockets.
+    pub(crate) fn listeners(&self) -> &[TcpListener] {
+        &self.listeners
+    }
+
+    /// Another handle on the same listening sockets.
+    pub fn try_clone(&self) -> Result<Self, TransportError> {
+        let listeners =
+            self.listeners.iter().map(|l| l.try_clone()).collect::<Result<Vec<_>, _>>().map_err(|e| TransportError::io("listener", e))?;
+        Ok(Self { listeners, gather_timeout: self.gather_timeout })
+    }
+
     /// The bound addresses (with the ports the kernel chose for port 0).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()

@@ -39,12 +39,12 @@ use pmigrate_ranges::{distribute_late, plan_shards, AtomicBitmap, GuestMemory, P
 use pmigrate_transport::frame::FLAG_FINAL;
 use pmigrate_transport::frame::{FrameHdr, FrameKind, FLAG_PROBE_HASH, FLAG_PROBE_WORDS, HEADER_LEN};
 use pmigrate_transport::hello::{
-    encode_shared_paths, Hello, Mode, RegionDesc, CAP_LZ4, CAP_POSTCOPY, CAP_SHARED, EXT_SHARED_PATHS,
+    encode_shared_paths, Hello, Mode, RegionDesc, CAP_LZ4, CAP_POSTCOPY, CAP_RESUME, CAP_SHARED, EXT_SHARED_PATHS,
     PROTOCOL_VERSION, REGION_HUGE,
 };
 use pmigrate_transport::payload::{build_control, zero_page_hash, Scratch};
 use pmigrate_transport::session::{connect_session, new_session_id, StreamPlan};
-use pmigrate_transport::TransportError;
+use pmigrate_transport::{Link, TransportError};
 
 use crate::digest::digest_handing_over;
 use crate::dirty::{tracker_for, DirtyTracker, TrackerKind};
@@ -261,7 +261,7 @@ impl<'a> Source<'a> {
         }
         let mut plan = self.plan.clone();
         if self.cfg.postcopy.is_some() {
-            caps |= CAP_POSTCOPY;
+            caps |= CAP_POSTCOPY | CAP_RESUME;
             // The priority stream, last, over the first path.
             plan.streams += 1;
         }
@@ -309,6 +309,8 @@ impl<'a> Source<'a> {
             free: self.free,
             working_set: self.working_set,
             post_round: AtomicU64::new(u64::MAX),
+            resume: (welcome.caps & CAP_RESUME != 0).then(|| (plan.clone(), hello.clone())),
+            finished: AtomicBool::new(false),
             running: OnceLock::new(),
             requested_pages: AtomicU64::new(0),
         };
@@ -356,6 +358,39 @@ struct Run<'r> {
     running: OnceLock<Instant>,
     /// Post-copy: pages sent to answer requests.
     requested_pages: AtomicU64,
+    /// With `CAP_RESUME`: how to reconnect a stream lost after the switchover.
+    resume: Option<(StreamPlan, Hello)>,
+    /// The destination's verdict is in: connections closing now are not lost.
+    finished: AtomicBool,
+}
+
+/// How long a lost stream may take to reconnect after the switchover.
+pub const RESUME_WINDOW: Duration = Duration::from_secs(60);
+
+impl Run<'_> {
+    /// Reconnects stream `index` after its connection of generation `seen`
+    /// failed with `e` — when the session allows it: post-copy, after the
+    /// guest runs at the destination (before, the source can still give up
+    /// and resume the guest itself), and before the verdict.
+    fn redial(&self, link: &Link, index: usize, seen: u64, e: TransportError) -> Result<(Arc<TcpStream>, u64), TransportError> {
+        let Some((plan, hello)) = &self.resume else { return Err(e) };
+        if self.running.get().is_none() || self.finished.load(Ordering::Acquire) || self.abort.load(Ordering::Relaxed) {
+            return Err(e);
+        }
+        if matches!(e, TransportError::Closed(_)) {
+            // A clean close is how the destination ends a finished session:
+            // give the verdict a moment to arrive on its own stream first.
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(1) {
+                if self.finished.load(Ordering::Acquire) || self.abort.load(Ordering::Relaxed) {
+                    return Err(e);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let give_up = || self.finished.load(Ordering::Acquire) || self.abort.load(Ordering::Relaxed);
+        link.repair(seen, || pmigrate_transport::link::reconnect(plan, hello, index as u16, RESUME_WINDOW, &give_up))
+    }
 }
 
 impl<'r> Run<'r> {
@@ -366,9 +401,11 @@ impl<'r> Run<'r> {
         pause: Option<PauseHook<'_>>,
     ) -> Result<Report, MigrateError> {
         let n = streams.len();
+        let streams: Vec<Link> = streams.into_iter().map(Link::new).collect();
         let ends: Vec<(String, String)> = streams
             .iter()
-            .map(|st| {
+            .map(|l| {
+                let st = l.current().0;
                 let name = |a: std::io::Result<std::net::SocketAddr>| a.map(|a| a.to_string()).unwrap_or_default();
                 (name(st.local_addr()), name(st.peer_addr()))
             })
@@ -407,14 +444,16 @@ impl<'r> Run<'r> {
             let mut senders = Vec::new();
             for (i, (stream, rx)) in streams.iter().zip(rxs).enumerate() {
                 let (pool, st) = (pool_tx.clone(), &stats[i]);
-                senders.push(s.spawn(move || sender(stream, i, rx, pool, st, this.progress, &this.abort)));
+                let redial = move |seen, e| this.redial(stream, i, seen, e);
+                senders.push(s.spawn(move || sender(stream, i, rx, pool, st, this.progress, &this.abort, &redial)));
                 let listen = Listen {
                     verdict: verdict_tx.clone(),
                     probes: probe_tx.clone(),
                     requests: (post && i == bulk).then(|| req_tx.clone()),
                     running: &this.running,
                 };
-                s.spawn(move || listener(stream, i, listen, &this.abort));
+                let redial = move |seen, e| this.redial(stream, i, seen, e);
+                s.spawn(move || listener(stream, i, listen, &this.abort, &redial));
             }
             drop((probe_tx, req_tx));
             let server = post.then(|| {
@@ -450,8 +489,9 @@ impl<'r> Run<'r> {
             let verdict_wait = if error.is_none() { VERDICT_TIMEOUT } else { Duration::from_secs(1) };
             let verdict = verdict.recv_timeout(verdict_wait);
             // Unblock the listeners whatever happened, so the scope can end.
-            for st in &streams {
-                let _ = st.shutdown(std::net::Shutdown::Both);
+            this.finished.store(true, Ordering::Release);
+            for l in &streams {
+                l.shutdown();
             }
             if let Some(h) = server {
                 if let Err(e) = h.join().expect("request server panicked") {
@@ -484,6 +524,9 @@ impl<'r> Run<'r> {
             }
         });
         outcome?;
+        if let Some(p) = report.postcopy.as_mut() {
+            p.reconnects = streams.iter().map(Link::replaced).sum();
+        }
         report.wire_bytes = stats.iter().map(|s| s.bytes.load(Ordering::Relaxed)).sum();
         report.batch_latency = LatencySummary::of(&latency);
         report.payload_bytes = report.rounds.iter().map(|r| r.payload_bytes).sum();

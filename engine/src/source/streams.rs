@@ -2,6 +2,7 @@
 //! socket, and one listener per stream for what the destination says.
 
 use std::net::TcpStream;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -11,7 +12,7 @@ use hdrhistogram::Histogram;
 use pmigrate_transport::frame::{FrameHdr, FrameKind, FLAG_FINAL};
 use pmigrate_transport::net::{write_frame, FrameReader};
 use pmigrate_transport::payload::build_control;
-use pmigrate_transport::TransportError;
+use pmigrate_transport::{Link, TransportError};
 
 use super::Progress;
 use crate::MigrateError;
@@ -36,16 +37,42 @@ pub(super) struct StreamStats {
     pub(super) frames: AtomicU64,
 }
 
+/// Reconnects a stream whose connection of the given generation failed
+/// with the given error, when the session allows; else returns the error.
+pub(super) type Redial<'a> = dyn Fn(u64, TransportError) -> Result<(Arc<TcpStream>, u64), TransportError> + Sync + 'a;
+
+/// Writes whole frames to a link, reconnecting (and writing the frame
+/// again, whole) when its connection breaks and `redial` allows.
+struct Writer<'a> {
+    cur: (Arc<TcpStream>, u64),
+    redial: &'a Redial<'a>,
+    name: String,
+}
+
+impl Writer<'_> {
+    fn write(&mut self, frame: &[u8]) -> Result<(), TransportError> {
+        loop {
+            match write_frame(&mut &*self.cur.0, frame, &self.name) {
+                Ok(()) => return Ok(()),
+                Err(e) => self.cur = (self.redial)(self.cur.1, e)?,
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 pub(super) fn sender(
-    mut stream: &TcpStream,
+    link: &Link,
     index: usize,
     rx: Receiver<Msg>,
     pool: Sender<Vec<u8>>,
     stats: &StreamStats,
     progress: &Progress,
     abort: &AtomicBool,
+    redial: &Redial<'_>,
 ) -> Result<Histogram<u64>, MigrateError> {
     let name = format!("stream {index}");
+    let mut out = Writer { cur: link.current(), redial, name: name.clone() };
     let mut frames_this_round = 0u64;
     // Microseconds from a frame sealed to its last byte handed to the kernel.
     let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 2).expect("valid histogram bounds");
@@ -54,7 +81,7 @@ pub(super) fn sender(
         for msg in rx.iter() {
             let buf: &[u8] = match msg {
                 Msg::Frame(f, sealed) => {
-                    write_frame(&mut stream, &f, &name)?;
+                    out.write(&f)?;
                     latency.saturating_record(sealed.elapsed().as_micros() as u64);
                     frames_this_round += 1;
                     stats.frames.fetch_add(1, Ordering::Relaxed);
@@ -83,7 +110,7 @@ pub(super) fn sender(
                     &ctl
                 }
             };
-            write_frame(&mut stream, buf, &name)?;
+            out.write(buf)?;
             stats.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
         }
         Ok::<(), TransportError>(())
@@ -110,9 +137,11 @@ pub(super) struct Listen<'a> {
 /// page requests and the switchover's answer (priority stream), then
 /// `Verified` on stream 0 at the end, or an `Error` at any time; reports
 /// the outcome on `verdict`.
-pub(super) fn listener(stream: &TcpStream, index: usize, to: Listen<'_>, abort: &AtomicBool) {
-    let mut r = FrameReader::new(stream, format!("stream {index}"));
-    let outcome = loop {
+pub(super) fn listener(link: &Link, index: usize, to: Listen<'_>, abort: &AtomicBool, redial: &Redial<'_>) {
+    let mut cur = link.current();
+    let outcome = 'conn: loop {
+    let mut r = FrameReader::new(&*cur.0, format!("stream {index}"));
+    break loop {
         let wire = |source| MigrateError::from(TransportError::Wire { what: format!("stream {index}"), source });
         match r.next_frame() {
             Ok(Some((h, p))) if h.kind == FrameKind::ProbeReply && index == 0 => match h.verify(p) {
@@ -145,9 +174,25 @@ pub(super) fn listener(stream: &TcpStream, index: usize, to: Listen<'_>, abort: 
             Ok(Some((h, _))) => {
                 break Err(TransportError::Unexpected { what: format!("stream {index}"), kind: h.kind }.into())
             }
-            Ok(None) => return,
-            Err(e) => break Err(e.into()),
+            // The destination closes its streams once done; before that, a
+            // closed stream was cut and may be reconnected.
+            Ok(None) => match redial(cur.1, TransportError::Closed(format!("stream {index}: closed"))) {
+                Ok(next) => {
+                    cur = next;
+                    continue 'conn;
+                }
+                Err(_) => return,
+            },
+            // A broken connection (not a clean close) may be reconnected.
+            Err(e) => match redial(cur.1, e) {
+                Ok(next) => {
+                    cur = next;
+                    continue 'conn;
+                }
+                Err(e) => break Err(e.into()),
+            },
         }
+    };
     };
     if outcome.is_err() {
         abort.store(true, Ordering::Relaxed);
