@@ -32,6 +32,6 @@ pub mod session;
 
 pub use frame::{Encoding, FrameHdr, FrameKind, WireError};
 pub use hello::{ErrorCode, ErrorMsg, Hello, Mode, RegionDesc, Welcome};
-pub use net::{FrameReader, TransportError, Via};
 pub use link::Link;
+pub use net::{FrameReader, TransportError, Via};
 pub use session::{connect_session, Accepted, Acceptor, StreamPlan};

@@ -178,7 +178,12 @@ impl Acceptor {
         }
     }
 
-    fn resume_handshake(mut s: TcpStream, _peer: SocketAddr, session: [u8; 16], streams: u16) -> Option<(u16, TcpStream)> {
+    fn resume_handshake(
+        mut s: TcpStream,
+        _peer: SocketAddr,
+        session: [u8; 16],
+        streams: u16,
+    ) -> Option<(u16, TcpStream)> {
         let _ = s.set_nonblocking(false);
         tune_accepted(&s).ok()?;
         s.set_read_timeout(Some(Duration::from_millis(200))).ok()?;

@@ -174,8 +174,12 @@ impl Acceptor {
 
     /// Another handle on the same listening sockets.
     pub fn try_clone(&self) -> Result<Self, TransportError> {
-        let listeners =
-            self.listeners.iter().map(|l| l.try_clone()).collect::<Result<Vec<_>, _>>().map_err(|e| TransportError::io("listener", e))?;
+        let listeners = self
+            .listeners
+            .iter()
+            .map(|l| l.try_clone())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TransportError::io("listener", e))?;
         Ok(Self { listeners, gather_timeout: self.gather_timeout })
     }
 

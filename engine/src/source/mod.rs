@@ -372,7 +372,13 @@ impl Run<'_> {
     /// failed with `e` — when the session allows it: post-copy, after the
     /// guest runs at the destination (before, the source can still give up
     /// and resume the guest itself), and before the verdict.
-    fn redial(&self, link: &Link, index: usize, seen: u64, e: TransportError) -> Result<(Arc<TcpStream>, u64), TransportError> {
+    fn redial(
+        &self,
+        link: &Link,
+        index: usize,
+        seen: u64,
+        e: TransportError,
+    ) -> Result<(Arc<TcpStream>, u64), TransportError> {
         let Some((plan, hello)) = &self.resume else { return Err(e) };
         if self.running.get().is_none() || self.finished.load(Ordering::Acquire) || self.abort.load(Ordering::Relaxed) {
             return Err(e);

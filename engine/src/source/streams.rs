@@ -2,8 +2,8 @@
 //! socket, and one listener per stream for what the destination says.
 
 use std::net::TcpStream;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::sync::OnceLock;
 use std::time::Instant;
 
@@ -140,59 +140,59 @@ pub(super) struct Listen<'a> {
 pub(super) fn listener(link: &Link, index: usize, to: Listen<'_>, abort: &AtomicBool, redial: &Redial<'_>) {
     let mut cur = link.current();
     let outcome = 'conn: loop {
-    let mut r = FrameReader::new(&*cur.0, format!("stream {index}"));
-    break loop {
-        let wire = |source| MigrateError::from(TransportError::Wire { what: format!("stream {index}"), source });
-        match r.next_frame() {
-            Ok(Some((h, p))) if h.kind == FrameKind::ProbeReply && index == 0 => match h.verify(p) {
-                Ok(()) => {
-                    let _ = to.probes.send(p.to_vec());
-                }
-                Err(e) => break Err(wire(e)),
-            },
-            Ok(Some((h, _))) if h.kind == FrameKind::PageRequest && to.requests.is_some() => match h.verify(&[]) {
-                Ok(()) => {
-                    let req = super::requests::Request { region: h.region, first: h.first, count: h.count };
-                    if to.requests.as_ref().is_some_and(|q| q.send(req).is_err()) {
-                        return;
+        let mut r = FrameReader::new(&*cur.0, format!("stream {index}"));
+        break loop {
+            let wire = |source| MigrateError::from(TransportError::Wire { what: format!("stream {index}"), source });
+            match r.next_frame() {
+                Ok(Some((h, p))) if h.kind == FrameKind::ProbeReply && index == 0 => match h.verify(p) {
+                    Ok(()) => {
+                        let _ = to.probes.send(p.to_vec());
                     }
+                    Err(e) => break Err(wire(e)),
+                },
+                Ok(Some((h, _))) if h.kind == FrameKind::PageRequest && to.requests.is_some() => match h.verify(&[]) {
+                    Ok(()) => {
+                        let req = super::requests::Request { region: h.region, first: h.first, count: h.count };
+                        if to.requests.as_ref().is_some_and(|q| q.send(req).is_err()) {
+                            return;
+                        }
+                    }
+                    Err(e) => break Err(wire(e)),
+                },
+                Ok(Some((h, _))) if h.kind == FrameKind::Switchover && to.requests.is_some() => match h.verify(&[]) {
+                    Ok(()) if h.flags & FLAG_FINAL != 0 => {
+                        let _ = to.running.set(Instant::now());
+                    }
+                    Ok(()) => {
+                        break Err(TransportError::Unexpected { what: format!("stream {index}"), kind: h.kind }.into())
+                    }
+                    Err(e) => break Err(wire(e)),
+                },
+                Ok(Some((h, _))) if h.kind == FrameKind::Verified && index == 0 => {
+                    break h.verify(&[]).map(|()| h.aux).map_err(wire)
                 }
-                Err(e) => break Err(wire(e)),
-            },
-            Ok(Some((h, _))) if h.kind == FrameKind::Switchover && to.requests.is_some() => match h.verify(&[]) {
-                Ok(()) if h.flags & FLAG_FINAL != 0 => {
-                    let _ = to.running.set(Instant::now());
-                }
-                Ok(()) => {
+                Ok(Some((h, _))) => {
                     break Err(TransportError::Unexpected { what: format!("stream {index}"), kind: h.kind }.into())
                 }
-                Err(e) => break Err(wire(e)),
-            },
-            Ok(Some((h, _))) if h.kind == FrameKind::Verified && index == 0 => {
-                break h.verify(&[]).map(|()| h.aux).map_err(wire)
+                // The destination closes its streams once done; before that, a
+                // closed stream was cut and may be reconnected.
+                Ok(None) => match redial(cur.1, TransportError::Closed(format!("stream {index}: closed"))) {
+                    Ok(next) => {
+                        cur = next;
+                        continue 'conn;
+                    }
+                    Err(_) => return,
+                },
+                // A broken connection (not a clean close) may be reconnected.
+                Err(e) => match redial(cur.1, e) {
+                    Ok(next) => {
+                        cur = next;
+                        continue 'conn;
+                    }
+                    Err(e) => break Err(e.into()),
+                },
             }
-            Ok(Some((h, _))) => {
-                break Err(TransportError::Unexpected { what: format!("stream {index}"), kind: h.kind }.into())
-            }
-            // The destination closes its streams once done; before that, a
-            // closed stream was cut and may be reconnected.
-            Ok(None) => match redial(cur.1, TransportError::Closed(format!("stream {index}: closed"))) {
-                Ok(next) => {
-                    cur = next;
-                    continue 'conn;
-                }
-                Err(_) => return,
-            },
-            // A broken connection (not a clean close) may be reconnected.
-            Err(e) => match redial(cur.1, e) {
-                Ok(next) => {
-                    cur = next;
-                    continue 'conn;
-                }
-                Err(e) => break Err(e.into()),
-            },
-        }
-    };
+        };
     };
     if outcome.is_err() {
         abort.store(true, Ordering::Relaxed);
