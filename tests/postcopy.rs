@@ -292,13 +292,8 @@ fn free_pages_are_zero_in_post_copy_and_never_sent_unless_written() {
     assert_eq!(sp.pushed_pages, all - 8000 + 1, "nor pushed: {sp:?}");
 }
 
-/// Not in the default run yet: about one run in three, a stream whose
-/// sender had already written its last frames when the link was cut is not
-/// taken back within the resume window (its round end is lost with the
-/// connection, and nothing sends it again). Run with `--ignored`.
 #[test]
-#[ignore = "stress: a cut after a stream's last frame can lose its round end (see the issue note)"]
-fn stress_post_copy_survives_losing_one_stream_and_then_all() {
+fn post_copy_survives_losing_one_stream_and_then_all() {
     let src = Arc::new(GuestMemory::anonymous(512 << 20).unwrap());
     fill(&src, ContentMix { random: 60, text: 20, binary: 10 }, 14);
     let o = migrate(&src, Scenario { cut_links: true, ..Scenario::new(0) });

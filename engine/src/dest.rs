@@ -182,13 +182,13 @@ impl Incoming {
     /// guest here is incomplete and must be stopped — its threads waiting
     /// on a missing page are released when this returns and find zeros.
     pub fn receive_and_run(
-        self,
+        mut self,
         mem: &GuestMemory,
         opts: &ReceiveOptions,
         resume: impl FnOnce() -> Result<(), String> + Send,
     ) -> Result<Report, MigrateError> {
         let shared_paths = self.shared_paths();
-        let streams: Vec<Link> = self.accepted.streams.into_iter().map(Link::new).collect();
+        let streams: Vec<Link> = std::mem::take(&mut self.accepted.streams).into_iter().map(Link::new).collect();
         let (session, caps) = (self.accepted.hello.session, self.accepted.caps);
         if let Err(why) = layout_matches(mem, &self.accepted.hello.regions) {
             for s in &streams {
@@ -217,6 +217,8 @@ impl Incoming {
             post,
             resume: Mutex::new(Some(resume)),
             resumable: caps & CAP_RESUME != 0,
+            streams_done: AtomicBool::new(false),
+            post_digest: OnceLock::new(),
             complete: AtomicBool::new(false),
             prio_writer: Mutex::new(()),
             locks: mem.regions().iter().map(|_| RangeLock::new()).collect(),
@@ -254,8 +256,13 @@ impl Incoming {
             if let (Some(post), Some(acceptor)) = (&state.post, &self.acceptor) {
                 if caps & CAP_RESUME != 0 {
                     s.spawn(move || {
-                        // Streams lost after the switchover come back here.
-                        while post.wait_running(&state.abort) && !state.complete.load(Ordering::Acquire) {
+                        // Streams lost after the switchover come back here,
+                        // until every receiver is done.
+                        while !state.streams_done.load(Ordering::Acquire) && !state.abort.load(Ordering::Relaxed) {
+                            if !post.started() {
+                                std::thread::sleep(postcopy::TICK);
+                                continue;
+                            }
                             match acceptor.accept_resume(session, streams.len() as u16, postcopy::TICK) {
                                 Ok(Some((i, conn))) => streams[i as usize].replace(conn),
                                 Ok(None) => {}
@@ -265,6 +272,13 @@ impl Incoming {
                     });
                 }
             }
+            if let Some(post) = &state.post {
+                s.spawn(move || {
+                    if let Err(e) = state.complete_postcopy(streams, post) {
+                        state.fail(streams, state.prio, e);
+                    }
+                });
+            }
             let handles: Vec<_> = streams
                 .iter()
                 .enumerate()
@@ -273,6 +287,7 @@ impl Incoming {
                 })
                 .collect();
             let results = handles.into_iter().map(|h| h.join().expect("receiver panicked")).collect();
+            state.streams_done.store(true, Ordering::Release);
             if let Some(post) = &state.post {
                 post.end();
             }
@@ -282,6 +297,9 @@ impl Incoming {
             return Err(e);
         }
         let outcomes: Vec<StreamOutcome> = results.into_iter().map(|r| r.expect("no error recorded")).collect();
+        if let Some(post) = &state.post {
+            return self.postcopy_report(&state, post, &streams, &outcomes);
+        }
         let source_digest = outcomes[0].digest.expect("stream 0 ends with Done");
         let bulk = if state.post.is_some() { &outcomes[..outcomes.len() - 1] } else { &outcomes[..] };
         if let Some(o) = bulk.iter().find(|o| o.final_round != outcomes[0].final_round) {
@@ -304,7 +322,7 @@ impl Incoming {
                 dest_digest: format!("{digest:016x}"),
             });
         }
-        if opts.verify_memory && state.post.is_none() {
+        if opts.verify_memory {
             if let Err(e) = state.verify_memory() {
                 send_error(s0, ErrorCode::Digest, e.to_string());
                 return Err(e);
@@ -315,15 +333,41 @@ impl Incoming {
         let mut f = Vec::new();
         build_control(&mut f, h, &[]);
         write_frame(&mut s0, &f, "stream 0")?;
-        if let Some(post) = &state.post {
-            post.faults.unregister_all();
+        let resume = state.resume.lock().expect("resume lock").take();
+        if let Some(resume) = resume {
+            resume().map_err(MigrateError::Resume)?;
         }
-        if state.post.is_none() {
-            let resume = state.resume.lock().expect("resume lock").take();
-            if let Some(resume) = resume {
-                resume().map_err(MigrateError::Resume)?;
-            }
+        Ok(self.report(&state, &streams, &outcomes, digest))
+    }
+
+    /// The end of a post-copy session: the digest was sent by the
+    /// completion thread; the source's, if its `Done` arrived, must match.
+    fn postcopy_report(
+        &self,
+        state: &State<'_>,
+        post: &DestPost,
+        streams: &[Link],
+        outcomes: &[StreamOutcome],
+    ) -> Result<Report, MigrateError> {
+        let digest = *state.post_digest.get().ok_or_else(|| MigrateError::Postcopy("ended incomplete".into()))?;
+        if let Some(d) = outcomes[0].digest.filter(|d| *d != digest) {
+            return Err(MigrateError::Digest {
+                source_digest: format!("{d:016x}"),
+                dest_digest: format!("{digest:016x}"),
+            });
         }
+        let mut report = self.report(state, streams, outcomes, digest);
+        let f = post.round.load(Ordering::Relaxed);
+        let mut p = post.report(self.t0, u32::try_from(f).unwrap_or(0));
+        p.reconnects = streams.iter().map(Link::replaced).sum();
+        report.postcopy = Some(p);
+        report.mode = "post-copy".into();
+        Ok(report)
+    }
+
+    fn report(&self, state: &State<'_>, streams: &[Link], outcomes: &[StreamOutcome], digest: u64) -> Report {
+        let mem = state.mem;
+        let handed_over = state.handed_over();
         let total = self.t0.elapsed().as_secs_f64();
         let mut report = Report {
             role: "destination".into(),
@@ -332,13 +376,7 @@ impl Incoming {
             converged: true,
             digest: format!("{digest:016x}"),
             compression: if self.accepted.caps & CAP_LZ4 != 0 { "lz4".into() } else { "off".into() },
-            mode: if state.post.is_some() { "post-copy".into() } else { "pre-copy".into() },
-            postcopy: state.post.as_ref().map(|p| {
-                let f = p.round.load(Ordering::Relaxed);
-                let mut r = p.report(self.t0, u32::try_from(f).unwrap_or(0));
-                r.reconnects = streams.iter().map(Link::replaced).sum();
-                r
-            }),
+            mode: "pre-copy".into(),
             ..Report::default()
         };
         for (r, offered) in state.offered.iter().enumerate() {
@@ -366,10 +404,10 @@ impl Incoming {
             });
         }
         // Let the source read `Verified` before the sockets close.
-        for st in &streams {
+        for st in streams {
             let _ = st.current().0.shutdown(Shutdown::Write);
         }
-        Ok(report)
+        report
     }
 }
 
@@ -390,6 +428,10 @@ struct State<'m> {
     /// Post-copy with `CAP_RESUME`: streams lost after the switchover may
     /// reconnect.
     resumable: bool,
+    /// Every stream receiver returned.
+    streams_done: AtomicBool,
+    /// Post-copy: the digest of the memory received, once complete.
+    post_digest: OnceLock<u64>,
     locks: Vec<RangeLock>,
     /// Per region, made on first use: the page tables below. A region
     /// offered for handover gets them only if a page of it arrives, so a
@@ -520,13 +562,19 @@ impl State<'_> {
         Ok(())
     }
 
-    /// Stream 0 after the source's `Done` in post-copy: waits until every
-    /// needed page arrived, asking again for those that stopped coming.
-    fn await_complete(&self, streams: &[Link], post: &DestPost) -> Result<(), MigrateError> {
+    /// Post-copy's end, on a thread of its own from the switchover: waits
+    /// until every needed page arrived — asking again for pages that stop
+    /// coming (lost with a connection) — then sends `Verified` with the
+    /// digest of what arrived on the priority stream, again whenever that
+    /// stream reconnects, until the source closes the session.
+    fn complete_postcopy(&self, streams: &[Link], post: &DestPost) -> Result<(), MigrateError> {
+        if !post.wait_running(&self.abort) {
+            return Ok(());
+        }
         let mut last = (post.landed.load(Ordering::Relaxed), Instant::now());
         while post.missing.load(Ordering::Acquire) > 0 {
             if self.abort.load(Ordering::Relaxed) {
-                return Err(MigrateError::Aborted);
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(2));
             let landed = post.landed.load(Ordering::Relaxed);
@@ -539,10 +587,31 @@ impl State<'_> {
                 last.1 = Instant::now();
             }
         }
-        self.complete.store(true, Ordering::Release);
+        // Every page is here: the kernel may serve the guest's faults again.
+        post.faults.unregister_all();
         post.end();
-        // The priority stream's receiver waits for frames no longer coming.
-        let _ = streams[self.prio].current().0.shutdown(Shutdown::Read);
+        let handed_over = self.handed_over();
+        let tables: Vec<&[AtomicU64]> = (0..self.mem.regions().len())
+            .map(|r| if handed_over[r] { &[][..] } else { &self.tables(r).hashes[..] })
+            .collect();
+        let digest = digest_handing_over(&tables, &handed_over);
+        let _ = self.post_digest.set(digest);
+        self.complete.store(true, Ordering::Release);
+        let mut h = FrameHdr::new(FrameKind::Verified);
+        h.aux = digest;
+        let mut f = Vec::new();
+        build_control(&mut f, h, &[]);
+        let mut sent_on = None;
+        while !self.streams_done.load(Ordering::Acquire) && !self.abort.load(Ordering::Relaxed) {
+            let (conn, gen) = streams[self.prio].current();
+            if sent_on != Some(gen) {
+                let _w = self.prio_writer.lock().expect("writer lock");
+                if write_frame(&mut &*conn, &f, "priority stream").is_ok() {
+                    sent_on = Some(gen);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
         Ok(())
     }
 
@@ -572,7 +641,7 @@ impl State<'_> {
         let mut switched = false;
         loop {
             let res = match reader.next_frame() {
-                Ok(None) if index == self.prio && self.complete.load(Ordering::Acquire) => Ok(None),
+                Ok(None) if self.complete.load(Ordering::Acquire) => return Ok(out),
                 // Streams close only after the end: this one was cut.
                 Ok(None) if switched && self.resumable && !self.abort.load(Ordering::Relaxed) => {
                     Err(TransportError::Closed(format!("stream {index}: connection closed")))
@@ -582,15 +651,32 @@ impl State<'_> {
             let next = match res {
                 Ok(f) => f,
                 // After the switchover, a broken connection may come back.
-                Err(e) if switched && self.resumable => match link.wait_newer(cur.1, RESUME_WINDOW) {
-                    Some(next) => {
-                        cur = next;
-                        reader = reader_on(&cur.0)?;
-                        lossy = true;
-                        continue;
+                Err(_) if self.complete.load(Ordering::Acquire) => return Ok(out),
+                Err(e) if switched && self.resumable => {
+                    let t = Instant::now();
+                    loop {
+                        if self.complete.load(Ordering::Acquire) {
+                            return Ok(out);
+                        }
+                        if self.abort.load(Ordering::Relaxed) {
+                            return Err(MigrateError::Aborted);
+                        }
+                        if let Some(next) = link.wait_newer(cur.1, postcopy::TICK) {
+                            cur = next;
+                            break;
+                        }
+                        if t.elapsed() > RESUME_WINDOW {
+                            return Err(MigrateError::Postcopy(format!(
+                                "stream {index} lost after the switchover ({e}) and not reconnected within \
+                                 {RESUME_WINDOW:?}: the source is gone; the guest here lacks {} pages",
+                                self.post.as_ref().map_or(0, |p| p.missing.load(Ordering::Relaxed))
+                            )));
+                        }
                     }
-                    None => return Err(e.into()),
-                },
+                    reader = reader_on(&cur.0)?;
+                    lossy = true;
+                    continue;
+                }
                 Err(e) => return Err(e.into()),
             };
             let Some((hdr, payload)) = next else {
@@ -695,15 +781,14 @@ impl State<'_> {
                         }
                     }
                 }
-                FrameKind::Done if finished && index == 0 => {
+                // In post-copy the round end before `Done` may have been lost
+                // with a connection.
+                FrameKind::Done if (finished || switched) && index == 0 => {
                     hdr.verify(&[])
                         .map_err(|source| TransportError::Wire { what: format!("stream {index}"), source })?;
                     out.digest = Some(hdr.aux);
-                    if let Some(post) = &self.post {
-                        if !switched {
-                            return Err(protocol(index, "post-copy session ended without a switchover"));
-                        }
-                        self.await_complete(streams, post)?;
+                    if self.post.is_some() && !switched {
+                        return Err(protocol(index, "post-copy session ended without a switchover"));
                     }
                     return Ok(out);
                 }

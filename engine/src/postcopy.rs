@@ -301,6 +301,11 @@ impl DestPost {
         }
     }
 
+    /// Whether the guest has started here (it may have finished since).
+    pub(crate) fn started(&self) -> bool {
+        self.phase() != Phase::Before
+    }
+
     fn phase(&self) -> Phase {
         *self.phase.lock().expect("phase lock")
     }
@@ -407,8 +412,16 @@ impl DestPost {
                         Ok(()) => {}
                         // Another vCPU's fault on this page was answered first.
                         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                            self.faults.uffd.wake(addr, PAGE_SIZE_U64).map_err(|e| format!("UFFDIO_WAKE: {e}"))?
+                            match self.faults.uffd.wake(addr, PAGE_SIZE_U64) {
+                                Err(e) if e.raw_os_error() != Some(libc::ENOENT) => {
+                                    return Err(format!("UFFDIO_WAKE: {e}"))
+                                }
+                                _ => {}
+                            }
                         }
+                        // Every page arrived meanwhile and the regions were
+                        // unregistered, which woke the faulting thread.
+                        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
                         Err(e) => return Err(format!("zero page at region {r}, page {p}: {e}")),
                     }
                     continue;

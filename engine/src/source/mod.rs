@@ -370,8 +370,8 @@ pub const RESUME_WINDOW: Duration = Duration::from_secs(60);
 impl Run<'_> {
     /// Reconnects stream `index` after its connection of generation `seen`
     /// failed with `e` — when the session allows it: post-copy, after the
-    /// guest runs at the destination (before, the source can still give up
-    /// and resume the guest itself), and before the verdict.
+    /// switchover went out (before, the source can still give up and resume
+    /// the guest itself), and before the verdict.
     fn redial(
         &self,
         link: &Link,
@@ -380,7 +380,10 @@ impl Run<'_> {
         e: TransportError,
     ) -> Result<(Arc<TcpStream>, u64), TransportError> {
         let Some((plan, hello)) = &self.resume else { return Err(e) };
-        if self.running.get().is_none() || self.finished.load(Ordering::Acquire) || self.abort.load(Ordering::Relaxed) {
+        // Once the switchover went out the guest may run at the destination:
+        // from then on only the destination's word ends the session.
+        let switched = self.post_round.load(Ordering::Acquire) != u64::MAX;
+        if !switched || self.finished.load(Ordering::Acquire) || self.abort.load(Ordering::Relaxed) {
             return Err(e);
         }
         if matches!(e, TransportError::Closed(_)) {
@@ -451,12 +454,15 @@ impl<'r> Run<'r> {
             for (i, (stream, rx)) in streams.iter().zip(rxs).enumerate() {
                 let (pool, st) = (pool_tx.clone(), &stats[i]);
                 let redial = move |seen, e| this.redial(stream, i, seen, e);
-                senders.push(s.spawn(move || sender(stream, i, rx, pool, st, this.progress, &this.abort, &redial)));
+                senders.push(s.spawn(move || {
+                    sender(stream, i, rx, pool, st, this.progress, &this.abort, &this.finished, &redial)
+                }));
                 let listen = Listen {
                     verdict: verdict_tx.clone(),
                     probes: probe_tx.clone(),
                     requests: (post && i == bulk).then(|| req_tx.clone()),
                     running: &this.running,
+                    settled: &this.finished,
                 };
                 let redial = move |seen, e| this.redial(stream, i, seen, e);
                 s.spawn(move || listener(stream, i, listen, &this.abort, &redial));

@@ -47,11 +47,16 @@ struct Writer<'a> {
     cur: (Arc<TcpStream>, u64),
     redial: &'a Redial<'a>,
     name: String,
+    /// The destination's verdict is in: what is left to write is moot.
+    settled: &'a AtomicBool,
 }
 
 impl Writer<'_> {
     fn write(&mut self, frame: &[u8]) -> Result<(), TransportError> {
         loop {
+            if self.settled.load(Ordering::Acquire) {
+                return Ok(());
+            }
             match write_frame(&mut &*self.cur.0, frame, &self.name) {
                 Ok(()) => return Ok(()),
                 Err(e) => self.cur = (self.redial)(self.cur.1, e)?,
@@ -69,10 +74,11 @@ pub(super) fn sender(
     stats: &StreamStats,
     progress: &Progress,
     abort: &AtomicBool,
+    settled: &AtomicBool,
     redial: &Redial<'_>,
 ) -> Result<Histogram<u64>, MigrateError> {
     let name = format!("stream {index}");
-    let mut out = Writer { cur: link.current(), redial, name: name.clone() };
+    let mut out = Writer { cur: link.current(), redial, name: name.clone(), settled };
     let mut frames_this_round = 0u64;
     // Microseconds from a frame sealed to its last byte handed to the kernel.
     let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 2).expect("valid histogram bounds");
@@ -131,6 +137,8 @@ pub(super) struct Listen<'a> {
     pub(super) requests: Option<Sender<super::requests::Request>>,
     /// Set when the destination says the guest runs there.
     pub(super) running: &'a OnceLock<Instant>,
+    /// Set when the verdict arrives.
+    pub(super) settled: &'a AtomicBool,
 }
 
 /// Reads what the destination says on a stream: probe replies (stream 0),
@@ -168,8 +176,11 @@ pub(super) fn listener(link: &Link, index: usize, to: Listen<'_>, abort: &Atomic
                     }
                     Err(e) => break Err(wire(e)),
                 },
-                Ok(Some((h, _))) if h.kind == FrameKind::Verified && index == 0 => {
-                    break h.verify(&[]).map(|()| h.aux).map_err(wire)
+                // Post-copy's verdict comes on the priority stream.
+                Ok(Some((h, _))) if h.kind == FrameKind::Verified && (index == 0 || to.requests.is_some()) => {
+                    let v = h.verify(&[]).map(|()| h.aux).map_err(wire);
+                    to.settled.store(true, Ordering::Release);
+                    break v;
                 }
                 Ok(Some((h, _))) => {
                     break Err(TransportError::Unexpected { what: format!("stream {index}"), kind: h.kind }.into())
