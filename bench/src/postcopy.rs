@@ -133,3 +133,34 @@ pub fn run(c: &Case, seed: u64) -> anyhow::Result<Measured> {
 pub fn raw_round_trip(pages: u64) -> anyhow::Result<pmigrate::engine::report::LatencySummary> {
     postcopy::raw_fault_round_trip(pages).map_err(|e| anyhow::anyhow!(e))
 }
+
+/// The network's share of a fault's wait: `n` round trips of a 40-byte
+/// request and a 4 KiB answer over loopback TCP, between two threads,
+/// measured with `TCP_NODELAY` as the streams use it.
+pub fn tcp_round_trip(n: u32) -> anyhow::Result<pmigrate::engine::report::LatencySummary> {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let echo = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = l.accept()?;
+        s.set_nodelay(true)?;
+        let (mut req, page) = ([0u8; 40], vec![7u8; PAGE_SIZE]);
+        while s.read_exact(&mut req).is_ok() {
+            s.write_all(&page)?;
+        }
+        Ok(())
+    });
+    let mut c = std::net::TcpStream::connect(addr)?;
+    c.set_nodelay(true)?;
+    let mut h = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 2)?;
+    let mut page = vec![0u8; PAGE_SIZE];
+    for _ in 0..n {
+        let t = Instant::now();
+        c.write_all(&[1u8; 40])?;
+        c.read_exact(&mut page)?;
+        h.saturating_record(t.elapsed().as_micros().max(1) as u64);
+    }
+    drop(c);
+    echo.join().expect("echo thread")?;
+    pmigrate::engine::report::LatencySummary::of(&h).ok_or_else(|| anyhow::anyhow!("no round trips"))
+}

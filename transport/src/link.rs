@@ -30,6 +30,8 @@ pub struct Link {
     repairing: Mutex<()>,
     /// Connections replaced so far.
     replaced: AtomicU64,
+    /// Held while a thread writes one whole frame.
+    writes: Mutex<()>,
 }
 
 impl Link {
@@ -40,6 +42,7 @@ impl Link {
             changed: Condvar::new(),
             repairing: Mutex::new(()),
             replaced: AtomicU64::new(0),
+            writes: Mutex::new(()),
         }
     }
 
@@ -83,6 +86,11 @@ impl Link {
         }
         self.replace(dial()?);
         Ok(self.current())
+    }
+
+    /// Serialises writers: hold the guard while writing one whole frame.
+    pub fn lock_writes(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.writes.lock().expect("write lock")
     }
 
     /// How many times the connection was replaced.

@@ -426,10 +426,9 @@ impl<'r> Run<'r> {
         let (verdict_tx, verdict) = bounded::<Result<u64, MigrateError>>(n);
         let (probe_tx, probe_rx) = bounded::<Vec<u8>>(4);
         let post = self.cfg.postcopy.is_some();
-        // Post-copy: the last stream is the priority stream, and page
-        // requests from its listener go to the request server.
+        // Post-copy: the last stream is the priority stream, whose listener
+        // answers page requests.
         let bulk = if post { n - 1 } else { n };
-        let (req_tx, req_rx) = bounded::<requests::Request>(1024);
         let this: &Run<'r> = self;
         let mut report = Report {
             role: "source".into(),
@@ -460,18 +459,14 @@ impl<'r> Run<'r> {
                 let listen = Listen {
                     verdict: verdict_tx.clone(),
                     probes: probe_tx.clone(),
-                    requests: (post && i == bulk).then(|| req_tx.clone()),
+                    answer: (post && i == bulk).then(|| requests::Answerer::new(this, i)),
                     running: &this.running,
                     settled: &this.finished,
                 };
                 let redial = move |seen, e| this.redial(stream, i, seen, e);
                 s.spawn(move || listener(stream, i, listen, &this.abort, &redial));
             }
-            drop((probe_tx, req_tx));
-            let server = post.then(|| {
-                let (tx, pool) = (txs[bulk].clone(), pool_rx.clone());
-                s.spawn(move || requests::serve(this, bulk, req_rx, tx, &pool))
-            });
+            drop(probe_tx);
             let res = this.rounds(&txs, bulk, &pool_rx, &probe_rx, &verdict, tracker, pause, &mut report).and_then(
                 |(t_pause, handed_over)| {
                     let tables: Vec<&[AtomicU64]> = this.sent.iter().map(|t| &t[..]).collect();
@@ -486,9 +481,6 @@ impl<'r> Run<'r> {
                 Ok(t) => (Some(t), None),
                 Err(e) => (None, Some(e)),
             };
-            // The priority stream's writer lasts as long as the request
-            // server, which lasts until the destination is done.
-            let prio_sender = if post { senders.pop() } else { None };
             for h in senders {
                 match h.join().expect("sender thread panicked") {
                     Ok(hist) => latency.add(&hist).expect("histograms of equal bounds"),
@@ -505,15 +497,7 @@ impl<'r> Run<'r> {
             for l in &streams {
                 l.shutdown();
             }
-            if let Some(h) = server {
-                if let Err(e) = h.join().expect("request server panicked") {
-                    MigrateError::keep(&mut error, e);
-                }
-            }
-            if let Some(h) = prio_sender {
-                // Its errors after the verdict are the shutdown's own.
-                let _ = h.join().expect("sender thread panicked");
-            }
+
             match (error, verdict) {
                 (Some(_), Ok(Err(peer))) => Err(peer),
                 (Some(e), _) => Err(e),

@@ -1,20 +1,18 @@
 //! Post-copy on the source: answering the destination's page requests.
 //!
-//! The priority stream's listener passes each `PageRequest` here; the pages
-//! are read (the guest is paused, so they are final), sealed raw — lz4
-//! would add latency to a vCPU's wait — and queued on the priority stream,
-//! whose queue holds nothing else. A page may also travel in the push: the
+//! The priority stream's listener answers each `PageRequest` itself, at
+//! once, on the connection it came by: the pages are read (the guest is
+//! paused, so they are final), sealed raw — lz4 would add latency to a
+//! vCPU's wait — and written; no queue, no other thread in between, and no
+//! bulk data on that connection. A page may also travel in the push: the
 //! destination keeps the first copy and drops the other.
 
-use std::sync::atomic::Ordering;
-use std::time::Instant;
-
-use crossbeam_channel::{Receiver, Sender};
 use pmigrate_ranges::{PageIdx, PAGE_SIZE};
 use pmigrate_transport::payload::{build_pages, build_zero_pages, is_zero_page, zero_page_hash, PagesAt, Scratch};
+use std::sync::atomic::Ordering;
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::{Msg, Run};
+use super::Run;
 use crate::MigrateError;
 
 /// Pages `first..first + count` of `region`, as the destination asked.
@@ -25,19 +23,26 @@ pub(super) struct Request {
     pub(super) count: u32,
 }
 
-/// Serves requests until the listener goes away. A request outside guest
-/// memory is the destination breaking the protocol.
-pub(super) fn serve(
-    run: &Run<'_>,
+/// Builds the answers to requests, on the priority stream's listener.
+pub(super) struct Answerer<'a> {
+    run: &'a Run<'a>,
     stream: usize,
-    requests: Receiver<Request>,
-    out: Sender<Msg>,
-    pool: &Receiver<Vec<u8>>,
-) -> Result<(), MigrateError> {
-    let mut pages = Vec::new();
-    let mut hashes = Vec::new();
-    let mut scratch = Scratch::default();
-    for req in requests.iter() {
+    pages: Vec<u8>,
+    hashes: Vec<u64>,
+    scratch: Scratch,
+    frame: Vec<u8>,
+}
+
+impl<'a> Answerer<'a> {
+    pub(super) fn new(run: &'a Run<'a>, stream: usize) -> Self {
+        Self { run, stream, pages: Vec::new(), hashes: Vec::new(), scratch: Scratch::default(), frame: Vec::new() }
+    }
+
+    /// The sealed frame of the pages `req` asks for. A request outside
+    /// guest memory, or before the switchover, breaks the protocol.
+    pub(super) fn answer(&mut self, req: Request) -> Result<&[u8], MigrateError> {
+        let run = self.run;
+        let stream = self.stream;
         let bad = |why: String| MigrateError::Protocol { stream, why };
         let region = run
             .mem
@@ -52,33 +57,29 @@ pub(super) fn serve(
         if round == u64::MAX {
             return Err(bad("page request before the switchover".into()));
         }
-        pages.resize(req.count as usize * PAGE_SIZE, 0);
-        region.read_pages(PageIdx(req.first), &mut pages)?;
-        hashes.clear();
+        self.pages.resize(req.count as usize * PAGE_SIZE, 0);
+        region.read_pages(PageIdx(req.first), &mut self.pages)?;
+        self.hashes.clear();
         let mut zero = true;
-        for page in pages.chunks_exact(PAGE_SIZE) {
+        for page in self.pages.chunks_exact(PAGE_SIZE) {
             if is_zero_page(page) {
-                hashes.push(zero_page_hash());
+                self.hashes.push(zero_page_hash());
             } else {
                 zero = false;
-                hashes.push(xxh3_64(page));
+                self.hashes.push(xxh3_64(page));
             }
         }
         let sent = &run.sent[req.region as usize];
-        for (i, h) in hashes.iter().enumerate() {
+        for (i, h) in self.hashes.iter().enumerate() {
             sent[(req.first + i as u64) as usize].store(*h, Ordering::Relaxed);
         }
-        let mut frame = pool.try_recv().unwrap_or_default();
         if zero {
-            build_zero_pages(&mut frame, req.region, req.first, req.count, round);
+            build_zero_pages(&mut self.frame, req.region, req.first, req.count, round);
         } else {
             let at = PagesAt { region: req.region, first: req.first, round };
-            build_pages(&mut frame, &mut scratch, at, &pages, &hashes, false);
+            build_pages(&mut self.frame, &mut self.scratch, at, &self.pages, &self.hashes, false);
         }
         run.requested_pages.fetch_add(u64::from(req.count), Ordering::Relaxed);
-        if out.send(Msg::Frame(frame, Instant::now())).is_err() {
-            break;
-        }
+        Ok(&self.frame)
     }
-    Ok(())
 }

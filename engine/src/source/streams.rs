@@ -43,21 +43,26 @@ pub(super) type Redial<'a> = dyn Fn(u64, TransportError) -> Result<(Arc<TcpStrea
 
 /// Writes whole frames to a link, reconnecting (and writing the frame
 /// again, whole) when its connection breaks and `redial` allows.
-struct Writer<'a> {
-    cur: (Arc<TcpStream>, u64),
-    redial: &'a Redial<'a>,
-    name: String,
+pub(super) struct Writer<'a> {
+    pub(super) link: &'a Link,
+    pub(super) cur: (Arc<TcpStream>, u64),
+    pub(super) redial: &'a Redial<'a>,
+    pub(super) name: String,
     /// The destination's verdict is in: what is left to write is moot.
-    settled: &'a AtomicBool,
+    pub(super) settled: &'a AtomicBool,
 }
 
 impl Writer<'_> {
-    fn write(&mut self, frame: &[u8]) -> Result<(), TransportError> {
+    pub(super) fn write(&mut self, frame: &[u8]) -> Result<(), TransportError> {
         loop {
             if self.settled.load(Ordering::Acquire) {
                 return Ok(());
             }
-            match write_frame(&mut &*self.cur.0, frame, &self.name) {
+            let res = {
+                let _one = self.link.lock_writes();
+                write_frame(&mut &*self.cur.0, frame, &self.name)
+            };
+            match res {
                 Ok(()) => return Ok(()),
                 Err(e) => self.cur = (self.redial)(self.cur.1, e)?,
             }
@@ -78,7 +83,7 @@ pub(super) fn sender(
     redial: &Redial<'_>,
 ) -> Result<Histogram<u64>, MigrateError> {
     let name = format!("stream {index}");
-    let mut out = Writer { cur: link.current(), redial, name: name.clone(), settled };
+    let mut out = Writer { link, cur: link.current(), redial, name: name.clone(), settled };
     let mut frames_this_round = 0u64;
     // Microseconds from a frame sealed to its last byte handed to the kernel.
     let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 2).expect("valid histogram bounds");
@@ -133,8 +138,8 @@ pub(super) struct Listen<'a> {
     pub(super) verdict: Sender<Result<u64, MigrateError>>,
     /// Probe replies (stream 0).
     pub(super) probes: Sender<Vec<u8>>,
-    /// Post-copy page requests (the priority stream only).
-    pub(super) requests: Option<Sender<super::requests::Request>>,
+    /// Post-copy: answers page requests (the priority stream only).
+    pub(super) answer: Option<super::requests::Answerer<'a>>,
     /// Set when the destination says the guest runs there.
     pub(super) running: &'a OnceLock<Instant>,
     /// Set when the verdict arrives.
@@ -145,8 +150,11 @@ pub(super) struct Listen<'a> {
 /// page requests and the switchover's answer (priority stream), then
 /// `Verified` on stream 0 at the end, or an `Error` at any time; reports
 /// the outcome on `verdict`.
-pub(super) fn listener(link: &Link, index: usize, to: Listen<'_>, abort: &AtomicBool, redial: &Redial<'_>) {
+pub(super) fn listener(link: &Link, index: usize, mut to: Listen<'_>, abort: &AtomicBool, redial: &Redial<'_>) {
     let mut cur = link.current();
+    let prio = to.answer.is_some();
+    // Answers go out from this thread at once, on the same connection.
+    let mut reply = Writer { link, cur: cur.clone(), redial, name: format!("stream {index}"), settled: to.settled };
     let outcome = 'conn: loop {
         let mut r = FrameReader::new(&*cur.0, format!("stream {index}"));
         break loop {
@@ -158,16 +166,21 @@ pub(super) fn listener(link: &Link, index: usize, to: Listen<'_>, abort: &Atomic
                     }
                     Err(e) => break Err(wire(e)),
                 },
-                Ok(Some((h, _))) if h.kind == FrameKind::PageRequest && to.requests.is_some() => match h.verify(&[]) {
+                Ok(Some((h, _))) if h.kind == FrameKind::PageRequest && prio => match h.verify(&[]) {
                     Ok(()) => {
                         let req = super::requests::Request { region: h.region, first: h.first, count: h.count };
-                        if to.requests.as_ref().is_some_and(|q| q.send(req).is_err()) {
-                            return;
+                        let ans = to.answer.as_mut().expect("priority stream");
+                        let sent = ans.answer(req).and_then(|f| {
+                            reply.cur = link.current();
+                            reply.write(f).map_err(MigrateError::from)
+                        });
+                        if let Err(e) = sent {
+                            break Err(e);
                         }
                     }
                     Err(e) => break Err(wire(e)),
                 },
-                Ok(Some((h, _))) if h.kind == FrameKind::Switchover && to.requests.is_some() => match h.verify(&[]) {
+                Ok(Some((h, _))) if h.kind == FrameKind::Switchover && prio => match h.verify(&[]) {
                     Ok(()) if h.flags & FLAG_FINAL != 0 => {
                         let _ = to.running.set(Instant::now());
                     }
@@ -177,7 +190,7 @@ pub(super) fn listener(link: &Link, index: usize, to: Listen<'_>, abort: &Atomic
                     Err(e) => break Err(wire(e)),
                 },
                 // Post-copy's verdict comes on the priority stream.
-                Ok(Some((h, _))) if h.kind == FrameKind::Verified && (index == 0 || to.requests.is_some()) => {
+                Ok(Some((h, _))) if h.kind == FrameKind::Verified && (index == 0 || prio) => {
                     let v = h.verify(&[]).map(|()| h.aux).map_err(wire);
                     to.settled.store(true, Ordering::Release);
                     break v;
