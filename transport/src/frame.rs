@@ -456,6 +456,35 @@ mod tests {
     }
 
     #[test]
+    fn post_copy_frames_are_bounded() {
+        let mut h = FrameHdr::new(FrameKind::Switchover);
+        h.count = 100;
+        h.len = 13;
+        h.flags = FLAG_FINAL;
+        assert!(FrameHdr::decode(&h.encode()).is_ok());
+        h.len = 12;
+        assert!(matches!(FrameHdr::decode(&h.encode()), Err(WireError::Malformed { .. })), "one bit per page");
+        h.len = 13;
+        h.first = u64::MAX - 10;
+        assert!(matches!(FrameHdr::decode(&h.encode()), Err(WireError::Malformed { .. })), "wrapping range");
+        h.first = 0;
+        h.flags = 2;
+        assert!(matches!(FrameHdr::decode(&h.encode()), Err(WireError::BadFlags { .. })));
+        let mut r = FrameHdr::new(FrameKind::PageRequest);
+        r.count = 8;
+        r.first = 5;
+        assert!(FrameHdr::decode(&r.encode()).is_ok());
+        r.first = u64::MAX - 3;
+        assert!(FrameHdr::decode(&r.encode()).is_err(), "wrapping request");
+        r.first = 5;
+        r.count = 0;
+        assert!(FrameHdr::decode(&r.encode()).is_err(), "empty request");
+        r.count = 8;
+        r.len = 8;
+        assert!(FrameHdr::decode(&r.encode()).is_err(), "requests carry no payload");
+    }
+
+    #[test]
     fn inconsistent_page_frames_are_rejected() {
         let mut h = FrameHdr::new(FrameKind::Pages);
         h.encoding = Encoding::Raw;

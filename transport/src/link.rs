@@ -221,3 +221,68 @@ impl Acceptor {
         Some((h.stream_index, s))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hello::{Mode, PROTOCOL_VERSION};
+    use crate::session::new_session_id;
+
+    fn hello(session: [u8; 16]) -> Hello {
+        Hello {
+            version: PROTOCOL_VERSION,
+            mode: Mode::Memory,
+            stream_index: 0,
+            stream_count: 2,
+            session,
+            caps: 0,
+            regions: vec![],
+            extensions: vec![],
+        }
+    }
+
+    #[test]
+    fn only_a_stream_of_the_session_comes_back() {
+        let acc = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
+        let plan = StreamPlan::new(acc.local_addrs(), 2);
+        let session = new_session_id();
+        let never = || false;
+        std::thread::scope(|s| {
+            let server = s.spawn(|| {
+                let mut got = Vec::new();
+                while got.len() < 1 {
+                    if let Some(r) = acc.accept_resume(session, 2, Duration::from_secs(30)).unwrap() {
+                        got.push(r);
+                    }
+                }
+                got
+            });
+            let other = reconnect(&plan, &hello(new_session_id()), 1, Duration::from_secs(5), &never);
+            assert!(matches!(other, Err(TransportError::Peer(_))), "another session's stream is refused: {other:?}");
+            let beyond = reconnect(&plan, &hello(session), 2, Duration::from_secs(5), &never);
+            assert!(matches!(beyond, Err(TransportError::Peer(_))), "an index past the session's is refused");
+            let ok = reconnect(&plan, &hello(session), 1, Duration::from_secs(5), &never).unwrap();
+            let got = server.join().unwrap();
+            assert_eq!(got[0].0, 1);
+            assert_eq!(got[0].1.peer_addr().unwrap(), ok.local_addr().unwrap());
+        });
+    }
+
+    #[test]
+    fn a_link_is_repaired_once_per_failure() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let link = Link::new(TcpStream::connect(addr).unwrap());
+        let (_, g0) = link.current();
+        let dials = AtomicU64::new(0);
+        let dial = || {
+            dials.fetch_add(1, Ordering::Relaxed);
+            TcpStream::connect(addr).map_err(|e| TransportError::io("dial", e))
+        };
+        let (_, g1) = link.repair(g0, dial).unwrap();
+        // A second thread that saw the same failure gets the new connection.
+        let (_, g2) = link.repair(g0, dial).unwrap();
+        assert_eq!((g1, g2, dials.load(Ordering::Relaxed), link.replaced()), (1, 1, 1, 1));
+        assert!(link.wait_newer(g1, Duration::from_millis(10)).is_none());
+    }
+}
