@@ -201,6 +201,29 @@ impl fmt::Display for Report {
         for r in &self.regions {
             writeln!(f, "  region {} ({:.1} MiB): {} — {}", r.region, mib(r.bytes), r.path, r.why)?;
         }
+        if let Some(p) = &self.postcopy {
+            writeln!(
+                f,
+                "  {} after {} pre-copy rounds: guest ran at the destination at {:.3} s; {} pages needed, \
+                 {} pushed, {} sent on request; {} reconnects",
+                self.mode,
+                p.precopy_rounds,
+                p.runnable_secs,
+                p.needed_pages,
+                p.pushed_pages,
+                p.requested_pages,
+                p.reconnects
+            )?;
+            if p.faults > 0 {
+                write!(f, "  {} faults ({} on pages never sent)", p.faults, p.zero_faults)?;
+                match &p.fault_latency {
+                    Some(l) => {
+                        writeln!(f, ", wait for a page: p50 {} us, p99 {} us, max {} us", l.p50_us, l.p99_us, l.max_us)?
+                    }
+                    None => writeln!(f)?,
+                }
+            }
+        }
         if let Some(l) = &self.batch_latency {
             writeln!(
                 f,

@@ -73,6 +73,11 @@ struct ServeArgs {
     /// Largest memory accepted from a source, in MiB.
     #[arg(long, default_value_t = 1 << 22)]
     max_memory_mib: u64,
+    /// Shell command that starts the guest here (run once, must exit 0):
+    /// in post-copy at the switchover, while pages still arrive; otherwise
+    /// once memory is verified.
+    #[arg(long)]
+    resume_cmd: Option<String>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -132,6 +137,11 @@ struct MigrateArgs {
     /// Shell command that pauses the VM (run once, must exit 0).
     #[arg(long)]
     pause_cmd: Option<String>,
+    /// Post-copy after this many pre-copy rounds (0: at once): the
+    /// destination starts the guest at the switchover and fetches the rest
+    /// as it touches it, while everything left is pushed.
+    #[arg(long)]
+    postcopy: Option<u32>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -243,14 +253,57 @@ fn serve(a: ServeArgs) -> Result<()> {
         None => GuestRegion::file(Gpa(r.gpa), r.len, HostPageSize::Small, &a.memory, true, true)
             .with_context(|| format!("create {}", a.memory.display()))?,
     };
-    let regions = vec![region];
-    let mem = GuestMemory::new(regions)?;
-    let report = incoming.receive(&mem, &ReceiveOptions { verify_memory: a.verify_memory, ..Default::default() })?;
-    mem.regions().iter().try_for_each(|r| r.flush())?;
+    let opts = ReceiveOptions { verify_memory: a.verify_memory, ..Default::default() };
+    let resume = || match &a.resume_cmd {
+        None => Ok(()),
+        Some(cmd) => run_hook(cmd),
+    };
+    let report = if incoming.is_postcopy() && shared.is_none() {
+        // Post-copy places pages into private anonymous memory (that is what
+        // userfaultfd's missing-page mode serves); the file gets them at the end.
+        let mem = GuestMemory::new(vec![GuestRegion::anonymous(Gpa(r.gpa), r.len, HostPageSize::Small)?])?;
+        let report = incoming.receive_and_run(&mem, &opts, resume)?;
+        let file = GuestMemory::new(vec![region])?;
+        copy_memory(&mem, &file)?;
+        file.regions().iter().try_for_each(|r| r.flush())?;
+        report
+    } else {
+        let mem = GuestMemory::new(vec![region])?;
+        let report = incoming.receive_and_run(&mem, &opts, resume)?;
+        mem.regions().iter().try_for_each(|r| r.flush())?;
+        report
+    };
     if a.json {
         println!("{}", report.to_json());
     } else {
         println!("{report}");
+    }
+    Ok(())
+}
+
+/// Runs `cmd` with /bin/sh; it must exit 0.
+fn run_hook(cmd: &str) -> Result<(), String> {
+    let st =
+        std::process::Command::new("/bin/sh").arg("-c").arg(cmd).status().map_err(|e| format!("run {cmd:?}: {e}"))?;
+    if st.success() {
+        Ok(())
+    } else {
+        Err(format!("{cmd:?} exited with {st}"))
+    }
+}
+
+/// Copies every page of `from` into `to` (same layout).
+fn copy_memory(from: &GuestMemory, to: &GuestMemory) -> Result<()> {
+    let mut buf = vec![0u8; 256 * pmigrate::PAGE_SIZE];
+    for (a, b) in from.regions().iter().zip(to.regions()) {
+        let mut p = 0;
+        while p < a.pages() {
+            let n = (a.pages() - p).min(256);
+            let bytes = &mut buf[..n as usize * pmigrate::PAGE_SIZE];
+            a.read_pages(pmigrate::PageIdx(p), bytes)?;
+            b.write_pages(pmigrate::PageIdx(p), bytes)?;
+            p += n;
+        }
     }
     Ok(())
 }
@@ -305,6 +358,7 @@ fn migrate(a: MigrateArgs) -> Result<()> {
         max_rounds: a.max_rounds,
         tracker,
         zero_copy: !a.no_zero_copy,
+        postcopy: a.postcopy,
         ..SourceConfig::default()
     };
     let hints = |file: &Option<PathBuf>| -> Result<Vec<pmigrate::ranges::PageRange>> {
@@ -322,18 +376,7 @@ fn migrate(a: MigrateArgs) -> Result<()> {
         .config(cfg)
         .on_pause(move || match &pause_cmd {
             None => Ok(()),
-            Some(cmd) => {
-                let st = std::process::Command::new("/bin/sh")
-                    .arg("-c")
-                    .arg(cmd)
-                    .status()
-                    .map_err(|e| format!("run {cmd:?}: {e}"))?;
-                if st.success() {
-                    Ok(())
-                } else {
-                    Err(format!("{cmd:?} exited with {st}"))
-                }
-            }
+            Some(cmd) => run_hook(cmd),
         });
     let bar = progress_bar(source.progress());
     let report = source.run();

@@ -116,6 +116,37 @@ fn serve_and_migrate_a_memory_file_with_intruders_refused() {
 }
 
 #[test]
+fn post_copy_between_memory_files_runs_the_resume_command_first() {
+    let dir = scratch("postcopy");
+    let (src, dst, mark) = (dir.join("src.mem"), dir.join("dst.mem"), dir.join("resumed"));
+    let data = write_guest_file(&src, 32);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let (serve, log) = start_listening(
+        Command::new(BIN)
+            .args(["serve", "--listen", &addr, "--no-zero-copy", "--json", "--resume-cmd"])
+            .arg(format!("touch {}", mark.display()))
+            .arg("--memory")
+            .arg(&dst)
+            .stdout(Stdio::piped()),
+    );
+    let migrate = Command::new(BIN)
+        .args(["migrate", "--postcopy", "0", "--no-zero-copy", "--memory"])
+        .arg(&src)
+        .args(["--streams", "2", "--json", &addr])
+        .output()
+        .unwrap();
+    assert!(migrate.status.success(), "migrate: {}", String::from_utf8_lossy(&migrate.stderr));
+    let (served, log) = wait_output(serve, log);
+    assert!(served.status.success(), "serve: {log}");
+    let json = String::from_utf8(migrate.stdout).unwrap();
+    assert!(json.contains("\"mode\": \"post-copy\""), "{json}");
+    assert!(json.contains("\"pushed_pages\": 8192"), "every page pushed: {json}");
+    assert!(mark.exists(), "the resume command ran");
+    assert!(std::fs::read(&dst).unwrap() == data, "destination file equals the source file");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn a_memory_file_both_hosts_map_is_handed_over_not_copied() {
     let dir = PathBuf::from(format!("/dev/shm/pmigrate-cli-{}-zc", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
