@@ -70,8 +70,10 @@ use serde::{Deserialize, Serialize};
 use crate::report::LatencySummary;
 use crate::uffd::{abi, Uffd};
 
-/// Pages asked for per fault: the faulting page and the ones after it, so a
-/// guest walking memory forward finds its next pages already there.
+/// Pages asked for per fault when the guest walks memory forward (its fault
+/// follows its last one closely): the faulting page and the ones after it,
+/// so it finds its next pages already there. A fault elsewhere asks for its
+/// page alone: read-ahead on random access only doubles the traffic.
 pub const REQUEST_PAGES: u32 = 8;
 
 /// After the source's last frame, pages still missing for this long with
@@ -387,6 +389,8 @@ impl DestPost {
         mut request: impl FnMut(usize, u64, u32) -> Result<(), String>,
     ) -> Result<(), String> {
         let mut addrs = Vec::with_capacity(64);
+        // Per region: the last page faulted on, to tell a forward walk.
+        let mut last = vec![u64::MAX; self.need.len()];
         loop {
             match self.phase() {
                 Phase::Over => return Ok(()),
@@ -428,10 +432,12 @@ impl DestPost {
                 }
                 let fresh = self.pending.lock().expect("pending lock").insert((r, p), now).is_none();
                 if fresh {
-                    let pages = mem.regions()[r].pages();
-                    let n = (pages - p).min(u64::from(REQUEST_PAGES)) as u32;
+                    let walking = p.wrapping_sub(last[r]) <= u64::from(REQUEST_PAGES);
+                    let ahead = if walking { u64::from(REQUEST_PAGES) } else { 1 };
+                    let n = (mem.regions()[r].pages() - p).min(ahead) as u32;
                     request(r, p, n)?;
                 }
+                last[r] = p;
             }
         }
     }

@@ -202,18 +202,15 @@ impl fmt::Display for Report {
             writeln!(f, "  region {} ({:.1} MiB): {} — {}", r.region, mib(r.bytes), r.path, r.why)?;
         }
         if let Some(p) = &self.postcopy {
-            writeln!(
+            write!(
                 f,
-                "  {} after {} pre-copy rounds: guest ran at the destination at {:.3} s; {} pages needed, \
-                 {} pushed, {} sent on request; {} reconnects",
-                self.mode,
-                p.precopy_rounds,
-                p.runnable_secs,
-                p.needed_pages,
-                p.pushed_pages,
-                p.requested_pages,
-                p.reconnects
+                "  {} after {} pre-copy rounds: guest ran at the destination at {:.3} s; {} pages needed",
+                self.mode, p.precopy_rounds, p.runnable_secs, p.needed_pages,
             )?;
+            if self.role == "source" {
+                write!(f, ", {} pushed, {} sent on request", p.pushed_pages, p.requested_pages)?;
+            }
+            writeln!(f, "; {} reconnects", p.reconnects)?;
             if p.faults > 0 {
                 write!(f, "  {} faults ({} on pages never sent)", p.faults, p.zero_faults)?;
                 match &p.fault_latency {

@@ -250,7 +250,7 @@ mod tests {
         std::thread::scope(|s| {
             let server = s.spawn(|| {
                 let mut got = Vec::new();
-                while got.len() < 1 {
+                while got.is_empty() {
                     if let Some(r) = acc.accept_resume(session, 2, Duration::from_secs(30)).unwrap() {
                         got.push(r);
                     }
