@@ -303,3 +303,92 @@ fn post_copy_survives_losing_one_stream_and_then_all() {
     assert!(o.cut_mid_migration >= 2, "links were cut while pages were still coming: {}", o.cut_mid_migration);
     assert!(sp.reconnects >= 2 && dp.reconnects >= 2, "streams reconnected: {sp:?} {dp:?}");
 }
+
+mod hostile {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+
+    use pmigrate::transport::frame::{FrameHdr, FrameKind, FLAG_FINAL};
+    use pmigrate::transport::hello::{Hello, Mode, RegionDesc, CAP_POSTCOPY, PROTOCOL_VERSION};
+    use pmigrate::transport::net::{write_frame, FrameReader};
+    use pmigrate::transport::payload::build_control;
+    use pmigrate::transport::session::{connect_session, new_session_id, StreamPlan};
+    use pmigrate::{Acceptor, GuestMemory, Incoming, MigrateError, ReceiveOptions, Source};
+
+    const MEM: u64 = 4 << 20;
+
+    fn frame(h: FrameHdr, body: &[u8]) -> Vec<u8> {
+        let mut f = Vec::new();
+        build_control(&mut f, h, body);
+        f
+    }
+
+    #[test]
+    fn a_switchover_naming_pages_outside_memory_fails_before_the_guest_starts() {
+        let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
+        let addr = acceptor.local_addrs()[0];
+        let dst = GuestMemory::anonymous(MEM).unwrap();
+        let started = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let rx = s.spawn(|| {
+                let inc = Incoming::accept_for(&acceptor, &dst, Some(Instant::now() + Duration::from_secs(30)))?;
+                inc.receive_and_run(&dst, &ReceiveOptions::default(), || {
+                    started.store(true, Ordering::SeqCst);
+                    Ok(())
+                })
+            });
+            let hello = Hello {
+                version: PROTOCOL_VERSION,
+                mode: Mode::Memory,
+                stream_index: 0,
+                stream_count: 2,
+                session: new_session_id(),
+                caps: CAP_POSTCOPY,
+                regions: vec![RegionDesc { gpa: 0, len: MEM, flags: 0 }],
+                extensions: vec![],
+            };
+            let (streams, welcome) = connect_session(&StreamPlan::new(vec![addr], 2), &hello).unwrap();
+            assert_ne!(welcome.caps & CAP_POSTCOPY, 0);
+            // The bitmap runs 8 pages past the region's 1024.
+            let mut h = FrameHdr::new(FrameKind::Switchover);
+            h.first = 1020;
+            h.count = 12;
+            write_frame(&mut &streams[0], &frame(h, &[0xff, 0x0f]), "s0").unwrap();
+            let err = rx.join().unwrap().expect_err("refused");
+            assert!(matches!(&err, MigrateError::Protocol { .. }), "{err}");
+            assert!(err.to_string().contains("outside region"), "{err}");
+            assert!(!started.load(Ordering::SeqCst), "the guest never started on a bad switchover");
+        });
+    }
+
+    #[test]
+    fn a_page_request_outside_memory_is_refused_by_the_source() {
+        let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
+        let addr = acceptor.local_addrs()[0];
+        let src = GuestMemory::anonymous(MEM).unwrap();
+        std::thread::scope(|s| {
+            // A destination that welcomes post-copy, waits for the switchover
+            // and then asks for a region that does not exist.
+            s.spawn(|| {
+                let mut judge = |h: &Hello| Ok(h.caps);
+                let acc = acceptor.accept_session(Mode::Memory, &mut judge, None).unwrap();
+                let prio = acc.streams.len() - 1;
+                let mut r = FrameReader::new(&acc.streams[0], "s0");
+                loop {
+                    let (h, _) = r.next_frame().unwrap().expect("frames until the switchover");
+                    if h.kind == FrameKind::Switchover && h.flags & FLAG_FINAL != 0 {
+                        break;
+                    }
+                }
+                let mut q = FrameHdr::new(FrameKind::PageRequest);
+                q.region = 7;
+                q.count = 1;
+                write_frame(&mut &acc.streams[prio], &frame(q, &[]), "prio").unwrap();
+                std::thread::sleep(Duration::from_secs(2));
+            });
+            let cfg = pmigrate::SourceConfig { tracker: pmigrate::TrackerKind::Hash, ..Default::default() };
+            let err = Source::new(&src, vec![addr]).config(cfg).postcopy(0).run().expect_err("refused");
+            assert!(err.to_string().contains("region 7"), "{err}");
+        });
+    }
+}
