@@ -110,7 +110,7 @@ impl Incoming {
                 })?;
             }
             if h.caps & CAP_SHARED != 0 {
-                if let Some((_, ext)) = h.extensions.iter().find(|(t, _)| *t == EXT_SHARED_PATHS) {
+                if let Some(ext) = h.extension(EXT_SHARED_PATHS) {
                     decode_shared_paths(ext, h.regions.len())
                         .map_err(|e| ErrorMsg { code: ErrorCode::Protocol, message: e.to_string() })?;
                 }

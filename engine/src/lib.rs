@@ -42,6 +42,7 @@ pub mod dirty;
 pub mod hints;
 pub mod lz4gate;
 pub mod postcopy;
+pub mod proxy;
 pub mod relay;
 pub mod report;
 pub mod shared;

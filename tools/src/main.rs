@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use pmigrate::engine::relay::{self, RelayRecvOptions, RelaySendConfig};
+use pmigrate::engine::relay::{self, Local, RelayRecvOptions, RelaySendConfig};
 use pmigrate::transport::session::StreamPlan;
 use pmigrate::{
     Acceptor, Compression, Gpa, GuestMemory, GuestRegion, HostPageSize, Incoming, Progress, ReceiveOptions, Source,
@@ -395,11 +395,15 @@ fn migrate(a: MigrateArgs) -> Result<()> {
 fn send(a: SendArgs) -> Result<()> {
     let mut plan = StreamPlan::new(resolve(&a.dest)?, a.streams.streams.max(1));
     plan.via = a.streams.via.clone();
-    let cfg = RelaySendConfig { plan, threads: a.streams.threads, compression: a.streams.compress };
+    let cfg =
+        RelaySendConfig { threads: a.streams.threads, compression: a.streams.compress, ..RelaySendConfig::new(plan) };
     let stdin = std::fs::File::from(std::io::stdin().as_fd_owned()?);
     // A larger pipe lets the producer run ahead by a chunk or four.
     grow_pipe(&stdin);
-    let report = relay::send(stdin, &cfg)?;
+    // What comes back (QEMU's return path: page requests, acknowledgements)
+    // goes to stdout.
+    let stdout = std::fs::File::from(std::io::stdout().as_fd_owned()?);
+    let report = relay::send(Local::pipes(Some(stdin), Some(stdout)), &cfg)?;
     if a.report {
         eprintln!("{report}");
     }
@@ -418,7 +422,11 @@ fn recv(a: RecvArgs) -> Result<()> {
         accept_deadline: Some(Instant::now() + Duration::from_secs(a.wait)),
         ..RelayRecvOptions::default()
     };
-    let report = relay::receive(&acceptor, stdout, &opts)?;
+    // What QEMU writes to stdin (its return path) goes back to the sender;
+    // a terminal on stdin is not a return path.
+    let stdin = std::io::stdin();
+    let back = if stdin.is_terminal() { None } else { Some(std::fs::File::from(stdin.as_fd_owned()?)) };
+    let report = relay::receive(&acceptor, Local::pipes(back, Some(stdout)), &opts)?;
     if a.report {
         eprintln!("{report}");
     }

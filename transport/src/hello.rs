@@ -48,8 +48,12 @@ pub const CAP_AUTH: u64 = 1 << 3;
 /// destination proves it maps the same memory (`Probe` frames, and the
 /// [`EXT_SHARED_PATHS`] extension naming the regions' backing paths).
 pub const CAP_SHARED: u64 = 1 << 4;
+/// Capability (stream mode): the byte stream is full duplex. Each end
+/// sends its own `Data` chunks (its own numbering) and `End`, and confirms
+/// the other end's with `Verified`; without it only the source sends data.
+pub const CAP_DUPLEX: u64 = 1 << 5;
 /// Capabilities this implementation understands.
-pub const KNOWN_CAPS: u64 = CAP_LZ4 | CAP_SHARED | CAP_POSTCOPY | CAP_RESUME;
+pub const KNOWN_CAPS: u64 = CAP_LZ4 | CAP_SHARED | CAP_POSTCOPY | CAP_RESUME | CAP_DUPLEX;
 
 /// Hello extension: the backing path of each region the source could hand
 /// over, as repeated `{ region u32, len u16, UTF-8 path }`.
@@ -88,6 +92,24 @@ pub fn decode_shared_paths(ext: &[u8], regions: usize) -> Result<Vec<(u32, Strin
     Ok(out)
 }
 
+/// Hello extension (stream mode): which of the destination's configured
+/// targets the byte stream is for, as one `u32` index. The destination
+/// connects only to targets it was configured with; the source names one.
+pub const EXT_TARGET: u16 = 2;
+
+/// Encodes the [`EXT_TARGET`] extension.
+pub fn encode_target(index: u32) -> Vec<u8> {
+    index.to_le_bytes().to_vec()
+}
+
+/// Decodes the [`EXT_TARGET`] extension: exactly one `u32`.
+pub fn decode_target(ext: &[u8]) -> Result<u32, WireError> {
+    let mut c = Cursor::new(ext, "target");
+    let index = c.u32()?;
+    c.finish()?;
+    Ok(index)
+}
+
 /// Region flag: the source backs the region with 2 MiB pages.
 pub const REGION_HUGE: u32 = 1;
 
@@ -96,8 +118,16 @@ pub const REGION_HUGE: u32 = 1;
 pub enum Mode {
     /// Guest memory pages into a region table.
     Memory = 1,
-    /// One ordered byte stream (the QEMU `exec:` helper).
+    /// One ordered byte stream (the QEMU `exec:` helper), full duplex with
+    /// [`CAP_DUPLEX`] (the socket proxy).
     Stream = 2,
+}
+
+impl Hello {
+    /// The payload of the first extension of type `kind`, if any.
+    pub fn extension(&self, kind: u16) -> Option<&[u8]> {
+        self.extensions.iter().find(|(t, _)| *t == kind).map(|(_, v)| v.as_slice())
+    }
 }
 
 /// A region as the handshake describes it.
@@ -434,6 +464,18 @@ mod tests {
         assert_eq!(d.code, ErrorCode::Checksum);
         assert!(e.message.starts_with(&d.message));
         assert!(ErrorMsg::decode(&[99, 0, 0, 0]).is_err());
+    }
+
+    #[test]
+    fn targets_round_trip_and_are_exactly_four_bytes() {
+        assert_eq!(decode_target(&encode_target(7)).unwrap(), 7);
+        assert!(decode_target(&[1, 2, 3]).is_err());
+        assert!(decode_target(&[1, 2, 3, 4, 5]).is_err());
+        let mut h = hello();
+        h.extensions.push((EXT_TARGET, encode_target(3)));
+        let back = Hello::decode(&h.encode()).unwrap();
+        assert_eq!(back.extension(EXT_TARGET).map(decode_target).unwrap().unwrap(), 3);
+        assert!(back.extension(0x4242).is_none());
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //!   interface, and a framed reader.
 //! - [`session`]: opening the N streams of a session and accepting exactly
 //!   the streams of one session on the other side.
+//! - [`serve`]: serving many sessions at once (the socket proxy).
 //!
 //! ```
 //! use pmigrate_transport::frame::{FrameHdr, FrameKind, HEADER_LEN};
@@ -28,10 +29,12 @@ pub mod hello;
 pub mod link;
 pub mod net;
 pub mod payload;
+pub mod serve;
 pub mod session;
 
 pub use frame::{Encoding, FrameHdr, FrameKind, WireError};
 pub use hello::{ErrorCode, ErrorMsg, Hello, Mode, RegionDesc, Welcome};
 pub use link::Link;
 pub use net::{FrameReader, TransportError, Via};
+pub use serve::SessionHandler;
 pub use session::{connect_session, Accepted, Acceptor, StreamPlan};

@@ -139,6 +139,12 @@ pub fn listen(addr: SocketAddr) -> Result<TcpListener, TransportError> {
     Ok(sock.into())
 }
 
+/// Makes the close of `s` send a reset instead of a clean end of stream
+/// (linger 0), so its peer sees a failure, not an end.
+pub fn reset_on_close(s: &TcpStream) {
+    let _ = SockRef::from(s).set_linger(Some(Duration::ZERO));
+}
+
 /// Tunes an accepted stream like a connected one.
 pub fn tune_accepted(s: &TcpStream) -> Result<(), TransportError> {
     tune(&SockRef::from(s)).map_err(|e| TransportError::io("tune accepted stream", e))

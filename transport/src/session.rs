@@ -144,7 +144,7 @@ const HANDSHAKE_TICK: Duration = Duration::from_millis(200);
 /// until some finish, so idle connections cannot pile up threads.
 pub const MAX_PENDING_HANDSHAKES: usize = 64;
 
-fn read_hello(s: &TcpStream) -> Result<Hello, TransportError> {
+pub(crate) fn read_hello(s: &TcpStream) -> Result<Hello, TransportError> {
     s.set_read_timeout(Some(HANDSHAKE_TICK)).map_err(|e| TransportError::io("hello", e))?;
     let mut r = FrameReader::new(s, "handshake");
     r.set_idle_limit(HELLO_TIMEOUT);
@@ -297,9 +297,7 @@ impl Acceptor {
                 if h.session != first.session {
                     return Err((ErrorCode::NotInSession, "another session is being served".into()));
                 }
-                if h.stream_count != first.stream_count || h.regions != first.regions || h.caps != first.caps {
-                    return Err((ErrorCode::Protocol, "stream disagrees with its session's handshake".into()));
-                }
+                agrees(first, h)?;
                 if slots[h.stream_index as usize].is_some() {
                     return Err((ErrorCode::NotInSession, format!("stream {} already connected", h.stream_index)));
                 }
@@ -307,6 +305,18 @@ impl Acceptor {
             }
         }
     }
+}
+
+/// Whether a later stream's `Hello` agrees with its session's first one.
+pub(crate) fn agrees(first: &Hello, h: &Hello) -> Result<(), (ErrorCode, String)> {
+    if h.stream_count != first.stream_count
+        || h.regions != first.regions
+        || h.caps != first.caps
+        || h.extensions != first.extensions
+    {
+        return Err((ErrorCode::Protocol, "stream disagrees with its session's handshake".into()));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

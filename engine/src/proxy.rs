@@ -1,0 +1,401 @@
+//! The socket proxy: carries whole connections — QEMU's migration
+//! channels, libvirt's RPC, NBD — between two hosts over pmigrate's
+//! streams.
+//!
+//! ```text
+//!  source host                                              destination host
+//!  QEMU ── unix:/P ──► entry ══ N TCP streams a connection ══► exit ── unix:/P ──► QEMU
+//!        (connects)   (listens)     (striped, checked, lz4)   (connects to target)   (listens)
+//! ```
+//!
+//! The **entry** ([`run_entry`]) listens on local endpoints (unix paths or
+//! TCP addresses). Each connection it accepts becomes one full-duplex
+//! byte-stream session (`CAP_DUPLEX`) to the exit, naming the index of the
+//! listener it came by (`EXT_TARGET`). The **exit** ([`run_exit`]) serves
+//! sessions and connects each to its configured target of that index —
+//! the peer names an index, never an address.
+//!
+//! **Order.** Connections are opened one at a time in the order they were
+//! accepted: the entry opens the next session only once the exit welcomed
+//! the previous one, which it does only after its connect to the target
+//! returned. QEMU 7.2 takes the first connection it accepts as the main
+//! migration channel and later ones as multifd channels; the kernel queues
+//! connections to a listener in order, so QEMU at the destination accepts
+//! them in the order QEMU at the source made them.
+//!
+//! **Half-close and failure.** Each direction ends on its own: when one
+//! side's peer shuts down its writing, the other side's peer reads the end
+//! of stream after the last byte, and may still answer. Any failure of a
+//! session — a stream cut, a corrupted chunk, a peer gone — shuts down the
+//! local connections at both ends (a TCP one with a reset), so both QEMUs
+//! see the migration fail rather than a clean end.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use pmigrate_transport::hello::{decode_target, ErrorCode, ErrorMsg, Hello, Mode, CAP_DUPLEX, CAP_LZ4, EXT_TARGET};
+use pmigrate_transport::net::tune_accepted;
+use pmigrate_transport::{Accepted, Acceptor, SessionHandler, TransportError};
+
+use crate::relay::{self, Carry, Local, RelayRecvOptions, RelaySendConfig};
+use crate::MigrateError;
+
+/// A local endpoint: `unix:/path` (or a bare absolute path) or
+/// `tcp:host:port` (or a bare `host:port`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A unix stream socket.
+    Unix(PathBuf),
+    /// A TCP address.
+    Tcp(SocketAddr),
+}
+
+impl std::str::FromStr for Endpoint {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        use std::net::ToSocketAddrs;
+        // libvirt's spelling of a unix URI is `unix:///path`.
+        let path = s.strip_prefix("unix://").or_else(|| s.strip_prefix("unix:"));
+        if let Some(p) = path.or_else(|| s.starts_with('/').then_some(s)) {
+            if !p.starts_with('/') {
+                return Err(format!("{s:?}: a unix socket path must be absolute"));
+            }
+            return Ok(Endpoint::Unix(PathBuf::from(p)));
+        }
+        let a = s.strip_prefix("tcp:").unwrap_or(s);
+        let addr = a.to_socket_addrs().map_err(|e| format!("{s:?}: {e}"))?.next();
+        addr.map(Endpoint::Tcp).ok_or_else(|| format!("{s:?} names no address"))
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+            Endpoint::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+/// A listening endpoint.
+enum Listener {
+    Unix(UnixListener, PathBuf),
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    fn bind(e: &Endpoint) -> Result<Self, TransportError> {
+        let l = match e {
+            Endpoint::Unix(p) => {
+                // A socket left by an earlier run would make bind fail; a
+                // live listener behind it answers, and is left alone.
+                if std::fs::symlink_metadata(p).is_ok_and(|m| is_socket(&m)) && UnixStream::connect(p).is_err() {
+                    let _ = std::fs::remove_file(p);
+                }
+                let l =
+                    UnixListener::bind(p).map_err(|e| TransportError::io(format!("listen on {}", p.display()), e))?;
+                Listener::Unix(l, p.clone())
+            }
+            Endpoint::Tcp(a) => Listener::Tcp(pmigrate_transport::net::listen(*a)?),
+        };
+        match &l {
+            Listener::Unix(u, _) => u.set_nonblocking(true),
+            Listener::Tcp(t) => t.set_nonblocking(true),
+        }
+        .map_err(|e| TransportError::io("listener", e))?;
+        Ok(l)
+    }
+
+    /// A connection waiting to be accepted, as a relay's local side.
+    fn accept(&self) -> std::io::Result<Option<Local>> {
+        let res = match self {
+            Listener::Unix(l, _) => l.accept().map(|(s, _)| s).and_then(|s| {
+                s.set_nonblocking(false)?;
+                Local::unix(s)
+            }),
+            Listener::Tcp(l) => l.accept().map(|(s, _)| s).and_then(|s| {
+                s.set_nonblocking(false)?;
+                let _ = tune_accepted(&s);
+                Local::tcp(s)
+            }),
+        };
+        match res {
+            Ok(l) => Ok(Some(l)),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn is_socket(m: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    m.file_type().is_socket()
+}
+
+/// The entry side of the proxy.
+#[derive(Clone, Debug)]
+pub struct EntryConfig {
+    /// Local endpoints to listen on; a connection by the `i`-th goes to the
+    /// exit's `i`-th target.
+    pub listen: Vec<Endpoint>,
+    /// Streams, NICs, threads and lz4 of each connection's session.
+    pub relay: RelaySendConfig,
+}
+
+/// Listens on `cfg.listen` and carries every accepted connection to the
+/// exit, until `stop` is set; returns once every carried connection ended.
+/// `log` gets a line for each connection opened and ended.
+pub fn run_entry(cfg: &EntryConfig, stop: &AtomicBool, log: &(dyn Fn(String) + Sync)) -> Result<(), MigrateError> {
+    let listeners = cfg.listen.iter().map(Listener::bind).collect::<Result<Vec<_>, _>>()?;
+    let next_id = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        while !stop.load(Ordering::Relaxed) {
+            let mut idle = true;
+            for (index, l) in listeners.iter().enumerate() {
+                let local = match l.accept() {
+                    Ok(Some(local)) => local,
+                    Ok(None) => continue,
+                    Err(e) => return Err(TransportError::io(format!("accept on {}", cfg.listen[index]), e).into()),
+                };
+                idle = false;
+                let id = next_id.fetch_add(1, Ordering::Relaxed);
+                let name = format!("connection {id} ({} → target {index})", cfg.listen[index]);
+                // Opened here, in accept order; carried on a thread of its own.
+                let mut rc = cfg.relay.clone();
+                rc.target = Some(index as u32);
+                match relay::connect(&rc) {
+                    Ok(session) => {
+                        log(format!("{name}: open over {} streams", session.streams.len()));
+                        let t0 = Instant::now();
+                        s.spawn(move || match session.carry(local) {
+                            Ok(mut r) => {
+                                r.role = "proxy".into();
+                                r.secs = t0.elapsed().as_secs_f64();
+                                log(format!("{name}: done: {r}"));
+                            }
+                            Err(e) => log(format!("{name}: failed: {e}")),
+                        });
+                    }
+                    Err(e) => {
+                        (local.abort)();
+                        log(format!("{name}: refused: {e}"));
+                    }
+                }
+            }
+            if idle {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        Ok(())
+    })
+}
+
+/// The exit side of the proxy.
+#[derive(Clone, Debug)]
+pub struct ExitConfig {
+    /// Where the sessions naming target `i` connect to.
+    pub targets: Vec<Endpoint>,
+    /// Stall limit and threads of each relay.
+    pub relay: RelayRecvOptions,
+    /// How long a connect to a target may take.
+    pub connect_timeout: Duration,
+}
+
+struct Exit<'a> {
+    cfg: &'a ExitConfig,
+    log: &'a (dyn Fn(String) + Sync),
+    next_id: AtomicU64,
+}
+
+impl SessionHandler for Exit<'_> {
+    type Context = (Local, String);
+
+    fn open(&self, h: &Hello, peer: SocketAddr) -> Result<(u64, Self::Context), ErrorMsg> {
+        let refuse = |code, message: String| ErrorMsg { code, message };
+        if h.caps & CAP_DUPLEX == 0 {
+            return Err(refuse(ErrorCode::Unsupported, "a proxied connection needs a full-duplex session".into()));
+        }
+        let ext = h.extension(EXT_TARGET).ok_or_else(|| refuse(ErrorCode::Protocol, "no target named".into()))?;
+        let index = decode_target(ext).map_err(|e| refuse(ErrorCode::Protocol, e.to_string()))?;
+        let target = self.cfg.targets.get(index as usize).ok_or_else(|| {
+            refuse(ErrorCode::Unsupported, format!("no target {index} here ({} configured)", self.cfg.targets.len()))
+        })?;
+        let unreachable = |e: std::io::Error| refuse(ErrorCode::Io, format!("cannot reach {target}: {e}"));
+        let local = match target {
+            Endpoint::Unix(p) => UnixStream::connect(p).and_then(Local::unix).map_err(unreachable)?,
+            Endpoint::Tcp(a) => TcpStream::connect_timeout(a, self.cfg.connect_timeout)
+                .and_then(|s| {
+                    let _ = tune_accepted(&s);
+                    Local::tcp(s)
+                })
+                .map_err(unreachable)?,
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let name = format!("connection {id} (from {peer} → {target})");
+        (self.log)(format!("{name}: open over {} streams", h.stream_count));
+        Ok((h.caps & (CAP_LZ4 | CAP_DUPLEX), (local, name)))
+    }
+
+    fn run(&self, session: Accepted, (local, name): Self::Context) {
+        let t0 = Instant::now();
+        let how = Carry::accepted(session.caps, &self.cfg.relay);
+        match relay::carry(&session.streams, local, &how) {
+            Ok(mut r) => {
+                r.role = "proxy".into();
+                r.secs = t0.elapsed().as_secs_f64();
+                (self.log)(format!("{name}: done: {r}"));
+            }
+            Err(e) => (self.log)(format!("{name}: failed: {e}")),
+        }
+    }
+
+    fn refused(&self, peer: SocketAddr, why: &str) {
+        (self.log)(format!("refused {peer}: {why}"));
+    }
+}
+
+/// Serves proxy sessions from `acceptor`, connecting each to its target,
+/// until `stop` is set; returns once every session ended.
+pub fn run_exit(
+    acceptor: &Acceptor,
+    cfg: &ExitConfig,
+    stop: &AtomicBool,
+    log: &(dyn Fn(String) + Sync),
+) -> Result<(), TransportError> {
+    let exit = Exit { cfg, log, next_id: AtomicU64::new(0) };
+    acceptor.serve(Mode::Stream, &exit, stop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pmigrate_transport::session::StreamPlan;
+    use std::io::{Read, Write};
+    use std::sync::Mutex;
+
+    #[test]
+    fn endpoints_parse_as_libvirt_and_qemu_spell_them() {
+        assert_eq!("unix:///run/m.sock".parse::<Endpoint>().unwrap(), Endpoint::Unix("/run/m.sock".into()));
+        assert_eq!("unix:/run/m.sock".parse::<Endpoint>().unwrap(), Endpoint::Unix("/run/m.sock".into()));
+        assert_eq!("/run/m.sock".parse::<Endpoint>().unwrap(), Endpoint::Unix("/run/m.sock".into()));
+        assert_eq!("tcp:127.0.0.1:7".parse::<Endpoint>().unwrap(), Endpoint::Tcp("127.0.0.1:7".parse().unwrap()));
+        assert_eq!("127.0.0.1:7".parse::<Endpoint>().unwrap(), Endpoint::Tcp("127.0.0.1:7".parse().unwrap()));
+        assert!("unix:relative".parse::<Endpoint>().is_err());
+        assert!("nonsense".parse::<Endpoint>().is_err());
+    }
+
+    /// Both sides in one process: connections to the entry's unix socket
+    /// reach a server behind the exit in the order they were made, whole,
+    /// both ways, with half-close.
+    #[test]
+    fn connections_arrive_in_order_whole_and_half_closed() {
+        let dir = std::env::temp_dir().join(format!("pm-proxy-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let (entry_path, target_path) = (dir.join("entry.sock"), dir.join("target.sock"));
+        let target = UnixListener::bind(&target_path).unwrap();
+        let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
+        let exit_cfg = ExitConfig {
+            targets: vec![Endpoint::Unix(target_path.clone())],
+            relay: RelayRecvOptions::default(),
+            connect_timeout: Duration::from_secs(5),
+        };
+        let mut relay = RelaySendConfig::new(StreamPlan::new(acceptor.local_addrs(), 2));
+        relay.threads = 2;
+        let entry_cfg = EntryConfig { listen: vec![Endpoint::Unix(entry_path.clone())], relay };
+        let stop = AtomicBool::new(false);
+        let lines = Mutex::new(Vec::new());
+        let log = |l: String| lines.lock().unwrap().push(l);
+        std::thread::scope(|s| {
+            s.spawn(|| run_exit(&acceptor, &exit_cfg, &stop, &log).unwrap());
+            s.spawn(|| run_entry(&entry_cfg, &stop, &log).unwrap());
+            while UnixStream::connect(&entry_path).is_err() {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            // The probe connect above is carried too: the target sees it first.
+            let (mut probe, _) = target.accept().unwrap();
+            let mut b = Vec::new();
+            probe.read_to_end(&mut b).unwrap();
+            assert!(b.is_empty());
+            drop(probe);
+            // Five clients connect before the target accepts any: the target
+            // must see them in that order. Each says its number and half-closes.
+            let mut clients: Vec<UnixStream> = (0..5u8)
+                .map(|i| {
+                    let mut c = UnixStream::connect(&entry_path).unwrap();
+                    let big: Vec<u8> = (0..(1u32 << 20) + u32::from(i)).map(|k| (k as u8) ^ i).collect();
+                    c.write_all(&[i]).unwrap();
+                    let writer = c.try_clone().unwrap();
+                    std::thread::spawn(move || {
+                        let mut w = writer;
+                        w.write_all(&big).unwrap();
+                        w.shutdown(std::net::Shutdown::Write).unwrap();
+                    });
+                    c
+                })
+                .collect();
+            for i in 0..5u8 {
+                let (mut conn, _) = target.accept().unwrap();
+                let mut got = Vec::new();
+                conn.read_to_end(&mut got).unwrap();
+                assert_eq!(got[0], i, "connections reached the target out of order");
+                let want: Vec<u8> = (0..(1u32 << 20) + u32::from(i)).map(|k| (k as u8) ^ i).collect();
+                assert!(got[1..] == want[..], "connection {i}: bytes differ");
+                // The answer comes after the request ended: half-close held.
+                conn.write_all(format!("answer {i}").as_bytes()).unwrap();
+            }
+            for (i, c) in clients.iter_mut().enumerate() {
+                let mut got = String::new();
+                c.read_to_string(&mut got).unwrap();
+                assert_eq!(got, format!("answer {i}"));
+            }
+            // Let the sessions log their end, then stop both sides.
+            let until = Instant::now() + Duration::from_secs(30);
+            while lines.lock().unwrap().iter().filter(|l| l.contains("done")).count() < 12 && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        let lines = lines.into_inner().unwrap();
+        assert_eq!(lines.iter().filter(|l| l.contains(": done:")).count(), 12, "{lines:#?}");
+        assert!(!lines.iter().any(|l| l.contains("failed")), "{lines:#?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_exit_connects_only_to_its_targets() {
+        let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
+        let cfg = ExitConfig {
+            targets: vec![Endpoint::Tcp("127.0.0.1:9".parse().unwrap())],
+            relay: RelayRecvOptions::default(),
+            connect_timeout: Duration::from_secs(2),
+        };
+        let stop = AtomicBool::new(false);
+        let log = |_: String| {};
+        std::thread::scope(|s| {
+            s.spawn(|| run_exit(&acceptor, &cfg, &stop, &log).unwrap());
+            let plan = StreamPlan::new(acceptor.local_addrs(), 1);
+            let err =
+                relay::connect(&RelaySendConfig { target: Some(1), ..RelaySendConfig::new(plan.clone()) }).unwrap_err();
+            assert!(err.to_string().contains("no target 1"), "{err}");
+            let err =
+                relay::connect(&RelaySendConfig { target: None, ..RelaySendConfig::new(plan.clone()) }).unwrap_err();
+            assert!(err.to_string().contains("no target named"), "{err}");
+            let err = relay::connect(&RelaySendConfig { duplex: false, target: Some(0), ..RelaySendConfig::new(plan) })
+                .unwrap_err();
+            assert!(err.to_string().contains("full-duplex"), "{err}");
+            stop.store(true, Ordering::Relaxed);
+        });
+    }
+}

@@ -1,0 +1,515 @@
+//! Byte-stream mode: an ordered byte stream (QEMU's migration stream, or
+//! any connection the socket proxy carries) striped over many TCP streams
+//! and reassembled in order — in both directions at once when the session
+//! is full duplex (`CAP_DUPLEX`).
+//!
+//! ```text
+//!            ┌ input ─ reader ─ workers (lz4, check) ─ sequencer ─┬─ writer 0 ──┐
+//!  local  ───┤                                                    └─ writer N ──┤ TCP streams (both ways)
+//!  peer      └ output ─ writer ─ reorder window ─┬─ reader 0 ───────────────────┤
+//!                                                └─ reader N ───────────────────┘
+//! ```
+//!
+//! Each end runs the same machinery: an *outbound* flow from its local
+//! input ([`outbound`]) and an *inbound* flow to its local output
+//! ([`inbound`]), over one set of TCP streams; every stream has one writer
+//! thread and one reader thread. Without `CAP_DUPLEX` only the session's
+//! source has an outbound flow and only the destination an inbound one.
+//!
+//! Outbound, the reader cuts a chunk from whatever one `read` returns (at
+//! most [`CHUNK`] bytes): under load a read returns a full chunk, and when
+//! the producer writes a few bytes and waits — QEMU's last pages and device
+//! state after the guest paused, a page request on a return path — they
+//! leave at once, never held back for a full chunk or a timer. Chunks of at
+//! most [`INLINE_CHUNK`] bytes are sealed by the reader itself, so a small
+//! message costs no thread hop; larger ones go through worker threads (lz4,
+//! check). The sequencer hands frames to streams in sequence order, each to
+//! a stream with room, so every stream carries increasing sequence numbers.
+//! When the input ends, every stream gets `End`.
+//!
+//! Inbound, each chunk is verified before it enters a bounded reorder
+//! window; a stream reader holding a chunk beyond the window stops reading
+//! its stream until the output catches up, which pushes back through TCP to
+//! the other end's writers, its bounded queues and its input, so the
+//! producer sees the real rate of the links. Because each stream's chunks
+//! are in order, the chunk the output needs is always at the head of some
+//! stream: the window cannot deadlock. Only verified bytes reach the output,
+//! in order. After the last one the output is half-closed (the local peer
+//! reads its end of stream) and the other end is told with `Verified`.
+//!
+//! A relay succeeds only when its outbound flow was confirmed and its
+//! inbound flow ended whole. Any failure — a stream lost or corrupted, the
+//! local peer gone — sends `Error` on the streams, closes them, and aborts
+//! the local side ([`Local::abort`]), so the local peers on both ends see
+//! the failure instead of a clean end of stream.
+
+mod inbound;
+mod outbound;
+#[cfg(test)]
+mod tests;
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::bounded;
+use pmigrate_transport::frame::FrameKind;
+use pmigrate_transport::hello::{
+    encode_target, ErrorCode, ErrorMsg, Hello, Mode, CAP_DUPLEX, CAP_LZ4, EXT_TARGET, PROTOCOL_VERSION,
+};
+use pmigrate_transport::session::{connect_session, new_session_id, send_error, StreamPlan};
+use pmigrate_transport::{Acceptor, TransportError};
+use serde::Serialize;
+
+use crate::{Compression, MigrateError};
+
+/// Largest chunk: 256 KiB. Large enough that per-frame costs vanish at
+/// 10 Gbit/s, small enough that one chunk on a 1 Gbit/s link takes 2 ms.
+pub const CHUNK: usize = 256 << 10;
+
+/// Chunks up to this size are sealed by the input reader itself, without
+/// lz4: small messages (page requests, acknowledgements) leave at once.
+pub const INLINE_CHUNK: usize = 4 << 10;
+
+/// Frames queued per stream on the sending side.
+const QUEUE_DEPTH: usize = 4;
+
+/// Chunks the receiver holds out of order at most: 64 × 256 KiB = 16 MiB.
+pub const REORDER_WINDOW: u64 = 64;
+
+/// How long a finished end waits for the other end to close its streams.
+const CLOSE_GRACE: Duration = Duration::from_secs(10);
+
+/// One direction of a relay.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct FlowReport {
+    /// Bytes of the stream itself.
+    pub bytes: u64,
+    /// Chunks.
+    pub chunks: u64,
+    /// Chunks sent lz4-compressed (outbound flows only).
+    pub compressed_chunks: u64,
+    /// Bytes of this flow's `Data` and `End` frames on the wire.
+    pub wire_bytes: u64,
+}
+
+/// What a relay moved.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RelayReport {
+    /// `"send"`, `"recv"` or `"proxy"`.
+    pub role: String,
+    /// The session's source → destination direction.
+    pub forward: FlowReport,
+    /// The way back (full-duplex sessions only).
+    pub back: FlowReport,
+    /// Streams.
+    pub streams: usize,
+    /// Seconds from the first stream connected to the end.
+    pub secs: f64,
+}
+
+impl std::fmt::Display for RelayReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (fw, bk) = (&self.forward, &self.back);
+        write!(
+            f,
+            "pmigrate {}: {} bytes in {} chunks ({} lz4) over {} streams, {} bytes on the wire, {:.3} s; \
+             back: {} bytes in {} chunks",
+            self.role,
+            fw.bytes,
+            fw.chunks,
+            fw.compressed_chunks,
+            self.streams,
+            fw.wire_bytes,
+            self.secs,
+            bk.bytes,
+            bk.chunks
+        )
+    }
+}
+
+/// Where the other end's bytes go.
+pub trait Output: Write + Send {
+    /// No more bytes will come: flush, and half-close where the output is a
+    /// socket. (A pipe or file closes when the relay drops it, right after.)
+    fn finish(&mut self) -> io::Result<()>;
+}
+
+impl Output for UnixStream {
+    fn finish(&mut self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+}
+
+impl Output for TcpStream {
+    fn finish(&mut self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+}
+
+impl Output for std::fs::File {
+    fn finish(&mut self) -> io::Result<()> {
+        self.flush()
+    }
+}
+
+/// One end's local side of a relayed byte stream.
+pub struct Local {
+    /// Bytes for the other end, read until end of file; `None`: nothing.
+    pub input: Option<Box<dyn Read + Send>>,
+    /// Where the other end's bytes go; `None`: the other end must send none.
+    pub output: Option<Box<dyn Output>>,
+    /// Called once if the relay fails: the local peer must see a failure,
+    /// not a clean end, and a read of `input` should return.
+    pub abort: Box<dyn Fn() + Send + Sync>,
+}
+
+impl Local {
+    /// A full-duplex socket: read to its end, written and half-closed,
+    /// shut down both ways on failure.
+    pub fn unix(s: UnixStream) -> io::Result<Self> {
+        let (input, abort) = (s.try_clone()?, s.try_clone()?);
+        Ok(Local {
+            input: Some(Box::new(input)),
+            output: Some(Box::new(s)),
+            abort: Box::new(move || {
+                let _ = abort.shutdown(Shutdown::Both);
+            }),
+        })
+    }
+
+    /// A TCP connection, like [`Local::unix`]; on failure it is reset, not
+    /// closed, so its peer sees an error.
+    pub fn tcp(s: TcpStream) -> io::Result<Self> {
+        let (input, abort) = (s.try_clone()?, s.try_clone()?);
+        Ok(Local {
+            input: Some(Box::new(input)),
+            output: Some(Box::new(s)),
+            abort: Box::new(move || {
+                pmigrate_transport::net::reset_on_close(&abort);
+                let _ = abort.shutdown(Shutdown::Both);
+            }),
+        })
+    }
+
+    /// Separate input and output (an `exec:` helper's stdin and stdout).
+    /// A failure cannot reach them: the helper exits instead.
+    pub fn pipes(input: Option<std::fs::File>, output: Option<std::fs::File>) -> Self {
+        Local {
+            input: input.map(|i| Box::new(i) as Box<dyn Read + Send>),
+            output: output.map(|o| Box::new(o) as Box<dyn Output>),
+            abort: Box::new(|| {}),
+        }
+    }
+}
+
+/// Options of the sending side.
+#[derive(Clone, Debug)]
+pub struct RelaySendConfig {
+    /// Where the streams go and how they leave.
+    pub plan: StreamPlan,
+    /// Worker threads building frames.
+    pub threads: usize,
+    /// lz4 policy.
+    pub compression: Compression,
+    /// Ask for a full-duplex session (the destination may refuse it).
+    pub duplex: bool,
+    /// The destination's target to connect to (the socket proxy).
+    pub target: Option<u32>,
+    /// A frame whose bytes stop arriving for this long fails the relay.
+    pub stall_timeout: Duration,
+}
+
+impl RelaySendConfig {
+    /// A full-duplex relay over `plan` with one thread and lz4 auto.
+    pub fn new(plan: StreamPlan) -> Self {
+        Self {
+            plan,
+            threads: 1,
+            compression: Compression::Auto,
+            duplex: true,
+            target: None,
+            stall_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Options of the receiving side.
+#[derive(Clone, Debug)]
+pub struct RelayRecvOptions {
+    /// A frame whose bytes stop arriving for this long fails the relay.
+    pub stall_timeout: Duration,
+    /// How long to wait for the sender to connect.
+    pub accept_deadline: Option<Instant>,
+    /// Worker threads building frames of the way back.
+    pub threads: usize,
+}
+
+impl Default for RelayRecvOptions {
+    fn default() -> Self {
+        Self { stall_timeout: Duration::from_secs(30), accept_deadline: None, threads: 1 }
+    }
+}
+
+/// How one end of an established session relays.
+#[derive(Clone, Copy, Debug)]
+pub struct Carry {
+    /// This end opened the session (its outbound flow is the forward one).
+    pub source: bool,
+    /// The session is full duplex.
+    pub duplex: bool,
+    /// This end may send lz4 chunks, and its policy.
+    pub compression: Compression,
+    /// The other end may send lz4 chunks.
+    pub lz4_in: bool,
+    /// Worker threads.
+    pub threads: usize,
+    /// Stall limit inside a frame.
+    pub stall_timeout: Duration,
+}
+
+/// An established byte-stream session, ready to carry.
+#[derive(Debug)]
+pub struct Session {
+    /// Its streams, index `i` at position `i`.
+    pub streams: Vec<TcpStream>,
+    /// How this end relays.
+    pub how: Carry,
+}
+
+impl Session {
+    /// Relays `local` over the session (see [`carry`]).
+    pub fn carry(self, local: Local) -> Result<RelayReport, MigrateError> {
+        carry(&self.streams, local, &self.how)
+    }
+}
+
+/// Opens a byte-stream session: every stream connected and welcomed. A
+/// proxy session (`cfg.target`) is welcomed only once the destination
+/// reached its target.
+pub fn connect(cfg: &RelaySendConfig) -> Result<Session, MigrateError> {
+    let mut caps = if cfg.compression == Compression::Off { 0 } else { CAP_LZ4 };
+    if cfg.duplex {
+        caps |= CAP_DUPLEX;
+    }
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        mode: Mode::Stream,
+        stream_index: 0,
+        stream_count: cfg.plan.streams,
+        session: new_session_id(),
+        caps,
+        regions: Vec::new(),
+        extensions: cfg.target.map(|t| vec![(EXT_TARGET, encode_target(t))]).unwrap_or_default(),
+    };
+    let (streams, welcome) = connect_session(&cfg.plan, &hello)?;
+    let how = Carry {
+        source: true,
+        duplex: welcome.caps & CAP_DUPLEX != 0,
+        compression: if welcome.caps & CAP_LZ4 != 0 { cfg.compression } else { Compression::Off },
+        lz4_in: welcome.caps & CAP_LZ4 != 0,
+        threads: cfg.threads,
+        stall_timeout: cfg.stall_timeout,
+    };
+    Ok(Session { streams, how })
+}
+
+impl Carry {
+    /// How the accepting end of a session relays, given the capabilities
+    /// in force.
+    pub fn accepted(caps: u64, opts: &RelayRecvOptions) -> Self {
+        Carry {
+            source: false,
+            duplex: caps & CAP_DUPLEX != 0,
+            compression: if caps & CAP_LZ4 != 0 { Compression::Auto } else { Compression::Off },
+            lz4_in: caps & CAP_LZ4 != 0,
+            threads: opts.threads,
+            stall_timeout: opts.stall_timeout,
+        }
+    }
+}
+
+/// Sends what `local.input` yields until its end, and — in a full-duplex
+/// session — writes what comes back to `local.output`; returns once both
+/// ways are complete.
+///
+/// The input is read on a thread of its own that is not waited for when
+/// the relay fails: a failed relay returns at once even if the input never
+/// yields another byte.
+pub fn send(local: Local, cfg: &RelaySendConfig) -> Result<RelayReport, MigrateError> {
+    let t0 = Instant::now();
+    let mut report = connect(cfg)?.carry(local)?;
+    report.role = "send".into();
+    report.secs = t0.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Receives one byte-stream session from `acceptor`, writes it to
+/// `local.output` in order, verified, and — in a full-duplex session —
+/// sends what `local.input` yields back; returns once both ways are
+/// complete.
+pub fn receive(acceptor: &Acceptor, local: Local, opts: &RelayRecvOptions) -> Result<RelayReport, MigrateError> {
+    let mut judge = |h: &Hello| {
+        if h.extension(EXT_TARGET).is_some() {
+            return Err(ErrorMsg {
+                code: ErrorCode::Unsupported,
+                message: "this end relays one stream and has no targets (is it a proxy?)".into(),
+            });
+        }
+        Ok(h.caps & (CAP_LZ4 | CAP_DUPLEX))
+    };
+    let accepted = acceptor.accept_session(Mode::Stream, &mut judge, opts.accept_deadline)?;
+    let t0 = Instant::now();
+    let how = Carry::accepted(accepted.caps, opts);
+    let mut report = carry(&accepted.streams, local, &how)?;
+    report.role = "recv".into();
+    report.secs = t0.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// What the threads of one end share.
+pub(crate) struct Shared<'a> {
+    streams: &'a [TcpStream],
+    first_error: Mutex<Option<MigrateError>>,
+    failed: AtomicBool,
+    abort_local: &'a (dyn Fn() + Send + Sync),
+    /// The outbound flow's confirmation (`Verified`'s chunk count).
+    verified: Mutex<Option<u64>>,
+    verified_cv: Condvar,
+    out_wire: AtomicU64,
+    in_wire: AtomicU64,
+    /// Set while the sequencer finds every stream queue full (lz4 pays).
+    backed_up: AtomicBool,
+    window: inbound::Window,
+}
+
+impl Shared<'_> {
+    /// Fails the relay once: the first error is kept (over `Aborted`), the
+    /// other end is told on the failing stream and stream 0, every stream
+    /// and the local side are shut down so every thread returns.
+    pub(crate) fn fail(&self, stream: usize, e: MigrateError) {
+        let mut fe = self.first_error.lock().expect("error lock");
+        if !self.failed.swap(true, Ordering::AcqRel) {
+            let code = match &e {
+                MigrateError::Transport(TransportError::Wire {
+                    source: pmigrate_transport::WireError::Checksum { .. },
+                    ..
+                }) => ErrorCode::Checksum,
+                MigrateError::Transport(TransportError::Wire { .. }) | MigrateError::Protocol { .. } => {
+                    ErrorCode::Protocol
+                }
+                MigrateError::Transport(TransportError::Peer(_)) => ErrorCode::Aborted,
+                _ => ErrorCode::Io,
+            };
+            let msg = e.to_string();
+            if let Some(s) = self.streams.get(stream) {
+                send_error(s, code, msg.clone());
+            }
+            if stream != 0 {
+                send_error(&self.streams[0], code, msg);
+            }
+            for st in self.streams {
+                let _ = st.shutdown(Shutdown::Both);
+            }
+            (self.abort_local)();
+        }
+        MigrateError::keep(&mut fe, e);
+        drop(fe);
+        self.verified_cv.notify_all();
+        self.window.abort();
+    }
+
+    pub(crate) fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+}
+
+/// Relays over the established streams of a session, both ways as the
+/// session allows: this end's outbound flow from `local.input`, its inbound
+/// flow to `local.output`. Used by [`send`], [`receive`] and the socket
+/// proxy.
+pub fn carry(streams: &[TcpStream], local: Local, how: &Carry) -> Result<RelayReport, MigrateError> {
+    let t0 = Instant::now();
+    let n = streams.len();
+    let has_out = how.source || how.duplex;
+    let has_in = !how.source || how.duplex;
+    let Local { input, output, abort } = local;
+    let shared = Shared {
+        streams,
+        first_error: Mutex::new(None),
+        failed: AtomicBool::new(false),
+        abort_local: &*abort,
+        verified: Mutex::new(None),
+        verified_cv: Condvar::new(),
+        out_wire: AtomicU64::new(0),
+        in_wire: AtomicU64::new(0),
+        backed_up: AtomicBool::new(false),
+        window: inbound::Window::new(n),
+    };
+    for (i, st) in streams.iter().enumerate() {
+        st.set_read_timeout(Some(Duration::from_millis(500)))
+            .map_err(|e| TransportError::io(format!("stream {i}"), e))?;
+    }
+    let shared = &shared;
+    let (out, inb) = std::thread::scope(|s| {
+        let (queues, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| bounded::<Vec<u8>>(QUEUE_DEPTH)).unzip();
+        let writers: Vec<_> = rxs
+            .into_iter()
+            .enumerate()
+            .map(|(i, rx)| s.spawn(move || outbound::stream_writer(shared, i, rx)))
+            .collect();
+        let readers: Vec<_> = (0..n)
+            .map(|i| s.spawn(move || inbound::stream_reader(shared, i, has_in, has_out && i == 0, how)))
+            .collect();
+        // The inbound flow confirms on stream 0's queue.
+        let confirm = queues[0].clone();
+        let inb = has_in.then(|| s.spawn(move || inbound::deliver(shared, output, confirm)));
+        let out = if has_out {
+            outbound::run(s, shared, input, queues, how)
+        } else {
+            drop((queues, input));
+            Ok(FlowReport::default())
+        };
+        let out = out.map_err(|e| shared.fail(0, e)).ok();
+        let inb = match inb.map(|h| h.join().expect("inbound deliverer panicked")) {
+            None => Some(FlowReport::default()),
+            Some(r) => r.map_err(|e| shared.fail(0, e)).ok(),
+        };
+        for w in writers {
+            w.join().expect("stream writer panicked");
+        }
+        // Done or failed: give the other end a moment to close its side,
+        // then close ours so every reader returns.
+        let until = Instant::now() + CLOSE_GRACE;
+        while !shared.failed() && !readers.iter().all(|r| r.is_finished()) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for st in streams {
+            let _ = st.shutdown(Shutdown::Both);
+        }
+        for r in readers {
+            r.join().expect("stream reader panicked");
+        }
+        (out, inb)
+    });
+    if let Some(e) = shared.first_error.lock().expect("error lock").take() {
+        return Err(e);
+    }
+    let (Some(mut out), Some(mut inb)) = (out, inb) else { return Err(MigrateError::Aborted) };
+    out.wire_bytes = shared.out_wire.load(Ordering::Relaxed);
+    inb.wire_bytes = shared.in_wire.load(Ordering::Relaxed);
+    let (forward, back) = if how.source { (out, inb) } else { (inb, out) };
+    Ok(RelayReport { role: String::new(), forward, back, streams: n, secs: t0.elapsed().as_secs_f64() })
+}
+
+/// A control frame of `kind` with `aux`.
+fn control(kind: FrameKind, aux: u64) -> Vec<u8> {
+    let mut h = pmigrate_transport::FrameHdr::new(kind);
+    h.aux = aux;
+    let mut f = Vec::new();
+    pmigrate_transport::payload::build_control(&mut f, h, &[]);
+    f
+}

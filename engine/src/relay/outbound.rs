@@ -1,0 +1,221 @@
+//! The outbound flow: local input → chunks → frames → streams, then `End`
+//! on every stream and the other end's `Verified`.
+
+use std::collections::BTreeMap;
+use std::io::{ErrorKind, Read};
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::Scope;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Select, Sender};
+use pmigrate_transport::frame::{Encoding, FrameKind, HEADER_LEN};
+use pmigrate_transport::net::write_frame;
+use pmigrate_transport::payload::build_data;
+use pmigrate_transport::TransportError;
+
+use super::{control, Carry, FlowReport, Shared, CHUNK, INLINE_CHUNK};
+use crate::lz4gate::Lz4Gate;
+use crate::{Compression, MigrateError};
+
+/// How often blocked threads look whether the relay failed meanwhile.
+const TICK: Duration = Duration::from_millis(100);
+
+/// How long the other end may take to confirm the flow after its `End`.
+const VERDICT_WAIT: Duration = Duration::from_secs(120);
+
+struct Built {
+    seq: u64,
+    frame: Vec<u8>,
+    lz4: bool,
+}
+
+/// Writes one stream's queue to its socket; at the queue's end (every
+/// producer done) half-closes the stream. A write error fails the relay.
+pub(super) fn stream_writer(shared: &Shared<'_>, i: usize, rx: Receiver<Vec<u8>>) {
+    let name = format!("stream {i}");
+    let mut w: &TcpStream = &shared.streams[i];
+    for frame in rx.iter() {
+        if shared.failed() {
+            return;
+        }
+        if let Err(e) = write_frame(&mut w, &frame, &name) {
+            shared.fail(i, e.into());
+            return;
+        }
+    }
+    let _ = w.shutdown(Shutdown::Write);
+}
+
+/// Runs the outbound flow on the calling thread (the sequencer), with the
+/// input reader on a thread of its own and the workers in `scope`.
+pub(super) fn run<'s, 'a: 's>(
+    scope: &'s Scope<'s, '_>,
+    shared: &'a Shared<'a>,
+    input: Option<Box<dyn Read + Send>>,
+    queues: Vec<Sender<Vec<u8>>>,
+    how: &Carry,
+) -> Result<FlowReport, MigrateError> {
+    let threads = how.threads.max(1);
+    let (chunk_tx, chunk_rx) = bounded::<(u64, Vec<u8>)>(threads * 2);
+    let (built_tx, built_rx) = bounded::<Built>(threads * 2);
+    let (done_tx, done_rx) = bounded::<Result<(u64, u64), MigrateError>>(1);
+    let backed_up = &shared.backed_up;
+    match input {
+        Some(input) => {
+            let inline = built_tx.clone();
+            std::thread::spawn(move || read_input(input, chunk_tx, inline, done_tx));
+        }
+        None => {
+            drop(chunk_tx);
+            let _ = done_tx.send(Ok((0, 0)));
+        }
+    }
+    for _ in 0..threads {
+        let (rx, tx) = (chunk_rx.clone(), built_tx.clone());
+        let compression = how.compression;
+        scope.spawn(move || build_frames(shared, rx, tx, compression, backed_up));
+    }
+    drop((chunk_rx, built_tx));
+
+    // Sequencer: hand frames to streams in sequence order.
+    let mut report = FlowReport::default();
+    let mut pending: BTreeMap<u64, Built> = BTreeMap::new();
+    let n = queues.len();
+    loop {
+        match built_rx.recv_timeout(TICK) {
+            Ok(b) => {
+                pending.insert(b.seq, b);
+                while let Some(b) = pending.remove(&report.chunks) {
+                    report.compressed_chunks += u64::from(b.lz4);
+                    let len = b.frame.len() as u64;
+                    let waited = dispatch(&queues, b.frame, report.chunks as usize % n)?;
+                    backed_up.store(waited, Ordering::Relaxed);
+                    shared.out_wire.fetch_add(len, Ordering::Relaxed);
+                    report.chunks += 1;
+                }
+            }
+            Err(RecvTimeoutError::Timeout) if shared.failed() => return Err(MigrateError::Aborted),
+            Err(RecvTimeoutError::Timeout) => {}
+            // The reader and every worker are done.
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    let (chunks, bytes) = done_rx.recv().unwrap_or(Err(MigrateError::Aborted))?;
+    if chunks != report.chunks || !pending.is_empty() {
+        return Err(MigrateError::Aborted); // a worker gave up: the relay failed
+    }
+    report.bytes = bytes;
+    let end = control(FrameKind::End, chunks);
+    for q in &queues {
+        q.send(end.clone()).map_err(|_| MigrateError::Aborted)?;
+        shared.out_wire.fetch_add(end.len() as u64, Ordering::Relaxed);
+    }
+    drop(queues);
+    // The other end confirms on stream 0.
+    let deadline = Instant::now() + VERDICT_WAIT;
+    let mut v = shared.verified.lock().expect("verdict lock");
+    loop {
+        if shared.failed() {
+            return Err(MigrateError::Aborted);
+        }
+        match *v {
+            Some(got) if got == chunks => return Ok(report),
+            Some(got) => {
+                let why = format!("the other end confirmed {got} of {chunks} chunks");
+                return Err(MigrateError::Protocol { stream: 0, why });
+            }
+            None if Instant::now() > deadline => {
+                let why = "the other end did not confirm the end of stream".to_string();
+                return Err(TransportError::Setup(why).into());
+            }
+            None => v = shared.verified_cv.wait_timeout(v, TICK).expect("verdict lock").0,
+        }
+    }
+}
+
+/// The input reader: one read, one chunk. Small chunks are sealed here.
+fn read_input(
+    mut input: Box<dyn Read + Send>,
+    chunks: Sender<(u64, Vec<u8>)>,
+    inline: Sender<Built>,
+    done: Sender<Result<(u64, u64), MigrateError>>,
+) {
+    let mut seq = 0u64;
+    let mut bytes = 0u64;
+    let res = loop {
+        let mut buf = vec![0u8; CHUNK];
+        let k = match input.read(&mut buf) {
+            Ok(0) => break Ok((seq, bytes)),
+            Ok(k) => k,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => break Err(TransportError::io("read input", e).into()),
+        };
+        bytes += k as u64;
+        let sent = if k <= INLINE_CHUNK {
+            let mut frame = Vec::with_capacity(HEADER_LEN + k);
+            build_data(&mut frame, seq, &buf[..k], false);
+            inline.send(Built { seq, frame, lz4: false }).is_ok()
+        } else {
+            buf.truncate(k);
+            chunks.send((seq, buf)).is_ok()
+        };
+        if !sent {
+            break Err(MigrateError::Aborted);
+        }
+        seq += 1;
+    };
+    drop((chunks, inline));
+    let _ = done.send(res);
+}
+
+/// A worker: builds and seals frames (lz4 while it pays and the links are
+/// the bottleneck).
+fn build_frames(
+    shared: &Shared<'_>,
+    rx: Receiver<(u64, Vec<u8>)>,
+    tx: Sender<Built>,
+    compression: Compression,
+    backed_up: &AtomicBool,
+) {
+    let mut gate = Lz4Gate::new(compression);
+    loop {
+        let (seq, data) = match rx.recv_timeout(TICK) {
+            Ok(c) => c,
+            Err(RecvTimeoutError::Timeout) if shared.failed() => return,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        let mut frame = Vec::with_capacity(HEADER_LEN + data.len());
+        gate.pressure(backed_up.load(Ordering::Relaxed));
+        let try_lz4 = gate.try_now();
+        let enc = build_data(&mut frame, seq, &data, try_lz4);
+        if try_lz4 {
+            gate.record(data.len(), frame.len());
+        }
+        if tx.send(Built { seq, frame, lz4: enc == Encoding::Lz4 }).is_err() {
+            return;
+        }
+    }
+}
+
+/// Puts `frame` on a stream with room, preferring `home`; waits for the
+/// first stream that frees room when all are full.
+/// Returns whether it had to wait: the links are the bottleneck.
+fn dispatch(txs: &[Sender<Vec<u8>>], frame: Vec<u8>, home: usize) -> Result<bool, MigrateError> {
+    let n = txs.len();
+    let mut frame = frame;
+    for k in 0..n {
+        match txs[(home + k) % n].try_send(frame) {
+            Ok(()) => return Ok(false),
+            Err(e) => frame = e.into_inner(),
+        }
+    }
+    let mut sel = Select::new();
+    for tx in txs {
+        sel.send(tx);
+    }
+    let op = sel.select();
+    let i = op.index();
+    op.send(&txs[i], frame).map(|()| true).map_err(|_| MigrateError::Aborted)
+}

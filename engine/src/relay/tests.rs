@@ -1,0 +1,323 @@
+use super::*;
+use pmigrate_transport::frame::{FrameHdr, HEADER_LEN};
+use pmigrate_transport::payload::{build_control, build_data};
+use std::io::Cursor;
+use std::sync::{Arc, Mutex as StdMutex};
+
+/// A reader that hands out its bytes in small, uneven pieces, as a pipe
+/// from a producer writing small buffers would.
+struct Dribble {
+    data: Cursor<Vec<u8>>,
+    step: usize,
+}
+
+impl Read for Dribble {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.step = (self.step * 7 + 3) % 9000 + 1;
+        let n = buf.len().min(self.step);
+        self.data.read(&mut buf[..n])
+    }
+}
+
+#[derive(Clone, Default)]
+struct Sink(Arc<StdMutex<Vec<u8>>>, Arc<AtomicBool>);
+
+impl Sink {
+    fn finished(&self) -> bool {
+        self.1.load(Ordering::Relaxed)
+    }
+}
+
+impl Output for Sink {
+    fn finish(&mut self) -> std::io::Result<()> {
+        self.1.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn payload(len: usize) -> Vec<u8> {
+    let mut x = 0x1234_5678_u64;
+    (0..len)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if (i / 4096) % 3 == 0 {
+                b"qemu device state "[i % 18]
+            } else {
+                x as u8
+            }
+        })
+        .collect()
+}
+
+fn listen() -> Acceptor {
+    Acceptor::bind(&["127.0.0.1:0".parse().unwrap()]).unwrap()
+}
+
+fn opts() -> RelayRecvOptions {
+    RelayRecvOptions {
+        stall_timeout: Duration::from_secs(2),
+        accept_deadline: Some(Instant::now() + Duration::from_secs(30)),
+        threads: 1,
+    }
+}
+
+fn plan(addr: std::net::SocketAddr, streams: u16) -> StreamPlan {
+    StreamPlan::new(vec![addr], streams)
+}
+
+#[test]
+fn streams_arrive_whole_and_in_order() {
+    for (streams, threads, compression, reader_step, duplex) in
+        [(1, 1, Compression::Off, 0, false), (4, 2, Compression::Auto, 1, true), (8, 3, Compression::On, 0, false)]
+    {
+        let data = payload(3 << 20);
+        let acc = listen();
+        let addr = acc.local_addrs()[0];
+        let sink = Sink::default();
+        let local = Local { input: None, output: Some(Box::new(sink.clone())), abort: Box::new(|| {}) };
+        let rx = std::thread::spawn(move || receive(&acc, local, &opts()));
+        let cfg = RelaySendConfig { threads, compression, duplex, ..RelaySendConfig::new(plan(addr, streams)) };
+        let input: Box<dyn Read + Send> = if reader_step == 0 {
+            Box::new(Cursor::new(data.clone()))
+        } else {
+            Box::new(Dribble { data: Cursor::new(data.clone()), step: reader_step })
+        };
+        let back = Sink::default();
+        let sent =
+            send(Local { input: Some(input), output: Some(Box::new(back.clone())), abort: Box::new(|| {}) }, &cfg)
+                .unwrap();
+        let got = rx.join().unwrap().unwrap();
+        assert_eq!(sent.forward.bytes, data.len() as u64);
+        assert_eq!(got.forward.chunks, sent.forward.chunks);
+        assert_eq!(got.forward.wire_bytes, sent.forward.wire_bytes);
+        assert!(*sink.0.lock().unwrap() == data, "{streams} streams: output differs");
+        assert!(sink.finished(), "the output was half-closed after the last byte");
+        assert_eq!(back.finished(), duplex, "the way back ends (empty) only in a full-duplex session");
+        match compression {
+            Compression::Off => assert_eq!(sent.forward.compressed_chunks, 0),
+            Compression::On => assert!(sent.forward.compressed_chunks > 0),
+            Compression::Auto => {} // depends on whether the streams backed up
+        }
+    }
+}
+
+/// Both ways at once: a large stream forward and small, uneven writes back
+/// (a return path), each end's local peer ending its writing at its own time.
+#[test]
+fn a_full_duplex_session_carries_both_ways_whole() {
+    let forward = payload(6 << 20);
+    let back: Vec<u8> = payload(300 << 10).into_iter().rev().collect();
+    let acc = listen();
+    let addr = acc.local_addrs()[0];
+    let (fw_sink, bk_sink) = (Sink::default(), Sink::default());
+    let dst_local = Local {
+        input: Some(Box::new(Dribble { data: Cursor::new(back.clone()), step: 5 })),
+        output: Some(Box::new(fw_sink.clone())),
+        abort: Box::new(|| {}),
+    };
+    let rx = std::thread::spawn(move || receive(&acc, dst_local, &opts()));
+    let cfg = RelaySendConfig { threads: 2, ..RelaySendConfig::new(plan(addr, 3)) };
+    let src_local = Local {
+        input: Some(Box::new(Cursor::new(forward.clone()))),
+        output: Some(Box::new(bk_sink.clone())),
+        abort: Box::new(|| {}),
+    };
+    let sent = send(src_local, &cfg).unwrap();
+    let got = rx.join().unwrap().unwrap();
+    assert!(*fw_sink.0.lock().unwrap() == forward, "forward bytes differ");
+    assert!(*bk_sink.0.lock().unwrap() == back, "bytes of the way back differ");
+    assert!(fw_sink.finished() && bk_sink.finished());
+    assert_eq!((sent.back.bytes, got.back.bytes), (back.len() as u64, back.len() as u64));
+    // Every read of the dribbling input left as a chunk of its own.
+    let mut d = Dribble { data: Cursor::new(back.clone()), step: 5 };
+    let mut buf = vec![0u8; CHUNK];
+    let reads = std::iter::from_fn(|| Some(d.read(&mut buf).unwrap()).filter(|&k| k > 0)).count();
+    assert_eq!(sent.back.chunks, reads as u64, "small writes left as they came");
+    assert_eq!(sent.back.chunks, got.back.chunks);
+}
+
+/// Unix sockets on both ends, as the proxy uses them: half-close passes
+/// through, and each local peer reads the other's bytes to their end.
+#[test]
+fn half_close_passes_through_sockets() {
+    use std::os::unix::net::UnixStream;
+    let acc = listen();
+    let addr = acc.local_addrs()[0];
+    let (mut a_peer, a) = UnixStream::pair().unwrap();
+    let (mut b_peer, b) = UnixStream::pair().unwrap();
+    let rx = std::thread::spawn(move || receive(&acc, Local::unix(b).unwrap(), &opts()));
+    let tx = std::thread::spawn(move || send(Local::unix(a).unwrap(), &RelaySendConfig::new(plan(addr, 2))));
+    // A says its piece and half-closes; B reads it to the end, then answers.
+    a_peer.write_all(b"request").unwrap();
+    a_peer.shutdown(Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    b_peer.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"request");
+    b_peer.write_all(b"answer").unwrap();
+    drop(b_peer);
+    let mut got = Vec::new();
+    a_peer.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"answer");
+    tx.join().unwrap().unwrap();
+    rx.join().unwrap().unwrap();
+}
+
+/// The other end's relay vanishing mid-stream reaches the local peer as a
+/// failure: its socket is shut down while it still expects bytes, and the
+/// relay reports an error.
+#[test]
+fn a_vanishing_peer_aborts_the_local_side() {
+    use std::os::unix::net::UnixStream;
+    let acc = listen();
+    let addr = acc.local_addrs()[0];
+    let (mut a_peer, a) = UnixStream::pair().unwrap();
+    let tx = std::thread::spawn(move || send(Local::unix(a).unwrap(), &RelaySendConfig::new(plan(addr, 2))));
+    let mut judge = |h: &Hello| Ok(h.caps & (CAP_LZ4 | CAP_DUPLEX));
+    let accepted = acc.accept_session(Mode::Stream, &mut judge, None).unwrap();
+    a_peer.write_all(&[1u8; 1000]).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    drop(accepted); // the far end is gone without a word
+    let err = tx.join().unwrap().expect_err("the relay must fail");
+    assert!(matches!(err, MigrateError::Transport(_)), "{err}");
+    // The local peer sees its socket shut: writing fails or reading ends,
+    // and never with bytes that did not come from the far end.
+    let mut rest = Vec::new();
+    let _ = a_peer.read_to_end(&mut rest);
+    assert!(rest.is_empty());
+    assert!(a_peer.write_all(&[2u8; 1 << 20]).is_err(), "the relay no longer takes bytes");
+}
+
+#[test]
+fn a_session_naming_a_target_is_refused_by_a_plain_receiver() {
+    let acc = listen();
+    let addr = acc.local_addrs()[0];
+    let local = Local { input: None, output: Some(Box::new(Sink::default())), abort: Box::new(|| {}) };
+    let mut o = opts();
+    o.accept_deadline = Some(Instant::now() + Duration::from_secs(3));
+    let rx = std::thread::spawn(move || receive(&acc, local, &o));
+    let cfg = RelaySendConfig { target: Some(0), ..RelaySendConfig::new(plan(addr, 1)) };
+    let err = send(Local::pipes(None, None), &cfg).expect_err("refused");
+    assert!(err.to_string().contains("no targets"), "{err}");
+    assert!(rx.join().unwrap().is_err(), "the receiver kept waiting for a real sender, then gave up");
+}
+
+#[test]
+fn an_empty_stream_ends_cleanly() {
+    let acc = listen();
+    let addr = acc.local_addrs()[0];
+    let sink = Sink::default();
+    let local = Local { input: None, output: Some(Box::new(sink.clone())), abort: Box::new(|| {}) };
+    let rx = std::thread::spawn(move || receive(&acc, local, &opts()));
+    let cfg = RelaySendConfig { threads: 1, ..RelaySendConfig::new(plan(addr, 2)) };
+    assert_eq!(send(Local::pipes(None, None), &cfg).unwrap().forward.chunks, 0);
+    assert_eq!(rx.join().unwrap().unwrap().forward.bytes, 0);
+    assert!(sink.finished());
+}
+
+/// A hand-driven sender: a real handshake, then the frames given.
+/// With `vanish`, the sender closes its streams after the frames;
+/// otherwise it stays connected until the receiver has given its verdict.
+fn hostile_with(
+    streams: u16,
+    frames: Vec<(usize, Vec<u8>)>,
+    vanish: bool,
+) -> (Result<RelayReport, MigrateError>, Vec<u8>) {
+    let acc = listen();
+    let addr = acc.local_addrs()[0];
+    let sink = Sink::default();
+    let local = Local { input: None, output: Some(Box::new(sink.clone())), abort: Box::new(|| {}) };
+    let rx = std::thread::spawn(move || receive(&acc, local, &opts()));
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        mode: Mode::Stream,
+        stream_index: 0,
+        stream_count: streams,
+        session: new_session_id(),
+        caps: CAP_LZ4,
+        regions: vec![],
+        extensions: vec![],
+    };
+    let (mut conns, _) = connect_session(&StreamPlan::new(vec![addr], streams), &hello).unwrap();
+    for (i, f) in frames {
+        let _ = conns[i].write_all(&f);
+    }
+    if vanish {
+        conns.clear();
+    }
+    let res = rx.join().unwrap();
+    drop(conns);
+    let out = sink.0.lock().unwrap().clone();
+    (res, out)
+}
+
+fn hostile(streams: u16, frames: Vec<(usize, Vec<u8>)>) -> (Result<RelayReport, MigrateError>, Vec<u8>) {
+    hostile_with(streams, frames, false)
+}
+
+fn data(seq: u64, byte: u8) -> Vec<u8> {
+    let mut f = Vec::new();
+    build_data(&mut f, seq, &[byte; 1000], false);
+    f
+}
+
+fn end(total: u64) -> Vec<u8> {
+    let mut h = FrameHdr::new(FrameKind::End);
+    h.aux = total;
+    let mut f = Vec::new();
+    build_control(&mut f, h, &[]);
+    f
+}
+
+#[test]
+fn a_corrupted_chunk_is_never_written() {
+    let mut bad = data(1, 2);
+    bad[HEADER_LEN + 10] ^= 1;
+    let (res, out) = hostile(1, vec![(0, data(0, 1)), (0, bad), (0, data(2, 3)), (0, end(3))]);
+    let err = res.expect_err("corruption");
+    assert!(err.to_string().contains("checksum"), "{err}");
+    assert!(out.iter().all(|&b| b == 1), "only verified bytes, in order, reached the output");
+}
+
+#[test]
+fn a_skipped_chunk_is_an_error_not_a_hang() {
+    // Stream 0 carries 0, 2, 3, ...; stream 1 jumps ahead: chunk 1 never comes.
+    let mut frames = vec![(0, data(0, 1))];
+    for s in 2..200 {
+        frames.push(((s % 2) as usize, data(s, 1)));
+    }
+    let (res, _) = hostile(2, frames);
+    let err = res.expect_err("gap");
+    assert!(err.to_string().contains("skipped"), "{err}");
+}
+
+#[test]
+fn duplicates_oversized_chunks_and_a_short_end_are_refused() {
+    let (res, _) = hostile(2, vec![(0, data(0, 1)), (1, data(0, 1))]);
+    assert!(res.expect_err("dup").to_string().contains("duplicated"));
+    let (res, _) = hostile(1, vec![(0, data(0, 1)), (0, end(2))]);
+    assert!(res.is_err(), "End announces a chunk that never came");
+    let mut big = Vec::new();
+    build_data(&mut big, 0, &vec![7u8; CHUNK + 1], false);
+    let (res, out) = hostile(1, vec![(0, big)]);
+    assert!(res.expect_err("big").to_string().contains("chunk of"));
+    assert!(out.is_empty());
+}
+
+#[test]
+fn a_sender_that_vanishes_fails_the_receiver() {
+    let (res, _) = hostile_with(2, vec![(0, data(0, 1))], true);
+    let err = res.expect_err("vanished");
+    assert!(matches!(err, MigrateError::Transport(_)), "{err}");
+}
