@@ -25,6 +25,7 @@ use pmigrate::{
 };
 
 mod bench;
+mod proxy;
 mod qemu;
 mod qmp;
 
@@ -48,6 +49,9 @@ enum Cmd {
     /// Benchmark: migrate a synthetic guest over loopback, against the
     /// classic single-stream data plane and raw TCP.
     Bench(bench::BenchArgs),
+    /// Socket proxy: carry QEMU's (and libvirt's) migration connections
+    /// between hosts over striped, checked streams.
+    Proxy(proxy::ProxyArgs),
     /// Drive a whole QEMU migration over QMP on both sides through
     /// `send`/`recv`, handing over shared guest RAM instead of copying it.
     Qemu(qemu::QemuArgs),
@@ -84,7 +88,7 @@ struct ServeArgs {
 }
 
 #[derive(Args)]
-struct StreamArgs {
+pub(crate) struct StreamArgs {
     /// Number of TCP streams (spread over the destinations).
     #[arg(long, default_value_t = 4)]
     streams: u16,
@@ -172,7 +176,7 @@ struct RecvArgs {
     report: bool,
 }
 
-fn resolve(addrs: &[String]) -> Result<Vec<SocketAddr>> {
+pub(crate) fn resolve(addrs: &[String]) -> Result<Vec<SocketAddr>> {
     addrs
         .iter()
         .map(|a| a.to_socket_addrs().with_context(|| format!("bad address {a:?}"))?.next().context("no address"))
@@ -188,6 +192,7 @@ fn main() -> ExitCode {
         Cmd::Recv(a) => recv(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Qemu(a) => qemu::run(a),
+        Cmd::Proxy(a) => proxy::run(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -19,30 +19,26 @@
 //! why, when QEMU is missing. `PMIGRATE_KEEP_VM_LOGS=1` keeps the consoles and
 //! helper logs; they are kept anyway when a test fails.
 
+#[path = "../../tests/support/migration.rs"]
+mod migration;
 #[path = "../../tests/support/qemu.rs"]
 mod qemu;
 
 use std::fs;
-use std::io::{Read, Write};
-use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use qemu::{migration_summary, Qemu, VmConfig, BOOT_TIMEOUT};
+use migration::{
+    boot_source, check_landed, guest, localhost, migrate, one_at_a_time, sh, wait_exit, Fault, FaultyLink, Scratch,
+    EXIT_TIMEOUT, HEARTBEAT_TIMEOUT, MIGRATION_TIMEOUT,
+};
+use qemu::{migration_summary, Qemu};
 use serde_json::Value;
 
 /// The binary under test.
 const PMIGRATE: &str = env!("CARGO_BIN_EXE_pmigrate");
-/// Longest a migration may take, failed or not.
-const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
-/// Longest wait for a handful of workload heartbeats.
-const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(120);
-/// Longest wait for a helper or a failed destination QEMU to exit.
-const EXIT_TIMEOUT: Duration = Duration::from_secs(90);
-/// How far into the first stream the proxy strikes.
+/// How far into the first stream the faulty link strikes.
 const FAULT_AT: u64 = 8 << 20;
 
 /// The busy guest: working set and dirtying rate (MiB, MiB/s).
@@ -50,43 +46,6 @@ const BUSY_WORKING_SET_MIB: u64 = 128;
 const BUSY_RATE_MIBPS: u64 = 150;
 
 // ---------------------------------------------------------------- helpers
-
-/// The tests share two cores with their guests: one at a time.
-fn one_at_a_time() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// A temp dir for the helpers' stderr; kept when the test fails.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(test: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("pmx-{}-{test}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("creating the scratch dir");
-        Scratch(dir)
-    }
-
-    fn path(&self, file: &str) -> PathBuf {
-        self.0.join(file)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if std::thread::panicking() || std::env::var_os("PMIGRATE_KEEP_VM_LOGS").is_some() {
-            eprintln!("helper logs kept in {}", self.0.display());
-        } else {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-/// Quotes a word for `/bin/sh`.
-fn sh(word: &str) -> String {
-    format!("'{}'", word.replace('\'', r"'\''"))
-}
 
 /// The destination's `-incoming` URI: `recv` on `listen`, stderr to `err`.
 fn recv_uri(listen: &[SocketAddr], err: &Path) -> String {
@@ -103,55 +62,6 @@ fn recv_uri(listen: &[SocketAddr], err: &Path) -> String {
 fn send_uri(opts: &str, dests: &[SocketAddr], err: &Path) -> String {
     let dests: Vec<String> = dests.iter().map(SocketAddr::to_string).collect();
     format!("exec:{} send {opts} --report {} 2>{}", sh(PMIGRATE), dests.join(" "), sh(&err.to_string_lossy()))
-}
-
-fn localhost(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-fn guest(name: &str, working_set_mib: u64, rate_mibps: u64) -> VmConfig {
-    VmConfig::new(name).working_set_mib(working_set_mib).dirty_rate_mibps(rate_mibps)
-}
-
-/// Spawns the source and waits until its workload is running cleanly.
-fn boot_source(cfg: VmConfig) -> Qemu {
-    let mut src = Qemu::spawn(cfg).expect("spawning the source QEMU");
-    src.wait_ready(BOOT_TIMEOUT).expect("source guest boot");
-    src.wait_heartbeats_after(0, 3, HEARTBEAT_TIMEOUT).expect("source heartbeats before migrating");
-    src.check_healthy_after(0).expect("source guest before migrating");
-    src
-}
-
-/// Starts a migration and waits for its end; returns the final
-/// query-migrate and the wall time.
-fn migrate(src: &mut Qemu, uri: &str) -> (Value, Duration) {
-    let t0 = Instant::now();
-    src.qmp().migrate(uri).expect("QMP migrate");
-    let info = src.qmp().wait_migration(MIGRATION_TIMEOUT).expect("waiting for the migration to end");
-    (info, t0.elapsed())
-}
-
-/// Checks that a completed migration landed: the destination runs the
-/// guest the source paused, and its workload goes on without damage.
-fn check_landed(src: &mut Qemu, dst: &mut Qemu, info: &Value, busy: bool) {
-    assert_eq!(info["status"], "completed", "migration did not complete: {}", migration_summary(info));
-    dst.qmp().wait_status("running", Duration::from_secs(60)).expect("destination run state");
-    assert_eq!(src.qmp().query_status().expect("source run state"), "postmigrate");
-    let last_src = src.heartbeats_after(0).last().cloned().expect("source heartbeats");
-    let beats = dst.wait_heartbeats_after(0, 5, HEARTBEAT_TIMEOUT).expect("destination heartbeats");
-    dst.check_healthy_after(0).expect("destination guest after migrating");
-    let console = dst.console_log();
-    assert!(!console.contains("PMW boot"), "the destination booted a new guest:\n{}", dst.console_tail(20));
-    let (first, last) = (&beats[0], &beats[beats.len() - 1]);
-    // The workload's counters go on from where the source left them.
-    assert!(
-        first.t >= last_src.t && first.verified >= last_src.verified && first.gen >= last_src.gen,
-        "destination workload did not continue the source's: source {last_src:?}, destination {first:?}"
-    );
-    assert!(last.verified > first.verified, "destination workload stopped verifying: {first:?} .. {last:?}");
-    if busy {
-        assert!(last.gen > first.gen, "destination workload stopped writing: {first:?} .. {last:?}");
-    }
 }
 
 /// Whether `line` is the `--report` line of `role` (`send` or `recv`).
@@ -230,158 +140,6 @@ fn helper_error_problems(path: &Path, role: &str) -> Vec<String> {
     problems
 }
 
-/// Waits for a QEMU to exit and returns its status.
-fn wait_exit(vm: &mut Qemu, timeout: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(st) = vm.exited() {
-            return Some(st);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-// ------------------------------------------------------------------ proxy
-
-/// What the proxy does to the traffic.
-#[derive(Clone, Copy, Debug)]
-enum Fault {
-    /// Nothing: forward and count.
-    None,
-    /// Flip one byte at this offset of the first connection's forward direction.
-    FlipByteAt(u64),
-    /// Once the first connection forwarded this many bytes, shut down every
-    /// connection, both sides, and refuse new ones.
-    CloseAllAt(u64),
-}
-
-#[derive(Default)]
-struct ProxyState {
-    stop: AtomicBool,
-    fired: AtomicBool,
-    /// Both sockets of every connection, to shut them down.
-    sockets: Mutex<Vec<TcpStream>>,
-    /// Per accepted connection, in order: the client's address and the bytes forwarded.
-    conns: Mutex<Vec<(SocketAddr, Arc<AtomicU64>)>>,
-}
-
-impl ProxyState {
-    fn cut_everything(&self) {
-        for s in self.sockets.lock().expect("proxy lock").drain(..) {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-    }
-}
-
-/// A TCP proxy on threads between `send` and `recv`.
-struct Proxy {
-    addr: SocketAddr,
-    state: Arc<ProxyState>,
-    acceptor: Option<JoinHandle<()>>,
-}
-
-impl Proxy {
-    fn start(listen: IpAddr, upstream: SocketAddr, fault: Fault) -> Proxy {
-        let listener = TcpListener::bind((listen, 0)).expect("binding the proxy");
-        listener.set_nonblocking(true).expect("proxy listener non-blocking");
-        let addr = listener.local_addr().expect("proxy address");
-        let state = Arc::new(ProxyState::default());
-        let st = state.clone();
-        let acceptor = std::thread::spawn(move || {
-            while !st.stop.load(Ordering::Relaxed) {
-                let (client, peer) = match listener.accept() {
-                    Ok(c) => c,
-                    Err(_) => {
-                        std::thread::sleep(Duration::from_millis(10));
-                        continue;
-                    }
-                };
-                if matches!(fault, Fault::CloseAllAt(_)) && st.fired.load(Ordering::Relaxed) {
-                    continue; // dropped: closed at once
-                }
-                let Ok(server) = TcpStream::connect(upstream) else { continue };
-                let _ = client.set_nonblocking(false);
-                let _ = client.set_nodelay(true);
-                let _ = server.set_nodelay(true);
-                let first = {
-                    let mut conns = st.conns.lock().expect("proxy lock");
-                    conns.push((peer, Arc::new(AtomicU64::new(0))));
-                    conns.len() == 1
-                };
-                let counter = st.conns.lock().expect("proxy lock").last().expect("just pushed").1.clone();
-                let clones = (client.try_clone(), server.try_clone(), client.try_clone(), server.try_clone());
-                let (Ok(c1), Ok(s1), Ok(c2), Ok(s2)) = clones else { continue };
-                st.sockets.lock().expect("proxy lock").extend([c2, s2]);
-                let fwd_fault = if first { fault } else { Fault::None };
-                let (st1, st2) = (st.clone(), st.clone());
-                std::thread::spawn(move || pump(client, server, fwd_fault, &st1, Some(&counter)));
-                std::thread::spawn(move || pump(s1, c1, Fault::None, &st2, None));
-            }
-        });
-        Proxy { addr, state, acceptor: Some(acceptor) }
-    }
-
-    /// Whether the fault happened.
-    fn fired(&self) -> bool {
-        self.state.fired.load(Ordering::Relaxed)
-    }
-
-    /// Client address and forwarded bytes of every connection so far.
-    fn connections(&self) -> Vec<(SocketAddr, u64)> {
-        self.state.conns.lock().expect("proxy lock").iter().map(|(a, n)| (*a, n.load(Ordering::Relaxed))).collect()
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.state.stop.store(true, Ordering::Relaxed);
-        self.state.cut_everything();
-        if let Some(t) = self.acceptor.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Copies `from` to `to` until EOF or an error, applying `fault`.
-fn pump(mut from: TcpStream, mut to: TcpStream, fault: Fault, st: &ProxyState, counter: Option<&AtomicU64>) {
-    let mut buf = vec![0u8; 64 << 10];
-    let mut done = 0u64;
-    loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        let chunk = &mut buf[..n];
-        let end = done + n as u64;
-        match fault {
-            Fault::FlipByteAt(at) if (done..end).contains(&at) => {
-                chunk[(at - done) as usize] ^= 0x5a;
-                st.fired.store(true, Ordering::Relaxed);
-            }
-            Fault::CloseAllAt(at) if end >= at => {
-                let _ = to.write_all(&chunk[..(at - done) as usize]);
-                st.fired.store(true, Ordering::Relaxed);
-                st.cut_everything();
-                break;
-            }
-            _ => {}
-        }
-        if to.write_all(chunk).is_err() {
-            break;
-        }
-        done = end;
-        if let Some(c) = counter {
-            c.store(done, Ordering::Relaxed);
-        }
-    }
-    // Pass the end on; a cut or failed connection ends both ways.
-    let _ = to.shutdown(Shutdown::Write);
-    let _ = from.shutdown(Shutdown::Read);
-}
-
 // ------------------------------------------------------------------ tests
 
 #[test]
@@ -457,18 +215,18 @@ fn exec_helper_migrates_a_busy_guest_like_qemu_tcp() {
     );
 }
 
-/// A migration through a faulty proxy must fail cleanly on both sides.
+/// A migration through a faulty link must fail cleanly on both sides.
 fn failed_migration(test: &str, fault: Fault) {
     let scratch = Scratch::new(test);
     let port = qemu::free_port().expect("free port");
-    let proxy = Proxy::start(IpAddr::from([127, 0, 0, 1]), localhost(port), fault);
+    let proxy = FaultyLink::start(IpAddr::from([127, 0, 0, 1]), localhost(port), fault);
     let cfg = guest(test, 64, 20);
     let mut dst = Qemu::spawn(cfg.clone().incoming(&recv_uri(&[localhost(port)], &scratch.path("recv.err"))))
         .expect("spawning the destination QEMU");
     let mut src = boot_source(cfg);
     let (info, wall) = migrate(&mut src, &send_uri("--streams 4", &[proxy.addr], &scratch.path("send.err")));
     eprintln!("{test}: {} wall={:.1}s", migration_summary(&info), wall.as_secs_f64());
-    assert!(proxy.fired(), "the proxy never struck ({fault:?}); connections {:?}", proxy.connections());
+    assert!(proxy.fired(), "the faulty link never struck ({fault:?}); connections {:?}", proxy.connections());
     assert_eq!(info["status"], "failed", "the migration did not fail: {}", migration_summary(&info));
 
     // The source guest goes on.
@@ -531,7 +289,7 @@ fn exec_helper_spreads_streams_over_addresses_and_via_with_deferred_incoming() {
     let (one, two) = (IpAddr::from([127, 0, 0, 1]), IpAddr::from([127, 0, 0, 2]));
     let ports = (qemu::free_port().expect("free port"), qemu::free_port().expect("free port"));
     let listen = [SocketAddr::new(one, ports.0), SocketAddr::new(two, ports.1)];
-    let proxies = [Proxy::start(one, listen[0], Fault::None), Proxy::start(two, listen[1], Fault::None)];
+    let proxies = [FaultyLink::start(one, listen[0], Fault::None), FaultyLink::start(two, listen[1], Fault::None)];
     let cfg = guest("via", 32, 10);
     // This time the destination waits for `migrate-incoming`.
     let mut dst = Qemu::spawn(cfg.clone().incoming("defer")).expect("spawning the destination QEMU");
@@ -556,4 +314,53 @@ fn exec_helper_spreads_streams_over_addresses_and_via_with_deferred_incoming() {
             assert!(bytes > 1 << 20, "a stream to {} carried only {bytes} bytes", proxy.addr);
         }
     }
+}
+
+/// QEMU's post-copy through the helpers: the destination's page requests
+/// travel back on QEMU's return path, which `recv` reads from its stdin and
+/// `send` writes to its stdout.
+#[test]
+fn postcopy_ram_runs_through_the_exec_helpers_return_path() {
+    let _serial = one_at_a_time();
+    if qemu::skip_without_qemu("postcopy_ram_runs_through_the_exec_helpers_return_path") {
+        return;
+    }
+    let scratch = Scratch::new("postcopy");
+    let port = qemu::free_port().expect("free port");
+    let cfg = guest("postcopy", BUSY_WORKING_SET_MIB, BUSY_RATE_MIBPS);
+    let mut dst = Qemu::spawn(cfg.clone().incoming("defer")).expect("spawning the destination QEMU");
+    let mut src = boot_source(cfg);
+    for vm in [&mut src, &mut dst] {
+        vm.qmp().migrate_set_capabilities(&[("postcopy-ram", true)]).expect("postcopy-ram capability");
+    }
+    // Pre-copy below the dirtying rate never converges on its own, so the
+    // switch to post-copy always comes while it runs; post-copy itself is
+    // not limited.
+    src.qmp().migrate_set_parameters(serde_json::json!({ "max-bandwidth": 64u64 << 20 })).expect("max-bandwidth");
+    dst.qmp().migrate_incoming(&recv_uri(&[localhost(port)], &scratch.path("recv.err"))).expect("migrate-incoming");
+    let t0 = Instant::now();
+    src.qmp().migrate(&send_uri("--streams 4", &[localhost(port)], &scratch.path("send.err"))).expect("QMP migrate");
+    // A first pre-copy pass, then post-copy: the rest comes on demand.
+    let deadline = Instant::now() + MIGRATION_TIMEOUT;
+    loop {
+        let info = src.qmp().query_migrate().expect("query-migrate");
+        let sent = info["ram"]["transferred"].as_u64().unwrap_or(0);
+        let status = info["status"].as_str().unwrap_or_default();
+        assert!(matches!(status, "setup" | "active"), "before post-copy: {}", migration_summary(&info));
+        if sent > (BUSY_WORKING_SET_MIB << 20) / 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "pre-copy made no progress: {}", migration_summary(&info));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    src.qmp().execute("migrate-start-postcopy", serde_json::json!({})).expect("migrate-start-postcopy");
+    let info = src.qmp().wait_migration(MIGRATION_TIMEOUT).expect("waiting for the migration to end");
+    eprintln!("postcopy via exec:pmigrate: {} wall={:.1}s", migration_summary(&info), t0.elapsed().as_secs_f64());
+    let requests = info["ram"]["postcopy-requests"].as_u64().unwrap_or(0);
+    assert!(requests > 0, "no page request came back through the helpers: {info}");
+    check_landed(&mut src, &mut dst, &info, true);
+    check_reports(&scratch);
+    let send = helper_report(&scratch.path("send.err"), "send");
+    let back = send.split("back: ").nth(1).and_then(|b| b.split_whitespace().next()?.parse::<u64>().ok());
+    assert!(back.is_some_and(|b| b > 0), "send relayed nothing back: {send}");
 }

@@ -1,0 +1,95 @@
+//! `pmigrate proxy`: carries connections between hosts over pmigrate's
+//! streams (see `pmigrate_engine::proxy` and docs/libvirt.md).
+
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::{Args, Subcommand};
+use pmigrate::engine::proxy::{run_entry, run_exit, Endpoint, EntryConfig, ExitConfig};
+use pmigrate::engine::relay::{RelayRecvOptions, RelaySendConfig};
+use pmigrate::transport::session::StreamPlan;
+use pmigrate::Acceptor;
+
+use crate::{resolve, StreamArgs};
+
+#[derive(Args)]
+pub struct ProxyArgs {
+    #[command(subcommand)]
+    side: Side,
+}
+
+#[derive(Subcommand)]
+enum Side {
+    /// Source host: accept local connections (QEMU's, libvirt's) and carry
+    /// each to the exit.
+    Entry(EntryArgs),
+    /// Destination host: take the entry's sessions and connect each to its
+    /// target.
+    Exit(ExitArgs),
+}
+
+#[derive(Args)]
+struct EntryArgs {
+    /// Local endpoint to accept connections on: `unix:/path` (or
+    /// `unix:///path`) or `tcp:host:port`. Repeat for several; a connection
+    /// by the i-th goes to the exit's i-th `--target`.
+    #[arg(long, required = true)]
+    accept: Vec<Endpoint>,
+    /// The exit's addresses (host:port); streams are spread over them.
+    #[arg(required = true)]
+    exit: Vec<String>,
+    #[command(flatten)]
+    streams: StreamArgs,
+}
+
+#[derive(Args)]
+struct ExitArgs {
+    /// Address to listen on for the entry's streams (repeat for several NICs).
+    #[arg(long, required = true)]
+    listen: Vec<String>,
+    /// Where connections go: `unix:/path` or `tcp:host:port`, in the order
+    /// of the entry's `--accept`s.
+    #[arg(long, required = true)]
+    target: Vec<Endpoint>,
+    /// Worker threads per connection (lz4 of the way back).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+}
+
+pub fn run(a: ProxyArgs) -> Result<()> {
+    // Runs until killed: every connection carried is independent, and a
+    // killed proxy's connections fail at both ends like a cut link.
+    let stop = AtomicBool::new(false);
+    let log = |line: String| eprintln!("pmigrate proxy: {line}");
+    match a.side {
+        Side::Entry(e) => {
+            if e.accept.len() > u32::MAX as usize {
+                bail!("too many --accept endpoints");
+            }
+            let mut plan = StreamPlan::new(resolve(&e.exit)?, e.streams.streams.max(1));
+            plan.via = e.streams.via.clone();
+            let relay = RelaySendConfig {
+                threads: e.streams.threads,
+                compression: e.streams.compress,
+                ..RelaySendConfig::new(plan)
+            };
+            let cfg = EntryConfig { listen: e.accept, relay };
+            for (i, l) in cfg.listen.iter().enumerate() {
+                log(format!("accepting on {l} (target {i}), carrying to {:?}", e.exit));
+            }
+            run_entry(&cfg, &stop, &log)?;
+        }
+        Side::Exit(x) => {
+            let acceptor = Acceptor::bind(&resolve(&x.listen)?)?;
+            let cfg = ExitConfig {
+                targets: x.target,
+                relay: RelayRecvOptions { threads: x.threads.max(1), ..RelayRecvOptions::default() },
+                connect_timeout: Duration::from_secs(10),
+            };
+            log(format!("listening on {:?}, targets {:?}", acceptor.local_addrs(), cfg.targets));
+            run_exit(&acceptor, &cfg, &stop, &log)?;
+        }
+    }
+    Ok(())
+}
