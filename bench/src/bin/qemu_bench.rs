@@ -1,5 +1,6 @@
 //! `qemu-bench`: QEMU live migration over the multi-NIC testbed, through
-//! QEMU's own `tcp:`, QEMU's `multifd` and pmigrate's `exec:` helpers.
+//! QEMU's own `tcp:`, QEMU's `multifd`, pmigrate's `exec:` helpers, and
+//! QEMU's `multifd` over a `unix:` URI through `pmigrate proxy`.
 //!
 //! For each link count K it builds the testbed (`tools/testbed.sh up --links K
 //! --rate R`), measures the raw TCP ceiling, then for each dirty rate and
@@ -56,6 +57,9 @@ enum Transport {
     Multifd,
     /// `exec:pmigrate send` / `exec:pmigrate recv` over all links.
     Pmigrate,
+    /// QEMU's `multifd` over `unix:` sockets, each connection carried by
+    /// `pmigrate proxy` over all links (how libvirt would use it).
+    Proxy,
 }
 
 impl Transport {
@@ -64,6 +68,7 @@ impl Transport {
             Transport::Tcp => "tcp",
             Transport::Multifd => "multifd",
             Transport::Pmigrate => "pmigrate",
+            Transport::Proxy => "proxy",
         }
     }
 }
@@ -694,14 +699,20 @@ fn run_one(ctx: &mut Ctx, tb: &TestbedEnv, r: &mut RunResult, t: Transport) -> R
             );
             (recv, send)
         }
+        Transport::Proxy => {
+            let u = |end: &str| format!("unix:{}", dir.join(format!("{end}.sock")).display());
+            (u("dst"), u("src"))
+        }
     };
     r.uri = uri.clone();
     r.parallelism = match t {
         Transport::Tcp => 1,
         Transport::Multifd => cli.multifd_channels,
         Transport::Pmigrate => cli.streams,
+        // Streams per carried connection.
+        Transport::Proxy => cli.streams,
     };
-    let multifd = t == Transport::Multifd;
+    let multifd = matches!(t, Transport::Multifd | Transport::Proxy);
     r.host_busy_before_cores = wait_idle(cli.idle_below, cli.idle_wait_secs);
     interrupted()?;
     let base = VmConfig::new("qb").mem(&cli.mem).working_set_mib(cli.ws_mib).dirty_rate_mibps(r.dirty_target_mibps);
@@ -725,6 +736,9 @@ fn run_one(ctx: &mut Ctx, tb: &TestbedEnv, r: &mut RunResult, t: Transport) -> R
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+
+    // The proxy's two ends, in their namespaces, around the unix sockets.
+    let proxies = if t == Transport::Proxy { Some(ProxyEnds::start(ctx, tb, &dir, port)?) } else { None };
 
     let mut src_cfg = base.netns(&tb.ns_src).args(["-name", "qb-src,debug-threads=on"]);
     src_cfg.name = "qb-src".into();
@@ -838,14 +852,18 @@ fn run_one(ctx: &mut Ctx, tb: &TestbedEnv, r: &mut RunResult, t: Transport) -> R
     if t == Transport::Pmigrate {
         r.helper_report = Some(helper_report(&send_err, "send"));
     }
+    let (proxy_src_s, proxy_dst_s) = proxies.as_ref().map_or((0.0, 0.0), ProxyEnds::cpu_secs);
+    if let Some(p) = &proxies {
+        r.helper_report = Some(p.report());
+    }
 
     let tck = clk_tck();
     r.cpu = CpuUse {
         window_s: r.elapsed_s,
         src_threads: src_cpu.thread_secs(),
         dst_threads: dst_cpu.thread_secs(),
-        src_helper_s: src_cpu.helper_secs(),
-        dst_helper_s: dst_cpu.helper_secs(),
+        src_helper_s: src_cpu.helper_secs() + proxy_src_s,
+        dst_helper_s: dst_cpu.helper_secs() + proxy_dst_s,
         host_busy_s: host1.0.saturating_sub(host0.0) as f64 / tck,
         other_s: 0.0,
     };
@@ -856,6 +874,76 @@ fn run_one(ctx: &mut Ctx, tb: &TestbedEnv, r: &mut RunResult, t: Transport) -> R
     drop(dst);
     drop(src);
     Ok(())
+}
+
+/// `pmigrate proxy exit` in the destination's namespace and `entry` in the
+/// source's, one stream per link and connection; killed when dropped.
+struct ProxyEnds {
+    entry: std::process::Child,
+    exit: std::process::Child,
+    logs: (PathBuf, PathBuf),
+    cpu0: (u64, u64),
+}
+
+impl ProxyEnds {
+    fn start(ctx: &Ctx, tb: &TestbedEnv, dir: &Path, port: u16) -> Result<ProxyEnds> {
+        let pm = ctx.pmigrate.to_string_lossy().to_string();
+        let logs = (dir.join("proxy-entry.log"), dir.join("proxy-exit.log"));
+        let mut exit = Command::new("ip");
+        exit.args(["netns", "exec", &tb.ns_dst, &pm, "proxy", "exit"]);
+        for a in &tb.dst_addrs {
+            exit.args(["--listen", &format!("{a}:{port}")]);
+        }
+        exit.args(["--target", &format!("unix:{}", dir.join("dst.sock").display())]);
+        let exit = exit.stdin(Stdio::null()).stderr(fs::File::create(&logs.1)?).spawn().context("proxy exit")?;
+        let mut entry = Command::new("ip");
+        entry.args(["netns", "exec", &tb.ns_src, &pm, "proxy", "entry"]);
+        entry.args(["--accept", &format!("unix:{}", dir.join("src.sock").display())]);
+        entry.args(["--streams", &ctx.cli.streams.to_string(), "--via", &tb.src_addrs.join(",")]);
+        entry.args(ctx.cli.send_args.split_whitespace());
+        entry.args(tb.dst_addrs.iter().map(|a| format!("{a}:{port}")));
+        let entry = entry.stdin(Stdio::null()).stderr(fs::File::create(&logs.0)?).spawn().context("proxy entry")?;
+        let mut ends = ProxyEnds { entry, exit, logs, cpu0: (0, 0) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for (log, what) in [(&ends.logs.1, "listening on"), (&ends.logs.0, "accepting on")] {
+            while !fs::read_to_string(log).unwrap_or_default().contains(what) {
+                if Instant::now() >= deadline {
+                    bail!("pmigrate proxy did not start: {:?}", fs::read_to_string(log));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        ends.cpu0 = ends.ticks();
+        Ok(ends)
+    }
+
+    /// CPU ticks (user + sys) of the entry and the exit so far.
+    fn ticks(&self) -> (u64, u64) {
+        // `ip netns exec` execs the command: the child's pid is the proxy's.
+        let t = |c: &std::process::Child| read_stat(Path::new(&format!("/proc/{}/stat", c.id()))).map_or(0, |s| s.2);
+        (t(&self.entry), t(&self.exit))
+    }
+
+    /// CPU seconds of the entry and the exit since they started listening.
+    fn cpu_secs(&self) -> (f64, f64) {
+        let (now, tck) = (self.ticks(), clk_tck());
+        (now.0.saturating_sub(self.cpu0.0) as f64 / tck, now.1.saturating_sub(self.cpu0.1) as f64 / tck)
+    }
+
+    /// The entry's log lines about carried connections.
+    fn report(&self) -> String {
+        let text = fs::read_to_string(&self.logs.0).unwrap_or_default();
+        text.lines().filter(|l| l.contains(": done:") || l.contains(": failed:")).collect::<Vec<_>>().join("\n")
+    }
+}
+
+impl Drop for ProxyEnds {
+    fn drop(&mut self) {
+        for c in [&mut self.entry, &mut self.exit] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 /// The destination runs the guest the source paused, and its workload goes
@@ -1117,7 +1205,9 @@ fn real_main() -> Result<Report> {
         Some(p) => p.clone(),
         None => std::env::current_exe()?.parent().ok_or_else(|| anyhow!("no exe dir"))?.join("pmigrate"),
     };
-    if cli.transports.contains(&Transport::Pmigrate) && !pmigrate.is_file() {
+    if (cli.transports.contains(&Transport::Pmigrate) || cli.transports.contains(&Transport::Proxy))
+        && !pmigrate.is_file()
+    {
         bail!("{} not found: run `cargo build --release -p pmigrate-tools` or pass --pmigrate", pmigrate.display());
     }
     let pmigrate = fs::canonicalize(&pmigrate).unwrap_or(pmigrate);
