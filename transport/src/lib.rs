@@ -10,6 +10,9 @@
 //! - [`session`]: opening the N streams of a session and accepting exactly
 //!   the streams of one session on the other side.
 //! - [`serve`]: serving many sessions at once (the socket proxy).
+//! - [`uring`]: the io_uring backend's building blocks, chosen at run time
+//!   by a probe: a registered frame arena, an ordered multi-frame writer and
+//!   a reader.
 //!
 //! ```
 //! use pmigrate_transport::frame::{FrameHdr, FrameKind, HEADER_LEN};
@@ -31,6 +34,7 @@ pub mod net;
 pub mod payload;
 pub mod serve;
 pub mod session;
+pub mod uring;
 
 pub use frame::{Encoding, FrameHdr, FrameKind, WireError};
 pub use hello::{ErrorCode, ErrorMsg, Hello, Mode, RegionDesc, Welcome};
