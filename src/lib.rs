@@ -51,7 +51,7 @@ pub use pmigrate_ranges as ranges;
 pub use pmigrate_transport as transport;
 
 pub use pmigrate_engine::{
-    Acceptor, Compression, DirtyTracker, Gpa, GuestMemory, GuestRegion, HashTracker, HostPageSize, Incoming,
-    MigrateError, PageIdx, Progress, ReceiveOptions, Report, Source, SourceConfig, TrackerKind, UffdWpTracker, Via,
-    VmmBitmapTracker, PAGE_SIZE,
+    Acceptor, BackendChoice, Compression, DirtyTracker, Gpa, GuestMemory, GuestRegion, HashTracker, HostPageSize,
+    Incoming, MigrateError, PageIdx, Progress, ReceiveOptions, Report, Source, SourceConfig, TrackerKind,
+    UffdWpTracker, Via, VmmBitmapTracker, PAGE_SIZE,
 };

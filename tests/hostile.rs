@@ -3,18 +3,24 @@
 //! write outside (or inside) guest memory from unverified bytes, no hang,
 //! and a source that keeps running.
 
+#[macro_use]
+#[path = "support/backends.rs"]
+mod backends;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use backends::{config, receive_options};
 use pmigrate::transport::frame::{Encoding, FrameHdr, FrameKind, FLAG_FINAL, HEADER_LEN, MAX_PAYLOAD};
 use pmigrate::transport::hello::{ErrorCode, Hello, Mode, RegionDesc, CAP_LZ4, PROTOCOL_VERSION};
 use pmigrate::transport::net::FrameReader;
 use pmigrate::transport::payload::{build_control, build_pages, PagesAt, Scratch};
 use pmigrate::transport::session::{connect_session, new_session_id, StreamPlan};
 use pmigrate::transport::{TransportError, WireError};
+use pmigrate::BackendChoice;
 use pmigrate::{
     Acceptor, Compression, GuestMemory, HashTracker, Incoming, MigrateError, ReceiveOptions, Report, Source,
     SourceConfig,
@@ -33,7 +39,7 @@ struct Dest {
     result: mpsc::Receiver<Result<Report, MigrateError>>,
 }
 
-fn destination(size: u64) -> Dest {
+fn destination(io: BackendChoice, size: u64) -> Dest {
     let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
     let addr = acceptor.local_addrs()[0];
     let mem = Arc::new(GuestMemory::anonymous(size).unwrap());
@@ -41,7 +47,7 @@ fn destination(size: u64) -> Dest {
     let m = mem.clone();
     std::thread::spawn(move || {
         let r = Incoming::accept_for(&acceptor, &m, Some(Instant::now() + WAIT))
-            .and_then(|inc| inc.receive(&m, &ReceiveOptions { stall_timeout: STALL, ..ReceiveOptions::default() }));
+            .and_then(|inc| inc.receive(&m, &ReceiveOptions { stall_timeout: STALL, ..receive_options(io) }));
         let _ = tx.send(r);
     });
     Dest { addr, mem, result }
@@ -105,8 +111,8 @@ fn peer_error(s: &TcpStream) -> Option<ErrorCode> {
 }
 
 /// Sends `bytes` after a valid handshake and returns the destination's error.
-fn rejected(bytes: &[u8]) -> (MigrateError, Option<ErrorCode>, Dest) {
-    let d = destination(MEM);
+fn rejected(io: BackendChoice, bytes: &[u8]) -> (MigrateError, Option<ErrorCode>, Dest) {
+    let d = destination(io, MEM);
     let mut s = fake_source(d.addr, 1).remove(0);
     let _ = s.write_all(bytes);
     let err = d.outcome().expect_err("hostile input must fail the migration");
@@ -114,11 +120,10 @@ fn rejected(bytes: &[u8]) -> (MigrateError, Option<ErrorCode>, Dest) {
     (err, code, d)
 }
 
-#[test]
-fn a_corrupted_page_is_refused_before_it_touches_memory() {
+fn a_corrupted_page_is_refused_before_it_touches_memory(io: BackendChoice) {
     let mut f = page_frame(0, 0, 0xab);
     f[HEADER_LEN + 100] ^= 0x01;
-    let (err, code, d) = rejected(&f);
+    let (err, code, d) = rejected(io, &f);
     assert!(
         matches!(err, MigrateError::Transport(TransportError::Wire { source: WireError::Checksum { .. }, .. })),
         "{err}"
@@ -127,23 +132,21 @@ fn a_corrupted_page_is_refused_before_it_touches_memory() {
     d.assert_untouched();
 }
 
-#[test]
-fn a_flipped_page_address_is_caught_by_the_check() {
+fn a_flipped_page_address_is_caught_by_the_check(io: BackendChoice) {
     let mut f = page_frame(0, 0, 0xab);
     f[16] ^= 0x04; // first page 0 -> 4, a valid address: only the check tells
-    let (err, _, d) = rejected(&f);
+    let (err, _, d) = rejected(io, &f);
     assert!(matches!(err, MigrateError::Transport(TransportError::Wire { source: WireError::Checksum { .. }, .. })));
     d.assert_untouched();
 }
 
-#[test]
-fn a_page_beyond_the_region_is_refused() {
+fn a_page_beyond_the_region_is_refused(io: BackendChoice) {
     let pages = MEM / 4096;
-    let (err, code, d) = rejected(&page_frame(pages - 1, 0, 0xcd));
+    let (err, code, d) = rejected(io, &page_frame(pages - 1, 0, 0xcd));
     assert!(matches!(&err, MigrateError::Protocol { why, .. } if why.contains("outside region")), "{err}");
     assert_eq!(code, Some(ErrorCode::Protocol));
     d.assert_untouched();
-    let (err, _, _) = rejected(&page_frame(u64::MAX / 2, 0, 0xcd));
+    let (err, _, _) = rejected(io, &page_frame(u64::MAX / 2, 0, 0xcd));
     assert!(matches!(err, MigrateError::Protocol { .. }), "{err}");
     let mut f = page_frame(0, 0, 1);
     f[8] = 9; // region 9 does not exist; the check is recomputed so only the bounds check can tell
@@ -151,22 +154,21 @@ fn a_page_beyond_the_region_is_refused() {
     let hashes: Vec<u8> = f[HEADER_LEN..].chunks(4096).flat_map(|p| xxh3_64(p).to_le_bytes()).collect();
     h.seal(&hashes);
     f[..HEADER_LEN].copy_from_slice(&h.encode());
-    let (err, _, _) = rejected(&f);
+    let (err, _, _) = rejected(io, &f);
     assert!(matches!(&err, MigrateError::Protocol { why, .. } if why.contains("region 9")), "{err}");
 }
 
-#[test]
-fn oversized_truncated_unknown_and_random_frames_are_refused() {
+fn oversized_truncated_unknown_and_random_frames_are_refused(io: BackendChoice) {
     let mut h = FrameHdr::new(FrameKind::Data);
     h.encoding = Encoding::Raw;
     h.len = MAX_PAYLOAD + 1;
     h.count = MAX_PAYLOAD + 1;
-    let (err, _, _) = rejected(&h.encode());
+    let (err, _, _) = rejected(io, &h.encode());
     assert!(matches!(err, MigrateError::Transport(TransportError::Wire { source: WireError::TooLong { .. }, .. })));
 
     // Half a frame, and the connection stays open: a stall, not a hang.
     let f = page_frame(0, 0, 7);
-    let (err, _, d) = rejected(&f[..f.len() / 2]);
+    let (err, _, d) = rejected(io, &f[..f.len() / 2]);
     assert!(
         matches!(&err, MigrateError::Transport(TransportError::Io { what, .. }) if what.contains("stalled")),
         "{err}"
@@ -175,18 +177,17 @@ fn oversized_truncated_unknown_and_random_frames_are_refused() {
 
     let mut unknown = control(FrameKind::RoundEnd, 0, 0, 0);
     unknown[0] = 0x42;
-    let (err, _, _) = rejected(&unknown);
+    let (err, _, _) = rejected(io, &unknown);
     assert!(matches!(err, MigrateError::Transport(TransportError::Wire { source: WireError::UnknownKind(0x42), .. })));
 
     let noise: Vec<u8> = (0..10_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
-    let (err, _, d) = rejected(&noise);
+    let (err, _, d) = rejected(io, &noise);
     assert!(matches!(err, MigrateError::Transport(_)), "{err}");
     d.assert_untouched();
 }
 
-#[test]
-fn a_truncated_frame_then_close_is_an_error_not_a_hang() {
-    let d = destination(MEM);
+fn a_truncated_frame_then_close_is_an_error_not_a_hang(io: BackendChoice) {
+    let d = destination(io, MEM);
     let mut s = fake_source(d.addr, 1).remove(0);
     let f = page_frame(0, 0, 7);
     s.write_all(&f[..f.len() - 10]).unwrap();
@@ -196,24 +197,22 @@ fn a_truncated_frame_then_close_is_an_error_not_a_hang() {
     d.assert_untouched();
 }
 
-#[test]
-fn a_lost_frame_or_a_frame_of_the_wrong_round_is_caught() {
+fn a_lost_frame_or_a_frame_of_the_wrong_round_is_caught(io: BackendChoice) {
     // RoundEnd claims two frames; one arrived.
     let mut b = page_frame(0, 0, 1);
     b.extend(control(FrameKind::RoundEnd, 2, 0, 0));
-    let (err, _, _) = rejected(&b);
+    let (err, _, _) = rejected(io, &b);
     assert!(matches!(&err, MigrateError::Protocol { why, .. } if why.contains("ended after 2 frames")), "{err}");
     // A round-1 frame during round 0.
-    let (err, _, _) = rejected(&page_frame(0, 1, 1));
+    let (err, _, _) = rejected(io, &page_frame(0, 1, 1));
     assert!(matches!(&err, MigrateError::Protocol { why, .. } if why.contains("round 1 during round 0")), "{err}");
     // Done before the final round ended.
-    let (err, _, _) = rejected(&control(FrameKind::Done, 0, 0, 0));
+    let (err, _, _) = rejected(io, &control(FrameKind::Done, 0, 0, 0));
     assert!(matches!(err, MigrateError::Transport(TransportError::Unexpected { kind: FrameKind::Done, .. })));
 }
 
-#[test]
-fn a_wrong_digest_is_refused() {
-    let d = destination(MEM);
+fn a_wrong_digest_is_refused(io: BackendChoice) {
+    let d = destination(io, MEM);
     let mut s = fake_source(d.addr, 1).remove(0);
     let mut b = page_frame(4, 0, 3);
     b.extend(control(FrameKind::RoundEnd, 1, 0, FLAG_FINAL));
@@ -224,9 +223,8 @@ fn a_wrong_digest_is_refused() {
     assert_eq!(peer_error(&s), Some(ErrorCode::Digest));
 }
 
-#[test]
-fn connections_outside_the_session_are_refused_and_the_real_one_lands() {
-    let d = destination(MEM);
+fn connections_outside_the_session_are_refused_and_the_real_one_lands(io: BackendChoice) {
+    let d = destination(io, MEM);
     // Noise, a silent connection, and a source with the wrong memory layout.
     let mut noise = TcpStream::connect(d.addr).unwrap();
     noise.write_all(&[0x55; 300]).unwrap();
@@ -279,9 +277,8 @@ fn connections_outside_the_session_are_refused_and_the_real_one_lands() {
     assert_eq!(d.mem.regions()[0].read_u64(8 * 4096).unwrap(), 0x0909_0909_0909_0909);
 }
 
-#[test]
-fn a_source_that_vanishes_mid_round_fails_the_destination_cleanly() {
-    let d = destination(MEM);
+fn a_source_that_vanishes_mid_round_fails_the_destination_cleanly(io: BackendChoice) {
+    let d = destination(io, MEM);
     let mut streams = fake_source(d.addr, 2);
     streams[1].write_all(&page_frame(0, 0, 5)).unwrap();
     drop(streams);
@@ -289,8 +286,7 @@ fn a_source_that_vanishes_mid_round_fails_the_destination_cleanly() {
     assert!(matches!(err, MigrateError::Transport(TransportError::Closed(_))), "{err}");
 }
 
-#[test]
-fn a_destination_that_vanishes_mid_round_leaves_the_source_running() {
+fn a_destination_that_vanishes_mid_round_leaves_the_source_running(io: BackendChoice) {
     let src = Arc::new(GuestMemory::anonymous(64 << 20).unwrap());
     fill(&src, ContentMix::RANDOM, 5);
     let before = GuestMemory::anonymous(64 << 20).unwrap();
@@ -310,7 +306,7 @@ fn a_destination_that_vanishes_mid_round_leaves_the_source_running() {
         // Dropping `acc` closes every stream.
     });
     let t = Instant::now();
-    let (err, paused) = failing_source(&src, addr, 3, 4);
+    let (err, paused) = failing_source(io, &src, addr, 3, 4);
     killer.join().unwrap();
     assert!(t.elapsed() < WAIT, "failed within bounded time");
     assert!(!paused, "the guest was never paused: it keeps running at the source");
@@ -320,9 +316,15 @@ fn a_destination_that_vanishes_mid_round_leaves_the_source_running() {
 
 /// Runs a source (no compression, hash tracker) that must fail; returns
 /// its error and whether the pause hook ran.
-fn failing_source(src: &GuestMemory, to: SocketAddr, streams: u16, threads: usize) -> (MigrateError, bool) {
+fn failing_source(
+    io: BackendChoice,
+    src: &GuestMemory,
+    to: SocketAddr,
+    streams: u16,
+    threads: usize,
+) -> (MigrateError, bool) {
     let paused = AtomicBool::new(false);
-    let cfg = SourceConfig { compression: Compression::Off, threads, ..SourceConfig::default() };
+    let cfg = SourceConfig { compression: Compression::Off, threads, ..config(io) };
     let err = Source::new(src, vec![to])
         .streams(streams)
         .config(cfg)
@@ -373,15 +375,14 @@ fn corrupting_proxy(to: SocketAddr, at: u64) -> SocketAddr {
     addr
 }
 
-#[test]
-fn a_stream_corrupted_in_flight_fails_both_ends_and_the_source_keeps_running() {
+fn a_stream_corrupted_in_flight_fails_both_ends_and_the_source_keeps_running(io: BackendChoice) {
     let src = Arc::new(GuestMemory::anonymous(32 << 20).unwrap());
     fill(&src, ContentMix::RANDOM, 6);
-    let d = destination(32 << 20);
+    let d = destination(io, 32 << 20);
     let proxy = corrupting_proxy(d.addr, 3 << 20);
     let m = MutatorConfig { threads: 1, rate: 8 << 20, working_set: 16 << 20, skew: Skew::Uniform };
     let mut muts = start_mutators(src.clone(), m, None);
-    let (err, paused) = failing_source(&src, proxy, 2, 2);
+    let (err, paused) = failing_source(io, &src, proxy, 2, 2);
     assert!(!paused, "the guest was never paused");
     let dest_err = d.outcome().expect_err("the destination refuses corrupted bytes");
     assert!(matches!(&dest_err, MigrateError::Transport(TransportError::Wire { .. })), "destination: {dest_err}");
@@ -394,3 +395,17 @@ fn a_stream_corrupted_in_flight_fails_both_ends_and_the_source_keeps_running() {
     assert!(muts.writes.load(Ordering::Relaxed) > w, "the guest is still running at the source");
     muts.stop();
 }
+
+over_each_backend!(
+    a_corrupted_page_is_refused_before_it_touches_memory,
+    a_flipped_page_address_is_caught_by_the_check,
+    a_page_beyond_the_region_is_refused,
+    oversized_truncated_unknown_and_random_frames_are_refused,
+    a_truncated_frame_then_close_is_an_error_not_a_hang,
+    a_lost_frame_or_a_frame_of_the_wrong_round_is_caught,
+    a_wrong_digest_is_refused,
+    connections_outside_the_session_are_refused_and_the_real_one_lands,
+    a_source_that_vanishes_mid_round_fails_the_destination_cleanly,
+    a_destination_that_vanishes_mid_round_leaves_the_source_running,
+    a_stream_corrupted_in_flight_fails_both_ends_and_the_source_keeps_running,
+);

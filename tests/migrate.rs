@@ -1,10 +1,16 @@
 //! End-to-end migrations over loopback: the destination must equal the
 //! source byte for byte, with every stream count, tracker and compression.
 
+#[macro_use]
+#[path = "support/backends.rs"]
+mod backends;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use backends::{config, receive_options};
+use pmigrate::BackendChoice;
 use pmigrate::{
     Acceptor, Compression, DirtyTracker, GuestMemory, HashTracker, Incoming, ReceiveOptions, Report, Source,
     SourceConfig, TrackerKind, UffdWpTracker, VmmBitmapTracker,
@@ -34,7 +40,7 @@ fn migrate(
         let dst = &dst;
         let rx = s.spawn(move || {
             let incoming = Incoming::accept_for(&acceptor, dst, None).unwrap();
-            incoming.receive(dst, &ReceiveOptions { verify_memory: true, ..ReceiveOptions::default() }).unwrap()
+            incoming.receive(dst, &ReceiveOptions { verify_memory: true, ..receive_options(cfg.io) }).unwrap()
         });
         let mut m = mutators.map(|m| start_mutators(src.clone(), m, bitmap));
         let mut source = Source::new(src, vec![addr]).streams(streams).config(cfg);
@@ -63,16 +69,10 @@ fn assert_equal(src: &GuestMemory, run: &Run) {
     assert_eq!(run.source.digest, run.dest.digest);
 }
 
-#[test]
-fn gib_of_mixed_content_over_four_streams_and_four_workers() {
+fn gib_of_mixed_content_over_four_streams_and_four_workers(io: BackendChoice) {
     let src = Arc::new(GuestMemory::anonymous(1 << 30).unwrap());
     fill(&src, ContentMix::TYPICAL, 1);
-    let cfg = SourceConfig {
-        threads: 4,
-        tracker: TrackerKind::Hash,
-        compression: Compression::On,
-        ..SourceConfig::default()
-    };
+    let cfg = SourceConfig { threads: 4, tracker: TrackerKind::Hash, compression: Compression::On, ..config(io) };
     let run = migrate(&src, 4, cfg, None, None, None);
     assert_equal(&src, &run);
     let r0 = &run.source.rounds[0];
@@ -83,14 +83,13 @@ fn gib_of_mixed_content_over_four_streams_and_four_workers() {
     eprintln!("{}", run.source);
 }
 
-#[test]
-fn every_stream_count_and_compression_gives_the_same_memory() {
+fn every_stream_count_and_compression_gives_the_same_memory(io: BackendChoice) {
     let src = Arc::new(GuestMemory::anonymous(64 << 20).unwrap());
     fill(&src, ContentMix::TYPICAL, 2);
     for (streams, threads, compression) in
         [(1, 1, Compression::Off), (1, 2, Compression::On), (3, 2, Compression::Auto), (8, 3, Compression::Off)]
     {
-        let cfg = SourceConfig { threads, compression, tracker: TrackerKind::Hash, ..SourceConfig::default() };
+        let cfg = SourceConfig { threads, compression, tracker: TrackerKind::Hash, ..config(io) };
         let run = migrate(&src, streams, cfg, None, None, None);
         assert_equal(&src, &run);
         let lz4: u64 = run.source.rounds.iter().map(|r| r.compressed).sum();
@@ -102,7 +101,11 @@ fn every_stream_count_and_compression_gives_the_same_memory() {
     }
 }
 
-fn live(tracker: Box<dyn DirtyTracker>, with_bitmap: Option<Arc<[pmigrate::ranges::AtomicBitmap]>>) -> Run {
+fn live(
+    io: BackendChoice,
+    tracker: Box<dyn DirtyTracker>,
+    with_bitmap: Option<Arc<[pmigrate::ranges::AtomicBitmap]>>,
+) -> Run {
     let src = Arc::new(GuestMemory::anonymous(256 << 20).unwrap());
     fill(&src, ContentMix::TYPICAL, 3);
     let m = MutatorConfig {
@@ -112,12 +115,7 @@ fn live(tracker: Box<dyn DirtyTracker>, with_bitmap: Option<Arc<[pmigrate::range
         skew: Skew::HotCold { hot_pct: 80, hot_share: 10 },
     };
     // A tight downtime target, so that several live rounds run.
-    let cfg = SourceConfig {
-        threads: 2,
-        max_rounds: 6,
-        downtime_target: Duration::from_millis(5),
-        ..SourceConfig::default()
-    };
+    let cfg = SourceConfig { threads: 2, max_rounds: 6, downtime_target: Duration::from_millis(5), ..config(io) };
     let run = migrate(&src, 3, cfg, Some(tracker), Some(m), with_bitmap);
     assert_equal(&src, &run);
     assert!(run.source.rounds.len() >= 3, "live rounds and the final one: {}", run.source);
@@ -127,38 +125,34 @@ fn live(tracker: Box<dyn DirtyTracker>, with_bitmap: Option<Arc<[pmigrate::range
     run
 }
 
-#[test]
-fn live_precopy_with_the_vmm_bitmap_tracker() {
+fn live_precopy_with_the_vmm_bitmap_tracker(io: BackendChoice) {
     let probe = GuestMemory::anonymous(256 << 20).unwrap();
     let maps = VmmBitmapTracker::bitmaps_for(&probe);
     drop(probe);
-    let run = live(Box::new(VmmBitmapTracker::new(maps.clone())), Some(maps));
+    let run = live(io, Box::new(VmmBitmapTracker::new(maps.clone())), Some(maps));
     assert_eq!(run.source.tracker, "vmm-bitmap");
 }
 
-#[test]
-fn live_precopy_with_the_uffd_wp_tracker() {
+fn live_precopy_with_the_uffd_wp_tracker(io: BackendChoice) {
     if let Err(e) = pmigrate::engine::dirty::uffd_wp::probe() {
         eprintln!("skipping: {e}");
         return;
     }
-    let run = live(Box::new(UffdWpTracker::new()), None);
+    let run = live(io, Box::new(UffdWpTracker::new()), None);
     assert_eq!(run.source.tracker, "uffd-wp");
 }
 
-#[test]
-fn live_precopy_with_the_hash_tracker() {
-    let run = live(Box::new(HashTracker::new()), None);
+fn live_precopy_with_the_hash_tracker(io: BackendChoice) {
+    let run = live(io, Box::new(HashTracker::new()), None);
     assert_eq!(run.source.tracker, "hash");
 }
 
-#[test]
-fn a_slow_dirty_rate_converges_a_fast_one_hits_the_round_cap() {
+fn a_slow_dirty_rate_converges_a_fast_one_hits_the_round_cap(io: BackendChoice) {
     let src = Arc::new(GuestMemory::anonymous(128 << 20).unwrap());
     fill(&src, ContentMix::TYPICAL, 4);
     // 1 MiB/s of dirtying against a loopback link of hundreds of MiB/s.
     let slow = MutatorConfig { threads: 1, rate: 1 << 20, working_set: 64 << 20, skew: Skew::Uniform };
-    let cfg = SourceConfig { threads: 2, max_rounds: 30, tracker: TrackerKind::Hash, ..SourceConfig::default() };
+    let cfg = SourceConfig { threads: 2, max_rounds: 30, tracker: TrackerKind::Hash, ..config(io) };
     let run = migrate(&src, 2, cfg, Some(Box::new(HashTracker::new())), Some(slow), None);
     assert_equal(&src, &run);
     assert!(run.source.converged, "{}", run.source);
@@ -172,7 +166,7 @@ fn a_slow_dirty_rate_converges_a_fast_one_hits_the_round_cap() {
         max_rounds: 3,
         downtime_target: Duration::from_micros(1),
         tracker: TrackerKind::Hash,
-        ..SourceConfig::default()
+        ..config(io)
     };
     let run = migrate(&src, 2, cfg, Some(Box::new(HashTracker::new())), Some(fast), None);
     assert_equal(&src, &run);
@@ -181,8 +175,7 @@ fn a_slow_dirty_rate_converges_a_fast_one_hits_the_round_cap() {
     assert!(run.source.rounds[3].paused);
 }
 
-#[test]
-fn free_page_hints_are_not_sent_unless_written_after_the_hint() {
+fn free_page_hints_are_not_sent_unless_written_after_the_hint(io: BackendChoice) {
     use pmigrate::ranges::{PageRange, RegionIdx};
     let src = Arc::new(GuestMemory::anonymous(64 << 20).unwrap());
     fill(&src, ContentMix::RANDOM, 8); // every page non-zero
@@ -196,7 +189,7 @@ fn free_page_hints_are_not_sent_unless_written_after_the_hint() {
         let dst = &dst;
         let rx = s.spawn(move || {
             let incoming = Incoming::accept_for(&acceptor, dst, None).unwrap();
-            incoming.receive(dst, &ReceiveOptions { verify_memory: true, ..ReceiveOptions::default() }).unwrap()
+            incoming.receive(dst, &ReceiveOptions { verify_memory: true, ..receive_options(io) }).unwrap()
         });
         let region = &src.regions()[0];
         let report = Source::new(&src, vec![addr])
@@ -231,8 +224,7 @@ fn free_page_hints_are_not_sent_unless_written_after_the_hint() {
     }
 }
 
-#[test]
-fn a_working_set_hint_keeps_the_migration_exact() {
+fn a_working_set_hint_keeps_the_migration_exact(io: BackendChoice) {
     use pmigrate::ranges::{PageRange, RegionIdx};
     let src = Arc::new(GuestMemory::anonymous(128 << 20).unwrap());
     fill(&src, ContentMix::TYPICAL, 9);
@@ -252,15 +244,10 @@ fn a_working_set_hint_keeps_the_migration_exact() {
         let dst = &dst;
         let rx = s.spawn(move || {
             let incoming = Incoming::accept_for(&acceptor, dst, None).unwrap();
-            incoming.receive(dst, &ReceiveOptions { verify_memory: true, ..ReceiveOptions::default() }).unwrap()
+            incoming.receive(dst, &ReceiveOptions { verify_memory: true, ..receive_options(io) }).unwrap()
         });
         let mut muts = Some(start_mutators(src.clone(), m, Some(maps.clone())));
-        let cfg = SourceConfig {
-            threads: 2,
-            downtime_target: Duration::from_millis(5),
-            max_rounds: 5,
-            ..SourceConfig::default()
-        };
+        let cfg = SourceConfig { threads: 2, downtime_target: Duration::from_millis(5), max_rounds: 5, ..config(io) };
         let report = Source::new(&src, vec![addr])
             .streams(2)
             .config(cfg)
@@ -280,3 +267,14 @@ fn a_working_set_hint_keeps_the_migration_exact() {
     assert!(report.rounds.len() >= 2, "{report}");
     assert_eq!(first_difference(&src, &dst), None);
 }
+
+over_each_backend!(
+    gib_of_mixed_content_over_four_streams_and_four_workers,
+    every_stream_count_and_compression_gives_the_same_memory,
+    live_precopy_with_the_vmm_bitmap_tracker,
+    live_precopy_with_the_uffd_wp_tracker,
+    live_precopy_with_the_hash_tracker,
+    a_slow_dirty_rate_converges_a_fast_one_hits_the_round_cap,
+    free_page_hints_are_not_sent_unless_written_after_the_hint,
+    a_working_set_hint_keeps_the_migration_exact,
+);

@@ -4,16 +4,20 @@
 //! end the destination must equal the source's memory at the pause plus
 //! those writes — no page lost, none placed twice.
 
+#[macro_use]
+#[path = "support/backends.rs"]
+mod backends;
+
 use std::collections::HashMap;
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use backends::{config, receive_options};
 use pmigrate::ranges::{PageRange, RegionIdx};
-use pmigrate::{
-    Acceptor, GuestMemory, Incoming, PageIdx, ReceiveOptions, Report, Source, SourceConfig, VmmBitmapTracker,
-};
+use pmigrate::BackendChoice;
+use pmigrate::{Acceptor, GuestMemory, Incoming, PageIdx, Report, Source, SourceConfig, VmmBitmapTracker};
 use pmigrate_bench::synth::{fill, start_mutators, ContentMix, MutatorConfig, Skew};
 
 /// Byte offset, in every page, of the word the destination's guest stamps.
@@ -67,7 +71,7 @@ impl Scenario {
 
 /// Runs the scenario: the destination's guest starts from the resume hook
 /// and reads and writes pages all over memory until the migration is over.
-fn migrate(src: &Arc<GuestMemory>, sc: Scenario) -> Outcome {
+fn migrate(io: BackendChoice, src: &Arc<GuestMemory>, sc: Scenario) -> Outcome {
     let dst = GuestMemory::anonymous(src.total_bytes()).unwrap();
     let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
     let addr = acceptor.local_addrs()[0];
@@ -126,7 +130,7 @@ fn migrate(src: &Arc<GuestMemory>, sc: Scenario) -> Outcome {
         let rx = s.spawn(move || {
             let incoming = Incoming::accept_for(&acceptor, dst, None).unwrap();
             assert!(incoming.is_postcopy());
-            let report = incoming.receive_and_run(dst, &ReceiveOptions::default(), || {
+            let report = incoming.receive_and_run(dst, &receive_options(io), || {
                 running.store(true, Ordering::Release);
                 Ok(())
             });
@@ -145,7 +149,7 @@ fn migrate(src: &Arc<GuestMemory>, sc: Scenario) -> Outcome {
             })
         });
         let mut m = sc.source_writes.map(|m| start_mutators(src.clone(), m, Some(maps.clone())));
-        let cfg = SourceConfig { threads: 2, downtime_target: Duration::from_millis(1), ..SourceConfig::default() };
+        let cfg = SourceConfig { threads: 2, downtime_target: Duration::from_millis(1), ..config(io) };
         let region = &src.regions()[0];
         let source = Source::new(src, vec![dial])
             .streams(sc.streams)
@@ -243,12 +247,11 @@ fn check(src: &GuestMemory, o: &Outcome, free: &[PageRange], sent_anyway: &[u64]
     }
 }
 
-#[test]
-fn post_copy_of_a_gib_while_the_guest_runs_at_the_destination() {
+fn post_copy_of_a_gib_while_the_guest_runs_at_the_destination(io: BackendChoice) {
     let src = Arc::new(GuestMemory::anonymous(1 << 30).unwrap());
     fill(&src, ContentMix::TYPICAL, 11);
     let t = Instant::now();
-    let o = migrate(&src, Scenario { streams: 4, ..Scenario::new(0) });
+    let o = migrate(io, &src, Scenario { streams: 4, ..Scenario::new(0) });
     check(&src, &o, &[], &[]);
     let p = o.dest.postcopy.as_ref().expect("post-copy figures");
     eprintln!("{}\n{}\n{:?} in {:?}", o.source, o.dest, p, t.elapsed());
@@ -261,12 +264,11 @@ fn post_copy_of_a_gib_while_the_guest_runs_at_the_destination() {
     assert_eq!(sp.pushed_pages, (1 << 30) / 4096, "the push covers every page");
 }
 
-#[test]
-fn hybrid_pre_copy_rounds_then_post_copy() {
+fn hybrid_pre_copy_rounds_then_post_copy(io: BackendChoice) {
     let src = Arc::new(GuestMemory::anonymous(256 << 20).unwrap());
     fill(&src, ContentMix::TYPICAL, 12);
     let writes = MutatorConfig { threads: 1, rate: 64 << 20, working_set: 128 << 20, skew: Skew::Uniform };
-    let o = migrate(&src, Scenario { source_writes: Some(writes), ..Scenario::new(2) });
+    let o = migrate(io, &src, Scenario { source_writes: Some(writes), ..Scenario::new(2) });
     check(&src, &o, &[], &[]);
     eprintln!("{}\n{}", o.source, o.dest);
     assert_eq!(o.source.mode, "hybrid");
@@ -278,12 +280,11 @@ fn hybrid_pre_copy_rounds_then_post_copy() {
     assert_eq!(o.dest.postcopy.as_ref().unwrap().needed_pages, sp.needed_pages);
 }
 
-#[test]
-fn free_pages_are_zero_in_post_copy_and_never_sent_unless_written() {
+fn free_pages_are_zero_in_post_copy_and_never_sent_unless_written(io: BackendChoice) {
     let src = Arc::new(GuestMemory::anonymous(64 << 20).unwrap());
     fill(&src, ContentMix { random: 100, text: 0, binary: 0 }, 13);
     let free = vec![PageRange { region: RegionIdx(0), start: PageIdx(1000), end: PageIdx(9000) }];
-    let o = migrate(&src, Scenario { free: free.clone(), late_writes: vec![5000], ..Scenario::new(0) });
+    let o = migrate(io, &src, Scenario { free: free.clone(), late_writes: vec![5000], ..Scenario::new(0) });
     check(&src, &o, &free, &[5000]);
     let sp = o.source.postcopy.as_ref().unwrap();
     assert_eq!(o.source.rounds[0].hinted_free, 8000, "{}", o.source);
@@ -292,11 +293,10 @@ fn free_pages_are_zero_in_post_copy_and_never_sent_unless_written() {
     assert_eq!(sp.pushed_pages, all - 8000 + 1, "nor pushed: {sp:?}");
 }
 
-#[test]
-fn post_copy_survives_losing_one_stream_and_then_all() {
+fn post_copy_survives_losing_one_stream_and_then_all(io: BackendChoice) {
     let src = Arc::new(GuestMemory::anonymous(512 << 20).unwrap());
     fill(&src, ContentMix { random: 60, text: 20, binary: 10 }, 14);
-    let o = migrate(&src, Scenario { cut_links: true, ..Scenario::new(0) });
+    let o = migrate(io, &src, Scenario { cut_links: true, ..Scenario::new(0) });
     check(&src, &o, &[], &[]);
     eprintln!("{}\n{}", o.source, o.dest);
     let (sp, dp) = (o.source.postcopy.as_ref().unwrap(), o.dest.postcopy.as_ref().unwrap());
@@ -392,3 +392,10 @@ mod hostile {
         });
     }
 }
+
+over_each_backend!(
+    post_copy_of_a_gib_while_the_guest_runs_at_the_destination,
+    hybrid_pre_copy_rounds_then_post_copy,
+    free_pages_are_zero_in_post_copy_and_never_sent_unless_written,
+    post_copy_survives_losing_one_stream_and_then_all,
+);

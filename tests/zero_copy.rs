@@ -1,11 +1,17 @@
 //! Zero-copy: regions both ends map are handed over, after proof, and
 //! everything else takes the copy path in the same migration.
 
+#[macro_use]
+#[path = "support/backends.rs"]
+mod backends;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use backends::{config, receive_options};
 use pmigrate::transport::hello::{Mode, CAP_SHARED};
+use pmigrate::BackendChoice;
 use pmigrate::{
     Acceptor, Compression, Gpa, GuestMemory, GuestRegion, HashTracker, HostPageSize, Incoming, MigrateError,
     ReceiveOptions, Report, Source, SourceConfig,
@@ -15,8 +21,12 @@ use pmigrate_bench::synth::{fill, first_difference, start_mutators, ContentMix, 
 const SHARED: u64 = 64 << 20;
 const PRIVATE: u64 = 32 << 20;
 
+/// A fresh directory in /dev/shm for one case (cases run in parallel, each
+/// over every backend).
 fn dir(name: &str) -> PathBuf {
-    let d = PathBuf::from(format!("/dev/shm/pmigrate-zc-{}-{name}", std::process::id()));
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let d = PathBuf::from(format!("/dev/shm/pmigrate-zc-{}-{name}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
@@ -48,7 +58,7 @@ fn snapshot(mem: &GuestMemory) -> GuestMemory {
 
 /// Migrates `src` to a destination whose region 0 maps `dst_path`; with
 /// `dirty`, a mutator writes region 0 (the shared one) during pre-copy.
-fn migrate(src: &Arc<GuestMemory>, dst_path: &Path, dirty: bool) -> (Report, Report, GuestMemory) {
+fn migrate(io: BackendChoice, src: &Arc<GuestMemory>, dst_path: &Path, dirty: bool) -> (Report, Report, GuestMemory) {
     let dst = GuestMemory::new(vec![
         GuestRegion::file(Gpa(0), SHARED, HostPageSize::Small, dst_path, true, false).unwrap(),
         GuestRegion::anonymous(Gpa(1 << 32), PRIVATE, HostPageSize::Small).unwrap(),
@@ -61,7 +71,7 @@ fn migrate(src: &Arc<GuestMemory>, dst_path: &Path, dirty: bool) -> (Report, Rep
         let rx = sc.spawn(move || {
             let incoming = Incoming::accept_for(&acceptor, dst, None).unwrap();
             assert_eq!(incoming.shared_paths().len(), 1, "region 0 is offered by path");
-            incoming.receive(dst, &ReceiveOptions { verify_memory: true, ..Default::default() }).unwrap()
+            incoming.receive(dst, &ReceiveOptions { verify_memory: true, ..receive_options(io) }).unwrap()
         });
         // Guest writes land in the shared region while pre-copy runs.
         let mut m = dirty.then(|| {
@@ -71,7 +81,7 @@ fn migrate(src: &Arc<GuestMemory>, dst_path: &Path, dirty: bool) -> (Report, Rep
                 None,
             )
         });
-        let cfg = SourceConfig { threads: 2, compression: Compression::Off, ..SourceConfig::default() };
+        let cfg = SourceConfig { threads: 2, compression: Compression::Off, ..config(io) };
         let report = Source::new(src, vec![addr])
             .streams(2)
             .config(cfg)
@@ -93,12 +103,11 @@ fn pages_sent_of(report: &Report) -> u64 {
     report.rounds.iter().map(|r| r.raw + r.compressed).sum()
 }
 
-#[test]
-fn mixed_regions_each_take_their_path() {
+fn mixed_regions_each_take_their_path(io: BackendChoice) {
     let d = dir("mixed");
     let path = d.join("guest.mem");
     let src = source_memory(&path);
-    let (s, dr, dst) = migrate(&src, &path, true);
+    let (s, dr, dst) = migrate(io, &src, &path, true);
     assert_eq!(s.regions.len(), 1, "{s}");
     assert_eq!(s.regions[0].path, "zero-copy", "{s}");
     assert_eq!(dr.regions[0].path, "zero-copy");
@@ -108,28 +117,26 @@ fn mixed_regions_each_take_their_path() {
     let _ = std::fs::remove_dir_all(d);
 }
 
-#[test]
-fn a_different_file_of_the_same_size_takes_the_copy_path() {
+fn a_different_file_of_the_same_size_takes_the_copy_path(io: BackendChoice) {
     let d = dir("other");
     let src = source_memory(&d.join("guest.mem"));
     let other = d.join("other.mem");
     std::fs::File::create(&other).unwrap().set_len(SHARED).unwrap();
-    let (s, _, dst) = migrate(&src, &other, false);
+    let (s, _, dst) = migrate(io, &src, &other, false);
     assert_eq!(s.regions[0].path, "copy", "{s}");
     assert!(s.regions[0].why.contains("differ"), "{s}");
     assert_eq!(first_difference(&src, &dst), None, "the copy path filled the other file");
     let _ = std::fs::remove_dir_all(d);
 }
 
-#[test]
-fn a_copy_of_the_file_is_caught_by_the_nonce_proof() {
+fn a_copy_of_the_file_is_caught_by_the_nonce_proof(io: BackendChoice) {
     let d = dir("copy");
     let path = d.join("guest.mem");
     let src = source_memory(&path);
     let twin = d.join("twin.mem");
     std::fs::copy(&path, &twin).unwrap();
     let before = snapshot(&src);
-    let (s, _, dst) = migrate(&src, &twin, false);
+    let (s, _, dst) = migrate(io, &src, &twin, false);
     assert_eq!(s.regions[0].path, "copy", "{s}");
     assert!(s.regions[0].why.contains("not the same memory"), "{s}");
     assert_eq!(first_difference(&src, &dst), None);
@@ -137,8 +144,7 @@ fn a_copy_of_the_file_is_caught_by_the_nonce_proof() {
     let _ = std::fs::remove_dir_all(d);
 }
 
-#[test]
-fn failure_before_handover_leaves_the_source_owning_its_memory() {
+fn failure_before_handover_leaves_the_source_owning_its_memory(io: BackendChoice) {
     let d = dir("fail");
     let path = d.join("guest.mem");
     let src = source_memory(&path);
@@ -154,6 +160,7 @@ fn failure_before_handover_leaves_the_source_owning_its_memory() {
     });
     let paused = AtomicBool::new(false);
     let err = Source::new(&src, vec![addr])
+        .config(config(io))
         .tracker(Box::new(HashTracker::new()))
         .on_pause(|| {
             paused.store(true, Ordering::SeqCst);
@@ -167,3 +174,10 @@ fn failure_before_handover_leaves_the_source_owning_its_memory() {
     assert_eq!(first_difference(&src, &before), None, "source memory as it was");
     let _ = std::fs::remove_dir_all(d);
 }
+
+over_each_backend!(
+    mixed_regions_each_take_their_path,
+    a_different_file_of_the_same_size_takes_the_copy_path,
+    a_copy_of_the_file_is_caught_by_the_nonce_proof,
+    failure_before_handover_leaves_the_source_owning_its_memory,
+);

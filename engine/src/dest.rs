@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use pmigrate_ranges::{GuestMemory, PageIdx, RangeLock, PAGE_SIZE};
+use pmigrate_transport::backend::{frame_reader, Backend, StreamIn};
 use pmigrate_transport::frame::{FrameHdr, FrameKind, FLAG_FINAL, FLAG_PROBE_WORDS};
 use pmigrate_transport::hello::{
     decode_shared_paths, ErrorCode, ErrorMsg, Mode, RegionDesc, CAP_LZ4, CAP_POSTCOPY, CAP_RESUME, CAP_SHARED,
@@ -28,7 +29,7 @@ use pmigrate_transport::hello::{
 use pmigrate_transport::net::{write_frame, FrameReader};
 use pmigrate_transport::payload::{build_control, zero_page_hash, OpenedPages, Opener};
 use pmigrate_transport::session::send_error;
-use pmigrate_transport::{Accepted, Acceptor, Link, TransportError};
+use pmigrate_transport::{Accepted, Acceptor, BackendChoice, Link, TransportError};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::digest::digest_handing_over;
@@ -68,25 +69,18 @@ pub struct ReceiveOptions {
     /// A frame whose bytes stop arriving for this long fails the migration
     /// (between frames a stream may idle as long as the source likes).
     pub stall_timeout: Duration,
+    /// The I/O backend of the streams.
+    pub io: BackendChoice,
 }
 
 impl Default for ReceiveOptions {
     fn default() -> Self {
-        Self { verify_memory: false, stall_timeout: Duration::from_secs(30) }
+        Self { verify_memory: false, stall_timeout: Duration::from_secs(30), io: BackendChoice::Auto }
     }
 }
 
 /// How long a stream lost after the switchover may take to come back.
 pub const RESUME_WINDOW: Duration = Duration::from_secs(60);
-
-/// A connection a [`FrameReader`] can own while the link swaps it.
-struct Conn(Arc<TcpStream>);
-
-impl std::io::Read for Conn {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        (&*self.0).read(buf)
-    }
-}
 
 /// The polling tick of receivers: how often a blocked read wakes up to
 /// account for a stall.
@@ -210,8 +204,10 @@ impl Incoming {
         } else {
             None
         };
+        let io = opts.io.resolve()?.backend;
         let resume: ResumeHook<'_> = Box::new(resume);
         let state = State {
+            io,
             mem,
             prio: if post.is_some() { streams.len() - 1 } else { usize::MAX },
             post,
@@ -376,6 +372,7 @@ impl Incoming {
             converged: true,
             digest: format!("{digest:016x}"),
             compression: if self.accepted.caps & CAP_LZ4 != 0 { "lz4".into() } else { "off".into() },
+            io: state.io.to_string(),
             mode: "pre-copy".into(),
             ..Report::default()
         };
@@ -414,6 +411,8 @@ impl Incoming {
 type ResumeHook<'a> = Box<dyn FnOnce() -> Result<(), String> + Send + 'a>;
 
 struct State<'m> {
+    /// The I/O backend of the streams.
+    io: Backend,
     mem: &'m GuestMemory,
     /// Post-copy: the fault handling state, and the index of the priority
     /// stream (the last).
@@ -622,9 +621,9 @@ impl State<'_> {
         index: usize,
         opts: &ReceiveOptions,
     ) -> Result<StreamOutcome, MigrateError> {
-        let reader_on = |s: &Arc<TcpStream>| -> Result<FrameReader<Conn>, MigrateError> {
+        let reader_on = |s: &Arc<TcpStream>| -> Result<FrameReader<StreamIn>, MigrateError> {
             s.set_read_timeout(Some(READ_TICK)).map_err(|e| TransportError::io(format!("stream {index}"), e))?;
-            let mut r = FrameReader::new(Conn(s.clone()), format!("stream {index}"));
+            let mut r = frame_reader(s.clone(), self.io, format!("stream {index}"))?;
             r.set_stall_limit(opts.stall_timeout);
             Ok(r)
         };

@@ -56,7 +56,7 @@ pub use vmm::from_vm_memory;
 pub use dest::{layout_matches, Incoming, ReceiveOptions};
 pub use dirty::{DirtyTracker, HashTracker, TrackerKind, UffdWpTracker, VmmBitmapTracker};
 pub use pmigrate_ranges::{AtomicBitmap, Gpa, GuestMemory, GuestRegion, HostPageSize, PageIdx, PAGE_SIZE};
-pub use pmigrate_transport::{Acceptor, TransportError, Via};
+pub use pmigrate_transport::{Acceptor, Backend, BackendChoice, TransportError, Via};
 pub use report::{Report, RoundReport, StreamReport};
 pub use source::{Progress, Source, SourceConfig};
 

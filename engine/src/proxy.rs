@@ -215,6 +215,7 @@ pub struct ExitConfig {
 
 struct Exit<'a> {
     cfg: &'a ExitConfig,
+    backend: pmigrate_transport::Backend,
     log: &'a (dyn Fn(String) + Sync),
     next_id: AtomicU64,
 }
@@ -250,7 +251,7 @@ impl SessionHandler for Exit<'_> {
 
     fn run(&self, session: Accepted, (local, name): Self::Context) {
         let t0 = Instant::now();
-        let how = Carry::accepted(session.caps, &self.cfg.relay);
+        let how = Carry::accepted(session.caps, &self.cfg.relay, self.backend);
         match relay::carry(&session.streams, local, &how) {
             Ok(mut r) => {
                 r.role = "proxy".into();
@@ -274,7 +275,8 @@ pub fn run_exit(
     stop: &AtomicBool,
     log: &(dyn Fn(String) + Sync),
 ) -> Result<(), TransportError> {
-    let exit = Exit { cfg, log, next_id: AtomicU64::new(0) };
+    let backend = cfg.relay.backend.resolve()?.backend;
+    let exit = Exit { cfg, log, backend, next_id: AtomicU64::new(0) };
     acceptor.serve(Mode::Stream, &exit, stop)
 }
 

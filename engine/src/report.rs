@@ -108,6 +108,8 @@ pub struct Report {
     pub tracker: String,
     /// Compression setting.
     pub compression: String,
+    /// The I/O backend of the streams (`io_uring` or `portable`).
+    pub io: String,
     /// Digest of all memory both ends agreed on, hex.
     pub digest: String,
     /// Source: per-batch latency, from a frame sealed by a worker to its
@@ -165,12 +167,13 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "  wire {:.1} MiB, page data {:.1} MiB, {} threads, tracker {}, compression {}",
+            "  wire {:.1} MiB, page data {:.1} MiB, {} threads, tracker {}, compression {}, {} I/O",
             mib(self.wire_bytes),
             mib(self.payload_bytes),
             self.threads,
             self.tracker,
-            self.compression
+            self.compression,
+            self.io
         )?;
         if !self.rounds.is_empty() {
             writeln!(

@@ -20,8 +20,8 @@ use clap::{Args, Parser, Subcommand};
 use pmigrate::engine::relay::{self, Local, RelayRecvOptions, RelaySendConfig};
 use pmigrate::transport::session::StreamPlan;
 use pmigrate::{
-    Acceptor, Compression, Gpa, GuestMemory, GuestRegion, HostPageSize, Incoming, Progress, ReceiveOptions, Source,
-    SourceConfig, TrackerKind, Via,
+    Acceptor, BackendChoice, Compression, Gpa, GuestMemory, GuestRegion, HostPageSize, Incoming, Progress,
+    ReceiveOptions, Source, SourceConfig, TrackerKind, Via,
 };
 
 mod bench;
@@ -85,6 +85,10 @@ struct ServeArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// I/O backend of the streams: auto (io_uring where the kernel allows
+    /// it), uring, or portable (blocking reads and writes).
+    #[arg(long, default_value = "auto")]
+    pub(crate) io: BackendChoice,
 }
 
 #[derive(Args)]
@@ -102,6 +106,10 @@ pub(crate) struct StreamArgs {
     /// lz4: auto (while it pays), lz4 (always) or none.
     #[arg(long, default_value = "auto")]
     compress: Compression,
+    /// I/O backend of the streams: auto (io_uring where the kernel allows
+    /// it), uring, or portable (blocking reads and writes).
+    #[arg(long, default_value = "auto")]
+    pub(crate) io: BackendChoice,
 }
 
 fn default_threads() -> usize {
@@ -174,6 +182,10 @@ struct RecvArgs {
     /// Print where it listens, and a one-line report at the end, on stderr.
     #[arg(long)]
     report: bool,
+    /// I/O backend of the streams: auto (io_uring where the kernel allows
+    /// it), uring, or portable (blocking reads and writes).
+    #[arg(long, default_value = "auto")]
+    pub(crate) io: BackendChoice,
 }
 
 pub(crate) fn resolve(addrs: &[String]) -> Result<Vec<SocketAddr>> {
@@ -258,7 +270,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         None => GuestRegion::file(Gpa(r.gpa), r.len, HostPageSize::Small, &a.memory, true, true)
             .with_context(|| format!("create {}", a.memory.display()))?,
     };
-    let opts = ReceiveOptions { verify_memory: a.verify_memory, ..Default::default() };
+    let opts = ReceiveOptions { verify_memory: a.verify_memory, io: a.io, ..Default::default() };
     let resume = || match &a.resume_cmd {
         None => Ok(()),
         Some(cmd) => run_hook(cmd),
@@ -364,6 +376,7 @@ fn migrate(a: MigrateArgs) -> Result<()> {
         tracker,
         zero_copy: !a.no_zero_copy,
         postcopy: a.postcopy,
+        io: a.streams.io,
         ..SourceConfig::default()
     };
     let hints = |file: &Option<PathBuf>| -> Result<Vec<pmigrate::ranges::PageRange>> {
@@ -400,8 +413,12 @@ fn migrate(a: MigrateArgs) -> Result<()> {
 fn send(a: SendArgs) -> Result<()> {
     let mut plan = StreamPlan::new(resolve(&a.dest)?, a.streams.streams.max(1));
     plan.via = a.streams.via.clone();
-    let cfg =
-        RelaySendConfig { threads: a.streams.threads, compression: a.streams.compress, ..RelaySendConfig::new(plan) };
+    let cfg = RelaySendConfig {
+        threads: a.streams.threads,
+        compression: a.streams.compress,
+        backend: a.streams.io,
+        ..RelaySendConfig::new(plan)
+    };
     let stdin = std::fs::File::from(std::io::stdin().as_fd_owned()?);
     // A larger pipe lets the producer run ahead by a chunk or four.
     grow_pipe(&stdin);
@@ -425,6 +442,7 @@ fn recv(a: RecvArgs) -> Result<()> {
     grow_pipe(&stdout);
     let opts = RelayRecvOptions {
         accept_deadline: Some(Instant::now() + Duration::from_secs(a.wait)),
+        backend: a.io,
         ..RelayRecvOptions::default()
     };
     // What QEMU writes to stdin (its return path) goes back to the sender;

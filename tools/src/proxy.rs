@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use pmigrate::engine::proxy::{run_entry, run_exit, Endpoint, EntryConfig, ExitConfig};
 use pmigrate::engine::relay::{RelayRecvOptions, RelaySendConfig};
 use pmigrate::transport::session::StreamPlan;
-use pmigrate::Acceptor;
+use pmigrate::{Acceptor, BackendChoice};
 
 use crate::{resolve, StreamArgs};
 
@@ -55,6 +55,10 @@ struct ExitArgs {
     /// Worker threads per connection (lz4 of the way back).
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// I/O backend of the streams: auto (io_uring where the kernel allows
+    /// it), uring, or portable (blocking reads and writes).
+    #[arg(long, default_value = "auto")]
+    io: BackendChoice,
 }
 
 pub fn run(a: ProxyArgs) -> Result<()> {
@@ -72,6 +76,7 @@ pub fn run(a: ProxyArgs) -> Result<()> {
             let relay = RelaySendConfig {
                 threads: e.streams.threads,
                 compression: e.streams.compress,
+                backend: e.streams.io,
                 ..RelaySendConfig::new(plan)
             };
             let cfg = EntryConfig { listen: e.accept, relay };
@@ -84,7 +89,7 @@ pub fn run(a: ProxyArgs) -> Result<()> {
             let acceptor = Acceptor::bind(&resolve(&x.listen)?)?;
             let cfg = ExitConfig {
                 targets: x.target,
-                relay: RelayRecvOptions { threads: x.threads.max(1), ..RelayRecvOptions::default() },
+                relay: RelayRecvOptions { threads: x.threads.max(1), backend: x.io, ..RelayRecvOptions::default() },
                 connect_timeout: Duration::from_secs(10),
             };
             log(format!("listening on {:?}, targets {:?}", acceptor.local_addrs(), cfg.targets));

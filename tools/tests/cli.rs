@@ -83,7 +83,7 @@ fn serve_and_migrate_a_memory_file_with_intruders_refused() {
     let addr = format!("127.0.0.1:{port}");
     let (serve, log) = start_listening(
         Command::new(BIN)
-            .args(["serve", "--listen", &addr, "--no-zero-copy", "--memory"])
+            .args(["serve", "--listen", &addr, "--no-zero-copy", "--io", "portable", "--memory"])
             .arg(&dst)
             .arg("--json")
             .stdout(Stdio::piped()),
@@ -112,6 +112,11 @@ fn serve_and_migrate_a_memory_file_with_intruders_refused() {
     let digest = |j: &str| j.lines().find(|l| l.contains("\"digest\"")).map(str::to_owned);
     assert_eq!(digest(&src_json), digest(&dst_json));
     assert!(std::fs::read(&dst).unwrap() == data, "destination file equals the source file");
+    // Each end says which I/O backend ran: the one forced, or io_uring
+    // exactly where the kernel allows it.
+    assert!(dst_json.contains("\"io\": \"portable\""), "{dst_json}");
+    let auto = if pmigrate::transport::uring::probe().is_ok() { "io_uring" } else { "portable" };
+    assert!(src_json.contains(&format!("\"io\": \"{auto}\"")), "{src_json}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -177,7 +182,10 @@ fn send_and_recv_carry_a_pipe_exactly() {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let (mut recv, log) = start_listening(
-        Command::new(BIN).args(["recv", "--listen", &addr, "--report"]).stdout(Stdio::piped()).stdin(Stdio::null()),
+        Command::new(BIN)
+            .args(["recv", "--listen", &addr, "--report", "--io", "portable"])
+            .stdout(Stdio::piped())
+            .stdin(Stdio::null()),
     );
     // Drain stdout as it comes, as QEMU would: a stalled reader pushes back.
     let mut stdout = recv.stdout.take().unwrap();
@@ -212,6 +220,7 @@ fn send_and_recv_carry_a_pipe_exactly() {
     assert!(received.status.success(), "recv: {log}");
     assert!(drain.join().unwrap() == input, "stdout carries exactly the stream");
     assert!(log.contains("pmigrate recv:"), "the report went to stderr: {log}");
+    assert!(log.contains("portable I/O"), "the report names the backend: {log}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 

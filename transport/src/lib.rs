@@ -1,5 +1,7 @@
 //! Wire protocol v1 and the multi-stream TCP transport of pmigrate.
 //!
+//! - [`backend`]: the I/O backend of a stream, io_uring or portable, chosen
+//!   at run time.
 //! - [`frame`]: the 40-byte frame header, its codec and the check that
 //!   covers header and body. The full specification is `docs/protocol.md`.
 //! - [`hello`]: handshake payloads (`Hello`, `Welcome`) and `Error` frames.
@@ -27,6 +29,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod backend;
 pub mod frame;
 pub mod hello;
 pub mod link;
@@ -36,6 +39,7 @@ pub mod serve;
 pub mod session;
 pub mod uring;
 
+pub use backend::{Backend, BackendChoice};
 pub use frame::{Encoding, FrameHdr, FrameKind, WireError};
 pub use hello::{ErrorCode, ErrorMsg, Hello, Mode, RegionDesc, Welcome};
 pub use link::Link;

@@ -179,6 +179,18 @@ impl<R: Read> FrameReader<R> {
         }
     }
 
+    /// A reader over `inner` that does no buffering of its own: for an
+    /// `inner` that buffers small reads itself (the io_uring reader).
+    pub fn unbuffered(inner: R, name: impl Into<String>) -> Self {
+        Self {
+            inner: BufReader::with_capacity(0, inner),
+            payload: Vec::new(),
+            name: name.into(),
+            stall_limit: None,
+            idle_limit: None,
+        }
+    }
+
     /// Fails a frame whose bytes stop arriving for longer than `limit`.
     pub fn set_stall_limit(&mut self, limit: Duration) {
         self.stall_limit = Some(limit);

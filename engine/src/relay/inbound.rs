@@ -4,11 +4,11 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use crossbeam_channel::Sender;
+use pmigrate_transport::backend::frame_reader;
 use pmigrate_transport::frame::{Encoding, FrameKind, HEADER_LEN};
-use pmigrate_transport::net::FrameReader;
 use pmigrate_transport::payload::Opener;
 use pmigrate_transport::TransportError;
 
@@ -70,7 +70,11 @@ impl Window {
 /// clean only once the stream has done both duties.
 pub(super) fn stream_reader(shared: &Shared<'_>, i: usize, has_in: bool, expects_verified: bool, how: &Carry) {
     let name = format!("stream {i}");
-    let mut reader = FrameReader::new(&shared.streams[i], name.clone());
+    let sock = shared.streams[i].try_clone().map_err(|e| TransportError::io(&name, e));
+    let mut reader = match sock.and_then(|s| frame_reader(Arc::new(s), how.backend, name.clone())) {
+        Ok(r) => r,
+        Err(e) => return shared.fail(i, e.into()),
+    };
     reader.set_stall_limit(how.stall_timeout);
     let mut opener = Opener::default();
     let mut last_seq: Option<u64> = None;

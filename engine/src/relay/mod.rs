@@ -61,7 +61,7 @@ use pmigrate_transport::hello::{
     encode_target, ErrorCode, ErrorMsg, Hello, Mode, CAP_DUPLEX, CAP_LZ4, EXT_TARGET, PROTOCOL_VERSION,
 };
 use pmigrate_transport::session::{connect_session, new_session_id, send_error, StreamPlan};
-use pmigrate_transport::{Acceptor, TransportError};
+use pmigrate_transport::{Acceptor, Backend, BackendChoice, TransportError};
 use serde::Serialize;
 
 use crate::{Compression, MigrateError};
@@ -109,6 +109,8 @@ pub struct RelayReport {
     pub streams: usize,
     /// Seconds from the first stream connected to the end.
     pub secs: f64,
+    /// The I/O backend that ran (`io_uring` or `portable`).
+    pub backend: String,
 }
 
 impl std::fmt::Display for RelayReport {
@@ -117,7 +119,7 @@ impl std::fmt::Display for RelayReport {
         write!(
             f,
             "pmigrate {}: {} bytes in {} chunks ({} lz4) over {} streams, {} bytes on the wire, {:.3} s; \
-             back: {} bytes in {} chunks",
+             back: {} bytes in {} chunks; {} I/O",
             self.role,
             fw.bytes,
             fw.chunks,
@@ -126,7 +128,8 @@ impl std::fmt::Display for RelayReport {
             fw.wire_bytes,
             self.secs,
             bk.bytes,
-            bk.chunks
+            bk.chunks,
+            self.backend
         )
     }
 }
@@ -221,6 +224,8 @@ pub struct RelaySendConfig {
     pub target: Option<u32>,
     /// A frame whose bytes stop arriving for this long fails the relay.
     pub stall_timeout: Duration,
+    /// The I/O backend of the streams.
+    pub backend: BackendChoice,
 }
 
 impl RelaySendConfig {
@@ -233,6 +238,7 @@ impl RelaySendConfig {
             duplex: true,
             target: None,
             stall_timeout: Duration::from_secs(30),
+            backend: BackendChoice::Auto,
         }
     }
 }
@@ -246,11 +252,13 @@ pub struct RelayRecvOptions {
     pub accept_deadline: Option<Instant>,
     /// Worker threads building frames of the way back.
     pub threads: usize,
+    /// The I/O backend of the streams.
+    pub backend: BackendChoice,
 }
 
 impl Default for RelayRecvOptions {
     fn default() -> Self {
-        Self { stall_timeout: Duration::from_secs(30), accept_deadline: None, threads: 1 }
+        Self { stall_timeout: Duration::from_secs(30), accept_deadline: None, threads: 1, backend: BackendChoice::Auto }
     }
 }
 
@@ -269,6 +277,8 @@ pub struct Carry {
     pub threads: usize,
     /// Stall limit inside a frame.
     pub stall_timeout: Duration,
+    /// The I/O backend of the streams.
+    pub backend: Backend,
 }
 
 /// An established byte-stream session, ready to carry.
@@ -305,8 +315,10 @@ pub fn connect(cfg: &RelaySendConfig) -> Result<Session, MigrateError> {
         regions: Vec::new(),
         extensions: cfg.target.map(|t| vec![(EXT_TARGET, encode_target(t))]).unwrap_or_default(),
     };
+    let backend = cfg.backend.resolve()?.backend;
     let (streams, welcome) = connect_session(&cfg.plan, &hello)?;
     let how = Carry {
+        backend,
         source: true,
         duplex: welcome.caps & CAP_DUPLEX != 0,
         compression: if welcome.caps & CAP_LZ4 != 0 { cfg.compression } else { Compression::Off },
@@ -320,8 +332,9 @@ pub fn connect(cfg: &RelaySendConfig) -> Result<Session, MigrateError> {
 impl Carry {
     /// How the accepting end of a session relays, given the capabilities
     /// in force.
-    pub fn accepted(caps: u64, opts: &RelayRecvOptions) -> Self {
+    pub fn accepted(caps: u64, opts: &RelayRecvOptions, backend: Backend) -> Self {
         Carry {
+            backend,
             source: false,
             duplex: caps & CAP_DUPLEX != 0,
             compression: if caps & CAP_LZ4 != 0 { Compression::Auto } else { Compression::Off },
@@ -361,9 +374,10 @@ pub fn receive(acceptor: &Acceptor, local: Local, opts: &RelayRecvOptions) -> Re
         }
         Ok(h.caps & (CAP_LZ4 | CAP_DUPLEX))
     };
+    let backend = opts.backend.resolve()?.backend;
     let accepted = acceptor.accept_session(Mode::Stream, &mut judge, opts.accept_deadline)?;
     let t0 = Instant::now();
-    let how = Carry::accepted(accepted.caps, opts);
+    let how = Carry::accepted(accepted.caps, opts, backend);
     let mut report = carry(&accepted.streams, local, &how)?;
     report.role = "recv".into();
     report.secs = t0.elapsed().as_secs_f64();
@@ -459,7 +473,7 @@ pub fn carry(streams: &[TcpStream], local: Local, how: &Carry) -> Result<RelayRe
         let writers: Vec<_> = rxs
             .into_iter()
             .enumerate()
-            .map(|(i, rx)| s.spawn(move || outbound::stream_writer(shared, i, rx)))
+            .map(|(i, rx)| s.spawn(move || outbound::stream_writer(shared, i, rx, how.backend)))
             .collect();
         let readers: Vec<_> = (0..n)
             .map(|i| s.spawn(move || inbound::stream_reader(shared, i, has_in, has_out && i == 0, how)))
@@ -502,7 +516,8 @@ pub fn carry(streams: &[TcpStream], local: Local, how: &Carry) -> Result<RelayRe
     out.wire_bytes = shared.out_wire.load(Ordering::Relaxed);
     inb.wire_bytes = shared.in_wire.load(Ordering::Relaxed);
     let (forward, back) = if how.source { (out, inb) } else { (inb, out) };
-    Ok(RelayReport { role: String::new(), forward, back, streams: n, secs: t0.elapsed().as_secs_f64() })
+    let backend = how.backend.to_string();
+    Ok(RelayReport { role: String::new(), forward, back, streams: n, secs: t0.elapsed().as_secs_f64(), backend })
 }
 
 /// A control frame of `kind` with `aux`.

@@ -2,15 +2,16 @@
 //! on every stream and the other end's `Verified`.
 
 use std::collections::BTreeMap;
-use std::io::{ErrorKind, Read};
-use std::net::{Shutdown, TcpStream};
+use std::io::{self, ErrorKind, Read};
+use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread::Scope;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Select, Sender};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Select, Sender, TryRecvError};
+use pmigrate_transport::backend::{Backend, FrameWriter};
 use pmigrate_transport::frame::{Encoding, FrameKind, HEADER_LEN};
-use pmigrate_transport::net::write_frame;
 use pmigrate_transport::payload::build_data;
 use pmigrate_transport::TransportError;
 
@@ -30,21 +31,47 @@ struct Built {
     lz4: bool,
 }
 
-/// Writes one stream's queue to its socket; at the queue's end (every
-/// producer done) half-closes the stream. A write error fails the relay.
-pub(super) fn stream_writer(shared: &Shared<'_>, i: usize, rx: Receiver<Vec<u8>>) {
-    let name = format!("stream {i}");
-    let mut w: &TcpStream = &shared.streams[i];
-    for frame in rx.iter() {
+/// Writes one stream's queue to its socket with the session's backend; at
+/// the queue's end (every producer done) half-closes the stream. A write
+/// error fails the relay.
+pub(super) fn stream_writer(shared: &Shared<'_>, i: usize, rx: Receiver<Vec<u8>>, backend: Backend) {
+    let sock = &shared.streams[i];
+    let fail = |e: io::Error| shared.fail(i, TransportError::io(format!("stream {i}: write"), e).into());
+    let mut w = match sock.try_clone().map_err(|e| TransportError::io(format!("stream {i}"), e)) {
+        Ok(s) => match FrameWriter::new(Arc::new(s), backend) {
+            Ok(w) => w,
+            Err(e) => return shared.fail(i, e.into()),
+        },
+        Err(e) => return shared.fail(i, e.into()),
+    };
+    loop {
+        // Frames waiting go out together (one chain with io_uring); the
+        // writer is flushed before it waits for more.
+        let frame = match rx.try_recv() {
+            Ok(f) => f,
+            Err(TryRecvError::Empty) => {
+                if let Err(e) = w.flush() {
+                    return fail(e.error);
+                }
+                match rx.recv() {
+                    Ok(f) => f,
+                    Err(_) => break,
+                }
+            }
+            Err(TryRecvError::Disconnected) => break,
+        };
         if shared.failed() {
             return;
         }
-        if let Err(e) = write_frame(&mut w, &frame, &name) {
-            shared.fail(i, e.into());
-            return;
+        if let Err(e) = w.send(frame) {
+            return fail(e.error);
         }
+        drop(w.take_done());
     }
-    let _ = w.shutdown(Shutdown::Write);
+    if let Err(e) = w.flush() {
+        return fail(e.error);
+    }
+    let _ = sock.shutdown(Shutdown::Write);
 }
 
 /// Runs the outbound flow on the calling thread (the sequencer), with the

@@ -1,6 +1,7 @@
 use super::*;
 use pmigrate_transport::frame::{FrameHdr, HEADER_LEN};
 use pmigrate_transport::payload::{build_control, build_data};
+use pmigrate_transport::BackendChoice;
 use std::io::Cursor;
 use std::sync::{Arc, Mutex as StdMutex};
 
@@ -65,20 +66,24 @@ fn listen() -> Acceptor {
     Acceptor::bind(&["127.0.0.1:0".parse().unwrap()]).unwrap()
 }
 
-fn opts() -> RelayRecvOptions {
+fn opts(backend: BackendChoice) -> RelayRecvOptions {
     RelayRecvOptions {
         stall_timeout: Duration::from_secs(2),
         accept_deadline: Some(Instant::now() + Duration::from_secs(30)),
         threads: 1,
+        backend,
     }
+}
+
+fn cfg(backend: BackendChoice, plan: StreamPlan) -> RelaySendConfig {
+    RelaySendConfig { backend, ..RelaySendConfig::new(plan) }
 }
 
 fn plan(addr: std::net::SocketAddr, streams: u16) -> StreamPlan {
     StreamPlan::new(vec![addr], streams)
 }
 
-#[test]
-fn streams_arrive_whole_and_in_order() {
+fn streams_arrive_whole_and_in_order(b: BackendChoice) {
     for (streams, threads, compression, reader_step, duplex) in
         [(1, 1, Compression::Off, 0, false), (4, 2, Compression::Auto, 1, true), (8, 3, Compression::On, 0, false)]
     {
@@ -87,8 +92,8 @@ fn streams_arrive_whole_and_in_order() {
         let addr = acc.local_addrs()[0];
         let sink = Sink::default();
         let local = Local { input: None, output: Some(Box::new(sink.clone())), abort: Box::new(|| {}) };
-        let rx = std::thread::spawn(move || receive(&acc, local, &opts()));
-        let cfg = RelaySendConfig { threads, compression, duplex, ..RelaySendConfig::new(plan(addr, streams)) };
+        let rx = std::thread::spawn(move || receive(&acc, local, &opts(b)));
+        let cfg = RelaySendConfig { threads, compression, duplex, ..cfg(b, plan(addr, streams)) };
         let input: Box<dyn Read + Send> = if reader_step == 0 {
             Box::new(Cursor::new(data.clone()))
         } else {
@@ -115,8 +120,7 @@ fn streams_arrive_whole_and_in_order() {
 
 /// Both ways at once: a large stream forward and small, uneven writes back
 /// (a return path), each end's local peer ending its writing at its own time.
-#[test]
-fn a_full_duplex_session_carries_both_ways_whole() {
+fn a_full_duplex_session_carries_both_ways_whole(b: BackendChoice) {
     let forward = payload(6 << 20);
     let back: Vec<u8> = payload(300 << 10).into_iter().rev().collect();
     let acc = listen();
@@ -127,8 +131,8 @@ fn a_full_duplex_session_carries_both_ways_whole() {
         output: Some(Box::new(fw_sink.clone())),
         abort: Box::new(|| {}),
     };
-    let rx = std::thread::spawn(move || receive(&acc, dst_local, &opts()));
-    let cfg = RelaySendConfig { threads: 2, ..RelaySendConfig::new(plan(addr, 3)) };
+    let rx = std::thread::spawn(move || receive(&acc, dst_local, &opts(b)));
+    let cfg = RelaySendConfig { threads: 2, ..cfg(b, plan(addr, 3)) };
     let src_local = Local {
         input: Some(Box::new(Cursor::new(forward.clone()))),
         output: Some(Box::new(bk_sink.clone())),
@@ -150,15 +154,14 @@ fn a_full_duplex_session_carries_both_ways_whole() {
 
 /// Unix sockets on both ends, as the proxy uses them: half-close passes
 /// through, and each local peer reads the other's bytes to their end.
-#[test]
-fn half_close_passes_through_sockets() {
+fn half_close_passes_through_sockets(b: BackendChoice) {
     use std::os::unix::net::UnixStream;
     let acc = listen();
     let addr = acc.local_addrs()[0];
     let (mut a_peer, a) = UnixStream::pair().unwrap();
-    let (mut b_peer, b) = UnixStream::pair().unwrap();
-    let rx = std::thread::spawn(move || receive(&acc, Local::unix(b).unwrap(), &opts()));
-    let tx = std::thread::spawn(move || send(Local::unix(a).unwrap(), &RelaySendConfig::new(plan(addr, 2))));
+    let (mut b_peer, b_end) = UnixStream::pair().unwrap();
+    let rx = std::thread::spawn(move || receive(&acc, Local::unix(b_end).unwrap(), &opts(b)));
+    let tx = std::thread::spawn(move || send(Local::unix(a).unwrap(), &cfg(b, plan(addr, 2))));
     // A says its piece and half-closes; B reads it to the end, then answers.
     a_peer.write_all(b"request").unwrap();
     a_peer.shutdown(Shutdown::Write).unwrap();
@@ -177,13 +180,12 @@ fn half_close_passes_through_sockets() {
 /// The other end's relay vanishing mid-stream reaches the local peer as a
 /// failure: its socket is shut down while it still expects bytes, and the
 /// relay reports an error.
-#[test]
-fn a_vanishing_peer_aborts_the_local_side() {
+fn a_vanishing_peer_aborts_the_local_side(b: BackendChoice) {
     use std::os::unix::net::UnixStream;
     let acc = listen();
     let addr = acc.local_addrs()[0];
     let (mut a_peer, a) = UnixStream::pair().unwrap();
-    let tx = std::thread::spawn(move || send(Local::unix(a).unwrap(), &RelaySendConfig::new(plan(addr, 2))));
+    let tx = std::thread::spawn(move || send(Local::unix(a).unwrap(), &cfg(b, plan(addr, 2))));
     let mut judge = |h: &Hello| Ok(h.caps & (CAP_LZ4 | CAP_DUPLEX));
     let accepted = acc.accept_session(Mode::Stream, &mut judge, None).unwrap();
     a_peer.write_all(&[1u8; 1000]).unwrap();
@@ -199,28 +201,26 @@ fn a_vanishing_peer_aborts_the_local_side() {
     assert!(a_peer.write_all(&[2u8; 1 << 20]).is_err(), "the relay no longer takes bytes");
 }
 
-#[test]
-fn a_session_naming_a_target_is_refused_by_a_plain_receiver() {
+fn a_session_naming_a_target_is_refused_by_a_plain_receiver(b: BackendChoice) {
     let acc = listen();
     let addr = acc.local_addrs()[0];
     let local = Local { input: None, output: Some(Box::new(Sink::default())), abort: Box::new(|| {}) };
-    let mut o = opts();
+    let mut o = opts(b);
     o.accept_deadline = Some(Instant::now() + Duration::from_secs(3));
     let rx = std::thread::spawn(move || receive(&acc, local, &o));
-    let cfg = RelaySendConfig { target: Some(0), ..RelaySendConfig::new(plan(addr, 1)) };
+    let cfg = RelaySendConfig { target: Some(0), ..cfg(b, plan(addr, 1)) };
     let err = send(Local::pipes(None, None), &cfg).expect_err("refused");
     assert!(err.to_string().contains("no targets"), "{err}");
     assert!(rx.join().unwrap().is_err(), "the receiver kept waiting for a real sender, then gave up");
 }
 
-#[test]
-fn an_empty_stream_ends_cleanly() {
+fn an_empty_stream_ends_cleanly(b: BackendChoice) {
     let acc = listen();
     let addr = acc.local_addrs()[0];
     let sink = Sink::default();
     let local = Local { input: None, output: Some(Box::new(sink.clone())), abort: Box::new(|| {}) };
-    let rx = std::thread::spawn(move || receive(&acc, local, &opts()));
-    let cfg = RelaySendConfig { threads: 1, ..RelaySendConfig::new(plan(addr, 2)) };
+    let rx = std::thread::spawn(move || receive(&acc, local, &opts(b)));
+    let cfg = RelaySendConfig { threads: 1, ..cfg(b, plan(addr, 2)) };
     assert_eq!(send(Local::pipes(None, None), &cfg).unwrap().forward.chunks, 0);
     assert_eq!(rx.join().unwrap().unwrap().forward.bytes, 0);
     assert!(sink.finished());
@@ -230,6 +230,7 @@ fn an_empty_stream_ends_cleanly() {
 /// With `vanish`, the sender closes its streams after the frames;
 /// otherwise it stays connected until the receiver has given its verdict.
 fn hostile_with(
+    b: BackendChoice,
     streams: u16,
     frames: Vec<(usize, Vec<u8>)>,
     vanish: bool,
@@ -238,7 +239,7 @@ fn hostile_with(
     let addr = acc.local_addrs()[0];
     let sink = Sink::default();
     let local = Local { input: None, output: Some(Box::new(sink.clone())), abort: Box::new(|| {}) };
-    let rx = std::thread::spawn(move || receive(&acc, local, &opts()));
+    let rx = std::thread::spawn(move || receive(&acc, local, &opts(b)));
     let hello = Hello {
         version: PROTOCOL_VERSION,
         mode: Mode::Stream,
@@ -262,8 +263,12 @@ fn hostile_with(
     (res, out)
 }
 
-fn hostile(streams: u16, frames: Vec<(usize, Vec<u8>)>) -> (Result<RelayReport, MigrateError>, Vec<u8>) {
-    hostile_with(streams, frames, false)
+fn hostile(
+    b: BackendChoice,
+    streams: u16,
+    frames: Vec<(usize, Vec<u8>)>,
+) -> (Result<RelayReport, MigrateError>, Vec<u8>) {
+    hostile_with(b, streams, frames, false)
 }
 
 fn data(seq: u64, byte: u8) -> Vec<u8> {
@@ -280,44 +285,76 @@ fn end(total: u64) -> Vec<u8> {
     f
 }
 
-#[test]
-fn a_corrupted_chunk_is_never_written() {
+fn a_corrupted_chunk_is_never_written(b: BackendChoice) {
     let mut bad = data(1, 2);
     bad[HEADER_LEN + 10] ^= 1;
-    let (res, out) = hostile(1, vec![(0, data(0, 1)), (0, bad), (0, data(2, 3)), (0, end(3))]);
+    let (res, out) = hostile(b, 1, vec![(0, data(0, 1)), (0, bad), (0, data(2, 3)), (0, end(3))]);
     let err = res.expect_err("corruption");
     assert!(err.to_string().contains("checksum"), "{err}");
     assert!(out.iter().all(|&b| b == 1), "only verified bytes, in order, reached the output");
 }
 
-#[test]
-fn a_skipped_chunk_is_an_error_not_a_hang() {
+fn a_skipped_chunk_is_an_error_not_a_hang(b: BackendChoice) {
     // Stream 0 carries 0, 2, 3, ...; stream 1 jumps ahead: chunk 1 never comes.
     let mut frames = vec![(0, data(0, 1))];
     for s in 2..200 {
         frames.push(((s % 2) as usize, data(s, 1)));
     }
-    let (res, _) = hostile(2, frames);
+    let (res, _) = hostile(b, 2, frames);
     let err = res.expect_err("gap");
     assert!(err.to_string().contains("skipped"), "{err}");
 }
 
-#[test]
-fn duplicates_oversized_chunks_and_a_short_end_are_refused() {
-    let (res, _) = hostile(2, vec![(0, data(0, 1)), (1, data(0, 1))]);
+fn duplicates_oversized_chunks_and_a_short_end_are_refused(b: BackendChoice) {
+    let (res, _) = hostile(b, 2, vec![(0, data(0, 1)), (1, data(0, 1))]);
     assert!(res.expect_err("dup").to_string().contains("duplicated"));
-    let (res, _) = hostile(1, vec![(0, data(0, 1)), (0, end(2))]);
+    let (res, _) = hostile(b, 1, vec![(0, data(0, 1)), (0, end(2))]);
     assert!(res.is_err(), "End announces a chunk that never came");
     let mut big = Vec::new();
     build_data(&mut big, 0, &vec![7u8; CHUNK + 1], false);
-    let (res, out) = hostile(1, vec![(0, big)]);
+    let (res, out) = hostile(b, 1, vec![(0, big)]);
     assert!(res.expect_err("big").to_string().contains("chunk of"));
     assert!(out.is_empty());
 }
 
-#[test]
-fn a_sender_that_vanishes_fails_the_receiver() {
-    let (res, _) = hostile_with(2, vec![(0, data(0, 1))], true);
+fn a_sender_that_vanishes_fails_the_receiver(b: BackendChoice) {
+    let (res, _) = hostile_with(b, 2, vec![(0, data(0, 1))], true);
     let err = res.expect_err("vanished");
     assert!(matches!(err, MigrateError::Transport(_)), "{err}");
 }
+
+/// Every case above runs over each I/O backend: the same bytes, the same
+/// failures. io_uring cases skip, saying why, where the kernel refuses it.
+macro_rules! over_each_backend {
+    ($($case:ident),* $(,)?) => {$(
+        mod $case {
+            use super::*;
+
+            #[test]
+            fn portable() {
+                super::$case(BackendChoice::Portable);
+            }
+
+            #[test]
+            fn io_uring() {
+                match pmigrate_transport::uring::probe() {
+                    Ok(_) => super::$case(BackendChoice::Uring),
+                    Err(why) => eprintln!("skipping {} over io_uring: {why}", stringify!($case)),
+                }
+            }
+        }
+    )*};
+}
+
+over_each_backend!(
+    streams_arrive_whole_and_in_order,
+    a_full_duplex_session_carries_both_ways_whole,
+    half_close_passes_through_sockets,
+    a_vanishing_peer_aborts_the_local_side,
+    a_session_naming_a_target_is_refused_by_a_plain_receiver,
+    an_empty_stream_ends_cleanly,
+    a_corrupted_chunk_is_never_written,
+    a_skipped_chunk_is_an_error_not_a_hang,
+    duplicates_oversized_chunks_and_a_short_end_are_refused,
+    a_sender_that_vanishes_fails_the_receiver,
+);

@@ -44,7 +44,7 @@ use pmigrate_transport::hello::{
 };
 use pmigrate_transport::payload::{build_control, zero_page_hash, Scratch};
 use pmigrate_transport::session::{connect_session, new_session_id, StreamPlan};
-use pmigrate_transport::{Link, TransportError};
+use pmigrate_transport::{BackendChoice, Link, TransportError};
 
 use crate::digest::digest_handing_over;
 use crate::dirty::{tracker_for, DirtyTracker, TrackerKind};
@@ -96,6 +96,8 @@ pub struct SourceConfig {
     /// fewer if pre-copy converges first), see [`crate::postcopy`]. `None`:
     /// pre-copy to the end.
     pub postcopy: Option<u32>,
+    /// The I/O backend of the streams.
+    pub io: BackendChoice,
 }
 
 impl Default for SourceConfig {
@@ -110,6 +112,7 @@ impl Default for SourceConfig {
             tracker: TrackerKind::Auto,
             zero_copy: true,
             postcopy: None,
+            io: BackendChoice::Auto,
         }
     }
 }
@@ -410,6 +413,7 @@ impl<'r> Run<'r> {
         pause: Option<PauseHook<'_>>,
     ) -> Result<Report, MigrateError> {
         let n = streams.len();
+        let io = self.cfg.io.resolve()?.backend;
         let streams: Vec<Link> = streams.into_iter().map(Link::new).collect();
         let ends: Vec<(String, String)> = streams
             .iter()
@@ -440,6 +444,7 @@ impl<'r> Run<'r> {
             } else {
                 "off".into()
             },
+            io: io.to_string(),
             mode: match this.cfg.postcopy {
                 None => "pre-copy".into(),
                 Some(0) => "post-copy".into(),
@@ -454,7 +459,7 @@ impl<'r> Run<'r> {
                 let (pool, st) = (pool_tx.clone(), &stats[i]);
                 let redial = move |seen, e| this.redial(stream, i, seen, e);
                 senders.push(s.spawn(move || {
-                    sender(stream, i, rx, pool, st, this.progress, &this.abort, &this.finished, &redial)
+                    sender(stream, i, rx, pool, st, this.progress, &this.abort, &this.finished, &redial, io)
                 }));
                 let listen = Listen {
                     verdict: verdict_tx.clone(),

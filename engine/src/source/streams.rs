@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
 use hdrhistogram::Histogram;
+use pmigrate_transport::backend::{Backend, FrameWriter};
 use pmigrate_transport::frame::{FrameHdr, FrameKind, FLAG_FINAL};
 use pmigrate_transport::net::{write_frame, FrameReader};
 use pmigrate_transport::payload::build_control;
@@ -53,6 +54,8 @@ pub(super) struct Writer<'a> {
 }
 
 impl Writer<'_> {
+    /// Writes one frame with a blocking write (the listener's answers:
+    /// one at a time, at once).
     pub(super) fn write(&mut self, frame: &[u8]) -> Result<(), TransportError> {
         loop {
             if self.settled.load(Ordering::Acquire) {
@@ -70,6 +73,60 @@ impl Writer<'_> {
     }
 }
 
+/// A stream's sender: frames from the queue to the link through the I/O
+/// backend, as many at once as are waiting; after a broken connection,
+/// every frame not wholly written goes again, whole and in order, on the
+/// new one.
+struct BatchWriter<'a> {
+    out: Writer<'a>,
+    backend: Backend,
+    /// The backend's writer on connection generation `out.cur.1`.
+    w: FrameWriter,
+}
+
+impl<'a> BatchWriter<'a> {
+    fn new(out: Writer<'a>, backend: Backend) -> Result<Self, TransportError> {
+        let w = FrameWriter::new(out.cur.0.clone(), backend)?;
+        Ok(Self { out, backend, w })
+    }
+
+    /// Writes `frames` wholly, in order; hands back the buffers.
+    fn write(&mut self, frames: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, TransportError> {
+        let mut todo = frames;
+        loop {
+            if self.out.settled.load(Ordering::Acquire) {
+                return Ok(Vec::new());
+            }
+            let res = {
+                // One batch at a time on the link: the listener answers
+                // page requests on the same connection between batches.
+                let _one = self.out.link.lock_writes();
+                let mut it = todo.into_iter();
+                let mut res = it.by_ref().try_for_each(|f| self.w.send(f));
+                if res.is_ok() {
+                    res = self.w.flush();
+                }
+                res.map_err(|mut f| {
+                    f.unsent.extend(it);
+                    f
+                })
+            };
+            match res {
+                Ok(()) => return Ok(self.w.take_done()),
+                Err(f) => {
+                    let e = TransportError::io(format!("{}: write", self.out.name), f.error);
+                    self.out.cur = (self.out.redial)(self.out.cur.1, e)?;
+                    self.w = FrameWriter::new(self.out.cur.0.clone(), self.backend)?;
+                    todo = f.unsent;
+                }
+            }
+        }
+    }
+}
+
+/// Frames in one batch at most (io_uring submits them as one chain).
+const BATCH: usize = pmigrate_transport::backend::URING_DEPTH;
+
 #[allow(clippy::too_many_arguments)]
 pub(super) fn sender(
     link: &Link,
@@ -81,48 +138,53 @@ pub(super) fn sender(
     abort: &AtomicBool,
     settled: &AtomicBool,
     redial: &Redial<'_>,
+    backend: Backend,
 ) -> Result<Histogram<u64>, MigrateError> {
     let name = format!("stream {index}");
-    let mut out = Writer { link, cur: link.current(), redial, name: name.clone(), settled };
     let mut frames_this_round = 0u64;
     // Microseconds from a frame sealed to its last byte handed to the kernel.
     let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 2).expect("valid histogram bounds");
-    let mut ctl = Vec::with_capacity(64);
     let res = (|| {
-        for msg in rx.iter() {
-            let buf: &[u8] = match msg {
-                Msg::Frame(f, sealed) => {
-                    out.write(&f)?;
-                    latency.saturating_record(sealed.elapsed().as_micros() as u64);
-                    frames_this_round += 1;
-                    stats.frames.fetch_add(1, Ordering::Relaxed);
-                    stats.bytes.fetch_add(f.len() as u64, Ordering::Relaxed);
-                    progress.wire_bytes.fetch_add(f.len() as u64, Ordering::Relaxed);
-                    let _ = pool.try_send(f);
-                    continue;
-                }
-                Msg::RoundEnd { round, last } => {
-                    let mut h = FrameHdr::new(FrameKind::RoundEnd);
-                    h.aux = round;
-                    h.first = frames_this_round;
-                    h.flags = if last { FLAG_FINAL } else { 0 };
-                    frames_this_round = 0;
-                    build_control(&mut ctl, h, &[]);
-                    &ctl
-                }
-                Msg::Control(f) => {
-                    ctl = f;
-                    &ctl
-                }
-                Msg::Done { digest } => {
-                    let mut h = FrameHdr::new(FrameKind::Done);
-                    h.aux = digest;
-                    build_control(&mut ctl, h, &[]);
-                    &ctl
-                }
-            };
-            out.write(buf)?;
-            stats.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        let out = Writer { link, cur: link.current(), redial, name, settled };
+        let mut out = BatchWriter::new(out, backend)?;
+        let mut batch = Vec::with_capacity(BATCH);
+        let mut sealed = Vec::with_capacity(BATCH);
+        while let Ok(first) = rx.recv() {
+            // Whatever else is queued goes in the same batch.
+            let more = std::iter::from_fn(|| rx.try_recv().ok()).take(BATCH - 1);
+            for msg in std::iter::once(first).chain(more) {
+                let frame = match msg {
+                    Msg::Frame(f, at) => {
+                        sealed.push(at);
+                        frames_this_round += 1;
+                        stats.frames.fetch_add(1, Ordering::Relaxed);
+                        progress.wire_bytes.fetch_add(f.len() as u64, Ordering::Relaxed);
+                        f
+                    }
+                    Msg::RoundEnd { round, last } => {
+                        let mut h = FrameHdr::new(FrameKind::RoundEnd);
+                        h.aux = round;
+                        h.first = frames_this_round;
+                        h.flags = if last { FLAG_FINAL } else { 0 };
+                        frames_this_round = 0;
+                        control(h)
+                    }
+                    Msg::Control(f) => f,
+                    Msg::Done { digest } => {
+                        let mut h = FrameHdr::new(FrameKind::Done);
+                        h.aux = digest;
+                        control(h)
+                    }
+                };
+                stats.bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
+                batch.push(frame);
+            }
+            for buf in out.write(std::mem::take(&mut batch))? {
+                let _ = pool.try_send(buf);
+            }
+            for at in sealed.drain(..) {
+                latency.saturating_record(at.elapsed().as_micros() as u64);
+            }
         }
         Ok::<(), TransportError>(())
     })();
@@ -130,6 +192,12 @@ pub(super) fn sender(
         abort.store(true, Ordering::Relaxed);
     }
     res.map(|()| latency).map_err(MigrateError::from)
+}
+
+fn control(h: FrameHdr) -> Vec<u8> {
+    let mut f = Vec::with_capacity(64);
+    build_control(&mut f, h, &[]);
+    f
 }
 
 /// Where a stream's listener passes what the destination says.

@@ -1,0 +1,243 @@
+//! The I/O backend of a stream: how its bytes move between this process and
+//! the kernel. Both backends move the same bytes; only the system calls
+//! differ.
+//!
+//! - [`Backend::Portable`]: blocking `write`/`read` on the socket, one
+//!   system call per frame written (or more for a short write).
+//! - [`Backend::Uring`]: io_uring ([`crate::uring`]). A writer queues whole
+//!   frames and submits them as one linked chain per `io_uring_enter`, so a
+//!   sender with frames waiting makes one system call for several; the
+//!   kernel keeps the chain going (a send that finds the socket full is
+//!   parked on a poll, no thread blocks on it). A reader serves small reads
+//!   from a registered staging buffer and large ones straight into the
+//!   frame.
+//!
+//! [`BackendChoice::resolve`] picks one at run time: io_uring where the
+//! probe says it works, the portable backend otherwise (with the reason);
+//! either can be forced.
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+
+use crate::net::{FrameReader, TransportError};
+use crate::uring::{self, Outgoing, UringReader, UringWriter, WriterOptions};
+
+/// Frames in one io_uring chain at most: enough that a sender with a full
+/// queue (4 frames of 256 KiB) submits them all at once.
+pub const URING_DEPTH: usize = 8;
+
+/// Size of the io_uring reader's registered staging buffer: headers and
+/// small control frames come through it; payloads of at least this size are
+/// read straight into the frame.
+pub const URING_STAGING: usize = 64 << 10;
+
+/// The I/O backend in use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// Blocking reads and writes.
+    Portable,
+    /// io_uring.
+    Uring,
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Portable => "portable",
+            Backend::Uring => "io_uring",
+        })
+    }
+}
+
+/// Which backend to use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// io_uring when the kernel allows it, else the portable backend.
+    #[default]
+    Auto,
+    /// Always the portable backend.
+    Portable,
+    /// io_uring, or fail.
+    Uring,
+}
+
+impl std::str::FromStr for BackendChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(BackendChoice::Auto),
+            "portable" => Ok(BackendChoice::Portable),
+            "uring" | "io_uring" | "io-uring" => Ok(BackendChoice::Uring),
+            _ => Err(format!("the I/O backend is auto, uring or portable, not {s:?}")),
+        }
+    }
+}
+
+/// A resolved choice: the backend, and why not io_uring when it was not
+/// forced and the probe said no.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolved {
+    /// The backend to use.
+    pub backend: Backend,
+    /// Why `Auto` fell back to the portable backend.
+    pub fallback: Option<String>,
+}
+
+impl BackendChoice {
+    /// Probes (once per process) and picks the backend.
+    pub fn resolve(self) -> Result<Resolved, TransportError> {
+        match self {
+            BackendChoice::Portable => Ok(Resolved { backend: Backend::Portable, fallback: None }),
+            BackendChoice::Uring => match uring::probe() {
+                Ok(_) => Ok(Resolved { backend: Backend::Uring, fallback: None }),
+                Err(why) => Err(TransportError::Setup(format!("io_uring was asked for: {why}"))),
+            },
+            BackendChoice::Auto => Ok(match uring::probe() {
+                Ok(_) => Resolved { backend: Backend::Uring, fallback: None },
+                Err(why) => Resolved { backend: Backend::Portable, fallback: Some(why.to_string()) },
+            }),
+        }
+    }
+}
+
+/// Writes whole frames to one connection with either backend.
+pub enum FrameWriter {
+    /// Blocking `write_all`; the buffers written, for reuse.
+    Portable(Arc<TcpStream>, Vec<Vec<u8>>),
+    /// io_uring chains.
+    Uring(Box<UringWriter>),
+}
+
+impl FrameWriter {
+    /// A writer on `sock`.
+    pub fn new(sock: Arc<TcpStream>, backend: Backend) -> Result<Self, TransportError> {
+        Ok(match backend {
+            Backend::Portable => FrameWriter::Portable(sock, Vec::new()),
+            Backend::Uring => {
+                let opts = WriterOptions { depth: URING_DEPTH, zero_copy: false };
+                let w = UringWriter::new(sock, opts, None)
+                    .map_err(|e| TransportError::Setup(format!("io_uring writer: {e}")))?;
+                FrameWriter::Uring(Box::new(w))
+            }
+        })
+    }
+
+    /// Hands `frame` over: the portable writer writes it now, the io_uring
+    /// writer queues it (and submits a chain when none is in flight). On
+    /// failure every frame not wholly written comes back, in order, this
+    /// one included, for writing again whole on a new connection.
+    pub fn send(&mut self, frame: Vec<u8>) -> Result<(), WriteFailure> {
+        match self {
+            FrameWriter::Portable(s, done) => match (&**s).write_all(&frame) {
+                Ok(()) => {
+                    done.push(frame);
+                    Ok(())
+                }
+                Err(error) => Err(WriteFailure { error, unsent: vec![frame] }),
+            },
+            FrameWriter::Uring(w) => w.send(frame).map_err(WriteFailure::from),
+        }
+    }
+
+    /// Waits until every frame handed over was wholly written.
+    pub fn flush(&mut self) -> Result<(), WriteFailure> {
+        match self {
+            FrameWriter::Portable(..) => Ok(()),
+            FrameWriter::Uring(w) => w.flush().map_err(WriteFailure::from),
+        }
+    }
+
+    /// Buffers whose frames were written, for reuse.
+    pub fn take_done(&mut self) -> Vec<Vec<u8>> {
+        match self {
+            FrameWriter::Portable(_, done) => std::mem::take(done),
+            // Arena buffers go back to their pool when dropped.
+            FrameWriter::Uring(w) => {
+                w.take_done().filter_map(|o| matches!(o, Outgoing::Vec(_)).then(|| into_vec(o))).collect()
+            }
+        }
+    }
+}
+
+fn into_vec(o: Outgoing) -> Vec<u8> {
+    match o {
+        Outgoing::Vec(v) => v,
+        Outgoing::Buf(b) => b.as_slice().to_vec(),
+    }
+}
+
+/// A write failed; the connection is no good any more.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct WriteFailure {
+    /// What failed.
+    #[source]
+    pub error: io::Error,
+    /// Every frame not wholly written, in order.
+    pub unsent: Vec<Vec<u8>>,
+}
+
+impl From<uring::SendFailure> for WriteFailure {
+    fn from(f: uring::SendFailure) -> Self {
+        let unsent = f.unsent.into_iter().map(into_vec).collect();
+        WriteFailure { error: f.error, unsent }
+    }
+}
+
+/// The reading side of one connection with either backend.
+pub enum StreamIn {
+    /// Blocking reads.
+    Portable(Arc<TcpStream>),
+    /// io_uring reads.
+    Uring(Box<UringReader>),
+}
+
+impl Read for StreamIn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            StreamIn::Portable(s) => (&**s).read(buf),
+            StreamIn::Uring(r) => r.read(buf),
+        }
+    }
+}
+
+/// A frame reader on `sock` with `backend`. Set the socket's read timeout
+/// first: the io_uring reader takes it over when it is made.
+pub fn frame_reader(
+    sock: Arc<TcpStream>,
+    backend: Backend,
+    name: impl Into<String>,
+) -> Result<FrameReader<StreamIn>, TransportError> {
+    Ok(match backend {
+        Backend::Portable => FrameReader::new(StreamIn::Portable(sock), name),
+        Backend::Uring => {
+            let r = UringReader::new(sock, URING_STAGING)
+                .map_err(|e| TransportError::Setup(format!("io_uring reader: {e}")))?;
+            // The reader stages small reads itself: no second buffer.
+            FrameReader::unbuffered(StreamIn::Uring(Box::new(r)), name)
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn choices_parse_and_resolve() {
+        assert_eq!("auto".parse::<BackendChoice>().unwrap(), BackendChoice::Auto);
+        assert_eq!("io_uring".parse::<BackendChoice>().unwrap(), BackendChoice::Uring);
+        assert!("epoll".parse::<BackendChoice>().is_err());
+        let portable = BackendChoice::Portable.resolve().unwrap();
+        assert_eq!(portable, Resolved { backend: Backend::Portable, fallback: None });
+        // Auto is io_uring exactly when the probe says so, else says why not.
+        let auto = BackendChoice::Auto.resolve().unwrap();
+        match uring::probe() {
+            Ok(_) => assert_eq!(auto.backend, Backend::Uring),
+            Err(why) => assert_eq!(auto.fallback, Some(why.to_string())),
+        }
+        assert_eq!(BackendChoice::Uring.resolve().is_ok(), uring::probe().is_ok());
+    }
+}
