@@ -101,7 +101,7 @@ pub fn run_watched(sc: &Scenario, seed: u64, watch: &(dyn Fn(Arc<Progress>) + Sy
             };
             let _ = addr_tx.send(Some(acceptor.local_addrs()));
             let incoming = Incoming::accept_for(&acceptor, dst, None)?;
-            Ok(incoming.receive(dst, &ReceiveOptions::default())?)
+            Ok(incoming.receive(dst, &ReceiveOptions { io: sc.config.io, ..ReceiveOptions::default() })?)
         });
         let Some(addrs) = addr_rx.recv()? else {
             return Err(rx.join().expect("destination thread").expect_err("bind failed"));

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Result};
 use clap::Args;
-use pmigrate::{Compression, SourceConfig, TrackerKind, Via};
+use pmigrate::{BackendChoice, Compression, SourceConfig, TrackerKind, Via};
 use pmigrate_bench::ceiling;
 use pmigrate_bench::loopback::{self, Scenario};
 use pmigrate_bench::synth::{ContentMix, MutatorConfig, Skew};
@@ -68,6 +68,14 @@ pub struct BenchArgs {
     /// round trip, and the bytes free-page hints save.
     #[arg(long)]
     postcopy: bool,
+    /// The I/O backends against each other instead: portable and io_uring,
+    /// 1 and 4 streams, over the path given (loopback, or --listen/--via
+    /// /--netns); throughput and CPU seconds per GiB of each.
+    #[arg(long)]
+    io_compare: bool,
+    /// I/O backend of the pmigrate runs: auto, uring or portable.
+    #[arg(long, default_value = "auto")]
+    io: BackendChoice,
     /// Largest region also migrated through the copy path for comparison.
     #[arg(long, default_value_t = 4)]
     copy_max_gib: u64,
@@ -84,6 +92,7 @@ struct Row {
     links: usize,
     dirty_mib_s: u64,
     compression: String,
+    io: String,
     total_secs: f64,
     downtime_ms: f64,
     rounds: usize,
@@ -128,6 +137,7 @@ fn measure(
     links: usize,
     dirty_mib_s: u64,
     compression: Compression,
+    io: BackendChoice,
 ) -> Result<Row> {
     let memory = a.memory_mib << 20;
     let (listen, via) = plan.links(links);
@@ -151,6 +161,7 @@ fn measure(
             tracker: TrackerKind::Hash,
             max_rounds: 30,
             downtime_target: Duration::from_millis(300),
+            io,
             ..SourceConfig::default()
         },
         listen,
@@ -171,6 +182,7 @@ fn measure(
         links,
         dirty_mib_s,
         compression: format!("{compression:?}").to_lowercase(),
+        io: s.io.clone(),
         total_secs: s.total_secs,
         downtime_ms: s.downtime_secs * 1e3,
         rounds: s.rounds.len(),
@@ -205,6 +217,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.postcopy {
         return postcopy(&a);
     }
+    if a.io_compare {
+        return io_compare(&a, &plan);
+    }
     let path = ceiling::Path { listen: plan.listen.clone(), via: plan.via.clone(), netns: plan.netns.clone() };
     eprintln!("measuring raw TCP over the same path ({} streams)...", a.streams);
     let ceiling = ceiling::raw_tcp(&path, a.streams as usize, (a.memory_mib << 20).min(1 << 30))?;
@@ -212,12 +227,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let memcpy = ceiling::memory_copy(256 << 20, a.threads) / MIB;
     let links = plan.listen.len().max(plan.via.len());
     let mut rows = vec![
-        measure(&a, &plan, "classic (1 thread, 1 stream, no lz4)", 1, 1, links, a.dirty_mib_s, Compression::Off)?,
-        measure(&a, &plan, "pmigrate", a.threads, a.streams, links, a.dirty_mib_s, a.compress)?,
+        measure(&a, &plan, "classic (1 thread, 1 stream, no lz4)", 1, 1, links, a.dirty_mib_s, Compression::Off, a.io)?,
+        measure(&a, &plan, "pmigrate", a.threads, a.streams, links, a.dirty_mib_s, a.compress, a.io)?,
     ];
     for m in &a.matrix {
         let (t, s) = m.split_once('x').ok_or_else(|| anyhow!("{m:?}: expected THREADSxSTREAMS"))?;
-        rows.push(measure(&a, &plan, "pmigrate", t.parse()?, s.parse()?, links, a.dirty_mib_s, a.compress)?);
+        rows.push(measure(&a, &plan, "pmigrate", t.parse()?, s.parse()?, links, a.dirty_mib_s, a.compress, a.io)?);
     }
     if a.json {
         println!(
@@ -291,6 +306,81 @@ pub fn run(a: BenchArgs) -> Result<()> {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         );
     }
+    Ok(())
+}
+
+/// Portable against io_uring, 1 and 4 streams, on one path, in one run:
+/// the transfer rate and the CPU both ends spend per GiB.
+fn io_compare(a: &BenchArgs, plan: &Plan) -> Result<()> {
+    use pmigrate::transport::uring;
+    if let Err(why) = uring::probe() {
+        anyhow::bail!("io_uring is not usable here, nothing to compare: {why}");
+    }
+    let links = plan.listen.len().max(plan.via.len());
+    let path = ceiling::Path { listen: plan.listen.clone(), via: plan.via.clone(), netns: plan.netns.clone() };
+    let mut out = Vec::new();
+    for streams in [1u16, 4] {
+        eprintln!("measuring raw TCP over the same path ({streams} streams)...");
+        let raw = ceiling::raw_tcp(&path, streams as usize, (a.memory_mib << 20).min(1 << 30))?;
+        let mut pair = Vec::new();
+        for io in [BackendChoice::Portable, BackendChoice::Uring] {
+            pair.push(measure(a, plan, "pmigrate", a.threads, streams, links, 0, a.compress, io)?);
+        }
+        out.push((streams, raw, pair));
+    }
+    if a.json {
+        let rows: Vec<_> = out
+            .iter()
+            .map(|(s, raw, pair)| {
+                serde_json::json!({
+                    "streams": s,
+                    "raw_tcp_mib_s": raw.bytes_per_sec / MIB,
+                    "raw_tcp_cpu_secs_per_gib": raw.cpu_secs_per_gib,
+                    "runs": pair,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "memory_mib": a.memory_mib, "mix": a.mix, "by_streams": rows })
+            )?
+        );
+        return Ok(());
+    }
+    println!(
+        "I/O backends, {} MiB ({:?}, lz4 {:?}) to {:?}{}, {} threads; both ends in this process",
+        a.memory_mib,
+        a.mix,
+        a.compress,
+        plan.listen,
+        a.netns.as_ref().map(|n| format!(" (namespaces {n})")).unwrap_or_default(),
+        a.threads
+    );
+    println!(
+        "{:>7} {:<9} {:>11} {:>10} {:>12} {:>13} {:>14}",
+        "streams", "backend", "xfer MiB/s", "cpu s/GiB", "GiB per CPU s", "vs portable", "raw TCP MiB/s"
+    );
+    for (streams, raw, pair) in &out {
+        let base = &pair[0];
+        for r in pair {
+            println!(
+                "{:>7} {:<9} {:>11.0} {:>10.2} {:>12.2} {:>6.2}x / {:.2}x {:>11.0}",
+                streams,
+                r.io,
+                r.transfer_mib_s,
+                r.cpu_secs_per_gib,
+                1.0 / r.cpu_secs_per_gib,
+                r.transfer_mib_s / base.transfer_mib_s,
+                base.cpu_secs_per_gib / r.cpu_secs_per_gib,
+                raw.bytes_per_sec / MIB
+            );
+        }
+    }
+    println!(
+        "(vs portable: transfer rate, then work per CPU second (portable's cpu s/GiB over this one's); cpu: user + sys \
+         of both ends per GiB of guest memory, io_uring's kernel workers included)"
+    );
     Ok(())
 }
 
@@ -415,7 +505,7 @@ fn sweep(a: &BenchArgs, plan: &Plan) -> Result<()> {
             let streams = streams.max(links as u16);
             let raw = ceiling::raw_tcp(&path, streams as usize, (a.memory_mib << 20).min(1 << 30))?.bytes_per_sec / MIB;
             for &rate in &rates {
-                let r = measure(a, plan, "sweep", threads, streams, links, rate, a.compress)?;
+                let r = measure(a, plan, "sweep", threads, streams, links, rate, a.compress, a.io)?;
                 writeln!(
                     out,
                     "{},{},{},{},{},{:.3},{:.1},{},{},{:.1},{:.1},{:.1},{:.1},{:.3},{}",

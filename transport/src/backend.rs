@@ -125,9 +125,10 @@ impl FrameWriter {
     }
 
     /// Hands `frame` over: the portable writer writes it now, the io_uring
-    /// writer queues it (and submits a chain when none is in flight). On
-    /// failure every frame not wholly written comes back, in order, this
-    /// one included, for writing again whole on a new connection.
+    /// writer queues it for [`FrameWriter::flush`], which submits what is
+    /// queued and waits for it in one system call per chain. On failure
+    /// every frame not wholly written comes back, in order, this one
+    /// included, for writing again whole on a new connection.
     pub fn send(&mut self, frame: Vec<u8>) -> Result<(), WriteFailure> {
         match self {
             FrameWriter::Portable(s, done) => match (&**s).write_all(&frame) {
@@ -137,7 +138,7 @@ impl FrameWriter {
                 }
                 Err(error) => Err(WriteFailure { error, unsent: vec![frame] }),
             },
-            FrameWriter::Uring(w) => w.send(frame).map_err(WriteFailure::from),
+            FrameWriter::Uring(w) => w.queue(frame).map_err(WriteFailure::from),
         }
     }
 

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::thread::Scope;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Select, Sender, TryRecvError};
-use pmigrate_transport::backend::{Backend, FrameWriter};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Select, Sender};
+use pmigrate_transport::backend::{Backend, FrameWriter, URING_DEPTH};
 use pmigrate_transport::frame::{Encoding, FrameKind, HEADER_LEN};
 use pmigrate_transport::payload::build_data;
 use pmigrate_transport::TransportError;
@@ -44,32 +44,22 @@ pub(super) fn stream_writer(shared: &Shared<'_>, i: usize, rx: Receiver<Vec<u8>>
         },
         Err(e) => return shared.fail(i, e.into()),
     };
-    loop {
-        // Frames waiting go out together (one chain with io_uring); the
-        // writer is flushed before it waits for more.
-        let frame = match rx.try_recv() {
-            Ok(f) => f,
-            Err(TryRecvError::Empty) => {
-                if let Err(e) = w.flush() {
-                    return fail(e.error);
-                }
-                match rx.recv() {
-                    Ok(f) => f,
-                    Err(_) => break,
-                }
+    // Whatever is queued goes out together (one chain, one system call,
+    // with io_uring), up to a batch at a time.
+    while let Ok(first) = rx.recv() {
+        let more = std::iter::from_fn(|| rx.try_recv().ok()).take(URING_DEPTH - 1);
+        for frame in std::iter::once(first).chain(more) {
+            if shared.failed() {
+                return;
             }
-            Err(TryRecvError::Disconnected) => break,
-        };
-        if shared.failed() {
-            return;
+            if let Err(e) = w.send(frame) {
+                return fail(e.error);
+            }
         }
-        if let Err(e) = w.send(frame) {
+        if let Err(e) = w.flush() {
             return fail(e.error);
         }
         drop(w.take_done());
-    }
-    if let Err(e) = w.flush() {
-        return fail(e.error);
     }
     let _ = sock.shutdown(Shutdown::Write);
 }

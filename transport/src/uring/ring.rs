@@ -42,6 +42,24 @@ pub(super) fn submit(ring: &IoUring) -> io::Result<usize> {
     }
 }
 
+/// Like [`submit`], and waits in the same `io_uring_enter` until `want`
+/// completions are posted (a signal may cut the wait short: the caller
+/// waits again for what is missing).
+pub(super) fn submit_and_wait(ring: &IoUring, want: usize) -> io::Result<usize> {
+    let mut tries = 0;
+    loop {
+        match ring.submit_and_wait(want) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) && tries < SUBMIT_TRIES => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Waits until at least `want` completions are posted, or `timeout`
 /// passed, or a signal came: `Ok(false)` only for the timeout. Submits
 /// nothing, whatever sits in the submission queue.

@@ -379,6 +379,27 @@ impl UringWriter {
         Ok(())
     }
 
+    /// Queues `frame` without submitting anything: the next [`flush`]
+    /// submits the queue and waits for it in one `io_uring_enter` per
+    /// chain, so a caller that queues what it has and then flushes makes
+    /// one system call for up to `depth` frames.
+    ///
+    /// [`flush`]: UringWriter::flush
+    pub fn queue(&mut self, frame: impl Into<Outgoing>) -> Result<(), SendFailure> {
+        let frame = frame.into();
+        if let Some(error) = self.failed_error() {
+            return Err(SendFailure { error, unsent: vec![frame] });
+        }
+        if frame.is_empty() {
+            self.done.push_back(frame);
+            return Ok(());
+        }
+        let key =
+            self.slab.insert(Entry { frame, sent: 0, last_res: 0, in_flight: false, notifs: 0, stage: Stage::Pending });
+        self.pending.push_back(key);
+        Ok(())
+    }
+
     /// Without blocking (except to wait for completion-queue room): takes
     /// the completions posted and, when no chain is in flight, submits the
     /// next one.
@@ -407,7 +428,7 @@ impl UringWriter {
             if self.pending.is_empty() {
                 return Ok(());
             }
-            self.start_chain()?;
+            self.start_chain_with(true)?;
         }
     }
 
@@ -554,6 +575,12 @@ impl UringWriter {
     /// Submits the next chain: up to `depth` frames from the front of
     /// `pending`, linked, in one `io_uring_enter`.
     fn start_chain(&mut self) -> Result<(), SendFailure> {
+        self.start_chain_with(false)
+    }
+
+    /// [`Self::start_chain`]; with `wait`, the same `io_uring_enter` also
+    /// waits for the chain's sends to complete.
+    fn start_chain_with(&mut self, wait: bool) -> Result<(), SendFailure> {
         let want = self.pending.len().min(self.depth);
         if want == 0 || self.in_chain > 0 {
             return Ok(());
@@ -601,7 +628,8 @@ impl UringWriter {
         drop(sq);
         self.in_chain = pushed;
         self.chain_left = pushed;
-        match ring::submit(&self.ring) {
+        let took = if wait { ring::submit_and_wait(&self.ring, pushed) } else { ring::submit(&self.ring) };
+        match took {
             Ok(took) if took >= pushed => Ok(()),
             Ok(took) => {
                 self.sq_dirty = true;
