@@ -80,7 +80,8 @@ fn hello(size: u64, session: [u8; 16]) -> Hello {
 /// A hand-driven source: a real handshake, then whatever bytes we like.
 fn fake_source(addr: SocketAddr, streams: u16) -> Vec<TcpStream> {
     let plan = StreamPlan::new(vec![addr], streams);
-    connect_session(&plan, &hello(MEM, new_session_id())).unwrap().0
+    let (streams, _) = connect_session(&plan, &hello(MEM, new_session_id())).unwrap();
+    streams.into_iter().map(|c| c.into_tcp().expect("a plan without TLS gives TCP streams")).collect()
 }
 
 fn page_frame(first: u64, round: u64, fill_byte: u8) -> Vec<u8> {

@@ -29,7 +29,7 @@ use pmigrate_transport::hello::{
 use pmigrate_transport::net::{write_frame, FrameReader};
 use pmigrate_transport::payload::{build_control, zero_page_hash, OpenedPages, Opener};
 use pmigrate_transport::session::send_error;
-use pmigrate_transport::{Accepted, Acceptor, BackendChoice, Link, TransportError};
+use pmigrate_transport::{Accepted, Acceptor, BackendChoice, Conn, Link, TransportError};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::digest::digest_handing_over;
@@ -182,7 +182,11 @@ impl Incoming {
         resume: impl FnOnce() -> Result<(), String> + Send,
     ) -> Result<Report, MigrateError> {
         let shared_paths = self.shared_paths();
-        let streams: Vec<Link> = std::mem::take(&mut self.accepted.streams).into_iter().map(Link::new).collect();
+        let streams = std::mem::take(&mut self.accepted.streams).into_iter().map(Conn::into_tcp);
+        let Ok(streams) = streams.collect::<Result<Vec<TcpStream>, Conn>>() else {
+            return Err(TransportError::Setup("memory migrations run over plain TCP, not TLS".into()).into());
+        };
+        let streams: Vec<Link> = streams.into_iter().map(Link::new).collect();
         let (session, caps) = (self.accepted.hello.session, self.accepted.caps);
         if let Err(why) = layout_matches(mem, &self.accepted.hello.regions) {
             for s in &streams {
@@ -623,7 +627,8 @@ impl State<'_> {
     ) -> Result<StreamOutcome, MigrateError> {
         let reader_on = |s: &Arc<TcpStream>| -> Result<FrameReader<StreamIn>, MigrateError> {
             s.set_read_timeout(Some(READ_TICK)).map_err(|e| TransportError::io(format!("stream {index}"), e))?;
-            let mut r = frame_reader(s.clone(), self.io, format!("stream {index}"))?;
+            let conn = s.try_clone().map_err(|e| TransportError::io(format!("stream {index}"), e))?;
+            let mut r = frame_reader(conn.into(), self.io, format!("stream {index}"))?;
             r.set_stall_limit(opts.stall_timeout);
             Ok(r)
         };

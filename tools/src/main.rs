@@ -19,6 +19,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use pmigrate::engine::relay::{self, Local, RelayRecvOptions, RelaySendConfig};
 use pmigrate::transport::session::StreamPlan;
+use pmigrate::transport::tls::TlsConfig;
 use pmigrate::{
     Acceptor, BackendChoice, Compression, Gpa, GuestMemory, GuestRegion, HostPageSize, Incoming, Progress,
     ReceiveOptions, Source, SourceConfig, TrackerKind, Via,
@@ -112,6 +113,37 @@ pub(crate) struct StreamArgs {
     pub(crate) io: BackendChoice,
 }
 
+/// Mutual TLS over every stream (byte-stream sessions: `send`/`recv`,
+/// `proxy`): all three files, or none.
+#[derive(Args)]
+pub(crate) struct TlsArgs {
+    /// This end's certificate chain (PEM), leaf first.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// This end's private key (PEM).
+    #[arg(long, requires_all = ["tls_cert", "tls_ca"])]
+    tls_key: Option<PathBuf>,
+    /// The CA (PEM) the other end's certificate must chain to.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+    /// The name the other end's certificate must carry (connecting ends;
+    /// default: the address dialled).
+    #[arg(long, requires = "tls_cert")]
+    tls_name: Option<String>,
+}
+
+impl TlsArgs {
+    /// The TLS settings, when asked for.
+    pub(crate) fn config(&self) -> Result<Option<std::sync::Arc<TlsConfig>>> {
+        let (Some(cert), Some(key), Some(ca)) = (&self.tls_cert, &self.tls_key, &self.tls_ca) else {
+            return Ok(None);
+        };
+        let mut cfg = TlsConfig::from_pem_files(cert, key, ca)?;
+        cfg.peer_name = self.tls_name.clone();
+        Ok(Some(std::sync::Arc::new(cfg)))
+    }
+}
+
 fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get()).min(4)
 }
@@ -166,6 +198,8 @@ struct SendArgs {
     dest: Vec<String>,
     #[command(flatten)]
     streams: StreamArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Print a one-line report on stderr at the end.
     #[arg(long)]
     report: bool,
@@ -182,6 +216,8 @@ struct RecvArgs {
     /// Print where it listens, and a one-line report at the end, on stderr.
     #[arg(long)]
     report: bool,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// I/O backend of the streams: auto (io_uring where the kernel allows
     /// it), uring, or portable (blocking reads and writes).
     #[arg(long, default_value = "auto")]
@@ -413,6 +449,7 @@ fn migrate(a: MigrateArgs) -> Result<()> {
 fn send(a: SendArgs) -> Result<()> {
     let mut plan = StreamPlan::new(resolve(&a.dest)?, a.streams.streams.max(1));
     plan.via = a.streams.via.clone();
+    plan.tls = a.tls.config()?;
     let cfg = RelaySendConfig {
         threads: a.streams.threads,
         compression: a.streams.compress,
@@ -433,7 +470,8 @@ fn send(a: SendArgs) -> Result<()> {
 }
 
 fn recv(a: RecvArgs) -> Result<()> {
-    let acceptor = Acceptor::bind(&resolve(&a.listen)?)?;
+    let mut acceptor = Acceptor::bind(&resolve(&a.listen)?)?;
+    acceptor.tls = a.tls.config()?;
     if a.report {
         eprintln!("pmigrate recv: listening on {:?}", acceptor.local_addrs());
     }

@@ -11,7 +11,7 @@ use pmigrate::engine::relay::{RelayRecvOptions, RelaySendConfig};
 use pmigrate::transport::session::StreamPlan;
 use pmigrate::{Acceptor, BackendChoice};
 
-use crate::{resolve, StreamArgs};
+use crate::{resolve, StreamArgs, TlsArgs};
 
 #[derive(Args)]
 pub struct ProxyArgs {
@@ -41,6 +41,8 @@ struct EntryArgs {
     exit: Vec<String>,
     #[command(flatten)]
     streams: StreamArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(Args)]
@@ -55,6 +57,8 @@ struct ExitArgs {
     /// Worker threads per connection (lz4 of the way back).
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// I/O backend of the streams: auto (io_uring where the kernel allows
     /// it), uring, or portable (blocking reads and writes).
     #[arg(long, default_value = "auto")]
@@ -73,26 +77,30 @@ pub fn run(a: ProxyArgs) -> Result<()> {
             }
             let mut plan = StreamPlan::new(resolve(&e.exit)?, e.streams.streams.max(1));
             plan.via = e.streams.via.clone();
+            plan.tls = e.tls.config()?;
             let relay = RelaySendConfig {
                 threads: e.streams.threads,
                 compression: e.streams.compress,
                 backend: e.streams.io,
                 ..RelaySendConfig::new(plan)
             };
+            let tls = if relay.plan.tls.is_some() { " over TLS" } else { "" };
             let cfg = EntryConfig { listen: e.accept, relay };
             for (i, l) in cfg.listen.iter().enumerate() {
-                log(format!("accepting on {l} (target {i}), carrying to {:?}", e.exit));
+                log(format!("accepting on {l} (target {i}), carrying to {:?}{tls}", e.exit));
             }
             run_entry(&cfg, &stop, &log)?;
         }
         Side::Exit(x) => {
-            let acceptor = Acceptor::bind(&resolve(&x.listen)?)?;
+            let mut acceptor = Acceptor::bind(&resolve(&x.listen)?)?;
+            acceptor.tls = x.tls.config()?;
             let cfg = ExitConfig {
                 targets: x.target,
                 relay: RelayRecvOptions { threads: x.threads.max(1), backend: x.io, ..RelayRecvOptions::default() },
                 connect_timeout: Duration::from_secs(10),
             };
-            log(format!("listening on {:?}, targets {:?}", acceptor.local_addrs(), cfg.targets));
+            let tls = if acceptor.tls.is_some() { " (TLS)" } else { "" };
+            log(format!("listening on {:?}{tls}, targets {:?}", acceptor.local_addrs(), cfg.targets));
             run_exit(&acceptor, &cfg, &stop, &log)?;
         }
     }

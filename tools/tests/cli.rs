@@ -30,7 +30,7 @@ fn start_listening(cmd: &mut Command) -> (Child, std::thread::JoinHandle<String>
     let log = std::thread::spawn(move || {
         let mut all = String::new();
         for line in BufReader::new(err).lines().map_while(Result::ok) {
-            if line.contains("listening on") {
+            if line.contains("listening on") || line.contains("accepting on") {
                 let _ = tx.send(());
             }
             all.push_str(&line);
@@ -238,5 +238,114 @@ fn failures_are_one_line_and_a_nonzero_exit() {
     assert_one_error_line(&out);
     let out = Command::new(BIN).args(["recv", "--listen", &nobody, "--wait", "1"]).output().unwrap();
     assert_one_error_line(&out);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A long-running child (the proxy runs until killed), its stderr in a
+/// file; killed when dropped, so a failing test leaves nothing behind.
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `cmd` and waits until its log says `ready`.
+    fn start(cmd: &mut Command, log: PathBuf, ready: &str) -> Daemon {
+        let file = std::fs::File::create(&log).unwrap();
+        let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(file).spawn().unwrap();
+        let d = Daemon { child, log };
+        d.wait_log(ready);
+        d
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits (60 s at most) until the log contains `what`.
+    fn wait_log(&self, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.log().contains(what) {
+            assert!(Instant::now() < deadline, "{} never logged {what:?}:\n{}", self.log.display(), self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `pmigrate proxy` as two processes with mutual TLS: a unix connection
+/// reaches the target whole, both ways, half-close included; an entry
+/// whose certificate the exit's CA did not sign gets nowhere.
+#[test]
+fn proxy_carries_a_unix_connection_over_tls_and_refuses_strangers() {
+    use pmigrate_transport::tls::test_pki::write_pki;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let dir = scratch("proxy-tls");
+    write_pki(&dir).unwrap();
+    let pem = |n: &str| dir.join(n).to_string_lossy().into_owned();
+    let tls = |who: &str| {
+        let ca = if who == "other" { pem("other.pem") } else { pem("ca.pem") };
+        let (cert, key) = (pem(&format!("{who}.pem")), pem(&format!("{who}.key")));
+        ["--tls-cert".to_string(), cert, "--tls-key".into(), key, "--tls-ca".into(), ca]
+    };
+    let target = UnixListener::bind(dir.join("target.sock")).unwrap();
+    let exit_addr = format!("127.0.0.1:{}", free_port());
+    let exit = Daemon::start(
+        Command::new(BIN)
+            .args(["proxy", "exit", "--listen", &exit_addr, "--target", &format!("unix:{}", pem("target.sock"))])
+            .args(tls("b")),
+        dir.join("exit.log"),
+        "listening on",
+    );
+    let entry = |who: &str, sock: &str| {
+        Daemon::start(
+            Command::new(BIN)
+                .args(["proxy", "entry", "--streams", "2", "--accept", &format!("unix:{}", pem(sock))])
+                .args(tls(who))
+                .arg(&exit_addr),
+            dir.join(format!("{sock}.log")),
+            "accepting on",
+        )
+    };
+    let good = entry("a", "entry.sock");
+    let bad = entry("other", "stranger.sock");
+    // The stranger's connection is cut at its entry and never reaches the target.
+    let mut c = UnixStream::connect(dir.join("stranger.sock")).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let _ = c.write_all(b"let me in");
+    let mut got = Vec::new();
+    let _ = c.read_to_end(&mut got);
+    assert!(got.is_empty(), "a stranger got an answer");
+    bad.wait_log("refused");
+    assert!(bad.log().contains("TLS handshake"), "the stranger's entry says why: {}", bad.log());
+    exit.wait_log("refused");
+    // The real one goes through.
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let mut c = UnixStream::connect(dir.join("entry.sock")).unwrap();
+    let mut w = c.try_clone().unwrap();
+    let d2 = data.clone();
+    let writer = std::thread::spawn(move || {
+        w.write_all(&d2).unwrap();
+        w.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let (mut t, _) = target.accept().unwrap();
+    let mut received = Vec::new();
+    t.read_to_end(&mut received).unwrap();
+    assert!(received == data, "the target got other bytes");
+    t.write_all(b"answer after the end").unwrap();
+    drop(t);
+    writer.join().unwrap();
+    let mut answer = Vec::new();
+    c.read_to_end(&mut answer).unwrap();
+    assert_eq!(answer, b"answer after the end");
+    good.wait_log(": done: ");
+    assert!(good.log().contains("over TLS") && good.log().contains("TLS, portable I/O"), "entry: {}", good.log());
+    drop((good, bad, exit));
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -14,12 +14,13 @@
 //!
 //! [`BackendChoice::resolve`] picks one at run time: io_uring where the
 //! probe says it works, the portable backend otherwise (with the reason);
-//! either can be forced.
+//! either can be forced. A TLS connection always takes the portable
+//! backend: its bytes are sealed and opened in this process.
 
 use std::io::{self, Read, Write};
-use std::net::TcpStream;
 use std::sync::Arc;
 
+use crate::conn::Conn;
 use crate::net::{FrameReader, TransportError};
 use crate::uring::{self, Outgoing, UringReader, UringWriter, WriterOptions};
 
@@ -105,19 +106,21 @@ impl BackendChoice {
 /// Writes whole frames to one connection with either backend.
 pub enum FrameWriter {
     /// Blocking `write_all`; the buffers written, for reuse.
-    Portable(Arc<TcpStream>, Vec<Vec<u8>>),
+    Portable(Conn, Vec<Vec<u8>>),
     /// io_uring chains.
     Uring(Box<UringWriter>),
 }
 
 impl FrameWriter {
-    /// A writer on `sock`.
-    pub fn new(sock: Arc<TcpStream>, backend: Backend) -> Result<Self, TransportError> {
-        Ok(match backend {
-            Backend::Portable => FrameWriter::Portable(sock, Vec::new()),
-            Backend::Uring => {
+    /// A writer on `conn`.
+    pub fn new(conn: Conn, backend: Backend) -> Result<Self, TransportError> {
+        Ok(match (backend, conn) {
+            (Backend::Portable, conn) | (Backend::Uring, conn @ Conn::Tls(_)) => {
+                FrameWriter::Portable(conn, Vec::new())
+            }
+            (Backend::Uring, Conn::Tcp(sock)) => {
                 let opts = WriterOptions { depth: URING_DEPTH, zero_copy: false };
-                let w = UringWriter::new(sock, opts, None)
+                let w = UringWriter::new(Arc::new(sock), opts, None)
                     .map_err(|e| TransportError::Setup(format!("io_uring writer: {e}")))?;
                 FrameWriter::Uring(Box::new(w))
             }
@@ -131,7 +134,7 @@ impl FrameWriter {
     /// included, for writing again whole on a new connection.
     pub fn send(&mut self, frame: Vec<u8>) -> Result<(), WriteFailure> {
         match self {
-            FrameWriter::Portable(s, done) => match (&**s).write_all(&frame) {
+            FrameWriter::Portable(s, done) => match (&*s).write_all(&frame) {
                 Ok(()) => {
                     done.push(frame);
                     Ok(())
@@ -190,7 +193,7 @@ impl From<uring::SendFailure> for WriteFailure {
 /// The reading side of one connection with either backend.
 pub enum StreamIn {
     /// Blocking reads.
-    Portable(Arc<TcpStream>),
+    Portable(Conn),
     /// io_uring reads.
     Uring(Box<UringReader>),
 }
@@ -198,23 +201,25 @@ pub enum StreamIn {
 impl Read for StreamIn {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
-            StreamIn::Portable(s) => (&**s).read(buf),
+            StreamIn::Portable(s) => (&*s).read(buf),
             StreamIn::Uring(r) => r.read(buf),
         }
     }
 }
 
-/// A frame reader on `sock` with `backend`. Set the socket's read timeout
+/// A frame reader on `conn` with `backend`. Set the socket's read timeout
 /// first: the io_uring reader takes it over when it is made.
 pub fn frame_reader(
-    sock: Arc<TcpStream>,
+    conn: Conn,
     backend: Backend,
     name: impl Into<String>,
 ) -> Result<FrameReader<StreamIn>, TransportError> {
-    Ok(match backend {
-        Backend::Portable => FrameReader::new(StreamIn::Portable(sock), name),
-        Backend::Uring => {
-            let r = UringReader::new(sock, URING_STAGING)
+    Ok(match (backend, conn) {
+        (Backend::Portable, conn) | (Backend::Uring, conn @ Conn::Tls(_)) => {
+            FrameReader::new(StreamIn::Portable(conn), name)
+        }
+        (Backend::Uring, Conn::Tcp(sock)) => {
+            let r = UringReader::new(Arc::new(sock), URING_STAGING)
                 .map_err(|e| TransportError::Setup(format!("io_uring reader: {e}")))?;
             // The reader stages small reads itself: no second buffer.
             FrameReader::unbuffered(StreamIn::Uring(Box::new(r)), name)

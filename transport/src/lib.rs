@@ -12,6 +12,8 @@
 //! - [`session`]: opening the N streams of a session and accepting exactly
 //!   the streams of one session on the other side.
 //! - [`serve`]: serving many sessions at once (the socket proxy).
+//! - [`tls`], [`conn`]: mutual TLS over a session's streams, and the
+//!   connection type that is TCP or TLS.
 //! - [`uring`]: the io_uring backend's building blocks, chosen at run time
 //!   by a probe: a registered frame arena, an ordered multi-frame writer and
 //!   a reader.
@@ -30,6 +32,7 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod conn;
 pub mod frame;
 pub mod hello;
 pub mod link;
@@ -37,9 +40,11 @@ pub mod net;
 pub mod payload;
 pub mod serve;
 pub mod session;
+pub mod tls;
 pub mod uring;
 
 pub use backend::{Backend, BackendChoice};
+pub use conn::Conn;
 pub use frame::{Encoding, FrameHdr, FrameKind, WireError};
 pub use hello::{ErrorCode, ErrorMsg, Hello, Mode, RegionDesc, Welcome};
 pub use link::Link;

@@ -19,16 +19,17 @@
 
 use std::collections::HashMap;
 use std::io::ErrorKind;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use crate::conn::Conn;
 use crate::frame::{FrameHdr, FrameKind};
 use crate::hello::{ErrorCode, ErrorMsg, Hello, Mode, Welcome};
-use crate::net::{tune_accepted, write_frame, TransportError};
+use crate::net::{write_frame, TransportError};
 use crate::payload::build_control;
-use crate::session::{agrees, read_hello, send_error, Accepted, Acceptor, MAX_PENDING_HANDSHAKES};
+use crate::session::{accept_handshake, agrees, send_error, Accepted, Acceptor, MAX_PENDING_HANDSHAKES};
 
 /// Sessions gathering or running at once at most.
 pub const MAX_SESSIONS: usize = 256;
@@ -54,7 +55,7 @@ struct Gathering<C> {
     hello: Hello,
     caps: u64,
     context: C,
-    slots: Vec<Option<TcpStream>>,
+    slots: Vec<Option<Conn>>,
     since: Instant,
 }
 
@@ -65,7 +66,7 @@ enum Handshake<C> {
     Joins(Hello),
 }
 
-fn welcome(s: &mut TcpStream, session: [u8; 16], caps: u64) -> Result<(), TransportError> {
+fn welcome(s: &mut Conn, session: [u8; 16], caps: u64) -> Result<(), TransportError> {
     let mut f = Vec::new();
     build_control(&mut f, FrameHdr::new(FrameKind::Welcome), &Welcome { session, caps }.encode());
     write_frame(s, &f, "welcome")?;
@@ -76,15 +77,17 @@ impl Acceptor {
     /// Serves sessions of `mode` until `stop` is set (checked every few
     /// milliseconds); returns once every running session has ended.
     pub fn serve<H: SessionHandler>(&self, mode: Mode, handler: &H, stop: &AtomicBool) -> Result<(), TransportError> {
-        type Result3<C> = (TcpStream, SocketAddr, Result<Handshake<C>, ErrorMsg>);
+        type Result3<C> = (Option<Conn>, SocketAddr, Result<Handshake<C>, ErrorMsg>);
         let (tx, rx) = mpsc::channel::<Result3<H::Context>>();
         let pending = AtomicUsize::new(0);
         let running = AtomicUsize::new(0);
         let mut gathering: HashMap<[u8; 16], Gathering<H::Context>> = HashMap::new();
         std::thread::scope(|scope| {
-            let refuse = |mut s: TcpStream, peer: SocketAddr, code: ErrorCode, why: String| {
-                send_error(&mut s, code, why.clone());
-                let _ = s.shutdown(std::net::Shutdown::Both);
+            let refuse = |s: Option<Conn>, peer: SocketAddr, code: ErrorCode, why: String| {
+                if let Some(s) = s {
+                    send_error(&s, code, why.clone());
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }
                 handler.refused(peer, &why);
             };
             while !stop.load(Ordering::Relaxed) {
@@ -95,13 +98,15 @@ impl Acceptor {
                             idle = false;
                             let _ = s.set_nonblocking(false);
                             if pending.load(Ordering::Acquire) >= MAX_PENDING_HANDSHAKES {
-                                refuse(s, peer, ErrorCode::Aborted, "too many handshakes in progress".into());
+                                let why = "too many handshakes in progress".into();
+                                refuse(Some(Conn::Tcp(s)), peer, ErrorCode::Aborted, why);
                                 continue;
                             }
                             pending.fetch_add(1, Ordering::AcqRel);
                             let (tx, pending) = (tx.clone(), &pending);
                             scope.spawn(move || {
-                                let res = match tune_accepted(&s).and_then(|()| read_hello(&s)) {
+                                let (s, hello) = accept_handshake(s, self.tls.as_deref());
+                                let res = match hello {
                                     Err(e) => Err(ErrorMsg { code: ErrorCode::Protocol, message: e.to_string() }),
                                     Ok(h) if h.mode != mode => Err(ErrorMsg {
                                         code: ErrorCode::NotInSession,
@@ -121,7 +126,7 @@ impl Acceptor {
                     }
                 }
                 gathering.retain(|_, g| g.since.elapsed() <= self.gather_timeout);
-                let (mut s, peer, res) = match rx.recv_timeout(Duration::from_millis(if idle { 5 } else { 0 })) {
+                let (s, peer, res) = match rx.recv_timeout(Duration::from_millis(if idle { 5 } else { 0 })) {
                     Ok(x) => x,
                     Err(mpsc::RecvTimeoutError::Timeout) => continue,
                     Err(mpsc::RecvTimeoutError::Disconnected) => unreachable!("the loop holds a sender"),
@@ -132,35 +137,37 @@ impl Acceptor {
                         continue;
                     }
                     Ok(Handshake::Opened(h, caps, context)) => {
+                        let Some(mut s) = s else { continue };
                         if gathering.contains_key(&h.session) {
-                            refuse(s, peer, ErrorCode::NotInSession, "the session is open already".into());
+                            refuse(Some(s), peer, ErrorCode::NotInSession, "the session is open already".into());
                             continue;
                         }
                         if gathering.len() + running.load(Ordering::Acquire) >= MAX_SESSIONS {
-                            refuse(s, peer, ErrorCode::Aborted, "too many sessions".into());
+                            refuse(Some(s), peer, ErrorCode::Aborted, "too many sessions".into());
                             continue;
                         }
                         if welcome(&mut s, h.session, caps).is_err() {
                             continue; // broke during its handshake: nothing to serve
                         }
-                        let mut slots: Vec<Option<TcpStream>> = (0..h.stream_count).map(|_| None).collect();
+                        let mut slots: Vec<Option<Conn>> = (0..h.stream_count).map(|_| None).collect();
                         slots[0] = Some(s);
                         let id = h.session;
                         gathering.insert(id, Gathering { hello: h, caps, context, slots, since: Instant::now() });
                         id
                     }
                     Ok(Handshake::Joins(h)) => {
+                        let Some(mut s) = s else { continue };
                         let Some(g) = gathering.get_mut(&h.session) else {
-                            refuse(s, peer, ErrorCode::NotInSession, "no such session".into());
+                            refuse(Some(s), peer, ErrorCode::NotInSession, "no such session".into());
                             continue;
                         };
                         if let Err((code, why)) = agrees(&g.hello, &h) {
-                            refuse(s, peer, code, why);
+                            refuse(Some(s), peer, code, why);
                             continue;
                         }
                         if g.slots[h.stream_index as usize].is_some() {
                             let why = format!("stream {} already connected", h.stream_index);
-                            refuse(s, peer, ErrorCode::NotInSession, why);
+                            refuse(Some(s), peer, ErrorCode::NotInSession, why);
                             continue;
                         }
                         if welcome(&mut s, h.session, g.caps).is_err() {
@@ -278,7 +285,7 @@ mod tests {
             let mut h = hello(2, 1);
             h.stream_index = 1;
             // connect_session numbers streams itself: send stream 1 by hand.
-            let mut conn = TcpStream::connect(addr).unwrap();
+            let mut conn = std::net::TcpStream::connect(addr).unwrap();
             let mut f = Vec::new();
             build_control(&mut f, FrameHdr::new(FrameKind::Hello), &h.encode());
             conn.write_all(&f).unwrap();

@@ -11,12 +11,15 @@
 use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::mpsc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::conn::Conn;
 use crate::frame::{FrameHdr, FrameKind};
 use crate::hello::{ErrorCode, ErrorMsg, Hello, Mode, Welcome};
 use crate::net::{connect, listen, tune_accepted, write_frame, FrameReader, TransportError, Via};
 use crate::payload::build_control;
+use crate::tls::{TlsConfig, TlsStream};
 
 /// How long an accepted connection may take to send its `Hello`.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -32,12 +35,14 @@ pub struct StreamPlan {
     pub streams: u16,
     /// Timeout for each connect and for the handshake.
     pub connect_timeout: Duration,
+    /// Mutual TLS over every stream (byte-stream sessions).
+    pub tls: Option<Arc<TlsConfig>>,
 }
 
 impl StreamPlan {
     /// `streams` streams spread over `dests`, leaving by the default route.
     pub fn new(dests: Vec<SocketAddr>, streams: u16) -> Self {
-        Self { dests, via: Vec::new(), streams, connect_timeout: Duration::from_secs(10) }
+        Self { dests, via: Vec::new(), streams, connect_timeout: Duration::from_secs(10), tls: None }
     }
 
     /// Destination of stream `i`.
@@ -73,9 +78,10 @@ pub fn send_error(mut s: impl std::io::Write, code: ErrorCode, message: impl Int
     let _ = write_frame(&mut s, &f, "error");
 }
 
-/// Opens every stream of a session: connect, `Hello`, `Welcome`. `hello`
-/// is the template; its stream numbering is filled in per stream.
-pub fn connect_session(plan: &StreamPlan, hello: &Hello) -> Result<(Vec<TcpStream>, Welcome), TransportError> {
+/// Opens every stream of a session: connect (and TLS, when the plan has
+/// it), `Hello`, `Welcome`. `hello` is the template; its stream numbering
+/// is filled in per stream.
+pub fn connect_session(plan: &StreamPlan, hello: &Hello) -> Result<(Vec<Conn>, Welcome), TransportError> {
     if plan.dests.is_empty() || plan.streams == 0 {
         return Err(TransportError::Setup("a session needs at least one destination and one stream".into()));
     }
@@ -83,14 +89,26 @@ pub fn connect_session(plan: &StreamPlan, hello: &Hello) -> Result<(Vec<TcpStrea
     let mut welcome = None;
     for i in 0..plan.streams {
         let name = format!("stream {i}");
-        let mut s = connect(plan.dest(i.into()), plan.via(i.into()), plan.connect_timeout)?;
+        let dest = plan.dest(i.into());
+        let tcp = connect(dest, plan.via(i.into()), plan.connect_timeout)?;
+        let s = match &plan.tls {
+            None => Conn::Tcp(tcp),
+            Some(tls) => {
+                // The handshake is bounded like the pmigrate one.
+                tcp.set_read_timeout(Some(plan.connect_timeout)).map_err(|e| TransportError::io(&name, e))?;
+                let host = dest.ip().to_string();
+                let t = TlsStream::connect(tcp, tls, &host)
+                    .map_err(|e| TransportError::Setup(format!("{name} to {dest}: {e}")))?;
+                Conn::Tls(Arc::new(t))
+            }
+        };
         s.set_read_timeout(Some(HANDSHAKE_TICK)).map_err(|e| TransportError::io(&name, e))?;
         let mut h = hello.clone();
         h.stream_index = i;
         h.stream_count = plan.streams;
         let mut f = Vec::new();
         build_control(&mut f, FrameHdr::new(FrameKind::Hello), &h.encode());
-        write_frame(&mut s, &f, &name)?;
+        write_frame(&mut &s, &f, &name)?;
         let mut r = FrameReader::new(&s, name.clone());
         r.set_idle_limit(plan.connect_timeout);
         r.set_stall_limit(plan.connect_timeout);
@@ -122,6 +140,8 @@ pub struct Acceptor {
     listeners: Vec<TcpListener>,
     /// How long the remaining streams may take once the first arrived.
     pub gather_timeout: Duration,
+    /// Mutual TLS on every accepted stream, before its `Hello`.
+    pub tls: Option<Arc<TlsConfig>>,
 }
 
 /// An accepted session: its `Hello` and its streams ordered by index.
@@ -132,7 +152,7 @@ pub struct Accepted {
     /// Capabilities in force.
     pub caps: u64,
     /// Streams, index `i` at position `i`.
-    pub streams: Vec<TcpStream>,
+    pub streams: Vec<Conn>,
     /// Connections refused while gathering, with the reason.
     pub refused: Vec<(SocketAddr, String)>,
 }
@@ -144,7 +164,31 @@ const HANDSHAKE_TICK: Duration = Duration::from_millis(200);
 /// until some finish, so idle connections cannot pile up threads.
 pub const MAX_PENDING_HANDSHAKES: usize = 64;
 
-pub(crate) fn read_hello(s: &TcpStream) -> Result<Hello, TransportError> {
+/// An accepted connection's handshake: tuning, TLS when configured, its
+/// `Hello`. On failure the connection comes back to be told why — except
+/// after a failed TLS handshake, when nothing can reach the peer.
+pub(crate) fn accept_handshake(s: TcpStream, tls: Option<&TlsConfig>) -> (Option<Conn>, Result<Hello, TransportError>) {
+    let _ = s.set_nonblocking(false);
+    if let Err(e) = tune_accepted(&s) {
+        return (Some(Conn::Tcp(s)), Err(e));
+    }
+    let conn = match tls {
+        None => Conn::Tcp(s),
+        Some(cfg) => {
+            if let Err(e) = s.set_read_timeout(Some(HELLO_TIMEOUT)) {
+                return (Some(Conn::Tcp(s)), Err(TransportError::io("tls", e)));
+            }
+            match TlsStream::accept(s, cfg) {
+                Ok(t) => Conn::Tls(Arc::new(t)),
+                Err(e) => return (None, Err(TransportError::Setup(e.to_string()))),
+            }
+        }
+    };
+    let res = read_hello(&conn);
+    (Some(conn), res)
+}
+
+pub(crate) fn read_hello(s: &Conn) -> Result<Hello, TransportError> {
     s.set_read_timeout(Some(HANDSHAKE_TICK)).map_err(|e| TransportError::io("hello", e))?;
     let mut r = FrameReader::new(s, "handshake");
     r.set_idle_limit(HELLO_TIMEOUT);
@@ -164,7 +208,7 @@ impl Acceptor {
         for l in &listeners {
             l.set_nonblocking(true).map_err(|e| TransportError::io("listener", e))?;
         }
-        Ok(Self { listeners, gather_timeout: Duration::from_secs(30) })
+        Ok(Self { listeners, gather_timeout: Duration::from_secs(30), tls: None })
     }
 
     /// The listening sockets.
@@ -180,7 +224,7 @@ impl Acceptor {
             .map(|l| l.try_clone())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| TransportError::io("listener", e))?;
-        Ok(Self { listeners, gather_timeout: self.gather_timeout })
+        Ok(Self { listeners, gather_timeout: self.gather_timeout, tls: self.tls.clone() })
     }
 
     /// The bound addresses (with the ports the kernel chose for port 0).
@@ -198,9 +242,9 @@ impl Acceptor {
         check: &mut HelloCheck<'_>,
         deadline: Option<Instant>,
     ) -> Result<Accepted, TransportError> {
-        let (tx, rx) = mpsc::channel::<(TcpStream, SocketAddr, Result<Hello, TransportError>)>();
+        let (tx, rx) = mpsc::channel::<(Option<Conn>, SocketAddr, Result<Hello, TransportError>)>();
         let mut session: Option<(Hello, u64, Instant)> = None;
-        let mut slots: Vec<Option<TcpStream>> = Vec::new();
+        let mut slots: Vec<Option<Conn>> = Vec::new();
         let mut refused = Vec::new();
         let pending = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         loop {
@@ -233,10 +277,9 @@ impl Acceptor {
                             continue;
                         }
                         pending.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-                        let (tx, pending) = (tx.clone(), pending.clone());
+                        let (tx, pending, tls) = (tx.clone(), pending.clone(), self.tls.clone());
                         std::thread::spawn(move || {
-                            let _ = s.set_nonblocking(false);
-                            let res = tune_accepted(&s).and_then(|_| read_hello(&s));
+                            let (s, res) = accept_handshake(s, tls.as_deref());
                             pending.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
                             let _ = tx.send((s, peer, res));
                         });
@@ -246,7 +289,11 @@ impl Acceptor {
                 }
             }
             match rx.recv_timeout(Duration::from_millis(if idle { 5 } else { 0 })) {
-                Ok((mut s, peer, res)) => {
+                Ok((None, peer, res)) => {
+                    let why = res.err().map(|e| e.to_string()).unwrap_or_default();
+                    refused.push((peer, why));
+                }
+                Ok((Some(mut s), peer, res)) => {
                     let verdict = match res {
                         Err(e) => Err((ErrorCode::Protocol, e.to_string())),
                         Ok(h) => self.judge(&h, mode, &mut session, &mut slots, check).map(|()| h),
@@ -263,7 +310,7 @@ impl Acceptor {
                             slots[h.stream_index as usize] = Some(s);
                         }
                         Err((code, why)) => {
-                            send_error(&mut s, code, why.clone());
+                            send_error(&s, code, why.clone());
                             let _ = s.shutdown(std::net::Shutdown::Both);
                             refused.push((peer, why));
                         }
@@ -280,7 +327,7 @@ impl Acceptor {
         h: &Hello,
         mode: Mode,
         session: &mut Option<(Hello, u64, Instant)>,
-        slots: &mut Vec<Option<TcpStream>>,
+        slots: &mut Vec<Option<Conn>>,
         check: &mut HelloCheck<'_>,
     ) -> Result<(), (ErrorCode, String)> {
         if h.mode != mode {
@@ -346,14 +393,14 @@ mod tests {
         plan.via = vec!["127.0.0.2".parse().unwrap(), "lo".parse().unwrap()];
         let (streams, welcome) = connect_session(&plan, &hello(3)).unwrap();
         assert_eq!(welcome.caps, CAP_LZ4);
-        let locals: Vec<_> = streams.iter().map(|s| s.local_addr().unwrap().ip().to_string()).collect();
+        let locals: Vec<_> = streams.iter().map(|s| s.tcp().local_addr().unwrap().ip().to_string()).collect();
         assert_eq!(locals[0], "127.0.0.2", "stream 0 bound to its address");
         assert_eq!(locals[2], "127.0.0.2", "vias cycle");
         let accepted = server.join().unwrap().unwrap();
         assert_eq!(accepted.streams.len(), 3);
-        let peers: Vec<_> = accepted.streams.iter().map(|s| s.peer_addr().unwrap()).collect();
+        let peers: Vec<_> = accepted.streams.iter().map(|s| s.tcp().peer_addr().unwrap()).collect();
         for (s, p) in streams.iter().zip(&peers) {
-            assert_eq!(s.local_addr().unwrap(), *p, "streams are ordered by index at the destination");
+            assert_eq!(s.tcp().local_addr().unwrap(), *p, "streams are ordered by index at the destination");
         }
     }
 

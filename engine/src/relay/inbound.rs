@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Condvar, Mutex};
 
 use crossbeam_channel::Sender;
 use pmigrate_transport::backend::frame_reader;
@@ -71,7 +71,7 @@ impl Window {
 pub(super) fn stream_reader(shared: &Shared<'_>, i: usize, has_in: bool, expects_verified: bool, how: &Carry) {
     let name = format!("stream {i}");
     let sock = shared.streams[i].try_clone().map_err(|e| TransportError::io(&name, e));
-    let mut reader = match sock.and_then(|s| frame_reader(Arc::new(s), how.backend, name.clone())) {
+    let mut reader = match sock.and_then(|s| frame_reader(s, how.backend, name.clone())) {
         Ok(r) => r,
         Err(e) => return shared.fail(i, e.into()),
     };

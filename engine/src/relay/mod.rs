@@ -61,7 +61,7 @@ use pmigrate_transport::hello::{
     encode_target, ErrorCode, ErrorMsg, Hello, Mode, CAP_DUPLEX, CAP_LZ4, EXT_TARGET, PROTOCOL_VERSION,
 };
 use pmigrate_transport::session::{connect_session, new_session_id, send_error, StreamPlan};
-use pmigrate_transport::{Acceptor, Backend, BackendChoice, TransportError};
+use pmigrate_transport::{Acceptor, Backend, BackendChoice, Conn, TransportError};
 use serde::Serialize;
 
 use crate::{Compression, MigrateError};
@@ -285,7 +285,7 @@ pub struct Carry {
 #[derive(Debug)]
 pub struct Session {
     /// Its streams, index `i` at position `i`.
-    pub streams: Vec<TcpStream>,
+    pub streams: Vec<Conn>,
     /// How this end relays.
     pub how: Carry,
 }
@@ -386,7 +386,7 @@ pub fn receive(acceptor: &Acceptor, local: Local, opts: &RelayRecvOptions) -> Re
 
 /// What the threads of one end share.
 pub(crate) struct Shared<'a> {
-    streams: &'a [TcpStream],
+    streams: &'a [Conn],
     first_error: Mutex<Option<MigrateError>>,
     failed: AtomicBool,
     abort_local: &'a (dyn Fn() + Send + Sync),
@@ -445,7 +445,7 @@ impl Shared<'_> {
 /// session allows: this end's outbound flow from `local.input`, its inbound
 /// flow to `local.output`. Used by [`send`], [`receive`] and the socket
 /// proxy.
-pub fn carry(streams: &[TcpStream], local: Local, how: &Carry) -> Result<RelayReport, MigrateError> {
+pub fn carry(streams: &[Conn], local: Local, how: &Carry) -> Result<RelayReport, MigrateError> {
     let t0 = Instant::now();
     let n = streams.len();
     let has_out = how.source || how.duplex;
@@ -516,7 +516,8 @@ pub fn carry(streams: &[TcpStream], local: Local, how: &Carry) -> Result<RelayRe
     out.wire_bytes = shared.out_wire.load(Ordering::Relaxed);
     inb.wire_bytes = shared.in_wire.load(Ordering::Relaxed);
     let (forward, back) = if how.source { (out, inb) } else { (inb, out) };
-    let backend = how.backend.to_string();
+    // TLS streams are sealed in this process: always the portable backend.
+    let backend = if streams.iter().any(Conn::is_tls) { "TLS, portable".to_string() } else { how.backend.to_string() };
     Ok(RelayReport { role: String::new(), forward, back, streams: n, secs: t0.elapsed().as_secs_f64(), backend })
 }
 

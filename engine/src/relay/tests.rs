@@ -323,6 +323,44 @@ fn a_sender_that_vanishes_fails_the_receiver(b: BackendChoice) {
     assert!(matches!(err, MigrateError::Transport(_)), "{err}");
 }
 
+/// Mutual TLS over every stream: both ways whole, the report says so; a
+/// sender without a certificate of the CA, or without TLS at all, gets
+/// nowhere.
+fn tls_sessions_carry_both_ways_and_refuse_strangers(b: BackendChoice) {
+    use pmigrate_transport::tls::test_pki::{config, pki_dir};
+    let dir = pki_dir(&format!("relay-{b:?}"));
+    let mut acc = listen();
+    acc.tls = Some(std::sync::Arc::new(config(&dir, "b")));
+    let addr = acc.local_addrs()[0];
+    let (fw, bk) = (Sink::default(), Sink::default());
+    let forward = payload(2 << 20);
+    let dst_local = Local {
+        input: Some(Box::new(Cursor::new(b"back".to_vec()))),
+        output: Some(Box::new(fw.clone())),
+        abort: Box::new(|| {}),
+    };
+    let rx = std::thread::spawn(move || receive(&acc, dst_local, &opts(b)));
+    // Strangers first: the receiver refuses them and keeps waiting.
+    let mut stranger = plan(addr, 2);
+    stranger.tls = Some(std::sync::Arc::new(config(&dir, "other")));
+    let err = send(Local::pipes(None, None), &cfg(b, stranger)).expect_err("a stranger got in");
+    assert!(err.to_string().contains("TLS handshake"), "{err}");
+    assert!(send(Local::pipes(None, None), &cfg(b, plan(addr, 1))).is_err(), "a sender without TLS got in");
+    let mut ok = plan(addr, 3);
+    ok.tls = Some(std::sync::Arc::new(config(&dir, "a")));
+    let src_local = Local {
+        input: Some(Box::new(Cursor::new(forward.clone()))),
+        output: Some(Box::new(bk.clone())),
+        abort: Box::new(|| {}),
+    };
+    let sent = send(src_local, &cfg(b, ok)).unwrap();
+    let got = rx.join().unwrap().unwrap();
+    assert!(*fw.0.lock().unwrap() == forward, "forward bytes differ");
+    assert_eq!(*bk.0.lock().unwrap(), b"back");
+    assert_eq!((sent.backend.as_str(), got.backend.as_str()), ("TLS, portable", "TLS, portable"));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// Every case above runs over each I/O backend: the same bytes, the same
 /// failures. io_uring cases skip, saying why, where the kernel refuses it.
 macro_rules! over_each_backend {
@@ -347,6 +385,7 @@ macro_rules! over_each_backend {
 }
 
 over_each_backend!(
+    tls_sessions_carry_both_ways_and_refuse_strangers,
     streams_arrive_whole_and_in_order,
     a_full_duplex_session_carries_both_ways_whole,
     half_close_passes_through_sockets,

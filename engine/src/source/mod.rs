@@ -44,7 +44,7 @@ use pmigrate_transport::hello::{
 };
 use pmigrate_transport::payload::{build_control, zero_page_hash, Scratch};
 use pmigrate_transport::session::{connect_session, new_session_id, StreamPlan};
-use pmigrate_transport::{BackendChoice, Link, TransportError};
+use pmigrate_transport::{BackendChoice, Conn, Link, TransportError};
 
 use crate::digest::digest_handing_over;
 use crate::dirty::{tracker_for, DirtyTracker, TrackerKind};
@@ -288,6 +288,9 @@ impl<'a> Source<'a> {
             extensions,
         };
         let (streams, welcome) = connect_session(&plan, &hello)?;
+        let Ok(streams) = streams.into_iter().map(Conn::into_tcp).collect::<Result<Vec<_>, _>>() else {
+            return Err(TransportError::Setup("memory migrations run over plain TCP, not TLS".into()).into());
+        };
         if self.cfg.postcopy.is_some() && welcome.caps & CAP_POSTCOPY == 0 {
             return Err(MigrateError::Postcopy("the destination did not accept post-copy".into()));
         }

@@ -86,8 +86,14 @@ struct BatchWriter<'a> {
 
 impl<'a> BatchWriter<'a> {
     fn new(out: Writer<'a>, backend: Backend) -> Result<Self, TransportError> {
-        let w = FrameWriter::new(out.cur.0.clone(), backend)?;
+        let w = Self::writer(&out.cur.0, backend)?;
         Ok(Self { out, backend, w })
+    }
+
+    /// The backend's writer on a connection of the link.
+    fn writer(conn: &TcpStream, backend: Backend) -> Result<FrameWriter, TransportError> {
+        let conn = conn.try_clone().map_err(|e| TransportError::io("stream", e))?;
+        FrameWriter::new(conn.into(), backend)
     }
 
     /// Writes `frames` wholly, in order; hands back the buffers.
@@ -116,7 +122,7 @@ impl<'a> BatchWriter<'a> {
                 Err(f) => {
                     let e = TransportError::io(format!("{}: write", self.out.name), f.error);
                     self.out.cur = (self.out.redial)(self.out.cur.1, e)?;
-                    self.w = FrameWriter::new(self.out.cur.0.clone(), self.backend)?;
+                    self.w = Self::writer(&self.out.cur.0, self.backend)?;
                     todo = f.unsent;
                 }
             }
