@@ -36,7 +36,7 @@ QEMU_REAL=${PMIGRATE_LV_QEMU_REAL:-/usr/bin/qemu-system-x86_64}
 QEMU_WRAPPER=/usr/local/lib/pmigrate/libvirt/qemu-system-x86_64
 CAPS_SEED=/var/cache/pmigrate/libvirt-qemu-capabilities
 INSTALL_LOCK=/var/lock/pmigrate-libvirt-install.lock
-PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients socat)
+PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients)
 # Generous waits: 2 loaded cores; the first start probes QEMU's capabilities (~10 s).
 START_TIMEOUT=${PMIGRATE_LV_START_TIMEOUT:-180}
 STOP_TIMEOUT=${PMIGRATE_LV_STOP_TIMEOUT:-30}
@@ -154,10 +154,9 @@ vsh() { # dir side args...
   virsh -q -c "$(uri_of "$d" "$s")" "$@"
 }
 
-wait_for() { # timeout-seconds description command...
-  local t=$1 what=$2
-  shift 2
-  local end=$((SECONDS + t))
+wait_for() { # timeout-seconds command...
+  local end=$((SECONDS + $1))
+  shift
   until "$@" >/dev/null 2>&1; do
     ((SECONDS < end)) || return 1
     sleep 0.2
@@ -177,6 +176,8 @@ side_up() { # dir side: namespace init alive and socket answers
 write_configs() { # dir side uuid
   local d=$1 s=$2 uuid=$3 sd=$1/$2 filters=
   [[ -z ${PMIGRATE_LV_LOG_FILTERS:-} ]] || filters="log_filters = \"$PMIGRATE_LV_LOG_FILTERS\""
+  # run/ holds sockets, pid files and the status of domains of a previous daemon: start clean.
+  rm -rf "$sd/run"
   mkdir -p "$sd"/{etc,run,lib,cache/qemu/capabilities,log/qemu} "$sd/run/pmigrate"
   cat >"$sd/etc/libvirtd.conf" <<EOF
 # pmigrate test daemon "$s" (tests/support/libvirt.sh)
@@ -237,6 +238,7 @@ start_side() { # dir side
   # the namespace's init gets SIGTERM. All output goes to files and the lock fds are
   # closed: a caller reading our stdout (Command::output()) or a later `up`/`down`
   # taking DIR/.lock must not wait for the daemons.
+  # shellcheck disable=SC2016 # expanded by the inner bash
   setsid bash -c 'echo $$ >"$1"; shift; exec "$@"' _ "$sd/unshare.pid" \
     unshare --mount --uts --pid --fork --mount-proc --propagation private --kill-child=SIGTERM \
     bash "$sd/init.sh" >>"$sd/daemon.out" 2>&1 </dev/null 8>&- 9>&- &
@@ -326,8 +328,8 @@ do_up() {
     start_side "$d" "$s"
   done
   for s in "${SIDES[@]}"; do
-    if ! wait_for "$START_TIMEOUT" "$s socket" test -S "$d/$s/run/libvirt-sock" ||
-      ! wait_for "$START_TIMEOUT" "$s ready" ready "$d" "$s"; then
+    if ! wait_for "$START_TIMEOUT" test -S "$d/$s/run/libvirt-sock" ||
+      ! wait_for "$START_TIMEOUT" ready "$d" "$s"; then
       log "$s daemon not ready within ${START_TIMEOUT}s; daemon.out and libvirtd.log:"
       tail -20 "$d/$s/daemon.out" "$d/$s/log/libvirtd.log" >&2 || true
       do_down_locked "$d"
@@ -348,6 +350,7 @@ do_up() {
 
 ns_pids() { # pidns-link: host pids of all processes in that pid namespace
   [[ -n ${1:-} ]] || return 0
+  # shellcheck disable=SC2012 # /proc/PID paths are plain
   ls -l /proc/[0-9]*/ns/pid 2>/dev/null | awk -v want="$1" '$NF == want { split($(NF-2), a, "/"); print a[3] }'
 }
 
@@ -364,12 +367,12 @@ stop_side() { # dir side
       timeout 20 virsh -q -c "$(uri_of "$d" "$s")" destroy "$dom" >/dev/null 2>&1 || true
     done
   fi
-  [[ -n $ip ]] && kill -TERM "$ip" 2>/dev/null
+  [[ -z $ip ]] || kill -TERM "$ip" 2>/dev/null || true
   local end=$((SECONDS + STOP_TIMEOUT))
   while [[ -n $ip ]] && alive "$ip" && ((SECONDS < end)); do sleep 0.1; done
   # SIGKILL to a PID namespace's init kills every process in it.
-  [[ -n $ip ]] && alive "$ip" && kill -KILL "$ip" 2>/dev/null
-  [[ -n $up ]] && alive "$up" && kill -KILL "$up" 2>/dev/null
+  if [[ -n $ip ]] && alive "$ip"; then kill -KILL "$ip" 2>/dev/null || true; fi
+  if [[ -n $up ]] && alive "$up"; then kill -KILL "$up" 2>/dev/null || true; fi
   end=$((SECONDS + STOP_TIMEOUT))
   while [[ -n $ns ]] && [[ -n $(ns_pids "$ns") ]]; do
     ((SECONDS < end)) || { log "$s: processes left in $ns: $(ns_pids "$ns" | tr '\n' ' ')"; return 1; }
@@ -422,7 +425,7 @@ guest_dir() {
 do_define_guest() { # dir name [opts]
   local d=${1:?DIR} name=${2:?NAME}
   shift 2
-  local mb=64 rate=20 mem=262272 append= vcpus=1
+  local mb=64 rate=20 mem=262272 append='' vcpus=1
   while (($#)); do
     case $1 in
       --mb) mb=$2; shift 2 ;;
