@@ -101,6 +101,19 @@ fn every_stream_count_and_compression_gives_the_same_memory(io: BackendChoice) {
     }
 }
 
+/// Whole raw batches built in the registered arena and sent with SEND_ZC
+/// (io_uring where the kernel has it): the same memory, and the report says
+/// so; the portable backend ignores the setting.
+fn zero_copy_send_gives_the_same_memory(io: BackendChoice) {
+    let src = Arc::new(GuestMemory::anonymous(64 << 20).unwrap());
+    fill(&src, ContentMix::TYPICAL, 4);
+    let cfg = SourceConfig { threads: 2, tracker: TrackerKind::Hash, zero_copy_send: true, ..config(io) };
+    let run = migrate(&src, 4, cfg, None, None, None);
+    assert_equal(&src, &run);
+    let zc = io == BackendChoice::Uring && pmigrate::transport::uring::probe().is_ok_and(|s| s.send_zc);
+    assert_eq!(run.source.io.contains("zero-copy send"), zc, "{}", run.source.io);
+}
+
 fn live(
     io: BackendChoice,
     tracker: Box<dyn DirtyTracker>,
@@ -269,6 +282,7 @@ fn a_working_set_hint_keeps_the_migration_exact(io: BackendChoice) {
 }
 
 over_each_backend!(
+    zero_copy_send_gives_the_same_memory,
     gib_of_mixed_content_over_four_streams_and_four_workers,
     every_stream_count_and_compression_gives_the_same_memory,
     live_precopy_with_the_vmm_bitmap_tracker,

@@ -76,6 +76,10 @@ pub struct BenchArgs {
     /// I/O backend of the pmigrate runs: auto, uring or portable.
     #[arg(long, default_value = "auto")]
     io: BackendChoice,
+    /// With io_uring: send whole raw page batches zero-copy (SEND_ZC) from
+    /// a registered arena.
+    #[arg(long)]
+    zero_copy_send: bool,
     /// Largest region also migrated through the copy path for comparison.
     #[arg(long, default_value_t = 4)]
     copy_max_gib: u64,
@@ -138,6 +142,7 @@ fn measure(
     dirty_mib_s: u64,
     compression: Compression,
     io: BackendChoice,
+    zero_copy_send: bool,
 ) -> Result<Row> {
     let memory = a.memory_mib << 20;
     let (listen, via) = plan.links(links);
@@ -162,6 +167,7 @@ fn measure(
             max_rounds: 30,
             downtime_target: Duration::from_millis(300),
             io,
+            zero_copy_send,
             ..SourceConfig::default()
         },
         listen,
@@ -227,12 +233,24 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let memcpy = ceiling::memory_copy(256 << 20, a.threads) / MIB;
     let links = plan.listen.len().max(plan.via.len());
     let mut rows = vec![
-        measure(&a, &plan, "classic (1 thread, 1 stream, no lz4)", 1, 1, links, a.dirty_mib_s, Compression::Off, a.io)?,
-        measure(&a, &plan, "pmigrate", a.threads, a.streams, links, a.dirty_mib_s, a.compress, a.io)?,
+        measure(
+            &a,
+            &plan,
+            "classic (1 thread, 1 stream, no lz4)",
+            1,
+            1,
+            links,
+            a.dirty_mib_s,
+            Compression::Off,
+            a.io,
+            false,
+        )?,
+        measure(&a, &plan, "pmigrate", a.threads, a.streams, links, a.dirty_mib_s, a.compress, a.io, a.zero_copy_send)?,
     ];
     for m in &a.matrix {
         let (t, s) = m.split_once('x').ok_or_else(|| anyhow!("{m:?}: expected THREADSxSTREAMS"))?;
-        rows.push(measure(&a, &plan, "pmigrate", t.parse()?, s.parse()?, links, a.dirty_mib_s, a.compress, a.io)?);
+        let (t, s) = (t.parse()?, s.parse()?);
+        rows.push(measure(&a, &plan, "pmigrate", t, s, links, a.dirty_mib_s, a.compress, a.io, a.zero_copy_send)?);
     }
     if a.json {
         println!(
@@ -323,8 +341,12 @@ fn io_compare(a: &BenchArgs, plan: &Plan) -> Result<()> {
         eprintln!("measuring raw TCP over the same path ({streams} streams)...");
         let raw = ceiling::raw_tcp(&path, streams as usize, (a.memory_mib << 20).min(1 << 30))?;
         let mut pair = Vec::new();
-        for io in [BackendChoice::Portable, BackendChoice::Uring] {
-            pair.push(measure(a, plan, "pmigrate", a.threads, streams, links, 0, a.compress, io)?);
+        for (io, zc) in [(BackendChoice::Portable, false), (BackendChoice::Uring, false), (BackendChoice::Uring, true)]
+        {
+            if zc && !uring::probe().is_ok_and(|s| s.send_zc) {
+                continue;
+            }
+            pair.push(measure(a, plan, "pmigrate", a.threads, streams, links, 0, a.compress, io, zc)?);
         }
         out.push((streams, raw, pair));
     }
@@ -358,14 +380,14 @@ fn io_compare(a: &BenchArgs, plan: &Plan) -> Result<()> {
         a.threads
     );
     println!(
-        "{:>7} {:<9} {:>11} {:>10} {:>12} {:>13} {:>14}",
+        "{:>7} {:<26} {:>11} {:>10} {:>12} {:>13} {:>14}",
         "streams", "backend", "xfer MiB/s", "cpu s/GiB", "GiB per CPU s", "vs portable", "raw TCP MiB/s"
     );
     for (streams, raw, pair) in &out {
         let base = &pair[0];
         for r in pair {
             println!(
-                "{:>7} {:<9} {:>11.0} {:>10.2} {:>12.2} {:>6.2}x / {:.2}x {:>11.0}",
+                "{:>7} {:<26} {:>11.0} {:>10.2} {:>12.2} {:>6.2}x / {:.2}x {:>11.0}",
                 streams,
                 r.io,
                 r.transfer_mib_s,
@@ -505,7 +527,7 @@ fn sweep(a: &BenchArgs, plan: &Plan) -> Result<()> {
             let streams = streams.max(links as u16);
             let raw = ceiling::raw_tcp(&path, streams as usize, (a.memory_mib << 20).min(1 << 30))?.bytes_per_sec / MIB;
             for &rate in &rates {
-                let r = measure(a, plan, "sweep", threads, streams, links, rate, a.compress, a.io)?;
+                let r = measure(a, plan, "sweep", threads, streams, links, rate, a.compress, a.io, a.zero_copy_send)?;
                 writeln!(
                     out,
                     "{},{},{},{},{},{:.3},{:.1},{},{},{:.1},{:.1},{:.1},{:.1},{:.3},{}",

@@ -165,6 +165,10 @@ struct MigrateArgs {
     /// Copy the memory file even when the destination can map it.
     #[arg(long)]
     no_zero_copy: bool,
+    /// With io_uring: send whole raw page batches with SEND_ZC from a
+    /// registered arena (pays on a real NIC; see docs/benchmarks.md).
+    #[arg(long)]
+    zero_copy_send: bool,
     /// Downtime target in milliseconds.
     #[arg(long, default_value_t = 300)]
     downtime_ms: u64,
@@ -413,6 +417,7 @@ fn migrate(a: MigrateArgs) -> Result<()> {
         zero_copy: !a.no_zero_copy,
         postcopy: a.postcopy,
         io: a.streams.io,
+        zero_copy_send: a.zero_copy_send,
         ..SourceConfig::default()
     };
     let hints = |file: &Option<PathBuf>| -> Result<Vec<pmigrate::ranges::PageRange>> {

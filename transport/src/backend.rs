@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use crate::conn::Conn;
 use crate::net::{FrameReader, TransportError};
-use crate::uring::{self, Outgoing, UringReader, UringWriter, WriterOptions};
+use crate::uring::{self, FramePool, Outgoing, UringReader, UringWriter, WriterOptions};
 
 /// Frames in one io_uring chain at most: enough that a sender with a full
 /// queue (4 frames of 256 KiB) submits them all at once.
@@ -106,25 +106,32 @@ impl BackendChoice {
 /// Writes whole frames to one connection with either backend.
 pub enum FrameWriter {
     /// Blocking `write_all`; the buffers written, for reuse.
-    Portable(Conn, Vec<Vec<u8>>),
+    Portable(Conn, Vec<Outgoing>),
     /// io_uring chains.
     Uring(Box<UringWriter>),
 }
 
 impl FrameWriter {
-    /// A writer on `conn`.
-    pub fn new(conn: Conn, backend: Backend) -> Result<Self, TransportError> {
+    /// A writer on `conn`. With `zero_copy`, frames built in that arena go
+    /// out with `SEND_ZC` from its registered memory (io_uring, when the
+    /// kernel has it; see [`crate::uring`]).
+    pub fn new(conn: Conn, backend: Backend, zero_copy: Option<&FramePool>) -> Result<Self, TransportError> {
         Ok(match (backend, conn) {
             (Backend::Portable, conn) | (Backend::Uring, conn @ Conn::Tls(_)) => {
                 FrameWriter::Portable(conn, Vec::new())
             }
             (Backend::Uring, Conn::Tcp(sock)) => {
-                let opts = WriterOptions { depth: URING_DEPTH, zero_copy: false };
-                let w = UringWriter::new(Arc::new(sock), opts, None)
+                let opts = WriterOptions { depth: URING_DEPTH, zero_copy: zero_copy.is_some() };
+                let w = UringWriter::new(Arc::new(sock), opts, zero_copy)
                     .map_err(|e| TransportError::Setup(format!("io_uring writer: {e}")))?;
                 FrameWriter::Uring(Box::new(w))
             }
         })
+    }
+
+    /// Whether frames of the arena go out zero-copy.
+    pub fn zero_copy(&self) -> bool {
+        matches!(self, FrameWriter::Uring(w) if w.zero_copy())
     }
 
     /// Hands `frame` over: the portable writer writes it now, the io_uring
@@ -132,7 +139,8 @@ impl FrameWriter {
     /// queued and waits for it in one system call per chain. On failure
     /// every frame not wholly written comes back, in order, this one
     /// included, for writing again whole on a new connection.
-    pub fn send(&mut self, frame: Vec<u8>) -> Result<(), WriteFailure> {
+    pub fn send(&mut self, frame: impl Into<Outgoing>) -> Result<(), WriteFailure> {
+        let frame = frame.into();
         match self {
             FrameWriter::Portable(s, done) => match (&*s).write_all(&frame) {
                 Ok(()) => {
@@ -153,22 +161,13 @@ impl FrameWriter {
         }
     }
 
-    /// Buffers whose frames were written, for reuse.
-    pub fn take_done(&mut self) -> Vec<Vec<u8>> {
+    /// Buffers whose frames were written (and, zero-copy, let go of by the
+    /// kernel), for reuse.
+    pub fn take_done(&mut self) -> Vec<Outgoing> {
         match self {
             FrameWriter::Portable(_, done) => std::mem::take(done),
-            // Arena buffers go back to their pool when dropped.
-            FrameWriter::Uring(w) => {
-                w.take_done().filter_map(|o| matches!(o, Outgoing::Vec(_)).then(|| into_vec(o))).collect()
-            }
+            FrameWriter::Uring(w) => w.take_done().collect(),
         }
-    }
-}
-
-fn into_vec(o: Outgoing) -> Vec<u8> {
-    match o {
-        Outgoing::Vec(v) => v,
-        Outgoing::Buf(b) => b.as_slice().to_vec(),
     }
 }
 
@@ -180,13 +179,12 @@ pub struct WriteFailure {
     #[source]
     pub error: io::Error,
     /// Every frame not wholly written, in order.
-    pub unsent: Vec<Vec<u8>>,
+    pub unsent: Vec<Outgoing>,
 }
 
 impl From<uring::SendFailure> for WriteFailure {
     fn from(f: uring::SendFailure) -> Self {
-        let unsent = f.unsent.into_iter().map(into_vec).collect();
-        WriteFailure { error: f.error, unsent }
+        WriteFailure { error: f.error, unsent: f.unsent }
     }
 }
 

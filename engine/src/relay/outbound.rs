@@ -37,7 +37,7 @@ pub(super) fn stream_writer(shared: &Shared<'_>, i: usize, rx: Receiver<Vec<u8>>
     let sock = &shared.streams[i];
     let fail = |e: io::Error| shared.fail(i, TransportError::io(format!("stream {i}: write"), e).into());
     let mut w = match sock.try_clone().map_err(|e| TransportError::io(format!("stream {i}"), e)) {
-        Ok(s) => match FrameWriter::new(s, backend) {
+        Ok(s) => match FrameWriter::new(s, backend, None) {
             Ok(w) => w,
             Err(e) => return shared.fail(i, e.into()),
         },

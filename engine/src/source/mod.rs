@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use pmigrate_ranges::{distribute_late, plan_shards, AtomicBitmap, GuestMemory, PageRange, PAGE_SIZE};
+use pmigrate_transport::backend::URING_DEPTH;
 use pmigrate_transport::frame::FLAG_FINAL;
 use pmigrate_transport::frame::{FrameHdr, FrameKind, FLAG_PROBE_HASH, FLAG_PROBE_WORDS, HEADER_LEN};
 use pmigrate_transport::hello::{
@@ -44,7 +45,8 @@ use pmigrate_transport::hello::{
 };
 use pmigrate_transport::payload::{build_control, zero_page_hash, Scratch};
 use pmigrate_transport::session::{connect_session, new_session_id, StreamPlan};
-use pmigrate_transport::{BackendChoice, Conn, Link, TransportError};
+use pmigrate_transport::uring::{FramePool, Outgoing};
+use pmigrate_transport::{Backend, BackendChoice, Conn, Link, TransportError};
 
 use crate::digest::digest_handing_over;
 use crate::dirty::{tracker_for, DirtyTracker, TrackerKind};
@@ -98,6 +100,11 @@ pub struct SourceConfig {
     pub postcopy: Option<u32>,
     /// The I/O backend of the streams.
     pub io: BackendChoice,
+    /// With io_uring: build whole raw batches in one registered arena and
+    /// send them with `SEND_ZC` from it, no copy into the kernel. Pays on a
+    /// real NIC; over loopback and veth the receiving side copies anyway
+    /// (see docs/benchmarks.md). Off by default.
+    pub zero_copy_send: bool,
 }
 
 impl Default for SourceConfig {
@@ -113,6 +120,7 @@ impl Default for SourceConfig {
             zero_copy: true,
             postcopy: None,
             io: BackendChoice::Auto,
+            zero_copy_send: false,
         }
     }
 }
@@ -319,6 +327,7 @@ impl<'a> Source<'a> {
             finished: AtomicBool::new(false),
             running: OnceLock::new(),
             requested_pages: AtomicU64::new(0),
+            zero_copy: None,
         };
         let result = run.drive(streams, tracker.as_mut(), self.pause);
         tracker.stop(self.mem);
@@ -368,6 +377,9 @@ struct Run<'r> {
     resume: Option<(StreamPlan, Hello)>,
     /// The destination's verdict is in: connections closing now are not lost.
     finished: AtomicBool,
+    /// With io_uring and `zero_copy_send`: the arena whole raw batches are
+    /// built in, registered with every stream's ring and sent from it.
+    zero_copy: Option<FramePool>,
 }
 
 /// How long a lost stream may take to reconnect after the switchover.
@@ -417,6 +429,18 @@ impl<'r> Run<'r> {
     ) -> Result<Report, MigrateError> {
         let n = streams.len();
         let io = self.cfg.io.resolve()?.backend;
+        if io == Backend::Uring
+            && self.cfg.zero_copy_send
+            && pmigrate_transport::uring::probe().is_ok_and(|s| s.send_zc)
+        {
+            // Room for every whole batch that can be in flight: queued, in
+            // a sender's two chains, and being built by each worker.
+            let batch = self.cfg.batch_pages.clamp(1, pmigrate_transport::frame::MAX_FRAME_PAGES as usize);
+            let slots = n * (QUEUE_DEPTH + 2 * URING_DEPTH) + 2 * self.cfg.threads;
+            let arena = FramePool::new(slots, HEADER_LEN + batch * PAGE_SIZE)
+                .map_err(|e| TransportError::Setup(format!("zero-copy arena: {e}")))?;
+            self.zero_copy = Some(arena);
+        }
         let streams: Vec<Link> = streams.into_iter().map(Link::new).collect();
         let ends: Vec<(String, String)> = streams
             .iter()
@@ -447,7 +471,7 @@ impl<'r> Run<'r> {
             } else {
                 "off".into()
             },
-            io: io.to_string(),
+            io: if this.zero_copy.is_some() { format!("{io}, zero-copy send") } else { io.to_string() },
             mode: match this.cfg.postcopy {
                 None => "pre-copy".into(),
                 Some(0) => "post-copy".into(),
@@ -462,7 +486,8 @@ impl<'r> Run<'r> {
                 let (pool, st) = (pool_tx.clone(), &stats[i]);
                 let redial = move |seen, e| this.redial(stream, i, seen, e);
                 senders.push(s.spawn(move || {
-                    sender(stream, i, rx, pool, st, this.progress, &this.abort, &this.finished, &redial, io)
+                    let zc = this.zero_copy.as_ref();
+                    sender(stream, i, rx, pool, st, this.progress, &this.abort, &this.finished, &redial, io, zc)
                 }));
                 let listen = Listen {
                     verdict: verdict_tx.clone(),
@@ -583,13 +608,14 @@ impl<'r> Run<'r> {
                             queues: txs,
                             home: i % txs.len(),
                             round,
-                            pages: vec![0u8; HEADER_LEN + batch * PAGE_SIZE],
+                            pages: Outgoing::Vec(Vec::new()),
                             hashes: Vec::with_capacity(batch),
                             scratch: Scratch::default(),
                             gate: Lz4Gate::new(self.cfg.compression),
                             counts: Counts::default(),
                             pool,
                         };
+                        w.pages = w.batch_buffer(HEADER_LEN + batch * PAGE_SIZE);
                         let r = w.work(shards, dirty);
                         if r.is_err() {
                             self.abort.store(true, Ordering::Relaxed);

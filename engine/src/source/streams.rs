@@ -13,6 +13,7 @@ use pmigrate_transport::backend::{Backend, FrameWriter};
 use pmigrate_transport::frame::{FrameHdr, FrameKind, FLAG_FINAL};
 use pmigrate_transport::net::{write_frame, FrameReader};
 use pmigrate_transport::payload::build_control;
+use pmigrate_transport::uring::{FramePool, Outgoing};
 use pmigrate_transport::{Link, TransportError};
 
 use super::Progress;
@@ -20,8 +21,9 @@ use crate::MigrateError;
 
 /// What a stream's queue carries.
 pub(super) enum Msg {
-    /// A sealed frame and when it was sealed.
-    Frame(Vec<u8>, Instant),
+    /// A sealed frame (in the zero-copy arena or on the heap) and when it
+    /// was sealed.
+    Frame(Outgoing, Instant),
     /// A control frame built by the coordinator (probes).
     Control(Vec<u8>),
     RoundEnd {
@@ -80,24 +82,26 @@ impl Writer<'_> {
 struct BatchWriter<'a> {
     out: Writer<'a>,
     backend: Backend,
+    /// The arena whose frames go out zero-copy.
+    zero_copy: Option<&'a FramePool>,
     /// The backend's writer on connection generation `out.cur.1`.
     w: FrameWriter,
 }
 
 impl<'a> BatchWriter<'a> {
-    fn new(out: Writer<'a>, backend: Backend) -> Result<Self, TransportError> {
-        let w = Self::writer(&out.cur.0, backend)?;
-        Ok(Self { out, backend, w })
+    fn new(out: Writer<'a>, backend: Backend, zero_copy: Option<&'a FramePool>) -> Result<Self, TransportError> {
+        let w = Self::writer(&out.cur.0, backend, zero_copy)?;
+        Ok(Self { out, backend, zero_copy, w })
     }
 
     /// The backend's writer on a connection of the link.
-    fn writer(conn: &TcpStream, backend: Backend) -> Result<FrameWriter, TransportError> {
+    fn writer(conn: &TcpStream, backend: Backend, zc: Option<&FramePool>) -> Result<FrameWriter, TransportError> {
         let conn = conn.try_clone().map_err(|e| TransportError::io("stream", e))?;
-        FrameWriter::new(conn.into(), backend)
+        FrameWriter::new(conn.into(), backend, zc)
     }
 
     /// Writes `frames` wholly, in order; hands back the buffers.
-    fn write(&mut self, frames: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, TransportError> {
+    fn write(&mut self, frames: Vec<Outgoing>) -> Result<Vec<Outgoing>, TransportError> {
         let mut todo = frames;
         loop {
             if self.out.settled.load(Ordering::Acquire) {
@@ -122,7 +126,7 @@ impl<'a> BatchWriter<'a> {
                 Err(f) => {
                     let e = TransportError::io(format!("{}: write", self.out.name), f.error);
                     self.out.cur = (self.out.redial)(self.out.cur.1, e)?;
-                    self.w = Self::writer(&self.out.cur.0, self.backend)?;
+                    self.w = Self::writer(&self.out.cur.0, self.backend, self.zero_copy)?;
                     todo = f.unsent;
                 }
             }
@@ -145,6 +149,7 @@ pub(super) fn sender(
     settled: &AtomicBool,
     redial: &Redial<'_>,
     backend: Backend,
+    zero_copy: Option<&FramePool>,
 ) -> Result<Histogram<u64>, MigrateError> {
     let name = format!("stream {index}");
     let mut frames_this_round = 0u64;
@@ -152,7 +157,7 @@ pub(super) fn sender(
     let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 2).expect("valid histogram bounds");
     let res = (|| {
         let out = Writer { link, cur: link.current(), redial, name, settled };
-        let mut out = BatchWriter::new(out, backend)?;
+        let mut out = BatchWriter::new(out, backend, zero_copy)?;
         let mut batch = Vec::with_capacity(BATCH);
         let mut sealed = Vec::with_capacity(BATCH);
         while let Ok(first) = rx.recv() {
@@ -173,20 +178,24 @@ pub(super) fn sender(
                         h.first = frames_this_round;
                         h.flags = if last { FLAG_FINAL } else { 0 };
                         frames_this_round = 0;
-                        control(h)
+                        control(h).into()
                     }
-                    Msg::Control(f) => f,
+                    Msg::Control(f) => f.into(),
                     Msg::Done { digest } => {
                         let mut h = FrameHdr::new(FrameKind::Done);
                         h.aux = digest;
-                        control(h)
+                        control(h).into()
                     }
                 };
                 stats.bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
                 batch.push(frame);
             }
+            // Heap buffers go back to the workers' pool; arena slots return
+            // to the arena when dropped.
             for buf in out.write(std::mem::take(&mut batch))? {
-                let _ = pool.try_send(buf);
+                if let Outgoing::Vec(v) = buf {
+                    let _ = pool.try_send(v);
+                }
             }
             for at in sealed.drain(..) {
                 latency.saturating_record(at.elapsed().as_micros() as u64);

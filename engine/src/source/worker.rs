@@ -10,6 +10,7 @@ use pmigrate_transport::frame::{Encoding, HEADER_LEN};
 use pmigrate_transport::payload::{
     build_pages, build_zero_pages, is_zero_page, seal_raw_pages_in_place, zero_page_hash, PagesAt, Scratch,
 };
+use pmigrate_transport::uring::Outgoing;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::{Msg, Run};
@@ -44,7 +45,10 @@ pub(super) struct Worker<'w> {
     pub(super) queues: &'w [Sender<Msg>],
     pub(super) home: usize,
     pub(super) round: u64,
-    pub(super) pages: Vec<u8>,
+    /// The batch being read: room for a header, then the pages. A whole
+    /// raw batch is sealed and sent in place (in the zero-copy arena when
+    /// there is one).
+    pub(super) pages: Outgoing,
     pub(super) hashes: Vec<u64>,
     pub(super) scratch: Scratch,
     pub(super) gate: Lz4Gate,
@@ -53,7 +57,7 @@ pub(super) struct Worker<'w> {
 }
 
 impl Worker<'_> {
-    fn send(&mut self, frame: Vec<u8>) -> Result<(), MigrateError> {
+    fn send(&mut self, frame: Outgoing) -> Result<(), MigrateError> {
         self.counts.wire += frame.len() as u64;
         let n = self.queues.len();
         let mut msg = Msg::Frame(frame, Instant::now());
@@ -76,6 +80,21 @@ impl Worker<'_> {
         self.pool.try_recv().unwrap_or_default()
     }
 
+    /// A batch buffer of `len` bytes: an arena slot when the session sends
+    /// zero-copy (its bytes are overwritten before they are sent), else a
+    /// pooled vector.
+    pub(super) fn batch_buffer(&self, len: usize) -> Outgoing {
+        if let Some(arena) = &self.run.zero_copy {
+            let mut b = arena.take();
+            if b.resize_keeping(len).is_ok() {
+                return Outgoing::Buf(b);
+            }
+        }
+        let mut v = self.buffer();
+        v.resize(len, 0);
+        Outgoing::Vec(v)
+    }
+
     /// Sends pages `[a, b)` of the batch in `self.pages` (already hashed);
     /// `whole` says they are the whole batch.
     fn emit_data(&mut self, region: u32, first: u64, a: usize, b: usize, whole: bool) -> Result<(), MigrateError> {
@@ -95,8 +114,7 @@ impl Worker<'_> {
             // buffer itself and send it, no copy.
             let end = HEADER_LEN + b * PAGE_SIZE;
             seal_raw_pages_in_place(&mut self.pages[..end], &mut self.scratch, at, &self.hashes[a..b]);
-            let mut next = self.buffer();
-            next.resize(self.pages.len(), 0);
+            let next = self.batch_buffer(self.pages.len());
             let mut frame = std::mem::replace(&mut self.pages, next);
             frame.truncate(end);
             self.counts.raw += n;
@@ -113,7 +131,7 @@ impl Worker<'_> {
         } else {
             self.counts.raw += n;
         }
-        self.send(frame)
+        self.send(Outgoing::Vec(frame))
     }
 
     fn emit_zero(&mut self, region: u32, first: u64, n: u64) -> Result<(), MigrateError> {
@@ -127,7 +145,7 @@ impl Worker<'_> {
         for p in first..first + n {
             sent[p as usize].store(z, Ordering::Relaxed);
         }
-        self.send(frame)
+        self.send(Outgoing::Vec(frame))
     }
 
     /// Processes a run of dirty pages `[start, start + len)` of a region.

@@ -317,6 +317,19 @@ impl FrameBuf {
         Ok(())
     }
 
+    /// Grows (or shrinks) to `new_len` without writing the bytes gained: in
+    /// a slot they hold what the slot held before (an earlier frame's bytes,
+    /// or the mapping's zeros), a heap buffer zero-fills them. For a caller
+    /// that overwrites what it uses, as a frame being built does.
+    pub fn resize_keeping(&mut self, new_len: usize) -> Result<(), CapacityError> {
+        self.check(new_len)?;
+        match &mut self.repr {
+            Repr::Heap { vec, .. } => vec.resize(new_len, 0),
+            Repr::Slot { .. } => self.set_slot_len(new_len),
+        }
+        Ok(())
+    }
+
     /// Appends `bytes`.
     pub fn extend_from_slice(&mut self, bytes: &[u8]) -> Result<(), CapacityError> {
         let old = self.len();

@@ -77,6 +77,31 @@ impl Outgoing {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Shortens the frame to `len` bytes.
+    pub fn truncate(&mut self, len: usize) {
+        match self {
+            Outgoing::Buf(b) => b.truncate(len),
+            Outgoing::Vec(v) => v.truncate(len),
+        }
+    }
+}
+
+impl std::ops::Deref for Outgoing {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl std::ops::DerefMut for Outgoing {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        match self {
+            Outgoing::Buf(b) => b,
+            Outgoing::Vec(v) => v,
+        }
+    }
 }
 
 impl From<FrameBuf> for Outgoing {
