@@ -11,8 +11,8 @@
 //! ```
 //!
 //! Each end runs the same machinery: an *outbound* flow from its local
-//! input ([`outbound`]) and an *inbound* flow to its local output
-//! ([`inbound`]), over one set of TCP streams; every stream has one writer
+//! input (`outbound.rs`) and an *inbound* flow to its local output
+//! (`inbound.rs`), over one set of TCP streams; every stream has one writer
 //! thread and one reader thread. Without `CAP_DUPLEX` only the session's
 //! source has an outbound flow and only the destination an inbound one.
 //!
