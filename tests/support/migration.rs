@@ -118,6 +118,38 @@ pub fn check_landed(src: &mut Qemu, dst: &mut Qemu, info: &Value, busy: bool) {
     }
 }
 
+/// After a failed migration: the source guest runs on, its workload going
+/// on undamaged.
+pub fn check_source_runs_on(src: &mut Qemu) {
+    src.qmp().wait_status("running", Duration::from_secs(60)).expect("source run state after the failure");
+    let off = src.console_offset();
+    let beats = src.wait_heartbeats_after(off, 5, HEARTBEAT_TIMEOUT).expect("source heartbeats after the failure");
+    src.check_healthy_after(0).expect("source guest after the failure");
+    let (first, last) = (&beats[0], &beats[beats.len() - 1]);
+    assert!(last.gen > first.gen && last.verified > first.verified, "source workload stalled: {first:?} .. {last:?}");
+}
+
+/// After a failed migration: the destination QEMU gives up with status 1
+/// on an I/O error — its stream ended early, never with bytes that fail to
+/// parse (pmigrate passes on no byte it has not verified) — and never ran
+/// the guest.
+pub fn check_destination_gave_up(dst: &mut Qemu) {
+    let status = wait_exit(dst, EXIT_TIMEOUT);
+    eprintln!("  destination QEMU: {status:?}, stderr: {}", dst.stderr().trim());
+    let status = status.expect("the destination QEMU did not exit after the failed incoming migration");
+    assert_eq!(status.code(), Some(1), "destination QEMU exit status");
+    assert!(
+        dst.stderr().contains("load of migration failed: Input/output error"),
+        "destination QEMU stderr: {}",
+        dst.stderr()
+    );
+    assert!(
+        dst.heartbeats_after(0).is_empty() && !dst.console_log().contains("PMW"),
+        "the destination ran the guest:\n{}",
+        dst.console_tail(20)
+    );
+}
+
 /// Waits for a QEMU to exit and returns its status.
 pub fn wait_exit(vm: &mut Qemu, timeout: Duration) -> Option<std::process::ExitStatus> {
     let deadline = Instant::now() + timeout;

@@ -30,8 +30,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use migration::{
-    boot_source, check_landed, guest, localhost, migrate, one_at_a_time, sh, wait_exit, Fault, FaultyLink, Scratch,
-    EXIT_TIMEOUT, HEARTBEAT_TIMEOUT, MIGRATION_TIMEOUT,
+    boot_source, check_destination_gave_up, check_landed, check_source_runs_on, guest, localhost, migrate,
+    one_at_a_time, sh, Fault, FaultyLink, Scratch, EXIT_TIMEOUT, HEARTBEAT_TIMEOUT, MIGRATION_TIMEOUT,
 };
 use qemu::{migration_summary, Qemu};
 use serde_json::Value;
@@ -229,31 +229,8 @@ fn failed_migration(test: &str, fault: Fault) {
     assert!(proxy.fired(), "the faulty link never struck ({fault:?}); connections {:?}", proxy.connections());
     assert_eq!(info["status"], "failed", "the migration did not fail: {}", migration_summary(&info));
 
-    // The source guest goes on.
-    src.qmp().wait_status("running", Duration::from_secs(60)).expect("source run state after the failure");
-    let off = src.console_offset();
-    let beats = src.wait_heartbeats_after(off, 5, HEARTBEAT_TIMEOUT).expect("source heartbeats after the failure");
-    src.check_healthy_after(0).expect("source guest after the failure");
-    let (first, last) = (&beats[0], &beats[beats.len() - 1]);
-    assert!(last.gen > first.gen && last.verified > first.verified, "source workload stalled: {first:?} .. {last:?}");
-
-    // The destination QEMU gives up without ever running the guest.
-    let status = wait_exit(&mut dst, EXIT_TIMEOUT);
-    eprintln!("  destination QEMU: {status:?}, stderr: {}", dst.stderr().trim());
-    let status = status.expect("the destination QEMU did not exit after the failed incoming migration");
-    assert_eq!(status.code(), Some(1), "destination QEMU exit status");
-    // An I/O error: QEMU saw its stream end early, not bytes that fail to parse
-    // (recv writes no byte it has not verified).
-    assert!(
-        dst.stderr().contains("load of migration failed: Input/output error"),
-        "destination QEMU stderr: {}",
-        dst.stderr()
-    );
-    assert!(
-        dst.heartbeats_after(0).is_empty() && !dst.console_log().contains("PMW"),
-        "the destination ran the guest:\n{}",
-        dst.console_tail(20)
-    );
+    check_source_runs_on(&mut src);
+    check_destination_gave_up(&mut dst);
 
     // Each helper says why, once.
     let mut problems = helper_error_problems(&scratch.path("recv.err"), "recv");

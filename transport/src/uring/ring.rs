@@ -28,27 +28,23 @@ pub(super) fn reap(ring: &mut IoUring, out: &mut Vec<Cqe>) {
 /// which can be fewer (the rest stay queued) when it ran short of memory.
 /// An error means it took none.
 pub(super) fn submit(ring: &IoUring) -> io::Result<usize> {
-    let mut tries = 0;
-    loop {
-        match ring.submit() {
-            Ok(n) => return Ok(n),
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) && tries < SUBMIT_TRIES => {
-                tries += 1;
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    retried(|| ring.submit())
 }
 
 /// Like [`submit`], and waits in the same `io_uring_enter` until `want`
 /// completions are posted (a signal may cut the wait short: the caller
 /// waits again for what is missing).
 pub(super) fn submit_and_wait(ring: &IoUring, want: usize) -> io::Result<usize> {
+    retried(|| ring.submit_and_wait(want))
+}
+
+/// Runs a submission again after EINTR, and after a refusal for want of
+/// memory or completion space (EAGAIN, EBUSY) a millisecond later, at most
+/// [`SUBMIT_TRIES`] times.
+fn retried(mut enter: impl FnMut() -> io::Result<usize>) -> io::Result<usize> {
     let mut tries = 0;
     loop {
-        match ring.submit_and_wait(want) {
+        match enter() {
             Ok(n) => return Ok(n),
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
             Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) && tries < SUBMIT_TRIES => {

@@ -385,17 +385,7 @@ impl UringWriter {
     /// On failure, the writer is done for: this and every later call fail,
     /// `unsent` holding the frames not wholly written, this one last.
     pub fn send(&mut self, frame: impl Into<Outgoing>) -> Result<(), SendFailure> {
-        let frame = frame.into();
-        if let Some(error) = self.failed_error() {
-            return Err(SendFailure { error, unsent: vec![frame] });
-        }
-        if frame.is_empty() {
-            self.done.push_back(frame);
-            return Ok(());
-        }
-        let key =
-            self.slab.insert(Entry { frame, sent: 0, last_res: 0, in_flight: false, notifs: 0, stage: Stage::Pending });
-        self.pending.push_back(key);
+        self.queue(frame)?;
         self.progress()?;
         if self.pending.len() - self.in_chain >= self.depth {
             self.finish_chain()?;
