@@ -451,16 +451,16 @@ fn migrate(a: MigrateArgs) -> Result<()> {
     Ok(())
 }
 
+/// A byte-stream relay to `dest` as the stream and TLS options say.
+pub(crate) fn relay_config(dest: &[String], s: &StreamArgs, tls: &TlsArgs) -> Result<RelaySendConfig> {
+    let mut plan = StreamPlan::new(resolve(dest)?, s.streams.max(1));
+    plan.via = s.via.clone();
+    plan.tls = tls.config()?;
+    Ok(RelaySendConfig { threads: s.threads, compression: s.compress, backend: s.io, ..RelaySendConfig::new(plan) })
+}
+
 fn send(a: SendArgs) -> Result<()> {
-    let mut plan = StreamPlan::new(resolve(&a.dest)?, a.streams.streams.max(1));
-    plan.via = a.streams.via.clone();
-    plan.tls = a.tls.config()?;
-    let cfg = RelaySendConfig {
-        threads: a.streams.threads,
-        compression: a.streams.compress,
-        backend: a.streams.io,
-        ..RelaySendConfig::new(plan)
-    };
+    let cfg = relay_config(&a.dest, &a.streams, &a.tls)?;
     let stdin = std::fs::File::from(std::io::stdin().as_fd_owned()?);
     // A larger pipe lets the producer run ahead by a chunk or four.
     grow_pipe(&stdin);

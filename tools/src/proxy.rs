@@ -7,11 +7,10 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use pmigrate::engine::proxy::{run_entry, run_exit, Endpoint, EntryConfig, ExitConfig};
-use pmigrate::engine::relay::{RelayRecvOptions, RelaySendConfig};
-use pmigrate::transport::session::StreamPlan;
+use pmigrate::engine::relay::RelayRecvOptions;
 use pmigrate::{Acceptor, BackendChoice};
 
-use crate::{resolve, StreamArgs, TlsArgs};
+use crate::{relay_config, resolve, StreamArgs, TlsArgs};
 
 #[derive(Args)]
 pub struct ProxyArgs {
@@ -75,15 +74,7 @@ pub fn run(a: ProxyArgs) -> Result<()> {
             if e.accept.len() > u32::MAX as usize {
                 bail!("too many --accept endpoints");
             }
-            let mut plan = StreamPlan::new(resolve(&e.exit)?, e.streams.streams.max(1));
-            plan.via = e.streams.via.clone();
-            plan.tls = e.tls.config()?;
-            let relay = RelaySendConfig {
-                threads: e.streams.threads,
-                compression: e.streams.compress,
-                backend: e.streams.io,
-                ..RelaySendConfig::new(plan)
-            };
+            let relay = relay_config(&e.exit, &e.streams, &e.tls)?;
             let tls = if relay.plan.tls.is_some() { " over TLS" } else { "" };
             let cfg = EntryConfig { listen: e.accept, relay };
             for (i, l) in cfg.listen.iter().enumerate() {
