@@ -2,6 +2,9 @@
 //! streams (see `pmigrate_engine::proxy` and docs/libvirt.md).
 
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use signal_hook::consts::{SIGINT, SIGTERM};
 use std::time::Duration;
 
 use anyhow::{bail, Result};
@@ -65,9 +68,15 @@ struct ExitArgs {
 }
 
 pub fn run(a: ProxyArgs) -> Result<()> {
-    // Runs until killed: every connection carried is independent, and a
-    // killed proxy's connections fail at both ends like a cut link.
-    let stop = AtomicBool::new(false);
+    // Runs until SIGTERM or SIGINT: then it accepts nothing new and returns
+    // once the connections it carries have ended. A second signal ends it
+    // at once; the connections it carried then fail at both ends, like a
+    // cut link.
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [SIGTERM, SIGINT] {
+        signal_hook::flag::register_conditional_shutdown(sig, 1, stop.clone())?;
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
     let log = |line: String| eprintln!("pmigrate proxy: {line}");
     match a.side {
         Side::Entry(e) => {
@@ -81,6 +90,7 @@ pub fn run(a: ProxyArgs) -> Result<()> {
                 log(format!("accepting on {l} (target {i}), carrying to {:?}{tls}", e.exit));
             }
             run_entry(&cfg, &stop, &log)?;
+            log("stopped".into());
         }
         Side::Exit(x) => {
             let mut acceptor = Acceptor::bind(&resolve(&x.listen)?)?;
@@ -93,6 +103,7 @@ pub fn run(a: ProxyArgs) -> Result<()> {
             let tls = if acceptor.tls.is_some() { " (TLS)" } else { "" };
             log(format!("listening on {:?}{tls}, targets {:?}", acceptor.local_addrs(), cfg.targets));
             run_exit(&acceptor, &cfg, &stop, &log)?;
+            log("stopped".into());
         }
     }
     Ok(())

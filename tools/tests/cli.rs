@@ -349,3 +349,54 @@ fn proxy_carries_a_unix_connection_over_tls_and_refuses_strangers() {
     drop((good, bad, exit));
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// SIGTERM stops a proxy cleanly: it accepts nothing new, lets what it
+/// carries finish, says so, exits 0 and removes its socket.
+#[test]
+fn a_proxy_stops_on_sigterm_after_its_connections_end() {
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let dir = scratch("proxy-term");
+    let target = UnixListener::bind(dir.join("target.sock")).unwrap();
+    let exit_addr = format!("127.0.0.1:{}", free_port());
+    let target_arg = format!("unix:{}", dir.join("target.sock").display());
+    let exit = Daemon::start(
+        Command::new(BIN).args(["proxy", "exit", "--listen", &exit_addr, "--target", &target_arg]),
+        dir.join("exit.log"),
+        "listening on",
+    );
+    let accept = format!("unix:{}", dir.join("entry.sock").display());
+    let mut entry = Daemon::start(
+        Command::new(BIN).args(["proxy", "entry", "--accept", &accept, &exit_addr]),
+        dir.join("entry.log"),
+        "accepting on",
+    );
+    // A connection in progress when the signal comes is carried to its end.
+    let mut c = UnixStream::connect(dir.join("entry.sock")).unwrap();
+    let (mut t, _) = target.accept().unwrap();
+    let term = |d: &Daemon| {
+        // SAFETY: kill(2) with a pid of a child this test spawned and still owns.
+        unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) }
+    };
+    assert_eq!(term(&entry), 0);
+    c.write_all(b"after the signal").unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    t.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"after the signal");
+    drop(t);
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = entry.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "the entry did not stop: {}", entry.log());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}: {}", entry.log());
+    assert!(entry.log().contains(": done: ") && entry.log().contains("stopped"), "{}", entry.log());
+    assert!(!dir.join("entry.sock").exists(), "the entry removed its socket");
+    drop(exit);
+    std::fs::remove_dir_all(dir).unwrap();
+}
