@@ -244,14 +244,25 @@ mod tests {
         }
     }
 
-    #[test]
-    fn sessions_are_served_side_by_side_and_refusals_reach_the_peer() {
+    /// Runs `client` against an [`Echo`] server on a fresh port; returns
+    /// the stream counts of the sessions the handler opened.
+    fn with_server(client: impl FnOnce(SocketAddr)) -> Vec<u16> {
         let acc = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
         let addr = acc.local_addrs()[0];
         let handler = Echo { opened: Mutex::new(Vec::new()) };
         let stop = AtomicBool::new(false);
         std::thread::scope(|s| {
             let server = s.spawn(|| acc.serve(Mode::Stream, &handler, &stop));
+            client(addr);
+            stop.store(true, Ordering::Relaxed);
+            server.join().unwrap().unwrap();
+        });
+        handler.opened.into_inner().unwrap()
+    }
+
+    #[test]
+    fn sessions_are_served_side_by_side_and_refusals_reach_the_peer() {
+        let opened = with_server(|addr| {
             // Two sessions open at the same time, then both are used.
             let (mut a, wa) = connect_session(&StreamPlan::new(vec![addr], 3), &hello(3, 1)).unwrap();
             let (mut b, _) = connect_session(&StreamPlan::new(vec![addr], 1), &hello(1, 1)).unwrap();
@@ -268,20 +279,13 @@ mod tests {
             m.mode = Mode::Memory;
             let err = connect_session(&StreamPlan::new(vec![addr], 1), &m).unwrap_err();
             assert!(err.to_string().contains("serves Stream"), "{err}");
-            stop.store(true, Ordering::Relaxed);
-            server.join().unwrap().unwrap();
         });
-        assert_eq!(*handler.opened.lock().unwrap(), vec![3, 1]);
+        assert_eq!(opened, vec![3, 1]);
     }
 
     #[test]
     fn a_stream_of_no_session_is_refused() {
-        let acc = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
-        let addr = acc.local_addrs()[0];
-        let handler = Echo { opened: Mutex::new(Vec::new()) };
-        let stop = AtomicBool::new(false);
-        std::thread::scope(|s| {
-            let server = s.spawn(|| acc.serve(Mode::Stream, &handler, &stop));
+        let opened = with_server(|addr| {
             let mut h = hello(2, 1);
             h.stream_index = 1;
             // connect_session numbers streams itself: send stream 1 by hand.
@@ -292,9 +296,7 @@ mod tests {
             let mut r = crate::net::FrameReader::new(&conn, "t");
             let err = r.next_frame().unwrap_err();
             assert!(err.to_string().contains("no such session"), "{err}");
-            stop.store(true, Ordering::Relaxed);
-            server.join().unwrap().unwrap();
         });
-        assert!(handler.opened.lock().unwrap().is_empty());
+        assert!(opened.is_empty());
     }
 }
