@@ -7,6 +7,9 @@ use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::frame::{FrameHdr, FrameKind};
+use crate::hello::{ErrorCode, ErrorMsg};
+use crate::payload::build_control;
 use crate::tls::TlsStream;
 
 /// A stream's connection.
@@ -54,6 +57,23 @@ impl Conn {
         match self {
             Conn::Tcp(s) => s.shutdown(how),
             Conn::Tls(t) => t.shutdown(how),
+        }
+    }
+
+    /// Tells the peer why the session fails, best effort and bounded: an
+    /// `Error` frame that cannot go out within a second (a peer that stopped
+    /// reading) is given up, and a TLS stream whose writer is in the middle
+    /// of a record is left alone.
+    pub fn send_error(&self, code: ErrorCode, message: impl Into<String>) {
+        let _ = self.tcp().set_write_timeout(Some(Duration::from_secs(1)));
+        match self {
+            Conn::Tcp(s) => crate::session::send_error(s, code, message),
+            Conn::Tls(t) => {
+                let mut f = Vec::new();
+                let msg = ErrorMsg { code, message: message.into() };
+                build_control(&mut f, FrameHdr::new(FrameKind::Error), &msg.encode());
+                let _ = t.try_write_all(&f);
+            }
         }
     }
 

@@ -262,6 +262,14 @@ impl TlsStream {
         }
     }
 
+    /// Writes `buf` unless another thread is sealing or sending records
+    /// right now (`None`: nothing written). For a last word on a stream
+    /// being failed, which must not wait behind a blocked writer.
+    pub fn try_write_all(&self, buf: &[u8]) -> Option<io::Result<()>> {
+        let _one = self.writing.try_lock().ok()?;
+        Some(self.state().writer().write_all(buf).and_then(|()| self.send_sealed()))
+    }
+
     fn write_plain(&self, buf: &[u8]) -> io::Result<usize> {
         let _one = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         self.state().writer().write_all(buf)?;

@@ -60,7 +60,7 @@ use pmigrate_transport::frame::FrameKind;
 use pmigrate_transport::hello::{
     encode_target, ErrorCode, ErrorMsg, Hello, Mode, CAP_DUPLEX, CAP_LZ4, EXT_TARGET, PROTOCOL_VERSION,
 };
-use pmigrate_transport::session::{connect_session, new_session_id, send_error, StreamPlan};
+use pmigrate_transport::session::{connect_session, new_session_id, StreamPlan};
 use pmigrate_transport::{Acceptor, Backend, BackendChoice, Conn, TransportError};
 use serde::Serialize;
 
@@ -420,10 +420,10 @@ impl Shared<'_> {
             };
             let msg = e.to_string();
             if let Some(s) = self.streams.get(stream) {
-                send_error(s, code, msg.clone());
+                s.send_error(code, msg.clone());
             }
             if stream != 0 {
-                send_error(&self.streams[0], code, msg);
+                self.streams[0].send_error(code, msg);
             }
             for st in self.streams {
                 let _ = st.shutdown(Shutdown::Both);
