@@ -208,10 +208,12 @@ impl Incoming {
         } else {
             None
         };
-        let io = opts.io.resolve()?.backend;
+        let resolved = opts.io.resolve()?;
+        let io = resolved.backend;
         let resume: ResumeHook<'_> = Box::new(resume);
         let state = State {
             io,
+            io_report: resolved.describe(),
             mem,
             prio: if post.is_some() { streams.len() - 1 } else { usize::MAX },
             post,
@@ -376,7 +378,7 @@ impl Incoming {
             converged: true,
             digest: format!("{digest:016x}"),
             compression: if self.accepted.caps & CAP_LZ4 != 0 { "lz4".into() } else { "off".into() },
-            io: state.io.to_string(),
+            io: state.io_report.clone(),
             mode: "pre-copy".into(),
             ..Report::default()
         };
@@ -417,6 +419,8 @@ type ResumeHook<'a> = Box<dyn FnOnce() -> Result<(), String> + Send + 'a>;
 struct State<'m> {
     /// The I/O backend of the streams.
     io: Backend,
+    /// What the report says of it.
+    io_report: String,
     mem: &'m GuestMemory,
     /// Post-copy: the fault handling state, and the index of the priority
     /// stream (the last).

@@ -215,7 +215,7 @@ pub struct ExitConfig {
 
 struct Exit<'a> {
     cfg: &'a ExitConfig,
-    backend: pmigrate_transport::Backend,
+    io: pmigrate_transport::backend::Resolved,
     log: &'a (dyn Fn(String) + Sync),
     next_id: AtomicU64,
 }
@@ -251,7 +251,7 @@ impl SessionHandler for Exit<'_> {
 
     fn run(&self, session: Accepted, (local, name): Self::Context) {
         let t0 = Instant::now();
-        let how = Carry::accepted(session.caps, &self.cfg.relay, self.backend);
+        let how = Carry::accepted(session.caps, &self.cfg.relay, self.io.clone());
         match relay::carry(&session.streams, local, &how) {
             Ok(mut r) => {
                 r.role = "proxy".into();
@@ -275,8 +275,8 @@ pub fn run_exit(
     stop: &AtomicBool,
     log: &(dyn Fn(String) + Sync),
 ) -> Result<(), TransportError> {
-    let backend = cfg.relay.backend.resolve()?.backend;
-    let exit = Exit { cfg, log, backend, next_id: AtomicU64::new(0) };
+    let io = cfg.relay.backend.resolve()?;
+    let exit = Exit { cfg, log, io, next_id: AtomicU64::new(0) };
     acceptor.serve(Mode::Stream, &exit, stop)
 }
 

@@ -86,6 +86,17 @@ pub struct Resolved {
     pub fallback: Option<String>,
 }
 
+impl Resolved {
+    /// What a report says: the backend, and why not io_uring when `Auto`
+    /// fell back (`portable (io_uring unavailable: …)`).
+    pub fn describe(&self) -> String {
+        match &self.fallback {
+            None => self.backend.to_string(),
+            Some(why) => format!("{} (io_uring unavailable: {why})", self.backend),
+        }
+    }
+}
+
 impl BackendChoice {
     /// Probes (once per process) and picks the backend.
     pub fn resolve(self) -> Result<Resolved, TransportError> {
@@ -243,5 +254,9 @@ mod tests {
             Err(why) => assert_eq!(auto.fallback, Some(why.to_string())),
         }
         assert_eq!(BackendChoice::Uring.resolve().is_ok(), uring::probe().is_ok());
+        // A report says why Auto did not take io_uring.
+        let fell = Resolved { backend: Backend::Portable, fallback: Some("disabled".into()) };
+        assert_eq!(fell.describe(), "portable (io_uring unavailable: disabled)");
+        assert_eq!(portable.describe(), "portable");
     }
 }

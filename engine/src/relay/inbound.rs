@@ -71,7 +71,7 @@ impl Window {
 pub(super) fn stream_reader(shared: &Shared<'_>, i: usize, has_in: bool, expects_verified: bool, how: &Carry) {
     let name = format!("stream {i}");
     let sock = shared.streams[i].try_clone().map_err(|e| TransportError::io(&name, e));
-    let mut reader = match sock.and_then(|s| frame_reader(s, how.backend, name.clone())) {
+    let mut reader = match sock.and_then(|s| frame_reader(s, how.io.backend, name.clone())) {
         Ok(r) => r,
         Err(e) => return shared.fail(i, e.into()),
     };

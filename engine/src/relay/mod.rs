@@ -56,12 +56,13 @@ use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::bounded;
+use pmigrate_transport::backend::Resolved;
 use pmigrate_transport::frame::FrameKind;
 use pmigrate_transport::hello::{
     encode_target, ErrorCode, ErrorMsg, Hello, Mode, CAP_DUPLEX, CAP_LZ4, EXT_TARGET, PROTOCOL_VERSION,
 };
 use pmigrate_transport::session::{connect_session, new_session_id, StreamPlan};
-use pmigrate_transport::{Acceptor, Backend, BackendChoice, Conn, TransportError};
+use pmigrate_transport::{Acceptor, BackendChoice, Conn, TransportError};
 use serde::Serialize;
 
 use crate::{Compression, MigrateError};
@@ -263,7 +264,7 @@ impl Default for RelayRecvOptions {
 }
 
 /// How one end of an established session relays.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Carry {
     /// This end opened the session (its outbound flow is the forward one).
     pub source: bool,
@@ -277,8 +278,8 @@ pub struct Carry {
     pub threads: usize,
     /// Stall limit inside a frame.
     pub stall_timeout: Duration,
-    /// The I/O backend of the streams.
-    pub backend: Backend,
+    /// The I/O backend of the streams, and why not io_uring if it fell back.
+    pub io: Resolved,
 }
 
 /// An established byte-stream session, ready to carry.
@@ -315,10 +316,10 @@ pub fn connect(cfg: &RelaySendConfig) -> Result<Session, MigrateError> {
         regions: Vec::new(),
         extensions: cfg.target.map(|t| vec![(EXT_TARGET, encode_target(t))]).unwrap_or_default(),
     };
-    let backend = cfg.backend.resolve()?.backend;
+    let io = cfg.backend.resolve()?;
     let (streams, welcome) = connect_session(&cfg.plan, &hello)?;
     let how = Carry {
-        backend,
+        io,
         source: true,
         duplex: welcome.caps & CAP_DUPLEX != 0,
         compression: if welcome.caps & CAP_LZ4 != 0 { cfg.compression } else { Compression::Off },
@@ -332,9 +333,9 @@ pub fn connect(cfg: &RelaySendConfig) -> Result<Session, MigrateError> {
 impl Carry {
     /// How the accepting end of a session relays, given the capabilities
     /// in force.
-    pub fn accepted(caps: u64, opts: &RelayRecvOptions, backend: Backend) -> Self {
+    pub fn accepted(caps: u64, opts: &RelayRecvOptions, io: Resolved) -> Self {
         Carry {
-            backend,
+            io,
             source: false,
             duplex: caps & CAP_DUPLEX != 0,
             compression: if caps & CAP_LZ4 != 0 { Compression::Auto } else { Compression::Off },
@@ -374,10 +375,10 @@ pub fn receive(acceptor: &Acceptor, local: Local, opts: &RelayRecvOptions) -> Re
         }
         Ok(h.caps & (CAP_LZ4 | CAP_DUPLEX))
     };
-    let backend = opts.backend.resolve()?.backend;
+    let io = opts.backend.resolve()?;
     let accepted = acceptor.accept_session(Mode::Stream, &mut judge, opts.accept_deadline)?;
     let t0 = Instant::now();
-    let how = Carry::accepted(accepted.caps, opts, backend);
+    let how = Carry::accepted(accepted.caps, opts, io);
     let mut report = carry(&accepted.streams, local, &how)?;
     report.role = "recv".into();
     report.secs = t0.elapsed().as_secs_f64();
@@ -473,7 +474,7 @@ pub fn carry(streams: &[Conn], local: Local, how: &Carry) -> Result<RelayReport,
         let writers: Vec<_> = rxs
             .into_iter()
             .enumerate()
-            .map(|(i, rx)| s.spawn(move || outbound::stream_writer(shared, i, rx, how.backend)))
+            .map(|(i, rx)| s.spawn(move || outbound::stream_writer(shared, i, rx, how.io.backend)))
             .collect();
         let readers: Vec<_> = (0..n)
             .map(|i| s.spawn(move || inbound::stream_reader(shared, i, has_in, has_out && i == 0, how)))
@@ -517,7 +518,7 @@ pub fn carry(streams: &[Conn], local: Local, how: &Carry) -> Result<RelayReport,
     inb.wire_bytes = shared.in_wire.load(Ordering::Relaxed);
     let (forward, back) = if how.source { (out, inb) } else { (inb, out) };
     // TLS streams are sealed in this process: always the portable backend.
-    let backend = if streams.iter().any(Conn::is_tls) { "TLS, portable".to_string() } else { how.backend.to_string() };
+    let backend = if streams.iter().any(Conn::is_tls) { "TLS, portable".to_string() } else { how.io.describe() };
     Ok(RelayReport { role: String::new(), forward, back, streams: n, secs: t0.elapsed().as_secs_f64(), backend })
 }
 

@@ -428,7 +428,8 @@ impl<'r> Run<'r> {
         pause: Option<PauseHook<'_>>,
     ) -> Result<Report, MigrateError> {
         let n = streams.len();
-        let io = self.cfg.io.resolve()?.backend;
+        let resolved = self.cfg.io.resolve()?;
+        let io = resolved.backend;
         if io == Backend::Uring
             && self.cfg.zero_copy_send
             && pmigrate_transport::uring::probe().is_ok_and(|s| s.send_zc)
@@ -450,8 +451,7 @@ impl<'r> Run<'r> {
                 (name(st.local_addr()), name(st.peer_addr()))
             })
             .collect();
-        let stats: Vec<StreamStats> =
-            (0..n).map(|_| StreamStats { bytes: AtomicU64::new(0), frames: AtomicU64::new(0) }).collect();
+        let stats: Vec<StreamStats> = (0..n).map(|_| StreamStats::default()).collect();
         let (txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| bounded::<Msg>(QUEUE_DEPTH)).unzip();
         let (pool_tx, pool_rx) = bounded::<Vec<u8>>(n * QUEUE_DEPTH + self.cfg.threads);
         let (verdict_tx, verdict) = bounded::<Result<u64, MigrateError>>(n);
@@ -471,7 +471,7 @@ impl<'r> Run<'r> {
             } else {
                 "off".into()
             },
-            io: if this.zero_copy.is_some() { format!("{io}, zero-copy send") } else { io.to_string() },
+            io: resolved.describe(),
             mode: match this.cfg.postcopy {
                 None => "pre-copy".into(),
                 Some(0) => "post-copy".into(),
@@ -557,6 +557,10 @@ impl<'r> Run<'r> {
             p.reconnects = streams.iter().map(Link::replaced).sum();
         }
         report.wire_bytes = stats.iter().map(|s| s.bytes.load(Ordering::Relaxed)).sum();
+        // Zero-copy only where the kernel took the arena's registration.
+        if stats.iter().any(|s| s.zero_copy.load(Ordering::Relaxed)) {
+            report.io.push_str(", zero-copy send");
+        }
         report.batch_latency = LatencySummary::of(&latency);
         report.payload_bytes = report.rounds.iter().map(|r| r.payload_bytes).sum();
         report.streams = ends

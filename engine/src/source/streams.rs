@@ -35,9 +35,13 @@ pub(super) enum Msg {
     },
 }
 
+#[derive(Default)]
 pub(super) struct StreamStats {
     pub(super) bytes: AtomicU64,
     pub(super) frames: AtomicU64,
+    /// The stream's writer sends arena frames zero-copy (the kernel took
+    /// the registration).
+    pub(super) zero_copy: AtomicBool,
 }
 
 /// Reconnects a stream whose connection of the given generation failed
@@ -158,6 +162,7 @@ pub(super) fn sender(
     let res = (|| {
         let out = Writer { link, cur: link.current(), redial, name, settled };
         let mut out = BatchWriter::new(out, backend, zero_copy)?;
+        stats.zero_copy.store(out.w.zero_copy(), Ordering::Relaxed);
         let mut batch = Vec::with_capacity(BATCH);
         let mut sealed = Vec::with_capacity(BATCH);
         while let Ok(first) = rx.recv() {

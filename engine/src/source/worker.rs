@@ -80,12 +80,11 @@ impl Worker<'_> {
         self.pool.try_recv().unwrap_or_default()
     }
 
-    /// A batch buffer of `len` bytes: an arena slot when the session sends
-    /// zero-copy (its bytes are overwritten before they are sent), else a
-    /// pooled vector.
+    /// A batch buffer of `len` bytes: a free arena slot when the session
+    /// sends zero-copy (its bytes are overwritten before they are sent),
+    /// else a pooled vector.
     pub(super) fn batch_buffer(&self, len: usize) -> Outgoing {
-        if let Some(arena) = &self.run.zero_copy {
-            let mut b = arena.take();
+        if let Some(mut b) = self.run.zero_copy.as_ref().and_then(|a| a.try_take()) {
             if b.resize_keeping(len).is_ok() {
                 return Outgoing::Buf(b);
             }
