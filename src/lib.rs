@@ -3,7 +3,7 @@
 //! This crate is the facade a VMM embeds. It re-exports the three layers:
 //!
 //! - [`ranges`]: guest memory regions, page bitmaps, shards, range locks;
-//! - [`transport`]: wire protocol v1 and multi-stream TCP;
+//! - [`transport`]: wire protocol v2, authentication and multi-stream TCP;
 //! - [`engine`]: the source ([`Source`]) and destination ([`Incoming`])
 //!   pipelines, dirty trackers and reports.
 //!
@@ -16,11 +16,13 @@
 //! the vCPUs:
 //!
 //! ```no_run
-//! use pmigrate::{GuestMemory, Source, VmmBitmapTracker};
+//! use pmigrate::{Auth, GuestMemory, Psk, Source, VmmBitmapTracker};
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let mem = GuestMemory::anonymous(1 << 30)?; // or pmigrate::engine::from_vm_memory(&vm_memory)
 //! let dirty_log = VmmBitmapTracker::bitmaps_for(&mem); // set bits from KVM_GET_DIRTY_LOG
-//! let report = Source::new(&mem, vec!["10.0.0.2:7000".parse()?, "10.0.1.2:7000".parse()?])
+//! // Both hosts hold the same key (`pmigrate keygen` writes one); or mutual TLS.
+//! let auth = Auth::Psk(Psk::from_file("/etc/pmigrate/migration.key".as_ref())?);
+//! let report = Source::new(&mem, vec!["10.0.0.2:7000".parse()?, "10.0.1.2:7000".parse()?], auth)
 //!     .streams(4)
 //!     .threads(4)
 //!     .tracker(Box::new(VmmBitmapTracker::new(dirty_log)))
@@ -35,9 +37,10 @@
 //! final digest matched, so resuming the guest then is safe:
 //!
 //! ```no_run
-//! use pmigrate::{Acceptor, GuestMemory, Incoming, ReceiveOptions};
+//! use pmigrate::{Acceptor, Auth, GuestMemory, Incoming, Psk, ReceiveOptions};
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let acceptor = Acceptor::bind(&["0.0.0.0:7000".parse()?])?;
+//! let auth = Auth::Psk(Psk::from_file("/etc/pmigrate/migration.key".as_ref())?);
+//! let acceptor = Acceptor::bind(&["0.0.0.0:7000".parse()?], auth)?;
 //! let mem = GuestMemory::anonymous(1 << 30)?;
 //! let incoming = Incoming::accept_for(&acceptor, &mem, None)?;
 //! let report = incoming.receive(&mem, &ReceiveOptions::default())?;
@@ -51,7 +54,7 @@ pub use pmigrate_ranges as ranges;
 pub use pmigrate_transport as transport;
 
 pub use pmigrate_engine::{
-    Acceptor, BackendChoice, Compression, DirtyTracker, Gpa, GuestMemory, GuestRegion, HashTracker, HostPageSize,
-    Incoming, MigrateError, PageIdx, Progress, ReceiveOptions, Report, Source, SourceConfig, TrackerKind,
-    UffdWpTracker, Via, VmmBitmapTracker, PAGE_SIZE,
+    Acceptor, Auth, BackendChoice, Compression, DirtyTracker, Gpa, Grant, GuestMemory, GuestRegion, HashTracker,
+    HostPageSize, Incoming, MigrateError, Offered, PageIdx, Progress, Psk, ReceiveOptions, Report, Source,
+    SourceConfig, TrackerKind, UffdWpTracker, Via, VmmBitmapTracker, PAGE_SIZE,
 };

@@ -18,7 +18,8 @@ use pmigrate::transport::frame::{Encoding, FrameHdr, FrameKind, FLAG_FINAL, HEAD
 use pmigrate::transport::hello::{ErrorCode, Hello, Mode, RegionDesc, CAP_LZ4, PROTOCOL_VERSION};
 use pmigrate::transport::net::FrameReader;
 use pmigrate::transport::payload::{build_control, build_pages, PagesAt, Scratch};
-use pmigrate::transport::session::{connect_session, new_session_id, StreamPlan};
+use pmigrate::transport::session::{connect_session, connect_stream, new_session_id, StreamPlan};
+use pmigrate::transport::SessionKey;
 use pmigrate::transport::{TransportError, WireError};
 use pmigrate::BackendChoice;
 use pmigrate::{
@@ -40,7 +41,7 @@ struct Dest {
 }
 
 fn destination(io: BackendChoice, size: u64) -> Dest {
-    let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
+    let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()], backends::key()).unwrap();
     let addr = acceptor.local_addrs()[0];
     let mem = Arc::new(GuestMemory::anonymous(size).unwrap());
     let (tx, result) = mpsc::channel();
@@ -79,8 +80,8 @@ fn hello(size: u64, session: [u8; 16]) -> Hello {
 
 /// A hand-driven source: a real handshake, then whatever bytes we like.
 fn fake_source(addr: SocketAddr, streams: u16) -> Vec<TcpStream> {
-    let plan = StreamPlan::new(vec![addr], streams);
-    let (streams, _) = connect_session(&plan, &hello(MEM, new_session_id())).unwrap();
+    let plan = StreamPlan::new(vec![addr], streams, backends::key());
+    let streams = connect_session(&plan, &hello(MEM, new_session_id())).unwrap().streams;
     streams.into_iter().map(|c| c.into_tcp().expect("a plan without TLS gives TCP streams")).collect()
 }
 
@@ -230,7 +231,7 @@ fn connections_outside_the_session_are_refused_and_the_real_one_lands(io: Backen
     let mut noise = TcpStream::connect(d.addr).unwrap();
     noise.write_all(&[0x55; 300]).unwrap();
     let _silent = TcpStream::connect(d.addr).unwrap();
-    let wrong = connect_session(&StreamPlan::new(vec![d.addr], 1), &hello(MEM * 2, new_session_id()));
+    let wrong = connect_session(&StreamPlan::new(vec![d.addr], 1, backends::key()), &hello(MEM * 2, new_session_id()));
     assert!(
         matches!(&wrong, Err(TransportError::Peer(m)) if m.code == ErrorCode::Layout),
         "a layout mismatch is refused: {wrong:?}"
@@ -240,24 +241,19 @@ fn connections_outside_the_session_are_refused_and_the_real_one_lands(io: Backen
     // A two-stream session: stream 0 arrives; a stream of another session
     // claiming index 1 is refused; the real stream 1 completes the session.
     let session = new_session_id();
-    let open = |index: u16, session: [u8; 16]| -> Result<TcpStream, TransportError> {
+    let plan = StreamPlan::new(vec![d.addr], 2, backends::key());
+    let open = |index: u16, session: [u8; 16], key: Option<&SessionKey>| {
         let mut h = hello(MEM, session);
         h.stream_index = index;
         h.stream_count = 2;
-        let mut s = TcpStream::connect(d.addr).unwrap();
-        let mut f = Vec::new();
-        build_control(&mut f, FrameHdr::new(FrameKind::Hello), &h.encode());
-        s.write_all(&f).unwrap();
-        s.set_read_timeout(Some(WAIT)).unwrap();
-        FrameReader::new(&s, "t").expect(FrameKind::Welcome)?;
-        Ok(s)
+        connect_stream(&plan, &h, key).map(|(c, _, k)| (c.into_tcp().expect("plain TCP"), k))
     };
-    let mut s0 = open(0, session).unwrap();
-    let intruder = open(1, new_session_id());
+    let (mut s0, key) = open(0, session, None).unwrap();
+    let intruder = open(1, new_session_id(), Some(&key)).map(drop);
     assert!(matches!(&intruder, Err(TransportError::Peer(m)) if m.code == ErrorCode::NotInSession), "{intruder:?}");
-    let dup = open(0, session);
+    let dup = open(0, session, None).map(drop);
     assert!(matches!(&dup, Err(TransportError::Peer(m)) if m.code == ErrorCode::NotInSession), "{dup:?}");
-    let mut s1 = open(1, session).unwrap();
+    let (mut s1, _) = open(1, session, Some(&key)).unwrap();
 
     // One page over stream 1, then both streams end; the digest is the
     // destination's own table, which a real source would compute the same.
@@ -297,7 +293,7 @@ fn a_destination_that_vanishes_mid_round_leaves_the_source_running(io: BackendCh
         b.write_pages(pmigrate::PageIdx(0), &buf).unwrap();
     }
     // A destination that takes the session, reads a little, and dies.
-    let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
+    let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()], backends::key()).unwrap();
     let addr = acceptor.local_addrs()[0];
     let killer = std::thread::spawn(move || {
         let acc = acceptor.accept_session(Mode::Memory, &mut |_| Ok(0), None).unwrap();
@@ -326,7 +322,7 @@ fn failing_source(
 ) -> (MigrateError, bool) {
     let paused = AtomicBool::new(false);
     let cfg = SourceConfig { compression: Compression::Off, threads, ..config(io) };
-    let err = Source::new(src, vec![to])
+    let err = Source::new(src, vec![to], backends::key())
         .streams(streams)
         .config(cfg)
         .tracker(Box::new(HashTracker::new()))

@@ -34,7 +34,7 @@ fn migrate(
     bitmap: Option<Arc<[pmigrate::ranges::AtomicBitmap]>>,
 ) -> Run {
     let dst = GuestMemory::anonymous(src.total_bytes()).unwrap();
-    let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
+    let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()], backends::key()).unwrap();
     let addr = acceptor.local_addrs()[0];
     let (source, dest) = std::thread::scope(|s| {
         let dst = &dst;
@@ -43,7 +43,7 @@ fn migrate(
             incoming.receive(dst, &ReceiveOptions { verify_memory: true, ..receive_options(cfg.io) }).unwrap()
         });
         let mut m = mutators.map(|m| start_mutators(src.clone(), m, bitmap));
-        let mut source = Source::new(src, vec![addr]).streams(streams).config(cfg);
+        let mut source = Source::new(src, vec![addr], backends::key()).streams(streams).config(cfg);
         if let Some(t) = tracker {
             source = source.tracker(t);
         }
@@ -194,7 +194,7 @@ fn free_page_hints_are_not_sent_unless_written_after_the_hint(io: BackendChoice)
     fill(&src, ContentMix::RANDOM, 8); // every page non-zero
     let pages = (64 << 20) / 4096;
     let dst = GuestMemory::anonymous(64 << 20).unwrap();
-    let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
+    let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()], backends::key()).unwrap();
     let addr = acceptor.local_addrs()[0];
     let maps = VmmBitmapTracker::bitmaps_for(&src);
     let hint = PageRange { region: RegionIdx(0), start: pmigrate::PageIdx(100), end: pmigrate::PageIdx(200) };
@@ -205,7 +205,7 @@ fn free_page_hints_are_not_sent_unless_written_after_the_hint(io: BackendChoice)
             incoming.receive(dst, &ReceiveOptions { verify_memory: true, ..receive_options(io) }).unwrap()
         });
         let region = &src.regions()[0];
-        let report = Source::new(&src, vec![addr])
+        let report = Source::new(&src, vec![addr], backends::key())
             .streams(2)
             .tracker(Box::new(VmmBitmapTracker::new(maps.clone())))
             .free_pages(vec![hint])
@@ -242,7 +242,7 @@ fn a_working_set_hint_keeps_the_migration_exact(io: BackendChoice) {
     let src = Arc::new(GuestMemory::anonymous(128 << 20).unwrap());
     fill(&src, ContentMix::TYPICAL, 9);
     let dst = GuestMemory::anonymous(128 << 20).unwrap();
-    let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
+    let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()], backends::key()).unwrap();
     let addr = acceptor.local_addrs()[0];
     let maps = VmmBitmapTracker::bitmaps_for(&src);
     // Mutators write the first 6.4 MiB (10 % of their 64 MiB) nine times in ten.
@@ -261,7 +261,7 @@ fn a_working_set_hint_keeps_the_migration_exact(io: BackendChoice) {
         });
         let mut muts = Some(start_mutators(src.clone(), m, Some(maps.clone())));
         let cfg = SourceConfig { threads: 2, downtime_target: Duration::from_millis(5), max_rounds: 5, ..config(io) };
-        let report = Source::new(&src, vec![addr])
+        let report = Source::new(&src, vec![addr], backends::key())
             .streams(2)
             .config(cfg)
             .tracker(Box::new(VmmBitmapTracker::new(maps.clone())))

@@ -77,7 +77,7 @@ impl Scenario {
 /// and reads and writes pages all over memory until the migration is over.
 fn migrate(io: BackendChoice, src: &Arc<GuestMemory>, sc: Scenario) -> Outcome {
     let dst = GuestMemory::anonymous(src.total_bytes()).unwrap();
-    let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
+    let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()], crate::backends::key()).unwrap();
     let addr = acceptor.local_addrs()[0];
     let cutter = sc.cut_links.then(|| Cutter::new(addr));
     let dial = cutter.as_ref().map_or(addr, |c| c.addr);
@@ -160,7 +160,7 @@ fn migrate(io: BackendChoice, src: &Arc<GuestMemory>, sc: Scenario) -> Outcome {
             ..config(io)
         };
         let region = &src.regions()[0];
-        let source = Source::new(src, vec![dial])
+        let source = Source::new(src, vec![dial], crate::backends::key())
             .streams(sc.streams)
             .config(cfg)
             .postcopy(sc.precopy_rounds)
@@ -334,7 +334,7 @@ mod hostile {
 
     #[test]
     fn a_switchover_naming_pages_outside_memory_fails_before_the_guest_starts() {
-        let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
+        let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()], crate::backends::key()).unwrap();
         let addr = acceptor.local_addrs()[0];
         let dst = GuestMemory::anonymous(MEM).unwrap();
         let started = AtomicBool::new(false);
@@ -356,7 +356,8 @@ mod hostile {
                 regions: vec![RegionDesc { gpa: 0, len: MEM, flags: 0 }],
                 extensions: vec![],
             };
-            let (streams, welcome) = connect_session(&StreamPlan::new(vec![addr], 2), &hello).unwrap();
+            let pmigrate::transport::Connected { streams, welcome, .. } =
+                connect_session(&StreamPlan::new(vec![addr], 2, crate::backends::key()), &hello).unwrap();
             assert_ne!(welcome.caps & CAP_POSTCOPY, 0);
             // The bitmap runs 8 pages past the region's 1024.
             let mut h = FrameHdr::new(FrameKind::Switchover);
@@ -372,7 +373,7 @@ mod hostile {
 
     #[test]
     fn a_page_request_outside_memory_is_refused_by_the_source() {
-        let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
+        let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()], crate::backends::key()).unwrap();
         let addr = acceptor.local_addrs()[0];
         let src = GuestMemory::anonymous(MEM).unwrap();
         std::thread::scope(|s| {
@@ -396,7 +397,11 @@ mod hostile {
                 std::thread::sleep(Duration::from_secs(2));
             });
             let cfg = pmigrate::SourceConfig { tracker: pmigrate::TrackerKind::Hash, ..Default::default() };
-            let err = Source::new(&src, vec![addr]).config(cfg).postcopy(0).run().expect_err("refused");
+            let err = Source::new(&src, vec![addr], crate::backends::key())
+                .config(cfg)
+                .postcopy(0)
+                .run()
+                .expect_err("refused");
             assert!(err.to_string().contains("region 7"), "{err}");
         });
     }

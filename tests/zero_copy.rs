@@ -64,13 +64,17 @@ fn migrate(io: BackendChoice, src: &Arc<GuestMemory>, dst_path: &Path, dirty: bo
         GuestRegion::anonymous(Gpa(1 << 32), PRIVATE, HostPageSize::Small).unwrap(),
     ])
     .unwrap();
-    let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
+    let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()], backends::key()).unwrap();
     let addr = acceptor.local_addrs()[0];
     let (s, d) = std::thread::scope(|sc| {
         let dst = &dst;
         let rx = sc.spawn(move || {
             let incoming = Incoming::accept_for(&acceptor, dst, None).unwrap();
-            assert_eq!(incoming.shared_paths().len(), 1, "region 0 is offered by path");
+            assert_eq!(
+                incoming.handover_regions(),
+                vec![0],
+                "region 0 is offered, and granted: region 0 here maps a shared file"
+            );
             incoming.receive(dst, &ReceiveOptions { verify_memory: true, ..receive_options(io) }).unwrap()
         });
         // Guest writes land in the shared region while pre-copy runs.
@@ -82,7 +86,7 @@ fn migrate(io: BackendChoice, src: &Arc<GuestMemory>, dst_path: &Path, dirty: bo
             )
         });
         let cfg = SourceConfig { threads: 2, compression: Compression::Off, ..config(io) };
-        let report = Source::new(src, vec![addr])
+        let report = Source::new(src, vec![addr], backends::key())
             .streams(2)
             .config(cfg)
             .tracker(Box::new(HashTracker::new()))
@@ -149,7 +153,7 @@ fn failure_before_handover_leaves_the_source_owning_its_memory(io: BackendChoice
     let path = d.join("guest.mem");
     let src = source_memory(&path);
     let before = snapshot(&src);
-    let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
+    let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()], backends::key()).unwrap();
     let addr = acceptor.local_addrs()[0];
     // A destination that grants handover, then vanishes at the first probe.
     let peer = std::thread::spawn(move || {
@@ -159,7 +163,7 @@ fn failure_before_handover_leaves_the_source_owning_its_memory(io: BackendChoice
         assert_eq!(h.kind, pmigrate::transport::FrameKind::Probe);
     });
     let paused = AtomicBool::new(false);
-    let err = Source::new(&src, vec![addr])
+    let err = Source::new(&src, vec![addr], backends::key())
         .config(config(io))
         .tracker(Box::new(HashTracker::new()))
         .on_pause(|| {

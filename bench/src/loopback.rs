@@ -32,6 +32,14 @@ pub struct Scenario {
     pub via: Vec<pmigrate::Via>,
     /// Network namespaces of the source and destination threads.
     pub netns: Option<(String, String)>,
+    /// How both ends authenticate (the same for both, as deployed).
+    pub auth: pmigrate::Auth,
+}
+
+/// The benchmarks' default authentication: a fresh random pre-shared key,
+/// as a deployment runs it.
+pub fn fresh_key() -> pmigrate::Auth {
+    pmigrate::Auth::Psk(pmigrate::Psk::generate().expect("system randomness"))
 }
 
 /// Both ends' reports of one run.
@@ -90,7 +98,7 @@ pub fn run_watched(sc: &Scenario, seed: u64, watch: &(dyn Fn(Arc<Progress>) + Sy
                 if let Some((_, ns)) = &sc.netns {
                     crate::netns::enter(ns)?;
                 }
-                Ok::<_, anyhow::Error>(Acceptor::bind(&sc.listen)?)
+                Ok::<_, anyhow::Error>(Acceptor::bind(&sc.listen, sc.auth.clone())?)
             })();
             let acceptor = match acceptor {
                 Ok(a) => a,
@@ -115,7 +123,7 @@ pub fn run_watched(sc: &Scenario, seed: u64, watch: &(dyn Fn(Arc<Progress>) + Sy
                     crate::netns::enter(ns)?;
                 }
                 let maps = VmmBitmapTracker::bitmaps_for(src);
-                let source = Source::new(src, addrs)
+                let source = Source::new(src, addrs, sc.auth.clone())
                     .streams(sc.streams)
                     .via(sc.via.clone())
                     .config(sc.config.clone())
@@ -156,7 +164,8 @@ pub fn zero_copy_switchover(dir: &std::path::Path, bytes: u64, copy: bool) -> an
     }
     let dst_path = if copy { &other } else { &path };
     let dst = GuestMemory::new(vec![GuestRegion::file(Gpa(0), bytes, HostPageSize::Small, dst_path, true, copy)?])?;
-    let acceptor = Acceptor::bind(&["127.0.0.1:0".parse()?])?;
+    let key = fresh_key();
+    let acceptor = Acceptor::bind(&["127.0.0.1:0".parse()?], key.clone())?;
     let addr = acceptor.local_addrs()[0];
     let res = std::thread::scope(|s| -> anyhow::Result<Report> {
         let dst = &dst;
@@ -165,7 +174,7 @@ pub fn zero_copy_switchover(dir: &std::path::Path, bytes: u64, copy: bool) -> an
             Ok(incoming.receive(dst, &ReceiveOptions::default())?)
         });
         let maps = VmmBitmapTracker::bitmaps_for(&src);
-        let report = Source::new(&src, vec![addr]).streams(4).tracker(Box::new(VmmBitmapTracker::new(maps))).run();
+        let report = Source::new(&src, vec![addr], key).streams(4).tracker(Box::new(VmmBitmapTracker::new(maps))).run();
         rx.join().expect("destination thread")?;
         Ok(report?)
     });

@@ -55,7 +55,8 @@ pub fn run(c: &Case, seed: u64) -> anyhow::Result<Measured> {
     let src = Arc::new(GuestMemory::anonymous(c.memory)?);
     let dst = GuestMemory::anonymous(c.memory)?;
     fill(&src, c.mix, seed);
-    let acceptor = Acceptor::bind(&["127.0.0.1:0".parse()?])?;
+    let key = crate::loopback::fresh_key();
+    let acceptor = Acceptor::bind(&["127.0.0.1:0".parse()?], key.clone())?;
     let addr = acceptor.local_addrs()[0];
     let pages = c.memory / PAGE_SIZE as u64;
     let free = if c.half_free {
@@ -101,7 +102,7 @@ pub fn run(c: &Case, seed: u64) -> anyhow::Result<Measured> {
         });
         let maps = VmmBitmapTracker::bitmaps_for(&src);
         let mut m = c.mutators.map(|m| start_mutators(src.clone(), m, Some(maps.clone())));
-        let mut source = Source::new(&src, vec![addr])
+        let mut source = Source::new(&src, vec![addr], key)
             .streams(c.streams)
             .config(c.config.clone())
             .tracker(Box::new(VmmBitmapTracker::new(maps)))

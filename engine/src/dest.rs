@@ -14,7 +14,7 @@
 //! the destination answers `Verified` only if its own digest — from the
 //! hashes of the pages it wrote — matches.
 
-use std::net::{Shutdown, TcpStream};
+use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -23,13 +23,12 @@ use pmigrate_ranges::{GuestMemory, PageIdx, RangeLock, PAGE_SIZE};
 use pmigrate_transport::backend::{frame_reader, Backend, StreamIn};
 use pmigrate_transport::frame::{FrameHdr, FrameKind, FLAG_FINAL, FLAG_PROBE_WORDS};
 use pmigrate_transport::hello::{
-    decode_shared_paths, ErrorCode, ErrorMsg, Mode, RegionDesc, CAP_LZ4, CAP_POSTCOPY, CAP_RESUME, CAP_SHARED,
-    EXT_SHARED_PATHS, KNOWN_CAPS,
+    decode_shared_regions, ErrorCode, ErrorMsg, Mode, RegionDesc, CAP_LZ4, CAP_POSTCOPY, CAP_RESUME, CAP_SHARED,
+    EXT_SHARED_REGIONS, KNOWN_CAPS,
 };
 use pmigrate_transport::net::{write_frame, FrameReader};
 use pmigrate_transport::payload::{build_control, zero_page_hash, OpenedPages, Opener};
-use pmigrate_transport::session::send_error;
-use pmigrate_transport::{Accepted, Acceptor, BackendChoice, Conn, Link, TransportError};
+use pmigrate_transport::{Accepted, Acceptor, BackendChoice, Conn, Link, Resumes, TransportError};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::digest::digest_handing_over;
@@ -86,58 +85,90 @@ pub const RESUME_WINDOW: Duration = Duration::from_secs(60);
 /// account for a stall.
 const READ_TICK: Duration = Duration::from_millis(500);
 
+/// What a source asks of this end, as the embedder judges it before the
+/// session is accepted (the source has proved itself by then).
+#[derive(Debug)]
+pub struct Offered<'a> {
+    /// The source's region table.
+    pub regions: &'a [RegionDesc],
+    /// Regions the source could hand over instead of copying (zero-copy),
+    /// if this end's memory for them turns out to be the source's own.
+    pub handover: &'a [u32],
+    /// The source asks for post-copy.
+    pub postcopy: bool,
+}
+
+/// What the embedder grants a source it accepts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Grant {
+    /// Let the source prove that this end's memory of the offered regions
+    /// is its own and hand them over (zero-copy). Grant it only when that
+    /// memory may be shared with the source (a shared file mapping, DAX or
+    /// CXL memory): the memory of an offered region is not assumed zero, so
+    /// a region that fails the proof is sent whole, zero pages included.
+    pub handover: bool,
+}
+
 impl Incoming {
     /// Waits on `acceptor` for the streams of one memory-migration session
-    /// whose region table `check` accepts. Connections that are not part of
-    /// it are refused with an error frame and do not end the wait.
+    /// that `check` accepts (its region table, what it offers). Connections
+    /// that are not part of it are refused with an error frame and do not
+    /// end the wait; nothing but `deadline` does.
     pub fn accept(
         acceptor: &Acceptor,
-        mut check: impl FnMut(&[RegionDesc]) -> Result<(), String>,
+        mut check: impl FnMut(&Offered<'_>) -> Result<Grant, String>,
         deadline: Option<Instant>,
     ) -> Result<Incoming, MigrateError> {
         let mut judge = |h: &pmigrate_transport::Hello| {
-            check(&h.regions).map_err(|message| ErrorMsg { code: ErrorCode::Layout, message })?;
-            if h.caps & CAP_POSTCOPY != 0 {
+            let protocol =
+                |e: pmigrate_transport::WireError| ErrorMsg { code: ErrorCode::Protocol, message: e.to_string() };
+            let handover = match h.extension(EXT_SHARED_REGIONS) {
+                Some(ext) if h.caps & CAP_SHARED != 0 => {
+                    decode_shared_regions(ext, h.regions.len()).map_err(protocol)?
+                }
+                _ => Vec::new(),
+            };
+            let postcopy = h.caps & CAP_POSTCOPY != 0;
+            let grant = check(&Offered { regions: &h.regions, handover: &handover, postcopy })
+                .map_err(|message| ErrorMsg { code: ErrorCode::Layout, message })?;
+            if postcopy {
                 postcopy::probe().map_err(|why| ErrorMsg {
                     code: ErrorCode::Unsupported,
                     message: format!("the destination cannot do post-copy: {why}"),
                 })?;
             }
-            if h.caps & CAP_SHARED != 0 {
-                if let Some(ext) = h.extension(EXT_SHARED_PATHS) {
-                    decode_shared_paths(ext, h.regions.len())
-                        .map_err(|e| ErrorMsg { code: ErrorCode::Protocol, message: e.to_string() })?;
-                }
+            let mut caps = h.caps & KNOWN_CAPS;
+            if !grant.handover || handover.is_empty() {
+                caps &= !CAP_SHARED;
             }
-            Ok(h.caps & KNOWN_CAPS)
+            Ok(caps)
         };
         let accepted = acceptor.accept_session(Mode::Memory, &mut judge, deadline)?;
         Ok(Incoming { accepted, t0: Instant::now(), acceptor: acceptor.try_clone().ok() })
     }
 
-    /// Waits for a session whose layout is exactly that of `mem`.
+    /// Waits for a session whose layout is exactly that of `mem`; regions
+    /// are handed over only where `mem` maps a shared file.
     pub fn accept_for(
         acceptor: &Acceptor,
         mem: &GuestMemory,
         deadline: Option<Instant>,
     ) -> Result<Incoming, MigrateError> {
-        Self::accept(acceptor, |r| layout_matches(mem, r), deadline)
+        let shared = !crate::shared::candidates(mem).is_empty();
+        Self::accept(acceptor, |o| layout_matches(mem, o.regions).map(|()| Grant { handover: shared }), deadline)
     }
 
-    /// The regions the source offers to hand over, with the path of their
-    /// backing on the source's host. An embedder that can map the same
-    /// memory maps that path, shared, as the region (it is then not zero);
-    /// the source proves it is the same memory before relying on it, and
-    /// copies the region otherwise.
-    pub fn shared_paths(&self) -> Vec<(u32, String)> {
+    /// The regions the source may hand over instead of copying: offered by
+    /// the source and granted by this end. This end's memory of those
+    /// regions is the candidate; the source proves it is its own memory
+    /// before relying on it, and copies the region whole otherwise.
+    pub fn handover_regions(&self) -> Vec<u32> {
         let h = &self.accepted.hello;
         if self.accepted.caps & CAP_SHARED == 0 {
             return Vec::new();
         }
-        h.extensions
-            .iter()
-            .find(|(t, _)| *t == EXT_SHARED_PATHS)
-            .and_then(|(_, ext)| decode_shared_paths(ext, h.regions.len()).ok())
+        h.extension(EXT_SHARED_REGIONS)
+            .and_then(|ext| decode_shared_regions(ext, h.regions.len()).ok())
             .unwrap_or_default()
     }
 
@@ -165,11 +196,12 @@ impl Incoming {
     }
 
     /// Like [`Incoming::receive`], calling `resume` the moment the guest
-    /// may run here: in pre-copy once memory is verified, just before
-    /// returning; in post-copy (see [`crate::postcopy`]) at the switchover,
+    /// may run here: in pre-copy once memory is verified, before the source
+    /// is told (`Verified`), so the source lets go of the guest only once it
+    /// runs here; in post-copy (see [`crate::postcopy`]) at the switchover,
     /// while pages are still arriving. From then on the guest's touches of
     /// missing pages wait for them. An error from `resume` ends the
-    /// migration before the guest ran here, and the source may resume it.
+    /// migration: the source is told and keeps the guest.
     ///
     /// In post-copy, guest memory must be private anonymous. An error
     /// returned after `resume` was called means pages never arrived: the
@@ -181,16 +213,12 @@ impl Incoming {
         opts: &ReceiveOptions,
         resume: impl FnOnce() -> Result<(), String> + Send,
     ) -> Result<Report, MigrateError> {
-        let shared_paths = self.shared_paths();
-        let streams = std::mem::take(&mut self.accepted.streams).into_iter().map(Conn::into_tcp);
-        let Ok(streams) = streams.collect::<Result<Vec<TcpStream>, Conn>>() else {
-            return Err(TransportError::Setup("memory migrations run over plain TCP, not TLS".into()).into());
-        };
-        let streams: Vec<Link> = streams.into_iter().map(Link::new).collect();
+        let handover = self.handover_regions();
+        let streams: Vec<Link> = std::mem::take(&mut self.accepted.streams).into_iter().map(Link::new).collect();
         let (session, caps) = (self.accepted.hello.session, self.accepted.caps);
         if let Err(why) = layout_matches(mem, &self.accepted.hello.regions) {
             for s in &streams {
-                send_error(&*s.current().0, ErrorCode::Layout, why.clone());
+                s.current().0.send_error(ErrorCode::Layout, why.clone());
             }
             return Err(MigrateError::Layout(why));
         }
@@ -200,7 +228,7 @@ impl Incoming {
                 Err(e) => {
                     let why = format!("cannot open a userfaultfd for post-copy: {e}");
                     for s in &streams {
-                        send_error(&*s.current().0, ErrorCode::Unsupported, why.clone());
+                        s.current().0.send_error(ErrorCode::Unsupported, why.clone());
                     }
                     return Err(MigrateError::Postcopy(why));
                 }
@@ -231,7 +259,7 @@ impl Incoming {
             written: mem.regions().iter().map(|_| AtomicBool::new(false)).collect(),
             offered: {
                 let mut v = vec![false; mem.regions().len()];
-                for (r, _) in &shared_paths {
+                for r in &handover {
                     v[*r as usize] = true;
                 }
                 v
@@ -255,20 +283,32 @@ impl Incoming {
                     }
                 });
             }
-            if let (Some(post), Some(acceptor)) = (&state.post, &self.acceptor) {
+            if let (Some(post), Some(acceptor)) = (&state.post, self.acceptor.take()) {
                 if caps & CAP_RESUME != 0 {
+                    let key = self.accepted.key.clone();
                     s.spawn(move || {
                         // Streams lost after the switchover come back here,
-                        // until every receiver is done.
+                        // until every receiver is done; each must prove the
+                        // session's secret.
+                        let mut resumes = None;
                         while !state.streams_done.load(Ordering::Acquire) && !state.abort.load(Ordering::Relaxed) {
                             if !post.started() {
                                 std::thread::sleep(postcopy::TICK);
                                 continue;
                             }
-                            match acceptor.accept_resume(session, streams.len() as u16, postcopy::TICK) {
-                                Ok(Some((i, conn))) => streams[i as usize].replace(conn),
-                                Ok(None) => {}
-                                Err(_) => return,
+                            let r = resumes.get_or_insert_with(|| {
+                                let log = std::sync::Arc::new(|_: std::net::SocketAddr, _: String| {});
+                                Resumes::start(
+                                    acceptor.try_clone().expect("listeners"),
+                                    session,
+                                    streams.len() as u16,
+                                    caps,
+                                    key.clone(),
+                                    log,
+                                )
+                            });
+                            if let Some((i, conn)) = r.next(postcopy::TICK) {
+                                streams[i as usize].replace(conn);
                             }
                         }
                     });
@@ -306,7 +346,7 @@ impl Incoming {
         let bulk = if state.post.is_some() { &outcomes[..outcomes.len() - 1] } else { &outcomes[..] };
         if let Some(o) = bulk.iter().find(|o| o.final_round != outcomes[0].final_round) {
             let why = format!("streams disagree on the final round: {} and {}", outcomes[0].final_round, o.final_round);
-            send_error(&*streams[0].current().0, ErrorCode::Protocol, why.clone());
+            streams[0].current().0.send_error(ErrorCode::Protocol, why.clone());
             return Err(MigrateError::Protocol { stream: 0, why });
         }
         let handed_over = state.handed_over();
@@ -315,10 +355,9 @@ impl Incoming {
             .collect();
         let digest = digest_handing_over(&tables, &handed_over);
         let s0 = streams[0].current().0;
-        let mut s0 = &*s0;
         if digest != source_digest {
             let why = format!("memory digest {digest:016x} differs from the source's {source_digest:016x}");
-            send_error(s0, ErrorCode::Digest, why.clone());
+            s0.send_error(ErrorCode::Digest, why.clone());
             return Err(MigrateError::Digest {
                 source_digest: format!("{source_digest:016x}"),
                 dest_digest: format!("{digest:016x}"),
@@ -326,19 +365,25 @@ impl Incoming {
         }
         if opts.verify_memory {
             if let Err(e) = state.verify_memory() {
-                send_error(s0, ErrorCode::Digest, e.to_string());
+                s0.send_error(ErrorCode::Digest, e.to_string());
                 return Err(e);
+            }
+        }
+        // The ownership rule (design.md): the guest starts here first, and
+        // only then does the source hear `Verified` and let go of it. If it
+        // cannot start here, the source is told and keeps it.
+        let resume = state.resume.lock().expect("resume lock").take();
+        if let Some(resume) = resume {
+            if let Err(why) = resume() {
+                s0.send_error(ErrorCode::Aborted, format!("the guest could not start at the destination: {why}"));
+                return Err(MigrateError::Resume(why));
             }
         }
         let mut h = FrameHdr::new(FrameKind::Verified);
         h.aux = digest;
         let mut f = Vec::new();
         build_control(&mut f, h, &[]);
-        write_frame(&mut s0, &f, "stream 0")?;
-        let resume = state.resume.lock().expect("resume lock").take();
-        if let Some(resume) = resume {
-            resume().map_err(MigrateError::Resume)?;
-        }
+        write_frame(&mut &*s0, &f, "stream 0").map_err(|e| MigrateError::Untold(e.to_string()))?;
         Ok(self.report(&state, &streams, &outcomes, digest))
     }
 
@@ -399,8 +444,8 @@ impl Incoming {
             report.payload_bytes += o.pages * PAGE_SIZE as u64;
             report.streams.push(StreamReport {
                 index: i as u16,
-                local: st.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-                peer: st.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
+                local: st.tcp().local_addr().map(|a| a.to_string()).unwrap_or_default(),
+                peer: st.tcp().peer_addr().map(|a| a.to_string()).unwrap_or_default(),
                 bytes: o.bytes,
                 frames: o.frames,
                 bytes_per_sec: o.bytes as f64 / total.max(1e-9),
@@ -509,9 +554,9 @@ impl State<'_> {
             _ => ErrorCode::Aborted,
         };
         let msg = e.to_string();
-        send_error(&*streams[index].current().0, code, msg.clone());
+        streams[index].current().0.send_error(code, msg.clone());
         if index != 0 {
-            send_error(&*streams[0].current().0, code, msg);
+            streams[0].current().0.send_error(code, msg);
         }
         *self.first_error.lock().expect("error lock") = Some(e);
         for s in streams {
@@ -629,10 +674,10 @@ impl State<'_> {
         index: usize,
         opts: &ReceiveOptions,
     ) -> Result<StreamOutcome, MigrateError> {
-        let reader_on = |s: &Arc<TcpStream>| -> Result<FrameReader<StreamIn>, MigrateError> {
+        let reader_on = |s: &Arc<Conn>| -> Result<FrameReader<StreamIn>, MigrateError> {
             s.set_read_timeout(Some(READ_TICK)).map_err(|e| TransportError::io(format!("stream {index}"), e))?;
             let conn = s.try_clone().map_err(|e| TransportError::io(format!("stream {index}"), e))?;
-            let mut r = frame_reader(conn.into(), self.io, format!("stream {index}"))?;
+            let mut r = frame_reader(conn, self.io, format!("stream {index}"))?;
             r.set_stall_limit(opts.stall_timeout);
             Ok(r)
         };

@@ -15,12 +15,14 @@
 //! A loopback migration of 16 MiB:
 //!
 //! ```
-//! use pmigrate_engine::{Acceptor, GuestMemory, Incoming, ReceiveOptions, Source, TrackerKind};
+//! use pmigrate_engine::{Acceptor, Auth, GuestMemory, Incoming, ReceiveOptions, Source, TrackerKind};
 //!
 //! let src = GuestMemory::anonymous(16 << 20).unwrap();
 //! src.regions()[0].write_u64(4096, 0xfeed).unwrap();
 //! let dst = GuestMemory::anonymous(16 << 20).unwrap();
-//! let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
+//! // Both ends hold the same key (`Psk::from_file` reads one `pmigrate keygen` wrote).
+//! let key = Auth::Psk(pmigrate_engine::Psk::from_bytes(&[7; 32]).unwrap());
+//! let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()], key.clone()).unwrap();
 //! let addr = acceptor.local_addrs()[0];
 //! std::thread::scope(|s| {
 //!     let rx = s.spawn(|| {
@@ -29,7 +31,7 @@
 //!     });
 //!     let mut cfg = pmigrate_engine::SourceConfig::default();
 //!     cfg.tracker = TrackerKind::Hash;
-//!     let report = Source::new(&src, vec![addr]).streams(2).config(cfg).run().unwrap();
+//!     let report = Source::new(&src, vec![addr], key).streams(2).config(cfg).run().unwrap();
 //!     assert_eq!(report.digest, rx.join().unwrap().digest);
 //! });
 //! assert_eq!(dst.regions()[0].read_u64(4096).unwrap(), 0xfeed);
@@ -53,10 +55,10 @@ pub mod vmm;
 #[cfg(feature = "vm-memory")]
 pub use vmm::from_vm_memory;
 
-pub use dest::{layout_matches, Incoming, ReceiveOptions};
+pub use dest::{layout_matches, Grant, Incoming, Offered, ReceiveOptions};
 pub use dirty::{DirtyTracker, HashTracker, TrackerKind, UffdWpTracker, VmmBitmapTracker};
 pub use pmigrate_ranges::{AtomicBitmap, Gpa, GuestMemory, GuestRegion, HostPageSize, PageIdx, PAGE_SIZE};
-pub use pmigrate_transport::{Acceptor, Backend, BackendChoice, TransportError, Via};
+pub use pmigrate_transport::{Acceptor, Auth, Backend, BackendChoice, Psk, TransportError, Via};
 pub use report::{Report, RoundReport, StreamReport};
 pub use source::{Progress, Source, SourceConfig};
 
@@ -127,12 +129,41 @@ pub enum MigrateError {
     /// The embedder's hook starting the guest at the destination failed.
     #[error("resume hook failed: {0}")]
     Resume(String),
+    /// The destination verified the memory and the guest started there,
+    /// but the source could not be told: it must not resume the guest.
+    #[error("the guest started here, but the source could not be told ({0}): it must not resume it")]
+    Untold(String),
+    /// The source sent everything, but the destination's verdict did not
+    /// arrive: the guest may be running there. Neither end may resume it
+    /// before an operator has looked.
+    #[error(
+        "no verdict from the destination ({0}): the guest may be running there; do not resume it here before checking"
+    )]
+    Unconfirmed(String),
+    /// Post-copy: the guest was handed to the destination at the
+    /// switchover, then the migration failed; the guest cannot run at the
+    /// source any more, and the destination's copy is incomplete.
+    #[error("the guest was handed over at the post-copy switchover and runs at the destination, then: {0}")]
+    HandedOver(Box<MigrateError>),
     /// Stopped because another part of the migration failed.
     #[error("migration aborted")]
     Aborted,
 }
 
 impl MigrateError {
+    /// Whether the source still owns the guest after this error, so it may
+    /// (and must) resume it: everything but a handover that may have
+    /// happened ([`MigrateError::Unconfirmed`], [`MigrateError::Untold`])
+    /// or did ([`MigrateError::HandedOver`]).
+    pub fn source_keeps_guest(&self) -> bool {
+        !matches!(self, MigrateError::Unconfirmed(_) | MigrateError::Untold(_) | MigrateError::HandedOver(_))
+    }
+
+    /// Whether this is the peer's own refusal (an `Error` frame).
+    pub(crate) fn is_peer_refusal(&self) -> bool {
+        matches!(self, MigrateError::Transport(TransportError::Peer(_)))
+    }
+
     /// Keeps the most telling of two errors in `slot`: the first real one,
     /// over an `Aborted` that only reports that something else failed.
     pub(crate) fn keep(slot: &mut Option<MigrateError>, e: MigrateError) {

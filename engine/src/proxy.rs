@@ -284,6 +284,7 @@ pub fn run_exit(
 mod tests {
     use super::*;
     use pmigrate_transport::session::StreamPlan;
+    use pmigrate_transport::Auth;
     use std::io::{Read, Write};
     use std::sync::Mutex;
 
@@ -307,13 +308,13 @@ mod tests {
         let _ = std::fs::create_dir_all(&dir);
         let (entry_path, target_path) = (dir.join("entry.sock"), dir.join("target.sock"));
         let target = UnixListener::bind(&target_path).unwrap();
-        let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
+        let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()], Auth::Insecure).unwrap();
         let exit_cfg = ExitConfig {
             targets: vec![Endpoint::Unix(target_path.clone())],
             relay: RelayRecvOptions::default(),
             connect_timeout: Duration::from_secs(5),
         };
-        let mut relay = RelaySendConfig::new(StreamPlan::new(acceptor.local_addrs(), 2));
+        let mut relay = RelaySendConfig::new(StreamPlan::new(acceptor.local_addrs(), 2, Auth::Insecure));
         relay.threads = 2;
         let entry_cfg = EntryConfig { listen: vec![Endpoint::Unix(entry_path.clone())], relay };
         let stop = AtomicBool::new(false);
@@ -377,7 +378,7 @@ mod tests {
 
     #[test]
     fn the_exit_connects_only_to_its_targets() {
-        let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
+        let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()], Auth::Insecure).unwrap();
         let cfg = ExitConfig {
             targets: vec![Endpoint::Tcp("127.0.0.1:9".parse().unwrap())],
             relay: RelayRecvOptions::default(),
@@ -387,7 +388,7 @@ mod tests {
         let log = |_: String| {};
         std::thread::scope(|s| {
             s.spawn(|| run_exit(&acceptor, &cfg, &stop, &log).unwrap());
-            let plan = StreamPlan::new(acceptor.local_addrs(), 1);
+            let plan = StreamPlan::new(acceptor.local_addrs(), 1, Auth::Insecure);
             let err =
                 relay::connect(&RelaySendConfig { target: Some(1), ..RelaySendConfig::new(plan.clone()) }).unwrap_err();
             assert!(err.to_string().contains("no target 1"), "{err}");

@@ -39,3 +39,9 @@ pub fn config(io: pmigrate::BackendChoice) -> pmigrate::SourceConfig {
 pub fn receive_options(io: pmigrate::BackendChoice) -> pmigrate::ReceiveOptions {
     pmigrate::ReceiveOptions { io, ..pmigrate::ReceiveOptions::default() }
 }
+
+/// The key both ends of a test session hold: tests run authenticated, as
+/// deployments do.
+pub fn key() -> pmigrate::Auth {
+    pmigrate::Auth::Psk(pmigrate::Psk::from_bytes(b"pmigrate test key, 32 bytes long").expect("a valid key"))
+}

@@ -25,6 +25,10 @@ use serde_json::Value;
 
 use crate::qemu::{migration_summary, Qemu, VmConfig, BOOT_TIMEOUT};
 
+/// The pre-shared key the pmigrate processes of a test share.
+#[path = "keys.rs"]
+pub mod keys;
+
 /// Longest a migration may take, failed or not.
 pub const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
 /// Longest wait for a handful of workload heartbeats.
@@ -336,7 +340,7 @@ impl ProxyPair {
         let (entry_log, exit_log) = (dir.join("proxy-entry.log"), dir.join("proxy-exit.log"));
         let log = |p: &PathBuf| Stdio::from(fs::File::create(p).expect("creating a proxy log"));
         let mut exit = Command::new(bin);
-        exit.args(["proxy", "exit", "--listen", &exit_addr.to_string()]);
+        exit.args(["proxy", "exit", "--listen", &exit_addr.to_string()]).args(keys::psk_args());
         for t in targets {
             exit.args(["--target", t]);
         }
@@ -344,7 +348,7 @@ impl ProxyPair {
         wait_log(&exit_log, "listening on");
         let to = via_link.map_or(exit_addr, |f| f(exit_addr));
         let mut entry = Command::new(bin);
-        entry.args(["proxy", "entry"]).args(entry_opts);
+        entry.args(["proxy", "entry"]).args(keys::psk_args()).args(entry_opts);
         for a in accept {
             entry.args(["--accept", a]);
         }

@@ -173,9 +173,10 @@ fn measure(
         listen,
         via,
         netns: plan.netns.clone(),
+        auth: pmigrate_bench::loopback::fresh_key(),
     };
     let bar = std::sync::Mutex::new(None);
-    let o = loopback::run_watched(&sc, 7, &|p| *bar.lock().expect("bar") = crate::progress_bar(p));
+    let o = loopback::run_watched(&sc, 7, &|p| *bar.lock().expect("bar") = crate::memfile::progress_bar(p));
     if let Some(b) = bar.lock().expect("bar").take() {
         let _ = b.join();
     }

@@ -1,10 +1,11 @@
 //! `pmigrate proxy`: carries connections between hosts over pmigrate's
 //! streams (see `pmigrate_engine::proxy` and docs/libvirt.md).
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 
 use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
@@ -13,7 +14,8 @@ use pmigrate::engine::proxy::{run_entry, run_exit, Endpoint, EntryConfig, ExitCo
 use pmigrate::engine::relay::RelayRecvOptions;
 use pmigrate::{Acceptor, BackendChoice};
 
-use crate::{relay_config, resolve, StreamArgs, TlsArgs};
+use crate::auth::AuthArgs;
+use crate::{relay_config, resolve, StreamArgs};
 
 #[derive(Args)]
 pub struct ProxyArgs {
@@ -44,7 +46,7 @@ struct EntryArgs {
     #[command(flatten)]
     streams: StreamArgs,
     #[command(flatten)]
-    tls: TlsArgs,
+    auth: AuthArgs,
 }
 
 #[derive(Args)]
@@ -60,7 +62,7 @@ struct ExitArgs {
     #[arg(long, default_value_t = 1)]
     threads: usize,
     #[command(flatten)]
-    tls: TlsArgs,
+    auth: AuthArgs,
     /// I/O backend of the streams: auto (io_uring where the kernel allows
     /// it), uring, or portable (blocking reads and writes).
     #[arg(long, default_value = "auto")]
@@ -68,14 +70,30 @@ struct ExitArgs {
 }
 
 pub fn run(a: ProxyArgs) -> Result<()> {
-    // Runs until SIGTERM or SIGINT: then it accepts nothing new and returns
-    // once the connections it carries have ended. A second signal ends it
-    // at once; the connections it carried then fail at both ends, like a
-    // cut link.
+    // Runs until SIGTERM or SIGINT: then it accepts nothing new, lets the
+    // connections it carries end, says so and exits with 128 + the signal.
+    // A second signal ends it at once; the connections it carried then fail
+    // at both ends, like a cut link.
     let stop = Arc::new(AtomicBool::new(false));
-    for sig in [SIGTERM, SIGINT] {
-        signal_hook::flag::register_conditional_shutdown(sig, 1, stop.clone())?;
-        signal_hook::flag::register(sig, stop.clone())?;
+    let got = Arc::new(AtomicI32::new(0));
+    {
+        let (stop, got) = (stop.clone(), got.clone());
+        let mut signals = Signals::new([SIGTERM, SIGINT])?;
+        std::thread::spawn(move || {
+            for sig in signals.forever() {
+                let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
+                if got.swap(sig, Ordering::AcqRel) == 0 {
+                    eprintln!(
+                        "pmigrate proxy: {name}: accepting nothing new; the connections carried now finish first \
+                         (send it again to cut them)"
+                    );
+                    stop.store(true, Ordering::Release);
+                } else {
+                    eprintln!("pmigrate proxy: {name} again: stopped, the connections in progress were cut");
+                    std::process::exit(128 + sig);
+                }
+            }
+        });
     }
     let log = |line: String| eprintln!("pmigrate proxy: {line}");
     match a.side {
@@ -83,28 +101,36 @@ pub fn run(a: ProxyArgs) -> Result<()> {
             if e.accept.len() > u32::MAX as usize {
                 bail!("too many --accept endpoints");
             }
-            let relay = relay_config(&e.exit, &e.streams, &e.tls)?;
-            let tls = if relay.plan.tls.is_some() { " over TLS" } else { "" };
+            let relay = relay_config(&e.exit, &e.streams, e.auth.auth("proxy entry")?)?;
+            let tls = match &relay.plan.auth {
+                pmigrate::Auth::Tls(_) => " over TLS",
+                pmigrate::Auth::Psk(_) => " (pre-shared key)",
+                pmigrate::Auth::Insecure => " (no authentication)",
+            };
             let cfg = EntryConfig { listen: e.accept, relay };
             for (i, l) in cfg.listen.iter().enumerate() {
                 log(format!("accepting on {l} (target {i}), carrying to {:?}{tls}", e.exit));
             }
             run_entry(&cfg, &stop, &log)?;
-            log("stopped".into());
         }
         Side::Exit(x) => {
-            let mut acceptor = Acceptor::bind(&resolve(&x.listen)?)?;
-            acceptor.tls = x.tls.config()?;
+            let acceptor = Acceptor::bind(&resolve(&x.listen)?, x.auth.auth("proxy exit")?)?;
             let cfg = ExitConfig {
                 targets: x.target,
                 relay: RelayRecvOptions { threads: x.threads.max(1), backend: x.io, ..RelayRecvOptions::default() },
                 connect_timeout: Duration::from_secs(10),
             };
-            let tls = if acceptor.tls.is_some() { " (TLS)" } else { "" };
+            let tls = match &acceptor.auth {
+                pmigrate::Auth::Tls(_) => " (TLS)",
+                pmigrate::Auth::Psk(_) => " (pre-shared key)",
+                pmigrate::Auth::Insecure => " (no authentication)",
+            };
             log(format!("listening on {:?}{tls}, targets {:?}", acceptor.local_addrs(), cfg.targets));
             run_exit(&acceptor, &cfg, &stop, &log)?;
-            log("stopped".into());
         }
     }
-    Ok(())
+    let sig = got.load(Ordering::Acquire);
+    let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
+    log(format!("stopped by {name}: every connection it carried had ended"));
+    std::process::exit(128 + sig);
 }

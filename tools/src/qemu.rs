@@ -66,6 +66,9 @@ pub struct QemuArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// How the helpers authenticate each other (passed to both).
+    #[command(flatten)]
+    auth: crate::auth::AuthArgs,
 }
 
 /// Quotes a word for `/bin/sh` (QEMU runs `exec:` URIs with `sh -c`).
@@ -330,6 +333,9 @@ pub fn run(a: QemuArgs) -> Result<()> {
     if let Some(c) = &a.compress {
         c.parse::<Compression>().map_err(anyhow::Error::msg)?;
     }
+    // The helpers authenticate each other with these flags; check them here.
+    a.auth.auth("qemu")?;
+    let auth: String = a.auth.to_args()?.iter().map(|w| format!(" {}", sh(w))).collect();
     let listen = if a.listen.is_empty() { a.dest.clone() } else { a.listen.clone() };
     let exe = std::env::current_exe().context("locate the pmigrate binary")?;
     let exe = sh(&exe.to_string_lossy());
@@ -367,12 +373,13 @@ pub fn run(a: QemuArgs) -> Result<()> {
     src.execute("migrate-set-parameters", json!({ "max-bandwidth": a.max_bandwidth }))?;
 
     // 2. The destination listens, then the source sends.
-    let recv_uri = format!("exec:{exe} recv --listen {}", listen.iter().map(|l| sh(l)).collect::<Vec<_>>().join(" "));
+    let recv_uri =
+        format!("exec:{exe} recv{auth} --listen {}", listen.iter().map(|l| sh(l)).collect::<Vec<_>>().join(" "));
     dst.execute("migrate-incoming", json!({ "uri": recv_uri }))?;
     if let Some(port) = listen.first().and_then(|l| l.rsplit(':').next()).and_then(|p| p.parse().ok()) {
         wait_listening(port, Duration::from_secs(5));
     }
-    let mut send = format!("exec:{exe} send --streams {}", a.streams.max(1));
+    let mut send = format!("exec:{exe} send{auth} --streams {}", a.streams.max(1));
     if !a.via.is_empty() {
         send += &format!(" --via {}", sh(&a.via.join(",")));
     }

@@ -9,6 +9,11 @@ use std::time::{Duration, Instant};
 
 use rand::{RngCore, SeedableRng};
 
+#[path = "../../tests/support/keys.rs"]
+mod keys;
+
+use keys::psk_args;
+
 const BIN: &str = env!("CARGO_BIN_EXE_pmigrate");
 
 fn scratch(name: &str) -> PathBuf {
@@ -86,6 +91,7 @@ fn serve_and_migrate_a_memory_file_with_intruders_refused() {
             .args(["serve", "--listen", &addr, "--no-zero-copy", "--io", "portable", "--memory"])
             .arg(&dst)
             .arg("--json")
+            .args(psk_args())
             .stdout(Stdio::piped()),
     );
     // Noise on the port first: refused, and serve keeps waiting.
@@ -100,6 +106,7 @@ fn serve_and_migrate_a_memory_file_with_intruders_refused() {
         .args(["migrate", "--memory"])
         .arg(&src)
         .args(["--streams", "3", "--threads", "2", "--json", &addr])
+        .args(psk_args())
         .output()
         .unwrap();
     assert!(migrate.status.success(), "migrate: {}", String::from_utf8_lossy(&migrate.stderr));
@@ -132,12 +139,14 @@ fn post_copy_between_memory_files_runs_the_resume_command_first() {
             .arg(format!("touch {}", mark.display()))
             .arg("--memory")
             .arg(&dst)
+            .args(psk_args())
             .stdout(Stdio::piped()),
     );
     let migrate = Command::new(BIN)
         .args(["migrate", "--postcopy", "0", "--no-zero-copy", "--memory"])
         .arg(&src)
         .args(["--streams", "2", "--json", &addr])
+        .args(psk_args())
         .output()
         .unwrap();
     assert!(migrate.status.success(), "migrate: {}", String::from_utf8_lossy(&migrate.stderr));
@@ -151,27 +160,117 @@ fn post_copy_between_memory_files_runs_the_resume_command_first() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// Same host, same file: `serve --memory F` where F is the very memory the
+/// source migrates. The source proves it and hands it over; nothing is
+/// copied and F keeps its content.
 #[test]
 fn a_memory_file_both_hosts_map_is_handed_over_not_copied() {
     let dir = PathBuf::from(format!("/dev/shm/pmigrate-cli-{}-zc", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let src = dir.join("vm.mem");
-    write_guest_file(&src, 16);
+    let data = write_guest_file(&src, 16);
     let addr = format!("127.0.0.1:{}", free_port());
     let (serve, log) = start_listening(
         Command::new(BIN)
             .args(["serve", "--listen", &addr, "--json", "--memory"])
-            .arg(dir.join("unused.mem"))
+            .arg(&src)
+            .args(psk_args())
             .stdout(Stdio::piped()),
     );
-    let migrate = Command::new(BIN).args(["migrate", "--memory"]).arg(&src).args(["--json", &addr]).output().unwrap();
+    let migrate = Command::new(BIN)
+        .args(["migrate", "--memory"])
+        .arg(&src)
+        .args(["--json", &addr])
+        .args(psk_args())
+        .output()
+        .unwrap();
     assert!(migrate.status.success(), "migrate: {}", String::from_utf8_lossy(&migrate.stderr));
     let (served, log) = wait_output(serve, log);
     assert!(served.status.success(), "serve: {log}");
     let json = String::from_utf8(migrate.stdout).unwrap();
     assert!(json.contains("\"path\": \"zero-copy\""), "{json}");
-    assert!(!dir.join("unused.mem").exists(), "nothing was copied into a memory file");
+    assert!(std::fs::read(&src).unwrap() == data, "the memory is as it was");
+    assert!(!dir.join("vm.mem.partial").exists(), "nothing was copied into a memory file");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A destination fills the memory it was given: with the source's file at
+/// the same path on this host, `serve --memory F` fills F, and never opens
+/// the source's file (its content and mtime stay as they were).
+#[test]
+fn serve_fills_its_own_memory_file_even_where_the_sources_path_exists() {
+    let dir = PathBuf::from(format!("/dev/shm/pmigrate-cli-{}-own", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = dir.join("vm.mem");
+    let data = write_guest_file(&src, 8);
+    let mtime = std::fs::metadata(&src).unwrap().modified().unwrap();
+    let dst = dir.join("dst.mem");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let (serve, log) = start_listening(
+        Command::new(BIN)
+            .args(["serve", "--listen", &addr, "--json", "--memory"])
+            .arg(&dst)
+            .args(psk_args())
+            .stdout(Stdio::piped()),
+    );
+    let migrate = Command::new(BIN)
+        .args(["migrate", "--memory"])
+        .arg(&src)
+        .args(["--json", &addr])
+        .args(psk_args())
+        .output()
+        .unwrap();
+    assert!(migrate.status.success(), "migrate: {}", String::from_utf8_lossy(&migrate.stderr));
+    let (served, log) = wait_output(serve, log);
+    assert!(served.status.success(), "serve: {log}");
+    assert!(std::fs::read(&dst).unwrap() == data, "F holds the source's memory");
+    assert!(std::fs::read(&src).unwrap() == data, "the source's file is as it was");
+    assert_eq!(std::fs::metadata(&src).unwrap().modified().unwrap(), mtime, "the source's file was not written");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Secure by default: without a key, certificates or --insecure, every
+/// command refuses to start and says what to give; --insecure starts with
+/// one warning line.
+#[test]
+fn commands_refuse_to_start_without_authentication() {
+    let dir = scratch("noauth");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mem = dir.join("m");
+    write_guest_file(&mem, 1);
+    let m = mem.to_string_lossy().into_owned();
+    for args in [
+        vec!["serve", "--listen", &addr, "--memory", &m],
+        vec!["migrate", "--memory", &m, &addr],
+        vec!["send", &addr],
+        vec!["recv", "--listen", &addr],
+        vec!["proxy", "entry", "--accept", "unix:/tmp/x.sock", &addr],
+        vec!["proxy", "exit", "--listen", &addr, "--target", "unix:/tmp/x.sock"],
+    ] {
+        let out = Command::new(BIN).args(&args).stdin(Stdio::null()).output().unwrap();
+        assert_one_error_line(&out);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--psk-file") && err.contains("--insecure"), "{args:?}: {err}");
+    }
+    // A key readable by others is refused, naming the file and the fix.
+    let key = dir.join("open.key");
+    std::fs::write(&key, [7u8; 32]).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let out =
+        Command::new(BIN).args(["send", "--psk-file"]).arg(&key).arg(&addr).stdin(Stdio::null()).output().unwrap();
+    assert_one_error_line(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("too open"), "{}", String::from_utf8_lossy(&out.stderr));
+    // keygen writes a usable key, once.
+    let fresh = dir.join("fresh.key");
+    assert!(Command::new(BIN).arg("keygen").arg(&fresh).status().unwrap().success());
+    assert_eq!(std::fs::read(&fresh).unwrap().len(), 32);
+    assert!(!Command::new(BIN).arg("keygen").arg(&fresh).status().unwrap().success(), "never overwrites");
+    // --insecure: one warning line, then the real error (nobody listens).
+    let out = Command::new(BIN).args(["send", "--insecure", &addr]).stdin(Stdio::null()).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.lines().next().is_some_and(|l| l.contains("warning: --insecure")), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -184,6 +283,7 @@ fn send_and_recv_carry_a_pipe_exactly() {
     let (mut recv, log) = start_listening(
         Command::new(BIN)
             .args(["recv", "--listen", &addr, "--report", "--io", "portable"])
+            .args(psk_args())
             .stdout(Stdio::piped())
             .stdin(Stdio::null()),
     );
@@ -196,6 +296,7 @@ fn send_and_recv_carry_a_pipe_exactly() {
     });
     let mut send = Command::new(BIN)
         .args(["send", "--streams", "4", "--compress", "auto", &addr])
+        .args(psk_args())
         .stdin(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -230,13 +331,19 @@ fn failures_are_one_line_and_a_nonzero_exit() {
     let nobody = format!("127.0.0.1:{}", free_port());
     let src = dir.join("src.mem");
     write_guest_file(&src, 1);
-    let out = Command::new(BIN).args(["migrate", "--memory"]).arg(&src).arg(&nobody).output().unwrap();
+    let out = Command::new(BIN).args(["migrate", "--memory"]).arg(&src).arg(&nobody).args(psk_args()).output().unwrap();
     assert_one_error_line(&out);
-    let out = Command::new(BIN).args(["migrate", "--memory"]).arg(dir.join("missing")).arg(&nobody).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["migrate", "--memory"])
+        .arg(dir.join("missing"))
+        .arg(&nobody)
+        .args(psk_args())
+        .output()
+        .unwrap();
     assert_one_error_line(&out);
-    let out = Command::new(BIN).args(["send", &nobody]).stdin(Stdio::null()).output().unwrap();
+    let out = Command::new(BIN).args(["send", &nobody]).args(psk_args()).stdin(Stdio::null()).output().unwrap();
     assert_one_error_line(&out);
-    let out = Command::new(BIN).args(["recv", "--listen", &nobody, "--wait", "1"]).output().unwrap();
+    let out = Command::new(BIN).args(["recv", "--listen", &nobody, "--wait", "1"]).args(psk_args()).output().unwrap();
     assert_one_error_line(&out);
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -351,7 +458,8 @@ fn proxy_carries_a_unix_connection_over_tls_and_refuses_strangers() {
 }
 
 /// SIGTERM stops a proxy cleanly: it accepts nothing new, lets what it
-/// carries finish, says so, exits 0 and removes its socket.
+/// carries finish, says so, exits 143 (128 + SIGTERM) and removes its
+/// socket.
 #[test]
 fn a_proxy_stops_on_sigterm_after_its_connections_end() {
     use std::os::unix::net::{UnixListener, UnixStream};
@@ -360,13 +468,13 @@ fn a_proxy_stops_on_sigterm_after_its_connections_end() {
     let exit_addr = format!("127.0.0.1:{}", free_port());
     let target_arg = format!("unix:{}", dir.join("target.sock").display());
     let exit = Daemon::start(
-        Command::new(BIN).args(["proxy", "exit", "--listen", &exit_addr, "--target", &target_arg]),
+        Command::new(BIN).args(["proxy", "exit", "--listen", &exit_addr, "--target", &target_arg]).args(psk_args()),
         dir.join("exit.log"),
         "listening on",
     );
     let accept = format!("unix:{}", dir.join("entry.sock").display());
     let mut entry = Daemon::start(
-        Command::new(BIN).args(["proxy", "entry", "--accept", &accept, &exit_addr]),
+        Command::new(BIN).args(["proxy", "entry", "--accept", &accept, &exit_addr]).args(psk_args()),
         dir.join("entry.log"),
         "accepting on",
     );
@@ -394,8 +502,8 @@ fn a_proxy_stops_on_sigterm_after_its_connections_end() {
         assert!(Instant::now() < deadline, "the entry did not stop: {}", entry.log());
         std::thread::sleep(Duration::from_millis(20));
     };
-    assert!(status.success(), "{status}: {}", entry.log());
-    assert!(entry.log().contains(": done: ") && entry.log().contains("stopped"), "{}", entry.log());
+    assert_eq!(status.code(), Some(143), "{status}: {}", entry.log());
+    assert!(entry.log().contains(": done: ") && entry.log().contains("stopped by SIGTERM"), "{}", entry.log());
     assert!(!dir.join("entry.sock").exists(), "the entry removed its socket");
     drop(exit);
     std::fs::remove_dir_all(dir).unwrap();

@@ -51,8 +51,9 @@ const BUSY_RATE_MIBPS: u64 = 150;
 fn recv_uri(listen: &[SocketAddr], err: &Path) -> String {
     let listen: Vec<String> = listen.iter().map(SocketAddr::to_string).collect();
     format!(
-        "exec:{} recv --listen {} --wait 300 --report 2>{}",
+        "exec:{} recv {} --listen {} --wait 300 --report 2>{}",
         sh(PMIGRATE),
+        migration::keys::psk_shell(),
         listen.join(" "),
         sh(&err.to_string_lossy())
     )
@@ -61,7 +62,13 @@ fn recv_uri(listen: &[SocketAddr], err: &Path) -> String {
 /// The source's `migrate` URI: `send` with `opts` to `dests`, stderr to `err`.
 fn send_uri(opts: &str, dests: &[SocketAddr], err: &Path) -> String {
     let dests: Vec<String> = dests.iter().map(SocketAddr::to_string).collect();
-    format!("exec:{} send {opts} --report {} 2>{}", sh(PMIGRATE), dests.join(" "), sh(&err.to_string_lossy()))
+    format!(
+        "exec:{} send {} {opts} --report {} 2>{}",
+        sh(PMIGRATE),
+        migration::keys::psk_shell(),
+        dests.join(" "),
+        sh(&err.to_string_lossy())
+    )
 }
 
 /// Whether `line` is the `--report` line of `role` (`send` or `recv`).

@@ -13,6 +13,8 @@
 //! Either way the destination must run the guest on, with no corruption.
 //! The tests run one at a time and skip, saying why, when QEMU is missing.
 
+#[path = "../../tests/support/keys.rs"]
+mod keys;
 #[path = "../../tests/support/qemu.rs"]
 mod qemu;
 
@@ -96,6 +98,7 @@ fn migrate(test: &str, src_mem: &ShmFile, dst_mem: &ShmFile) -> Option<(Value, Q
         .arg("--dst-qmp")
         .arg(&dst_qmp)
         .args(["--streams", "2", "--timeout", "600", "--json", &format!("127.0.0.1:{port}")])
+        .args(keys::psk_args())
         .output()
         .expect("running pmigrate qemu");
     let _ = std::fs::remove_file(&src_qmp);

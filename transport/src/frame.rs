@@ -61,11 +61,9 @@ pub enum FrameKind {
     /// Destination → source on the priority stream (post-copy): send pages
     /// `first..first + count` of `region` now; a guest vCPU waits on one.
     PageRequest = 10,
-    /// Source → destination, first frame of a reconnected stream (with
-    /// `CAP_RESUME`): the session's `Hello` with this stream's index; the
-    /// destination answers `Welcome` and the stream goes on.
-    Resume = 11,
-    /// Reserved (authentication): a challenge or response.
+    /// The authentication exchange that opens every connection (offer,
+    /// challenge, proof, confirmation; see [`crate::auth`]). Kind 11, v1's
+    /// `Resume`, is retired: a stream coming back says so in its offer.
     Auth = 12,
     /// Source → destination on stream 0 (with `CAP_SHARED`): read these
     /// places of a region through your own mapping and answer. Flag
@@ -83,6 +81,10 @@ pub enum FrameKind {
     /// last piece. Destination → source on the priority stream, empty with
     /// [`FLAG_FINAL`]: the guest runs here now.
     Switchover = 15,
+    /// Either way, after the handshake, empty: "still here". Sent on a
+    /// stream that has carried nothing for a while, so the other end can
+    /// tell a quiet peer from a vanished or frozen one; receivers skip it.
+    Keepalive = 16,
 }
 
 impl FrameKind {
@@ -99,11 +101,11 @@ impl FrameKind {
             8 => Data,
             9 => End,
             10 => PageRequest,
-            11 => Resume,
             12 => Auth,
             13 => Probe,
             14 => ProbeReply,
             15 => Switchover,
+            16 => Keepalive,
             _ => return None,
         })
     }
@@ -291,9 +293,11 @@ impl FrameHdr {
         }
         let max = match kind {
             Pages | Data | Switchover => MAX_PAYLOAD,
-            Hello | Welcome | Resume | Auth => 64 << 10,
+            Hello | Welcome => 64 << 10,
+            // Read before the peer proved anything: a few dozen bytes.
+            Auth => crate::auth::MAX_AUTH_LEN as u32,
             Error => 4 << 10,
-            RoundEnd | Done | Verified | End | PageRequest => 0,
+            RoundEnd | Done | Verified | End | PageRequest | Keepalive => 0,
             Probe | ProbeReply => MAX_PROBE_ITEMS * 8,
         };
         if self.len > max {

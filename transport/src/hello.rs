@@ -25,7 +25,7 @@ use crate::frame::WireError;
 /// The magic that opens every `Hello`.
 pub const MAGIC: [u8; 8] = *b"PMIGRATE";
 /// This implementation's protocol version.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Most streams in one session.
 pub const MAX_STREAMS: u16 = 64;
 /// Most regions in one session.
@@ -42,11 +42,9 @@ pub const CAP_POSTCOPY: u64 = 1 << 1;
 /// Capability: a stream lost after the switchover of a post-copy session
 /// may reconnect with `Resume` and go on.
 pub const CAP_RESUME: u64 = 1 << 2;
-/// Capability (reserved): an `Auth` exchange follows `Welcome`.
-pub const CAP_AUTH: u64 = 1 << 3;
 /// Capability: regions may be handed over instead of copied when the
 /// destination proves it maps the same memory (`Probe` frames, and the
-/// [`EXT_SHARED_PATHS`] extension naming the regions' backing paths).
+/// [`EXT_SHARED_REGIONS`] extension naming the regions offered).
 pub const CAP_SHARED: u64 = 1 << 4;
 /// Capability (stream mode): the byte stream is full duplex. Each end
 /// sends its own `Data` chunks (its own numbering) and `End`, and confirms
@@ -55,39 +53,33 @@ pub const CAP_DUPLEX: u64 = 1 << 5;
 /// Capabilities this implementation understands.
 pub const KNOWN_CAPS: u64 = CAP_LZ4 | CAP_SHARED | CAP_POSTCOPY | CAP_RESUME | CAP_DUPLEX;
 
-/// Hello extension: the backing path of each region the source could hand
-/// over, as repeated `{ region u32, len u16, UTF-8 path }`.
-pub const EXT_SHARED_PATHS: u16 = 1;
-/// Longest path in [`EXT_SHARED_PATHS`].
-pub const MAX_PATH: usize = 4096;
+/// Hello extension (with [`CAP_SHARED`]): the regions the source could
+/// hand over instead of copying, as repeated little-endian `u32` region
+/// indices, each in range and named once. It names regions, never paths:
+/// the destination proves (protocol §7.2.1) whether the memory *it* was
+/// configured with is the source's, and never opens anything a peer names.
+/// (Type 1, v1's `EXT_SHARED_PATHS`, is retired.)
+pub const EXT_SHARED_REGIONS: u16 = 3;
 
-/// Encodes the [`EXT_SHARED_PATHS`] extension.
-pub fn encode_shared_paths(paths: &[(u32, String)]) -> Vec<u8> {
-    let mut b = Vec::new();
-    for (r, p) in paths {
-        b.extend_from_slice(&r.to_le_bytes());
-        b.extend_from_slice(&(p.len() as u16).to_le_bytes());
-        b.extend_from_slice(p.as_bytes());
-    }
-    b
+/// Encodes the [`EXT_SHARED_REGIONS`] extension.
+pub fn encode_shared_regions(regions: &[u32]) -> Vec<u8> {
+    regions.iter().flat_map(|r| r.to_le_bytes()).collect()
 }
 
-/// Decodes the [`EXT_SHARED_PATHS`] extension against a table of
-/// `regions` regions: every region index in range, once, with a UTF-8 path.
-pub fn decode_shared_paths(ext: &[u8], regions: usize) -> Result<Vec<(u32, String)>, WireError> {
-    let mut c = Cursor::new(ext, "shared paths");
-    let mut out: Vec<(u32, String)> = Vec::new();
+/// Decodes the [`EXT_SHARED_REGIONS`] extension against a table of
+/// `regions` regions: every index in range, once.
+pub fn decode_shared_regions(ext: &[u8], regions: usize) -> Result<Vec<u32>, WireError> {
+    let mut c = Cursor::new(ext, "shared regions");
+    if ext.len() % 4 != 0 {
+        return Err(c.err(format!("{} bytes, not whole u32 region indices", ext.len())));
+    }
+    let mut out: Vec<u32> = Vec::with_capacity(ext.len() / 4);
     while c.pos < ext.len() {
         let r = c.u32()?;
-        let len = c.u16()? as usize;
-        if len == 0 || len > MAX_PATH {
-            return Err(c.err(format!("path of {len} bytes")));
-        }
-        let p = std::str::from_utf8(c.bytes(len)?).map_err(|_| c.err("path is not UTF-8"))?.to_string();
-        if r as usize >= regions || out.iter().any(|(x, _)| *x == r) {
+        if r as usize >= regions || out.contains(&r) {
             return Err(c.err(format!("region {r} out of range or named twice")));
         }
-        out.push((r, p));
+        out.push(r);
     }
     Ok(out)
 }
@@ -358,6 +350,9 @@ pub enum ErrorCode {
     Aborted = 7,
     /// The peer cannot do what the session asks (a capability it lacks).
     Unsupported = 8,
+    /// The peer did not prove what it must: the key, the certificate, the
+    /// session's secret, or the same authentication method.
+    Auth = 9,
 }
 
 /// An `Error` frame's payload: code and message.
@@ -394,6 +389,7 @@ impl ErrorMsg {
             6 => Digest,
             7 => Aborted,
             8 => Unsupported,
+            9 => Auth,
             x => return Err(c.err(format!("unknown error code {x}"))),
         };
         let rest = c.bytes(payload.len() - 4)?;
@@ -445,7 +441,7 @@ mod tests {
         h.regions[0].len = 8192;
         assert!(Hello::decode(&h.encode()).is_err(), "wraps");
         let mut b = hello().encode();
-        b[8] = 2;
+        b[8] = 1;
         assert!(Hello::decode(&b).is_err(), "version");
         let mut b = hello().encode();
         b.push(0);
@@ -479,21 +475,17 @@ mod tests {
     }
 
     #[test]
-    fn shared_paths_round_trip_and_are_checked() {
-        let paths = vec![(0u32, "/dev/shm/vm.mem".to_string()), (2, "/mnt/cxl/region2".to_string())];
-        assert_eq!(decode_shared_paths(&encode_shared_paths(&paths), 3).unwrap(), paths);
-        assert!(decode_shared_paths(&encode_shared_paths(&paths), 2).is_err(), "region 2 of 2");
-        let twice = vec![(1u32, "a".to_string()), (1, "b".to_string())];
-        assert!(decode_shared_paths(&encode_shared_paths(&twice), 3).is_err(), "named twice");
-        let mut bad = encode_shared_paths(&paths);
-        bad.truncate(bad.len() - 1);
-        assert!(decode_shared_paths(&bad, 3).is_err(), "truncated");
+    fn shared_regions_round_trip_and_are_checked() {
+        assert_eq!(decode_shared_regions(&encode_shared_regions(&[0, 2]), 3).unwrap(), vec![0, 2]);
+        assert!(decode_shared_regions(&encode_shared_regions(&[0, 2]), 2).is_err(), "region 2 of 2");
+        assert!(decode_shared_regions(&encode_shared_regions(&[1, 1]), 3).is_err(), "named twice");
+        assert!(decode_shared_regions(&[0, 0, 0], 3).is_err(), "not whole u32s");
     }
 
     proptest! {
         #[test]
-        fn random_shared_path_extensions_never_panic(b in proptest::collection::vec(any::<u8>(), 0..300)) {
-            let _ = decode_shared_paths(&b, 4);
+        fn random_shared_region_extensions_never_panic(b in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = decode_shared_regions(&b, 4);
         }
 
         #[test]

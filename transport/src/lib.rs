@@ -5,12 +5,17 @@
 //! - [`frame`]: the 40-byte frame header, its codec and the check that
 //!   covers header and body. The full specification is `docs/protocol.md`.
 //! - [`hello`]: handshake payloads (`Hello`, `Welcome`) and `Error` frames.
+//! - [`auth`]: who may take part: pre-shared keys, mutual TLS or nothing
+//!   ([`Auth`]), the authentication exchange that opens every connection,
+//!   and each session's secret.
+//! - [`handshake`]: one connection's handshake, both ends.
 //! - [`payload`]: building page and stream-chunk frames (raw, zero, lz4) and
 //!   opening them with verification.
 //! - [`net`]: tuned TCP sockets, binding a stream to a local address or an
 //!   interface, and a framed reader.
-//! - [`session`]: opening the N streams of a session and accepting exactly
-//!   the streams of one session on the other side.
+//! - [`session`]: opening the N streams of a session.
+//! - [`accept`]: listening, admitting connections into bounded handshakes,
+//!   and accepting exactly the streams of one session.
 //! - [`serve`]: serving many sessions at once (the socket proxy).
 //! - [`tls`], [`conn`]: mutual TLS over a session's streams, and the
 //!   connection type that is TCP or TLS.
@@ -31,9 +36,12 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod accept;
+pub mod auth;
 pub mod backend;
 pub mod conn;
 pub mod frame;
+pub(crate) mod handshake;
 pub mod hello;
 pub mod link;
 pub mod net;
@@ -43,11 +51,13 @@ pub mod session;
 pub mod tls;
 pub mod uring;
 
+pub use accept::{Accepted, Acceptor};
+pub use auth::{Auth, Psk, SessionKey};
 pub use backend::{Backend, BackendChoice};
 pub use conn::Conn;
 pub use frame::{Encoding, FrameHdr, FrameKind, WireError};
 pub use hello::{ErrorCode, ErrorMsg, Hello, Mode, RegionDesc, Welcome};
-pub use link::Link;
+pub use link::{Link, Resumes};
 pub use net::{FrameReader, TransportError, Via};
 pub use serve::SessionHandler;
-pub use session::{connect_session, Accepted, Acceptor, StreamPlan};
+pub use session::{connect_session, Connected, StreamPlan};

@@ -1,30 +1,32 @@
-//! Links that survive a lost connection: a stream slot whose TCP connection
+//! Links that survive a lost connection: a stream slot whose connection
 //! can be replaced while the session goes on (post-copy, `CAP_RESUME`).
 //!
 //! The source reconnects a broken stream with [`reconnect`]: a new
-//! connection whose first frame is `Resume`, carrying the session's `Hello`
-//! with the stream's index; the destination takes it with
-//! [`Acceptor::accept_resume`] and answers `Welcome`. Both ends then swap
-//! the connection in the stream's [`Link`]; threads blocked on the old one
-//! see it fail and pick up the new one. Frames lost with the old connection
-//! are the session's to recover (post-copy asks for missing pages again).
+//! connection whose authentication offer says it comes back
+//! (`Purpose::Resume`) and proves the session's secret, not merely its id;
+//! the destination takes it with [`Resumes`] and answers `Welcome`. Both
+//! ends then swap the connection in the stream's [`Link`]; threads blocked
+//! on the old one see it fail and pick up the new one. Frames lost with the
+//! old connection are the session's to recover (post-copy asks for missing
+//! pages again).
 
-use std::io::ErrorKind;
-use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::frame::{FrameHdr, FrameKind};
-use crate::hello::{ErrorCode, Hello, Welcome};
-use crate::net::{connect, tune_accepted, write_frame, FrameReader, TransportError};
-use crate::payload::build_control;
-use crate::session::{send_error, Acceptor, StreamPlan};
+use crate::accept::{Acceptor, Admission, Handshaken};
+use crate::auth::{Purpose, SessionKey};
+use crate::conn::Conn;
+use crate::handshake::{read_welcome, send_welcome, Refusal};
+use crate::hello::{ErrorCode, Hello};
+use crate::net::TransportError;
+use crate::session::{open_stream, StreamPlan};
 
 /// One stream's connection, replaceable.
 #[derive(Debug)]
 pub struct Link {
-    cur: Mutex<(Arc<TcpStream>, u64)>,
+    cur: Mutex<(Arc<Conn>, u64)>,
     changed: Condvar,
     /// Held while one thread reconnects, so two do not race.
     repairing: Mutex<()>,
@@ -36,7 +38,7 @@ pub struct Link {
 
 impl Link {
     /// A link over `s`.
-    pub fn new(s: TcpStream) -> Self {
+    pub fn new(s: Conn) -> Self {
         Self {
             cur: Mutex::new((Arc::new(s), 0)),
             changed: Condvar::new(),
@@ -47,13 +49,13 @@ impl Link {
     }
 
     /// The connection now, and its generation (0 for the first).
-    pub fn current(&self) -> (Arc<TcpStream>, u64) {
+    pub fn current(&self) -> (Arc<Conn>, u64) {
         let c = self.cur.lock().expect("link lock");
         (c.0.clone(), c.1)
     }
 
     /// Puts `s` in place of the current connection, which is shut down.
-    pub fn replace(&self, s: TcpStream) {
+    pub fn replace(&self, s: Conn) {
         let mut c = self.cur.lock().expect("link lock");
         let _ = c.0.shutdown(std::net::Shutdown::Both);
         *c = (Arc::new(s), c.1 + 1);
@@ -62,7 +64,7 @@ impl Link {
     }
 
     /// Waits up to `timeout` for a connection newer than generation `seen`.
-    pub fn wait_newer(&self, seen: u64, timeout: Duration) -> Option<(Arc<TcpStream>, u64)> {
+    pub fn wait_newer(&self, seen: u64, timeout: Duration) -> Option<(Arc<Conn>, u64)> {
         let deadline = Instant::now() + timeout;
         let mut c = self.cur.lock().expect("link lock");
         while c.1 <= seen {
@@ -77,8 +79,8 @@ impl Link {
     pub fn repair(
         &self,
         seen: u64,
-        dial: impl FnOnce() -> Result<TcpStream, TransportError>,
-    ) -> Result<(Arc<TcpStream>, u64), TransportError> {
+        dial: impl FnOnce() -> Result<Conn, TransportError>,
+    ) -> Result<(Arc<Conn>, u64), TransportError> {
         let _one = self.repairing.lock().expect("repair lock");
         let (s, g) = self.current();
         if g > seen {
@@ -105,128 +107,143 @@ impl Link {
 }
 
 /// Reconnects stream `index` of the session `hello` describes, trying
-/// until `within` has passed or `give_up` says so: a new connection,
-/// `Resume` with the session's `Hello`, and the destination's `Welcome`.
+/// until `within` has passed or `give_up` says so: a new authenticated
+/// connection that proves the session's secret `key`, and the
+/// destination's `Welcome`.
 pub fn reconnect(
     plan: &StreamPlan,
     hello: &Hello,
+    key: &SessionKey,
     index: u16,
     within: Duration,
     give_up: &dyn Fn() -> bool,
-) -> Result<TcpStream, TransportError> {
+) -> Result<Conn, TransportError> {
     let deadline = Instant::now() + within;
     loop {
-        match reconnect_once(plan, hello, index) {
+        match reconnect_once(plan, hello, key, index) {
             Ok(s) => return Ok(s),
-            Err(TransportError::Peer(m)) => return Err(TransportError::Peer(m)),
+            Err(e @ (TransportError::Peer(_) | TransportError::Auth(_))) => return Err(e),
             Err(e) if Instant::now() >= deadline || give_up() => return Err(e),
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
     }
 }
 
-fn reconnect_once(plan: &StreamPlan, hello: &Hello, index: u16) -> Result<TcpStream, TransportError> {
+fn reconnect_once(plan: &StreamPlan, hello: &Hello, key: &SessionKey, index: u16) -> Result<Conn, TransportError> {
     let name = format!("stream {index} (reconnecting)");
-    let mut s = connect(plan.dest(index.into()), plan.via(index.into()), plan.connect_timeout)?;
-    s.set_read_timeout(Some(Duration::from_millis(200))).map_err(|e| TransportError::io(&name, e))?;
-    let mut h = hello.clone();
-    h.stream_index = index;
-    let mut f = Vec::new();
-    build_control(&mut f, FrameHdr::new(FrameKind::Resume), &h.encode());
-    write_frame(&mut s, &f, &name)?;
-    let mut r = FrameReader::new(&s, name.clone());
+    let (conn, _, _) = open_stream(plan, hello, index, Purpose::Resume, Some(key))?;
     // A live destination answers at once; one that is gone may still
     // accept the connection in its backlog and never answer.
-    r.set_idle_limit(Duration::from_secs(2));
-    r.set_stall_limit(Duration::from_secs(2));
-    let (hdr, payload) = r.expect(FrameKind::Welcome)?;
-    hdr.verify(payload).map_err(|source| TransportError::Wire { what: name.clone(), source })?;
-    let w = Welcome::decode(payload).map_err(|source| TransportError::Wire { what: name.clone(), source })?;
-    if w.session != hello.session {
-        return Err(TransportError::Setup(format!("{name}: welcomed into another session")));
-    }
-    s.set_read_timeout(None).map_err(|e| TransportError::io(&name, e))?;
-    Ok(s)
+    let deadline = Instant::now() + Duration::from_secs(2).min(plan.connect_timeout);
+    read_welcome(&conn, hello.session, hello.caps, deadline, &name)?;
+    Ok(conn)
 }
 
-impl Acceptor {
-    /// Waits up to `timeout` for one stream of session `session` (of
-    /// `streams` streams) to reconnect; returns its index and connection,
-    /// or `None` when none came. Any other connection is refused with an
-    /// error frame.
-    pub fn accept_resume(
-        &self,
+/// Takes back the streams of one running session that come back after a
+/// lost connection: connections are admitted and authenticated as
+/// everywhere else, several at once, each bounded by the handshake
+/// timeout, so strangers cannot hold the door against a real comeback; a
+/// stream is taken only if it proves the session's secret.
+pub struct Resumes {
+    rx: mpsc::Receiver<(u16, Conn)>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Resumes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resumes").finish_non_exhaustive()
+    }
+}
+
+impl Resumes {
+    /// Starts taking back streams of session `session` (of `streams`
+    /// streams, secret `key`) on `acceptor`'s listeners; `log` hears of
+    /// every refusal.
+    pub fn start(
+        acceptor: Acceptor,
         session: [u8; 16],
         streams: u16,
-        timeout: Duration,
-    ) -> Result<Option<(u16, TcpStream)>, TransportError> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let mut got = None;
-            for l in self.listeners() {
-                match l.accept() {
-                    Ok((s, peer)) => {
-                        got = Some((s, peer));
-                        break;
+        caps: u64,
+        key: SessionKey,
+        log: Arc<dyn Fn(SocketAddr, String) + Send + Sync>,
+    ) -> Self {
+        let (out, rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (htx, hrx) = mpsc::channel::<Handshaken>();
+            let admission = Arc::new(Admission::default());
+            let note = |peer: SocketAddr, why: String| log(peer, why);
+            let line = |why: String| log(SocketAddr::from(([0, 0, 0, 0], 0)), why);
+            while !stop2.load(Ordering::Relaxed) {
+                let mut idle = true;
+                if let Some((s, peer)) = acceptor.poll(&line) {
+                    idle = false;
+                    acceptor.start_handshake(s, peer, &admission, &htx, &note);
+                }
+                match hrx.recv_timeout(Duration::from_millis(if idle { 5 } else { 0 })) {
+                    Ok(Ok(a)) => {
+                        let peer = a.peer;
+                        let wrong = if a.offer.purpose != Purpose::Resume {
+                            Some((ErrorCode::NotInSession, "a session is running here"))
+                        } else if a.offer.session != session || a.offer.stream_count != streams {
+                            Some((ErrorCode::NotInSession, "not a stream of the session being served"))
+                        } else if !key.stream_proof_ok(&a.transcript, &a.stream_proof) {
+                            Some((ErrorCode::Auth, "the stream did not prove the session's secret"))
+                        } else {
+                            None
+                        };
+                        let verdict = match wrong {
+                            None => Ok((a.offer.stream_index, a.conn)),
+                            Some((code, why)) => Err(Refusal { conn: Some(a.conn), code, why: why.into() }),
+                        };
+                        match verdict {
+                            Ok((i, conn)) => {
+                                if send_welcome(&conn, session, caps).is_ok() && out.send((i, conn)).is_err() {
+                                    return;
+                                }
+                            }
+                            Err(r) => {
+                                r.send();
+                                log(peer, r.why);
+                            }
+                        }
                     }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
-                    Err(e) => return Err(TransportError::io("accept", e)),
+                    Ok(Err(r)) => {
+                        r.send();
+                        let peer = r.conn.as_ref().and_then(|c| c.tcp().peer_addr().ok());
+                        log(peer.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))), r.why);
+                    }
+                    Err(_) => {}
                 }
             }
-            if let Some((s, peer)) = got {
-                if let Some(done) = Self::resume_handshake(s, peer, session, streams) {
-                    return Ok(Some(done));
-                }
-                continue;
-            }
-            if Instant::now() >= deadline {
-                return Ok(None);
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        });
+        Resumes { rx, stop, thread: Some(thread) }
     }
 
-    fn resume_handshake(
-        mut s: TcpStream,
-        _peer: SocketAddr,
-        session: [u8; 16],
-        streams: u16,
-    ) -> Option<(u16, TcpStream)> {
-        let _ = s.set_nonblocking(false);
-        tune_accepted(&s).ok()?;
-        s.set_read_timeout(Some(Duration::from_millis(200))).ok()?;
-        let res = (|| {
-            let mut r = FrameReader::new(&s, "resume");
-            r.set_idle_limit(Duration::from_secs(10));
-            r.set_stall_limit(Duration::from_secs(10));
-            let (hdr, payload) = r.expect(FrameKind::Resume)?;
-            hdr.verify(payload).map_err(|source| TransportError::Wire { what: "resume".into(), source })?;
-            Hello::decode(payload).map_err(|source| TransportError::Wire { what: "resume".into(), source })
-        })();
-        let h = match res {
-            Ok(h) if h.session == session && h.stream_index < streams => h,
-            Ok(_) => {
-                send_error(&mut s, ErrorCode::NotInSession, "not a stream of the session being served");
-                return None;
-            }
-            Err(e) => {
-                send_error(&mut s, ErrorCode::Protocol, e.to_string());
-                return None;
-            }
-        };
-        let mut f = Vec::new();
-        build_control(&mut f, FrameHdr::new(FrameKind::Welcome), &Welcome { session, caps: h.caps }.encode());
-        write_frame(&mut s, &f, "welcome").ok()?;
-        s.set_read_timeout(None).ok()?;
-        Some((h.stream_index, s))
+    /// Waits up to `timeout` for a stream that came back: its index and
+    /// connection, already welcomed.
+    pub fn next(&self, timeout: Duration) -> Option<(u16, Conn)> {
+        self.rx.recv_timeout(timeout).ok()
+    }
+}
+
+impl Drop for Resumes {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::{Auth, Psk};
     use crate::hello::{Mode, PROTOCOL_VERSION};
-    use crate::session::new_session_id;
+    use crate::session::{connect_session, new_session_id};
 
     fn hello(session: [u8; 16]) -> Hello {
         Hello {
@@ -241,30 +258,43 @@ mod tests {
         }
     }
 
+    fn psk(b: u8) -> Auth {
+        Auth::Psk(Psk::from_bytes(&[b; 32]).unwrap())
+    }
+
+    /// A session of two streams, accepted; then the listeners take
+    /// comebacks of it.
     #[test]
-    fn only_a_stream_of_the_session_comes_back() {
-        let acc = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
-        let plan = StreamPlan::new(acc.local_addrs(), 2);
-        let session = new_session_id();
+    fn only_a_stream_proving_the_session_comes_back() {
+        let acc = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()], psk(1)).unwrap();
+        let plan = StreamPlan::new(acc.local_addrs(), 2, psk(1));
+        let h = hello(new_session_id());
         let never = || false;
         std::thread::scope(|s| {
-            let server = s.spawn(|| {
-                let mut got = Vec::new();
-                while got.is_empty() {
-                    if let Some(r) = acc.accept_resume(session, 2, Duration::from_secs(30)).unwrap() {
-                        got.push(r);
-                    }
-                }
-                got
-            });
-            let other = reconnect(&plan, &hello(new_session_id()), 1, Duration::from_secs(5), &never);
-            assert!(matches!(other, Err(TransportError::Peer(_))), "another session's stream is refused: {other:?}");
-            let beyond = reconnect(&plan, &hello(session), 2, Duration::from_secs(5), &never);
-            assert!(matches!(beyond, Err(TransportError::Peer(_))), "an index past the session's is refused");
-            let ok = reconnect(&plan, &hello(session), 1, Duration::from_secs(5), &never).unwrap();
-            let got = server.join().unwrap();
-            assert_eq!(got[0].0, 1);
-            assert_eq!(got[0].1.peer_addr().unwrap(), ok.local_addr().unwrap());
+            let server = s.spawn(|| acc.accept_session(Mode::Memory, &mut |_| Ok(0), None).unwrap());
+            let session = connect_session(&plan, &h).unwrap();
+            let accepted = server.join().unwrap();
+            let log = Arc::new(|_: SocketAddr, _: String| {});
+            let resumes = Resumes::start(acc.try_clone().unwrap(), h.session, 2, 0, accepted.key.clone(), log);
+            // The session id alone, with another session's secret: refused.
+            let other = connect_session(&plan, &hello(new_session_id())).err();
+            assert!(other.is_some(), "a second session is refused while one runs");
+            let mut sniffed = StreamPlan::new(acc.local_addrs(), 2, psk(1));
+            sniffed.connect_timeout = Duration::from_secs(5);
+            let forged =
+                SessionKey::derive(&psk(1), &crate::auth::Transcript { offer: [0; 72], challenge: [0; 40] }, None);
+            let e = reconnect(&sniffed, &h, &forged, 1, Duration::from_secs(5), &never).unwrap_err();
+            assert!(e.to_string().contains("secret"), "{e}");
+            // A stranger without the key: refused before anything else.
+            let stranger = StreamPlan::new(acc.local_addrs(), 2, psk(2));
+            let e = reconnect(&stranger, &h, &session.key, 1, Duration::from_secs(5), &never).unwrap_err();
+            assert!(matches!(e, TransportError::Peer(_) | TransportError::Auth(_)), "{e}");
+            assert!(resumes.next(Duration::from_millis(300)).is_none(), "nothing was taken back");
+            // The real source comes back.
+            let ok = reconnect(&plan, &h, &session.key, 1, Duration::from_secs(5), &never).unwrap();
+            let (i, conn) = resumes.next(Duration::from_secs(10)).expect("the stream came back");
+            assert_eq!(i, 1);
+            assert_eq!(conn.tcp().peer_addr().unwrap(), ok.tcp().local_addr().unwrap());
         });
     }
 
@@ -272,12 +302,12 @@ mod tests {
     fn a_link_is_repaired_once_per_failure() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
-        let link = Link::new(TcpStream::connect(addr).unwrap());
+        let link = Link::new(Conn::Tcp(std::net::TcpStream::connect(addr).unwrap()));
         let (_, g0) = link.current();
         let dials = AtomicU64::new(0);
         let dial = || {
             dials.fetch_add(1, Ordering::Relaxed);
-            TcpStream::connect(addr).map_err(|e| TransportError::io("dial", e))
+            std::net::TcpStream::connect(addr).map(Conn::Tcp).map_err(|e| TransportError::io("dial", e))
         };
         let (_, g1) = link.repair(g0, dial).unwrap();
         // A second thread that saw the same failure gets the new connection.

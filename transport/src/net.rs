@@ -19,6 +19,14 @@ pub const SOCKET_BUFFER: usize = 4 << 20;
 /// syscall for many, and large page frames bypass it.
 const READ_BUFFER: usize = 256 << 10;
 
+/// How long a peer may leave data this end sent unacknowledged — because
+/// it vanished, its link is down, or it stopped reading (a stopped process:
+/// its kernel advertises a zero window) — before the kernel gives up on the
+/// connection (`TCP_USER_TIMEOUT`, which Linux also applies to zero-window
+/// probing). Blocked writes then fail, whatever backend issued them. The
+/// sessions' own progress deadlines default to the same value.
+pub const PROGRESS_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Errors of the transport.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -57,6 +65,10 @@ pub enum TransportError {
     /// The session could not be set up.
     #[error("{0}")]
     Setup(String),
+    /// The peer did not prove what it must (the key, the certificate, the
+    /// session's secret), or authenticates another way than this end.
+    #[error("{0}")]
+    Auth(String),
 }
 
 impl TransportError {
@@ -105,7 +117,48 @@ fn tune(s: &SockRef<'_>) -> io::Result<()> {
     let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
     let ka =
         TcpKeepalive::new().with_time(Duration::from_secs(10)).with_interval(Duration::from_secs(2)).with_retries(5);
-    s.set_tcp_keepalive(&ka)
+    s.set_tcp_keepalive(&ka)?;
+    s.set_tcp_user_timeout(Some(PROGRESS_TIMEOUT))
+}
+
+/// Sets how long sent data may stay unacknowledged before the connection
+/// is given up (see [`PROGRESS_TIMEOUT`], the default every stream gets).
+pub fn set_progress_timeout(s: &TcpStream, t: Duration) -> io::Result<()> {
+    SockRef::from(s).set_tcp_user_timeout(Some(t))
+}
+
+/// A socket whose every read and write is bounded by one deadline for the
+/// whole exchange, not per call: a peer dripping one byte at a time cannot
+/// stretch it (handshakes, TLS included).
+pub(crate) struct DeadlineIo<'a> {
+    pub(crate) sock: &'a TcpStream,
+    pub(crate) deadline: std::time::Instant,
+}
+
+/// Time left before `deadline`, or a `TimedOut` error once it passed.
+pub(crate) fn left(deadline: std::time::Instant) -> io::Result<Duration> {
+    match deadline.checked_duration_since(std::time::Instant::now()) {
+        Some(d) if d >= Duration::from_millis(1) => Ok(d),
+        _ => Err(io::Error::new(io::ErrorKind::TimedOut, "handshake deadline passed")),
+    }
+}
+
+impl Read for DeadlineIo<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.sock.set_read_timeout(Some(left(self.deadline)?))?;
+        (&*self.sock).read(buf)
+    }
+}
+
+impl Write for DeadlineIo<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.sock.set_write_timeout(Some(left(self.deadline)?))?;
+        (&*self.sock).write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Connects to `dest`, leaving by `via` when given.

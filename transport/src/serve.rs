@@ -2,36 +2,38 @@
 //! service (the socket proxy), where [`Acceptor::accept_session`] serves
 //! exactly one.
 //!
-//! Each accepted connection reads its `Hello` on a handshake thread (at most
-//! [`MAX_PENDING_HANDSHAKES`] at once). A session starts with its stream 0 —
-//! the source connects its streams one after the other, each after the
-//! previous one's `Welcome` — and [`SessionHandler::open`] judges it on that
-//! handshake thread, so opening may block (the proxy connects to its target
-//! there) without holding up other sessions. Stream 0 is welcomed only once
-//! `open` succeeded: a source that waits for its last `Welcome` before it
-//! goes on knows the session is established end to end. Later streams must
-//! agree with stream 0's `Hello`. When every stream has joined,
-//! [`SessionHandler::run`] gets the session on a thread of its own.
+//! Connections are admitted and authenticated as in [`crate::accept`]. A
+//! session starts with its stream 0 — the source connects its streams one
+//! after the other, each after the previous one's `Welcome` — and only once
+//! that stream proved itself, and a session slot is free (at most
+//! [`MAX_SESSIONS`] gather or run at once), does [`SessionHandler::open`]
+//! judge it, on a thread of its own, so opening may block (the proxy
+//! connects to its target there) without holding up other sessions. Stream
+//! 0 is welcomed only once `open` succeeded: a source that waits for its
+//! last `Welcome` before it goes on knows the session is established end
+//! to end. Later streams must prove the session's secret and agree with
+//! stream 0's `Hello`. When every stream has joined, [`SessionHandler::run`]
+//! gets the session on a thread of its own.
 //!
 //! A session whose streams do not all arrive within the acceptor's gather
-//! timeout is dropped (its streams closed, its context dropped); at most
-//! [`MAX_SESSIONS`] run at once and further sessions are refused.
+//! timeout is dropped (its streams closed, its context dropped). Nothing a
+//! peer does ends the server; only `stop` does.
 
 use std::collections::HashMap;
-use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use crate::accept::{agrees, Accepted, Acceptor, Admission, Handshaken};
+use crate::auth::SessionKey;
 use crate::conn::Conn;
-use crate::frame::{FrameHdr, FrameKind};
-use crate::hello::{ErrorCode, ErrorMsg, Hello, Mode, Welcome};
-use crate::net::{write_frame, TransportError};
-use crate::payload::build_control;
-use crate::session::{accept_handshake, agrees, send_error, Accepted, Acceptor, MAX_PENDING_HANDSHAKES};
+use crate::handshake::{send_welcome, Arrival, Refusal};
+use crate::hello::{ErrorCode, ErrorMsg, Hello, Mode};
+use crate::net::TransportError;
 
-/// Sessions gathering or running at once at most.
+/// Sessions gathering or running at once at most: each holds a thread per
+/// stream direction and a target connection.
 pub const MAX_SESSIONS: usize = 256;
 
 /// What a server does with its sessions.
@@ -39,9 +41,10 @@ pub trait SessionHandler: Sync {
     /// State made when a session opens and handed to [`SessionHandler::run`].
     type Context: Send;
 
-    /// Judges a session's stream 0 `Hello` (of the served mode) and returns
-    /// the capabilities granted and the session's context. Runs on the
-    /// handshake thread and may block; a refusal is sent to the peer.
+    /// Judges an authenticated session's stream 0 `Hello` (of the served
+    /// mode) and returns the capabilities granted and the session's
+    /// context. Runs on a thread of its own and may block; a refusal is
+    /// sent to the peer.
     fn open(&self, hello: &Hello, peer: SocketAddr) -> Result<(u64, Self::Context), ErrorMsg>;
 
     /// Runs a session whose streams all joined, on a thread of its own.
@@ -54,139 +57,176 @@ pub trait SessionHandler: Sync {
 struct Gathering<C> {
     hello: Hello,
     caps: u64,
+    key: SessionKey,
     context: C,
     slots: Vec<Option<Conn>>,
     since: Instant,
 }
 
-enum Handshake<C> {
-    /// Stream 0 of a new session, opened.
-    Opened(Hello, u64, C),
-    /// A later stream.
-    Joins(Hello),
-}
-
-fn welcome(s: &mut Conn, session: [u8; 16], caps: u64) -> Result<(), TransportError> {
-    let mut f = Vec::new();
-    build_control(&mut f, FrameHdr::new(FrameKind::Welcome), &Welcome { session, caps }.encode());
-    write_frame(s, &f, "welcome")?;
-    s.set_read_timeout(None).map_err(|e| TransportError::io("welcome", e))
+/// What arrives at the serving loop.
+enum Event<C> {
+    Handshake(Box<Handshaken>),
+    /// A session's stream 0 after its handler's `open`.
+    Opened(Box<Arrival>, Result<(u64, C), ErrorMsg>),
 }
 
 impl Acceptor {
     /// Serves sessions of `mode` until `stop` is set (checked every few
-    /// milliseconds); returns once every running session has ended.
+    /// milliseconds); returns once every running session has ended. Peers
+    /// never end it.
     pub fn serve<H: SessionHandler>(&self, mode: Mode, handler: &H, stop: &AtomicBool) -> Result<(), TransportError> {
-        type Result3<C> = (Option<Conn>, SocketAddr, Result<Handshake<C>, ErrorMsg>);
-        let (tx, rx) = mpsc::channel::<Result3<H::Context>>();
-        let pending = AtomicUsize::new(0);
-        let running = AtomicUsize::new(0);
+        let (tx, rx) = mpsc::channel::<Event<H::Context>>();
+        let (htx, hrx) = mpsc::channel::<Handshaken>();
+        let admission = Arc::new(Admission::default());
+        // Sessions opening, gathering or running: a slot is taken before
+        // `open` is called and given back when the session ends.
+        let slots_used = AtomicUsize::new(0);
         let mut gathering: HashMap<[u8; 16], Gathering<H::Context>> = HashMap::new();
+        let refuse = |r: Refusal, peer: SocketAddr| {
+            r.send();
+            handler.refused(peer, &r.why);
+        };
+        let log = |line: String| handler.refused(SocketAddr::from(([0, 0, 0, 0], 0)), &line);
+        let note = |peer: SocketAddr, why: String| handler.refused(peer, &why);
         std::thread::scope(|scope| {
-            let refuse = |s: Option<Conn>, peer: SocketAddr, code: ErrorCode, why: String| {
-                if let Some(s) = s {
-                    send_error(&s, code, why.clone());
-                    let _ = s.shutdown(std::net::Shutdown::Both);
-                }
-                handler.refused(peer, &why);
-            };
             while !stop.load(Ordering::Relaxed) {
                 let mut idle = true;
-                for l in self.listeners() {
-                    match l.accept() {
-                        Ok((s, peer)) => {
-                            idle = false;
-                            let _ = s.set_nonblocking(false);
-                            if pending.load(Ordering::Acquire) >= MAX_PENDING_HANDSHAKES {
-                                let why = "too many handshakes in progress".into();
-                                refuse(Some(Conn::Tcp(s)), peer, ErrorCode::Aborted, why);
-                                continue;
-                            }
-                            pending.fetch_add(1, Ordering::AcqRel);
-                            let (tx, pending) = (tx.clone(), &pending);
-                            scope.spawn(move || {
-                                let (s, hello) = accept_handshake(s, self.tls.as_deref());
-                                let res = match hello {
-                                    Err(e) => Err(ErrorMsg { code: ErrorCode::Protocol, message: e.to_string() }),
-                                    Ok(h) if h.mode != mode => Err(ErrorMsg {
-                                        code: ErrorCode::NotInSession,
-                                        message: format!("this end serves {mode:?} sessions, not {:?}", h.mode),
-                                    }),
-                                    Ok(h) if h.stream_index == 0 => {
-                                        handler.open(&h, peer).map(|(caps, c)| Handshake::Opened(h, caps, c))
-                                    }
-                                    Ok(h) => Ok(Handshake::Joins(h)),
-                                };
-                                pending.fetch_sub(1, Ordering::AcqRel);
-                                let _ = tx.send((s, peer, res));
-                            });
-                        }
-                        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
-                        Err(e) => return Err(TransportError::io("accept", e)),
-                    }
+                if let Some((s, peer)) = self.poll(&log) {
+                    idle = false;
+                    self.start_handshake(s, peer, &admission, &htx, &note);
                 }
-                gathering.retain(|_, g| g.since.elapsed() <= self.gather_timeout);
-                let (s, peer, res) = match rx.recv_timeout(Duration::from_millis(if idle { 5 } else { 0 })) {
-                    Ok(x) => x,
+                let before = gathering.len();
+                gathering.retain(|_, g| {
+                    let keep = g.since.elapsed() <= self.gather_timeout;
+                    if !keep {
+                        for c in g.slots.iter().flatten() {
+                            c.send_error(ErrorCode::Aborted, "the session's other streams did not arrive in time");
+                            let _ = c.shutdown(std::net::Shutdown::Both);
+                        }
+                    }
+                    keep
+                });
+                slots_used.fetch_sub(before - gathering.len(), Ordering::AcqRel);
+                while let Ok(h) = hrx.try_recv() {
+                    let _ = tx.send(Event::Handshake(Box::new(h)));
+                }
+                let event = match rx.recv_timeout(Duration::from_millis(if idle { 5 } else { 0 })) {
+                    Ok(e) => e,
                     Err(mpsc::RecvTimeoutError::Timeout) => continue,
                     Err(mpsc::RecvTimeoutError::Disconnected) => unreachable!("the loop holds a sender"),
                 };
-                let joined = match res {
-                    Err(e) => {
-                        refuse(s, peer, e.code, e.message);
-                        continue;
-                    }
-                    Ok(Handshake::Opened(h, caps, context)) => {
-                        let Some(mut s) = s else { continue };
-                        if gathering.contains_key(&h.session) {
-                            refuse(Some(s), peer, ErrorCode::NotInSession, "the session is open already".into());
+                let joined = match event {
+                    Event::Handshake(h) => match *h {
+                        Err(r) => {
+                            let peer = r
+                                .conn
+                                .as_ref()
+                                .and_then(|c| c.tcp().peer_addr().ok())
+                                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+                            refuse(r, peer);
                             continue;
                         }
-                        if gathering.len() + running.load(Ordering::Acquire) >= MAX_SESSIONS {
-                            refuse(Some(s), peer, ErrorCode::Aborted, "too many sessions".into());
-                            continue;
+                        Ok(a) => {
+                            let peer = a.peer;
+                            let refusal = |a: Arrival, code, why: String| Refusal { conn: Some(a.conn), code, why };
+                            let Some(h) = a.hello.clone() else {
+                                refuse(refusal(a, ErrorCode::NotInSession, "no session to come back to".into()), peer);
+                                continue;
+                            };
+                            if h.mode != mode {
+                                let why = format!("this end serves {mode:?} sessions, not {:?}", h.mode);
+                                refuse(refusal(a, ErrorCode::NotInSession, why), peer);
+                                continue;
+                            }
+                            if h.stream_index == 0 {
+                                if gathering.contains_key(&h.session) {
+                                    refuse(
+                                        refusal(a, ErrorCode::NotInSession, "the session is open already".into()),
+                                        peer,
+                                    );
+                                    continue;
+                                }
+                                // Admit the session before anything is spent on it.
+                                if slots_used.fetch_add(1, Ordering::AcqRel) >= MAX_SESSIONS {
+                                    slots_used.fetch_sub(1, Ordering::AcqRel);
+                                    let why = format!("{MAX_SESSIONS} sessions are open already");
+                                    refuse(refusal(a, ErrorCode::Aborted, why), peer);
+                                    continue;
+                                }
+                                let tx = tx.clone();
+                                scope.spawn(move || {
+                                    let res = handler.open(&h, peer);
+                                    let _ = tx.send(Event::Opened(Box::new(a), res));
+                                });
+                                continue;
+                            }
+                            let Some(g) = gathering.get_mut(&h.session) else {
+                                refuse(refusal(a, ErrorCode::NotInSession, "no such session".into()), peer);
+                                continue;
+                            };
+                            if !g.key.stream_proof_ok(&a.transcript, &a.stream_proof) {
+                                let why = "the stream did not prove the session's secret".to_string();
+                                refuse(refusal(a, ErrorCode::Auth, why), peer);
+                                continue;
+                            }
+                            if let Err((code, why)) = agrees(&g.hello, &h) {
+                                refuse(refusal(a, code, why), peer);
+                                continue;
+                            }
+                            let i = h.stream_index as usize;
+                            if g.slots[i].is_some() {
+                                refuse(
+                                    refusal(a, ErrorCode::NotInSession, format!("stream {i} already connected")),
+                                    peer,
+                                );
+                                continue;
+                            }
+                            if send_welcome(&a.conn, h.session, g.caps).is_err() {
+                                // A stream that breaks in its handshake dooms the session.
+                                if let Some(g) = gathering.remove(&h.session) {
+                                    slots_used.fetch_sub(1, Ordering::AcqRel);
+                                    for c in g.slots.into_iter().flatten() {
+                                        c.send_error(ErrorCode::Aborted, "a stream of the session broke");
+                                        let _ = c.shutdown(std::net::Shutdown::Both);
+                                    }
+                                }
+                                continue;
+                            }
+                            g.slots[i] = Some(a.conn);
+                            h.session
                         }
-                        if welcome(&mut s, h.session, caps).is_err() {
-                            continue; // broke during its handshake: nothing to serve
-                        }
-                        let mut slots: Vec<Option<Conn>> = (0..h.stream_count).map(|_| None).collect();
-                        slots[0] = Some(s);
-                        let id = h.session;
-                        gathering.insert(id, Gathering { hello: h, caps, context, slots, since: Instant::now() });
-                        id
-                    }
-                    Ok(Handshake::Joins(h)) => {
-                        let Some(mut s) = s else { continue };
-                        let Some(g) = gathering.get_mut(&h.session) else {
-                            refuse(Some(s), peer, ErrorCode::NotInSession, "no such session".into());
-                            continue;
+                    },
+                    Event::Opened(a, res) => {
+                        let (peer, h) = (a.peer, a.hello.clone().expect("stream 0 of a join"));
+                        let (caps, context) = match res {
+                            Ok(x) => x,
+                            Err(e) => {
+                                slots_used.fetch_sub(1, Ordering::AcqRel);
+                                refuse(Refusal { conn: Some(a.conn), code: e.code, why: e.message }, peer);
+                                continue;
+                            }
                         };
-                        if let Err((code, why)) = agrees(&g.hello, &h) {
-                            refuse(Some(s), peer, code, why);
+                        if gathering.contains_key(&h.session) || send_welcome(&a.conn, h.session, caps).is_err() {
+                            // Opened twice at once, or gone: nothing to serve.
+                            slots_used.fetch_sub(1, Ordering::AcqRel);
                             continue;
                         }
-                        if g.slots[h.stream_index as usize].is_some() {
-                            let why = format!("stream {} already connected", h.stream_index);
-                            refuse(Some(s), peer, ErrorCode::NotInSession, why);
-                            continue;
-                        }
-                        if welcome(&mut s, h.session, g.caps).is_err() {
-                            gathering.remove(&h.session); // a stream that breaks in its handshake dooms the session
-                            continue;
-                        }
-                        g.slots[h.stream_index as usize] = Some(s);
-                        h.session
+                        let key = a.session_key(&self.auth);
+                        let mut slots: Vec<Option<Conn>> = (0..h.stream_count).map(|_| None).collect();
+                        slots[0] = Some(a.conn);
+                        let id = h.session;
+                        gathering.insert(id, Gathering { hello: h, caps, key, context, slots, since: Instant::now() });
+                        id
                     }
                 };
                 if gathering[&joined].slots.iter().all(Option::is_some) {
                     let g = gathering.remove(&joined).expect("just looked up");
                     let streams = g.slots.into_iter().map(|s| s.expect("every slot filled")).collect();
-                    let session = Accepted { hello: g.hello, caps: g.caps, streams, refused: Vec::new() };
-                    running.fetch_add(1, Ordering::AcqRel);
-                    let (running, context) = (&running, g.context);
+                    let session = Accepted { hello: g.hello, caps: g.caps, streams, refused: Vec::new(), key: g.key };
+                    let (slots_used, context) = (&slots_used, g.context);
                     scope.spawn(move || {
                         handler.run(session, context);
-                        running.fetch_sub(1, Ordering::AcqRel);
+                        slots_used.fetch_sub(1, Ordering::AcqRel);
                     });
                 }
             }
@@ -198,8 +238,9 @@ impl Acceptor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::{Auth, Purpose};
     use crate::hello::{CAP_LZ4, PROTOCOL_VERSION};
-    use crate::session::{connect_session, new_session_id, StreamPlan};
+    use crate::session::{connect_session, new_session_id, open_stream, StreamPlan};
     use std::io::{Read, Write};
     use std::sync::Mutex;
 
@@ -247,7 +288,7 @@ mod tests {
     /// Runs `client` against an [`Echo`] server on a fresh port; returns
     /// the stream counts of the sessions the handler opened.
     fn with_server(client: impl FnOnce(SocketAddr)) -> Vec<u16> {
-        let acc = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
+        let acc = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()], Auth::Insecure).unwrap();
         let addr = acc.local_addrs()[0];
         let handler = Echo { opened: Mutex::new(Vec::new()) };
         let stop = AtomicBool::new(false);
@@ -264,8 +305,10 @@ mod tests {
     fn sessions_are_served_side_by_side_and_refusals_reach_the_peer() {
         let opened = with_server(|addr| {
             // Two sessions open at the same time, then both are used.
-            let (mut a, wa) = connect_session(&StreamPlan::new(vec![addr], 3), &hello(3, 1)).unwrap();
-            let (mut b, _) = connect_session(&StreamPlan::new(vec![addr], 1), &hello(1, 1)).unwrap();
+            let plan = |n| StreamPlan::new(vec![addr], n, Auth::Insecure);
+            let a = connect_session(&plan(3), &hello(3, 1)).unwrap();
+            let (mut a, wa) = (a.streams, a.welcome);
+            let mut b = connect_session(&plan(1), &hello(1, 1)).unwrap().streams;
             assert_eq!(wa.caps, CAP_LZ4);
             for (i, st) in a.iter_mut().chain(b.iter_mut()).enumerate() {
                 st.write_all(&[i as u8]).unwrap();
@@ -273,11 +316,11 @@ mod tests {
                 st.read_exact(&mut r).unwrap();
                 assert_eq!(r[0], i as u8 + 1);
             }
-            let err = connect_session(&StreamPlan::new(vec![addr], 1), &hello(1, 0xff)).unwrap_err();
+            let err = connect_session(&plan(1), &hello(1, 0xff)).unwrap_err();
             assert!(err.to_string().contains("refused by the handler"), "{err}");
             let mut m = hello(1, 1);
             m.mode = Mode::Memory;
-            let err = connect_session(&StreamPlan::new(vec![addr], 1), &m).unwrap_err();
+            let err = connect_session(&plan(1), &m).unwrap_err();
             assert!(err.to_string().contains("serves Stream"), "{err}");
         });
         assert_eq!(opened, vec![3, 1]);
@@ -288,13 +331,12 @@ mod tests {
         let opened = with_server(|addr| {
             let mut h = hello(2, 1);
             h.stream_index = 1;
-            // connect_session numbers streams itself: send stream 1 by hand.
-            let mut conn = std::net::TcpStream::connect(addr).unwrap();
-            let mut f = Vec::new();
-            build_control(&mut f, FrameHdr::new(FrameKind::Hello), &h.encode());
-            conn.write_all(&f).unwrap();
-            let mut r = crate::net::FrameReader::new(&conn, "t");
-            let err = r.next_frame().unwrap_err();
+            // connect_session numbers streams itself: open stream 1 by hand.
+            let plan = StreamPlan::new(vec![addr], 2, Auth::Insecure);
+            let (conn, _, _) = open_stream(&plan, &h, 1, Purpose::Join, None).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            crate::handshake::send_hello(&conn, &h, deadline, "t").unwrap();
+            let err = crate::handshake::read_welcome(&conn, h.session, h.caps, deadline, "t").unwrap_err();
             assert!(err.to_string().contains("no such session"), "{err}");
         });
         assert!(opened.is_empty());

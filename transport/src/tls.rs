@@ -1,6 +1,6 @@
-//! TLS for byte-stream sessions over networks nobody vouches for (the
-//! socket proxy, the `exec:` helpers): mutual TLS 1.3 with rustls, over
-//! every TCP stream of a session, set up before its `Hello`.
+//! TLS for sessions over networks nobody vouches for: mutual TLS 1.3 with
+//! rustls, over every TCP stream of every session kind (memory migrations,
+//! byte streams, the proxy), set up before pmigrate's own handshake.
 //!
 //! Both ends present a certificate and check the other's against one CA
 //! (as a cluster's node agents do); the connecting end also checks that the
@@ -24,11 +24,14 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, ClientConnection, Connection, RootCertStore, ServerConfig, ServerConnection};
+
+use crate::net::DeadlineIo;
 
 /// Size of the buffer ciphertext is read into before rustls takes it.
 const RAW_READ: usize = 64 << 10;
@@ -142,6 +145,8 @@ pub struct TlsStream {
     writing: Mutex<()>,
     /// Ciphertext read from the socket before rustls takes it.
     raw: Mutex<RawBuf>,
+    /// A deadline for reads as a whole (handshakes).
+    read_deadline: Mutex<Option<Instant>>,
 }
 
 /// Ciphertext read, `buf[start..end]` not yet handed to rustls.
@@ -159,31 +164,37 @@ impl std::fmt::Debug for TlsStream {
 
 impl TlsStream {
     /// The connecting end's handshake on `sock`, expecting the peer's
-    /// certificate to carry `host` (unless `cfg.peer_name` says otherwise).
-    /// The socket's timeouts bound it.
-    pub fn connect(sock: TcpStream, cfg: &TlsConfig, host: &str) -> Result<Self, TlsError> {
+    /// certificate to carry `host` (unless `cfg.peer_name` says otherwise),
+    /// all of it done by `deadline`.
+    pub fn connect(sock: TcpStream, cfg: &TlsConfig, host: &str, deadline: Instant) -> Result<Self, TlsError> {
         let name = cfg.peer_name.as_deref().unwrap_or(host).to_string();
         let server_name = ServerName::try_from(name.clone()).map_err(|_| TlsError::Name(name))?;
         let conn = ClientConnection::new(cfg.client.clone(), server_name)
             .map_err(|e| TlsError::Handshake(io::Error::other(e)))?;
-        Self::handshake(sock, conn.into())
+        Self::handshake(sock, conn.into(), deadline)
     }
 
-    /// The accepting end's handshake on `sock`.
-    pub fn accept(sock: TcpStream, cfg: &TlsConfig) -> Result<Self, TlsError> {
+    /// The accepting end's handshake on `sock`, done by `deadline`.
+    pub fn accept(sock: TcpStream, cfg: &TlsConfig, deadline: Instant) -> Result<Self, TlsError> {
         let conn = ServerConnection::new(cfg.server.clone()).map_err(|e| TlsError::Handshake(io::Error::other(e)))?;
-        Self::handshake(sock, conn.into())
+        Self::handshake(sock, conn.into(), deadline)
     }
 
-    fn handshake(mut sock: TcpStream, mut conn: Connection) -> Result<Self, TlsError> {
-        while conn.is_handshaking() {
-            conn.complete_io(&mut sock).map_err(TlsError::Handshake)?;
+    fn handshake(sock: TcpStream, mut conn: Connection, deadline: Instant) -> Result<Self, TlsError> {
+        {
+            // One deadline for the whole handshake, however the peer
+            // spreads its bytes.
+            let mut io = DeadlineIo { sock: &sock, deadline };
+            while conn.is_handshaking() {
+                conn.complete_io(&mut io).map_err(TlsError::Handshake)?;
+            }
+            // A client's last flight (its certificate and Finished) may
+            // still be buffered.
+            while conn.wants_write() {
+                conn.write_tls(&mut io).map_err(TlsError::Handshake)?;
+            }
         }
-        // A client's last flight (its certificate and Finished) may still be
-        // buffered.
-        while conn.wants_write() {
-            conn.write_tls(&mut sock).map_err(TlsError::Handshake)?;
-        }
+        sock.set_write_timeout(None).map_err(TlsError::Handshake)?;
         // Frames are sealed whole; rustls need not hold back plaintext.
         conn.set_buffer_limit(None);
         Ok(TlsStream {
@@ -191,7 +202,22 @@ impl TlsStream {
             state: Mutex::new(conn),
             writing: Mutex::new(()),
             raw: Mutex::new(RawBuf { buf: vec![0u8; RAW_READ].into_boxed_slice(), start: 0, end: 0 }),
+            read_deadline: Mutex::new(None),
         })
+    }
+
+    /// Bounds every read from now on by `deadline` as a whole (`None`: the
+    /// socket's read timeout alone), however the peer spreads its records.
+    pub fn set_read_deadline(&self, deadline: Option<Instant>) {
+        *self.read_deadline.lock().unwrap_or_else(|p| p.into_inner()) = deadline;
+    }
+
+    /// 32 bytes only the two ends of this connection can compute: the TLS
+    /// exporter (RFC 8446 §7.5) for `label` and `context`.
+    pub fn export(&self, label: &[u8], context: &[u8]) -> Result<[u8; 32], TlsError> {
+        self.state()
+            .export_keying_material([0u8; 32], label, Some(context))
+            .map_err(|e| TlsError::Config(format!("TLS exporter: {e}")))
     }
 
     /// The TCP stream underneath.
@@ -249,6 +275,10 @@ impl TlsStream {
                     // Nothing buffered: wait for ciphertext, without the
                     // rustls lock (a read timeout comes back as WouldBlock,
                     // as from the socket). End of stream is fed as such.
+                    let deadline = *self.read_deadline.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(d) = deadline {
+                        self.sock.set_read_timeout(Some(crate::net::left(d)?))?;
+                    }
                     let n = (&self.sock).read(&mut raw.buf)?;
                     (raw.start, raw.end) = (0, n);
                     if n == 0 {
@@ -364,12 +394,15 @@ pub(crate) mod tests {
         let scfg = config(dir, server);
         let srv = std::thread::spawn(move || {
             let (s, _) = l.accept().unwrap();
-            s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
-            TlsStream::accept(s, &scfg)
+            TlsStream::accept(s, &scfg, Instant::now() + std::time::Duration::from_secs(10))
         });
         let s = TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
-        let c = TlsStream::connect(s, &config(dir, client), "127.0.0.1");
+        let c = TlsStream::connect(
+            s,
+            &config(dir, client),
+            "127.0.0.1",
+            Instant::now() + std::time::Duration::from_secs(10),
+        );
         (c, srv.join().unwrap())
     }
 

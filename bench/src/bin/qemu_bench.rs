@@ -662,6 +662,8 @@ struct Ctx {
     pmigrate: PathBuf,
     scratch: PathBuf,
     port: u16,
+    /// The pre-shared key file both helpers (or proxies) use.
+    key: String,
 }
 
 /// One migration; fills `r` as far as it gets (so an error still leaves
@@ -684,13 +686,14 @@ fn run_one(ctx: &mut Ctx, tb: &TestbedEnv, r: &mut RunResult, t: Transport) -> R
             let pm = pm.trim();
             let listen: Vec<String> = tb.dst_addrs.iter().map(|a| format!("--listen {a}:{port}")).collect();
             let dests: Vec<String> = tb.dst_addrs.iter().map(|a| format!("{a}:{port}")).collect();
+            let key = sh(&ctx.key);
             let recv = format!(
-                "exec:{pm} recv {} --wait 300 --report 2>{}",
+                "exec:{pm} recv --psk-file {key} {} --wait 300 --report 2>{}",
                 listen.join(" "),
                 sh(&recv_err.to_string_lossy())
             );
             let send = format!(
-                "exec:{pm} send --streams {} --via {} {} --report {} 2>{}",
+                "exec:{pm} send --psk-file {key} --streams {} --via {} {} --report {} 2>{}",
                 cli.streams,
                 tb.src_addrs.join(","),
                 cli.send_args,
@@ -890,14 +893,14 @@ impl ProxyEnds {
         let pm = ctx.pmigrate.to_string_lossy().to_string();
         let logs = (dir.join("proxy-entry.log"), dir.join("proxy-exit.log"));
         let mut exit = Command::new("ip");
-        exit.args(["netns", "exec", &tb.ns_dst, &pm, "proxy", "exit"]);
+        exit.args(["netns", "exec", &tb.ns_dst, &pm, "proxy", "exit", "--psk-file", &ctx.key]);
         for a in &tb.dst_addrs {
             exit.args(["--listen", &format!("{a}:{port}")]);
         }
         exit.args(["--target", &format!("unix:{}", dir.join("dst.sock").display())]);
         let exit = exit.stdin(Stdio::null()).stderr(fs::File::create(&logs.1)?).spawn().context("proxy exit")?;
         let mut entry = Command::new("ip");
-        entry.args(["netns", "exec", &tb.ns_src, &pm, "proxy", "entry"]);
+        entry.args(["netns", "exec", &tb.ns_src, &pm, "proxy", "entry", "--psk-file", &ctx.key]);
         entry.args(["--accept", &format!("unix:{}", dir.join("src.sock").display())]);
         entry.args(["--streams", &ctx.cli.streams.to_string(), "--via", &tb.src_addrs.join(",")]);
         entry.args(ctx.cli.send_args.split_whitespace());
@@ -1241,7 +1244,11 @@ fn real_main() -> Result<Report> {
         runs: Vec::new(),
         baseline: String::new(),
     };
-    let mut ctx = Ctx { cli: cli.clone(), pmigrate, scratch: scratch.clone(), port: BASE_PORT };
+    // The helpers authenticate each other, as deployed.
+    let key = scratch.join("migration.key");
+    pmigrate::Psk::write_new_file(&key)?;
+    let key = key.to_string_lossy().into_owned();
+    let mut ctx = Ctx { cli: cli.clone(), pmigrate, scratch: scratch.clone(), port: BASE_PORT, key };
     let started = Instant::now();
     let mut i = 0;
     for &k in &cli.links {

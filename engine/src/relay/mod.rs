@@ -62,7 +62,7 @@ use pmigrate_transport::hello::{
     encode_target, ErrorCode, ErrorMsg, Hello, Mode, CAP_DUPLEX, CAP_LZ4, EXT_TARGET, PROTOCOL_VERSION,
 };
 use pmigrate_transport::session::{connect_session, new_session_id, StreamPlan};
-use pmigrate_transport::{Acceptor, BackendChoice, Conn, TransportError};
+use pmigrate_transport::{Acceptor, BackendChoice, Conn, Connected, TransportError};
 use serde::Serialize;
 
 use crate::{Compression, MigrateError};
@@ -317,7 +317,7 @@ pub fn connect(cfg: &RelaySendConfig) -> Result<Session, MigrateError> {
         extensions: cfg.target.map(|t| vec![(EXT_TARGET, encode_target(t))]).unwrap_or_default(),
     };
     let io = cfg.backend.resolve()?;
-    let (streams, welcome) = connect_session(&cfg.plan, &hello)?;
+    let Connected { streams, welcome, .. } = connect_session(&cfg.plan, &hello)?;
     let how = Carry {
         io,
         source: true,

@@ -1,7 +1,7 @@
 use super::*;
 use pmigrate_transport::frame::{FrameHdr, HEADER_LEN};
 use pmigrate_transport::payload::{build_control, build_data};
-use pmigrate_transport::BackendChoice;
+use pmigrate_transport::{Auth, BackendChoice};
 use std::io::Cursor;
 use std::sync::{Arc, Mutex as StdMutex};
 
@@ -63,7 +63,7 @@ fn payload(len: usize) -> Vec<u8> {
 }
 
 fn listen() -> Acceptor {
-    Acceptor::bind(&["127.0.0.1:0".parse().unwrap()]).unwrap()
+    Acceptor::bind(&["127.0.0.1:0".parse().unwrap()], Auth::Insecure).unwrap()
 }
 
 fn opts(backend: BackendChoice) -> RelayRecvOptions {
@@ -80,7 +80,7 @@ fn cfg(backend: BackendChoice, plan: StreamPlan) -> RelaySendConfig {
 }
 
 fn plan(addr: std::net::SocketAddr, streams: u16) -> StreamPlan {
-    StreamPlan::new(vec![addr], streams)
+    StreamPlan::new(vec![addr], streams, Auth::Insecure)
 }
 
 fn streams_arrive_whole_and_in_order(b: BackendChoice) {
@@ -250,7 +250,7 @@ fn hostile_with(
         regions: vec![],
         extensions: vec![],
     };
-    let (mut conns, _) = connect_session(&StreamPlan::new(vec![addr], streams), &hello).unwrap();
+    let mut conns = connect_session(&plan(addr, streams), &hello).unwrap().streams;
     for (i, f) in frames {
         let _ = conns[i].write_all(&f);
     }
@@ -330,7 +330,7 @@ fn tls_sessions_carry_both_ways_and_refuse_strangers(b: BackendChoice) {
     use pmigrate_transport::tls::test_pki::{config, pki_dir};
     let dir = pki_dir(&format!("relay-{b:?}"));
     let mut acc = listen();
-    acc.tls = Some(std::sync::Arc::new(config(&dir, "b")));
+    acc.auth = Auth::Tls(std::sync::Arc::new(config(&dir, "b")));
     let addr = acc.local_addrs()[0];
     let (fw, bk) = (Sink::default(), Sink::default());
     let forward = payload(2 << 20);
@@ -342,12 +342,12 @@ fn tls_sessions_carry_both_ways_and_refuse_strangers(b: BackendChoice) {
     let rx = std::thread::spawn(move || receive(&acc, dst_local, &opts(b)));
     // Strangers first: the receiver refuses them and keeps waiting.
     let mut stranger = plan(addr, 2);
-    stranger.tls = Some(std::sync::Arc::new(config(&dir, "other")));
+    stranger.auth = Auth::Tls(std::sync::Arc::new(config(&dir, "other")));
     let err = send(Local::pipes(None, None), &cfg(b, stranger)).expect_err("a stranger got in");
     assert!(err.to_string().contains("TLS handshake"), "{err}");
     assert!(send(Local::pipes(None, None), &cfg(b, plan(addr, 1))).is_err(), "a sender without TLS got in");
     let mut ok = plan(addr, 3);
-    ok.tls = Some(std::sync::Arc::new(config(&dir, "a")));
+    ok.auth = Auth::Tls(std::sync::Arc::new(config(&dir, "a")));
     let src_local = Local {
         input: Some(Box::new(Cursor::new(forward.clone()))),
         output: Some(Box::new(bk.clone())),

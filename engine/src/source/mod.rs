@@ -29,7 +29,6 @@ mod requests;
 mod streams;
 mod worker;
 
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -40,13 +39,13 @@ use pmigrate_transport::backend::URING_DEPTH;
 use pmigrate_transport::frame::FLAG_FINAL;
 use pmigrate_transport::frame::{FrameHdr, FrameKind, FLAG_PROBE_HASH, FLAG_PROBE_WORDS, HEADER_LEN};
 use pmigrate_transport::hello::{
-    encode_shared_paths, Hello, Mode, RegionDesc, CAP_LZ4, CAP_POSTCOPY, CAP_RESUME, CAP_SHARED, EXT_SHARED_PATHS,
+    encode_shared_regions, Hello, Mode, RegionDesc, CAP_LZ4, CAP_POSTCOPY, CAP_RESUME, CAP_SHARED, EXT_SHARED_REGIONS,
     PROTOCOL_VERSION, REGION_HUGE,
 };
 use pmigrate_transport::payload::{build_control, zero_page_hash, Scratch};
 use pmigrate_transport::session::{connect_session, new_session_id, StreamPlan};
 use pmigrate_transport::uring::{FramePool, Outgoing};
-use pmigrate_transport::{Backend, BackendChoice, Conn, Link, TransportError};
+use pmigrate_transport::{Auth, Backend, BackendChoice, Conn, Connected, Link, SessionKey, TransportError};
 
 use crate::digest::digest_handing_over;
 use crate::dirty::{tracker_for, DirtyTracker, TrackerKind};
@@ -138,17 +137,22 @@ pub struct Progress {
     pub wire_bytes: AtomicU64,
     /// Whether the guest has been paused.
     pub paused: AtomicBool,
+    /// Post-copy: the switchover went out; the guest may run at the
+    /// destination from now on and must never resume here.
+    pub handed_over: AtomicBool,
 }
 
 type PauseHook<'a> = Box<dyn FnMut() -> Result<(), String> + Send + 'a>;
+type AbortHook<'a> = Box<dyn FnOnce() -> Result<(), String> + Send + 'a>;
 
 /// The source of a migration: what to send, where, and how.
 ///
 /// ```no_run
-/// use pmigrate_engine::{Source, GuestMemory};
+/// use pmigrate_engine::{Auth, GuestMemory, Psk, Source};
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let mem = GuestMemory::anonymous(64 << 20)?;
-/// let report = Source::new(&mem, vec!["192.0.2.7:7000".parse()?])
+/// let key = Auth::Psk(Psk::from_file("/etc/pmigrate/migration.key".as_ref())?);
+/// let report = Source::new(&mem, vec!["192.0.2.7:7000".parse()?], key)
 ///     .streams(4)
 ///     .threads(4)
 ///     .on_pause(|| { /* stop the vCPUs */ Ok(()) })
@@ -162,6 +166,7 @@ pub struct Source<'a> {
     cfg: SourceConfig,
     tracker: Option<Box<dyn DirtyTracker + 'a>>,
     pause: Option<PauseHook<'a>>,
+    cont: Option<AbortHook<'a>>,
     progress: Arc<Progress>,
     free: Vec<PageRange>,
     working_set: Vec<PageRange>,
@@ -169,14 +174,16 @@ pub struct Source<'a> {
 
 impl<'a> Source<'a> {
     /// A migration of `mem` to the destinations `dests` (streams are spread
-    /// over them), with one stream and default settings.
-    pub fn new(mem: &'a GuestMemory, dests: Vec<std::net::SocketAddr>) -> Self {
+    /// over them), with one stream and default settings; every stream
+    /// proves itself, and checks the destination, as `auth` says.
+    pub fn new(mem: &'a GuestMemory, dests: Vec<std::net::SocketAddr>, auth: Auth) -> Self {
         Self {
             mem,
-            plan: StreamPlan::new(dests, 1),
+            plan: StreamPlan::new(dests, 1, auth),
             cfg: SourceConfig::default(),
             tracker: None,
             pause: None,
+            cont: None,
             progress: Arc::default(),
             free: Vec::new(),
             working_set: Vec::new(),
@@ -247,6 +254,15 @@ impl<'a> Source<'a> {
         self
     }
 
+    /// Called once if the migration fails after the pause hook stopped the
+    /// guest while the guest is still this end's (see
+    /// [`MigrateError::source_keeps_guest`]): it must start the vCPUs
+    /// again. An error from it is reported with the migration's.
+    pub fn on_abort(mut self, f: impl FnOnce() -> Result<(), String> + Send + 'a) -> Self {
+        self.cont = Some(Box::new(f));
+        self
+    }
+
     /// Counters to watch from another thread while [`Source::run`] runs.
     pub fn progress(&self) -> Arc<Progress> {
         self.progress.clone()
@@ -254,7 +270,22 @@ impl<'a> Source<'a> {
 
     /// Runs the migration to the end: pre-copy rounds, pause, final round,
     /// verification by the destination.
-    pub fn run(self) -> Result<Report, MigrateError> {
+    pub fn run(mut self) -> Result<Report, MigrateError> {
+        let cont = self.cont.take();
+        let progress = self.progress.clone();
+        let res = self.run_inner();
+        match (res, cont) {
+            (Err(e), Some(cont)) if progress.paused.load(Ordering::Acquire) && e.source_keeps_guest() => {
+                Err(match cont() {
+                    Ok(()) => e,
+                    Err(why) => MigrateError::Resume(format!("{why}, after: {e}")),
+                })
+            }
+            (res, _) => res,
+        }
+    }
+
+    fn run_inner(self) -> Result<Report, MigrateError> {
         let t0 = Instant::now();
         for r in self.free.iter().chain(&self.working_set) {
             self.mem.check(*r).map_err(|e| MigrateError::Layout(format!("hint {r:?}: {e}")))?;
@@ -268,7 +299,8 @@ impl<'a> Source<'a> {
         let mut extensions = Vec::new();
         if !candidates.is_empty() {
             caps |= CAP_SHARED;
-            extensions.push((EXT_SHARED_PATHS, encode_shared_paths(&candidates)));
+            let offered: Vec<u32> = candidates.iter().map(|(r, _)| *r).collect();
+            extensions.push((EXT_SHARED_REGIONS, encode_shared_regions(&offered)));
         }
         let mut plan = self.plan.clone();
         if self.cfg.postcopy.is_some() {
@@ -295,10 +327,7 @@ impl<'a> Source<'a> {
                 .collect(),
             extensions,
         };
-        let (streams, welcome) = connect_session(&plan, &hello)?;
-        let Ok(streams) = streams.into_iter().map(Conn::into_tcp).collect::<Result<Vec<_>, _>>() else {
-            return Err(TransportError::Setup("memory migrations run over plain TCP, not TLS".into()).into());
-        };
+        let Connected { streams, welcome, key } = connect_session(&plan, &hello)?;
         if self.cfg.postcopy.is_some() && welcome.caps & CAP_POSTCOPY == 0 {
             return Err(MigrateError::Postcopy("the destination did not accept post-copy".into()));
         }
@@ -323,11 +352,12 @@ impl<'a> Source<'a> {
             free: self.free,
             working_set: self.working_set,
             post_round: AtomicU64::new(u64::MAX),
-            resume: (welcome.caps & CAP_RESUME != 0).then(|| (plan.clone(), hello.clone())),
+            resume: (welcome.caps & CAP_RESUME != 0).then(|| (plan.clone(), hello.clone(), key)),
             finished: AtomicBool::new(false),
             running: OnceLock::new(),
             requested_pages: AtomicU64::new(0),
             zero_copy: None,
+            done_sent: AtomicBool::new(false),
         };
         let result = run.drive(streams, tracker.as_mut(), self.pause);
         tracker.stop(self.mem);
@@ -373,13 +403,16 @@ struct Run<'r> {
     running: OnceLock<Instant>,
     /// Post-copy: pages sent to answer requests.
     requested_pages: AtomicU64,
-    /// With `CAP_RESUME`: how to reconnect a stream lost after the switchover.
-    resume: Option<(StreamPlan, Hello)>,
+    /// With `CAP_RESUME`: how to reconnect a stream lost after the
+    /// switchover, and the session's secret it must prove.
+    resume: Option<(StreamPlan, Hello, SessionKey)>,
     /// The destination's verdict is in: connections closing now are not lost.
     finished: AtomicBool,
     /// With io_uring and `zero_copy_send`: the arena whole raw batches are
     /// built in, registered with every stream's ring and sent from it.
     zero_copy: Option<FramePool>,
+    /// The final `Done` was written: the destination may hold everything.
+    done_sent: AtomicBool,
 }
 
 /// How long a lost stream may take to reconnect after the switchover.
@@ -396,8 +429,8 @@ impl Run<'_> {
         index: usize,
         seen: u64,
         e: TransportError,
-    ) -> Result<(Arc<TcpStream>, u64), TransportError> {
-        let Some((plan, hello)) = &self.resume else { return Err(e) };
+    ) -> Result<(Arc<Conn>, u64), TransportError> {
+        let Some((plan, hello, key)) = &self.resume else { return Err(e) };
         // Once the switchover went out the guest may run at the destination:
         // from then on only the destination's word ends the session.
         let switched = self.post_round.load(Ordering::Acquire) != u64::MAX;
@@ -416,14 +449,16 @@ impl Run<'_> {
             }
         }
         let give_up = || self.finished.load(Ordering::Acquire) || self.abort.load(Ordering::Relaxed);
-        link.repair(seen, || pmigrate_transport::link::reconnect(plan, hello, index as u16, RESUME_WINDOW, &give_up))
+        link.repair(seen, || {
+            pmigrate_transport::link::reconnect(plan, hello, key, index as u16, RESUME_WINDOW, &give_up)
+        })
     }
 }
 
 impl<'r> Run<'r> {
     fn drive(
         &mut self,
-        streams: Vec<TcpStream>,
+        streams: Vec<Conn>,
         tracker: &mut dyn DirtyTracker,
         pause: Option<PauseHook<'_>>,
     ) -> Result<Report, MigrateError> {
@@ -448,7 +483,7 @@ impl<'r> Run<'r> {
             .map(|l| {
                 let st = l.current().0;
                 let name = |a: std::io::Result<std::net::SocketAddr>| a.map(|a| a.to_string()).unwrap_or_default();
-                (name(st.local_addr()), name(st.peer_addr()))
+                (name(st.tcp().local_addr()), name(st.tcp().peer_addr()))
             })
             .collect();
         let stats: Vec<StreamStats> = (0..n).map(|_| StreamStats::default()).collect();
@@ -487,7 +522,8 @@ impl<'r> Run<'r> {
                 let redial = move |seen, e| this.redial(stream, i, seen, e);
                 senders.push(s.spawn(move || {
                     let zc = this.zero_copy.as_ref();
-                    sender(stream, i, rx, pool, st, this.progress, &this.abort, &this.finished, &redial, io, zc)
+                    let flags = streams::Flags { abort: &this.abort, settled: &this.finished, done: &this.done_sent };
+                    sender(stream, i, rx, pool, st, this.progress, flags, &redial, io, zc)
                 }));
                 let listen = Listen {
                     verdict: verdict_tx.clone(),
@@ -531,17 +567,24 @@ impl<'r> Run<'r> {
                 l.shutdown();
             }
 
-            match (error, verdict) {
-                (Some(_), Ok(Err(peer))) => Err(peer),
-                (Some(e), _) => Err(e),
-                (None, Ok(Err(e))) => Err(e),
-                (None, Err(_)) => Err(MigrateError::Transport(TransportError::Setup(format!(
-                    "the destination did not confirm within {VERDICT_TIMEOUT:?}"
-                )))),
-                (None, Ok(Ok(d))) if format!("{d:016x}") != report.digest => {
-                    Err(MigrateError::Digest { source_digest: report.digest.clone(), dest_digest: format!("{d:016x}") })
+            let verdict = match (error, verdict) {
+                // `Verified` means the destination holds it all and runs it.
+                (_, Ok(Ok(d))) => Ok(d),
+                // What the destination said, or what its streams showed,
+                // explains more than what failed here in consequence.
+                (_, Ok(Err(v))) => Err(v),
+                (Some(e), Err(_)) => Err(e),
+                (None, Err(_)) => Err(MigrateError::Unconfirmed(format!("none within {VERDICT_TIMEOUT:?}"))),
+            };
+            match verdict {
+                Ok(d) if format!("{d:016x}") != report.digest => {
+                    // The destination claims the guest with other memory.
+                    Err(MigrateError::Unconfirmed(format!(
+                        "it confirmed digest {d:016x}, this end sent {}",
+                        report.digest
+                    )))
                 }
-                (None, Ok(Ok(_))) => {
+                Ok(_) => {
                     if let Some(t) = t_pause {
                         report.downtime_secs = match this.running.get() {
                             Some(run) => run.duration_since(t).as_secs_f64(),
@@ -550,6 +593,17 @@ impl<'r> Run<'r> {
                     }
                     Ok(())
                 }
+                // After the switchover the guest may run at the destination.
+                Err(e) if this.post_round.load(Ordering::Acquire) != u64::MAX => {
+                    Err(MigrateError::HandedOver(Box::new(e)))
+                }
+                // Everything was sent: without the destination's own refusal,
+                // nobody knows whether the guest started there.
+                Err(e @ MigrateError::Unconfirmed(_)) => Err(e),
+                Err(e) if this.done_sent.load(Ordering::Acquire) && !e.is_peer_refusal() => {
+                    Err(MigrateError::Unconfirmed(e.to_string()))
+                }
+                Err(e) => Err(e),
             }
         });
         outcome?;
@@ -838,6 +892,7 @@ impl<'r> Run<'r> {
         /// Pages per bitmap piece: 4 MiB of bitmap, 128 GiB of memory.
         const PIECE: u64 = (pmigrate_transport::frame::MAX_PAYLOAD as u64) * 8;
         self.post_round.store(round, Ordering::Release);
+        self.progress.handed_over.store(true, Ordering::Release);
         let send = |tx: &Sender<Msg>, h: FrameHdr, body: &[u8]| {
             let mut f = Vec::new();
             build_control(&mut f, h, body);

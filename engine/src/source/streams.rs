@@ -1,7 +1,6 @@
 //! Source streams: one writer per stream draining its bounded queue to the
 //! socket, and one listener per stream for what the destination says.
 
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::sync::OnceLock;
@@ -14,7 +13,7 @@ use pmigrate_transport::frame::{FrameHdr, FrameKind, FLAG_FINAL};
 use pmigrate_transport::net::{write_frame, FrameReader};
 use pmigrate_transport::payload::build_control;
 use pmigrate_transport::uring::{FramePool, Outgoing};
-use pmigrate_transport::{Link, TransportError};
+use pmigrate_transport::{Conn, Link, TransportError};
 
 use super::Progress;
 use crate::MigrateError;
@@ -46,13 +45,13 @@ pub(super) struct StreamStats {
 
 /// Reconnects a stream whose connection of the given generation failed
 /// with the given error, when the session allows; else returns the error.
-pub(super) type Redial<'a> = dyn Fn(u64, TransportError) -> Result<(Arc<TcpStream>, u64), TransportError> + Sync + 'a;
+pub(super) type Redial<'a> = dyn Fn(u64, TransportError) -> Result<(Arc<Conn>, u64), TransportError> + Sync + 'a;
 
 /// Writes whole frames to a link, reconnecting (and writing the frame
 /// again, whole) when its connection breaks and `redial` allows.
 pub(super) struct Writer<'a> {
     pub(super) link: &'a Link,
-    pub(super) cur: (Arc<TcpStream>, u64),
+    pub(super) cur: (Arc<Conn>, u64),
     pub(super) redial: &'a Redial<'a>,
     pub(super) name: String,
     /// The destination's verdict is in: what is left to write is moot.
@@ -99,9 +98,9 @@ impl<'a> BatchWriter<'a> {
     }
 
     /// The backend's writer on a connection of the link.
-    fn writer(conn: &TcpStream, backend: Backend, zc: Option<&FramePool>) -> Result<FrameWriter, TransportError> {
+    fn writer(conn: &Conn, backend: Backend, zc: Option<&FramePool>) -> Result<FrameWriter, TransportError> {
         let conn = conn.try_clone().map_err(|e| TransportError::io("stream", e))?;
-        FrameWriter::new(conn.into(), backend, zc)
+        FrameWriter::new(conn, backend, zc)
     }
 
     /// Writes `frames` wholly, in order; hands back the buffers.
@@ -141,6 +140,17 @@ impl<'a> BatchWriter<'a> {
 /// Frames in one batch at most (io_uring submits them as one chain).
 const BATCH: usize = pmigrate_transport::backend::URING_DEPTH;
 
+/// The run's flags a sender reads and sets.
+#[derive(Clone, Copy)]
+pub(super) struct Flags<'a> {
+    /// Set on failure; read by everyone.
+    pub(super) abort: &'a AtomicBool,
+    /// The destination's verdict is in.
+    pub(super) settled: &'a AtomicBool,
+    /// Set once `Done` was written.
+    pub(super) done: &'a AtomicBool,
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(super) fn sender(
     link: &Link,
@@ -149,8 +159,7 @@ pub(super) fn sender(
     pool: Sender<Vec<u8>>,
     stats: &StreamStats,
     progress: &Progress,
-    abort: &AtomicBool,
-    settled: &AtomicBool,
+    flags: Flags<'_>,
     redial: &Redial<'_>,
     backend: Backend,
     zero_copy: Option<&FramePool>,
@@ -159,12 +168,14 @@ pub(super) fn sender(
     let mut frames_this_round = 0u64;
     // Microseconds from a frame sealed to its last byte handed to the kernel.
     let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 2).expect("valid histogram bounds");
+    let Flags { abort, settled, done } = flags;
     let res = (|| {
         let out = Writer { link, cur: link.current(), redial, name, settled };
         let mut out = BatchWriter::new(out, backend, zero_copy)?;
         stats.zero_copy.store(out.w.zero_copy(), Ordering::Relaxed);
         let mut batch = Vec::with_capacity(BATCH);
         let mut sealed = Vec::with_capacity(BATCH);
+        let mut has_done = false;
         while let Ok(first) = rx.recv() {
             // Whatever else is queued goes in the same batch.
             let more = std::iter::from_fn(|| rx.try_recv().ok()).take(BATCH - 1);
@@ -187,6 +198,7 @@ pub(super) fn sender(
                     }
                     Msg::Control(f) => f.into(),
                     Msg::Done { digest } => {
+                        has_done = true;
                         let mut h = FrameHdr::new(FrameKind::Done);
                         h.aux = digest;
                         control(h).into()
@@ -201,6 +213,9 @@ pub(super) fn sender(
                 if let Outgoing::Vec(v) = buf {
                     let _ = pool.try_send(v);
                 }
+            }
+            if has_done {
+                done.store(true, Ordering::Release);
             }
             for at in sealed.drain(..) {
                 latency.saturating_record(at.elapsed().as_micros() as u64);

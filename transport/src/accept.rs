@@ -1,0 +1,418 @@
+//! The accepting side: listeners, admission of connections into their
+//! handshakes, and gathering the streams of one session.
+//!
+//! Every accepted connection runs its handshake ([`crate::handshake`]) on a
+//! thread of its own, at most [`MAX_PENDING_HANDSHAKES`] at once; when the
+//! table is full the oldest handshake is cut to make room, so a crowd of
+//! slow strangers can delay a real peer by one handshake at most, never
+//! lock it out. A handshake has [`HANDSHAKE_TIMEOUT`] in all.
+//!
+//! Only a connection that proved itself reaches the session rules: the
+//! first stream 0 whose `Hello` the embedder accepts claims the session,
+//! later streams must prove the session's secret and agree with stream 0.
+//! A claim whose streams do not all arrive within the gather timeout is
+//! dropped and the acceptor goes on waiting. Nothing a peer does ends the
+//! wait early: refusals are sent to the peer and logged, failing `accept`
+//! calls (a host out of descriptors) slow the loop down and are logged.
+
+use std::collections::VecDeque;
+use std::io::ErrorKind;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::auth::{Auth, Purpose, SessionKey};
+use crate::conn::Conn;
+pub use crate::handshake::HANDSHAKE_TIMEOUT;
+use crate::handshake::{answer, send_welcome, Arrival, Refusal};
+use crate::hello::{ErrorCode, ErrorMsg, Hello, Mode};
+use crate::net::{listen, TransportError};
+
+/// Handshakes in progress at most. Each holds a thread and a few KiB until
+/// its deadline; past this, the oldest is cut for the newest.
+pub const MAX_PENDING_HANDSHAKES: usize = 64;
+
+/// How long the remaining streams of a claimed session may take to arrive:
+/// the source opens them one after the other, each a few round trips.
+pub const GATHER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long the accept loop rests after `accept` failed for lack of a
+/// resource (descriptors, memory), so it does not spin while the host is
+/// short.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Listens for sessions on one or more addresses.
+#[derive(Debug)]
+pub struct Acceptor {
+    listeners: Vec<TcpListener>,
+    /// How every connection must prove itself.
+    pub auth: Auth,
+    /// How long the remaining streams may take once the first arrived.
+    pub gather_timeout: Duration,
+    /// How long one connection's handshake may take in all.
+    pub handshake_timeout: Duration,
+    /// When `accept` last failed, to log such failures once a while.
+    trouble: Arc<Mutex<Option<Instant>>>,
+}
+
+/// An accepted session: its `Hello`, its streams ordered by index, and the
+/// secret its streams prove.
+#[derive(Debug)]
+pub struct Accepted {
+    /// The first stream's `Hello` (its index field is that stream's).
+    pub hello: Hello,
+    /// Capabilities in force.
+    pub caps: u64,
+    /// Streams, index `i` at position `i`.
+    pub streams: Vec<Conn>,
+    /// Connections refused while gathering, with the reason.
+    pub refused: Vec<(SocketAddr, String)>,
+    /// The session's secret: a stream coming back must prove it.
+    pub key: SessionKey,
+}
+
+/// What the embedder says about a session's first `Hello`: the capabilities
+/// it grants, or why not.
+pub type HelloCheck<'a> = dyn FnMut(&Hello) -> Result<u64, ErrorMsg> + 'a;
+
+/// Connections in their handshake, oldest first.
+#[derive(Default)]
+pub(crate) struct Admission {
+    inner: Mutex<AdmissionInner>,
+}
+
+#[derive(Default)]
+struct AdmissionInner {
+    next: u64,
+    pending: VecDeque<(u64, TcpStream, SocketAddr)>,
+}
+
+impl Admission {
+    /// Takes `s` in and returns its ticket. A full table evicts its oldest
+    /// handshake first — its socket is shut down, so that handshake fails
+    /// at once — and returns that peer.
+    pub(crate) fn admit(&self, s: &TcpStream, peer: SocketAddr) -> (u64, Option<SocketAddr>) {
+        let mut a = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut evicted = None;
+        if a.pending.len() >= MAX_PENDING_HANDSHAKES {
+            if let Some((_, old, who)) = a.pending.pop_front() {
+                let _ = old.shutdown(std::net::Shutdown::Both);
+                evicted = Some(who);
+            }
+        }
+        let id = a.next;
+        a.next += 1;
+        // Without a second descriptor the handshake cannot be evicted; it
+        // still ends by its deadline.
+        if let Ok(c) = s.try_clone() {
+            a.pending.push_back((id, c, peer));
+        }
+        (id, evicted)
+    }
+
+    /// The handshake of `ticket` ended.
+    pub(crate) fn done(&self, ticket: u64) {
+        let mut a = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        a.pending.retain(|(id, _, _)| *id != ticket);
+    }
+
+    /// Handshakes running.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).pending.len()
+    }
+}
+
+/// What a handshake thread reports.
+pub(crate) type Handshaken = Result<Arrival, Refusal>;
+
+impl Acceptor {
+    /// Listens on every address; every connection must prove itself as
+    /// `auth` says.
+    pub fn bind(addrs: &[SocketAddr], auth: Auth) -> Result<Self, TransportError> {
+        if addrs.is_empty() {
+            return Err(TransportError::Setup("no address to listen on".into()));
+        }
+        let listeners = addrs.iter().map(|a| listen(*a)).collect::<Result<Vec<_>, _>>()?;
+        for l in &listeners {
+            l.set_nonblocking(true).map_err(|e| TransportError::io("listener", e))?;
+        }
+        Ok(Self {
+            listeners,
+            auth,
+            gather_timeout: GATHER_TIMEOUT,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            trouble: Arc::default(),
+        })
+    }
+
+    /// Another handle on the same listening sockets.
+    pub fn try_clone(&self) -> Result<Self, TransportError> {
+        let listeners = self
+            .listeners
+            .iter()
+            .map(|l| l.try_clone())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TransportError::io("listener", e))?;
+        Ok(Self {
+            listeners,
+            auth: self.auth.clone(),
+            gather_timeout: self.gather_timeout,
+            handshake_timeout: self.handshake_timeout,
+            trouble: self.trouble.clone(),
+        })
+    }
+
+    /// The bound addresses (with the ports the kernel chose for port 0).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
+    }
+
+    /// One pass over the listeners: a connection waiting, if any. A failing
+    /// `accept` never ends the caller's loop: the host being short of
+    /// descriptors or memory is reported through `log` (at most every few
+    /// seconds) and the loop slowed down; a connection aborted before it was
+    /// accepted is skipped.
+    pub(crate) fn poll(&self, log: &dyn Fn(String)) -> Option<(TcpStream, SocketAddr)> {
+        for l in &self.listeners {
+            match l.accept() {
+                Ok(c) => return Some(c),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::Interrupted | ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset
+                    ) => {}
+                Err(e) => {
+                    let mut last = self.trouble.lock().unwrap_or_else(|p| p.into_inner());
+                    if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+                        log(format!("accept failed ({e}); backing off, still serving"));
+                        *last = Some(Instant::now());
+                    }
+                    drop(last);
+                    std::thread::sleep(ACCEPT_BACKOFF);
+                }
+            }
+        }
+        None
+    }
+
+    /// Starts the handshake of an accepted connection on a thread of its
+    /// own; its outcome arrives on `tx`. `log` hears of evictions.
+    pub(crate) fn start_handshake(
+        &self,
+        s: TcpStream,
+        peer: SocketAddr,
+        admission: &Arc<Admission>,
+        tx: &mpsc::Sender<Handshaken>,
+        log: &dyn Fn(SocketAddr, String),
+    ) {
+        let (ticket, evicted) = admission.admit(&s, peer);
+        if let Some(old) = evicted {
+            log(old, format!("handshake cut: {MAX_PENDING_HANDSHAKES} handshakes were running, this the oldest"));
+        }
+        let (auth, admission2, tx) = (self.auth.clone(), admission.clone(), tx.clone());
+        let deadline = Instant::now() + self.handshake_timeout;
+        let spawned = std::thread::Builder::new().name("pm-handshake".into()).spawn(move || {
+            let res = answer(s, peer, &auth, deadline);
+            admission2.done(ticket);
+            let _ = tx.send(res);
+        });
+        if let Err(e) = spawned {
+            admission.done(ticket);
+            log(peer, format!("no thread for its handshake ({e})"));
+        }
+    }
+
+    /// Accepts the streams of one session of `mode`. `check` judges the
+    /// first authenticated `Hello` (region table, capabilities) and returns
+    /// the capabilities to use; a refusal is sent to that peer and the wait
+    /// goes on. `deadline` bounds the whole wait; nothing else ends it.
+    pub fn accept_session(
+        &self,
+        mode: Mode,
+        check: &mut HelloCheck<'_>,
+        deadline: Option<Instant>,
+    ) -> Result<Accepted, TransportError> {
+        let (tx, rx) = mpsc::channel::<Handshaken>();
+        let admission = Arc::new(Admission::default());
+        let mut claim: Option<Claim> = None;
+        let refused = Mutex::new(Vec::new());
+        let note = |peer: SocketAddr, why: String| refused.lock().unwrap_or_else(|p| p.into_inner()).push((peer, why));
+        let log = |line: String| note(SocketAddr::from(([0, 0, 0, 0], 0)), line);
+        loop {
+            if let Some(c) = claim.take() {
+                if c.slots.iter().all(Option::is_some) {
+                    let streams = c.slots.into_iter().map(|s| s.expect("every slot filled")).collect();
+                    let refused = refused.into_inner().unwrap_or_else(|p| p.into_inner());
+                    return Ok(Accepted { hello: c.hello, caps: c.caps, streams, refused, key: c.key });
+                }
+                if c.since.elapsed() > self.gather_timeout {
+                    let got = c.slots.iter().filter(|s| s.is_some()).count();
+                    let why = format!(
+                        "only {got} of {} streams of the session arrived within {:?}; waiting for another",
+                        c.hello.stream_count, self.gather_timeout
+                    );
+                    let peer = c.peer;
+                    c.drop_with(ErrorCode::Aborted, &why);
+                    note(peer, why);
+                } else {
+                    claim = Some(c);
+                }
+            }
+            if deadline.is_some_and(|d| Instant::now() > d) {
+                return Err(TransportError::Setup("no migration session arrived in time".into()));
+            }
+            let mut idle = true;
+            if let Some((s, peer)) = self.poll(&log) {
+                idle = false;
+                self.start_handshake(s, peer, &admission, &tx, &note);
+            }
+            let arrival = match rx.recv_timeout(Duration::from_millis(if idle { 5 } else { 0 })) {
+                Ok(Ok(a)) => a,
+                Ok(Err(refusal)) => {
+                    refusal.send();
+                    note(peer_of(&refusal), refusal.why);
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => unreachable!("the loop holds a sender"),
+            };
+            let peer = arrival.peer;
+            match self.join(arrival, mode, &mut claim, check) {
+                Ok(()) => {}
+                Err(refusal) => {
+                    refusal.send();
+                    note(peer, refusal.why);
+                }
+            }
+        }
+    }
+
+    /// Applies the session rules to an authenticated connection.
+    fn join(
+        &self,
+        a: Arrival,
+        mode: Mode,
+        claim: &mut Option<Claim>,
+        check: &mut HelloCheck<'_>,
+    ) -> Result<(), Refusal> {
+        let refuse = |conn, code, why: String| Err(Refusal { conn: Some(conn), code, why });
+        let Some(h) = a.hello.clone() else {
+            let why = "no running session to come back to".to_string();
+            return refuse(a.conn, ErrorCode::NotInSession, why);
+        };
+        debug_assert_eq!(a.offer.purpose, Purpose::Join);
+        if h.mode != mode {
+            let why = format!("this end serves {mode:?} sessions, not {:?}", h.mode);
+            return refuse(a.conn, ErrorCode::NotInSession, why);
+        }
+        match claim {
+            None if h.stream_index == 0 => {
+                let caps = match check(&h) {
+                    Ok(c) => c,
+                    Err(e) => return refuse(a.conn, e.code, e.message),
+                };
+                let key = a.session_key(&self.auth);
+                if send_welcome(&a.conn, h.session, caps).is_err() {
+                    // Gone during its handshake: nothing to wait for.
+                    return Ok(());
+                }
+                let mut slots: Vec<Option<Conn>> = (0..h.stream_count).map(|_| None).collect();
+                slots[0] = Some(a.conn);
+                *claim = Some(Claim { hello: h, caps, key, slots, since: Instant::now(), peer: a.peer });
+                Ok(())
+            }
+            None => refuse(a.conn, ErrorCode::NotInSession, "no such session".into()),
+            Some(c) => {
+                if h.session != c.hello.session {
+                    return refuse(a.conn, ErrorCode::NotInSession, "another session is being served".into());
+                }
+                let i = h.stream_index as usize;
+                if c.slots[i].is_some() {
+                    return refuse(a.conn, ErrorCode::NotInSession, format!("stream {i} already connected"));
+                }
+                if !c.key.stream_proof_ok(&a.transcript, &a.stream_proof) {
+                    return refuse(a.conn, ErrorCode::Auth, "the stream did not prove the session's secret".into());
+                }
+                if let Err((code, why)) = agrees(&c.hello, &h) {
+                    return refuse(a.conn, code, why);
+                }
+                if send_welcome(&a.conn, h.session, c.caps).is_err() {
+                    // A stream that breaks in its handshake dooms the session.
+                    if let Some(c) = claim.take() {
+                        c.drop_with(ErrorCode::Aborted, "a stream of the session broke during its handshake");
+                    }
+                    return Ok(());
+                }
+                c.slots[i] = Some(a.conn);
+                Ok(())
+            }
+        }
+    }
+}
+
+fn peer_of(r: &Refusal) -> SocketAddr {
+    r.conn.as_ref().and_then(|c| c.tcp().peer_addr().ok()).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
+/// A session whose stream 0 arrived, gathering the rest.
+struct Claim {
+    hello: Hello,
+    caps: u64,
+    key: SessionKey,
+    slots: Vec<Option<Conn>>,
+    since: Instant,
+    peer: SocketAddr,
+}
+
+impl Claim {
+    /// Gives the claim up: its streams hear why and are closed.
+    fn drop_with(self, code: ErrorCode, why: &str) {
+        for s in self.slots.into_iter().flatten() {
+            s.send_error(code, why);
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// Whether a later stream's `Hello` agrees with its session's first one.
+pub(crate) fn agrees(first: &Hello, h: &Hello) -> Result<(), (ErrorCode, String)> {
+    if h.stream_count != first.stream_count
+        || h.regions != first.regions
+        || h.caps != first.caps
+        || h.extensions != first.extensions
+    {
+        return Err((ErrorCode::Protocol, "stream disagrees with its session's handshake".into()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    #[test]
+    fn a_full_table_cuts_its_oldest_handshake() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let adm = Admission::default();
+        let mut held = Vec::new();
+        let mut evicted = Vec::new();
+        for _ in 0..=MAX_PENDING_HANDSHAKES {
+            let c = TcpStream::connect(addr).unwrap();
+            let (s, peer) = l.accept().unwrap();
+            let (ticket, ev) = adm.admit(&s, peer);
+            evicted.extend(ev);
+            held.push((ticket, s, c));
+        }
+        assert_eq!(adm.len(), MAX_PENDING_HANDSHAKES, "the table stays bounded");
+        assert_eq!(evicted, vec![held[0].2.local_addr().unwrap()], "the oldest was cut for the newest");
+        // The oldest handshake's socket was shut down: its read ends at once.
+        let mut b = [0u8; 1];
+        assert_eq!((&held[0].1).read(&mut b).unwrap(), 0);
+        adm.done(held[1].0);
+        assert_eq!(adm.len(), MAX_PENDING_HANDSHAKES - 1);
+    }
+}
