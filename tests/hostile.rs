@@ -31,7 +31,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 const MEM: u64 = 4 << 20;
 const WAIT: Duration = Duration::from_secs(30);
-const STALL: Duration = Duration::from_secs(2);
+const STALL: Duration = Duration::from_secs(3);
 
 /// A destination over fresh memory, receiving in a thread.
 struct Dest {
@@ -48,7 +48,7 @@ fn destination(io: BackendChoice, size: u64) -> Dest {
     let m = mem.clone();
     std::thread::spawn(move || {
         let r = Incoming::accept_for(&acceptor, &m, Some(Instant::now() + WAIT))
-            .and_then(|inc| inc.receive(&m, &ReceiveOptions { stall_timeout: STALL, ..receive_options(io) }));
+            .and_then(|inc| inc.receive(&m, &ReceiveOptions { progress_timeout: STALL, ..receive_options(io) }));
         let _ = tx.send(r);
     });
     Dest { addr, mem, result }

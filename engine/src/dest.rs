@@ -65,20 +65,28 @@ pub struct ReceiveOptions {
     /// After the final round, rehash all of guest memory and compare it
     /// with the hashes of the pages written, before confirming.
     pub verify_memory: bool,
-    /// A frame whose bytes stop arriving for this long fails the migration
-    /// (between frames a stream may idle as long as the source likes).
-    pub stall_timeout: Duration,
+    /// A source that sends nothing on any stream for this long — no
+    /// frame, not even a keepalive — or stalls inside a frame for as long,
+    /// fails the migration: it is frozen, or gone with its links. At least
+    /// [`pmigrate_transport::net::MIN_PROGRESS_TIMEOUT`].
+    pub progress_timeout: Duration,
     /// The I/O backend of the streams.
     pub io: BackendChoice,
 }
 
 impl Default for ReceiveOptions {
     fn default() -> Self {
-        Self { verify_memory: false, stall_timeout: Duration::from_secs(30), io: BackendChoice::Auto }
+        Self {
+            verify_memory: false,
+            progress_timeout: pmigrate_transport::net::PROGRESS_TIMEOUT,
+            io: BackendChoice::Auto,
+        }
     }
 }
 
-/// How long a stream lost after the switchover may take to come back.
+/// How long a stream lost after the switchover may take to come back while
+/// the session shows life on its other streams (with none, the progress
+/// timeout ends it sooner).
 pub const RESUME_WINDOW: Duration = Duration::from_secs(60);
 
 /// The polling tick of receivers: how often a blocked read wakes up to
@@ -236,6 +244,17 @@ impl Incoming {
         } else {
             None
         };
+        if opts.progress_timeout < pmigrate_transport::net::MIN_PROGRESS_TIMEOUT {
+            return Err(TransportError::Setup(format!(
+                "a progress timeout of {:?} is below {:?}, which keepalives need",
+                opts.progress_timeout,
+                pmigrate_transport::net::MIN_PROGRESS_TIMEOUT
+            ))
+            .into());
+        }
+        for l in &streams {
+            let _ = pmigrate_transport::net::set_progress_timeout(l.current().0.tcp(), opts.progress_timeout);
+        }
         let resolved = opts.io.resolve()?;
         let io = resolved.backend;
         let resume: ResumeHook<'_> = Box::new(resume);
@@ -257,6 +276,8 @@ impl Incoming {
             first_error: Mutex::new(None),
             lz4_granted: self.accepted.caps & CAP_LZ4 != 0,
             written: mem.regions().iter().map(|_| AtomicBool::new(false)).collect(),
+            last_progress: AtomicU64::new(0),
+            t0: Instant::now(),
             offered: {
                 let mut v = vec![false; mem.regions().len()];
                 for r in &handover {
@@ -497,6 +518,10 @@ struct State<'m> {
     offered: Vec<bool>,
     /// Per region: some page of it was received.
     written: Vec<AtomicBool>,
+    /// When any stream last delivered a frame, in milliseconds since
+    /// `t0`: the session's sign of life.
+    last_progress: AtomicU64,
+    t0: Instant,
 }
 
 /// What the destination knows of each page of a region.
@@ -508,6 +533,12 @@ struct PageTables {
 }
 
 impl State<'_> {
+    /// How long no stream delivered anything.
+    fn quiet_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_progress.load(Ordering::Relaxed));
+        self.t0.elapsed().saturating_sub(last)
+    }
+
     /// Region `r`'s page tables, made on first use.
     fn tables(&self, r: usize) -> &PageTables {
         self.tables[r].get_or_init(|| {
@@ -678,7 +709,8 @@ impl State<'_> {
             s.set_read_timeout(Some(READ_TICK)).map_err(|e| TransportError::io(format!("stream {index}"), e))?;
             let conn = s.try_clone().map_err(|e| TransportError::io(format!("stream {index}"), e))?;
             let mut r = frame_reader(conn, self.io, format!("stream {index}"))?;
-            r.set_stall_limit(opts.stall_timeout);
+            r.set_stall_limit(opts.progress_timeout);
+            r.set_idle_limit(opts.progress_timeout);
             Ok(r)
         };
         let mut cur = link.current();
@@ -705,6 +737,22 @@ impl State<'_> {
                 Ok(f) => f,
                 // After the switchover, a broken connection may come back.
                 Err(_) if self.complete.load(Ordering::Acquire) => return Ok(out),
+                // A quiet stream is fine while the session shows life
+                // elsewhere; a source silent everywhere is frozen or gone.
+                Err(TransportError::Idle(..)) if self.quiet_for() < opts.progress_timeout => continue,
+                Err(TransportError::Idle(what, _)) => {
+                    let why = format!(
+                        "{what}: nothing from the source on any stream for {:?}: it is frozen or gone",
+                        self.quiet_for()
+                    );
+                    return Err(match &self.post {
+                        Some(p) if switched => MigrateError::Postcopy(format!(
+                            "{why}; the guest here lacks {} pages",
+                            p.missing.load(Ordering::Relaxed)
+                        )),
+                        _ => TransportError::Setup(why).into(),
+                    });
+                }
                 Err(e) if switched && self.resumable => {
                     let t = Instant::now();
                     loop {
@@ -718,10 +766,11 @@ impl State<'_> {
                             cur = next;
                             break;
                         }
-                        if t.elapsed() > RESUME_WINDOW {
+                        let quiet = self.quiet_for();
+                        if t.elapsed() > RESUME_WINDOW || quiet > opts.progress_timeout {
                             return Err(MigrateError::Postcopy(format!(
-                                "stream {index} lost after the switchover ({e}) and not reconnected within \
-                                 {RESUME_WINDOW:?}: the source is gone; the guest here lacks {} pages",
+                                "stream {index} lost after the switchover ({e}) and not reconnected (nothing from \
+                                 the source for {quiet:?}): the source is gone; the guest here lacks {} pages",
                                 self.post.as_ref().map_or(0, |p| p.missing.load(Ordering::Relaxed))
                             )));
                         }
@@ -732,6 +781,7 @@ impl State<'_> {
                 }
                 Err(e) => return Err(e.into()),
             };
+            self.last_progress.store(self.t0.elapsed().as_millis() as u64, Ordering::Relaxed);
             let Some((hdr, payload)) = next else {
                 if index == self.prio && self.complete.load(Ordering::Acquire) {
                     return Ok(out);
@@ -745,6 +795,10 @@ impl State<'_> {
             out.bytes += (pmigrate_transport::frame::HEADER_LEN + payload.len()) as u64;
             out.frames += 1;
             match hdr.kind {
+                FrameKind::Keepalive => {
+                    hdr.verify(&[])
+                        .map_err(|source| TransportError::Wire { what: format!("stream {index}"), source })?;
+                }
                 FrameKind::Pages if !finished => {
                     if hdr.aux != round {
                         return Err(protocol(index, format!("page frame of round {} during round {round}", hdr.aux)));

@@ -27,6 +27,24 @@ const READ_BUFFER: usize = 256 << 10;
 /// sessions' own progress deadlines default to the same value.
 pub const PROGRESS_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How often a sender with nothing to send says `Keepalive` on a stream: a
+/// receiver may fail a stream that carried nothing for three of these, so
+/// progress timeouts below that are refused.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The shortest progress timeout that keepalives can satisfy.
+pub const MIN_PROGRESS_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A keepalive frame, built once.
+pub fn keepalive_frame() -> &'static [u8] {
+    static F: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    F.get_or_init(|| {
+        let mut f = Vec::with_capacity(HEADER_LEN);
+        crate::payload::build_control(&mut f, FrameHdr::new(FrameKind::Keepalive), &[]);
+        f
+    })
+}
+
 /// Errors of the transport.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -69,6 +87,10 @@ pub enum TransportError {
     /// session's secret), or authenticates another way than this end.
     #[error("{0}")]
     Auth(String),
+    /// No frame started within the reader's idle limit: the peer sent
+    /// nothing, not even a keepalive.
+    #[error("{0}: nothing from the peer for {1:?}")]
+    Idle(String, Duration),
 }
 
 impl TransportError {
@@ -205,8 +227,9 @@ pub fn tune_accepted(s: &TcpStream) -> Result<(), TransportError> {
 
 /// Reads whole frames from a stream, reusing one payload buffer.
 ///
-/// Between frames the reader waits as long as it takes (a dead peer is
-/// found by TCP keepalive or a close). Inside a frame it tolerates a stall
+/// Between frames the reader waits at most its idle limit, when one is set
+/// (senders send `Keepalive` frames while they have nothing else to say),
+/// else as long as it takes. Inside a frame it tolerates a stall
 /// of at most [`FrameReader::set_stall_limit`] when the socket has a read
 /// timeout set (the timeout is then only the polling tick): a peer that
 /// starts a frame and stops sending fails instead of holding a receiver
@@ -249,8 +272,9 @@ impl<R: Read> FrameReader<R> {
         self.stall_limit = Some(limit);
     }
 
-    /// Fails when no frame starts within `limit` (for handshakes, where a
-    /// silent peer must not hold a thread).
+    /// Fails with [`TransportError::Idle`] when no frame starts within
+    /// `limit` (counted from each call; the socket's read timeout is the
+    /// polling tick).
     pub fn set_idle_limit(&mut self, limit: Duration) {
         self.idle_limit = Some(limit);
     }
@@ -292,10 +316,7 @@ impl<R: Read> FrameReader<R> {
                 Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
                     if got == 0 && at_boundary {
                         if self.idle_limit.is_some_and(|l| idle_since.elapsed() >= l) {
-                            return Err(TransportError::io(
-                                format!("{}: no frame within {:?}", self.name, idle_since.elapsed()),
-                                e,
-                            ));
+                            return Err(TransportError::Idle(self.name.clone(), idle_since.elapsed()));
                         }
                         continue; // idle between frames: keep waiting
                     }

@@ -75,7 +75,11 @@ pub(super) fn stream_reader(shared: &Shared<'_>, i: usize, has_in: bool, expects
         Ok(r) => r,
         Err(e) => return shared.fail(i, e.into()),
     };
-    reader.set_stall_limit(how.stall_timeout);
+    reader.set_stall_limit(how.progress_timeout);
+    // The other end's writers say `Keepalive` while they have nothing to
+    // send: a stream silent for this long belongs to a frozen or vanished
+    // peer.
+    reader.set_idle_limit(how.progress_timeout);
     let mut opener = Opener::default();
     let mut last_seq: Option<u64> = None;
     let (mut in_done, mut verified) = (!has_in, !expects_verified);
@@ -92,6 +96,11 @@ pub(super) fn stream_reader(shared: &Shared<'_>, i: usize, has_in: bool, expects
         };
         let wire = (HEADER_LEN + payload.len()) as u64;
         match hdr.kind {
+            FrameKind::Keepalive => {
+                if let Err(source) = hdr.verify(&[]) {
+                    break Err(TransportError::Wire { what: name.clone(), source }.into());
+                }
+            }
             FrameKind::Data if !in_done => {
                 if hdr.count as usize > CHUNK {
                     break Err(protocol(format!("chunk of {} bytes", hdr.count)));

@@ -223,8 +223,12 @@ pub struct RelaySendConfig {
     pub duplex: bool,
     /// The destination's target to connect to (the socket proxy).
     pub target: Option<u32>,
-    /// A frame whose bytes stop arriving for this long fails the relay.
-    pub stall_timeout: Duration,
+    /// A stream that carries nothing from the other end for this long (no
+    /// frame, not even a keepalive), or stalls inside a frame as long,
+    /// fails the relay; so does a peer that stops reading (its unacknowledged
+    /// data, `TCP_USER_TIMEOUT`). At least
+    /// [`pmigrate_transport::net::MIN_PROGRESS_TIMEOUT`].
+    pub progress_timeout: Duration,
     /// The I/O backend of the streams.
     pub backend: BackendChoice,
 }
@@ -238,7 +242,7 @@ impl RelaySendConfig {
             compression: Compression::Auto,
             duplex: true,
             target: None,
-            stall_timeout: Duration::from_secs(30),
+            progress_timeout: pmigrate_transport::net::PROGRESS_TIMEOUT,
             backend: BackendChoice::Auto,
         }
     }
@@ -247,8 +251,8 @@ impl RelaySendConfig {
 /// Options of the receiving side.
 #[derive(Clone, Debug)]
 pub struct RelayRecvOptions {
-    /// A frame whose bytes stop arriving for this long fails the relay.
-    pub stall_timeout: Duration,
+    /// As [`RelaySendConfig::progress_timeout`].
+    pub progress_timeout: Duration,
     /// How long to wait for the sender to connect.
     pub accept_deadline: Option<Instant>,
     /// Worker threads building frames of the way back.
@@ -259,7 +263,12 @@ pub struct RelayRecvOptions {
 
 impl Default for RelayRecvOptions {
     fn default() -> Self {
-        Self { stall_timeout: Duration::from_secs(30), accept_deadline: None, threads: 1, backend: BackendChoice::Auto }
+        Self {
+            progress_timeout: pmigrate_transport::net::PROGRESS_TIMEOUT,
+            accept_deadline: None,
+            threads: 1,
+            backend: BackendChoice::Auto,
+        }
     }
 }
 
@@ -276,8 +285,8 @@ pub struct Carry {
     pub lz4_in: bool,
     /// Worker threads.
     pub threads: usize,
-    /// Stall limit inside a frame.
-    pub stall_timeout: Duration,
+    /// How long a stream may carry nothing, or stall inside a frame.
+    pub progress_timeout: Duration,
     /// The I/O backend of the streams, and why not io_uring if it fell back.
     pub io: Resolved,
 }
@@ -325,7 +334,7 @@ pub fn connect(cfg: &RelaySendConfig) -> Result<Session, MigrateError> {
         compression: if welcome.caps & CAP_LZ4 != 0 { cfg.compression } else { Compression::Off },
         lz4_in: welcome.caps & CAP_LZ4 != 0,
         threads: cfg.threads,
-        stall_timeout: cfg.stall_timeout,
+        progress_timeout: cfg.progress_timeout,
     };
     Ok(Session { streams, how })
 }
@@ -341,7 +350,7 @@ impl Carry {
             compression: if caps & CAP_LZ4 != 0 { Compression::Auto } else { Compression::Off },
             lz4_in: caps & CAP_LZ4 != 0,
             threads: opts.threads,
-            stall_timeout: opts.stall_timeout,
+            progress_timeout: opts.progress_timeout,
         }
     }
 }
@@ -464,8 +473,18 @@ pub fn carry(streams: &[Conn], local: Local, how: &Carry) -> Result<RelayReport,
         backed_up: AtomicBool::new(false),
         window: inbound::Window::new(n),
     };
+    if how.progress_timeout < pmigrate_transport::net::MIN_PROGRESS_TIMEOUT {
+        return Err(TransportError::Setup(format!(
+            "a progress timeout of {:?} is below {:?}, which keepalives need",
+            how.progress_timeout,
+            pmigrate_transport::net::MIN_PROGRESS_TIMEOUT
+        ))
+        .into());
+    }
     for (i, st) in streams.iter().enumerate() {
         st.set_read_timeout(Some(Duration::from_millis(500)))
+            .map_err(|e| TransportError::io(format!("stream {i}"), e))?;
+        pmigrate_transport::net::set_progress_timeout(st.tcp(), how.progress_timeout)
             .map_err(|e| TransportError::io(format!("stream {i}"), e))?;
     }
     let shared = &shared;

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Select, Sender};
 use pmigrate_transport::backend::{Backend, FrameWriter, URING_DEPTH};
 use pmigrate_transport::frame::{Encoding, FrameKind, HEADER_LEN};
+use pmigrate_transport::net::{keepalive_frame, KEEPALIVE_INTERVAL};
 use pmigrate_transport::payload::build_data;
 use pmigrate_transport::TransportError;
 
@@ -44,8 +45,14 @@ pub(super) fn stream_writer(shared: &Shared<'_>, i: usize, rx: Receiver<Vec<u8>>
         Err(e) => return shared.fail(i, e.into()),
     };
     // Whatever is queued goes out together (one chain, one system call,
-    // with io_uring), up to a batch at a time.
-    while let Ok(first) = rx.recv() {
+    // with io_uring), up to a batch at a time; with nothing queued for a
+    // while, a keepalive says this end is still here.
+    loop {
+        let first = match rx.recv_timeout(KEEPALIVE_INTERVAL) {
+            Ok(f) => f,
+            Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => keepalive_frame().to_vec(),
+        };
         let more = std::iter::from_fn(|| rx.try_recv().ok()).take(URING_DEPTH - 1);
         for frame in std::iter::once(first).chain(more) {
             if shared.failed() {

@@ -68,7 +68,7 @@ fn listen() -> Acceptor {
 
 fn opts(backend: BackendChoice) -> RelayRecvOptions {
     RelayRecvOptions {
-        stall_timeout: Duration::from_secs(2),
+        progress_timeout: Duration::from_secs(3),
         accept_deadline: Some(Instant::now() + Duration::from_secs(30)),
         threads: 1,
         backend,

@@ -104,6 +104,10 @@ pub struct SourceConfig {
     /// real NIC; over loopback and veth the receiving side copies anyway
     /// (see docs/benchmarks.md). Off by default.
     pub zero_copy_send: bool,
+    /// A destination that takes nothing this end sends for this long (it
+    /// stopped reading, froze, or vanished with its links) fails the
+    /// migration, with the guest still here.
+    pub progress_timeout: Duration,
 }
 
 impl Default for SourceConfig {
@@ -120,6 +124,7 @@ impl Default for SourceConfig {
             postcopy: None,
             io: BackendChoice::Auto,
             zero_copy_send: false,
+            progress_timeout: pmigrate_transport::net::PROGRESS_TIMEOUT,
         }
     }
 }
@@ -463,6 +468,10 @@ impl<'r> Run<'r> {
         pause: Option<PauseHook<'_>>,
     ) -> Result<Report, MigrateError> {
         let n = streams.len();
+        for s in &streams {
+            pmigrate_transport::net::set_progress_timeout(s.tcp(), self.cfg.progress_timeout)
+                .map_err(|e| TransportError::io("progress timeout", e))?;
+        }
         let resolved = self.cfg.io.resolve()?;
         let io = resolved.backend;
         if io == Backend::Uring

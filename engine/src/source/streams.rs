@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::sync::OnceLock;
 use std::time::Instant;
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use hdrhistogram::Histogram;
 use pmigrate_transport::backend::{Backend, FrameWriter};
 use pmigrate_transport::frame::{FrameHdr, FrameKind, FLAG_FINAL};
-use pmigrate_transport::net::{write_frame, FrameReader};
+use pmigrate_transport::net::{keepalive_frame, write_frame, FrameReader, KEEPALIVE_INTERVAL};
 use pmigrate_transport::payload::build_control;
 use pmigrate_transport::uring::{FramePool, Outgoing};
 use pmigrate_transport::{Conn, Link, TransportError};
@@ -176,7 +176,16 @@ pub(super) fn sender(
         let mut batch = Vec::with_capacity(BATCH);
         let mut sealed = Vec::with_capacity(BATCH);
         let mut has_done = false;
-        while let Ok(first) = rx.recv() {
+        loop {
+            let first = match rx.recv_timeout(KEEPALIVE_INTERVAL) {
+                Ok(m) => m,
+                Err(RecvTimeoutError::Disconnected) => break,
+                // Nothing to send for a while: say we are still here.
+                Err(RecvTimeoutError::Timeout) => {
+                    out.write(vec![keepalive_frame().to_vec().into()])?;
+                    continue;
+                }
+            };
             // Whatever else is queued goes in the same batch.
             let more = std::iter::from_fn(|| rx.try_recv().ok()).take(BATCH - 1);
             for msg in std::iter::once(first).chain(more) {
