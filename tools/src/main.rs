@@ -77,6 +77,10 @@ pub(crate) struct StreamArgs {
     /// it), uring, or portable (blocking reads and writes).
     #[arg(long, default_value = "auto")]
     pub(crate) io: BackendChoice,
+    /// Seconds a peer may go without taking or sending anything (frozen,
+    /// vanished with its links) before the migration fails; at least 3.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(3..))]
+    pub(crate) progress_timeout: u64,
 }
 
 fn default_threads() -> usize {
@@ -114,6 +118,10 @@ struct RecvArgs {
     /// it), uring, or portable (blocking reads and writes).
     #[arg(long, default_value = "auto")]
     pub(crate) io: BackendChoice,
+    /// Seconds the sender may go without sending or taking anything before
+    /// the migration fails; at least 3.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(3..))]
+    progress_timeout: u64,
 }
 
 pub(crate) fn resolve(addrs: &[String]) -> Result<Vec<SocketAddr>> {
@@ -165,7 +173,13 @@ fn one_line(e: &anyhow::Error) -> String {
 pub(crate) fn relay_config(dest: &[String], s: &StreamArgs, auth: pmigrate::Auth) -> Result<RelaySendConfig> {
     let mut plan = StreamPlan::new(resolve(dest)?, s.streams.max(1), auth);
     plan.via = s.via.clone();
-    Ok(RelaySendConfig { threads: s.threads, compression: s.compress, backend: s.io, ..RelaySendConfig::new(plan) })
+    Ok(RelaySendConfig {
+        threads: s.threads,
+        compression: s.compress,
+        backend: s.io,
+        progress_timeout: Duration::from_secs(s.progress_timeout),
+        ..RelaySendConfig::new(plan)
+    })
 }
 
 fn send(a: SendArgs) -> Result<()> {
@@ -194,6 +208,7 @@ fn recv(a: RecvArgs) -> Result<()> {
     let opts = RelayRecvOptions {
         accept_deadline: Some(Instant::now() + Duration::from_secs(a.wait)),
         backend: a.io,
+        progress_timeout: Duration::from_secs(a.progress_timeout),
         ..RelayRecvOptions::default()
     };
     // What QEMU writes to stdin (its return path) goes back to the sender;

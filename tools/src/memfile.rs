@@ -69,6 +69,10 @@ pub(crate) struct ServeArgs {
     /// it), uring, or portable (blocking reads and writes).
     #[arg(long, default_value = "auto")]
     io: pmigrate::BackendChoice,
+    /// Seconds the source may go without sending anything (frozen,
+    /// vanished with its links) before the migration fails; at least 3.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(3..))]
+    progress_timeout: u64,
     #[command(flatten)]
     auth: AuthArgs,
 }
@@ -318,7 +322,7 @@ fn receive_in_place(
 ) -> Result<pmigrate::Report, MigrateError> {
     let region = GuestRegion::file(Gpa(r.gpa), r.len, HostPageSize::Small, &a.memory, true, false)?;
     let mem = GuestMemory::new(vec![region])?;
-    let opts = ReceiveOptions { verify_memory: a.verify_memory, io: a.io, ..Default::default() };
+    let opts = receive_options(a);
     incoming.receive_and_run(&mem, &opts, || {
         mem.regions().iter().try_for_each(|r| r.flush()).map_err(|e| e.to_string())?;
         start_guest(a, set_stage)
@@ -336,7 +340,7 @@ fn receive_copy(
     set_stage: &(dyn Fn(ServeStage) + Sync),
 ) -> Result<pmigrate::Report, MigrateError> {
     let file = GuestMemory::new(vec![GuestRegion::file(Gpa(r.gpa), r.len, HostPageSize::Small, partial, true, true)?])?;
-    let opts = ReceiveOptions { verify_memory: a.verify_memory, io: a.io, ..Default::default() };
+    let opts = receive_options(a);
     let install = |file: &GuestMemory| -> Result<(), String> {
         file.regions().iter().try_for_each(|r| r.flush()).map_err(|e| e.to_string())?;
         std::fs::rename(partial, &a.memory)
@@ -356,6 +360,14 @@ fn receive_copy(
             install(&file)?;
             start_guest(a, set_stage)
         })
+    }
+}
+
+fn receive_options(a: &ServeArgs) -> ReceiveOptions {
+    ReceiveOptions {
+        verify_memory: a.verify_memory,
+        io: a.io,
+        progress_timeout: Duration::from_secs(a.progress_timeout),
     }
 }
 
@@ -449,6 +461,7 @@ pub(crate) fn migrate(a: MigrateArgs) -> Result<()> {
         postcopy: a.postcopy,
         io: a.streams.io,
         zero_copy_send: a.zero_copy_send,
+        progress_timeout: Duration::from_secs(a.streams.progress_timeout),
         ..SourceConfig::default()
     };
     let hints = |file: &Option<PathBuf>| -> Result<Vec<pmigrate::ranges::PageRange>> {

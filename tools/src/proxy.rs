@@ -47,6 +47,10 @@ struct EntryArgs {
     streams: StreamArgs,
     #[command(flatten)]
     auth: AuthArgs,
+    /// A carried connection that moves no byte either way for this many
+    /// seconds is cut (0: never).
+    #[arg(long, default_value_t = 600)]
+    idle_timeout: u64,
 }
 
 #[derive(Args)]
@@ -63,6 +67,14 @@ struct ExitArgs {
     threads: usize,
     #[command(flatten)]
     auth: AuthArgs,
+    /// A carried connection that moves no byte either way for this many
+    /// seconds is cut (0: never).
+    #[arg(long, default_value_t = 600)]
+    idle_timeout: u64,
+    /// Seconds an entry may go without sending or taking anything before its
+    /// connection fails; at least 3.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(3..))]
+    progress_timeout: u64,
     /// I/O backend of the streams: auto (io_uring where the kernel allows
     /// it), uring, or portable (blocking reads and writes).
     #[arg(long, default_value = "auto")]
@@ -101,7 +113,8 @@ pub fn run(a: ProxyArgs) -> Result<()> {
             if e.accept.len() > u32::MAX as usize {
                 bail!("too many --accept endpoints");
             }
-            let relay = relay_config(&e.exit, &e.streams, e.auth.auth("proxy entry")?)?;
+            let mut relay = relay_config(&e.exit, &e.streams, e.auth.auth("proxy entry")?)?;
+            relay.idle_timeout = (e.idle_timeout > 0).then(|| Duration::from_secs(e.idle_timeout));
             let tls = match &relay.plan.auth {
                 pmigrate::Auth::Tls(_) => " over TLS",
                 pmigrate::Auth::Psk(_) => " (pre-shared key)",
@@ -117,7 +130,13 @@ pub fn run(a: ProxyArgs) -> Result<()> {
             let acceptor = Acceptor::bind(&resolve(&x.listen)?, x.auth.auth("proxy exit")?)?;
             let cfg = ExitConfig {
                 targets: x.target,
-                relay: RelayRecvOptions { threads: x.threads.max(1), backend: x.io, ..RelayRecvOptions::default() },
+                relay: RelayRecvOptions {
+                    threads: x.threads.max(1),
+                    backend: x.io,
+                    idle_timeout: (x.idle_timeout > 0).then(|| Duration::from_secs(x.idle_timeout)),
+                    progress_timeout: Duration::from_secs(x.progress_timeout),
+                    ..RelayRecvOptions::default()
+                },
                 connect_timeout: Duration::from_secs(10),
             };
             let tls = match &acceptor.auth {

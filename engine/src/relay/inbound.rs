@@ -206,6 +206,7 @@ pub(super) fn deliver(
                     return Err(MigrateError::Protocol { stream: 0, why });
                 };
                 out.write_all(&c).map_err(|e| TransportError::io("write output", e))?;
+                shared.touch();
                 report.bytes += c.len() as u64;
                 report.chunks += 1;
             }

@@ -231,6 +231,9 @@ pub struct RelaySendConfig {
     pub progress_timeout: Duration,
     /// The I/O backend of the streams.
     pub backend: BackendChoice,
+    /// End the relay as failed when no byte of the carried stream moved
+    /// either way for this long (the proxy's abandoned connections).
+    pub idle_timeout: Option<Duration>,
 }
 
 impl RelaySendConfig {
@@ -244,6 +247,7 @@ impl RelaySendConfig {
             target: None,
             progress_timeout: pmigrate_transport::net::PROGRESS_TIMEOUT,
             backend: BackendChoice::Auto,
+            idle_timeout: None,
         }
     }
 }
@@ -259,6 +263,8 @@ pub struct RelayRecvOptions {
     pub threads: usize,
     /// The I/O backend of the streams.
     pub backend: BackendChoice,
+    /// As [`RelaySendConfig::idle_timeout`].
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Default for RelayRecvOptions {
@@ -268,6 +274,7 @@ impl Default for RelayRecvOptions {
             accept_deadline: None,
             threads: 1,
             backend: BackendChoice::Auto,
+            idle_timeout: None,
         }
     }
 }
@@ -287,6 +294,8 @@ pub struct Carry {
     pub threads: usize,
     /// How long a stream may carry nothing, or stall inside a frame.
     pub progress_timeout: Duration,
+    /// How long the carried stream may move no byte either way.
+    pub idle_timeout: Option<Duration>,
     /// The I/O backend of the streams, and why not io_uring if it fell back.
     pub io: Resolved,
 }
@@ -335,6 +344,7 @@ pub fn connect(cfg: &RelaySendConfig) -> Result<Session, MigrateError> {
         lz4_in: welcome.caps & CAP_LZ4 != 0,
         threads: cfg.threads,
         progress_timeout: cfg.progress_timeout,
+        idle_timeout: cfg.idle_timeout,
     };
     Ok(Session { streams, how })
 }
@@ -351,6 +361,7 @@ impl Carry {
             lz4_in: caps & CAP_LZ4 != 0,
             threads: opts.threads,
             progress_timeout: opts.progress_timeout,
+            idle_timeout: opts.idle_timeout,
         }
     }
 }
@@ -408,9 +419,23 @@ pub(crate) struct Shared<'a> {
     /// Set while the sequencer finds every stream queue full (lz4 pays).
     backed_up: AtomicBool,
     window: inbound::Window,
+    /// When a byte of the carried stream last moved either way, in
+    /// milliseconds since `t0`.
+    last_activity: AtomicU64,
+    t0: Instant,
 }
 
 impl Shared<'_> {
+    /// Notes that bytes of the carried stream moved.
+    pub(crate) fn touch(&self) {
+        self.last_activity.store(self.t0.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// How long no byte moved either way.
+    fn idle_for(&self) -> Duration {
+        self.t0.elapsed().saturating_sub(Duration::from_millis(self.last_activity.load(Ordering::Relaxed)))
+    }
+
     /// Fails the relay once: the first error is kept (over `Aborted`), the
     /// other end is told on the failing stream and stream 0, every stream
     /// and the local side are shut down so every thread returns.
@@ -472,6 +497,8 @@ pub fn carry(streams: &[Conn], local: Local, how: &Carry) -> Result<RelayReport,
         in_wire: AtomicU64::new(0),
         backed_up: AtomicBool::new(false),
         window: inbound::Window::new(n),
+        last_activity: AtomicU64::new(0),
+        t0,
     };
     if how.progress_timeout < pmigrate_transport::net::MIN_PROGRESS_TIMEOUT {
         return Err(TransportError::Setup(format!(
@@ -488,7 +515,21 @@ pub fn carry(streams: &[Conn], local: Local, how: &Carry) -> Result<RelayReport,
             .map_err(|e| TransportError::io(format!("stream {i}"), e))?;
     }
     let shared = &shared;
+    let ended = AtomicBool::new(false);
     let (out, inb) = std::thread::scope(|s| {
+        if let Some(limit) = how.idle_timeout {
+            let ended = &ended;
+            s.spawn(move || {
+                while !ended.load(Ordering::Acquire) && !shared.failed() {
+                    if shared.idle_for() > limit {
+                        let why = format!("nothing carried either way for {limit:?} (idle timeout)");
+                        shared.fail(0, TransportError::Setup(why).into());
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100).min(limit));
+                }
+            });
+        }
         let (queues, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| bounded::<Vec<u8>>(QUEUE_DEPTH)).unzip();
         let writers: Vec<_> = rxs
             .into_iter()
@@ -512,6 +553,7 @@ pub fn carry(streams: &[Conn], local: Local, how: &Carry) -> Result<RelayReport,
             None => Some(FlowReport::default()),
             Some(r) => r.map_err(|e| shared.fail(0, e)).ok(),
         };
+        ended.store(true, Ordering::Release);
         for w in writers {
             w.join().expect("stream writer panicked");
         }

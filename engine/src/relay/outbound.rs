@@ -108,6 +108,7 @@ pub(super) fn run<'s, 'a: 's>(
     loop {
         match built_rx.recv_timeout(TICK) {
             Ok(b) => {
+                shared.touch();
                 pending.insert(b.seq, b);
                 while let Some(b) = pending.remove(&report.chunks) {
                     report.compressed_chunks += u64::from(b.lz4);

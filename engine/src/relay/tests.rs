@@ -72,6 +72,7 @@ fn opts(backend: BackendChoice) -> RelayRecvOptions {
         accept_deadline: Some(Instant::now() + Duration::from_secs(30)),
         threads: 1,
         backend,
+        idle_timeout: None,
     }
 }
 
