@@ -289,14 +289,15 @@ impl DestPost {
         self.set_phase(Phase::Over);
     }
 
-    /// Waits until the guest runs here; `false` if the migration ended or
-    /// `abort` was raised first.
+    /// Waits until the guest runs here (or ran: with nothing left to fetch
+    /// the migration may already be over); `false` if it ended before the
+    /// guest started, or `abort` was raised first.
     pub(crate) fn wait_running(&self, abort: &AtomicBool) -> bool {
         let mut p = self.phase.lock().expect("phase lock");
         loop {
             match *p {
                 Phase::Running => return true,
-                Phase::Over => return false,
+                Phase::Over => return self.runnable.get().is_some(),
                 Phase::Before if abort.load(Ordering::Relaxed) => return false,
                 Phase::Before => p = self.phase_cv.wait_timeout(p, TICK).expect("phase lock").0,
             }

@@ -283,7 +283,13 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
         );
         receive_in_place(&a, incoming, r, &set_stage)
     } else {
-        receive_copy(&a, incoming, r, &partial, &set_stage)
+        match receive_copy(&a, incoming, r, &partial, &set_stage) {
+            Ok(res) => res,
+            Err(e) => {
+                let _ = std::fs::remove_file(&partial);
+                return Err(e);
+            }
+        }
     };
     match res {
         Ok(report) => {
@@ -331,36 +337,52 @@ fn receive_in_place(
 
 /// Receives into `F.partial` (post-copy: into private memory, written to
 /// `F.partial` at the end) and renames it to `F` once verified, before the
-/// guest starts (pre-copy) or at the end (post-copy).
+/// guest starts (pre-copy) or at the end (post-copy). The outer error is
+/// the post-copy end's: the guest runs here, but `F` could not be written.
 fn receive_copy(
     a: &ServeArgs,
     incoming: Incoming,
     r: pmigrate::transport::hello::RegionDesc,
     partial: &Path,
     set_stage: &(dyn Fn(ServeStage) + Sync),
-) -> Result<pmigrate::Report, MigrateError> {
-    let file = GuestMemory::new(vec![GuestRegion::file(Gpa(r.gpa), r.len, HostPageSize::Small, partial, true, true)?])?;
+) -> Result<Result<pmigrate::Report, MigrateError>> {
+    let region = GuestRegion::file(Gpa(r.gpa), r.len, HostPageSize::Small, partial, true, true);
+    let file = match region.and_then(|r| GuestMemory::new(vec![r])) {
+        Ok(f) => f,
+        Err(e) => return Ok(Err(e.into())),
+    };
     let opts = receive_options(a);
     let install = |file: &GuestMemory| -> Result<(), String> {
         file.regions().iter().try_for_each(|r| r.flush()).map_err(|e| e.to_string())?;
         std::fs::rename(partial, &a.memory)
             .map_err(|e| format!("rename {} to {}: {e}", partial.display(), a.memory.display()))
     };
-    if incoming.is_postcopy() {
-        // Post-copy places pages into private anonymous memory (that is what
-        // userfaultfd's missing-page mode serves); the file gets them at the
-        // end. The guest runs here from the switchover.
-        let mem = GuestMemory::new(vec![GuestRegion::anonymous(Gpa(r.gpa), r.len, HostPageSize::Small)?])?;
-        let report = incoming.receive_and_run(&mem, &opts, || start_guest(a, set_stage))?;
-        copy_memory(&mem, &file).map_err(|e| MigrateError::Untold(format!("writing {}: {e}", partial.display())))?;
-        install(&file).map_err(MigrateError::Untold)?;
-        Ok(report)
-    } else {
-        incoming.receive_and_run(&file, &opts, || {
+    if !incoming.is_postcopy() {
+        return Ok(incoming.receive_and_run(&file, &opts, || {
             install(&file)?;
             start_guest(a, set_stage)
-        })
+        }));
     }
+    // Post-copy places pages into private anonymous memory (that is what
+    // userfaultfd's missing-page mode serves); the file gets them at the
+    // end. The guest runs here from the switchover.
+    let anon = GuestRegion::anonymous(Gpa(r.gpa), r.len, HostPageSize::Small).and_then(|r| GuestMemory::new(vec![r]));
+    let mem = match anon {
+        Ok(m) => m,
+        Err(e) => return Ok(Err(e.into())),
+    };
+    let report = match incoming.receive_and_run(&mem, &opts, || start_guest(a, set_stage)) {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(e)),
+    };
+    let written = copy_memory(&mem, &file).map_err(|e| e.to_string()).and_then(|()| install(&file));
+    written.map_err(|e| {
+        anyhow::anyhow!(
+            "the migration completed and the guest runs here, but its memory could not be written to {}: {e}",
+            a.memory.display()
+        )
+    })?;
+    Ok(Ok(report))
 }
 
 fn receive_options(a: &ServeArgs) -> ReceiveOptions {

@@ -508,3 +508,88 @@ fn a_proxy_stops_on_sigterm_after_its_connections_end() {
     drop(exit);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[path = "../../tests/support/paced.rs"]
+mod paced;
+
+/// The README's post-copy example on one host: both ends exit 0, the
+/// resume command ran once, and the destination's file is the source's.
+#[test]
+fn the_readme_post_copy_example_hands_the_vm_over_once() {
+    let dir = scratch("readme-postcopy");
+    let src = PathBuf::from(format!("/dev/shm/pmigrate-cli-{}-readme.mem", std::process::id()));
+    let data = write_guest_file(&src, 16);
+    let dst = dir.join("vm.mem");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let (serve, log) = start_listening(
+        Command::new(BIN)
+            .args(["serve", "--listen", &addr, "--memory"])
+            .arg(&dst)
+            .args(["--resume-cmd", "echo running"])
+            .args(psk_args())
+            .stdout(Stdio::piped()),
+    );
+    let migrate = Command::new(BIN)
+        .args(["migrate", "--memory"])
+        .arg(&src)
+        .args(["--postcopy", "1", &addr])
+        .args(psk_args())
+        .output()
+        .unwrap();
+    let (served, log) = wait_output(serve, log);
+    let _ = std::fs::remove_file(&src);
+    assert!(migrate.status.success(), "migrate: {}", String::from_utf8_lossy(&migrate.stderr));
+    assert!(served.status.success(), "serve: {log}");
+    assert_eq!(String::from_utf8_lossy(&served.stdout).matches("running").count(), 1, "the guest started once");
+    assert!(std::fs::read(&dst).unwrap() == data, "vm.mem equals the source");
+    assert!(!dir.join("vm.mem.partial").exists());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A destination killed after the post-copy switchover: the source exits
+/// non-zero and says the guest was handed over and is lost there; it does
+/// not claim success and cannot resume the guest itself.
+#[test]
+fn a_destination_killed_after_the_switchover_fails_the_source_truthfully() {
+    let dir = scratch("killed-dst");
+    let src = dir.join("src.mem");
+    write_guest_file(&src, 64);
+    let (dst, mark) = (dir.join("dst.mem"), dir.join("started"));
+    let addr = format!("127.0.0.1:{}", free_port());
+    let (mut serve, log) = start_listening(
+        Command::new(BIN)
+            .args(["serve", "--listen", &addr, "--memory"])
+            .arg(&dst)
+            .arg("--resume-cmd")
+            .arg(format!("touch {}", mark.display()))
+            .args(psk_args()),
+    );
+    // 64 MiB at 8 MiB/s: the push surely runs when the destination dies.
+    let link = paced::Paced::start(addr.parse().unwrap(), 8 << 20);
+    let migrate = Command::new(BIN)
+        .args(["migrate", "--postcopy", "0", "--progress-timeout", "5", "--memory"])
+        .arg(&src)
+        .arg(link.addr.to_string())
+        .args(psk_args())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !mark.exists() {
+        assert!(Instant::now() < deadline, "the guest never started at the destination");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    serve.kill().unwrap();
+    let _ = serve.wait();
+    let _ = log.join();
+    let t = Instant::now();
+    let out = migrate.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the source claimed success: {err}");
+    assert!(t.elapsed() < Duration::from_secs(45), "the source gave up within its deadline");
+    assert!(err.contains("handed over at the post-copy switchover"), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    eprintln!("the source said: {err}");
+    assert!(!dst.exists(), "no half-written memory file looks complete");
+    std::fs::remove_dir_all(dir).unwrap();
+}

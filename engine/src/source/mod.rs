@@ -420,9 +420,6 @@ struct Run<'r> {
     done_sent: AtomicBool,
 }
 
-/// How long a lost stream may take to reconnect after the switchover.
-pub const RESUME_WINDOW: Duration = Duration::from_secs(60);
-
 impl Run<'_> {
     /// Reconnects stream `index` after its connection of generation `seen`
     /// failed with `e` — when the session allows it: post-copy, after the
@@ -455,7 +452,9 @@ impl Run<'_> {
         }
         let give_up = || self.finished.load(Ordering::Acquire) || self.abort.load(Ordering::Relaxed);
         link.repair(seen, || {
-            pmigrate_transport::link::reconnect(plan, hello, key, index as u16, RESUME_WINDOW, &give_up)
+            // A lost stream may come back within the progress timeout.
+            let within = self.cfg.progress_timeout;
+            pmigrate_transport::link::reconnect(plan, hello, key, index as u16, within, &give_up)
         })
     }
 }
