@@ -26,7 +26,7 @@ use pmigrate_transport::hello::{
     decode_shared_regions, ErrorCode, ErrorMsg, Mode, RegionDesc, CAP_LZ4, CAP_POSTCOPY, CAP_RESUME, CAP_SHARED,
     EXT_SHARED_REGIONS, KNOWN_CAPS,
 };
-use pmigrate_transport::net::{write_frame, FrameReader};
+use pmigrate_transport::net::{keepalive_frame, write_frame, FrameReader, KEEPALIVE_INTERVAL};
 use pmigrate_transport::payload::{build_control, zero_page_hash, OpenedPages, Opener};
 use pmigrate_transport::{Accepted, Acceptor, BackendChoice, Conn, Link, Resumes, TransportError};
 use xxhash_rust::xxh3::xxh3_64;
@@ -180,6 +180,16 @@ impl Incoming {
             .unwrap_or_default()
     }
 
+    /// Where the session's stream 0 comes from.
+    pub fn peer_addr(&self) -> Option<std::net::SocketAddr> {
+        self.accepted.streams.first().and_then(|s| s.tcp().peer_addr().ok())
+    }
+
+    /// The session's id (for logs; it proves nothing).
+    pub fn session_id(&self) -> [u8; 16] {
+        self.accepted.hello.session
+    }
+
     /// The source's region table.
     pub fn regions(&self) -> &[RegionDesc] {
         &self.accepted.hello.regions
@@ -260,7 +270,12 @@ impl Incoming {
         let resume: ResumeHook<'_> = Box::new(resume);
         let state = State {
             io,
-            io_report: resolved.describe(),
+            // TLS streams are sealed in this process: the portable backend.
+            io_report: if streams.iter().any(|l| l.current().0.is_tls()) {
+                "TLS, portable".into()
+            } else {
+                resolved.describe()
+            },
             mem,
             prio: if post.is_some() { streams.len() - 1 } else { usize::MAX },
             post,
@@ -269,7 +284,6 @@ impl Incoming {
             streams_done: AtomicBool::new(false),
             post_digest: OnceLock::new(),
             complete: AtomicBool::new(false),
-            prio_writer: Mutex::new(()),
             locks: mem.regions().iter().map(|_| RangeLock::new()).collect(),
             tables: mem.regions().iter().map(|_| OnceLock::new()).collect(),
             abort: AtomicBool::new(false),
@@ -342,6 +356,23 @@ impl Incoming {
                     }
                 });
             }
+            // Keepalives, so the source can tell a destination that is busy
+            // (verifying, placing) from one that is frozen or gone.
+            s.spawn(move || {
+                let mut last = Instant::now();
+                while !state.streams_done.load(Ordering::Acquire) && !state.abort.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(50));
+                    if last.elapsed() < KEEPALIVE_INTERVAL {
+                        continue;
+                    }
+                    last = Instant::now();
+                    for l in streams {
+                        if let Some(_w) = l.try_lock_writes() {
+                            let _ = write_frame(&mut &*l.current().0, keepalive_frame(), "keepalive");
+                        }
+                    }
+                }
+            });
             let handles: Vec<_> = streams
                 .iter()
                 .enumerate()
@@ -496,8 +527,6 @@ struct State<'m> {
     resume: Mutex<Option<ResumeHook<'m>>>,
     /// Post-copy: every needed page arrived.
     complete: AtomicBool,
-    /// Serialises the frames written on the priority stream.
-    prio_writer: Mutex<()>,
     /// Post-copy with `CAP_RESUME`: streams lost after the switchover may
     /// reconnect.
     resumable: bool,
@@ -585,8 +614,12 @@ impl State<'_> {
             _ => ErrorCode::Aborted,
         };
         let msg = e.to_string();
-        streams[index].current().0.send_error(code, msg.clone());
+        {
+            let _w = streams[index].lock_writes();
+            streams[index].current().0.send_error(code, msg.clone());
+        }
         if index != 0 {
+            let _w = streams[0].lock_writes();
             streams[0].current().0.send_error(code, msg);
         }
         *self.first_error.lock().expect("error lock") = Some(e);
@@ -609,7 +642,7 @@ impl State<'_> {
         h.count = count;
         let mut f = Vec::with_capacity(pmigrate_transport::frame::HEADER_LEN);
         build_control(&mut f, h, &[]);
-        let _w = self.prio_writer.lock().expect("writer lock");
+        let _w = streams[self.prio].lock_writes();
         let _ = write_frame(&mut &*streams[self.prio].current().0, &f, "priority stream");
         Ok(())
     }
@@ -640,7 +673,7 @@ impl State<'_> {
         h.flags = FLAG_FINAL;
         let mut f = Vec::new();
         build_control(&mut f, h, &[]);
-        let _w = self.prio_writer.lock().expect("writer lock");
+        let _w = streams[self.prio].lock_writes();
         write_frame(&mut &*streams[self.prio].current().0, &f, "priority stream")?;
         Ok(())
     }
@@ -688,7 +721,7 @@ impl State<'_> {
         while !self.streams_done.load(Ordering::Acquire) && !self.abort.load(Ordering::Relaxed) {
             let (conn, gen) = streams[self.prio].current();
             if sent_on != Some(gen) {
-                let _w = self.prio_writer.lock().expect("writer lock");
+                let _w = streams[self.prio].lock_writes();
                 if write_frame(&mut &*conn, &f, "priority stream").is_ok() {
                     sent_on = Some(gen);
                 }
@@ -770,7 +803,7 @@ impl State<'_> {
                         if t.elapsed() > RESUME_WINDOW || quiet > opts.progress_timeout {
                             return Err(MigrateError::Postcopy(format!(
                                 "stream {index} lost after the switchover ({e}) and not reconnected (nothing from \
-                                 the source for {quiet:?}): the source is gone; the guest here lacks {} pages",
+                                 the source for {quiet:?}): it is frozen or gone; the guest here lacks {} pages",
                                 self.post.as_ref().map_or(0, |p| p.missing.load(Ordering::Relaxed))
                             )));
                         }
@@ -855,6 +888,7 @@ impl State<'_> {
                         shared::answer(self.mem, hdr.region, words, payload).map_err(|why| protocol(index, why))?;
                     let mut f = Vec::new();
                     build_control(&mut f, FrameHdr::new(FrameKind::ProbeReply), &answer);
+                    let _w = link.lock_writes();
                     write_frame(&mut &*cur.0, &f, &format!("stream {index}"))?;
                 }
                 FrameKind::Switchover if !finished && !switched && self.post.is_some() => {

@@ -243,78 +243,91 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
         })?;
     }
     let no_zero_copy = a.no_zero_copy;
-    let incoming = Incoming::accept(
-        &acceptor,
-        |o| {
-            if o.regions.len() != 1 {
-                return Err(format!("memory files hold one region; the source has {}", o.regions.len()));
-            }
-            let len = o.regions[0].len;
-            match existing {
-                Some(have) if have != len => {
-                    return Err(format!("{} holds {have} bytes, the source's memory {len} bytes", memory.display()))
-                }
-                None if len > max => {
-                    return Err(format!(
-                        "the source's memory of {len} bytes exceeds this destination's limit of {max} bytes \
-                         (--max-memory-mib)"
-                    ))
-                }
-                _ => {}
-            }
-            // Handover only into a file that exists (it may be the source's
-            // own memory) and never in post-copy, which serves faults from
-            // private memory.
-            Ok(Grant { handover: existing.is_some() && !no_zero_copy && !o.postcopy })
-        },
-        Some(Instant::now() + Duration::from_secs(a.wait)),
-    )?;
-    for (peer, why) in incoming.refused() {
-        eprintln!("pmigrate serve: refused {peer}: {why}");
-    }
-    let r = incoming.regions()[0];
-    let in_place = !incoming.handover_regions().is_empty();
+    let deadline = Instant::now() + Duration::from_secs(a.wait);
     let set_stage = |s| *stage.lock().unwrap_or_else(|p| p.into_inner()) = s;
-    set_stage(if in_place { ServeStage::InPlace } else { ServeStage::Copying });
-    let res = if in_place {
-        eprintln!(
-            "pmigrate serve: the source offers its memory for handover: proving whether {} is it",
-            a.memory.display()
-        );
-        receive_in_place(&a, incoming, r, &set_stage)
-    } else {
-        match receive_copy(&a, incoming, r, &partial, &set_stage) {
-            Ok(res) => res,
-            Err(e) => {
-                let _ = std::fs::remove_file(&partial);
-                return Err(e);
-            }
-        }
-    };
-    match res {
-        Ok(report) => {
-            if a.json {
-                println!("{}", report.to_json());
-            } else {
-                println!("{report}");
-            }
-            Ok(())
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&partial);
-            let guest_here = *stage.lock().unwrap_or_else(|p| p.into_inner()) == ServeStage::GuestHere;
-            let state = match (&e, guest_here, in_place) {
-                (MigrateError::Untold(_), ..) => {
-                    format!("the guest runs here with {} complete", a.memory.display())
+    // Sessions until one lands: one that fails before anything of it
+    // remains here (the copy path, before the guest started here) leaves
+    // the memory file untouched, and the next is served.
+    loop {
+        let incoming = Incoming::accept(
+            &acceptor,
+            |o| {
+                if o.regions.len() != 1 {
+                    return Err(format!("memory files hold one region; the source has {}", o.regions.len()));
                 }
-                (_, true, _) => "the guest started here and its memory is incomplete: stop it".to_string(),
-                (_, false, true) => {
-                    format!("the source keeps the VM; {} was filled in place and may be incomplete", a.memory.display())
+                let len = o.regions[0].len;
+                match existing {
+                    Some(have) if have != len => {
+                        return Err(format!("{} holds {have} bytes, the source's memory {len} bytes", memory.display()))
+                    }
+                    None if len > max => {
+                        return Err(format!(
+                            "the source's memory of {len} bytes exceeds this destination's limit of {max} bytes \
+                             (--max-memory-mib)"
+                        ))
+                    }
+                    _ => {}
                 }
-                (_, false, false) => format!("the source keeps the VM; {} untouched", a.memory.display()),
-            };
-            Err(anyhow::Error::new(e).context(format!("migration failed ({state})")))
+                // Handover only into a file that exists (it may be the
+                // source's own memory) and never in post-copy, which serves
+                // faults from private memory.
+                Ok(Grant { handover: existing.is_some() && !no_zero_copy && !o.postcopy })
+            },
+            Some(deadline),
+        )?;
+        for (peer, why) in incoming.refused() {
+            eprintln!("pmigrate serve: refused {peer}: {why}");
         }
+        let peer = incoming.peer_addr().map_or_else(|| "?".to_string(), |p| p.to_string());
+        let r = incoming.regions()[0];
+        let in_place = !incoming.handover_regions().is_empty();
+        set_stage(if in_place { ServeStage::InPlace } else { ServeStage::Copying });
+        let res = if in_place {
+            eprintln!(
+                "pmigrate serve: the source offers its memory for handover: proving whether {} is it",
+                a.memory.display()
+            );
+            receive_in_place(&a, incoming, r, &set_stage)
+        } else {
+            match receive_copy(&a, incoming, r, &partial, &set_stage) {
+                Ok(res) => res,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&partial);
+                    return Err(e);
+                }
+            }
+        };
+        let e = match res {
+            Ok(report) => {
+                if a.json {
+                    println!("{}", report.to_json());
+                } else {
+                    println!("{report}");
+                }
+                return Ok(());
+            }
+            Err(e) => e,
+        };
+        let _ = std::fs::remove_file(&partial);
+        let guest_here = *stage.lock().unwrap_or_else(|p| p.into_inner()) == ServeStage::GuestHere;
+        let state = match (&e, guest_here, in_place) {
+            (MigrateError::Untold(_), ..) => format!("the guest runs here with {} complete", a.memory.display()),
+            (_, true, _) => "the guest started here and its memory is incomplete: stop it".to_string(),
+            (_, false, true) => {
+                format!("the source keeps the VM; {} was filled in place and may be incomplete", a.memory.display())
+            }
+            (_, false, false) => {
+                eprintln!(
+                    "pmigrate serve: the migration from {peer} failed ({}); the source keeps the VM, {} untouched; \
+                     waiting for another",
+                    crate::one_line(&anyhow::Error::new(e)),
+                    a.memory.display()
+                );
+                set_stage(ServeStage::Listening);
+                continue;
+            }
+        };
+        return Err(anyhow::Error::new(e).context(format!("migration failed ({state})")));
     }
 }
 

@@ -53,6 +53,30 @@ pub struct Acceptor {
     pub handshake_timeout: Duration,
     /// When `accept` last failed, to log such failures once a while.
     trouble: Arc<Mutex<Option<Instant>>>,
+    /// Handshakes in flight and their outcomes. They belong to the
+    /// acceptor, not to one call: a handshake still running when one
+    /// session was accepted is judged by the next call.
+    pipeline: Mutex<Pipeline>,
+}
+
+/// The handshake threads' table and their channel.
+pub(crate) struct Pipeline {
+    pub(crate) tx: mpsc::Sender<Handshaken>,
+    pub(crate) rx: mpsc::Receiver<Handshaken>,
+    pub(crate) admission: Arc<Admission>,
+}
+
+impl Default for Pipeline {
+    fn default() -> Self {
+        let (tx, rx) = mpsc::channel();
+        Pipeline { tx, rx, admission: Arc::default() }
+    }
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline").finish_non_exhaustive()
+    }
 }
 
 /// An accepted session: its `Hello`, its streams ordered by index, and the
@@ -143,6 +167,7 @@ impl Acceptor {
             gather_timeout: GATHER_TIMEOUT,
             handshake_timeout: HANDSHAKE_TIMEOUT,
             trouble: Arc::default(),
+            pipeline: Mutex::default(),
         })
     }
 
@@ -160,7 +185,13 @@ impl Acceptor {
             gather_timeout: self.gather_timeout,
             handshake_timeout: self.handshake_timeout,
             trouble: self.trouble.clone(),
+            pipeline: Mutex::default(),
         })
+    }
+
+    /// The handshake pipeline, for one serving loop at a time.
+    pub(crate) fn pipeline(&self) -> std::sync::MutexGuard<'_, Pipeline> {
+        self.pipeline.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The bound addresses (with the ports the kernel chose for port 0).
@@ -234,8 +265,8 @@ impl Acceptor {
         check: &mut HelloCheck<'_>,
         deadline: Option<Instant>,
     ) -> Result<Accepted, TransportError> {
-        let (tx, rx) = mpsc::channel::<Handshaken>();
-        let admission = Arc::new(Admission::default());
+        let pipeline = self.pipeline();
+        let (tx, rx, admission) = (&pipeline.tx, &pipeline.rx, &pipeline.admission);
         let mut claim: Option<Claim> = None;
         let refused = Mutex::new(Vec::new());
         let note = |peer: SocketAddr, why: String| refused.lock().unwrap_or_else(|p| p.into_inner()).push((peer, why));
@@ -266,7 +297,7 @@ impl Acceptor {
             let mut idle = true;
             if let Some((s, peer)) = self.poll(&log) {
                 idle = false;
-                self.start_handshake(s, peer, &admission, &tx, &note);
+                self.start_handshake(s, peer, admission, tx, &note);
             }
             let arrival = match rx.recv_timeout(Duration::from_millis(if idle { 5 } else { 0 })) {
                 Ok(Ok(a)) => a,

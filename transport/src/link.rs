@@ -95,6 +95,12 @@ impl Link {
         self.writes.lock().expect("write lock")
     }
 
+    /// The writers' lock, unless another writer holds it now (for frames
+    /// that may be skipped, such as keepalives).
+    pub fn try_lock_writes(&self) -> Option<std::sync::MutexGuard<'_, ()>> {
+        self.writes.try_lock().ok()
+    }
+
     /// How many times the connection was replaced.
     pub fn replaced(&self) -> u64 {
         self.replaced.load(Ordering::Relaxed)

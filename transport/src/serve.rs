@@ -22,10 +22,10 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::accept::{agrees, Accepted, Acceptor, Admission, Handshaken};
+use crate::accept::{agrees, Accepted, Acceptor, Handshaken};
 use crate::auth::SessionKey;
 use crate::conn::Conn;
 use crate::handshake::{send_welcome, Arrival, Refusal};
@@ -76,8 +76,8 @@ impl Acceptor {
     /// never end it.
     pub fn serve<H: SessionHandler>(&self, mode: Mode, handler: &H, stop: &AtomicBool) -> Result<(), TransportError> {
         let (tx, rx) = mpsc::channel::<Event<H::Context>>();
-        let (htx, hrx) = mpsc::channel::<Handshaken>();
-        let admission = Arc::new(Admission::default());
+        let pipeline = self.pipeline();
+        let (htx, hrx, admission) = (&pipeline.tx, &pipeline.rx, &pipeline.admission);
         // Sessions opening, gathering or running: a slot is taken before
         // `open` is called and given back when the session ends.
         let slots_used = AtomicUsize::new(0);
@@ -93,7 +93,7 @@ impl Acceptor {
                 let mut idle = true;
                 if let Some((s, peer)) = self.poll(&log) {
                     idle = false;
-                    self.start_handshake(s, peer, &admission, &htx, &note);
+                    self.start_handshake(s, peer, admission, htx, &note);
                 }
                 let before = gathering.len();
                 gathering.retain(|_, g| {

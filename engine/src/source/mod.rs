@@ -485,6 +485,7 @@ impl<'r> Run<'r> {
                 .map_err(|e| TransportError::Setup(format!("zero-copy arena: {e}")))?;
             self.zero_copy = Some(arena);
         }
+        let tls = streams.iter().any(Conn::is_tls);
         let streams: Vec<Link> = streams.into_iter().map(Link::new).collect();
         let ends: Vec<(String, String)> = streams
             .iter()
@@ -514,7 +515,8 @@ impl<'r> Run<'r> {
             } else {
                 "off".into()
             },
-            io: resolved.describe(),
+            // TLS streams are sealed in this process: the portable backend.
+            io: if tls { "TLS, portable".into() } else { resolved.describe() },
             mode: match this.cfg.postcopy {
                 None => "pre-copy".into(),
                 Some(0) => "post-copy".into(),
@@ -541,7 +543,8 @@ impl<'r> Run<'r> {
                     settled: &this.finished,
                 };
                 let redial = move |seen, e| this.redial(stream, i, seen, e);
-                s.spawn(move || listener(stream, i, listen, &this.abort, &redial));
+                let progress = this.cfg.progress_timeout;
+                s.spawn(move || listener(stream, i, listen, &this.abort, &redial, progress));
             }
             drop(probe_tx);
             let res = this.rounds(&txs, bulk, &pool_rx, &probe_rx, &verdict, tracker, pause, &mut report).and_then(

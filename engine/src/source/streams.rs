@@ -262,16 +262,33 @@ pub(super) struct Listen<'a> {
 /// page requests and the switchover's answer (priority stream), then
 /// `Verified` on stream 0 at the end, or an `Error` at any time; reports
 /// the outcome on `verdict`.
-pub(super) fn listener(link: &Link, index: usize, mut to: Listen<'_>, abort: &AtomicBool, redial: &Redial<'_>) {
+pub(super) fn listener(
+    link: &Link,
+    index: usize,
+    mut to: Listen<'_>,
+    abort: &AtomicBool,
+    redial: &Redial<'_>,
+    progress_timeout: std::time::Duration,
+) {
     let mut cur = link.current();
     let prio = to.answer.is_some();
     // Answers go out from this thread at once, on the same connection.
     let mut reply = Writer { link, cur: cur.clone(), redial, name: format!("stream {index}"), settled: to.settled };
     let outcome = 'conn: loop {
         let mut r = FrameReader::new(&*cur.0, format!("stream {index}"));
+        // The destination says Keepalive while busy: silence this long
+        // means it is frozen or gone.
+        let _ = cur.0.set_read_timeout(Some(std::time::Duration::from_millis(500)));
+        r.set_idle_limit(progress_timeout);
+        r.set_stall_limit(progress_timeout);
         break loop {
             let wire = |source| MigrateError::from(TransportError::Wire { what: format!("stream {index}"), source });
             match r.next_frame() {
+                Ok(Some((h, _))) if h.kind == FrameKind::Keepalive => {
+                    if let Err(e) = h.verify(&[]) {
+                        break Err(wire(e));
+                    }
+                }
                 Ok(Some((h, p))) if h.kind == FrameKind::ProbeReply && index == 0 => match h.verify(p) {
                     Ok(()) => {
                         let _ = to.probes.send(p.to_vec());
