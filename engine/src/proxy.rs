@@ -87,17 +87,46 @@ enum Listener {
     Tcp(TcpListener),
 }
 
+/// Who may connect to the entry's unix sockets: their mode and group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketAccess {
+    /// Permission bits (connecting needs write permission).
+    pub mode: u32,
+    /// Group owning the socket, when not the process's.
+    pub group: Option<u32>,
+}
+
+impl Default for SocketAccess {
+    /// Owner only: local users the operator did not name cannot inject
+    /// connections into a migration.
+    fn default() -> Self {
+        SocketAccess { mode: 0o600, group: None }
+    }
+}
+
 impl Listener {
-    fn bind(e: &Endpoint) -> Result<Self, TransportError> {
+    fn bind(e: &Endpoint, access: SocketAccess) -> Result<Self, TransportError> {
         let l = match e {
             Endpoint::Unix(p) => {
+                let io = |what: &str, e| TransportError::io(format!("{what} {}", p.display()), e);
+                // The directory (libvirt's /run/pmigrate, say) may not exist yet.
+                if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(|e| io("create the directory of", e))?;
+                }
                 // A socket left by an earlier run would make bind fail; a
                 // live listener behind it answers, and is left alone.
                 if std::fs::symlink_metadata(p).is_ok_and(|m| is_socket(&m)) && UnixStream::connect(p).is_err() {
                     let _ = std::fs::remove_file(p);
                 }
-                let l =
-                    UnixListener::bind(p).map_err(|e| TransportError::io(format!("listen on {}", p.display()), e))?;
+                let l = UnixListener::bind(p).map_err(|e| io("listen on", e))?;
+                {
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::set_permissions(p, std::fs::Permissions::from_mode(access.mode))
+                        .map_err(|e| io("set the mode of", e))?;
+                    if let Some(gid) = access.group {
+                        std::os::unix::fs::chown(p, None, Some(gid)).map_err(|e| io("set the group of", e))?;
+                    }
+                }
                 Listener::Unix(l, p.clone())
             }
             Endpoint::Tcp(a) => Listener::Tcp(pmigrate_transport::net::listen(*a)?),
@@ -152,13 +181,15 @@ pub struct EntryConfig {
     pub listen: Vec<Endpoint>,
     /// Streams, NICs, threads and lz4 of each connection's session.
     pub relay: RelaySendConfig,
+    /// Mode and group of the unix sockets listened on.
+    pub access: SocketAccess,
 }
 
 /// Listens on `cfg.listen` and carries every accepted connection to the
 /// exit, until `stop` is set; returns once every carried connection ended.
 /// `log` gets a line for each connection opened and ended.
 pub fn run_entry(cfg: &EntryConfig, stop: &AtomicBool, log: &(dyn Fn(String) + Sync)) -> Result<(), MigrateError> {
-    let listeners = cfg.listen.iter().map(Listener::bind).collect::<Result<Vec<_>, _>>()?;
+    let listeners = cfg.listen.iter().map(|e| Listener::bind(e, cfg.access)).collect::<Result<Vec<_>, _>>()?;
     let next_id = AtomicU64::new(0);
     std::thread::scope(|s| {
         while !stop.load(Ordering::Relaxed) {
@@ -316,7 +347,8 @@ mod tests {
         };
         let mut relay = RelaySendConfig::new(StreamPlan::new(acceptor.local_addrs(), 2, Auth::Insecure));
         relay.threads = 2;
-        let entry_cfg = EntryConfig { listen: vec![Endpoint::Unix(entry_path.clone())], relay };
+        let entry_cfg =
+            EntryConfig { listen: vec![Endpoint::Unix(entry_path.clone())], relay, access: SocketAccess::default() };
         let stop = AtomicBool::new(false);
         let lines = Mutex::new(Vec::new());
         let log = |l: String| lines.lock().unwrap().push(l);

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
-use pmigrate::engine::proxy::{run_entry, run_exit, Endpoint, EntryConfig, ExitConfig};
+use pmigrate::engine::proxy::{run_entry, run_exit, Endpoint, EntryConfig, ExitConfig, SocketAccess};
 use pmigrate::engine::relay::RelayRecvOptions;
 use pmigrate::{Acceptor, BackendChoice};
 
@@ -51,6 +51,36 @@ struct EntryArgs {
     /// seconds is cut (0: never).
     #[arg(long, default_value_t = 600)]
     idle_timeout: u64,
+    /// Permission bits of the unix sockets accepted on, in octal: who may
+    /// connect (a QEMU run by libvirt as its own user needs group access).
+    #[arg(long, default_value = "600", value_parser = parse_mode)]
+    socket_mode: u32,
+    /// Group of the unix sockets accepted on (a name or a number).
+    #[arg(long, value_parser = parse_group)]
+    socket_group: Option<u32>,
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let m = u32::from_str_radix(s.trim_start_matches("0o"), 8).map_err(|_| format!("{s:?} is not an octal mode"))?;
+    if m > 0o777 {
+        return Err(format!("{s:?} is not a permission mode (at most 777)"));
+    }
+    Ok(m)
+}
+
+fn parse_group(s: &str) -> Result<u32, String> {
+    if let Ok(gid) = s.parse() {
+        return Ok(gid);
+    }
+    let name = std::ffi::CString::new(s).map_err(|_| format!("{s:?} is not a group name"))?;
+    // SAFETY: getgrnam reads the group database and returns a pointer to
+    // static storage, or null; the gid is copied out at once.
+    let gr = unsafe { libc::getgrnam(name.as_ptr()) };
+    if gr.is_null() {
+        return Err(format!("no group {s:?} on this host"));
+    }
+    // SAFETY: non-null: a valid group entry until the next getgr* call.
+    Ok(unsafe { (*gr).gr_gid })
 }
 
 #[derive(Args)]
@@ -120,7 +150,16 @@ pub fn run(a: ProxyArgs) -> Result<()> {
                 pmigrate::Auth::Psk(_) => " (pre-shared key)",
                 pmigrate::Auth::Insecure => " (no authentication)",
             };
-            let cfg = EntryConfig { listen: e.accept, relay };
+            // Say now if the exit does not answer: connections would fail.
+            for a in &relay.plan.dests {
+                if let Err(err) = std::net::TcpStream::connect_timeout(a, Duration::from_secs(2)) {
+                    log(format!(
+                        "warning: the exit at {a} does not answer now ({err}); connections fail until it does"
+                    ));
+                }
+            }
+            let access = SocketAccess { mode: e.socket_mode, group: e.socket_group };
+            let cfg = EntryConfig { listen: e.accept, relay, access };
             for (i, l) in cfg.listen.iter().enumerate() {
                 log(format!("accepting on {l} (target {i}), carrying to {:?}{tls}", e.exit));
             }

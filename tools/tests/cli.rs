@@ -593,3 +593,141 @@ fn a_destination_killed_after_the_switchover_fails_the_source_truthfully() {
     assert!(!dst.exists(), "no half-written memory file looks complete");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill(2) on the pid of a child this test spawned and owns.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+}
+
+/// Incompressible bytes, so a paced link holds a migration back.
+fn write_random_file(path: &Path, mib: usize) -> Vec<u8> {
+    let mut data = vec![0u8; mib << 20];
+    rand::rngs::SmallRng::seed_from_u64(7).fill_bytes(&mut data);
+    std::fs::write(path, &data).unwrap();
+    data
+}
+
+/// SIGINT or SIGTERM on `serve` and `migrate`: each stops, prints one line
+/// naming what it leaves behind, and exits 128 + the signal. A migration
+/// cancelled at the source leaves the destination file untouched and the
+/// destination waiting for another; a cancel after `--pause-cmd` runs
+/// `--cont-cmd`.
+#[test]
+fn signals_cancel_serve_and_migrate_with_one_line_each() {
+    let dir = scratch("signals");
+    let (src, dst) = (dir.join("src.mem"), dir.join("dst.mem"));
+    write_random_file(&src, 64);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let (serve, log) =
+        start_listening(Command::new(BIN).args(["serve", "--listen", &addr, "--memory"]).arg(&dst).args(psk_args()));
+    // migrate, interrupted in round 0.
+    let link = paced::Paced::start(addr.parse().unwrap(), 8 << 20);
+    let migrate = Command::new(BIN)
+        .args(["migrate", "--memory"])
+        .arg(&src)
+        .arg(link.addr.to_string())
+        .args(psk_args())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    link.wait_forwarded(2 << 20, Duration::from_secs(60));
+    signal(&migrate, libc::SIGINT);
+    let out = migrate.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("SIGINT: migration cancelled, nothing was handed over; the VM keeps running here"), "{err}");
+    // serve notices, keeps its file untouched and waits for another; then
+    // SIGTERM stops it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !dir.join("dst.mem.partial").exists() && Instant::now() < deadline && !log.is_finished() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while dir.join("dst.mem.partial").exists() {
+        assert!(Instant::now() < deadline, "the partial file stayed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    signal(&serve, libc::SIGTERM);
+    let (served, log) = wait_output(serve, log);
+    assert_eq!(served.status.code(), Some(143), "{log}");
+    assert!(log.contains("waiting for another"), "{log}");
+    assert!(log.contains("SIGTERM: stopped; no migration received"), "{log}");
+    assert!(!dst.exists(), "no memory file was made");
+
+    // A cancel after the pause: the VM is resumed here.
+    let (paused, resumed) = (dir.join("paused"), dir.join("resumed"));
+    let addr = format!("127.0.0.1:{}", free_port());
+    let (serve, log) =
+        start_listening(Command::new(BIN).args(["serve", "--listen", &addr, "--memory"]).arg(&dst).args(psk_args()));
+    let migrate = Command::new(BIN)
+        .args(["migrate", "--memory"])
+        .arg(&src)
+        .arg(&addr)
+        .arg("--pause-cmd")
+        .arg(format!("touch {}; sleep 2", paused.display()))
+        .arg("--cont-cmd")
+        .arg(format!("touch {}", resumed.display()))
+        .args(psk_args())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !paused.exists() {
+        assert!(Instant::now() < deadline, "never paused");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    signal(&migrate, libc::SIGTERM);
+    let out = migrate.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(143), "{err}");
+    assert!(err.contains("the VM was resumed here (--cont-cmd)"), "{err}");
+    assert!(resumed.exists(), "--cont-cmd ran");
+    signal(&serve, libc::SIGINT);
+    let (served, log) = wait_output(serve, log);
+    assert_eq!(served.status.code(), Some(130), "{log}");
+    assert!(!dst.exists(), "no memory file was made: {log}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Checks that fail before anyone connects, with the real cause, at once.
+#[test]
+fn preflight_failures_name_their_cause_at_once() {
+    let dir = scratch("preflight");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let t = Instant::now();
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", &addr, "--memory"])
+        .arg(dir.join("missing/vm.mem"))
+        .args(psk_args())
+        .output()
+        .unwrap();
+    assert_one_error_line(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("missing") && err.contains("No such file"), "{err}");
+    let out = Command::new(BIN).args(["send", "--streams", "0", &addr]).args(psk_args()).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--streams"));
+    // An entry whose exit does not answer says so at start; its socket's
+    // directory is made, and its mode is what was asked for.
+    let sock = dir.join("run/pmigrate/m.sock");
+    let mut entry = Command::new(BIN)
+        .args(["proxy", "entry", "--socket-mode", "660", "--accept"])
+        .arg(format!("unix:{}", sock.display()))
+        .arg(&addr)
+        .args(psk_args())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(entry.stderr.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.contains("does not answer"), "{first}");
+    let second = lines.next().unwrap().unwrap();
+    assert!(second.contains("accepting on"), "{second}");
+    assert!(t.elapsed() < Duration::from_secs(10));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o660);
+    signal(&entry, libc::SIGTERM);
+    assert_eq!(entry.wait().unwrap().code(), Some(143));
+    std::fs::remove_dir_all(dir).unwrap();
+}
