@@ -144,12 +144,17 @@ impl Psk {
     }
 
     /// Writes a fresh key to a new file `path`, readable by its owner only
-    /// (mode 0600); an existing file is left alone and refused.
+    /// (mode 0600; a missing directory is made, mode 0700); an existing
+    /// file is left alone and refused.
     pub fn write_new_file(path: &Path) -> Result<(), KeyError> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let key = Psk::generate()?;
         let write = |source| KeyError::Read { path: path.to_path_buf(), source };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(write)?;
+        }
         let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(write)?;
         f.write_all(&key.0).map_err(write)?;
         f.sync_all().map_err(write)
