@@ -312,7 +312,8 @@ fn a_destination_that_vanishes_mid_round_leaves_the_source_running(io: BackendCh
 }
 
 /// Runs a source (no compression, hash tracker) that must fail; returns
-/// its error and whether the pause hook ran.
+/// its error and whether the pause hook ran. A paused guest must have been
+/// resumed (the abort hook) when the source keeps it.
 fn failing_source(
     io: BackendChoice,
     src: &GuestMemory,
@@ -320,7 +321,7 @@ fn failing_source(
     streams: u16,
     threads: usize,
 ) -> (MigrateError, bool) {
-    let paused = AtomicBool::new(false);
+    let (paused, resumed) = (AtomicBool::new(false), AtomicBool::new(false));
     let cfg = SourceConfig { compression: Compression::Off, threads, ..config(io) };
     let err = Source::new(src, vec![to], backends::key())
         .streams(streams)
@@ -330,9 +331,17 @@ fn failing_source(
             paused.store(true, Ordering::SeqCst);
             Ok(())
         })
+        .on_abort(|| {
+            resumed.store(true, Ordering::SeqCst);
+            Ok(())
+        })
         .run()
         .expect_err("the migration must fail");
-    (err, paused.load(Ordering::SeqCst))
+    let paused = paused.load(Ordering::SeqCst);
+    if err.source_keeps_guest() {
+        assert_eq!(paused, resumed.load(Ordering::SeqCst), "a guest paused and kept is resumed: {err}");
+    }
+    (err, paused)
 }
 
 /// Forwards connections to `to`, flipping one byte of the first
@@ -379,8 +388,11 @@ fn a_stream_corrupted_in_flight_fails_both_ends_and_the_source_keeps_running(io:
     let proxy = corrupting_proxy(d.addr, 3 << 20);
     let m = MutatorConfig { threads: 1, rate: 8 << 20, working_set: 16 << 20, skew: Skew::Uniform };
     let mut muts = start_mutators(src.clone(), m, None);
+    // The source may have reached its pause before the destination's
+    // refusal arrived; then it must have resumed the guest.
     let (err, paused) = failing_source(io, &src, proxy, 2, 2);
-    assert!(!paused, "the guest was never paused");
+    assert!(err.source_keeps_guest(), "{err}");
+    let _ = paused;
     let dest_err = d.outcome().expect_err("the destination refuses corrupted bytes");
     assert!(matches!(&dest_err, MigrateError::Transport(TransportError::Wire { .. })), "destination: {dest_err}");
     assert!(

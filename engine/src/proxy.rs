@@ -187,9 +187,13 @@ pub struct EntryConfig {
 
 /// Listens on `cfg.listen` and carries every accepted connection to the
 /// exit, until `stop` is set; returns once every carried connection ended.
-/// `log` gets a line for each connection opened and ended.
+/// `log` gets a line once each endpoint listens (`accepting on …`) and for
+/// each connection opened and ended.
 pub fn run_entry(cfg: &EntryConfig, stop: &AtomicBool, log: &(dyn Fn(String) + Sync)) -> Result<(), MigrateError> {
     let listeners = cfg.listen.iter().map(|e| Listener::bind(e, cfg.access)).collect::<Result<Vec<_>, _>>()?;
+    for (i, l) in cfg.listen.iter().enumerate() {
+        log(format!("accepting on {l} (target {i})"));
+    }
     let next_id = AtomicU64::new(0);
     std::thread::scope(|s| {
         while !stop.load(Ordering::Relaxed) {

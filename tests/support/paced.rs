@@ -66,16 +66,19 @@ impl Drop for Paced {
 }
 
 /// Copies `from` to `to` until either ends; with `pace`, keeps the total
-/// forwarded at most `rate` bytes a second since `t0`.
+/// forwarded at most `rate` bytes a second since `t0`. An end of stream is
+/// passed on as a half-close; a failure on either side ends both, as a
+/// host that went away would.
 fn pump(mut from: TcpStream, mut to: TcpStream, pace: Option<(Arc<AtomicU64>, u64, Instant)>) {
     let mut buf = vec![0u8; 16 << 10];
-    loop {
+    let clean = loop {
         let n = match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
+            Ok(0) => break true,
             Ok(n) => n,
+            Err(_) => break false,
         };
         if to.write_all(&buf[..n]).is_err() {
-            break;
+            break false;
         }
         if let Some((fw, rate, t0)) = &pace {
             let total = fw.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
@@ -84,7 +87,11 @@ fn pump(mut from: TcpStream, mut to: TcpStream, pace: Option<(Arc<AtomicU64>, u6
                 std::thread::sleep(wait);
             }
         }
+    };
+    if clean {
+        let _ = to.shutdown(Shutdown::Write);
+    } else {
+        let _ = to.shutdown(Shutdown::Both);
+        let _ = from.shutdown(Shutdown::Both);
     }
-    let _ = to.shutdown(Shutdown::Write);
-    let _ = from.shutdown(Shutdown::Read);
 }

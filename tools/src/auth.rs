@@ -55,9 +55,7 @@ impl AuthArgs {
             return Ok(Auth::Tls(Arc::new(cfg)));
         }
         if self.insecure {
-            eprintln!(
-                "pmigrate {who}: warning: --insecure: no authentication, anyone who can reach the port can take part"
-            );
+            say!("pmigrate {who}: warning: --insecure: no authentication, anyone who can reach the port can take part");
             return Ok(Auth::Insecure);
         }
         bail!(
@@ -102,6 +100,6 @@ pub(crate) struct KeygenArgs {
 
 pub(crate) fn keygen(a: KeygenArgs) -> Result<()> {
     Psk::write_new_file(&a.file)?;
-    eprintln!("pmigrate keygen: wrote a 32-byte key to {} (mode 0600); copy it to the other host", a.file.display());
+    say!("pmigrate keygen: wrote a 32-byte key to {} (mode 0600); copy it to the other host", a.file.display());
     Ok(())
 }

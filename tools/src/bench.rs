@@ -73,6 +73,12 @@ pub struct BenchArgs {
     /// /--netns); throughput and CPU seconds per GiB of each.
     #[arg(long)]
     io_compare: bool,
+    /// Authentication compared instead: the handshake's time with no
+    /// authentication, a pre-shared key and mutual TLS, then the migration
+    /// with a pre-shared key against TLS over the path given, with CPU
+    /// seconds per GiB of each.
+    #[arg(long)]
+    auth_compare: bool,
     /// I/O backend of the pmigrate runs: auto, uring or portable.
     #[arg(long, default_value = "auto")]
     io: BackendChoice,
@@ -119,6 +125,8 @@ struct Plan {
     listen: Vec<SocketAddr>,
     via: Vec<Via>,
     netns: Option<(String, String)>,
+    /// How both ends authenticate: a fresh pre-shared key unless compared.
+    auth: pmigrate::Auth,
 }
 
 impl Plan {
@@ -146,7 +154,7 @@ fn measure(
 ) -> Result<Row> {
     let memory = a.memory_mib << 20;
     let (listen, via) = plan.links(links);
-    eprintln!(
+    say!(
         "migrating {} MiB: {name}, {threads} threads x {streams} streams, {links} links, {dirty_mib_s} MiB/s dirty...",
         a.memory_mib
     );
@@ -173,7 +181,7 @@ fn measure(
         listen,
         via,
         netns: plan.netns.clone(),
-        auth: pmigrate_bench::loopback::fresh_key(),
+        auth: plan.auth.clone(),
     };
     let bar = std::sync::Mutex::new(None);
     let o = loopback::run_watched(&sc, 7, &|p| *bar.lock().expect("bar") = crate::memfile::progress_bar(p));
@@ -214,7 +222,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
     };
     let listen = if a.listen.is_empty() { vec!["127.0.0.1:0".parse()?] } else { a.listen.clone() };
-    let plan = Plan { listen, via: a.via.clone(), netns };
+    let plan = Plan { listen, via: a.via.clone(), netns, auth: pmigrate_bench::loopback::fresh_key() };
     if a.sweep {
         return sweep(&a, &plan);
     }
@@ -227,8 +235,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.io_compare {
         return io_compare(&a, &plan);
     }
+    if a.auth_compare {
+        return auth_compare(&a, plan);
+    }
     let path = ceiling::Path { listen: plan.listen.clone(), via: plan.via.clone(), netns: plan.netns.clone() };
-    eprintln!("measuring raw TCP over the same path ({} streams)...", a.streams);
+    say!("measuring raw TCP over the same path ({} streams)...", a.streams);
     let ceiling = ceiling::raw_tcp(&path, a.streams as usize, (a.memory_mib << 20).min(1 << 30))?;
     let raw = ceiling.bytes_per_sec / MIB;
     let memcpy = ceiling::memory_copy(256 << 20, a.threads) / MIB;
@@ -339,7 +350,7 @@ fn io_compare(a: &BenchArgs, plan: &Plan) -> Result<()> {
     let path = ceiling::Path { listen: plan.listen.clone(), via: plan.via.clone(), netns: plan.netns.clone() };
     let mut out = Vec::new();
     for streams in [1u16, 4] {
-        eprintln!("measuring raw TCP over the same path ({streams} streams)...");
+        say!("measuring raw TCP over the same path ({streams} streams)...");
         let raw = ceiling::raw_tcp(&path, streams as usize, (a.memory_mib << 20).min(1 << 30))?;
         let mut pair = Vec::new();
         for (io, zc) in [(BackendChoice::Portable, false), (BackendChoice::Uring, false), (BackendChoice::Uring, true)]
@@ -407,9 +418,116 @@ fn io_compare(a: &BenchArgs, plan: &Plan) -> Result<()> {
     Ok(())
 }
 
+/// Times `n` sessions of `streams` streams opened against an acceptor on
+/// loopback (connect, TLS, authentication, `Hello`, `Welcome`); returns the
+/// times sorted.
+fn handshake_times(auth: &pmigrate::Auth, streams: u16, n: usize) -> Result<Vec<Duration>> {
+    use pmigrate::transport::hello::{Hello, Mode, PROTOCOL_VERSION};
+    use pmigrate::transport::session::{connect_session, new_session_id, StreamPlan};
+    let acceptor = pmigrate::Acceptor::bind(&["127.0.0.1:0".parse()?], auth.clone())?;
+    let addr = acceptor.local_addrs()[0];
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let deadline = Some(std::time::Instant::now() + Duration::from_millis(200));
+                let _ = acceptor.accept_session(Mode::Stream, &mut |h| Ok(h.caps), deadline);
+            }
+        });
+        let plan = StreamPlan::new(vec![addr], streams, auth.clone());
+        let mut times = Vec::with_capacity(n);
+        for _ in 0..n {
+            let hello = Hello {
+                version: PROTOCOL_VERSION,
+                mode: Mode::Stream,
+                stream_index: 0,
+                stream_count: streams,
+                session: new_session_id(),
+                caps: 0,
+                regions: Vec::new(),
+                extensions: Vec::new(),
+            };
+            let t = std::time::Instant::now();
+            let session = connect_session(&plan, &hello);
+            times.push(t.elapsed());
+            drop(session?);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        times.sort();
+        Ok(times)
+    })
+}
+
+fn auth_compare(a: &BenchArgs, mut plan: Plan) -> Result<()> {
+    use pmigrate::Auth;
+    let dir = std::env::temp_dir().join(format!("pmigrate-bench-pki-{}", std::process::id()));
+    pmigrate::transport::tls::test_pki::write_pki(&dir)?;
+    let tls = |who: &str| Auth::Tls(std::sync::Arc::new(pmigrate::transport::tls::test_pki::config(&dir, who)));
+    let methods =
+        [("none", Auth::Insecure), ("pre-shared key", pmigrate_bench::loopback::fresh_key()), ("TLS", tls("a"))];
+    let mut hs = Vec::new();
+    for (name, auth) in &methods {
+        for streams in [1u16, 4] {
+            say!("timing 200 handshakes: {name}, {streams} streams...");
+            let t = handshake_times(auth, streams, 200)?;
+            let ms = |d: Duration| d.as_secs_f64() * 1e3;
+            hs.push((name.to_string(), streams, ms(t[t.len() / 2]), ms(t[t.len() * 9 / 10])));
+        }
+    }
+    // The migration with each, alternating, so both see the same machine.
+    let links = plan.listen.len().max(plan.via.len());
+    let mut runs = Vec::new();
+    for round in 0..2 {
+        for (name, auth) in [("pre-shared key", pmigrate_bench::loopback::fresh_key()), ("TLS", tls("a"))] {
+            plan.auth = auth;
+            let mut r = measure(a, &plan, name, a.threads, a.streams, links, 0, a.compress, a.io, false)?;
+            r.name = format!("{name} (run {})", round + 1);
+            runs.push(r);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    if a.json {
+        let hs: Vec<_> = hs
+            .iter()
+            .map(|(m, s, p50, p90)| serde_json::json!({ "method": m, "streams": s, "p50_ms": p50, "p90_ms": p90 }))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "handshakes": hs, "runs": runs }))?);
+        return Ok(());
+    }
+    println!("handshake, whole session over loopback (connect, TLS, authentication, Hello, Welcome):");
+    println!("{:<16} {:>7} {:>8} {:>8}", "method", "streams", "p50 ms", "p90 ms");
+    for (m, s, p50, p90) in &hs {
+        println!("{m:<16} {s:>7} {p50:>8.2} {p90:>8.2}");
+    }
+    println!(
+        "\nmigration of {} MiB ({:?}, lz4 {:?}), {} threads x {} streams to {:?}{}:",
+        a.memory_mib,
+        a.mix,
+        a.compress,
+        a.threads,
+        a.streams,
+        plan.listen,
+        a.netns.as_ref().map(|n| format!(" (namespaces {n})")).unwrap_or_default()
+    );
+    println!("{:<24} {:>11} {:>10} {:>14}", "auth", "xfer MiB/s", "cpu s/GiB", "io");
+    for r in &runs {
+        println!("{:<24} {:>11.0} {:>10.2} {:>14}", r.name, r.transfer_mib_s, r.cpu_secs_per_gib, r.io);
+    }
+    let mean = |name: &str, f: fn(&Row) -> f64| {
+        let v: Vec<f64> = runs.iter().filter(|r| r.name.starts_with(name)).map(f).collect();
+        v.iter().sum::<f64>() / v.len().max(1) as f64
+    };
+    println!(
+        "TLS / pre-shared key: {:.2}x the transfer rate, {:.2}x the CPU per GiB (means of the runs above)",
+        mean("TLS", |r| r.transfer_mib_s) / mean("pre-shared key", |r| r.transfer_mib_s),
+        mean("TLS", |r| r.cpu_secs_per_gib) / mean("pre-shared key", |r| r.cpu_secs_per_gib)
+    );
+    Ok(())
+}
+
 fn postcopy(a: &BenchArgs) -> Result<()> {
     use pmigrate_bench::postcopy::{raw_round_trip, run, tcp_round_trip, Case};
-    eprintln!("measuring the raw userfaultfd and loopback TCP round trips...");
+    say!("measuring the raw userfaultfd and loopback TCP round trips...");
     let raw = raw_round_trip(16 << 10)?;
     let tcp = tcp_round_trip(10_000)?;
     let dirty = if a.dirty_mib_s == 0 { 256 } else { a.dirty_mib_s };
@@ -447,7 +565,7 @@ fn postcopy(a: &BenchArgs) -> Result<()> {
     );
     let mut rows = Vec::new();
     for (name, c) in cases {
-        eprintln!("{name}: {} MiB, {} MiB/s dirtied...", a.memory_mib, c.mutators.map_or(0, |m| m.rate >> 20));
+        say!("{name}: {} MiB, {} MiB/s dirtied...", a.memory_mib, c.mutators.map_or(0, |m| m.rate >> 20));
         let m = run(&c, 1)?;
         let p = m.destination.postcopy.clone().unwrap_or_default();
         let lat = p.fault_latency.clone().unwrap_or_default();
@@ -488,7 +606,7 @@ fn zero_copy(a: &BenchArgs) -> Result<()> {
             if copy && gib > a.copy_max_gib {
                 continue;
             }
-            eprintln!("{gib} GiB shared region, {}...", if copy { "copy path" } else { "zero-copy" });
+            say!("{gib} GiB shared region, {}...", if copy { "copy path" } else { "zero-copy" });
             let r = loopback::zero_copy_switchover(dir, gib << 30, copy)?;
             let path = r.regions.first().map_or("-", |p| p.path.as_str()).to_string();
             println!(

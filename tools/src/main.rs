@@ -18,6 +18,16 @@ use pmigrate::engine::relay::{self, Local, RelayRecvOptions, RelaySendConfig};
 use pmigrate::transport::session::StreamPlan;
 use pmigrate::{Acceptor, BackendChoice, Compression, Via};
 
+/// One line on stderr. A stderr nobody reads any more (a closed pipe) is
+/// not a reason to stop: a server whose log reader went away keeps serving,
+/// and a signal is still handled.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
 mod auth;
 mod bench;
 mod memfile;
@@ -146,7 +156,7 @@ fn main() -> ExitCode {
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("pmigrate: error: {}", one_line(&e));
+            say!("pmigrate: error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
@@ -192,7 +202,7 @@ fn send(a: SendArgs) -> Result<()> {
     let stdout = std::fs::File::from(std::io::stdout().as_fd_owned()?);
     let report = relay::send(Local::pipes(Some(stdin), Some(stdout)), &cfg)?;
     if a.report {
-        eprintln!("{report}");
+        say!("{report}");
     }
     Ok(())
 }
@@ -200,7 +210,7 @@ fn send(a: SendArgs) -> Result<()> {
 fn recv(a: RecvArgs) -> Result<()> {
     let acceptor = Acceptor::bind(&resolve(&a.listen)?, a.auth.auth("recv")?)?;
     if a.report {
-        eprintln!("pmigrate recv: listening on {:?}", acceptor.local_addrs());
+        say!("pmigrate recv: listening on {:?}", acceptor.local_addrs());
     }
     let stdout = std::fs::File::from(std::io::stdout().as_fd_owned()?);
     // A larger pipe lets recv run ahead of QEMU's loader by a few chunks.
@@ -217,7 +227,7 @@ fn recv(a: RecvArgs) -> Result<()> {
     let back = if stdin.is_terminal() { None } else { Some(std::fs::File::from(stdin.as_fd_owned()?)) };
     let report = relay::receive(&acceptor, Local::pipes(back, Some(stdout)), &opts)?;
     if a.report {
-        eprintln!("{report}");
+        say!("{report}");
     }
     Ok(())
 }

@@ -209,7 +209,7 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
     let existing = preflight(&a.memory)?;
     let max = a.max_memory_mib.map_or_else(physical_memory, |m| m << 20);
     let acceptor = Acceptor::bind(&resolve(&a.listen)?, auth)?;
-    eprintln!("pmigrate serve: listening on {:?}", acceptor.local_addrs());
+    say!("pmigrate serve: listening on {:?}", acceptor.local_addrs());
     let memory = a.memory.clone();
     let partial = partial_path(&a.memory);
     let stage = Arc::new(Mutex::new(ServeStage::Listening));
@@ -230,7 +230,7 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
                      and may be incomplete"
                 ),
                 ServeStage::GuestHere if !warned.swap(true, Ordering::AcqRel) => {
-                    eprintln!(
+                    say!(
                         "pmigrate serve: {sig}: the guest already runs here and the migration is finishing; \
                          send it again to abort anyway (the guest here would be incomplete)"
                     );
@@ -276,14 +276,14 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
             Some(deadline),
         )?;
         for (peer, why) in incoming.refused() {
-            eprintln!("pmigrate serve: refused {peer}: {why}");
+            say!("pmigrate serve: refused {peer}: {why}");
         }
         let peer = incoming.peer_addr().map_or_else(|| "?".to_string(), |p| p.to_string());
         let r = incoming.regions()[0];
         let in_place = !incoming.handover_regions().is_empty();
         set_stage(if in_place { ServeStage::InPlace } else { ServeStage::Copying });
         let res = if in_place {
-            eprintln!(
+            say!(
                 "pmigrate serve: the source offers its memory for handover: proving whether {} is it",
                 a.memory.display()
             );
@@ -317,7 +317,7 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
                 format!("the source keeps the VM; {} was filled in place and may be incomplete", a.memory.display())
             }
             (_, false, false) => {
-                eprintln!(
+                say!(
                     "pmigrate serve: the migration from {peer} failed ({}); the source keeps the VM, {} untouched; \
                      waiting for another",
                     crate::one_line(&anyhow::Error::new(e)),
@@ -542,7 +542,7 @@ pub(crate) fn migrate(a: MigrateArgs) -> Result<()> {
         signals::on_signal(move |sig| {
             if progress.handed_over.load(Ordering::Acquire) {
                 if !warned.swap(true, Ordering::AcqRel) {
-                    eprintln!(
+                    say!(
                         "pmigrate migrate: {sig}: the guest was handed over (post-copy) and needs the rest of its \
                          memory from here; finishing (send it again to abort: the guest there would be incomplete)"
                     );

@@ -125,19 +125,19 @@ pub fn run(a: ProxyArgs) -> Result<()> {
             for sig in signals.forever() {
                 let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
                 if got.swap(sig, Ordering::AcqRel) == 0 {
-                    eprintln!(
+                    say!(
                         "pmigrate proxy: {name}: accepting nothing new; the connections carried now finish first \
                          (send it again to cut them)"
                     );
                     stop.store(true, Ordering::Release);
                 } else {
-                    eprintln!("pmigrate proxy: {name} again: stopped, the connections in progress were cut");
+                    say!("pmigrate proxy: {name} again: stopped, the connections in progress were cut");
                     std::process::exit(128 + sig);
                 }
             }
         });
     }
-    let log = |line: String| eprintln!("pmigrate proxy: {line}");
+    let log = |line: String| say!("pmigrate proxy: {line}");
     match a.side {
         Side::Entry(e) => {
             if e.accept.len() > u32::MAX as usize {
@@ -160,9 +160,7 @@ pub fn run(a: ProxyArgs) -> Result<()> {
             }
             let access = SocketAccess { mode: e.socket_mode, group: e.socket_group };
             let cfg = EntryConfig { listen: e.accept, relay, access };
-            for (i, l) in cfg.listen.iter().enumerate() {
-                log(format!("accepting on {l} (target {i}), carrying to {:?}{tls}", e.exit));
-            }
+            log(format!("carrying connections to {:?}{tls}", e.exit));
             run_entry(&cfg, &stop, &log)?;
         }
         Side::Exit(x) => {

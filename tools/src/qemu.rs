@@ -300,7 +300,7 @@ fn watch(src: &mut Qmp, timeout: Duration) -> Result<Value> {
                 bar.set_message(format!("{st}, dirty {:.1} MiB/s", mib(dirty)));
             }
             None if st != last_status || last_line.elapsed() >= Duration::from_secs(1) => {
-                eprintln!(
+                say!(
                     "pmigrate qemu: {st}: {:.1} MiB of {:.1} MiB sent, dirty {:.1} MiB/s",
                     mib(done),
                     mib(total),

@@ -16,7 +16,7 @@ pub(crate) fn on_signal(decide: impl Fn(&'static str) -> Option<String> + Send +
         for sig in signals.forever() {
             let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
             if let Some(line) = decide(name) {
-                eprintln!("{line}");
+                say!("{line}");
                 std::process::exit(128 + sig);
             }
         }

@@ -719,15 +719,18 @@ fn preflight_failures_name_their_cause_at_once() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(entry.stderr.take().unwrap()).lines();
-    let first = lines.next().unwrap().unwrap();
-    assert!(first.contains("does not answer"), "{first}");
-    let second = lines.next().unwrap().unwrap();
-    assert!(second.contains("accepting on"), "{second}");
+    let lines = BufReader::new(entry.stderr.take().unwrap()).lines();
+    let entry = Daemon { child: entry, log: dir.join("unused") };
+    // Read all it says, so its stderr stays open, until it listens.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || lines.map_while(Result::ok).for_each(|l| drop(tx.send(l))));
+    let said: Vec<String> = rx.iter().take_while(|l| !l.contains("accepting on")).collect();
+    assert!(said.iter().any(|l| l.contains("does not answer")), "{said:?}");
     assert!(t.elapsed() < Duration::from_secs(10));
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o660);
-    signal(&entry, libc::SIGTERM);
-    assert_eq!(entry.wait().unwrap().code(), Some(143));
+    signal(&entry.child, libc::SIGTERM);
+    let mut entry = entry;
+    assert_eq!(entry.child.wait().unwrap().code(), Some(143));
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -41,6 +41,10 @@ pub const GATHER_TIMEOUT: Duration = Duration::from_secs(30);
 /// short.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// How long a listener thread waits in `accept` before it looks whether to
+/// stop, and how often serving loops look at their deadlines.
+const ACCEPT_TICK: Duration = Duration::from_millis(100);
+
 /// Listens for sessions on one or more addresses.
 #[derive(Debug)]
 pub struct Acceptor {
@@ -159,7 +163,11 @@ impl Acceptor {
         }
         let listeners = addrs.iter().map(|a| listen(*a)).collect::<Result<Vec<_>, _>>()?;
         for l in &listeners {
-            l.set_nonblocking(true).map_err(|e| TransportError::io("listener", e))?;
+            // Listener threads wait in accept a tick at a time, so they see
+            // when to stop (SO_RCVTIMEO bounds accept(2) too).
+            socket2::SockRef::from(l)
+                .set_read_timeout(Some(ACCEPT_TICK))
+                .map_err(|e| TransportError::io("listener", e))?;
         }
         Ok(Self {
             listeners,
@@ -199,33 +207,69 @@ impl Acceptor {
         self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
     }
 
-    /// One pass over the listeners: a connection waiting, if any. A failing
+    /// Accepts one connection on `l`, waiting a tick at most. A failing
     /// `accept` never ends the caller's loop: the host being short of
     /// descriptors or memory is reported through `log` (at most every few
     /// seconds) and the loop slowed down; a connection aborted before it was
     /// accepted is skipped.
-    pub(crate) fn poll(&self, log: &dyn Fn(String)) -> Option<(TcpStream, SocketAddr)> {
-        for l in &self.listeners {
-            match l.accept() {
-                Ok(c) => return Some(c),
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock) => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        ErrorKind::Interrupted | ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset
-                    ) => {}
-                Err(e) => {
-                    let mut last = self.trouble.lock().unwrap_or_else(|p| p.into_inner());
-                    if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
-                        log(format!("accept failed ({e}); backing off, still serving"));
-                        *last = Some(Instant::now());
-                    }
-                    drop(last);
-                    std::thread::sleep(ACCEPT_BACKOFF);
+    fn accept_one(&self, l: &TcpListener, log: &dyn Fn(SocketAddr, String)) -> Option<(TcpStream, SocketAddr)> {
+        match l.accept() {
+            Ok(c) => Some(c),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock
+                        | ErrorKind::TimedOut
+                        | ErrorKind::Interrupted
+                        | ErrorKind::ConnectionAborted
+                        | ErrorKind::ConnectionReset
+                ) =>
+            {
+                None
+            }
+            Err(e) => {
+                let mut last = self.trouble.lock().unwrap_or_else(|p| p.into_inner());
+                if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+                    log(
+                        SocketAddr::from(([0, 0, 0, 0], 0)),
+                        format!("accept failed ({e}); backing off, still serving"),
+                    );
+                    *last = Some(Instant::now());
                 }
+                drop(last);
+                std::thread::sleep(ACCEPT_BACKOFF);
+                None
             }
         }
-        None
+    }
+
+    /// Runs `body` while one thread per listener accepts connections and
+    /// starts their handshakes into `pipeline`, so a connection is taken the
+    /// moment it arrives whatever `body` is doing; the threads stop when
+    /// `body` returns.
+    pub(crate) fn listening<R>(
+        &self,
+        pipeline: &Pipeline,
+        log: &(dyn Fn(SocketAddr, String) + Sync),
+        body: impl FnOnce() -> R,
+    ) -> R {
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            for l in &self.listeners {
+                let (stop, tx, admission) = (&stop, pipeline.tx.clone(), &pipeline.admission);
+                s.spawn(move || {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        if let Some((c, peer)) = self.accept_one(l, log) {
+                            let _ = c.set_nonblocking(false);
+                            self.start_handshake(c, peer, admission, &tx, log);
+                        }
+                    }
+                });
+            }
+            let r = body();
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            r
+        })
     }
 
     /// Starts the handshake of an accepted connection on a thread of its
@@ -266,17 +310,14 @@ impl Acceptor {
         deadline: Option<Instant>,
     ) -> Result<Accepted, TransportError> {
         let pipeline = self.pipeline();
-        let (tx, rx, admission) = (&pipeline.tx, &pipeline.rx, &pipeline.admission);
         let mut claim: Option<Claim> = None;
         let refused = Mutex::new(Vec::new());
         let note = |peer: SocketAddr, why: String| refused.lock().unwrap_or_else(|p| p.into_inner()).push((peer, why));
-        let log = |line: String| note(SocketAddr::from(([0, 0, 0, 0], 0)), line);
-        loop {
+        let res = self.listening(&pipeline, &note, || loop {
             if let Some(c) = claim.take() {
                 if c.slots.iter().all(Option::is_some) {
                     let streams = c.slots.into_iter().map(|s| s.expect("every slot filled")).collect();
-                    let refused = refused.into_inner().unwrap_or_else(|p| p.into_inner());
-                    return Ok(Accepted { hello: c.hello, caps: c.caps, streams, refused, key: c.key });
+                    return Ok((c.hello, c.caps, streams, c.key));
                 }
                 if c.since.elapsed() > self.gather_timeout {
                     let got = c.slots.iter().filter(|s| s.is_some()).count();
@@ -294,12 +335,7 @@ impl Acceptor {
             if deadline.is_some_and(|d| Instant::now() > d) {
                 return Err(TransportError::Setup("no migration session arrived in time".into()));
             }
-            let mut idle = true;
-            if let Some((s, peer)) = self.poll(&log) {
-                idle = false;
-                self.start_handshake(s, peer, admission, tx, &note);
-            }
-            let arrival = match rx.recv_timeout(Duration::from_millis(if idle { 5 } else { 0 })) {
+            let arrival = match pipeline.rx.recv_timeout(ACCEPT_TICK) {
                 Ok(Ok(a)) => a,
                 Ok(Err(refusal)) => {
                     refusal.send();
@@ -307,17 +343,17 @@ impl Acceptor {
                     continue;
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => continue,
-                Err(mpsc::RecvTimeoutError::Disconnected) => unreachable!("the loop holds a sender"),
+                Err(mpsc::RecvTimeoutError::Disconnected) => unreachable!("the pipeline holds a sender"),
             };
             let peer = arrival.peer;
-            match self.join(arrival, mode, &mut claim, check) {
-                Ok(()) => {}
-                Err(refusal) => {
-                    refusal.send();
-                    note(peer, refusal.why);
-                }
+            if let Err(refusal) = self.join(arrival, mode, &mut claim, check) {
+                refusal.send();
+                note(peer, refusal.why);
             }
-        }
+        });
+        let (hello, caps, streams, key) = res?;
+        let refused = refused.into_inner().unwrap_or_else(|p| p.into_inner());
+        Ok(Accepted { hello, caps, streams, refused, key })
     }
 
     /// Applies the session rules to an authenticated connection.

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::accept::{Acceptor, Admission, Handshaken};
+use crate::accept::Acceptor;
 use crate::auth::{Purpose, SessionKey};
 use crate::conn::Conn;
 use crate::handshake::{read_welcome, send_welcome, Refusal};
@@ -178,52 +178,47 @@ impl Resumes {
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
         let thread = std::thread::spawn(move || {
-            let (htx, hrx) = mpsc::channel::<Handshaken>();
-            let admission = Arc::new(Admission::default());
+            let pipeline = acceptor.pipeline();
             let note = |peer: SocketAddr, why: String| log(peer, why);
-            let line = |why: String| log(SocketAddr::from(([0, 0, 0, 0], 0)), why);
-            while !stop2.load(Ordering::Relaxed) {
-                let mut idle = true;
-                if let Some((s, peer)) = acceptor.poll(&line) {
-                    idle = false;
-                    acceptor.start_handshake(s, peer, &admission, &htx, &note);
-                }
-                match hrx.recv_timeout(Duration::from_millis(if idle { 5 } else { 0 })) {
-                    Ok(Ok(a)) => {
-                        let peer = a.peer;
-                        let wrong = if a.offer.purpose != Purpose::Resume {
-                            Some((ErrorCode::NotInSession, "a session is running here"))
-                        } else if a.offer.session != session || a.offer.stream_count != streams {
-                            Some((ErrorCode::NotInSession, "not a stream of the session being served"))
-                        } else if !key.stream_proof_ok(&a.transcript, &a.stream_proof) {
-                            Some((ErrorCode::Auth, "the stream did not prove the session's secret"))
-                        } else {
-                            None
-                        };
-                        let verdict = match wrong {
-                            None => Ok((a.offer.stream_index, a.conn)),
-                            Some((code, why)) => Err(Refusal { conn: Some(a.conn), code, why: why.into() }),
-                        };
-                        match verdict {
-                            Ok((i, conn)) => {
-                                if send_welcome(&conn, session, caps).is_ok() && out.send((i, conn)).is_err() {
-                                    return;
+            acceptor.listening(&pipeline, &note, || {
+                while !stop2.load(Ordering::Relaxed) {
+                    match pipeline.rx.recv_timeout(Duration::from_millis(100)) {
+                        Ok(Ok(a)) => {
+                            let peer = a.peer;
+                            let wrong = if a.offer.purpose != Purpose::Resume {
+                                Some((ErrorCode::NotInSession, "a session is running here"))
+                            } else if a.offer.session != session || a.offer.stream_count != streams {
+                                Some((ErrorCode::NotInSession, "not a stream of the session being served"))
+                            } else if !key.stream_proof_ok(&a.transcript, &a.stream_proof) {
+                                Some((ErrorCode::Auth, "the stream did not prove the session's secret"))
+                            } else {
+                                None
+                            };
+                            let verdict = match wrong {
+                                None => Ok((a.offer.stream_index, a.conn)),
+                                Some((code, why)) => Err(Refusal { conn: Some(a.conn), code, why: why.into() }),
+                            };
+                            match verdict {
+                                Ok((i, conn)) => {
+                                    if send_welcome(&conn, session, caps).is_ok() && out.send((i, conn)).is_err() {
+                                        return;
+                                    }
+                                }
+                                Err(r) => {
+                                    r.send();
+                                    log(peer, r.why);
                                 }
                             }
-                            Err(r) => {
-                                r.send();
-                                log(peer, r.why);
-                            }
                         }
+                        Ok(Err(r)) => {
+                            r.send();
+                            let peer = r.conn.as_ref().and_then(|c| c.tcp().peer_addr().ok());
+                            log(peer.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))), r.why);
+                        }
+                        Err(_) => {}
                     }
-                    Ok(Err(r)) => {
-                        r.send();
-                        let peer = r.conn.as_ref().and_then(|c| c.tcp().peer_addr().ok());
-                        log(peer.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))), r.why);
-                    }
-                    Err(_) => {}
                 }
-            }
+            });
         });
         Resumes { rx, stop, thread: Some(thread) }
     }

@@ -36,6 +36,14 @@ use crate::net::TransportError;
 /// stream direction and a target connection.
 pub const MAX_SESSIONS: usize = 256;
 
+/// How often the serving loop looks for opened sessions while handlers'
+/// `open`s are in flight.
+const OPEN_POLL: Duration = Duration::from_millis(1);
+
+/// How long the serving loop waits for a handshake when nothing else is
+/// pending (it then looks at `stop` and the gather timeouts).
+const ACCEPT_TICK: Duration = Duration::from_millis(100);
+
 /// What a server does with its sessions.
 pub trait SessionHandler: Sync {
     /// State made when a session opens and handed to [`SessionHandler::run`].
@@ -77,7 +85,7 @@ impl Acceptor {
     pub fn serve<H: SessionHandler>(&self, mode: Mode, handler: &H, stop: &AtomicBool) -> Result<(), TransportError> {
         let (tx, rx) = mpsc::channel::<Event<H::Context>>();
         let pipeline = self.pipeline();
-        let (htx, hrx, admission) = (&pipeline.tx, &pipeline.rx, &pipeline.admission);
+        let hrx = &pipeline.rx;
         // Sessions opening, gathering or running: a slot is taken before
         // `open` is called and given back when the session ends.
         let slots_used = AtomicUsize::new(0);
@@ -86,151 +94,163 @@ impl Acceptor {
             r.send();
             handler.refused(peer, &r.why);
         };
-        let log = |line: String| handler.refused(SocketAddr::from(([0, 0, 0, 0], 0)), &line);
         let note = |peer: SocketAddr, why: String| handler.refused(peer, &why);
-        std::thread::scope(|scope| {
-            while !stop.load(Ordering::Relaxed) {
-                let mut idle = true;
-                if let Some((s, peer)) = self.poll(&log) {
-                    idle = false;
-                    self.start_handshake(s, peer, admission, htx, &note);
-                }
-                let before = gathering.len();
-                gathering.retain(|_, g| {
-                    let keep = g.since.elapsed() <= self.gather_timeout;
-                    if !keep {
-                        for c in g.slots.iter().flatten() {
-                            c.send_error(ErrorCode::Aborted, "the session's other streams did not arrive in time");
-                            let _ = c.shutdown(std::net::Shutdown::Both);
+        // Handlers' `open`s in flight: their outcomes come on `rx`.
+        let opening = AtomicUsize::new(0);
+        self.listening(&pipeline, &note, || {
+            std::thread::scope(|scope| {
+                while !stop.load(Ordering::Relaxed) {
+                    let before = gathering.len();
+                    gathering.retain(|_, g| {
+                        let keep = g.since.elapsed() <= self.gather_timeout;
+                        if !keep {
+                            for c in g.slots.iter().flatten() {
+                                c.send_error(ErrorCode::Aborted, "the session's other streams did not arrive in time");
+                                let _ = c.shutdown(std::net::Shutdown::Both);
+                            }
                         }
-                    }
-                    keep
-                });
-                slots_used.fetch_sub(before - gathering.len(), Ordering::AcqRel);
-                while let Ok(h) = hrx.try_recv() {
-                    let _ = tx.send(Event::Handshake(Box::new(h)));
-                }
-                let event = match rx.recv_timeout(Duration::from_millis(if idle { 5 } else { 0 })) {
-                    Ok(e) => e,
-                    Err(mpsc::RecvTimeoutError::Timeout) => continue,
-                    Err(mpsc::RecvTimeoutError::Disconnected) => unreachable!("the loop holds a sender"),
-                };
-                let joined = match event {
-                    Event::Handshake(h) => match *h {
-                        Err(r) => {
-                            let peer = r
-                                .conn
-                                .as_ref()
-                                .and_then(|c| c.tcp().peer_addr().ok())
-                                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-                            refuse(r, peer);
-                            continue;
+                        keep
+                    });
+                    slots_used.fetch_sub(before - gathering.len(), Ordering::AcqRel);
+                    // Opened sessions first (they wait on nothing else), then
+                    // handshakes, waiting briefly while opens are in flight.
+                    let event = match rx.try_recv() {
+                        Ok(e) => e,
+                        Err(_) => {
+                            let wait = if opening.load(Ordering::Acquire) > 0 { OPEN_POLL } else { ACCEPT_TICK };
+                            match hrx.recv_timeout(wait) {
+                                Ok(h) => Event::Handshake(Box::new(h)),
+                                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                                    unreachable!("the pipeline holds a sender")
+                                }
+                            }
                         }
-                        Ok(a) => {
-                            let peer = a.peer;
-                            let refusal = |a: Arrival, code, why: String| Refusal { conn: Some(a.conn), code, why };
-                            let Some(h) = a.hello.clone() else {
-                                refuse(refusal(a, ErrorCode::NotInSession, "no session to come back to".into()), peer);
-                                continue;
-                            };
-                            if h.mode != mode {
-                                let why = format!("this end serves {mode:?} sessions, not {:?}", h.mode);
-                                refuse(refusal(a, ErrorCode::NotInSession, why), peer);
+                    };
+                    let joined = match event {
+                        Event::Handshake(h) => match *h {
+                            Err(r) => {
+                                let peer = r
+                                    .conn
+                                    .as_ref()
+                                    .and_then(|c| c.tcp().peer_addr().ok())
+                                    .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+                                refuse(r, peer);
                                 continue;
                             }
-                            if h.stream_index == 0 {
-                                if gathering.contains_key(&h.session) {
+                            Ok(a) => {
+                                let peer = a.peer;
+                                let refusal = |a: Arrival, code, why: String| Refusal { conn: Some(a.conn), code, why };
+                                let Some(h) = a.hello.clone() else {
                                     refuse(
-                                        refusal(a, ErrorCode::NotInSession, "the session is open already".into()),
+                                        refusal(a, ErrorCode::NotInSession, "no session to come back to".into()),
+                                        peer,
+                                    );
+                                    continue;
+                                };
+                                if h.mode != mode {
+                                    let why = format!("this end serves {mode:?} sessions, not {:?}", h.mode);
+                                    refuse(refusal(a, ErrorCode::NotInSession, why), peer);
+                                    continue;
+                                }
+                                if h.stream_index == 0 {
+                                    if gathering.contains_key(&h.session) {
+                                        refuse(
+                                            refusal(a, ErrorCode::NotInSession, "the session is open already".into()),
+                                            peer,
+                                        );
+                                        continue;
+                                    }
+                                    // Admit the session before anything is spent on it.
+                                    if slots_used.fetch_add(1, Ordering::AcqRel) >= MAX_SESSIONS {
+                                        slots_used.fetch_sub(1, Ordering::AcqRel);
+                                        let why = format!("{MAX_SESSIONS} sessions are open already");
+                                        refuse(refusal(a, ErrorCode::Aborted, why), peer);
+                                        continue;
+                                    }
+                                    let (tx, opening) = (tx.clone(), &opening);
+                                    opening.fetch_add(1, Ordering::AcqRel);
+                                    scope.spawn(move || {
+                                        let res = handler.open(&h, peer);
+                                        let _ = tx.send(Event::Opened(Box::new(a), res));
+                                        opening.fetch_sub(1, Ordering::AcqRel);
+                                    });
+                                    continue;
+                                }
+                                let Some(g) = gathering.get_mut(&h.session) else {
+                                    refuse(refusal(a, ErrorCode::NotInSession, "no such session".into()), peer);
+                                    continue;
+                                };
+                                if !g.key.stream_proof_ok(&a.transcript, &a.stream_proof) {
+                                    let why = "the stream did not prove the session's secret".to_string();
+                                    refuse(refusal(a, ErrorCode::Auth, why), peer);
+                                    continue;
+                                }
+                                if let Err((code, why)) = agrees(&g.hello, &h) {
+                                    refuse(refusal(a, code, why), peer);
+                                    continue;
+                                }
+                                let i = h.stream_index as usize;
+                                if g.slots[i].is_some() {
+                                    refuse(
+                                        refusal(a, ErrorCode::NotInSession, format!("stream {i} already connected")),
                                         peer,
                                     );
                                     continue;
                                 }
-                                // Admit the session before anything is spent on it.
-                                if slots_used.fetch_add(1, Ordering::AcqRel) >= MAX_SESSIONS {
-                                    slots_used.fetch_sub(1, Ordering::AcqRel);
-                                    let why = format!("{MAX_SESSIONS} sessions are open already");
-                                    refuse(refusal(a, ErrorCode::Aborted, why), peer);
+                                if send_welcome(&a.conn, h.session, g.caps).is_err() {
+                                    // A stream that breaks in its handshake dooms the session.
+                                    if let Some(g) = gathering.remove(&h.session) {
+                                        slots_used.fetch_sub(1, Ordering::AcqRel);
+                                        for c in g.slots.into_iter().flatten() {
+                                            c.send_error(ErrorCode::Aborted, "a stream of the session broke");
+                                            let _ = c.shutdown(std::net::Shutdown::Both);
+                                        }
+                                    }
                                     continue;
                                 }
-                                let tx = tx.clone();
-                                scope.spawn(move || {
-                                    let res = handler.open(&h, peer);
-                                    let _ = tx.send(Event::Opened(Box::new(a), res));
-                                });
-                                continue;
+                                g.slots[i] = Some(a.conn);
+                                h.session
                             }
-                            let Some(g) = gathering.get_mut(&h.session) else {
-                                refuse(refusal(a, ErrorCode::NotInSession, "no such session".into()), peer);
-                                continue;
-                            };
-                            if !g.key.stream_proof_ok(&a.transcript, &a.stream_proof) {
-                                let why = "the stream did not prove the session's secret".to_string();
-                                refuse(refusal(a, ErrorCode::Auth, why), peer);
-                                continue;
-                            }
-                            if let Err((code, why)) = agrees(&g.hello, &h) {
-                                refuse(refusal(a, code, why), peer);
-                                continue;
-                            }
-                            let i = h.stream_index as usize;
-                            if g.slots[i].is_some() {
-                                refuse(
-                                    refusal(a, ErrorCode::NotInSession, format!("stream {i} already connected")),
-                                    peer,
-                                );
-                                continue;
-                            }
-                            if send_welcome(&a.conn, h.session, g.caps).is_err() {
-                                // A stream that breaks in its handshake dooms the session.
-                                if let Some(g) = gathering.remove(&h.session) {
+                        },
+                        Event::Opened(a, res) => {
+                            let (peer, h) = (a.peer, a.hello.clone().expect("stream 0 of a join"));
+                            let (caps, context) = match res {
+                                Ok(x) => x,
+                                Err(e) => {
                                     slots_used.fetch_sub(1, Ordering::AcqRel);
-                                    for c in g.slots.into_iter().flatten() {
-                                        c.send_error(ErrorCode::Aborted, "a stream of the session broke");
-                                        let _ = c.shutdown(std::net::Shutdown::Both);
-                                    }
+                                    refuse(Refusal { conn: Some(a.conn), code: e.code, why: e.message }, peer);
+                                    continue;
                                 }
-                                continue;
-                            }
-                            g.slots[i] = Some(a.conn);
-                            h.session
-                        }
-                    },
-                    Event::Opened(a, res) => {
-                        let (peer, h) = (a.peer, a.hello.clone().expect("stream 0 of a join"));
-                        let (caps, context) = match res {
-                            Ok(x) => x,
-                            Err(e) => {
+                            };
+                            if gathering.contains_key(&h.session) || send_welcome(&a.conn, h.session, caps).is_err() {
+                                // Opened twice at once, or gone: nothing to serve.
                                 slots_used.fetch_sub(1, Ordering::AcqRel);
-                                refuse(Refusal { conn: Some(a.conn), code: e.code, why: e.message }, peer);
                                 continue;
                             }
-                        };
-                        if gathering.contains_key(&h.session) || send_welcome(&a.conn, h.session, caps).is_err() {
-                            // Opened twice at once, or gone: nothing to serve.
-                            slots_used.fetch_sub(1, Ordering::AcqRel);
-                            continue;
+                            let key = a.session_key(&self.auth);
+                            let mut slots: Vec<Option<Conn>> = (0..h.stream_count).map(|_| None).collect();
+                            slots[0] = Some(a.conn);
+                            let id = h.session;
+                            gathering
+                                .insert(id, Gathering { hello: h, caps, key, context, slots, since: Instant::now() });
+                            id
                         }
-                        let key = a.session_key(&self.auth);
-                        let mut slots: Vec<Option<Conn>> = (0..h.stream_count).map(|_| None).collect();
-                        slots[0] = Some(a.conn);
-                        let id = h.session;
-                        gathering.insert(id, Gathering { hello: h, caps, key, context, slots, since: Instant::now() });
-                        id
+                    };
+                    if gathering[&joined].slots.iter().all(Option::is_some) {
+                        let g = gathering.remove(&joined).expect("just looked up");
+                        let streams = g.slots.into_iter().map(|s| s.expect("every slot filled")).collect();
+                        let session =
+                            Accepted { hello: g.hello, caps: g.caps, streams, refused: Vec::new(), key: g.key };
+                        let (slots_used, context) = (&slots_used, g.context);
+                        scope.spawn(move || {
+                            handler.run(session, context);
+                            slots_used.fetch_sub(1, Ordering::AcqRel);
+                        });
                     }
-                };
-                if gathering[&joined].slots.iter().all(Option::is_some) {
-                    let g = gathering.remove(&joined).expect("just looked up");
-                    let streams = g.slots.into_iter().map(|s| s.expect("every slot filled")).collect();
-                    let session = Accepted { hello: g.hello, caps: g.caps, streams, refused: Vec::new(), key: g.key };
-                    let (slots_used, context) = (&slots_used, g.context);
-                    scope.spawn(move || {
-                        handler.run(session, context);
-                        slots_used.fetch_sub(1, Ordering::AcqRel);
-                    });
                 }
-            }
-            Ok(())
+                Ok(())
+            })
         })
     }
 }

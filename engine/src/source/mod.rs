@@ -541,6 +541,7 @@ impl<'r> Run<'r> {
                     answer: (post && i == bulk).then(|| requests::Answerer::new(this, i)),
                     running: &this.running,
                     settled: &this.finished,
+                    post_round: &this.post_round,
                 };
                 let redial = move |seen, e| this.redial(stream, i, seen, e);
                 let progress = this.cfg.progress_timeout;

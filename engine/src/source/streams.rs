@@ -256,6 +256,9 @@ pub(super) struct Listen<'a> {
     pub(super) running: &'a OnceLock<Instant>,
     /// Set when the verdict arrives.
     pub(super) settled: &'a AtomicBool,
+    /// The post-copy round once the switchover went out (`u64::MAX`
+    /// before): from then on a lost stream that cannot come back is fatal.
+    pub(super) post_round: &'a AtomicU64,
 }
 
 /// Reads what the destination says on a stream: probe replies (stream 0),
@@ -328,13 +331,18 @@ pub(super) fn listener(
                     break Err(TransportError::Unexpected { what: format!("stream {index}"), kind: h.kind }.into())
                 }
                 // The destination closes its streams once done; before that, a
-                // closed stream was cut and may be reconnected.
+                // closed stream was cut and may be reconnected. In pre-copy
+                // the verdict comes on stream 0 whatever the others do; after
+                // a post-copy switchover a stream that cannot come back ends
+                // the session.
                 Ok(None) => match redial(cur.1, TransportError::Closed(format!("stream {index}: closed"))) {
                     Ok(next) => {
                         cur = next;
                         continue 'conn;
                     }
-                    Err(_) => return,
+                    Err(_) if to.settled.load(Ordering::Acquire) => return,
+                    Err(_) if to.post_round.load(Ordering::Acquire) == u64::MAX => return,
+                    Err(e) => break Err(e.into()),
                 },
                 // A broken connection (not a clean close) may be reconnected.
                 Err(e) => match redial(cur.1, e) {
