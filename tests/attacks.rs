@@ -451,6 +451,62 @@ fn a_destination_that_stops_reading_fails_the_source_within_its_deadline(io: Bac
     drop(held);
 }
 
+/// A peer with the key names a file of the destination's host the way
+/// protocol 1 let it (`EXT_SHARED_PATHS`, type 1) and probes it: the
+/// destination never opens it, answers from the memory it was given, and
+/// the file's content and mtime stay as they were.
+fn a_peer_named_path_is_never_opened(io: BackendChoice) {
+    use pmigrate::transport::frame::FLAG_PROBE_HASH;
+    use pmigrate::transport::hello::{encode_shared_regions, CAP_SHARED, EXT_SHARED_REGIONS};
+    let dir = std::env::temp_dir().join(format!("pm-attack-path-{}-{io:?}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let victim = dir.join("victim");
+    std::fs::write(&victim, vec![0x5au8; MEM as usize]).unwrap();
+    let mtime = std::fs::metadata(&victim).unwrap().modified().unwrap();
+    // The destination's own memory: a shared file mapping, so it grants
+    // handover (and must prove it through this mapping only).
+    let own = dir.join("own.mem");
+    let region = pmigrate::GuestRegion::file(pmigrate::Gpa(0), MEM, pmigrate::HostPageSize::Small, &own, true, true);
+    let mem = GuestMemory::new(vec![region.unwrap()]).unwrap();
+    let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()], key()).unwrap();
+    let addr = acceptor.local_addrs()[0];
+    let result = std::thread::scope(|sc| {
+        let rx = sc.spawn(|| {
+            let inc = Incoming::accept_for(&acceptor, &mem, Some(Instant::now() + WAIT))?;
+            inc.receive(&mem, &receive_options(io))
+        });
+        let mut h = hello(MEM, 1);
+        h.caps |= CAP_SHARED;
+        let mut v1_paths = 0u32.to_le_bytes().to_vec();
+        let p = victim.to_string_lossy().into_owned();
+        v1_paths.extend_from_slice(&(p.len() as u16).to_le_bytes());
+        v1_paths.extend_from_slice(p.as_bytes());
+        h.extensions = vec![(1, v1_paths), (EXT_SHARED_REGIONS, encode_shared_regions(&[0]))];
+        let s = authenticated(addr, &key(), Purpose::Join, &h, 0);
+        (&s).write_all(&frame(FrameKind::Hello, &h.encode())).unwrap();
+        let mut r = FrameReader::unbuffered(&s, "attacker");
+        let (wh, wp) = r.expect(FrameKind::Welcome).unwrap();
+        wh.verify(wp).unwrap();
+        let mut probe = FrameHdr::new(FrameKind::Probe);
+        probe.flags = FLAG_PROBE_HASH;
+        let pages: Vec<u8> = [0u64, 1, 2, 3].iter().flat_map(|p| p.to_le_bytes()).collect();
+        let mut f = Vec::new();
+        build_control(&mut f, probe, &pages);
+        (&s).write_all(&f).unwrap();
+        let (ah, answer) = r.expect(FrameKind::ProbeReply).unwrap();
+        ah.verify(answer).unwrap();
+        let zero = pmigrate::transport::payload::zero_page_hash().to_le_bytes();
+        assert!(answer.chunks(8).all(|c| c == zero), "the answer is the destination's own (zero) memory");
+        drop(s);
+        rx.join().unwrap()
+    });
+    assert!(result.is_err(), "the attacker's session did not complete");
+    assert!(std::fs::read(&victim).unwrap().iter().all(|&b| b == 0x5a), "the victim's content is as it was");
+    assert_eq!(std::fs::metadata(&victim).unwrap().modified().unwrap(), mtime, "the victim was not written");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 over_each_backend!(
     a_stranger_without_the_key_writes_nothing_and_the_real_session_lands,
     an_untrusted_certificate_is_refused_and_a_tls_memory_migration_lands,
@@ -461,4 +517,5 @@ over_each_backend!(
     a_huge_claim_allocates_nothing,
     a_resume_with_a_sniffed_session_id_is_refused,
     a_destination_that_stops_reading_fails_the_source_within_its_deadline,
+    a_peer_named_path_is_never_opened,
 );

@@ -57,6 +57,8 @@ struct Scenario {
     /// Whole raw batches sent zero-copy from the registered arena (with
     /// io_uring; the portable backend ignores it).
     zero_copy_send: bool,
+    /// How both ends authenticate (the shared test key unless set).
+    auth: Option<(pmigrate::Auth, pmigrate::Auth)>,
 }
 
 impl Scenario {
@@ -69,6 +71,7 @@ impl Scenario {
             late_writes: Vec::new(),
             cut_links: false,
             zero_copy_send: false,
+            auth: None,
         }
     }
 }
@@ -77,7 +80,8 @@ impl Scenario {
 /// and reads and writes pages all over memory until the migration is over.
 fn migrate(io: BackendChoice, src: &Arc<GuestMemory>, sc: Scenario) -> Outcome {
     let dst = GuestMemory::anonymous(src.total_bytes()).unwrap();
-    let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()], crate::backends::key()).unwrap();
+    let (src_auth, dst_auth) = sc.auth.clone().unwrap_or_else(|| (crate::backends::key(), crate::backends::key()));
+    let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()], dst_auth).unwrap();
     let addr = acceptor.local_addrs()[0];
     let cutter = sc.cut_links.then(|| Cutter::new(addr));
     let dial = cutter.as_ref().map_or(addr, |c| c.addr);
@@ -160,7 +164,7 @@ fn migrate(io: BackendChoice, src: &Arc<GuestMemory>, sc: Scenario) -> Outcome {
             ..config(io)
         };
         let region = &src.regions()[0];
-        let source = Source::new(src, vec![dial], crate::backends::key())
+        let source = Source::new(src, vec![dial], src_auth)
             .streams(sc.streams)
             .config(cfg)
             .postcopy(sc.precopy_rounds)
@@ -313,6 +317,23 @@ fn post_copy_survives_losing_one_stream_and_then_all(io: BackendChoice) {
     assert!(sp.reconnects >= 2 && dp.reconnects >= 2, "streams reconnected: {sp:?} {dp:?}");
 }
 
+/// The same over mutual TLS: every stream, and every one that comes back,
+/// runs TLS, and the comebacks prove the session's secret from stream 0's
+/// TLS exporter.
+fn post_copy_over_tls_survives_losing_one_stream_and_then_all(io: BackendChoice) {
+    use pmigrate::transport::tls::test_pki::{config as tls, pki_dir};
+    let dir = pki_dir(&format!("postcopy-{io:?}"));
+    let auth = |who: &str| pmigrate::Auth::Tls(Arc::new(tls(&dir, who)));
+    let src = Arc::new(GuestMemory::anonymous(256 << 20).unwrap());
+    fill(&src, ContentMix { random: 60, text: 20, binary: 10 }, 15);
+    let o = migrate(io, &src, Scenario { cut_links: true, auth: Some((auth("a"), auth("b"))), ..Scenario::new(0) });
+    check(&src, &o, &[], &[]);
+    let (sp, dp) = (o.source.postcopy.as_ref().unwrap(), o.dest.postcopy.as_ref().unwrap());
+    assert!(sp.reconnects >= 2 && dp.reconnects >= 2, "streams reconnected: {sp:?} {dp:?}");
+    assert_eq!((o.source.io.as_str(), o.dest.io.as_str()), ("TLS, portable", "TLS, portable"));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 mod hostile {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::{Duration, Instant};
@@ -412,4 +433,5 @@ over_each_backend!(
     hybrid_pre_copy_rounds_then_post_copy,
     free_pages_are_zero_in_post_copy_and_never_sent_unless_written,
     post_copy_survives_losing_one_stream_and_then_all,
+    post_copy_over_tls_survives_losing_one_stream_and_then_all,
 );

@@ -734,3 +734,49 @@ fn preflight_failures_name_their_cause_at_once() {
     assert_eq!(entry.child.wait().unwrap().code(), Some(143));
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// `serve` and `migrate` over mutual TLS: the memory lands whole, both
+/// reports say TLS, and a source with a certificate of another CA is
+/// refused while serve goes on serving.
+#[test]
+fn serve_and_migrate_over_mutual_tls() {
+    use pmigrate_transport::tls::test_pki::write_pki;
+    let dir = scratch("mem-tls");
+    write_pki(&dir).unwrap();
+    let pem = |n: &str| dir.join(n).to_string_lossy().into_owned();
+    let tls = |who: &str| {
+        let ca = if who == "other" { pem("other.pem") } else { pem("ca.pem") };
+        [
+            "--tls-cert".to_string(),
+            pem(&format!("{who}.pem")),
+            "--tls-key".into(),
+            pem(&format!("{who}.key")),
+            "--tls-ca".into(),
+            ca,
+        ]
+    };
+    let (src, dst) = (dir.join("src.mem"), dir.join("dst.mem"));
+    let data = write_guest_file(&src, 16);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let (serve, log) = start_listening(
+        Command::new(BIN)
+            .args(["serve", "--listen", &addr, "--json", "--memory"])
+            .arg(&dst)
+            .args(tls("b"))
+            .stdout(Stdio::piped()),
+    );
+    let stranger =
+        Command::new(BIN).args(["migrate", "--memory"]).arg(&src).arg(&addr).args(tls("other")).output().unwrap();
+    assert_one_error_line(&stranger);
+    assert!(String::from_utf8_lossy(&stranger.stderr).contains("TLS handshake"));
+    let migrate =
+        Command::new(BIN).args(["migrate", "--json", "--memory"]).arg(&src).arg(&addr).args(tls("a")).output().unwrap();
+    assert!(migrate.status.success(), "migrate: {}", String::from_utf8_lossy(&migrate.stderr));
+    let (served, log) = wait_output(serve, log);
+    assert!(served.status.success(), "serve: {log}");
+    assert!(std::fs::read(&dst).unwrap() == data);
+    for json in [String::from_utf8_lossy(&migrate.stdout), String::from_utf8_lossy(&served.stdout)] {
+        assert!(json.contains("\"io\": \"TLS, portable\""), "{json}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -71,6 +71,17 @@ fn send_uri(opts: &str, dests: &[SocketAddr], err: &Path) -> String {
     )
 }
 
+/// Waits until the `recv` QEMU started says it listens (its `--report`
+/// line): QEMU starts an `exec:` helper in the background, and a source
+/// told to migrate at once could otherwise find nothing listening yet.
+fn wait_recv_listening(err: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !fs::read_to_string(err).unwrap_or_default().contains("listening on") {
+        assert!(Instant::now() < deadline, "recv never listened: {}", fs::read_to_string(err).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Whether `line` is the `--report` line of `role` (`send` or `recv`).
 fn is_report(line: &str, role: &str) -> bool {
     line.starts_with(&format!("pmigrate {role}: ")) && line.contains(" bytes in ")
@@ -278,6 +289,7 @@ fn exec_helper_spreads_streams_over_addresses_and_via_with_deferred_incoming() {
     // This time the destination waits for `migrate-incoming`.
     let mut dst = Qemu::spawn(cfg.clone().incoming("defer")).expect("spawning the destination QEMU");
     dst.qmp().migrate_incoming(&recv_uri(&listen, &scratch.path("recv.err"))).expect("QMP migrate-incoming");
+    wait_recv_listening(&scratch.path("recv.err"));
     let mut src = boot_source(cfg);
     let uri = send_uri(
         "--streams 4 --via 127.0.0.1,127.0.0.2",
@@ -322,6 +334,7 @@ fn postcopy_ram_runs_through_the_exec_helpers_return_path() {
     // not limited.
     src.qmp().migrate_set_parameters(serde_json::json!({ "max-bandwidth": 64u64 << 20 })).expect("max-bandwidth");
     dst.qmp().migrate_incoming(&recv_uri(&[localhost(port)], &scratch.path("recv.err"))).expect("migrate-incoming");
+    wait_recv_listening(&scratch.path("recv.err"));
     let t0 = Instant::now();
     src.qmp().migrate(&send_uri("--streams 4", &[localhost(port)], &scratch.path("send.err"))).expect("QMP migrate");
     // A first pre-copy pass, then post-copy: the rest comes on demand.
