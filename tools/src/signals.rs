@@ -1,0 +1,103 @@
+//! SIGINT and SIGTERM at the commands that carry a migration (`send`,
+//! `recv`, `qemu`): the migration is cancelled cleanly, one line says what
+//! was left behind, and the exit status is 128 + the signal's number. A
+//! second signal ends the command at once.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use pmigrate::engine::relay::Interrupt;
+use signal_hook::consts::{SIGINT, SIGTERM};
+
+/// How long a relay may take to end after its interrupt before the helper
+/// ends anyway (it normally takes a few milliseconds).
+const RELAY_STOP_WAIT: Duration = Duration::from_secs(5);
+
+/// A command stopped by a signal: the line to print instead of an error.
+#[derive(Debug)]
+pub struct Interrupted {
+    /// The signal's number.
+    pub signal: i32,
+    /// What was left behind, on one line.
+    pub line: String,
+}
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.line)
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+impl Interrupted {
+    /// The exit status: 128 + the signal's number, as a shell reports it.
+    pub fn status(&self) -> u8 {
+        u8::try_from(128 + self.signal).unwrap_or(1)
+    }
+}
+
+/// The signal's name.
+pub fn name(signal: i32) -> &'static str {
+    match signal {
+        SIGINT => "SIGINT",
+        SIGTERM => "SIGTERM",
+        _ => "a signal",
+    }
+}
+
+/// Whether this process may still say its last line: true once.
+pub fn say_once() -> bool {
+    static SAID: AtomicBool = AtomicBool::new(false);
+    !SAID.swap(true, Ordering::AcqRel)
+}
+
+/// Watches SIGINT and SIGTERM for an `exec:` helper. While its relay
+/// carries bytes, a signal raises `interrupt`: the relay ends, and the main
+/// thread says `line(signal, true)` ([`Interrupted`]). Before the relay
+/// carries there is nothing to cancel: the helper says `line(signal,
+/// false)` and exits at once. Once `done` is set the relay is over and the
+/// signal is left alone.
+pub fn guard_relay(
+    interrupt: Interrupt,
+    done: Arc<AtomicBool>,
+    line: impl Fn(&str, bool) -> String + Send + 'static,
+) -> Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+    std::thread::spawn(move || {
+        let mut first = true;
+        for sig in signals.forever() {
+            let status = 128 + sig;
+            if !first {
+                // A second signal: at once.
+                std::process::exit(status);
+            }
+            first = false;
+            if done.load(Ordering::Acquire) {
+                continue;
+            }
+            interrupt.raise(format!("interrupted by {}", name(sig)));
+            if !interrupt.carrying() {
+                if say_once() {
+                    eprintln!("{}", line(name(sig), false));
+                }
+                std::process::exit(status);
+            }
+            // The relay ends and the main thread says so; should it not,
+            // end anyway.
+            let until = Instant::now() + RELAY_STOP_WAIT;
+            while !done.load(Ordering::Acquire) && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if !done.load(Ordering::Acquire) {
+                if say_once() {
+                    eprintln!("{} (the relay did not stop within {RELAY_STOP_WAIT:?})", line(name(sig), true));
+                }
+                std::process::exit(status);
+            }
+        }
+    });
+    Ok(())
+}
