@@ -3,7 +3,7 @@
 //! was left behind, and the exit status is 128 + the signal's number. A
 //! second signal ends the command at once.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -52,6 +52,33 @@ pub fn name(signal: i32) -> &'static str {
 pub fn say_once() -> bool {
     static SAID: AtomicBool = AtomicBool::new(false);
     !SAID.swap(true, Ordering::AcqRel)
+}
+
+/// The first SIGINT or SIGTERM caught, for a command that looks between
+/// its steps (`pmigrate qemu`); a second one ends the process at once.
+#[derive(Clone)]
+pub struct Caught(Arc<AtomicUsize>);
+
+impl Caught {
+    /// Catches SIGINT and SIGTERM from now on.
+    pub fn install() -> Result<Caught> {
+        let caught = Arc::new(AtomicUsize::new(0));
+        let again = Arc::new(AtomicBool::new(false));
+        for sig in [SIGINT, SIGTERM] {
+            signal_hook::flag::register_conditional_shutdown(sig, 1, again.clone())?;
+            signal_hook::flag::register(sig, again.clone())?;
+            signal_hook::flag::register_usize(sig, caught.clone(), usize::try_from(sig).unwrap_or(1))?;
+        }
+        Ok(Caught(caught))
+    }
+
+    /// The first signal caught, if any.
+    pub fn signal(&self) -> Option<i32> {
+        match self.0.load(Ordering::Acquire) {
+            0 => None,
+            n => i32::try_from(n).ok(),
+        }
+    }
 }
 
 /// Watches SIGINT and SIGTERM for an `exec:` helper. While its relay

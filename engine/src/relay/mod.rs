@@ -127,7 +127,7 @@ impl FlowReport {
     /// How the flow ended, for a report line.
     fn ending(&self) -> &'static str {
         if self.closed_early {
-            " (closed by the peer it went to before its end)"
+            " (its reader closed first)"
         } else {
             ""
         }
