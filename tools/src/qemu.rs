@@ -806,3 +806,37 @@ pub fn run(a: QemuArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn memdev(id: &str, size: u64) -> Memdev {
+        Memdev { id: id.into(), size, share: false, path: None }
+    }
+
+    #[test]
+    fn layouts_must_match_backend_for_backend() {
+        let src = [memdev("pc.ram", 268_566_528), memdev("extra", 1 << 20)];
+        assert!(check_layouts(&src, &[memdev("extra", 1 << 20), memdev("pc.ram", 268_566_528)]).is_ok());
+        let e = check_layouts(&src, &[memdev("pc.ram", 335_675_392), memdev("extra", 1 << 20)]).unwrap_err();
+        let e = e.to_string();
+        assert!(e.contains("pc.ram is 268566528 bytes (256.1 MiB) at the source but 335675392 bytes"), "{e}");
+        assert!(e.ends_with("nothing was changed on either QEMU"), "{e}");
+        let e = check_layouts(&src, &[memdev("pc.ram", 268_566_528), memdev("other", 4096)]).unwrap_err().to_string();
+        assert!(e.contains("extra (1048576 bytes (1.0 MiB)) is missing at the destination"), "{e}");
+        assert!(e.contains("other (4096 bytes (0.0 MiB)) exists only at the destination"), "{e}");
+    }
+
+    #[test]
+    fn a_port_in_use_here_is_refused_and_an_address_elsewhere_passes() {
+        let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let e = check_port_free(addr).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("{addr} is already in use on this host")), "{e}");
+        drop(taken);
+        assert!(check_port_free(addr).is_ok());
+        // An address this host does not have: a destination elsewhere.
+        assert!(check_port_free("192.0.2.1:7000".parse().unwrap()).is_ok());
+    }
+}
