@@ -524,7 +524,12 @@ fn destination_fate(dst: &mut Qmp, incoming: bool) -> String {
                 return "the destination QEMU still waits for a migration".into();
             }
             Ok(st) if st != "inmigrate" || Instant::now() >= deadline => {
-                return format!("the destination QEMU is {st:?}");
+                // Its own word on the incoming migration, where it has one.
+                let own = dst.execute("query-migrate", Value::Null).ok().and_then(|i| {
+                    let why = i["error-desc"].as_str().map(|d| format!(": {d}")).unwrap_or_default();
+                    i["status"].as_str().map(|s| format!(", its incoming migration {s}{why}"))
+                });
+                return format!("the destination QEMU is {st:?}{}", own.unwrap_or_default());
             }
             Ok(_) => std::thread::sleep(Duration::from_millis(100)),
         }
