@@ -81,6 +81,19 @@ fn is_report(line: &str, role: &str) -> bool {
     line.starts_with(&format!("pmigrate {role}: ")) && line.contains(" bytes in ")
 }
 
+/// Waits until `recv` (run with `--report`) says it listens. QEMU starts
+/// an `exec:` helper in the background: `migrate-incoming` returns before
+/// `recv` has bound its port, and a `send` started at once may find nothing
+/// there (connection refused).
+fn wait_recv_listening(scratch: &Scratch) {
+    let path = scratch.path("recv.err");
+    let deadline = Instant::now() + EXIT_TIMEOUT;
+    while !fs::read_to_string(&path).unwrap_or_default().contains("pmigrate recv: listening on") {
+        assert!(Instant::now() < deadline, "recv did not listen within {EXIT_TIMEOUT:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The processes whose command line names the pmigrate binary and `needle`
 /// (a helper's port): the helpers, and the `sh -c` QEMU runs each under.
 fn helpers_alive(needle: &str) -> Vec<String> {
@@ -298,6 +311,7 @@ fn exec_helper_spreads_streams_over_addresses_and_via_with_deferred_incoming() {
     // This time the destination waits for `migrate-incoming`.
     let mut dst = Qemu::spawn(cfg.clone().incoming("defer")).expect("spawning the destination QEMU");
     dst.qmp().migrate_incoming(&recv_uri(&listen, &scratch.path("recv.err"))).expect("QMP migrate-incoming");
+    wait_recv_listening(&scratch);
     let mut src = boot_source(cfg);
     let uri = send_uri(
         "--streams 4 --via 127.0.0.1,127.0.0.2",
@@ -342,6 +356,7 @@ fn postcopy_ram_runs_through_the_exec_helpers_return_path() {
     // not limited.
     src.qmp().migrate_set_parameters(serde_json::json!({ "max-bandwidth": 64u64 << 20 })).expect("max-bandwidth");
     dst.qmp().migrate_incoming(&recv_uri(&[localhost(port)], &scratch.path("recv.err"))).expect("migrate-incoming");
+    wait_recv_listening(&scratch);
     let t0 = Instant::now();
     src.qmp().migrate(&send_uri("--streams 4", &[localhost(port)], &scratch.path("send.err"))).expect("QMP migrate");
     // A first pre-copy pass, then post-copy: the rest comes on demand.
@@ -389,6 +404,7 @@ fn cancelled_migration(test: &str, return_path: bool) {
     }
     src.qmp().migrate_set_parameters(serde_json::json!({ "max-bandwidth": CANCEL_BANDWIDTH })).expect("max-bandwidth");
     dst.qmp().migrate_incoming(&recv_uri(&[localhost(port)], &scratch.path("recv.err"))).expect("migrate-incoming");
+    wait_recv_listening(&scratch);
     src.qmp().migrate(&send_uri("--streams 4", &[localhost(port)], &scratch.path("send.err"))).expect("QMP migrate");
     // Cancel once the stream flows.
     let deadline = Instant::now() + MIGRATION_TIMEOUT;
