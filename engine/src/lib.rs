@@ -148,6 +148,9 @@ pub enum MigrateError {
     /// Stopped because another part of the migration failed.
     #[error("migration aborted")]
     Aborted,
+    /// Stopped from outside (a signal), for the reason given.
+    #[error("{0}")]
+    Interrupted(String),
 }
 
 impl MigrateError {

@@ -133,20 +133,22 @@ pub fn check_source_runs_on(src: &mut Qemu) {
     assert!(last.gen > first.gen && last.verified > first.verified, "source workload stalled: {first:?} .. {last:?}");
 }
 
-/// After a failed migration: the destination QEMU gives up with status 1
-/// on an I/O error — its stream ended early, never with bytes that fail to
-/// parse (pmigrate passes on no byte it has not verified) — and never ran
+/// After a failed or cancelled migration: the destination QEMU gives up —
+/// exits with status 1 saying `load of migration failed` — and never ran
 /// the guest.
+///
+/// Which error QEMU names depends on where its stream ends, not on what it
+/// got: pmigrate passes on only verified bytes, in order, so the stream is
+/// always a true prefix of the source's. Cut between two reads, QEMU 7.2
+/// sees `Input/output error`; cut inside a section, it may read the end of
+/// file as zeros first and fail with `Unknown combination of migration
+/// flags: 0x0` or `Read section footer failed` and `Invalid argument`.
 pub fn check_destination_gave_up(dst: &mut Qemu) {
     let status = wait_exit(dst, EXIT_TIMEOUT);
     eprintln!("  destination QEMU: {status:?}, stderr: {}", dst.stderr().trim());
     let status = status.expect("the destination QEMU did not exit after the failed incoming migration");
     assert_eq!(status.code(), Some(1), "destination QEMU exit status");
-    assert!(
-        dst.stderr().contains("load of migration failed: Input/output error"),
-        "destination QEMU stderr: {}",
-        dst.stderr()
-    );
+    assert!(dst.stderr().contains("load of migration failed"), "destination QEMU stderr: {}", dst.stderr());
     assert!(
         dst.heartbeats_after(0).is_empty() && !dst.console_log().contains("PMW"),
         "the destination ran the guest:\n{}",

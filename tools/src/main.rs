@@ -10,6 +10,8 @@
 use std::io::IsTerminal;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -35,6 +37,7 @@ mod proxy;
 mod qemu;
 mod qmp;
 mod signals;
+mod stdio;
 
 use auth::AuthArgs;
 
@@ -155,6 +158,14 @@ fn main() -> ExitCode {
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
+        // Stopped by a signal: the line says what was left behind.
+        Err(e) if e.downcast_ref::<signals::Interrupted>().is_some() => {
+            let i = e.downcast_ref::<signals::Interrupted>().expect("checked");
+            if signals::say_once() {
+                say!("{}", i.line);
+            }
+            ExitCode::from(i.status())
+        }
         Err(e) => {
             say!("pmigrate: error: {}", one_line(&e));
             ExitCode::FAILURE
@@ -193,14 +204,30 @@ pub(crate) fn relay_config(dest: &[String], s: &StreamArgs, auth: pmigrate::Auth
 }
 
 fn send(a: SendArgs) -> Result<()> {
-    let cfg = relay_config(&a.dest, &a.streams, a.auth.auth("send")?)?;
-    let stdin = std::fs::File::from(std::io::stdin().as_fd_owned()?);
+    let mut cfg = relay_config(&a.dest, &a.streams, a.auth.auth("send")?)?;
+    let stdin = stdio::stdin()?;
     // A larger pipe lets the producer run ahead by a chunk or four.
-    grow_pipe(&stdin);
+    stdio::grow_pipe(&stdin);
     // What comes back (QEMU's return path: page requests, acknowledgements)
-    // goes to stdout.
-    let stdout = std::fs::File::from(std::io::stdout().as_fd_owned()?);
-    let report = relay::send(Local::pipes(Some(stdin), Some(stdout)), &cfg)?;
+    // goes to stdout. QEMU closing both pipes (the migration completed or
+    // was cancelled) ends the helper once the stream so far is delivered.
+    let stdout = stdio::ReturnPath(std::fs::File::from(std::io::stdout().as_fd_owned()?));
+    let line = |signal: &str, carrying: bool| {
+        let what = if carrying {
+            "migration cancelled, the stream cut short"
+        } else {
+            "migration cancelled before the destination took the streams"
+        };
+        format!(
+            "pmigrate send: interrupted by {signal}: {what}; the source QEMU fails the migration and its VM keeps \
+             running (unless it had switched to post-copy)"
+        )
+    };
+    let report = relay_under_signals(line, |interrupt| {
+        let local = Local { input: Some(Box::new(stdin)), output: Some(Box::new(stdout)), abort: Box::new(|| {}) };
+        cfg.interrupt = Some(interrupt);
+        relay::send(local, &cfg)
+    })?;
     if a.report {
         say!("{report}");
     }
@@ -212,10 +239,13 @@ fn recv(a: RecvArgs) -> Result<()> {
     if a.report {
         say!("pmigrate recv: listening on {:?}", acceptor.local_addrs());
     }
-    let stdout = std::fs::File::from(std::io::stdout().as_fd_owned()?);
+    // The stream goes to stdout, which closes as soon as it ended (whole
+    // or not): the destination QEMU then reads its end and finishes loading,
+    // or fails its incoming migration, without waiting for this helper.
+    let stdout = stdio::take_stdout()?;
     // A larger pipe lets recv run ahead of QEMU's loader by a few chunks.
-    grow_pipe(&stdout);
-    let opts = RelayRecvOptions {
+    stdio::grow_pipe(&stdout);
+    let mut opts = RelayRecvOptions {
         accept_deadline: Some(Instant::now() + Duration::from_secs(a.wait)),
         backend: a.io,
         progress_timeout: Duration::from_secs(a.progress_timeout),
@@ -223,13 +253,71 @@ fn recv(a: RecvArgs) -> Result<()> {
     };
     // What QEMU writes to stdin (its return path) goes back to the sender;
     // a terminal on stdin is not a return path.
-    let stdin = std::io::stdin();
-    let back = if stdin.is_terminal() { None } else { Some(std::fs::File::from(stdin.as_fd_owned()?)) };
-    let report = relay::receive(&acceptor, Local::pipes(back, Some(stdout)), &opts)?;
+    let back = if std::io::stdin().is_terminal() { None } else { Some(stdio::stdin()?) };
+    let line = |signal: &str, carrying: bool| {
+        let what = if carrying {
+            "migration cancelled, the stream cut short"
+        } else {
+            "migration cancelled before the source connected"
+        };
+        format!(
+            "pmigrate recv: interrupted by {signal}: {what}; the destination QEMU fails its incoming migration and \
+             the source VM keeps running (unless it had switched to post-copy)"
+        )
+    };
+    let res = relay_under_signals(line, |interrupt| {
+        opts.interrupt = Some(interrupt);
+        relay::receive(&acceptor, Local::pipes(back, Some(stdout)), &opts)
+    });
+    let report = res.map_err(|e| match broken_pipe(&e) {
+        // The destination QEMU closed its end first: it failed (or quit),
+        // and says why on its own stderr.
+        true => e.context("the destination QEMU stopped reading the migration stream (see its own error)"),
+        false => e,
+    })?;
     if a.report {
         say!("{report}");
     }
     Ok(())
+}
+
+/// Runs a helper's relay under SIGINT and SIGTERM (see
+/// [`signals::guard_relay`]); `line(signal, carrying)` says what a signal
+/// left behind.
+fn relay_under_signals(
+    line: impl Fn(&str, bool) -> String + Send + Clone + 'static,
+    run: impl FnOnce(relay::Interrupt) -> Result<relay::RelayReport, pmigrate::MigrateError>,
+) -> Result<relay::RelayReport> {
+    let interrupt = relay::Interrupt::new();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    signals::guard_relay(interrupt.clone(), done.clone(), line.clone())?;
+    let res = run(interrupt.clone());
+    done.store(true, Ordering::Release);
+    match res {
+        Err(pmigrate::MigrateError::Interrupted(_)) => {
+            let signal = signal_of(&interrupt);
+            Err(signals::Interrupted { signal, line: line(signals::name(signal), true) }.into())
+        }
+        r => Ok(r?),
+    }
+}
+
+/// The signal an interrupt was raised for (its reason names it).
+fn signal_of(interrupt: &relay::Interrupt) -> i32 {
+    let why = interrupt.raised().unwrap_or_default();
+    if why.contains("SIGINT") {
+        signal_hook::consts::SIGINT
+    } else {
+        signal_hook::consts::SIGTERM
+    }
+}
+
+/// Whether a broken pipe is among the causes of `e`.
+fn broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            || c.to_string().contains("Broken pipe")
+    })
 }
 
 /// Owned duplicates of the standard descriptors: raw, unbuffered files
@@ -242,11 +330,4 @@ impl<T: std::os::fd::AsFd> AsFdOwned for T {
     fn as_fd_owned(&self) -> Result<std::os::fd::OwnedFd> {
         Ok(self.as_fd().try_clone_to_owned()?)
     }
-}
-
-fn grow_pipe(f: &std::fs::File) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: F_SETPIPE_SZ takes an int argument and only resizes the pipe
-    // behind a valid descriptor; on anything but a pipe it fails harmlessly.
-    let _ = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
 }

@@ -1,5 +1,7 @@
 //! The `pmigrate` binary as an operator runs it: serve/migrate between
-//! memory files, send/recv through pipes, and errors as one clear line.
+//! memory files, send/recv through pipes — ending at once when QEMU closes
+//! them, and on SIGINT/SIGTERM with one line saying what was left — and
+//! errors as one clear line.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -778,5 +780,175 @@ fn serve_and_migrate_over_mutual_tls() {
     for json in [String::from_utf8_lossy(&migrate.stdout), String::from_utf8_lossy(&served.stdout)] {
         assert!(json.contains("\"io\": \"TLS, portable\""), "{json}");
     }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// An `exec:` helper as QEMU runs it: the test holds QEMU's ends of its
+/// stdin and stdout; its stderr goes to a file. Killed when dropped.
+struct Helper {
+    child: Child,
+    log: PathBuf,
+    stdin: Option<std::process::ChildStdin>,
+    stdout: Option<std::process::ChildStdout>,
+}
+
+impl Helper {
+    fn start(args: &[&str], log: PathBuf) -> Helper {
+        let file = std::fs::File::create(&log).unwrap();
+        let mut child = Command::new(BIN)
+            .args(args)
+            .args(psk_args())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        let (stdin, stdout) = (child.stdin.take(), child.stdout.take());
+        Helper { child, log, stdin, stdout }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Its exit status, waiting at most `limit`.
+    fn exit_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return Some(st);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) with the pid of a child this test spawned and still owns.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `recv` listening on a free port and a `send` connected to it; recv's
+/// stdout is drained (as the destination QEMU reads it) into the returned
+/// thread, which also counts the bytes as they come.
+fn helper_pair(
+    dir: &Path,
+) -> (Helper, Helper, std::thread::JoinHandle<Vec<u8>>, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut recv = Helper::start(&["recv", "--listen", &addr, "--report"], dir.join("recv.log"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !recv.log().contains("listening on") {
+        assert!(Instant::now() < deadline, "recv never listened: {}", recv.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut out = recv.stdout.take().unwrap();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = count.clone();
+    let drain = std::thread::spawn(move || {
+        let (mut all, mut buf) = (Vec::new(), vec![0u8; 1 << 16]);
+        loop {
+            match out.read(&mut buf) {
+                Ok(0) | Err(_) => return all,
+                Ok(n) => {
+                    all.extend_from_slice(&buf[..n]);
+                    counted.store(all.len(), std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+    });
+    let send = Helper::start(&["send", "--streams", "3", "--report", &addr], dir.join("send.log"));
+    (recv, send, drain, count)
+}
+
+/// What QEMU does when it cancels (or completes) an `exec:` migration: it
+/// closes both pipes of `send`, then waits for it with its main loop
+/// stopped. Both helpers must end at once — recv although its return path
+/// (its stdin) stays open — and the stream so far must arrive whole, with
+/// recv's stdout closed after it.
+#[test]
+fn send_ends_once_its_peer_closed_both_pipes_and_the_stream_arrives_whole() {
+    let dir = scratch("closed");
+    let (mut recv, mut send, drain, _) = helper_pair(&dir);
+    let data = write_guest_file(&dir.join("in"), 3);
+    send.stdin.as_mut().unwrap().write_all(&data).unwrap();
+    // QEMU closes the reading end first, then the writing end.
+    drop(send.stdout.take());
+    drop(send.stdin.take());
+    let t0 = Instant::now();
+    let sent = send.exit_within(Duration::from_secs(2));
+    let got = recv.exit_within(Duration::from_secs(2));
+    eprintln!("both helpers ended {:.3} s after the pipes closed", t0.elapsed().as_secs_f64());
+    assert!(sent.is_some_and(|s| s.success()), "send: {sent:?}: {}", send.log());
+    assert!(got.is_some_and(|s| s.success()), "recv: {got:?}: {}", recv.log());
+    assert!(drain.join().unwrap() == data, "recv's stdout carries the stream whole, then ends");
+    assert!(recv.stdin.is_some(), "the return path stayed open all along");
+    assert!(send.log().contains("back: 0 bytes in 0 chunks (its reader closed first)"), "{}", send.log());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// SIGTERM or SIGINT at either helper in the middle of a stream: both end
+/// within 2 s; the one signalled says in one line what it left behind and
+/// exits with 128 + the signal, the other fails naming the signal. Before a
+/// sender came, recv says there was nothing to cancel.
+#[test]
+fn send_and_recv_interrupted_say_what_they_left_and_exit_128_plus_the_signal() {
+    for (victim, sig, name) in [("send", libc::SIGTERM, "SIGTERM"), ("recv", libc::SIGINT, "SIGINT")] {
+        let dir = scratch(&format!("sig-{victim}"));
+        let (mut recv, mut send, drain, count) = helper_pair(&dir);
+        let mut stdin = send.stdin.take().unwrap();
+        let feed = std::thread::spawn(move || {
+            let chunk = vec![7u8; 1 << 16];
+            while stdin.write_all(&chunk).is_ok() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while count.load(std::sync::atomic::Ordering::Relaxed) < 1 << 20 {
+            assert!(Instant::now() < deadline, "nothing relayed: {}", recv.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let (hit, other) = if victim == "send" { (&mut send, &mut recv) } else { (&mut recv, &mut send) };
+        hit.signal(sig);
+        let t0 = Instant::now();
+        let hit_status = hit.exit_within(Duration::from_secs(2));
+        let other_status = other.exit_within(Duration::from_secs(2));
+        eprintln!("{victim} {name}: both ended within {:.3} s", t0.elapsed().as_secs_f64());
+        assert_eq!(hit_status.and_then(|s| s.code()), Some(128 + sig), "{victim}: {}", hit.log());
+        let said: Vec<String> = hit.log().lines().filter(|l| !l.contains("listening on")).map(str::to_string).collect();
+        assert_eq!(said.len(), 1, "{victim} says one line: {said:?}");
+        let expected = format!("pmigrate {victim}: interrupted by {name}: migration cancelled");
+        assert!(said[0].starts_with(&expected), "{said:?}");
+        assert!(other_status.is_some_and(|s| !s.success()), "the other end failed: {other_status:?}");
+        let errors: Vec<String> =
+            other.log().lines().filter(|l| l.starts_with("pmigrate: error:")).map(str::to_string).collect();
+        assert!(errors.len() == 1 && errors[0].contains(&format!("interrupted by {name}")), "{}", other.log());
+        drop((recv, send));
+        let _ = (feed.join(), drain.join());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+    // Nothing to cancel yet.
+    let dir = scratch("sig-early");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut recv = Helper::start(&["recv", "--listen", &addr, "--report"], dir.join("recv.log"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !recv.log().contains("listening on") {
+        assert!(Instant::now() < deadline, "recv never listened: {}", recv.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    recv.signal(libc::SIGINT);
+    assert_eq!(recv.exit_within(Duration::from_secs(2)).and_then(|s| s.code()), Some(130), "{}", recv.log());
+    assert!(recv
+        .log()
+        .contains("pmigrate recv: interrupted by SIGINT: migration cancelled before the source connected"));
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -13,7 +13,12 @@
 //! - streams spread over two destination addresses leave by the local address
 //!   `--via` names (this destination waits with `-incoming defer` and gets
 //!   `migrate-incoming`);
-//! - the helpers' `--report` lines match.
+//! - the helpers' `--report` lines match;
+//! - QMP `migrate_cancel` in the middle of a migration (pre-copy, and with
+//!   the return path): within 2 s the source is `cancelled` and running,
+//!   both helpers are gone, and the destination QEMU gives up; the source's
+//!   workload goes on. (QEMU closes the helper's pipes, then waits for it
+//!   with its main loop stopped: a helper that lingers freezes the source.)
 //!
 //! The tests run one at a time (they share two loaded cores) and skip, saying
 //! why, when QEMU is missing. `PMIGRATE_KEEP_VM_LOGS=1` keeps the consoles and
@@ -40,6 +45,13 @@ use serde_json::Value;
 const PMIGRATE: &str = env!("CARGO_BIN_EXE_pmigrate");
 /// How far into the first stream the faulty link strikes.
 const FAULT_AT: u64 = 8 << 20;
+
+/// A cancel must settle (source `cancelled` and running, helpers gone)
+/// within this.
+const CANCEL_LIMIT: Duration = Duration::from_secs(2);
+/// The source's bandwidth in the cancel tests: below the guest's dirtying
+/// rate, so the migration is surely still running when it is cancelled.
+const CANCEL_BANDWIDTH: u64 = 8 << 20;
 
 /// The busy guest: working set and dirtying rate (MiB, MiB/s).
 const BUSY_WORKING_SET_MIB: u64 = 128;
@@ -71,20 +83,37 @@ fn send_uri(opts: &str, dests: &[SocketAddr], err: &Path) -> String {
     )
 }
 
-/// Waits until the `recv` QEMU started says it listens (its `--report`
-/// line): QEMU starts an `exec:` helper in the background, and a source
-/// told to migrate at once could otherwise find nothing listening yet.
-fn wait_recv_listening(err: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !fs::read_to_string(err).unwrap_or_default().contains("listening on") {
-        assert!(Instant::now() < deadline, "recv never listened: {}", fs::read_to_string(err).unwrap_or_default());
+/// Whether `line` is the `--report` line of `role` (`send` or `recv`).
+fn is_report(line: &str, role: &str) -> bool {
+    line.starts_with(&format!("pmigrate {role}: ")) && line.contains(" bytes in ")
+}
+
+/// Waits until `recv` (run with `--report`) says it listens. QEMU starts
+/// an `exec:` helper in the background: `migrate-incoming` returns before
+/// `recv` has bound its port, and a `send` started at once may find nothing
+/// there (connection refused).
+fn wait_recv_listening(scratch: &Scratch) {
+    let path = scratch.path("recv.err");
+    let deadline = Instant::now() + EXIT_TIMEOUT;
+    while !fs::read_to_string(&path).unwrap_or_default().contains("pmigrate recv: listening on") {
+        assert!(Instant::now() < deadline, "recv did not listen within {EXIT_TIMEOUT:?}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
-/// Whether `line` is the `--report` line of `role` (`send` or `recv`).
-fn is_report(line: &str, role: &str) -> bool {
-    line.starts_with(&format!("pmigrate {role}: ")) && line.contains(" bytes in ")
+/// The processes whose command line names the pmigrate binary and `needle`
+/// (a helper's port): the helpers, and the `sh -c` QEMU runs each under.
+fn helpers_alive(needle: &str) -> Vec<String> {
+    let Ok(dir) = fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .filter_map(|e| {
+            let cmd = fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            (cmd.contains(PMIGRATE) && cmd.contains(needle))
+                .then(|| format!("{} {}", e.file_name().to_string_lossy(), cmd.trim()))
+        })
+        .collect()
 }
 
 /// Waits until a helper's stderr shows its report or an error; returns the text.
@@ -289,7 +318,7 @@ fn exec_helper_spreads_streams_over_addresses_and_via_with_deferred_incoming() {
     // This time the destination waits for `migrate-incoming`.
     let mut dst = Qemu::spawn(cfg.clone().incoming("defer")).expect("spawning the destination QEMU");
     dst.qmp().migrate_incoming(&recv_uri(&listen, &scratch.path("recv.err"))).expect("QMP migrate-incoming");
-    wait_recv_listening(&scratch.path("recv.err"));
+    wait_recv_listening(&scratch);
     let mut src = boot_source(cfg);
     let uri = send_uri(
         "--streams 4 --via 127.0.0.1,127.0.0.2",
@@ -334,7 +363,7 @@ fn postcopy_ram_runs_through_the_exec_helpers_return_path() {
     // not limited.
     src.qmp().migrate_set_parameters(serde_json::json!({ "max-bandwidth": 64u64 << 20 })).expect("max-bandwidth");
     dst.qmp().migrate_incoming(&recv_uri(&[localhost(port)], &scratch.path("recv.err"))).expect("migrate-incoming");
-    wait_recv_listening(&scratch.path("recv.err"));
+    wait_recv_listening(&scratch);
     let t0 = Instant::now();
     src.qmp().migrate(&send_uri("--streams 4", &[localhost(port)], &scratch.path("send.err"))).expect("QMP migrate");
     // A first pre-copy pass, then post-copy: the rest comes on demand.
@@ -360,4 +389,90 @@ fn postcopy_ram_runs_through_the_exec_helpers_return_path() {
     let send = helper_report(&scratch.path("send.err"), "send");
     let back = send.split("back: ").nth(1).and_then(|b| b.split_whitespace().next()?.parse::<u64>().ok());
     assert!(back.is_some_and(|b| b > 0), "send relayed nothing back: {send}");
+}
+
+/// QMP `migrate_cancel` while QEMU streams through the helpers: QEMU closes
+/// both of `send`'s pipes and waits for it with its main loop stopped, so
+/// the source settles only once the helpers are gone. Within
+/// [`CANCEL_LIMIT`] the source must be `cancelled` and running and both
+/// helpers gone (recv although the destination QEMU still waits on it);
+/// the destination QEMU then reads the end of its stream and gives up, and
+/// the helpers end cleanly, having delivered the stream so far whole.
+fn cancelled_migration(test: &str, return_path: bool) {
+    let scratch = Scratch::new(test);
+    let port = qemu::free_port().expect("free port");
+    let cfg = guest(test, 64, 20);
+    let mut dst = Qemu::spawn(cfg.clone().incoming("defer")).expect("spawning the destination QEMU");
+    let mut src = boot_source(cfg);
+    if return_path {
+        for vm in [&mut src, &mut dst] {
+            vm.qmp().migrate_set_capabilities(&[("return-path", true)]).expect("return-path capability");
+        }
+    }
+    src.qmp().migrate_set_parameters(serde_json::json!({ "max-bandwidth": CANCEL_BANDWIDTH })).expect("max-bandwidth");
+    dst.qmp().migrate_incoming(&recv_uri(&[localhost(port)], &scratch.path("recv.err"))).expect("migrate-incoming");
+    wait_recv_listening(&scratch);
+    src.qmp().migrate(&send_uri("--streams 4", &[localhost(port)], &scratch.path("send.err"))).expect("QMP migrate");
+    // Cancel once the stream flows.
+    let deadline = Instant::now() + MIGRATION_TIMEOUT;
+    let before = loop {
+        let info = src.qmp().query_migrate().expect("query-migrate");
+        let status = info["status"].as_str().unwrap_or_default().to_string();
+        assert!(matches!(status.as_str(), "setup" | "active"), "before the cancel: {}", migration_summary(&info));
+        if status == "active" && info["ram"]["transferred"].as_u64().unwrap_or(0) > 4 << 20 {
+            break info;
+        }
+        assert!(Instant::now() < deadline, "the migration made no progress: {}", migration_summary(&info));
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let t0 = Instant::now();
+    src.qmp().migrate_cancel().expect("QMP migrate_cancel");
+    // A frozen source does not answer at all: each query must come back.
+    let info = loop {
+        let info = src.qmp().query_migrate().expect("query-migrate after the cancel");
+        if info["status"] == "cancelled" {
+            break info;
+        }
+        assert!(t0.elapsed() <= CANCEL_LIMIT, "not cancelled after {:?}: {}", t0.elapsed(), migration_summary(&info));
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let settled = t0.elapsed();
+    assert_eq!(src.qmp().query_status().expect("source run state"), "running");
+    let alive = loop {
+        let alive = helpers_alive(&port.to_string());
+        if alive.is_empty() || t0.elapsed() > CANCEL_LIMIT {
+            break alive;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(alive.is_empty(), "helpers still running {:?} after the cancel: {alive:?}", t0.elapsed());
+    eprintln!(
+        "{test}: cancelled after {} MiB sent; source cancelled and running after {:.3} s, helpers gone after {:.3} s",
+        before["ram"]["transferred"].as_u64().unwrap_or(0) >> 20,
+        settled.as_secs_f64(),
+        t0.elapsed().as_secs_f64()
+    );
+    assert_eq!(info["status"], "cancelled");
+    check_destination_gave_up(&mut dst);
+    check_source_runs_on(&mut src);
+    // Both helpers ended cleanly, and agree on what went through.
+    check_reports(&scratch);
+}
+
+#[test]
+fn migrate_cancel_mid_precopy_leaves_the_source_running_and_the_helpers_gone() {
+    let _serial = one_at_a_time();
+    if qemu::skip_without_qemu("migrate_cancel_mid_precopy_leaves_the_source_running_and_the_helpers_gone") {
+        return;
+    }
+    cancelled_migration("cancel", false);
+}
+
+#[test]
+fn migrate_cancel_with_the_return_path_leaves_the_source_running_and_the_helpers_gone() {
+    let _serial = one_at_a_time();
+    if qemu::skip_without_qemu("migrate_cancel_with_the_return_path_leaves_the_source_running_and_the_helpers_gone") {
+        return;
+    }
+    cancelled_migration("cancel-rp", true);
 }

@@ -50,6 +50,8 @@ pub enum FrameKind {
     /// holds the digest of all memory as the source sent it.
     Done = 5,
     /// Destination → source on stream 0: memory verified against the digest.
+    /// In stream mode, the confirmation of a direction; [`FLAG_CLOSED`]:
+    /// the confirming end's local peer closed, the direction stops here.
     Verified = 6,
     /// Either way: a fatal error with a code and a message; the sender closes.
     Error = 7,
@@ -139,6 +141,11 @@ impl Encoding {
 
 /// RoundEnd flag: the last round; the source is paused.
 pub const FLAG_FINAL: u16 = 1;
+/// Verified flag (stream mode): the confirming end's local peer closed its
+/// end — nothing more of this direction can be delivered there. `aux` is
+/// the chunks it delivered; the sender stops the direction and sends no
+/// more of it.
+pub const FLAG_CLOSED: u16 = 1;
 /// Probe flag: hash whole pages.
 pub const FLAG_PROBE_HASH: u16 = 1;
 /// Probe flag: read 8-byte words.
@@ -285,6 +292,7 @@ impl FrameHdr {
         let kind = self.kind;
         let allowed_flags = match kind {
             RoundEnd | Switchover => FLAG_FINAL,
+            Verified => FLAG_CLOSED,
             Probe => FLAG_PROBE_HASH | FLAG_PROBE_WORDS,
             _ => 0,
         };
@@ -457,6 +465,18 @@ mod tests {
         assert!(matches!(FrameHdr::decode(&h), Err(WireError::BadEncoding { .. })));
         h[1] = Encoding::Raw as u8;
         assert!(matches!(FrameHdr::decode(&h), Err(WireError::BadEncoding { .. })));
+    }
+
+    #[test]
+    fn verified_takes_the_closed_flag_and_nothing_else() {
+        let mut h = FrameHdr::new(FrameKind::Verified);
+        h.flags = FLAG_CLOSED;
+        assert!(FrameHdr::decode(&h.encode()).is_ok());
+        h.flags = 2;
+        assert!(matches!(FrameHdr::decode(&h.encode()), Err(WireError::BadFlags { .. })));
+        let mut e = FrameHdr::new(FrameKind::End);
+        e.flags = FLAG_CLOSED;
+        assert!(matches!(FrameHdr::decode(&e.encode()), Err(WireError::BadFlags { .. })));
     }
 
     #[test]

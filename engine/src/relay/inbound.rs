@@ -1,19 +1,35 @@
 //! The inbound flow: stream readers verify chunks into a bounded reorder
 //! window; the deliverer writes them to the local output in order, then
-//! half-closes it and confirms with `Verified`.
+//! half-closes it and confirms with `Verified` — or, at the session's
+//! source, finds the local peer gone and confirms what it took with
+//! `Verified` flagged `FLAG_CLOSED`.
 
 use std::collections::BTreeMap;
+use std::io::ErrorKind;
 use std::sync::atomic::Ordering;
-use std::sync::{Condvar, Mutex};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use crossbeam_channel::Sender;
 use pmigrate_transport::backend::frame_reader;
-use pmigrate_transport::frame::{Encoding, FrameKind, HEADER_LEN};
+use pmigrate_transport::frame::{Encoding, FrameKind, FLAG_CLOSED, HEADER_LEN};
 use pmigrate_transport::payload::Opener;
 use pmigrate_transport::TransportError;
 
-use super::{control, Carry, FlowReport, Output, Shared, CHUNK, REORDER_WINDOW};
+use super::{control, control_flagged, Carry, FlowReport, Output, Shared, CHUNK, REORDER_WINDOW};
 use crate::MigrateError;
+
+/// How often a deliverer that may close looks whether its local peer left.
+const LEFT_TICK: Duration = Duration::from_millis(50);
+
+/// How long a stream cut before its end waits for another stream to bring
+/// the other end's reason (an `Error` frame) before it is the error.
+const WHY_GRACE: Duration = Duration::from_millis(250);
+
+/// How long a broken pipe on the output may come before the end of the
+/// input and still be the local peer closing: QEMU closes the reading end
+/// of its channel a moment before the writing end.
+const CLOSE_RACE: Duration = Duration::from_secs(1);
 
 struct State {
     chunks: BTreeMap<u64, Vec<u8>>,
@@ -24,6 +40,8 @@ struct State {
     /// Streams that delivered `End`.
     ended: usize,
     failed: bool,
+    /// The local peer closed: chunks are dropped, no `End` is awaited.
+    closed: bool,
     /// Per stream: the last sequence number it delivered, and whether it
     /// ended. Each stream's numbers increase, so once every stream is past
     /// `next` (or ended) without delivering it, it can never come.
@@ -52,6 +70,7 @@ impl Window {
                 total: None,
                 ended: 0,
                 failed: false,
+                closed: false,
                 heads: vec![(None, false); streams],
             }),
             changed: Condvar::new(),
@@ -84,14 +103,22 @@ pub(super) fn stream_reader(shared: &Shared<'_>, i: usize, has_in: bool, expects
     let mut last_seq: Option<u64> = None;
     let (mut in_done, mut verified) = (!has_in, !expects_verified);
     let protocol = |why: String| MigrateError::Protocol { stream: i, why };
+    // Read after the read returned: the flow may have closed meanwhile.
+    let done = |in_done: bool, verified: bool| (in_done || shared.in_closed.load(Ordering::Acquire)) && verified;
     let res = loop {
-        let done = in_done && verified;
         let (hdr, payload) = match reader.next_frame() {
             Ok(Some(f)) => f,
-            Ok(None) if done || shared.failed() => break Ok(()),
-            Ok(None) => break Err(TransportError::Closed(format!("{name}: before the end of the stream")).into()),
+            Ok(None) if done(in_done, verified) || shared.failed() => break Ok(()),
             Err(e @ TransportError::Peer(_)) => break Err(e.into()),
-            Err(_) if done || shared.failed() => break Ok(()),
+            Err(_) if done(in_done, verified) || shared.failed() => break Ok(()),
+            // Cut before the end. A failing end tells why on stream 0 (and
+            // the failing stream) as it closes them all: give another
+            // reader a moment to bring that word, which says more.
+            cut if shared.failed_within(WHY_GRACE) => {
+                drop(cut);
+                break Ok(());
+            }
+            Ok(None) => break Err(TransportError::Closed(format!("{name}: before the end of the stream")).into()),
             Err(e) => break Err(e.into()),
         };
         let wire = (HEADER_LEN + payload.len()) as u64;
@@ -112,21 +139,27 @@ pub(super) fn stream_reader(shared: &Shared<'_>, i: usize, has_in: bool, expects
                     break Err(protocol(format!("chunk {} out of order", hdr.aux)));
                 }
                 last_seq = Some(hdr.aux);
+                shared.in_wire.fetch_add(wire, Ordering::Relaxed);
+                if shared.in_closed.load(Ordering::Acquire) {
+                    continue; // the local peer left: nowhere to put it
+                }
                 let data = match opener.open_data(&hdr, payload) {
                     Ok(d) => d.to_vec(),
                     Err(source) => break Err(TransportError::Wire { what: name.clone(), source }.into()),
                 };
-                shared.in_wire.fetch_add(wire, Ordering::Relaxed);
                 let window = &shared.window;
                 let mut w = window.state.lock().expect("window lock");
                 w.heads[i].0 = Some(hdr.aux);
                 window.changed.notify_all();
                 // Hold a chunk beyond the window until the output catches up.
-                while !w.failed && hdr.aux >= w.next + REORDER_WINDOW {
+                while !w.failed && !w.closed && hdr.aux >= w.next + REORDER_WINDOW {
                     w = window.changed.wait(w).expect("window lock");
                 }
                 if w.failed {
                     break Err(MigrateError::Aborted);
+                }
+                if w.closed {
+                    continue;
                 }
                 if hdr.aux < w.next || w.total.is_some_and(|t| hdr.aux >= t) || w.chunks.contains_key(&hdr.aux) {
                     break Err(protocol(format!("chunk {} duplicated", hdr.aux)));
@@ -154,7 +187,14 @@ pub(super) fn stream_reader(shared: &Shared<'_>, i: usize, has_in: bool, expects
                 if let Err(source) = hdr.verify(&[]) {
                     break Err(TransportError::Wire { what: name.clone(), source }.into());
                 }
-                *shared.verified.lock().expect("verdict lock") = Some(hdr.aux);
+                let closed = hdr.flags & FLAG_CLOSED != 0;
+                if closed && how.source {
+                    break Err(protocol("the destination closed the session's forward direction".into()));
+                }
+                *shared.verified.lock().expect("verdict lock") = Some((hdr.aux, closed));
+                if closed {
+                    shared.out_closed.store(true, Ordering::Release);
+                }
                 shared.verified_cv.notify_all();
                 verified = true;
             }
@@ -167,15 +207,22 @@ pub(super) fn stream_reader(shared: &Shared<'_>, i: usize, has_in: bool, expects
 }
 
 /// Writes the inbound chunks to `output` in order; after the last one
-/// half-closes it and confirms on stream 0's queue (`confirm`).
+/// half-closes it and confirms on stream 0's queue (`confirm`). With
+/// `may_close` (the session's source), a local peer that ended its input
+/// and stopped reading closes the flow instead (see the module docs of
+/// `relay`).
 pub(super) fn deliver(
     shared: &Shared<'_>,
     mut output: Option<Box<dyn Output>>,
     confirm: Sender<Vec<u8>>,
+    may_close: bool,
 ) -> Result<FlowReport, MigrateError> {
     let window = &shared.window;
     let n = shared.streams.len();
     let mut report = FlowReport::default();
+    let left = |output: &Option<Box<dyn Output>>| {
+        may_close && shared.input_ended.load(Ordering::Acquire) && output.as_ref().is_some_and(|o| o.reader_gone())
+    };
     loop {
         let mut w = window.state.lock().expect("window lock");
         let chunk = loop {
@@ -194,7 +241,14 @@ pub(super) fn deliver(
                 let why = format!("chunk {} was skipped by every stream", w.next);
                 return Err(MigrateError::Protocol { stream: 0, why });
             }
-            w = window.changed.wait(w).expect("window lock");
+            if left(&output) {
+                return close(shared, w, &confirm, report);
+            }
+            w = if may_close {
+                window.changed.wait_timeout(w, LEFT_TICK).expect("window lock").0
+            } else {
+                window.changed.wait(w).expect("window lock")
+            };
         };
         window.changed.notify_all();
         let (total, next) = (w.total, w.next);
@@ -205,8 +259,13 @@ pub(super) fn deliver(
                     let why = "the other end sent bytes this end has nowhere to put".to_string();
                     return Err(MigrateError::Protocol { stream: 0, why });
                 };
-                out.write_all(&c).map_err(|e| TransportError::io("write output", e))?;
-                shared.touch();
+                match out.write_all(&c) {
+                    Ok(()) => shared.touch(),
+                    Err(e) if may_close && e.kind() == ErrorKind::BrokenPipe && shared.wait_input_end(CLOSE_RACE) => {
+                        return close(shared, window.state.lock().expect("window lock"), &confirm, report);
+                    }
+                    Err(e) => return Err(TransportError::io("write output", e).into()),
+                }
                 report.bytes += c.len() as u64;
                 report.chunks += 1;
             }
@@ -223,4 +282,24 @@ pub(super) fn deliver(
             }
         }
     }
+}
+
+/// The local peer closed: drops the rest of the flow and tells the other
+/// end how many chunks reached the peer (`Verified` flagged `FLAG_CLOSED`).
+fn close(
+    shared: &Shared<'_>,
+    mut w: MutexGuard<'_, State>,
+    confirm: &Sender<Vec<u8>>,
+    mut report: FlowReport,
+) -> Result<FlowReport, MigrateError> {
+    w.closed = true;
+    w.chunks.clear();
+    shared.in_closed.store(true, Ordering::Release);
+    shared.window.changed.notify_all();
+    drop(w);
+    confirm
+        .send(control_flagged(FrameKind::Verified, report.chunks, FLAG_CLOSED))
+        .map_err(|_| MigrateError::Aborted)?;
+    report.closed_early = true;
+    Ok(report)
 }

@@ -38,10 +38,28 @@
 //! reads its end of stream) and the other end is told with `Verified`.
 //!
 //! A relay succeeds only when its outbound flow was confirmed and its
-//! inbound flow ended whole. Any failure — a stream lost or corrupted, the
-//! local peer gone — sends `Error` on the streams, closes them, and aborts
-//! the local side ([`Local::abort`]), so the local peers on both ends see
-//! the failure instead of a clean end of stream.
+//! inbound flow ended whole — or, at the session's source, was closed by
+//! the local peer (below). Any failure — a stream lost or corrupted, the
+//! local peer gone mid-stream, an [`Interrupt`] — sends `Error` on the
+//! streams, closes them, and aborts the local side ([`Local::abort`]), so
+//! the local peers on both ends see the failure instead of a clean end of
+//! stream.
+//!
+//! **The local peer closing.** QEMU ends an `exec:` migration — completed
+//! or cancelled alike — by closing both of its pipes to `send` and then
+//! waiting for the helper to exit, with its main loop stopped. So once the
+//! session source's input has ended and its output has no reader left
+//! ([`Output::reader_gone`], or a write fails with a broken pipe), the way
+//! back can never be delivered: that end drops the rest of its inbound
+//! flow and confirms what it delivered with `Verified` flagged
+//! `FLAG_CLOSED`, while its outbound flow still ends as always (`End`, the
+//! other end's `Verified`): the input arrives whole. The destination end
+//! stops its outbound flow where it is and ends too, closing its output —
+//! a destination QEMU whose stream was cut short by a cancel reads the end
+//! of it and fails its incoming migration, one that has the whole stream
+//! finishes loading it. Only the session's source may close a direction
+//! this way; at the destination, a local peer that stops reading before
+//! the end is a failure.
 
 mod inbound;
 mod outbound;
@@ -52,10 +70,10 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::bounded;
+use crossbeam_channel::{bounded, RecvTimeoutError};
 use pmigrate_transport::backend::Resolved;
 use pmigrate_transport::frame::FrameKind;
 use pmigrate_transport::hello::{
@@ -84,6 +102,10 @@ pub const REORDER_WINDOW: u64 = 64;
 /// How long a finished end waits for the other end to close its streams.
 const CLOSE_GRACE: Duration = Duration::from_secs(10);
 
+/// How often a relay looks whether its [`Interrupt`] was raised: a signal
+/// ends the relay within this.
+const INTERRUPT_TICK: Duration = Duration::from_millis(50);
+
 /// One direction of a relay.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct FlowReport {
@@ -95,6 +117,21 @@ pub struct FlowReport {
     pub compressed_chunks: u64,
     /// Bytes of this flow's `Data` and `End` frames on the wire.
     pub wire_bytes: u64,
+    /// The flow stopped before its end because the local peer it went to
+    /// closed (see the module docs): `bytes` and `chunks` count what was
+    /// delivered (inbound) or sent (outbound) until then.
+    pub closed_early: bool,
+}
+
+impl FlowReport {
+    /// How the flow ended, for a report line.
+    fn ending(&self) -> &'static str {
+        if self.closed_early {
+            " (its reader closed first)"
+        } else {
+            ""
+        }
+    }
 }
 
 /// What a relay moved.
@@ -119,17 +156,19 @@ impl std::fmt::Display for RelayReport {
         let (fw, bk) = (&self.forward, &self.back);
         write!(
             f,
-            "pmigrate {}: {} bytes in {} chunks ({} lz4) over {} streams, {} bytes on the wire, {:.3} s; \
-             back: {} bytes in {} chunks; {} I/O",
+            "pmigrate {}: {} bytes in {} chunks ({} lz4) over {} streams, {} bytes on the wire{}, {:.3} s; \
+             back: {} bytes in {} chunks{}; {} I/O",
             self.role,
             fw.bytes,
             fw.chunks,
             fw.compressed_chunks,
             self.streams,
             fw.wire_bytes,
+            fw.ending(),
             self.secs,
             bk.bytes,
             bk.chunks,
+            bk.ending(),
             self.backend
         )
     }
@@ -140,6 +179,15 @@ pub trait Output: Write + Send {
     /// No more bytes will come: flush, and half-close where the output is a
     /// socket. (A pipe or file closes when the relay drops it, right after.)
     fn finish(&mut self) -> io::Result<()>;
+
+    /// Whether the local peer has stopped reading for good, so nothing
+    /// written here can reach it. Asked only at the session's source, once
+    /// its input has ended (see the module docs). Outputs that cannot tell
+    /// say `false`; a write failing with a broken pipe tells the relay the
+    /// same later.
+    fn reader_gone(&self) -> bool {
+        false
+    }
 }
 
 impl Output for UnixStream {
@@ -210,6 +258,43 @@ impl Local {
     }
 }
 
+/// Stops a running relay from another thread (a signal handler's): the
+/// relay tells the other end why with an `Error` frame, shuts its streams
+/// and local side, and fails with [`MigrateError::Interrupted`].
+#[derive(Clone, Debug, Default)]
+pub struct Interrupt(Arc<InterruptState>);
+
+#[derive(Debug, Default)]
+struct InterruptState {
+    why: Mutex<Option<String>>,
+    carrying: AtomicBool,
+}
+
+impl Interrupt {
+    /// An interrupt not raised yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Stops the relay carrying under this interrupt (now, or as soon as
+    /// it starts) with `why`, e.g. `"interrupted by SIGTERM"`. The first
+    /// reason counts.
+    pub fn raise(&self, why: impl Into<String>) {
+        self.0.why.lock().expect("interrupt lock").get_or_insert_with(|| why.into());
+    }
+
+    /// The reason, once raised.
+    pub fn raised(&self) -> Option<String> {
+        self.0.why.lock().expect("interrupt lock").clone()
+    }
+
+    /// Whether a relay is carrying bytes under this interrupt right now
+    /// (not before its session is up, not after it returned).
+    pub fn carrying(&self) -> bool {
+        self.0.carrying.load(Ordering::Acquire)
+    }
+}
+
 /// Options of the sending side.
 #[derive(Clone, Debug)]
 pub struct RelaySendConfig {
@@ -234,6 +319,8 @@ pub struct RelaySendConfig {
     /// End the relay as failed when no byte of the carried stream moved
     /// either way for this long (the proxy's abandoned connections).
     pub idle_timeout: Option<Duration>,
+    /// Stops the relay from outside.
+    pub interrupt: Option<Interrupt>,
 }
 
 impl RelaySendConfig {
@@ -248,6 +335,7 @@ impl RelaySendConfig {
             progress_timeout: pmigrate_transport::net::PROGRESS_TIMEOUT,
             backend: BackendChoice::Auto,
             idle_timeout: None,
+            interrupt: None,
         }
     }
 }
@@ -265,6 +353,8 @@ pub struct RelayRecvOptions {
     pub backend: BackendChoice,
     /// As [`RelaySendConfig::idle_timeout`].
     pub idle_timeout: Option<Duration>,
+    /// Stops the relay from outside (once its session is up).
+    pub interrupt: Option<Interrupt>,
 }
 
 impl Default for RelayRecvOptions {
@@ -275,6 +365,7 @@ impl Default for RelayRecvOptions {
             threads: 1,
             backend: BackendChoice::Auto,
             idle_timeout: None,
+            interrupt: None,
         }
     }
 }
@@ -298,6 +389,8 @@ pub struct Carry {
     pub idle_timeout: Option<Duration>,
     /// The I/O backend of the streams, and why not io_uring if it fell back.
     pub io: Resolved,
+    /// Stops the relay from outside.
+    pub interrupt: Option<Interrupt>,
 }
 
 /// An established byte-stream session, ready to carry.
@@ -345,6 +438,7 @@ pub fn connect(cfg: &RelaySendConfig) -> Result<Session, MigrateError> {
         threads: cfg.threads,
         progress_timeout: cfg.progress_timeout,
         idle_timeout: cfg.idle_timeout,
+        interrupt: cfg.interrupt.clone(),
     };
     Ok(Session { streams, how })
 }
@@ -362,6 +456,7 @@ impl Carry {
             threads: opts.threads,
             progress_timeout: opts.progress_timeout,
             idle_timeout: opts.idle_timeout,
+            interrupt: opts.interrupt.clone(),
         }
     }
 }
@@ -411,9 +506,17 @@ pub(crate) struct Shared<'a> {
     first_error: Mutex<Option<MigrateError>>,
     failed: AtomicBool,
     abort_local: &'a (dyn Fn() + Send + Sync),
-    /// The outbound flow's confirmation (`Verified`'s chunk count).
-    verified: Mutex<Option<u64>>,
+    /// The outbound flow's confirmation: `Verified`'s chunk count, and
+    /// whether it was flagged `FLAG_CLOSED`.
+    verified: Mutex<Option<(u64, bool)>>,
     verified_cv: Condvar,
+    /// The local input has ended (its reader read the end of file).
+    input_ended: Arc<AtomicBool>,
+    /// The inbound flow was closed by the local peer: what still comes is
+    /// dropped.
+    in_closed: AtomicBool,
+    /// The other end's local peer closed: the outbound flow stops.
+    out_closed: AtomicBool,
     out_wire: AtomicU64,
     in_wire: AtomicU64,
     /// Set while the sequencer finds every stream queue full (lz4 pays).
@@ -450,7 +553,7 @@ impl Shared<'_> {
                 MigrateError::Transport(TransportError::Wire { .. }) | MigrateError::Protocol { .. } => {
                     ErrorCode::Protocol
                 }
-                MigrateError::Transport(TransportError::Peer(_)) => ErrorCode::Aborted,
+                MigrateError::Transport(TransportError::Peer(_)) | MigrateError::Interrupted(_) => ErrorCode::Aborted,
                 _ => ErrorCode::Io,
             };
             let msg = e.to_string();
@@ -474,6 +577,36 @@ impl Shared<'_> {
     pub(crate) fn failed(&self) -> bool {
         self.failed.load(Ordering::Acquire)
     }
+
+    /// The outbound flow has nothing more to do: the relay failed, or the
+    /// other end's local peer closed.
+    pub(crate) fn out_stopped(&self) -> bool {
+        self.failed() || self.out_closed.load(Ordering::Acquire)
+    }
+
+    /// Waits (at most `limit`) until the relay failed; whether it did.
+    pub(crate) fn failed_within(&self, limit: Duration) -> bool {
+        let until = Instant::now() + limit;
+        while !self.failed() {
+            if Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
+    /// Waits (at most `limit`) until the local input has ended; whether it did.
+    pub(crate) fn wait_input_end(&self, limit: Duration) -> bool {
+        let until = Instant::now() + limit;
+        while !self.input_ended.load(Ordering::Acquire) {
+            if self.failed() || Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
 }
 
 /// Relays over the established streams of a session, both ways as the
@@ -493,6 +626,9 @@ pub fn carry(streams: &[Conn], local: Local, how: &Carry) -> Result<RelayReport,
         abort_local: &*abort,
         verified: Mutex::new(None),
         verified_cv: Condvar::new(),
+        input_ended: Arc::new(AtomicBool::new(false)),
+        in_closed: AtomicBool::new(false),
+        out_closed: AtomicBool::new(false),
         out_wire: AtomicU64::new(0),
         in_wire: AtomicU64::new(0),
         backed_up: AtomicBool::new(false),
@@ -516,6 +652,10 @@ pub fn carry(streams: &[Conn], local: Local, how: &Carry) -> Result<RelayReport,
     }
     let shared = &shared;
     let ended = AtomicBool::new(false);
+    let interrupt = how.interrupt.as_ref();
+    if let Some(i) = interrupt {
+        i.0.carrying.store(true, Ordering::Release);
+    }
     let (out, inb) = std::thread::scope(|s| {
         if let Some(limit) = how.idle_timeout {
             let ended = &ended;
@@ -530,6 +670,18 @@ pub fn carry(streams: &[Conn], local: Local, how: &Carry) -> Result<RelayReport,
                 }
             });
         }
+        // The interrupt's watcher, until the relay is over.
+        let (live, over) = bounded::<()>(0);
+        if let Some(i) = interrupt {
+            s.spawn(move || loop {
+                if let Some(why) = i.raised() {
+                    return shared.fail(0, MigrateError::Interrupted(why));
+                }
+                if !matches!(over.recv_timeout(INTERRUPT_TICK), Err(RecvTimeoutError::Timeout)) {
+                    return;
+                }
+            });
+        }
         let (queues, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| bounded::<Vec<u8>>(QUEUE_DEPTH)).unzip();
         let writers: Vec<_> = rxs
             .into_iter()
@@ -541,7 +693,12 @@ pub fn carry(streams: &[Conn], local: Local, how: &Carry) -> Result<RelayReport,
             .collect();
         // The inbound flow confirms on stream 0's queue.
         let confirm = queues[0].clone();
-        let inb = has_in.then(|| s.spawn(move || inbound::deliver(shared, output, confirm)));
+        // Only the session's source may close its inbound flow (the way back).
+        // A failing inbound flow fails the relay at once: the outbound flow
+        // may be waiting on a stream reader the stalled window holds.
+        let inb = has_in.then(|| {
+            s.spawn(move || inbound::deliver(shared, output, confirm, how.source).map_err(|e| shared.fail(0, e)).ok())
+        });
         let out = if has_out {
             outbound::run(s, shared, input, queues, how)
         } else {
@@ -551,9 +708,11 @@ pub fn carry(streams: &[Conn], local: Local, how: &Carry) -> Result<RelayReport,
         let out = out.map_err(|e| shared.fail(0, e)).ok();
         let inb = match inb.map(|h| h.join().expect("inbound deliverer panicked")) {
             None => Some(FlowReport::default()),
-            Some(r) => r.map_err(|e| shared.fail(0, e)).ok(),
+            Some(r) => r,
         };
         ended.store(true, Ordering::Release);
+        // Both flows have settled: an interrupt no longer changes the outcome.
+        drop(live);
         for w in writers {
             w.join().expect("stream writer panicked");
         }
@@ -571,6 +730,9 @@ pub fn carry(streams: &[Conn], local: Local, how: &Carry) -> Result<RelayReport,
         }
         (out, inb)
     });
+    if let Some(i) = interrupt {
+        i.0.carrying.store(false, Ordering::Release);
+    }
     if let Some(e) = shared.first_error.lock().expect("error lock").take() {
         return Err(e);
     }
@@ -585,8 +747,14 @@ pub fn carry(streams: &[Conn], local: Local, how: &Carry) -> Result<RelayReport,
 
 /// A control frame of `kind` with `aux`.
 fn control(kind: FrameKind, aux: u64) -> Vec<u8> {
+    control_flagged(kind, aux, 0)
+}
+
+/// A control frame of `kind` with `aux` and `flags`.
+fn control_flagged(kind: FrameKind, aux: u64, flags: u16) -> Vec<u8> {
     let mut h = pmigrate_transport::FrameHdr::new(kind);
     h.aux = aux;
+    h.flags = flags;
     let mut f = Vec::new();
     pmigrate_transport::payload::build_control(&mut f, h, &[]);
     f

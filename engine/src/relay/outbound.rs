@@ -1,5 +1,7 @@
 //! The outbound flow: local input → chunks → frames → streams, then `End`
-//! on every stream and the other end's `Verified`.
+//! on every stream and the other end's `Verified` — or, when the other
+//! end's local peer closed (`Verified` flagged `FLAG_CLOSED`), nothing
+//! more from where it was.
 
 use std::collections::BTreeMap;
 use std::io::{self, ErrorKind, Read};
@@ -29,6 +31,8 @@ struct Built {
     seq: u64,
     frame: Vec<u8>,
     lz4: bool,
+    /// Bytes of the stream it carries.
+    len: usize,
 }
 
 /// Writes one stream's queue to its socket with the session's backend; at
@@ -86,8 +90,8 @@ pub(super) fn run<'s, 'a: 's>(
     let backed_up = &shared.backed_up;
     match input {
         Some(input) => {
-            let inline = built_tx.clone();
-            std::thread::spawn(move || read_input(input, chunk_tx, inline, done_tx));
+            let (inline, ended) = (built_tx.clone(), shared.input_ended.clone());
+            std::thread::spawn(move || read_input(input, chunk_tx, inline, done_tx, &ended));
         }
         None => {
             drop(chunk_tx);
@@ -106,12 +110,19 @@ pub(super) fn run<'s, 'a: 's>(
     let mut pending: BTreeMap<u64, Built> = BTreeMap::new();
     let n = queues.len();
     loop {
+        if shared.out_closed.load(Ordering::Acquire) {
+            // The other end's local peer closed: what is left of the input
+            // has nowhere to go (its reader is left to the process's end).
+            report.closed_early = true;
+            return Ok(report);
+        }
         match built_rx.recv_timeout(TICK) {
             Ok(b) => {
                 shared.touch();
                 pending.insert(b.seq, b);
                 while let Some(b) = pending.remove(&report.chunks) {
                     report.compressed_chunks += u64::from(b.lz4);
+                    report.bytes += b.len as u64;
                     let len = b.frame.len() as u64;
                     let waited = dispatch(&queues, b.frame, report.chunks as usize % n)?;
                     backed_up.store(waited, Ordering::Relaxed);
@@ -126,10 +137,9 @@ pub(super) fn run<'s, 'a: 's>(
         }
     }
     let (chunks, bytes) = done_rx.recv().unwrap_or(Err(MigrateError::Aborted))?;
-    if chunks != report.chunks || !pending.is_empty() {
+    if chunks != report.chunks || bytes != report.bytes || !pending.is_empty() {
         return Err(MigrateError::Aborted); // a worker gave up: the relay failed
     }
-    report.bytes = bytes;
     let end = control(FrameKind::End, chunks);
     for q in &queues {
         q.send(end.clone()).map_err(|_| MigrateError::Aborted)?;
@@ -144,8 +154,13 @@ pub(super) fn run<'s, 'a: 's>(
             return Err(MigrateError::Aborted);
         }
         match *v {
-            Some(got) if got == chunks => return Ok(report),
-            Some(got) => {
+            Some((got, false)) if got == chunks => return Ok(report),
+            // Its local peer closed after taking `got` chunks.
+            Some((got, true)) if got <= chunks => {
+                report.closed_early = true;
+                return Ok(report);
+            }
+            Some((got, _)) => {
                 let why = format!("the other end confirmed {got} of {chunks} chunks");
                 return Err(MigrateError::Protocol { stream: 0, why });
             }
@@ -164,13 +179,19 @@ fn read_input(
     chunks: Sender<(u64, Vec<u8>)>,
     inline: Sender<Built>,
     done: Sender<Result<(u64, u64), MigrateError>>,
+    ended: &AtomicBool,
 ) {
     let mut seq = 0u64;
     let mut bytes = 0u64;
     let res = loop {
         let mut buf = vec![0u8; CHUNK];
         let k = match input.read(&mut buf) {
-            Ok(0) => break Ok((seq, bytes)),
+            Ok(0) => {
+                // The local peer ended its input: the inbound flow may now
+                // find that peer gone altogether.
+                ended.store(true, Ordering::Release);
+                break Ok((seq, bytes));
+            }
             Ok(k) => k,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => break Err(TransportError::io("read input", e).into()),
@@ -179,7 +200,7 @@ fn read_input(
         let sent = if k <= INLINE_CHUNK {
             let mut frame = Vec::with_capacity(HEADER_LEN + k);
             build_data(&mut frame, seq, &buf[..k], false);
-            inline.send(Built { seq, frame, lz4: false }).is_ok()
+            inline.send(Built { seq, frame, lz4: false, len: k }).is_ok()
         } else {
             buf.truncate(k);
             chunks.send((seq, buf)).is_ok()
@@ -206,7 +227,7 @@ fn build_frames(
     loop {
         let (seq, data) = match rx.recv_timeout(TICK) {
             Ok(c) => c,
-            Err(RecvTimeoutError::Timeout) if shared.failed() => return,
+            Err(RecvTimeoutError::Timeout) if shared.out_stopped() => return,
             Err(RecvTimeoutError::Timeout) => continue,
             Err(RecvTimeoutError::Disconnected) => return,
         };
@@ -217,7 +238,7 @@ fn build_frames(
         if try_lz4 {
             gate.record(data.len(), frame.len());
         }
-        if tx.send(Built { seq, frame, lz4: enc == Encoding::Lz4 }).is_err() {
+        if tx.send(Built { seq, frame, lz4: enc == Encoding::Lz4, len: data.len() }).is_err() {
             return;
         }
     }

@@ -3,6 +3,7 @@ use pmigrate_transport::frame::{FrameHdr, HEADER_LEN};
 use pmigrate_transport::payload::{build_control, build_data};
 use pmigrate_transport::{Auth, BackendChoice};
 use std::io::Cursor;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex as StdMutex};
 
 /// A reader that hands out its bytes in small, uneven pieces, as a pipe
@@ -73,6 +74,7 @@ fn opts(backend: BackendChoice) -> RelayRecvOptions {
         threads: 1,
         backend,
         idle_timeout: None,
+        interrupt: None,
     }
 }
 
@@ -225,6 +227,156 @@ fn an_empty_stream_ends_cleanly(b: BackendChoice) {
     assert_eq!(send(Local::pipes(None, None), &cfg).unwrap().forward.chunks, 0);
     assert_eq!(rx.join().unwrap().unwrap().forward.bytes, 0);
     assert!(sink.finished());
+}
+
+/// An output whose reader has gone (QEMU closed its end of the return
+/// path): `reader_gone` says so and every write fails with a broken pipe,
+/// or (`quiet`) only writes do.
+struct Gone {
+    quiet: bool,
+    writes: Arc<AtomicU64>,
+}
+
+impl Output for Gone {
+    fn finish(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn reader_gone(&self) -> bool {
+        !self.quiet
+    }
+}
+
+impl Write for Gone {
+    fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        Err(std::io::ErrorKind::BrokenPipe.into())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// An input that yields `first` and then never ends (a return path QEMU
+/// keeps open), with the handle that keeps it open.
+fn open_ended(first: &[u8]) -> (Box<dyn Read + Send>, std::os::unix::net::UnixStream) {
+    let (mut writer, reader) = std::os::unix::net::UnixStream::pair().unwrap();
+    writer.write_all(first).unwrap();
+    (Box::new(reader), writer)
+}
+
+/// QEMU cancelling (or completing) an `exec:` migration closes both pipes
+/// of `send` and waits for it: the stream so far is delivered whole, and
+/// both ends finish at once although the destination's return path never
+/// ends — found by `reader_gone`, or (`quiet` output) by a broken pipe on
+/// the bytes that come back.
+fn a_source_whose_peer_closed_ends_both_sides_at_once(b: BackendChoice) {
+    for quiet in [false, true] {
+        let forward = payload(3 << 20);
+        let acc = listen();
+        let addr = acc.local_addrs()[0];
+        let sink = Sink::default();
+        // The quiet case needs bytes coming back to learn of the broken pipe.
+        let (back_input, _keep_open) = open_ended(if quiet { b"pong" } else { b"" });
+        let dst_local = Local { input: Some(back_input), output: Some(Box::new(sink.clone())), abort: Box::new(|| {}) };
+        let rx = std::thread::spawn(move || receive(&acc, dst_local, &opts(b)));
+        let writes = Arc::new(AtomicU64::new(0));
+        let src_local = Local {
+            input: Some(Box::new(Cursor::new(forward.clone()))),
+            output: Some(Box::new(Gone { quiet, writes: writes.clone() })),
+            abort: Box::new(|| {}),
+        };
+        let t0 = Instant::now();
+        let sent = send(src_local, &cfg(b, plan(addr, 3))).expect("send");
+        let got = rx.join().unwrap().expect("recv");
+        assert!(t0.elapsed() < Duration::from_secs(5), "took {:?}", t0.elapsed());
+        assert!(*sink.0.lock().unwrap() == forward, "quiet {quiet}: forward bytes differ");
+        assert!(sink.finished(), "the destination's output was closed after the last byte");
+        assert!(sent.back.closed_early && got.back.closed_early, "{sent}\n{got}");
+        assert!(!sent.forward.closed_early && !got.forward.closed_early);
+        assert_eq!(sent.back.chunks, 0, "nothing reached the closed output");
+        assert_eq!(writes.load(Ordering::Relaxed) > 0, quiet);
+        assert!(sent.to_string().contains("its reader closed first"), "{sent}");
+    }
+}
+
+/// At the destination a local peer that stops reading before the end is a
+/// failure, never a close: the source's QEMU still writes.
+fn a_destination_peer_that_stops_reading_fails_the_relay(b: BackendChoice) {
+    let acc = listen();
+    let addr = acc.local_addrs()[0];
+    let dst_local = Local {
+        input: None,
+        output: Some(Box::new(Gone { quiet: false, writes: Arc::default() })),
+        abort: Box::new(|| {}),
+    };
+    let rx = std::thread::spawn(move || receive(&acc, dst_local, &opts(b)));
+    let (input, _keep_open) = open_ended(&payload(64 << 10));
+    let src_local = Local { input: Some(input), output: Some(Box::new(Sink::default())), abort: Box::new(|| {}) };
+    let err = send(src_local, &cfg(b, plan(addr, 2))).expect_err("send must fail");
+    let rerr = rx.join().unwrap().expect_err("recv must fail");
+    assert!(rerr.to_string().contains("write output"), "{rerr}");
+    assert!(matches!(err, MigrateError::Transport(_)), "{err}");
+}
+
+/// A destination may not close the session's forward direction.
+fn a_destination_closing_the_forward_direction_is_refused(b: BackendChoice) {
+    let acc = listen();
+    let addr = acc.local_addrs()[0];
+    let (input, _keep_open) = open_ended(b"qemu");
+    let carrying = Interrupt::new();
+    let c = RelaySendConfig { interrupt: Some(carrying.clone()), ..cfg(b, plan(addr, 1)) };
+    let tx = std::thread::spawn(move || {
+        let local = Local { input: Some(input), output: Some(Box::new(Sink::default())), abort: Box::new(|| {}) };
+        send(local, &c)
+    });
+    let mut judge = |h: &Hello| Ok(h.caps & (CAP_LZ4 | CAP_DUPLEX));
+    let mut accepted = acc.accept_session(Mode::Stream, &mut judge, None).unwrap();
+    let mut h = FrameHdr::new(FrameKind::Verified);
+    h.flags = pmigrate_transport::frame::FLAG_CLOSED;
+    let mut f = Vec::new();
+    build_control(&mut f, h, &[]);
+    // (Only once the sender reads its streams as a relay: its handshake
+    // reader may have buffered past the `Welcome`.)
+    while !carrying.carrying() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    accepted.streams[0].write_all(&f).unwrap();
+    let err = tx.join().unwrap().expect_err("refused");
+    assert!(err.to_string().contains("closed the session's forward direction"), "{err}");
+}
+
+/// An interrupt (a signal at `send` or `recv`) ends both ends at once, the
+/// other one told why, although neither local input ever ends.
+fn an_interrupt_ends_both_ends_and_says_why(b: BackendChoice) {
+    for at_source in [true, false] {
+        let acc = listen();
+        let addr = acc.local_addrs()[0];
+        let interrupt = Interrupt::new();
+        let (back, _keep_back) = open_ended(b"");
+        let dst_local = Local { input: Some(back), output: Some(Box::new(Sink::default())), abort: Box::new(|| {}) };
+        let mut o = opts(b);
+        if !at_source {
+            o.interrupt = Some(interrupt.clone());
+        }
+        let rx = std::thread::spawn(move || receive(&acc, dst_local, &o));
+        let (input, _keep_open) = open_ended(&payload(64 << 10));
+        let src_local = Local { input: Some(input), output: Some(Box::new(Sink::default())), abort: Box::new(|| {}) };
+        let c = RelaySendConfig { interrupt: at_source.then(|| interrupt.clone()), ..cfg(b, plan(addr, 2)) };
+        let tx = std::thread::spawn(move || send(src_local, &c));
+        while !interrupt.carrying() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let t0 = Instant::now();
+        interrupt.raise("interrupted by SIGTERM");
+        let (sent, got) = (tx.join().unwrap(), rx.join().unwrap());
+        assert!(t0.elapsed() < Duration::from_secs(2), "took {:?}", t0.elapsed());
+        let (here, there) = if at_source { (sent, got) } else { (got, sent) };
+        let here = here.expect_err("the interrupted end fails");
+        assert!(matches!(&here, MigrateError::Interrupted(w) if w == "interrupted by SIGTERM"), "{here}");
+        let there = there.expect_err("the other end fails");
+        assert!(there.to_string().contains("interrupted by SIGTERM"), "{there}");
+        assert!(!interrupt.carrying());
+    }
 }
 
 /// A hand-driven sender: a real handshake, then the frames given.
@@ -397,4 +549,8 @@ over_each_backend!(
     a_skipped_chunk_is_an_error_not_a_hang,
     duplicates_oversized_chunks_and_a_short_end_are_refused,
     a_sender_that_vanishes_fails_the_receiver,
+    a_source_whose_peer_closed_ends_both_sides_at_once,
+    a_destination_peer_that_stops_reading_fails_the_relay,
+    a_destination_closing_the_forward_direction_is_refused,
+    an_interrupt_ends_both_ends_and_says_why,
 );

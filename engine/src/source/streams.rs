@@ -322,7 +322,8 @@ pub(super) fn listener(
                     Err(e) => break Err(wire(e)),
                 },
                 // Post-copy's verdict comes on the priority stream.
-                Ok(Some((h, _))) if h.kind == FrameKind::Verified && (index == 0 || prio) => {
+                // (Flags on `Verified` belong to stream mode.)
+                Ok(Some((h, _))) if h.kind == FrameKind::Verified && h.flags == 0 && (index == 0 || prio) => {
                     let v = h.verify(&[]).map(|()| h.aux).map_err(wire);
                     to.settled.store(true, Ordering::Release);
                     break v;
