@@ -66,6 +66,10 @@ pub const QUEUE_DEPTH: usize = 4;
 /// and syscalls are noise, small enough to spread over streams evenly.
 pub const DEFAULT_BATCH_PAGES: usize = 64;
 
+/// How many times sampled pages that differ are asked again before a
+/// region is judged not the destination's (see `prove_content`).
+const CONTENT_PROBE_TRIES: usize = 3;
+
 /// How long the source waits for the answer to a probe.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -757,11 +761,24 @@ impl<'r> Run<'r> {
         let mut pick = shared::Picker::new(&self.session);
         for (r, path) in &self.candidates {
             let region = &self.mem.regions()[*r as usize];
-            let pages = shared::sample_pages(region.pages(), shared::HASH_SAMPLES, &mut pick);
-            let ours = shared::hash_pages(region, &pages)?;
-            let theirs = self.probe(txs, probes, verdict, *r, FLAG_PROBE_HASH, &pages)?;
-            shared[*r as usize] = ours == theirs;
-            if ours != theirs {
+            let mut pages = shared::sample_pages(region.pages(), shared::HASH_SAMPLES, &mut pick);
+            // The guest runs: a page it writes between our read and the
+            // destination's looks different even in the same memory. Pages
+            // that differ are asked again, a few times; another file's
+            // differ every time. (The proof that counts comes at the pause.)
+            let mut same = false;
+            for _ in 0..CONTENT_PROBE_TRIES {
+                let ours = shared::hash_pages(region, &pages)?;
+                let theirs = self.probe(txs, probes, verdict, *r, FLAG_PROBE_HASH, &pages)?;
+                pages =
+                    pages.iter().zip(ours.iter().zip(&theirs)).filter(|(_, (a, b))| a != b).map(|(p, _)| *p).collect();
+                if pages.is_empty() {
+                    same = true;
+                    break;
+                }
+            }
+            shared[*r as usize] = same;
+            if !same {
                 self.force[*r as usize].store(true, Ordering::Relaxed);
                 report.regions.push(RegionPath {
                     region: *r,
