@@ -235,7 +235,8 @@ fn send(a: SendArgs) -> Result<()> {
 }
 
 fn recv(a: RecvArgs) -> Result<()> {
-    let acceptor = Acceptor::bind(&resolve(&a.listen)?, a.auth.auth("recv")?)?;
+    let mut acceptor = Acceptor::bind(&resolve(&a.listen)?, a.auth.auth("recv")?)?;
+    acceptor.log_refusals(|peer, why| say!("pmigrate recv: refused {peer}: {why}"));
     if a.report {
         say!("pmigrate recv: listening on {:?}", acceptor.local_addrs());
     }

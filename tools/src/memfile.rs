@@ -208,7 +208,8 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
     let auth = a.auth.auth("serve")?;
     let existing = preflight(&a.memory)?;
     let max = a.max_memory_mib.map_or_else(physical_memory, |m| m << 20);
-    let acceptor = Acceptor::bind(&resolve(&a.listen)?, auth)?;
+    let mut acceptor = Acceptor::bind(&resolve(&a.listen)?, auth)?;
+    acceptor.log_refusals(|peer, why| say!("pmigrate serve: refused {peer}: {why}"));
     say!("pmigrate serve: listening on {:?}", acceptor.local_addrs());
     let memory = a.memory.clone();
     let partial = partial_path(&a.memory);
@@ -275,9 +276,6 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
             },
             Some(deadline),
         )?;
-        for (peer, why) in incoming.refused() {
-            say!("pmigrate serve: refused {peer}: {why}");
-        }
         let peer = incoming.peer_addr().map_or_else(|| "?".to_string(), |p| p.to_string());
         let r = incoming.regions()[0];
         let in_place = !incoming.handover_regions().is_empty();

@@ -61,6 +61,18 @@ pub struct Acceptor {
     /// acceptor, not to one call: a handshake still running when one
     /// session was accepted is judged by the next call.
     pipeline: Mutex<Pipeline>,
+    /// Told of every refused connection as it happens (one line each).
+    refusals: Option<RefusalLog>,
+}
+
+/// Where an acceptor reports refused connections.
+#[derive(Clone)]
+struct RefusalLog(Arc<dyn Fn(SocketAddr, &str) + Send + Sync>);
+
+impl std::fmt::Debug for RefusalLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RefusalLog(..)")
+    }
 }
 
 /// The handshake threads' table and their channel.
@@ -176,7 +188,15 @@ impl Acceptor {
             handshake_timeout: HANDSHAKE_TIMEOUT,
             trouble: Arc::default(),
             pipeline: Mutex::default(),
+            refusals: None,
         })
+    }
+
+    /// Reports every refused connection — a stranger, a wrong key, another
+    /// session, a handshake cut — to `log` as it happens, with the peer and
+    /// why (besides [`Accepted::refused`]).
+    pub fn log_refusals(&mut self, log: impl Fn(SocketAddr, &str) + Send + Sync + 'static) {
+        self.refusals = Some(RefusalLog(Arc::new(log)));
     }
 
     /// Another handle on the same listening sockets.
@@ -194,6 +214,7 @@ impl Acceptor {
             handshake_timeout: self.handshake_timeout,
             trouble: self.trouble.clone(),
             pipeline: Mutex::default(),
+            refusals: self.refusals.clone(),
         })
     }
 
@@ -312,7 +333,12 @@ impl Acceptor {
         let pipeline = self.pipeline();
         let mut claim: Option<Claim> = None;
         let refused = Mutex::new(Vec::new());
-        let note = |peer: SocketAddr, why: String| refused.lock().unwrap_or_else(|p| p.into_inner()).push((peer, why));
+        let note = |peer: SocketAddr, why: String| {
+            if let Some(log) = &self.refusals {
+                (log.0)(peer, &why);
+            }
+            refused.lock().unwrap_or_else(|p| p.into_inner()).push((peer, why));
+        };
         let res = self.listening(&pipeline, &note, || loop {
             if let Some(c) = claim.take() {
                 if c.slots.iter().all(Option::is_some) {

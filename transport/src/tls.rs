@@ -297,7 +297,10 @@ impl TlsStream {
     /// being failed, which must not wait behind a blocked writer.
     pub fn try_write_all(&self, buf: &[u8]) -> Option<io::Result<()>> {
         let _one = self.writing.try_lock().ok()?;
-        Some(self.state().writer().write_all(buf).and_then(|()| self.send_sealed()))
+        // Two statements: the rustls lock taken to seal must be let go
+        // before `send_sealed` takes it again.
+        let sealed = self.state().writer().write_all(buf);
+        Some(sealed.and_then(|()| self.send_sealed()))
     }
 
     fn write_plain(&self, buf: &[u8]) -> io::Result<usize> {
@@ -459,6 +462,19 @@ pub(crate) mod tests {
         let err = (&s).read_to_end(&mut got).expect_err("truncation must be an error");
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
         assert_eq!(got, b"partial");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_last_word_is_written_and_read() {
+        let dir = pki_dir("lastword");
+        let (c, s) = pair(&dir, "a", "b");
+        let (c, s) = (c.unwrap(), s.unwrap());
+        assert!(c.try_write_all(b"why it failed").expect("no writer busy").is_ok());
+        c.shutdown(Shutdown::Write).unwrap();
+        let mut got = Vec::new();
+        (&s).read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"why it failed");
         let _ = std::fs::remove_dir_all(dir);
     }
 
