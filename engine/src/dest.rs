@@ -180,6 +180,15 @@ impl Incoming {
             .unwrap_or_default()
     }
 
+    /// Gives the session up before receiving anything: every stream hears
+    /// why (`Error{Aborted}`) and is closed; the source keeps its guest.
+    pub fn refuse(self, why: &str) {
+        for s in &self.accepted.streams {
+            s.send_error(ErrorCode::Aborted, why);
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
     /// Where the session's stream 0 comes from.
     pub fn peer_addr(&self) -> Option<std::net::SocketAddr> {
         self.accepted.streams.first().and_then(|s| s.tcp().peer_addr().ok())

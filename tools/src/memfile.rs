@@ -148,6 +148,39 @@ fn physical_memory() -> u64 {
     u64::try_from(pages).unwrap_or(0).saturating_mul(u64::try_from(size).unwrap_or(0))
 }
 
+/// Gives `path` the blocks of its first `len` bytes now, so a full disk
+/// is an error here and not a fault (SIGBUS) when the mapping is written
+/// mid-migration. Keeps what the file holds.
+fn allocate(path: &Path, len: u64) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new().write(true).open(path).with_context(|| format!("{}", path.display()))?;
+    let len = libc::off_t::try_from(len).context("memory size")?;
+    // SAFETY: posix_fallocate only allocates blocks of the open file behind
+    // a valid descriptor; it touches no memory of ours.
+    let err = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, len) };
+    if err != 0 {
+        return Err(std::io::Error::from_raw_os_error(err))
+            .with_context(|| format!("no room for {len} bytes of guest memory in {}", path.display()));
+    }
+    Ok(())
+}
+
+/// Bytes free for this user in the filesystem of `dir`.
+fn room_in(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: statvfs fills the struct it is given from a NUL-terminated
+    // path; on success every field is initialised.
+    let st = unsafe {
+        if libc::statvfs(c.as_ptr(), st.as_mut_ptr()) != 0 {
+            return None;
+        }
+        st.assume_init()
+    };
+    Some(u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize)))
+}
+
 /// Where the pages of a copied migration go until it is verified.
 fn partial_path(memory: &Path) -> PathBuf {
     let mut name = memory.file_name().map(|n| n.to_os_string()).unwrap_or_default();
@@ -244,6 +277,10 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
         })?;
     }
     let no_zero_copy = a.no_zero_copy;
+    let dir = match a.memory.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
     let deadline = Instant::now() + Duration::from_secs(a.wait);
     let set_stage = |s| *stage.lock().unwrap_or_else(|p| p.into_inner()) = s;
     // Sessions until one lands: one that fails before anything of it
@@ -267,6 +304,13 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
                              (--max-memory-mib)"
                         ))
                     }
+                    None if room_in(&dir).is_some_and(|room| room < len) => {
+                        return Err(format!(
+                            "{} has room for {} bytes, the source's memory is {len} bytes",
+                            dir.display(),
+                            room_in(&dir).unwrap_or(0)
+                        ))
+                    }
                     _ => {}
                 }
                 // Handover only into a file that exists (it may be the
@@ -285,7 +329,10 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
                 "pmigrate serve: the source offers its memory for handover: proving whether {} is it",
                 a.memory.display()
             );
-            receive_in_place(&a, incoming, r, &set_stage)
+            match receive_in_place(&a, incoming, r, &set_stage) {
+                Ok(res) => res,
+                Err(e) => return Err(e),
+            }
         } else {
             match receive_copy(&a, incoming, r, &partial, &set_stage) {
                 Ok(res) => res,
@@ -336,14 +383,21 @@ fn receive_in_place(
     incoming: Incoming,
     r: pmigrate::transport::hello::RegionDesc,
     set_stage: &(dyn Fn(ServeStage) + Sync),
-) -> Result<pmigrate::Report, MigrateError> {
-    let region = GuestRegion::file(Gpa(r.gpa), r.len, HostPageSize::Small, &a.memory, true, false)?;
-    let mem = GuestMemory::new(vec![region])?;
+) -> Result<Result<pmigrate::Report, MigrateError>> {
+    if let Err(e) = allocate(&a.memory, r.len) {
+        incoming.refuse(&crate::one_line(&e));
+        return Err(e);
+    }
+    let region = GuestRegion::file(Gpa(r.gpa), r.len, HostPageSize::Small, &a.memory, true, false);
+    let mem = match region.and_then(|r| GuestMemory::new(vec![r])) {
+        Ok(m) => m,
+        Err(e) => return Ok(Err(e.into())),
+    };
     let opts = receive_options(a);
-    incoming.receive_and_run(&mem, &opts, || {
+    Ok(incoming.receive_and_run(&mem, &opts, || {
         mem.regions().iter().try_for_each(|r| r.flush()).map_err(|e| e.to_string())?;
         start_guest(a, set_stage)
-    })
+    }))
 }
 
 /// Receives into `F.partial` (post-copy: into private memory, written to
@@ -362,6 +416,10 @@ fn receive_copy(
         Ok(f) => f,
         Err(e) => return Ok(Err(e.into())),
     };
+    if let Err(e) = allocate(partial, r.len) {
+        incoming.refuse(&crate::one_line(&e));
+        return Err(e);
+    }
     let opts = receive_options(a);
     let install = |file: &GuestMemory| -> Result<(), String> {
         file.regions().iter().try_for_each(|r| r.flush()).map_err(|e| e.to_string())?;

@@ -952,3 +952,40 @@ fn send_and_recv_interrupted_say_what_they_left_and_exit_128_plus_the_signal() {
         .contains("pmigrate recv: interrupted by SIGINT: migration cancelled before the source connected"));
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A destination whose disk cannot hold the source's memory says so to the
+/// source before a page moves, and creates nothing.
+#[test]
+fn serve_refuses_a_source_its_disk_cannot_hold() {
+    let dir = scratch("full-disk");
+    let small = dir.join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipping: cannot mount a small tmpfs here (not root?)");
+        return;
+    }
+    let src = dir.join("src.mem");
+    write_guest_file(&src, 32);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let (serve, log) = start_listening(
+        Command::new(BIN)
+            .args(["serve", "--listen", &addr, "--wait", "3", "--memory"])
+            .arg(small.join("vm.mem"))
+            .args(psk_args()),
+    );
+    let out = Command::new(BIN).args(["migrate", "--memory"]).arg(&src).arg(&addr).args(psk_args()).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let (_, log) = wait_output(serve, log);
+    let listing: Vec<_> = std::fs::read_dir(&small).unwrap().collect();
+    let _ = Command::new("umount").arg(&small).status();
+    assert_one_error_line(&out);
+    assert!(err.contains("has room for") && err.contains("the VM keeps running here"), "{err}");
+    assert!(log.contains("refused"), "{log}");
+    assert!(listing.is_empty(), "nothing was created on the full disk");
+    std::fs::remove_dir_all(dir).unwrap();
+}

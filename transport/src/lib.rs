@@ -44,6 +44,7 @@ pub mod frame;
 pub(crate) mod handshake;
 pub mod hello;
 pub mod link;
+pub mod message;
 pub mod net;
 pub mod payload;
 pub mod serve;
