@@ -18,8 +18,6 @@
 //! they are surely still running when cut short. The tests run one at a
 //! time and skip, saying why, when QEMU is missing.
 
-#[path = "../../tests/support/keys.rs"]
-mod keys;
 #[path = "../../tests/support/migration.rs"]
 mod migration;
 #[path = "../../tests/support/qemu.rs"]
@@ -83,7 +81,7 @@ fn start(scratch: &Scratch, opts: &[&str], dest: &str) -> Child {
         .arg(scratch.path("src.qmp"))
         .arg("--dst-qmp")
         .arg(scratch.path("dst.qmp"))
-        .args(keys::psk_args())
+        .args(migration::keys::psk_args())
         .args(opts)
         .arg(dest)
         .stdin(Stdio::null())

@@ -67,7 +67,10 @@ pub struct Acceptor {
 
 /// Where an acceptor reports refused connections.
 #[derive(Clone)]
-struct RefusalLog(Arc<dyn Fn(SocketAddr, &str) + Send + Sync>);
+struct RefusalLog(Arc<RefusalFn>);
+
+/// The callback behind a [`RefusalLog`]: the peer and why it was refused.
+type RefusalFn = dyn Fn(SocketAddr, &str) + Send + Sync;
 
 impl std::fmt::Debug for RefusalLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -119,14 +119,9 @@ impl<'a> DataFrame<'a> {
         self.hdr.aux
     }
 
-    /// Its decoded length.
-    pub fn len(&self) -> u32 {
+    /// The length of the chunk once opened.
+    pub fn decoded_len(&self) -> u32 {
         self.hdr.count
-    }
-
-    /// Whether it is empty (never, for a frame that decoded).
-    pub fn is_empty(&self) -> bool {
-        self.hdr.count == 0
     }
 
     /// How its payload is encoded.
@@ -444,7 +439,7 @@ mod tests {
         build_data(&mut f, 9, b"chunk", false);
         let hdr = FrameHdr::decode(f[..HEADER_LEN].try_into().unwrap()).unwrap();
         let Message::Data(d) = Message::decode(hdr, &f[HEADER_LEN..]).unwrap() else { panic!() };
-        assert_eq!((d.seq(), d.len()), (9, 5));
+        assert_eq!((d.seq(), d.decoded_len()), (9, 5));
         assert_eq!(d.open(&mut opener).unwrap(), b"chunk");
     }
 }
