@@ -178,7 +178,7 @@ fn room_in(dir: &Path) -> Option<u64> {
         }
         st.assume_init()
     };
-    Some(u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize)))
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 /// Where the pages of a copied migration go until it is verified.
@@ -329,10 +329,7 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
                 "pmigrate serve: the source offers its memory for handover: proving whether {} is it",
                 a.memory.display()
             );
-            match receive_in_place(&a, incoming, r, &set_stage) {
-                Ok(res) => res,
-                Err(e) => return Err(e),
-            }
+            receive_in_place(&a, incoming, r, &set_stage)?
         } else {
             match receive_copy(&a, incoming, r, &partial, &set_stage) {
                 Ok(res) => res,
