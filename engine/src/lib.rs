@@ -52,6 +52,17 @@ pub mod source;
 mod uffd;
 #[cfg(feature = "vm-memory")]
 pub mod vmm;
+
+/// The protocol's sans-I/O rules and the destination's placement, for the
+/// fuzz targets in `fuzz/` (feature `fuzzing`); not a stable API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::dest::place::Placer;
+    pub use crate::dest::rules::{DestRules, Shape, Step};
+    pub use crate::relay::reassembly::{Next, Reassembly};
+    pub use crate::source::rules::{heard, settle, Heard, NoVerdict, Reached, RoundCounter};
+}
 #[cfg(feature = "vm-memory")]
 pub use vmm::from_vm_memory;
 

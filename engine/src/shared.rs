@@ -27,7 +27,8 @@
 //! with its memory as it was (the nonces are restored before anything else
 //! happens).
 
-use pmigrate_ranges::{Backing, GuestMemory, GuestRegion, PageIdx, PAGE_SIZE, PAGE_SIZE_U64};
+use pmigrate_ranges::{Backing, GuestMemory, GuestRegion, PageIdx, RegionIdx, PAGE_SIZE, PAGE_SIZE_U64};
+use pmigrate_transport::message::ProbeAsk;
 use xxhash_rust::xxh3::xxh3_64;
 
 /// Pages hashed per region at the handshake.
@@ -87,17 +88,6 @@ pub fn sample_pages(pages: u64, n: usize, pick: &mut Picker) -> Vec<u64> {
     v
 }
 
-/// Little-endian `u64`s as bytes (probe payloads and replies).
-pub fn to_bytes(v: &[u64]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-/// Bytes as little-endian `u64`s; the length was checked to be a multiple
-/// of 8 by the frame decoder.
-pub fn from_bytes(b: &[u8]) -> Vec<u64> {
-    b.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()
-}
-
 /// The xxh3 of each listed page of `region`.
 pub fn hash_pages(region: &GuestRegion, pages: &[u64]) -> Result<Vec<u64>, pmigrate_ranges::MemoryError> {
     let mut buf = vec![0u8; PAGE_SIZE];
@@ -153,21 +143,22 @@ impl Nonces {
 
 /// Checks a probe from the source against `mem` and answers it: the hashes
 /// of the pages or the words asked for. Every place is bounds-checked.
-pub fn answer(mem: &GuestMemory, region: u32, words: bool, payload: &[u8]) -> Result<Vec<u8>, String> {
-    let r =
-        mem.regions().get(region as usize).ok_or_else(|| format!("probe of region {region}, which does not exist"))?;
-    let places = from_bytes(payload);
-    let values = if words {
-        if places.iter().any(|&o| o % 8 != 0 || o.checked_add(8).is_none_or(|e| e > r.len())) {
-            return Err(format!("probe of words outside region {region}"));
+pub fn answer(mem: &GuestMemory, region: RegionIdx, ask: ProbeAsk, places: &[u64]) -> Result<Vec<u64>, String> {
+    let n = region.0;
+    let r = mem.regions().get(region.as_usize()).ok_or_else(|| format!("probe of region {n}, which does not exist"))?;
+    match ask {
+        ProbeAsk::Words => {
+            if places.iter().any(|&o| o % 8 != 0 || o.checked_add(8).is_none_or(|e| e > r.len())) {
+                return Err(format!("probe of words outside region {n}"));
+            }
+            read_words(r, places)
         }
-        read_words(r, &places)
-    } else {
-        if places.iter().any(|&p| p >= r.len() / PAGE_SIZE_U64) {
-            return Err(format!("probe of pages outside region {region}"));
+        ProbeAsk::PageHashes => {
+            if places.iter().any(|&p| p >= r.len() / PAGE_SIZE_U64) {
+                return Err(format!("probe of pages outside region {n}"));
+            }
+            hash_pages(r, places)
         }
-        hash_pages(r, &places)
     }
-    .map_err(|e| e.to_string())?;
-    Ok(to_bytes(&values))
+    .map_err(|e| e.to_string())
 }

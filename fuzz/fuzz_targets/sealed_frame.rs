@@ -1,7 +1,8 @@
 //! Frames built the way a sender builds them — so they get past the
 //! integrity check and reach the deep paths — then at most one byte flipped.
 //! Properties: an intact frame opens to exactly what was sealed; a frame with
-//! any byte changed is refused, never opened into different content.
+//! any byte changed is refused, never opened into different content (a
+//! changed lz4 byte that decodes to the same content is the one acceptance).
 #![no_main]
 
 use arbitrary::Arbitrary;
@@ -27,7 +28,7 @@ struct Input {
 
 fn bytes(n: usize, pattern: u8) -> Vec<u8> {
     // Compressible or not, depending on the pattern.
-    (0..n).map(|i| if pattern & 1 == 0 { pattern ^ (i as u8 & 0x0f) } else { (i as u32 * 2654435761 >> 13) as u8 ^ pattern }).collect()
+    (0..n).map(|i| if pattern & 1 == 0 { pattern ^ (i as u8 & 0x0f) } else { ((i as u32).wrapping_mul(2654435761) >> 13) as u8 ^ pattern }).collect()
 }
 
 fuzz_target!(|input: Input| {
@@ -78,7 +79,14 @@ fuzz_target!(|input: Input| {
         }
     })();
     if flipped {
-        assert!(opened.is_none(), "a changed frame was accepted: {input:?}");
+        // A changed byte of an lz4 payload may decode to the very same
+        // bytes (a match pointing at other, equal bytes): accepted only
+        // then, since the check covers the decoded content.
+        let lz4 = frame[1] == pmigrate_transport::Encoding::Lz4 as u8;
+        let in_payload = input.flip.is_some_and(|(at, _)| at as usize % frame.len() >= HEADER_LEN);
+        if let Some(o) = &opened {
+            assert!(lz4 && in_payload && *o == expect, "a changed frame was accepted: {input:?}");
+        }
     } else {
         assert_eq!(opened, Some(expect), "an intact frame opens to what was sealed");
     }

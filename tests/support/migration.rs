@@ -179,8 +179,10 @@ pub enum Fault {
     None,
     /// Flip one byte at this offset of the first connection's forward direction.
     FlipByteAt(u64),
-    /// Once the first connection forwarded this many bytes, shut down every
-    /// connection, both sides, and refuse new ones.
+    /// Once any connection forwarded this many bytes, shut down every
+    /// connection, both sides, and refuse new ones. (Any: a proxy entry
+    /// may open and close a connection to try the way before the first
+    /// that carries data.)
     CloseAllAt(u64),
 }
 
@@ -242,7 +244,11 @@ impl FaultyLink {
                 let clones = (client.try_clone(), server.try_clone(), client.try_clone(), server.try_clone());
                 let (Ok(c1), Ok(s1), Ok(c2), Ok(s2)) = clones else { continue };
                 st.sockets.lock().expect("link lock").extend([c2, s2]);
-                let fwd_fault = if first { fault } else { Fault::None };
+                let fwd_fault = match fault {
+                    Fault::CloseAllAt(_) => fault,
+                    _ if first => fault,
+                    _ => Fault::None,
+                };
                 let (st1, st2) = (st.clone(), st.clone());
                 std::thread::spawn(move || pump(client, server, fwd_fault, &st1, Some(&counter)));
                 std::thread::spawn(move || pump(s1, c1, Fault::None, &st2, None));

@@ -27,7 +27,7 @@ use crate::payload::{build_control, OpenedPages, Opener};
 pub struct Round(pub u64);
 
 /// A memory digest (§7.3).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Digest(pub u64);
 
 impl std::fmt::Display for Digest {

@@ -4,7 +4,6 @@
 //! source, finds the local peer gone and confirms what it took with
 //! `Verified` flagged `FLAG_CLOSED`.
 
-use std::collections::BTreeMap;
 use std::io::ErrorKind;
 use std::sync::atomic::Ordering;
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -16,7 +15,8 @@ use pmigrate_transport::frame::{Encoding, FrameKind, FLAG_CLOSED, HEADER_LEN};
 use pmigrate_transport::payload::Opener;
 use pmigrate_transport::TransportError;
 
-use super::{control, control_flagged, Carry, FlowReport, Output, Shared, CHUNK, REORDER_WINDOW};
+use super::reassembly::{Next, Reassembly};
+use super::{control, control_flagged, Carry, FlowReport, Output, Shared, CHUNK};
 use crate::MigrateError;
 
 /// How often a deliverer that may close looks whether its local peer left.
@@ -32,27 +32,11 @@ const WHY_GRACE: Duration = Duration::from_millis(250);
 const CLOSE_RACE: Duration = Duration::from_secs(1);
 
 struct State {
-    chunks: BTreeMap<u64, Vec<u8>>,
-    /// Next sequence number the output needs.
-    next: u64,
-    /// Total chunks, once an `End` said so.
-    total: Option<u64>,
-    /// Streams that delivered `End`.
-    ended: usize,
+    /// The flow's chunks on their way back into order.
+    flow: Reassembly,
     failed: bool,
     /// The local peer closed: chunks are dropped, no `End` is awaited.
     closed: bool,
-    /// Per stream: the last sequence number it delivered, and whether it
-    /// ended. Each stream's numbers increase, so once every stream is past
-    /// `next` (or ended) without delivering it, it can never come.
-    heads: Vec<(Option<u64>, bool)>,
-}
-
-impl State {
-    fn gap(&self) -> bool {
-        !self.chunks.contains_key(&self.next)
-            && self.heads.iter().all(|&(head, ended)| ended || head.is_some_and(|h| h > self.next))
-    }
 }
 
 /// The reorder window between the stream readers and the output.
@@ -64,15 +48,7 @@ pub(crate) struct Window {
 impl Window {
     pub(super) fn new(streams: usize) -> Self {
         Window {
-            state: Mutex::new(State {
-                chunks: BTreeMap::new(),
-                next: 0,
-                total: None,
-                ended: 0,
-                failed: false,
-                closed: false,
-                heads: vec![(None, false); streams],
-            }),
+            state: Mutex::new(State { flow: Reassembly::new(streams), failed: false, closed: false }),
             changed: Condvar::new(),
         }
     }
@@ -100,7 +76,6 @@ pub(super) fn stream_reader(shared: &Shared<'_>, i: usize, has_in: bool, expects
     // peer.
     reader.set_idle_limit(how.progress_timeout);
     let mut opener = Opener::default();
-    let mut last_seq: Option<u64> = None;
     let (mut in_done, mut verified) = (!has_in, !expects_verified);
     let protocol = |why: String| MigrateError::Protocol { stream: i, why };
     // Read after the read returned: the flow may have closed meanwhile.
@@ -135,10 +110,13 @@ pub(super) fn stream_reader(shared: &Shared<'_>, i: usize, has_in: bool, expects
                 if hdr.encoding == Encoding::Lz4 && !how.lz4_in {
                     break Err(protocol("lz4 chunk without the capability".into()));
                 }
-                if last_seq.is_some_and(|l| hdr.aux <= l) {
-                    break Err(protocol(format!("chunk {} out of order", hdr.aux)));
+                let window = &shared.window;
+                let seq = hdr.aux;
+                let announced = window.state.lock().expect("window lock").flow.announce(i, seq);
+                window.changed.notify_all();
+                if let Err(why) = announced {
+                    break Err(protocol(why));
                 }
-                last_seq = Some(hdr.aux);
                 shared.in_wire.fetch_add(wire, Ordering::Relaxed);
                 if shared.in_closed.load(Ordering::Acquire) {
                     continue; // the local peer left: nowhere to put it
@@ -147,12 +125,9 @@ pub(super) fn stream_reader(shared: &Shared<'_>, i: usize, has_in: bool, expects
                     Ok(d) => d.to_vec(),
                     Err(source) => break Err(TransportError::Wire { what: name.clone(), source }.into()),
                 };
-                let window = &shared.window;
                 let mut w = window.state.lock().expect("window lock");
-                w.heads[i].0 = Some(hdr.aux);
-                window.changed.notify_all();
                 // Hold a chunk beyond the window until the output catches up.
-                while !w.failed && !w.closed && hdr.aux >= w.next + REORDER_WINDOW {
+                while !w.failed && !w.closed && !w.flow.fits(seq) {
                     w = window.changed.wait(w).expect("window lock");
                 }
                 if w.failed {
@@ -161,10 +136,9 @@ pub(super) fn stream_reader(shared: &Shared<'_>, i: usize, has_in: bool, expects
                 if w.closed {
                     continue;
                 }
-                if hdr.aux < w.next || w.total.is_some_and(|t| hdr.aux >= t) || w.chunks.contains_key(&hdr.aux) {
-                    break Err(protocol(format!("chunk {} duplicated", hdr.aux)));
+                if let Err(why) = w.flow.insert(seq, data) {
+                    break Err(protocol(why));
                 }
-                w.chunks.insert(hdr.aux, data);
                 window.changed.notify_all();
             }
             FrameKind::End if !in_done => {
@@ -173,14 +147,11 @@ pub(super) fn stream_reader(shared: &Shared<'_>, i: usize, has_in: bool, expects
                 }
                 shared.in_wire.fetch_add(wire, Ordering::Relaxed);
                 let window = &shared.window;
-                let mut w = window.state.lock().expect("window lock");
-                if w.total.is_some_and(|t| t != hdr.aux) || last_seq.is_some_and(|l| l >= hdr.aux) {
-                    break Err(protocol("inconsistent end of stream".into()));
-                }
-                w.total = Some(hdr.aux);
-                w.ended += 1;
-                w.heads[i].1 = true;
+                let ended = window.state.lock().expect("window lock").flow.end(i, hdr.aux);
                 window.changed.notify_all();
+                if let Err(why) = ended {
+                    break Err(protocol(why));
+                }
                 in_done = true;
             }
             FrameKind::Verified if !verified => {
@@ -218,28 +189,20 @@ pub(super) fn deliver(
     may_close: bool,
 ) -> Result<FlowReport, MigrateError> {
     let window = &shared.window;
-    let n = shared.streams.len();
     let mut report = FlowReport::default();
     let left = |output: &Option<Box<dyn Output>>| {
         may_close && shared.input_ended.load(Ordering::Acquire) && output.as_ref().is_some_and(|o| o.reader_gone())
     };
     loop {
         let mut w = window.state.lock().expect("window lock");
-        let chunk = loop {
+        let next = loop {
             if w.failed {
                 return Err(MigrateError::Aborted);
             }
-            let next = w.next;
-            if let Some(c) = w.chunks.remove(&next) {
-                w.next += 1;
-                break Some(c);
-            }
-            if w.ended == n {
-                break None;
-            }
-            if w.gap() {
-                let why = format!("chunk {} was skipped by every stream", w.next);
-                return Err(MigrateError::Protocol { stream: 0, why });
+            match w.flow.take() {
+                Ok(Next::Wait) => {}
+                Ok(next) => break next,
+                Err(why) => return Err(MigrateError::Protocol { stream: 0, why }),
             }
             if left(&output) {
                 return close(shared, w, &confirm, report);
@@ -251,10 +214,9 @@ pub(super) fn deliver(
             };
         };
         window.changed.notify_all();
-        let (total, next) = (w.total, w.next);
         drop(w);
-        match chunk {
-            Some(c) => {
+        match next {
+            Next::Chunk(c) => {
                 let Some(out) = output.as_mut() else {
                     let why = "the other end sent bytes this end has nowhere to put".to_string();
                     return Err(MigrateError::Protocol { stream: 0, why });
@@ -269,17 +231,14 @@ pub(super) fn deliver(
                 report.bytes += c.len() as u64;
                 report.chunks += 1;
             }
-            None => {
-                if total != Some(next) {
-                    let why = format!("stream ended after {next} chunks, sender announced {total:?}");
-                    return Err(MigrateError::Protocol { stream: 0, why });
-                }
+            Next::Complete { chunks } => {
                 if let Some(mut out) = output.take() {
                     out.finish().map_err(|e| TransportError::io("close output", e))?;
                 }
-                confirm.send(control(FrameKind::Verified, next)).map_err(|_| MigrateError::Aborted)?;
+                confirm.send(control(FrameKind::Verified, chunks)).map_err(|_| MigrateError::Aborted)?;
                 return Ok(report);
             }
+            Next::Wait => unreachable!("the loop above waits"),
         }
     }
 }
@@ -293,7 +252,7 @@ fn close(
     mut report: FlowReport,
 ) -> Result<FlowReport, MigrateError> {
     w.closed = true;
-    w.chunks.clear();
+    w.flow.drop_held();
     shared.in_closed.store(true, Ordering::Release);
     shared.window.changed.notify_all();
     drop(w);

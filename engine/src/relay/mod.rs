@@ -63,6 +63,7 @@
 
 mod inbound;
 mod outbound;
+pub(crate) mod reassembly;
 #[cfg(test)]
 mod tests;
 

@@ -26,6 +26,7 @@
 //! `source/streams.rs`; this module holds the builder and the rounds.
 
 mod requests;
+pub(crate) mod rules;
 mod streams;
 mod worker;
 
@@ -33,16 +34,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Receiver, Sender};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use pmigrate_ranges::{distribute_late, plan_shards, AtomicBitmap, GuestMemory, PageRange, PAGE_SIZE};
+use pmigrate_ranges::{PageIdx, RegionIdx};
 use pmigrate_transport::backend::URING_DEPTH;
-use pmigrate_transport::frame::FLAG_FINAL;
-use pmigrate_transport::frame::{FrameHdr, FrameKind, FLAG_PROBE_HASH, FLAG_PROBE_WORDS, HEADER_LEN};
+use pmigrate_transport::frame::HEADER_LEN;
 use pmigrate_transport::hello::{
     encode_shared_regions, Hello, Mode, RegionDesc, CAP_LZ4, CAP_POSTCOPY, CAP_RESUME, CAP_SHARED, EXT_SHARED_REGIONS,
     PROTOCOL_VERSION, REGION_HUGE,
 };
-use pmigrate_transport::payload::{build_control, zero_page_hash, Scratch};
+use pmigrate_transport::message::NeedBitmap;
+use pmigrate_transport::message::{Control, Digest, ProbeAsk, Round};
+use pmigrate_transport::payload::{zero_page_hash, Scratch};
 use pmigrate_transport::session::{connect_session, new_session_id, StreamPlan};
 use pmigrate_transport::uring::{FramePool, Outgoing};
 use pmigrate_transport::{Auth, Backend, BackendChoice, Conn, Connected, Link, SessionKey, TransportError};
@@ -54,6 +57,7 @@ use crate::report::{LatencySummary, Report, RoundReport, StreamReport};
 use crate::shared::{self, RegionPath};
 use crate::{Compression, MigrateError};
 use hdrhistogram::Histogram;
+use rules::NoVerdict;
 use streams::{listener, sender, Listen, Msg, StreamStats};
 use worker::{Counts, Worker};
 
@@ -502,8 +506,8 @@ impl<'r> Run<'r> {
         let stats: Vec<StreamStats> = (0..n).map(|_| StreamStats::default()).collect();
         let (txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| bounded::<Msg>(QUEUE_DEPTH)).unzip();
         let (pool_tx, pool_rx) = bounded::<Vec<u8>>(n * QUEUE_DEPTH + self.cfg.threads);
-        let (verdict_tx, verdict) = bounded::<Result<u64, MigrateError>>(n);
-        let (probe_tx, probe_rx) = bounded::<Vec<u8>>(4);
+        let (verdict_tx, verdict) = bounded::<Result<Digest, MigrateError>>(n);
+        let (probe_tx, probe_rx) = bounded::<Vec<u64>>(4);
         let post = self.cfg.postcopy.is_some();
         // Post-copy: the last stream is the priority stream, whose listener
         // answers page requests.
@@ -529,6 +533,7 @@ impl<'r> Run<'r> {
             ..Report::default()
         };
         let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 2).expect("valid histogram bounds");
+        let mut reached = rules::Reached::default();
         let outcome = std::thread::scope(|s| -> Result<(), MigrateError> {
             let mut senders = Vec::new();
             for (i, (stream, rx)) in streams.iter().zip(rxs).enumerate() {
@@ -555,8 +560,9 @@ impl<'r> Run<'r> {
             let res = this.rounds(&txs, bulk, &pool_rx, &probe_rx, &verdict, tracker, pause, &mut report).and_then(
                 |(t_pause, handed_over)| {
                     let tables: Vec<&[AtomicU64]> = this.sent.iter().map(|t| &t[..]).collect();
-                    let digest = digest_handing_over(&tables, &handed_over);
-                    report.digest = format!("{digest:016x}");
+                    let digest = Digest(digest_handing_over(&tables, &handed_over));
+                    report.digest = digest.to_string();
+                    reached.digest = digest;
                     txs[0].send(Msg::Done { digest }).map_err(|_| MigrateError::Aborted)?;
                     Ok(t_pause)
                 },
@@ -576,51 +582,25 @@ impl<'r> Run<'r> {
             // its own error report a moment to arrive: "checksum mismatch at
             // the destination" explains more than "broken pipe".
             let verdict_wait = if error.is_none() { VERDICT_TIMEOUT } else { Duration::from_secs(1) };
-            let verdict = verdict.recv_timeout(verdict_wait);
+            let verdict = verdict.recv_timeout(verdict_wait).map_err(|e| match e {
+                RecvTimeoutError::Timeout => NoVerdict::Timeout(verdict_wait),
+                RecvTimeoutError::Disconnected => NoVerdict::Gone,
+            });
             // Unblock the listeners whatever happened, so the scope can end.
             this.finished.store(true, Ordering::Release);
             for l in &streams {
                 l.shutdown();
             }
-
-            let verdict = match (error, verdict) {
-                // `Verified` means the destination holds it all and runs it.
-                (_, Ok(Ok(d))) => Ok(d),
-                // What the destination said, or what its streams showed,
-                // explains more than what failed here in consequence.
-                (_, Ok(Err(v))) => Err(v),
-                (Some(e), Err(_)) => Err(e),
-                (None, Err(_)) => Err(MigrateError::Unconfirmed(format!("none within {VERDICT_TIMEOUT:?}"))),
-            };
-            match verdict {
-                Ok(d) if format!("{d:016x}") != report.digest => {
-                    // The destination claims the guest with other memory.
-                    Err(MigrateError::Unconfirmed(format!(
-                        "it confirmed digest {d:016x}, this end sent {}",
-                        report.digest
-                    )))
-                }
-                Ok(_) => {
-                    if let Some(t) = t_pause {
-                        report.downtime_secs = match this.running.get() {
-                            Some(run) => run.duration_since(t).as_secs_f64(),
-                            None => t.elapsed().as_secs_f64(),
-                        };
-                    }
-                    Ok(())
-                }
-                // After the switchover the guest may run at the destination.
-                Err(e) if this.post_round.load(Ordering::Acquire) != u64::MAX => {
-                    Err(MigrateError::HandedOver(Box::new(e)))
-                }
-                // Everything was sent: without the destination's own refusal,
-                // nobody knows whether the guest started there.
-                Err(e @ MigrateError::Unconfirmed(_)) => Err(e),
-                Err(e) if this.done_sent.load(Ordering::Acquire) && !e.is_peer_refusal() => {
-                    Err(MigrateError::Unconfirmed(e.to_string()))
-                }
-                Err(e) => Err(e),
+            reached.switched = this.post_round.load(Ordering::Acquire) != u64::MAX;
+            reached.done_sent = this.done_sent.load(Ordering::Acquire);
+            rules::settle(reached, error, verdict)?;
+            if let Some(t) = t_pause {
+                report.downtime_secs = match this.running.get() {
+                    Some(run) => run.duration_since(t).as_secs_f64(),
+                    None => t.elapsed().as_secs_f64(),
+                };
             }
+            Ok(())
         });
         outcome?;
         if let Some(p) = report.postcopy.as_mut() {
@@ -719,22 +699,18 @@ impl<'r> Run<'r> {
     fn probe(
         &self,
         txs: &[Sender<Msg>],
-        probes: &Receiver<Vec<u8>>,
-        verdict: &Receiver<Result<u64, MigrateError>>,
+        probes: &Receiver<Vec<u64>>,
+        verdict: &Receiver<Result<Digest, MigrateError>>,
         region: u32,
-        flag: u16,
+        ask: ProbeAsk,
         places: &[u64],
     ) -> Result<Vec<u64>, MigrateError> {
-        let mut h = FrameHdr::new(FrameKind::Probe);
-        h.region = region;
-        h.flags = flag;
-        let mut f = Vec::new();
-        build_control(&mut f, h, &shared::to_bytes(places));
+        let f = Control::Probe { region: RegionIdx(region), ask, places: places.to_vec() }.encode();
         txs[0].send(Msg::Control(f)).map_err(|_| MigrateError::Aborted)?;
         crossbeam_channel::select! {
             recv(probes) -> r => {
                 let closed = |_| TransportError::Closed("stream 0: waiting for a probe's answer".into());
-                let v = shared::from_bytes(&r.map_err(closed)?);
+                let v = r.map_err(closed)?;
                 if v.len() != places.len() {
                     return Err(MigrateError::Protocol { stream: 0, why: "probe answered with the wrong count".into() });
                 }
@@ -753,8 +729,8 @@ impl<'r> Run<'r> {
     fn prove_content(
         &self,
         txs: &[Sender<Msg>],
-        probes: &Receiver<Vec<u8>>,
-        verdict: &Receiver<Result<u64, MigrateError>>,
+        probes: &Receiver<Vec<u64>>,
+        verdict: &Receiver<Result<Digest, MigrateError>>,
         report: &mut Report,
     ) -> Result<Vec<bool>, MigrateError> {
         let mut shared = vec![false; self.mem.regions().len()];
@@ -769,7 +745,7 @@ impl<'r> Run<'r> {
             let mut same = false;
             for _ in 0..CONTENT_PROBE_TRIES {
                 let ours = shared::hash_pages(region, &pages)?;
-                let theirs = self.probe(txs, probes, verdict, *r, FLAG_PROBE_HASH, &pages)?;
+                let theirs = self.probe(txs, probes, verdict, *r, ProbeAsk::PageHashes, &pages)?;
                 pages =
                     pages.iter().zip(ours.iter().zip(&theirs)).filter(|(_, (a, b))| a != b).map(|(p, _)| *p).collect();
                 if pages.is_empty() {
@@ -796,8 +772,8 @@ impl<'r> Run<'r> {
     fn prove_identity(
         &self,
         txs: &[Sender<Msg>],
-        probes: &Receiver<Vec<u8>>,
-        verdict: &Receiver<Result<u64, MigrateError>>,
+        probes: &Receiver<Vec<u64>>,
+        verdict: &Receiver<Result<Digest, MigrateError>>,
         shared: &mut [bool],
         dirty: &[AtomicBitmap],
         report: &mut Report,
@@ -810,7 +786,7 @@ impl<'r> Run<'r> {
             }
             let region = &self.mem.regions()[ri];
             let nonces = shared::Nonces::plant(region, &mut pick)?;
-            let seen = self.probe(txs, probes, verdict, *r, FLAG_PROBE_WORDS, &nonces.offsets);
+            let seen = self.probe(txs, probes, verdict, *r, ProbeAsk::Words, &nonces.offsets);
             let planted = nonces.values.clone();
             // Put the guest's words back before anything else, whatever happened.
             nonces.restore(region)?;
@@ -834,8 +810,8 @@ impl<'r> Run<'r> {
         txs: &[Sender<Msg>],
         bulk: usize,
         pool: &Receiver<Vec<u8>>,
-        probes: &Receiver<Vec<u8>>,
-        verdict: &Receiver<Result<u64, MigrateError>>,
+        probes: &Receiver<Vec<u64>>,
+        verdict: &Receiver<Result<Digest, MigrateError>>,
         tracker: &mut dyn DirtyTracker,
         mut pause: Option<PauseHook<'_>>,
         report: &mut Report,
@@ -922,11 +898,9 @@ impl<'r> Run<'r> {
         const PIECE: u64 = (pmigrate_transport::frame::MAX_PAYLOAD as u64) * 8;
         self.post_round.store(round, Ordering::Release);
         self.progress.handed_over.store(true, Ordering::Release);
-        let send = |tx: &Sender<Msg>, h: FrameHdr, body: &[u8]| {
-            let mut f = Vec::new();
-            build_control(&mut f, h, body);
-            tx.send(Msg::Control(f)).map_err(|_| MigrateError::Aborted)
-        };
+        let send =
+            |tx: &Sender<Msg>, c: Control<'_>| tx.send(Msg::Control(c.encode())).map_err(|_| MigrateError::Aborted);
+        let round = Round(round);
         for (r, map) in dirty.iter().enumerate() {
             let mut first = 0;
             while first < map.len() {
@@ -935,21 +909,16 @@ impl<'r> Run<'r> {
                     let words = (first / 64) as usize..(first + count).div_ceil(64) as usize;
                     let mut bits: Vec<u8> = words.flat_map(|w| map.load_word(w).to_le_bytes()).collect();
                     bits.truncate(count.div_ceil(8) as usize);
-                    let mut h = FrameHdr::new(FrameKind::Switchover);
-                    h.region = r as u32;
-                    h.first = first;
-                    h.count = count as u32;
-                    h.aux = round;
-                    send(&txs[0], h, &bits)?;
+                    let range =
+                        PageRange { region: RegionIdx(r as u32), start: PageIdx(first), end: PageIdx(first + count) };
+                    let need = Some(NeedBitmap { range, bits: &bits });
+                    send(&txs[0], Control::Switchover { round, last: false, need })?;
                 }
                 first += count;
             }
         }
         for tx in txs {
-            let mut h = FrameHdr::new(FrameKind::Switchover);
-            h.aux = round;
-            h.flags = FLAG_FINAL;
-            send(tx, h, &[])?;
+            send(tx, Control::Switchover { round, last: true, need: None })?;
         }
         Ok(())
     }

@@ -7,21 +7,13 @@
 //! bulk data on that connection. A page may also travel in the push: the
 //! destination keeps the first copy and drops the other.
 
-use pmigrate_ranges::{PageIdx, PAGE_SIZE};
+use pmigrate_ranges::{PageRange, PAGE_SIZE};
 use pmigrate_transport::payload::{build_pages, build_zero_pages, is_zero_page, zero_page_hash, PagesAt, Scratch};
 use std::sync::atomic::Ordering;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::Run;
 use crate::MigrateError;
-
-/// Pages `first..first + count` of `region`, as the destination asked.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct Request {
-    pub(super) region: u32,
-    pub(super) first: u64,
-    pub(super) count: u32,
-}
 
 /// Builds the answers to requests, on the priority stream's listener.
 pub(super) struct Answerer<'a> {
@@ -38,27 +30,29 @@ impl<'a> Answerer<'a> {
         Self { run, stream, pages: Vec::new(), hashes: Vec::new(), scratch: Scratch::default(), frame: Vec::new() }
     }
 
-    /// The sealed frame of the pages `req` asks for. A request outside
-    /// guest memory, or before the switchover, breaks the protocol.
-    pub(super) fn answer(&mut self, req: Request) -> Result<&[u8], MigrateError> {
+    /// The sealed frame of the pages `req` asks for (at most a frame's
+    /// worth, the frame decoder checked). A request outside guest memory,
+    /// or before the switchover, breaks the protocol.
+    pub(super) fn answer(&mut self, req: PageRange) -> Result<&[u8], MigrateError> {
         let run = self.run;
         let stream = self.stream;
         let bad = |why: String| MigrateError::Protocol { stream, why };
+        let n = req.region.0;
         let region = run
             .mem
             .regions()
-            .get(req.region as usize)
-            .ok_or_else(|| bad(format!("page request for region {}, which does not exist", req.region)))?;
-        let end = req.first.checked_add(u64::from(req.count));
-        if end.is_none_or(|e| e > region.pages()) {
-            return Err(bad(format!("page request for pages {}..+{} of region {}", req.first, req.count, req.region)));
+            .get(req.region.as_usize())
+            .ok_or_else(|| bad(format!("page request for region {n}, which does not exist")))?;
+        if req.end.0 > region.pages() || req.is_empty() {
+            return Err(bad(format!("page request for pages {}..{} of region {n}", req.start.0, req.end.0)));
         }
+        let (first, count) = (req.start.0, req.len() as u32);
         let round = run.post_round.load(Ordering::Acquire);
         if round == u64::MAX {
             return Err(bad("page request before the switchover".into()));
         }
-        self.pages.resize(req.count as usize * PAGE_SIZE, 0);
-        region.read_pages(PageIdx(req.first), &mut self.pages)?;
+        self.pages.resize(count as usize * PAGE_SIZE, 0);
+        region.read_pages(req.start, &mut self.pages)?;
         self.hashes.clear();
         let mut zero = true;
         for page in self.pages.chunks_exact(PAGE_SIZE) {
@@ -69,17 +63,17 @@ impl<'a> Answerer<'a> {
                 self.hashes.push(xxh3_64(page));
             }
         }
-        let sent = &run.sent[req.region as usize];
+        let sent = &run.sent[req.region.as_usize()];
         for (i, h) in self.hashes.iter().enumerate() {
-            sent[(req.first + i as u64) as usize].store(*h, Ordering::Relaxed);
+            sent[(first + i as u64) as usize].store(*h, Ordering::Relaxed);
         }
         if zero {
-            build_zero_pages(&mut self.frame, req.region, req.first, req.count, round);
+            build_zero_pages(&mut self.frame, n, first, count, round);
         } else {
-            let at = PagesAt { region: req.region, first: req.first, round };
+            let at = PagesAt { region: n, first, round };
             build_pages(&mut self.frame, &mut self.scratch, at, &self.pages, &self.hashes, false);
         }
-        run.requested_pages.fetch_add(u64::from(req.count), Ordering::Relaxed);
+        run.requested_pages.fetch_add(u64::from(count), Ordering::Relaxed);
         Ok(&self.frame)
     }
 }

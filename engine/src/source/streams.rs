@@ -9,12 +9,12 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use hdrhistogram::Histogram;
 use pmigrate_transport::backend::{Backend, FrameWriter};
-use pmigrate_transport::frame::{FrameHdr, FrameKind, FLAG_FINAL};
+use pmigrate_transport::message::{Control, Digest, Message};
 use pmigrate_transport::net::{keepalive_frame, write_frame, FrameReader, KEEPALIVE_INTERVAL};
-use pmigrate_transport::payload::build_control;
 use pmigrate_transport::uring::{FramePool, Outgoing};
 use pmigrate_transport::{Conn, Link, TransportError};
 
+use super::rules::{heard, Heard, RoundCounter};
 use super::Progress;
 use crate::MigrateError;
 
@@ -30,7 +30,7 @@ pub(super) enum Msg {
         last: bool,
     },
     Done {
-        digest: u64,
+        digest: Digest,
     },
 }
 
@@ -165,7 +165,7 @@ pub(super) fn sender(
     zero_copy: Option<&FramePool>,
 ) -> Result<Histogram<u64>, MigrateError> {
     let name = format!("stream {index}");
-    let mut frames_this_round = 0u64;
+    let mut counter = RoundCounter::default();
     // Microseconds from a frame sealed to its last byte handed to the kernel.
     let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 2).expect("valid histogram bounds");
     let Flags { abort, settled, done } = flags;
@@ -192,25 +192,16 @@ pub(super) fn sender(
                 let frame = match msg {
                     Msg::Frame(f, at) => {
                         sealed.push(at);
-                        frames_this_round += 1;
+                        counter.sent_pages();
                         stats.frames.fetch_add(1, Ordering::Relaxed);
                         progress.wire_bytes.fetch_add(f.len() as u64, Ordering::Relaxed);
                         f
                     }
-                    Msg::RoundEnd { round, last } => {
-                        let mut h = FrameHdr::new(FrameKind::RoundEnd);
-                        h.aux = round;
-                        h.first = frames_this_round;
-                        h.flags = if last { FLAG_FINAL } else { 0 };
-                        frames_this_round = 0;
-                        control(h).into()
-                    }
+                    Msg::RoundEnd { round, last } => counter.end(round, last).encode().into(),
                     Msg::Control(f) => f.into(),
                     Msg::Done { digest } => {
                         has_done = true;
-                        let mut h = FrameHdr::new(FrameKind::Done);
-                        h.aux = digest;
-                        control(h).into()
+                        Control::Done(digest).encode().into()
                     }
                 };
                 stats.bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
@@ -238,18 +229,12 @@ pub(super) fn sender(
     res.map(|()| latency).map_err(MigrateError::from)
 }
 
-fn control(h: FrameHdr) -> Vec<u8> {
-    let mut f = Vec::with_capacity(64);
-    build_control(&mut f, h, &[]);
-    f
-}
-
 /// Where a stream's listener passes what the destination says.
 pub(super) struct Listen<'a> {
     /// The outcome: `Verified`'s digest, or the error.
-    pub(super) verdict: Sender<Result<u64, MigrateError>>,
+    pub(super) verdict: Sender<Result<Digest, MigrateError>>,
     /// Probe replies (stream 0).
-    pub(super) probes: Sender<Vec<u8>>,
+    pub(super) probes: Sender<Vec<u64>>,
     /// Post-copy: answers page requests (the priority stream only).
     pub(super) answer: Option<super::requests::Answerer<'a>>,
     /// Set when the destination says the guest runs there.
@@ -286,51 +271,8 @@ pub(super) fn listener(
         r.set_stall_limit(progress_timeout);
         break loop {
             let wire = |source| MigrateError::from(TransportError::Wire { what: format!("stream {index}"), source });
-            match r.next_frame() {
-                Ok(Some((h, _))) if h.kind == FrameKind::Keepalive => {
-                    if let Err(e) = h.verify(&[]) {
-                        break Err(wire(e));
-                    }
-                }
-                Ok(Some((h, p))) if h.kind == FrameKind::ProbeReply && index == 0 => match h.verify(p) {
-                    Ok(()) => {
-                        let _ = to.probes.send(p.to_vec());
-                    }
-                    Err(e) => break Err(wire(e)),
-                },
-                Ok(Some((h, _))) if h.kind == FrameKind::PageRequest && prio => match h.verify(&[]) {
-                    Ok(()) => {
-                        let req = super::requests::Request { region: h.region, first: h.first, count: h.count };
-                        let ans = to.answer.as_mut().expect("priority stream");
-                        let sent = ans.answer(req).and_then(|f| {
-                            reply.cur = link.current();
-                            reply.write(f).map_err(MigrateError::from)
-                        });
-                        if let Err(e) = sent {
-                            break Err(e);
-                        }
-                    }
-                    Err(e) => break Err(wire(e)),
-                },
-                Ok(Some((h, _))) if h.kind == FrameKind::Switchover && prio => match h.verify(&[]) {
-                    Ok(()) if h.flags & FLAG_FINAL != 0 => {
-                        let _ = to.running.set(Instant::now());
-                    }
-                    Ok(()) => {
-                        break Err(TransportError::Unexpected { what: format!("stream {index}"), kind: h.kind }.into())
-                    }
-                    Err(e) => break Err(wire(e)),
-                },
-                // Post-copy's verdict comes on the priority stream.
-                // (Flags on `Verified` belong to stream mode.)
-                Ok(Some((h, _))) if h.kind == FrameKind::Verified && h.flags == 0 && (index == 0 || prio) => {
-                    let v = h.verify(&[]).map(|()| h.aux).map_err(wire);
-                    to.settled.store(true, Ordering::Release);
-                    break v;
-                }
-                Ok(Some((h, _))) => {
-                    break Err(TransportError::Unexpected { what: format!("stream {index}"), kind: h.kind }.into())
-                }
+            let said = match r.next_frame() {
+                Ok(Some((h, p))) => Message::decode(h, p).map_err(wire).and_then(|m| heard(index, prio, m)),
                 // The destination closes its streams once done; before that, a
                 // closed stream was cut and may be reconnected. In pre-copy
                 // the verdict comes on stream 0 whatever the others do; after
@@ -353,6 +295,30 @@ pub(super) fn listener(
                     }
                     Err(e) => break Err(e.into()),
                 },
+            };
+            match said {
+                Ok(Heard::Nothing) => {}
+                Ok(Heard::ProbeReply(v)) => {
+                    let _ = to.probes.send(v);
+                }
+                Ok(Heard::Request(range)) => {
+                    let ans = to.answer.as_mut().expect("requests come on the priority stream");
+                    let sent = ans.answer(range).and_then(|f| {
+                        reply.cur = link.current();
+                        reply.write(f).map_err(MigrateError::from)
+                    });
+                    if let Err(e) = sent {
+                        break Err(e);
+                    }
+                }
+                Ok(Heard::Running) => {
+                    let _ = to.running.set(Instant::now());
+                }
+                Ok(Heard::Verified(d)) => {
+                    to.settled.store(true, Ordering::Release);
+                    break Ok(d);
+                }
+                Err(e) => break Err(e),
             }
         };
     };

@@ -1,0 +1,828 @@
+//! The destination side: receive, verify and place pages, then confirm.
+//!
+//! One thread per stream reads frames and hands each, typed, to the
+//! session's rules ([`rules`]), which check it against the region table
+//! and the stream's round before anything else looks at it; the page
+//! frames they accept are opened (decoded and verified) and placed in
+//! guest memory ([`place`]). After every stream ended the final round,
+//! stream 0 brings the source's digest; the destination answers `Verified`
+//! only if its own digest — from the hashes of the pages it placed —
+//! matches, and only once the guest may run here.
+
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use pmigrate_ranges::{GuestMemory, PageIdx, PageRange, RegionIdx, PAGE_SIZE};
+use pmigrate_transport::backend::{frame_reader, Backend, StreamIn};
+use pmigrate_transport::hello::{
+    decode_shared_regions, ErrorCode, ErrorMsg, Mode, RegionDesc, CAP_LZ4, CAP_POSTCOPY, CAP_RESUME, CAP_SHARED,
+    EXT_SHARED_REGIONS, KNOWN_CAPS,
+};
+use pmigrate_transport::message::{Control, Digest, Message, Round};
+use pmigrate_transport::net::{keepalive_frame, write_frame, FrameReader, KEEPALIVE_INTERVAL};
+use pmigrate_transport::payload::Opener;
+use pmigrate_transport::{Accepted, Acceptor, BackendChoice, Conn, Link, Resumes, TransportError};
+
+use crate::postcopy::{self, DestPost};
+use crate::report::{Report, StreamReport};
+use crate::shared;
+use crate::MigrateError;
+
+#[cfg(test)]
+mod pair;
+pub(crate) mod place;
+pub(crate) mod rules;
+
+use place::Placer;
+use rules::{DestRules, Shape, Step};
+
+/// Checks that `mem` has exactly the regions the source described.
+pub fn layout_matches(mem: &GuestMemory, regions: &[RegionDesc]) -> Result<(), String> {
+    if mem.regions().len() != regions.len() {
+        return Err(format!("source has {} regions, destination {}", regions.len(), mem.regions().len()));
+    }
+    for ((i, r), d) in mem.iter().zip(regions) {
+        if r.gpa().0 != d.gpa || r.len() != d.len {
+            return Err(format!("{i}: source {:#x}+{:#x}, destination {}+{:#x}", d.gpa, d.len, r.gpa(), r.len()));
+        }
+    }
+    Ok(())
+}
+
+/// A migration session whose streams have all arrived, not yet received.
+#[derive(Debug)]
+pub struct Incoming {
+    accepted: Accepted,
+    t0: Instant,
+    /// The listeners again, to take back streams lost in post-copy.
+    acceptor: Option<Acceptor>,
+}
+
+/// Options of the receiving side.
+#[derive(Clone, Debug)]
+pub struct ReceiveOptions {
+    /// After the final round, rehash all of guest memory and compare it
+    /// with the hashes of the pages written, before confirming.
+    pub verify_memory: bool,
+    /// A source that sends nothing on any stream for this long — no
+    /// frame, not even a keepalive — or stalls inside a frame for as long,
+    /// fails the migration: it is frozen, or gone with its links. At least
+    /// [`pmigrate_transport::net::MIN_PROGRESS_TIMEOUT`].
+    pub progress_timeout: Duration,
+    /// The I/O backend of the streams.
+    pub io: BackendChoice,
+}
+
+impl Default for ReceiveOptions {
+    fn default() -> Self {
+        Self {
+            verify_memory: false,
+            progress_timeout: pmigrate_transport::net::PROGRESS_TIMEOUT,
+            io: BackendChoice::Auto,
+        }
+    }
+}
+
+/// How long a stream lost after the switchover may take to come back while
+/// the session shows life on its other streams (with none, the progress
+/// timeout ends it sooner).
+pub const RESUME_WINDOW: Duration = Duration::from_secs(60);
+
+/// The polling tick of receivers: how often a blocked read wakes up to
+/// account for a stall.
+const READ_TICK: Duration = Duration::from_millis(500);
+
+/// What a source asks of this end, as the embedder judges it before the
+/// session is accepted (the source has proved itself by then).
+#[derive(Debug)]
+pub struct Offered<'a> {
+    /// The source's region table.
+    pub regions: &'a [RegionDesc],
+    /// Regions the source could hand over instead of copying (zero-copy),
+    /// if this end's memory for them turns out to be the source's own.
+    pub handover: &'a [u32],
+    /// The source asks for post-copy.
+    pub postcopy: bool,
+}
+
+/// What the embedder grants a source it accepts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Grant {
+    /// Let the source prove that this end's memory of the offered regions
+    /// is its own and hand them over (zero-copy). Grant it only when that
+    /// memory may be shared with the source (a shared file mapping, DAX or
+    /// CXL memory): the memory of an offered region is not assumed zero, so
+    /// a region that fails the proof is sent whole, zero pages included.
+    pub handover: bool,
+}
+
+impl Incoming {
+    /// Waits on `acceptor` for the streams of one memory-migration session
+    /// that `check` accepts (its region table, what it offers). Connections
+    /// that are not part of it are refused with an error frame and do not
+    /// end the wait; nothing but `deadline` does.
+    pub fn accept(
+        acceptor: &Acceptor,
+        mut check: impl FnMut(&Offered<'_>) -> Result<Grant, String>,
+        deadline: Option<Instant>,
+    ) -> Result<Incoming, MigrateError> {
+        let mut judge = |h: &pmigrate_transport::Hello| {
+            let protocol =
+                |e: pmigrate_transport::WireError| ErrorMsg { code: ErrorCode::Protocol, message: e.to_string() };
+            let handover = match h.extension(EXT_SHARED_REGIONS) {
+                Some(ext) if h.caps & CAP_SHARED != 0 => {
+                    decode_shared_regions(ext, h.regions.len()).map_err(protocol)?
+                }
+                _ => Vec::new(),
+            };
+            let postcopy = h.caps & CAP_POSTCOPY != 0;
+            let grant = check(&Offered { regions: &h.regions, handover: &handover, postcopy })
+                .map_err(|message| ErrorMsg { code: ErrorCode::Layout, message })?;
+            if postcopy {
+                postcopy::probe().map_err(|why| ErrorMsg {
+                    code: ErrorCode::Unsupported,
+                    message: format!("the destination cannot do post-copy: {why}"),
+                })?;
+            }
+            let mut caps = h.caps & KNOWN_CAPS;
+            if !grant.handover || handover.is_empty() {
+                caps &= !CAP_SHARED;
+            }
+            Ok(caps)
+        };
+        let accepted = acceptor.accept_session(Mode::Memory, &mut judge, deadline)?;
+        Ok(Incoming { accepted, t0: Instant::now(), acceptor: acceptor.try_clone().ok() })
+    }
+
+    /// Waits for a session whose layout is exactly that of `mem`; regions
+    /// are handed over only where `mem` maps a shared file.
+    pub fn accept_for(
+        acceptor: &Acceptor,
+        mem: &GuestMemory,
+        deadline: Option<Instant>,
+    ) -> Result<Incoming, MigrateError> {
+        let shared = !crate::shared::candidates(mem).is_empty();
+        Self::accept(acceptor, |o| layout_matches(mem, o.regions).map(|()| Grant { handover: shared }), deadline)
+    }
+
+    /// The regions the source may hand over instead of copying: offered by
+    /// the source and granted by this end. This end's memory of those
+    /// regions is the candidate; the source proves it is its own memory
+    /// before relying on it, and copies the region whole otherwise.
+    pub fn handover_regions(&self) -> Vec<u32> {
+        let h = &self.accepted.hello;
+        if self.accepted.caps & CAP_SHARED == 0 {
+            return Vec::new();
+        }
+        h.extension(EXT_SHARED_REGIONS)
+            .and_then(|ext| decode_shared_regions(ext, h.regions.len()).ok())
+            .unwrap_or_default()
+    }
+
+    /// Gives the session up before receiving anything: every stream hears
+    /// why (`Error{Aborted}`) and is closed; the source keeps its guest.
+    pub fn refuse(self, why: &str) {
+        for s in &self.accepted.streams {
+            s.send_error(ErrorCode::Aborted, why);
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Where the session's stream 0 comes from.
+    pub fn peer_addr(&self) -> Option<std::net::SocketAddr> {
+        self.accepted.streams.first().and_then(|s| s.tcp().peer_addr().ok())
+    }
+
+    /// The session's id (for logs; it proves nothing).
+    pub fn session_id(&self) -> [u8; 16] {
+        self.accepted.hello.session
+    }
+
+    /// The source's region table.
+    pub fn regions(&self) -> &[RegionDesc] {
+        &self.accepted.hello.regions
+    }
+
+    /// Connections refused while the session gathered.
+    pub fn refused(&self) -> &[(std::net::SocketAddr, String)] {
+        &self.accepted.refused
+    }
+
+    /// Whether the source asked for post-copy (and this end can do it).
+    pub fn is_postcopy(&self) -> bool {
+        self.accepted.caps & CAP_POSTCOPY != 0
+    }
+
+    /// Receives the whole migration into `mem`, which must have the
+    /// session's layout and be all zero (fresh anonymous memory, or a file
+    /// region created with `truncate`): pages the source never sends are
+    /// zero there. The guest may run once this returns.
+    pub fn receive(self, mem: &GuestMemory, opts: &ReceiveOptions) -> Result<Report, MigrateError> {
+        self.receive_and_run(mem, opts, || Ok(()))
+    }
+
+    /// Like [`Incoming::receive`], calling `resume` the moment the guest
+    /// may run here: in pre-copy once memory is verified, before the source
+    /// is told (`Verified`), so the source lets go of the guest only once it
+    /// runs here; in post-copy (see [`crate::postcopy`]) at the switchover,
+    /// while pages are still arriving. From then on the guest's touches of
+    /// missing pages wait for them. An error from `resume` ends the
+    /// migration: the source is told and keeps the guest.
+    ///
+    /// In post-copy, guest memory must be private anonymous. An error
+    /// returned after `resume` was called means pages never arrived: the
+    /// guest here is incomplete and must be stopped — its threads waiting
+    /// on a missing page are released when this returns and find zeros.
+    pub fn receive_and_run(
+        mut self,
+        mem: &GuestMemory,
+        opts: &ReceiveOptions,
+        resume: impl FnOnce() -> Result<(), String> + Send,
+    ) -> Result<Report, MigrateError> {
+        let handover = self.handover_regions();
+        let streams: Vec<Link> = std::mem::take(&mut self.accepted.streams).into_iter().map(Link::new).collect();
+        let (session, caps) = (self.accepted.hello.session, self.accepted.caps);
+        if let Err(why) = layout_matches(mem, &self.accepted.hello.regions) {
+            for s in &streams {
+                s.current().0.send_error(ErrorCode::Layout, why.clone());
+            }
+            return Err(MigrateError::Layout(why));
+        }
+        let post = if self.accepted.caps & CAP_POSTCOPY != 0 {
+            match DestPost::new(mem) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    let why = format!("cannot open a userfaultfd for post-copy: {e}");
+                    for s in &streams {
+                        s.current().0.send_error(ErrorCode::Unsupported, why.clone());
+                    }
+                    return Err(MigrateError::Postcopy(why));
+                }
+            }
+        } else {
+            None
+        };
+        if opts.progress_timeout < pmigrate_transport::net::MIN_PROGRESS_TIMEOUT {
+            return Err(TransportError::Setup(format!(
+                "a progress timeout of {:?} is below {:?}, which keepalives need",
+                opts.progress_timeout,
+                pmigrate_transport::net::MIN_PROGRESS_TIMEOUT
+            ))
+            .into());
+        }
+        for l in &streams {
+            let _ = pmigrate_transport::net::set_progress_timeout(l.current().0.tcp(), opts.progress_timeout);
+        }
+        let resolved = opts.io.resolve()?;
+        let io = resolved.backend;
+        let resume: ResumeHook<'_> = Box::new(resume);
+        let mut offered = vec![false; mem.regions().len()];
+        for r in &handover {
+            offered[*r as usize] = true;
+        }
+        let shape = Shape {
+            pages: mem.regions().iter().map(|r| r.pages()).collect(),
+            offered: offered.clone(),
+            lz4: caps & CAP_LZ4 != 0,
+            postcopy: post.is_some(),
+            streams: streams.len(),
+        };
+        let state = State {
+            io,
+            // TLS streams are sealed in this process: the portable backend.
+            io_report: if streams.iter().any(|l| l.current().0.is_tls()) {
+                "TLS, portable".into()
+            } else {
+                resolved.describe()
+            },
+            prio: shape.prio().unwrap_or(usize::MAX),
+            rules: Mutex::new(DestRules::new(shape)),
+            placer: Placer::new(mem, offered),
+            post,
+            resume: Mutex::new(Some(resume)),
+            resumable: caps & CAP_RESUME != 0,
+            streams_done: AtomicBool::new(false),
+            post_digest: OnceLock::new(),
+            complete: AtomicBool::new(false),
+            abort: AtomicBool::new(false),
+            first_error: Mutex::new(None),
+            last_progress: AtomicU64::new(0),
+            t0: Instant::now(),
+        };
+        let results: Vec<Result<StreamOutcome, ()>> = std::thread::scope(|s| {
+            let state = &state;
+            let streams = &streams;
+            if let Some(post) = &state.post {
+                s.spawn(move || {
+                    let res = post.handle_faults(mem, state.placer.locks(), |r, p, n| state.request(streams, r, p, n));
+                    if let Err(why) = res {
+                        state.fail(streams, state.prio, MigrateError::Postcopy(why));
+                    }
+                });
+            }
+            if let (Some(post), Some(acceptor)) = (&state.post, self.acceptor.take()) {
+                if caps & CAP_RESUME != 0 {
+                    let key = self.accepted.key.clone();
+                    s.spawn(move || {
+                        // Streams lost after the switchover come back here,
+                        // until every receiver is done; each must prove the
+                        // session's secret.
+                        let mut resumes = None;
+                        while !state.streams_done.load(Ordering::Acquire) && !state.abort.load(Ordering::Relaxed) {
+                            if !post.started() {
+                                std::thread::sleep(postcopy::TICK);
+                                continue;
+                            }
+                            let r = resumes.get_or_insert_with(|| {
+                                let log = std::sync::Arc::new(|_: std::net::SocketAddr, _: String| {});
+                                Resumes::start(
+                                    acceptor.try_clone().expect("listeners"),
+                                    session,
+                                    streams.len() as u16,
+                                    caps,
+                                    key.clone(),
+                                    log,
+                                )
+                            });
+                            if let Some((i, conn)) = r.next(postcopy::TICK) {
+                                streams[i as usize].replace(conn);
+                            }
+                        }
+                    });
+                }
+            }
+            if let Some(post) = &state.post {
+                s.spawn(move || {
+                    if let Err(e) = state.complete_postcopy(streams, post) {
+                        state.fail(streams, state.prio, e);
+                    }
+                });
+            }
+            // Keepalives, so the source can tell a destination that is busy
+            // (verifying, placing) from one that is frozen or gone.
+            s.spawn(move || {
+                let mut last = Instant::now();
+                while !state.streams_done.load(Ordering::Acquire) && !state.abort.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(50));
+                    if last.elapsed() < KEEPALIVE_INTERVAL {
+                        continue;
+                    }
+                    last = Instant::now();
+                    for l in streams {
+                        if let Some(_w) = l.try_lock_writes() {
+                            let _ = write_frame(&mut &*l.current().0, keepalive_frame(), "keepalive");
+                        }
+                    }
+                }
+            });
+            let handles: Vec<_> = streams
+                .iter()
+                .enumerate()
+                .map(|(i, st)| {
+                    s.spawn(move || state.receive_stream(streams, st, i, opts).map_err(|e| state.fail(streams, i, e)))
+                })
+                .collect();
+            let results = handles.into_iter().map(|h| h.join().expect("receiver panicked")).collect();
+            state.streams_done.store(true, Ordering::Release);
+            if let Some(post) = &state.post {
+                post.end();
+            }
+            results
+        });
+        if let Some(e) = state.first_error.lock().expect("error lock").take() {
+            return Err(e);
+        }
+        let outcomes: Vec<StreamOutcome> = results.into_iter().map(|r| r.expect("no error recorded")).collect();
+        if let Some(post) = &state.post {
+            return self.postcopy_report(&state, post, &streams, &outcomes);
+        }
+        let s0 = streams[0].current().0;
+        let rules = state.rules();
+        let digest = match rules.verdict(state.placer.digest()) {
+            Ok(d) => d,
+            Err((code, e)) => {
+                s0.send_error(code, e.to_string());
+                return Err(e);
+            }
+        };
+        drop(rules);
+        if opts.verify_memory {
+            if let Err(e) = state.placer.verify_memory() {
+                s0.send_error(ErrorCode::Digest, e.to_string());
+                return Err(e);
+            }
+        }
+        // The ownership rule (design.md): the guest starts here first, and
+        // only then does the source hear `Verified` and let go of it. If it
+        // cannot start here, the source is told and keeps it.
+        let resume = state.resume.lock().expect("resume lock").take();
+        if let Some(resume) = resume {
+            if let Err(why) = resume() {
+                s0.send_error(ErrorCode::Aborted, format!("the guest could not start at the destination: {why}"));
+                return Err(MigrateError::Resume(why));
+            }
+        }
+        let f = Control::Verified { value: digest.0, closed: false }.encode();
+        write_frame(&mut &*s0, &f, "stream 0").map_err(|e| MigrateError::Untold(e.to_string()))?;
+        Ok(self.report(&state, &streams, &outcomes, digest))
+    }
+
+    /// The end of a post-copy session: the digest was sent by the
+    /// completion thread; the source's, if its `Done` arrived, must match.
+    fn postcopy_report(
+        &self,
+        state: &State<'_>,
+        post: &DestPost,
+        streams: &[Link],
+        outcomes: &[StreamOutcome],
+    ) -> Result<Report, MigrateError> {
+        let digest = *state.post_digest.get().ok_or_else(|| MigrateError::Postcopy("ended incomplete".into()))?;
+        // The source's `Done` may have been lost with a connection; if it
+        // came, it must match.
+        if let Some(d) = state.rules().source_digest().filter(|d| *d != digest) {
+            return Err(MigrateError::Digest { source_digest: d.to_string(), dest_digest: digest.to_string() });
+        }
+        let mut report = self.report(state, streams, outcomes, digest);
+        let f = post.round.load(Ordering::Relaxed);
+        let mut p = post.report(self.t0, u32::try_from(f).unwrap_or(0));
+        p.reconnects = streams.iter().map(Link::replaced).sum();
+        report.postcopy = Some(p);
+        report.mode = "post-copy".into();
+        Ok(report)
+    }
+
+    fn report(&self, state: &State<'_>, streams: &[Link], outcomes: &[StreamOutcome], digest: Digest) -> Report {
+        let mem = state.placer.mem();
+        let handed_over = state.placer.handed_over();
+        let rules = state.rules();
+        let total = self.t0.elapsed().as_secs_f64();
+        let mut report = Report {
+            role: "destination".into(),
+            memory_bytes: mem.total_bytes(),
+            total_secs: total,
+            converged: true,
+            digest: digest.to_string(),
+            compression: if self.accepted.caps & CAP_LZ4 != 0 { "lz4".into() } else { "off".into() },
+            io: state.io_report.clone(),
+            mode: "pre-copy".into(),
+            ..Report::default()
+        };
+        for (r, offered) in state.placer.offered().iter().enumerate() {
+            if !*offered {
+                continue;
+            }
+            let received = !handed_over[r];
+            report.regions.push(crate::shared::RegionPath {
+                region: r as u32,
+                bytes: mem.regions()[r].len(),
+                path: if received { "copy" } else { "zero-copy" }.into(),
+                why: if received { "pages received" } else { "no page received: handed over" }.into(),
+            });
+        }
+        for (i, (o, st)) in outcomes.iter().zip(streams.iter().map(|l| l.current().0)).enumerate() {
+            report.wire_bytes += o.bytes;
+            report.payload_bytes += rules.pages(i) * PAGE_SIZE as u64;
+            report.streams.push(StreamReport {
+                index: i as u16,
+                local: st.tcp().local_addr().map(|a| a.to_string()).unwrap_or_default(),
+                peer: st.tcp().peer_addr().map(|a| a.to_string()).unwrap_or_default(),
+                bytes: o.bytes,
+                frames: o.frames,
+                bytes_per_sec: o.bytes as f64 / total.max(1e-9),
+            });
+        }
+        // Let the source read `Verified` before the sockets close.
+        for st in streams {
+            let _ = st.current().0.shutdown(Shutdown::Write);
+        }
+        report
+    }
+}
+
+type ResumeHook<'a> = Box<dyn FnOnce() -> Result<(), String> + Send + 'a>;
+
+struct State<'m> {
+    /// The I/O backend of the streams.
+    io: Backend,
+    /// What the report says of it.
+    io_report: String,
+    /// The protocol's rules, asked about every message.
+    rules: Mutex<DestRules>,
+    /// Guest memory and what is known of each page.
+    placer: Placer<'m>,
+    /// Post-copy: the fault handling state, and the index of the priority
+    /// stream (the last).
+    post: Option<DestPost>,
+    prio: usize,
+    /// The embedder's hook that starts the guest here.
+    resume: Mutex<Option<ResumeHook<'m>>>,
+    /// Post-copy: every needed page arrived.
+    complete: AtomicBool,
+    /// Post-copy with `CAP_RESUME`: streams lost after the switchover may
+    /// reconnect.
+    resumable: bool,
+    /// Every stream receiver returned.
+    streams_done: AtomicBool,
+    /// Post-copy: the digest of the memory received, once complete.
+    post_digest: OnceLock<Digest>,
+    abort: AtomicBool,
+    first_error: Mutex<Option<MigrateError>>,
+    /// When any stream last delivered a frame, in milliseconds since
+    /// `t0`: the session's sign of life.
+    last_progress: AtomicU64,
+    t0: Instant,
+}
+
+impl State<'_> {
+    /// How long no stream delivered anything.
+    fn quiet_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_progress.load(Ordering::Relaxed));
+        self.t0.elapsed().saturating_sub(last)
+    }
+
+    fn rules(&self) -> MutexGuard<'_, DestRules> {
+        self.rules.lock().expect("rules lock")
+    }
+}
+
+#[derive(Default)]
+struct StreamOutcome {
+    bytes: u64,
+    frames: u64,
+}
+
+impl State<'_> {
+    /// Records the first error, tells the source why, and closes every
+    /// stream so the other receivers stop.
+    fn fail(&self, streams: &[Link], index: usize, e: MigrateError) {
+        if self.abort.swap(true, Ordering::AcqRel) {
+            return; // a consequence of the first failure
+        }
+        let code = match &e {
+            MigrateError::Transport(TransportError::Wire {
+                source: pmigrate_transport::WireError::Checksum { .. },
+                ..
+            }) => ErrorCode::Checksum,
+            MigrateError::Transport(TransportError::Wire { .. }) | MigrateError::Protocol { .. } => ErrorCode::Protocol,
+            _ => ErrorCode::Aborted,
+        };
+        let msg = e.to_string();
+        {
+            let _w = streams[index].lock_writes();
+            streams[index].current().0.send_error(code, msg.clone());
+        }
+        if index != 0 {
+            let _w = streams[0].lock_writes();
+            streams[0].current().0.send_error(code, msg);
+        }
+        *self.first_error.lock().expect("error lock") = Some(e);
+        for s in streams {
+            s.shutdown();
+        }
+        if let Some(post) = &self.post {
+            post.end();
+        }
+    }
+
+    /// Asks the source for pages on the priority stream.
+    /// A request lost with a broken priority stream is not an error: the
+    /// page comes with the push, or is asked for again (see
+    /// [`Self::await_complete`]).
+    fn request(&self, streams: &[Link], region: usize, first: u64, count: u32) -> Result<(), String> {
+        let f = Control::PageRequest(PageRange {
+            region: RegionIdx(region as u32),
+            start: PageIdx(first),
+            end: PageIdx(first + u64::from(count)),
+        })
+        .encode();
+        let _w = streams[self.prio].lock_writes();
+        let _ = write_frame(&mut &*streams[self.prio].current().0, &f, "priority stream");
+        Ok(())
+    }
+
+    /// Stream 0 at its switchover marker: once every stream reached its
+    /// own, drops the stale copies of needed pages, registers the regions
+    /// with userfaultfd, starts the guest and tells the source.
+    fn switch_over(&self, streams: &[Link], post: &DestPost) -> Result<(), MigrateError> {
+        if !post.wait_arrivals(streams.len(), &self.abort) {
+            return Err(MigrateError::Aborted);
+        }
+        let mem = self.placer.mem();
+        let mut which = vec![false; mem.regions().len()];
+        for (r, region) in mem.regions().iter().enumerate() {
+            let runs: Vec<(u64, u64)> = post.need[r].runs(0, region.pages()).collect();
+            which[r] = !runs.is_empty();
+            for (s, n) in runs {
+                region.discard_pages(PageIdx(s), n)?;
+            }
+        }
+        post.faults.register(mem, &which).map_err(MigrateError::Postcopy)?;
+        post.needed_pages.store(post.missing.load(Ordering::Acquire), Ordering::Relaxed);
+        let resume = self.resume.lock().expect("resume lock").take();
+        if let Some(resume) = resume {
+            resume().map_err(MigrateError::Resume)?;
+        }
+        post.start_running();
+        // The destination's marker: the guest runs here.
+        let round = Round(post.round.load(Ordering::Relaxed));
+        let f = Control::Switchover { round, last: true, need: None }.encode();
+        let _w = streams[self.prio].lock_writes();
+        write_frame(&mut &*streams[self.prio].current().0, &f, "priority stream")?;
+        Ok(())
+    }
+
+    /// Post-copy's end, on a thread of its own from the switchover: waits
+    /// until every needed page arrived — asking again for pages that stop
+    /// coming (lost with a connection) — then sends `Verified` with the
+    /// digest of what arrived on the priority stream, again whenever that
+    /// stream reconnects, until the source closes the session.
+    fn complete_postcopy(&self, streams: &[Link], post: &DestPost) -> Result<(), MigrateError> {
+        if !post.wait_running(&self.abort) {
+            return Ok(());
+        }
+        let mut last = (post.landed.load(Ordering::Relaxed), Instant::now());
+        while post.missing.load(Ordering::Acquire) > 0 {
+            if self.abort.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+            let landed = post.landed.load(Ordering::Relaxed);
+            if landed != last.0 {
+                last = (landed, Instant::now());
+            } else if last.1.elapsed() >= postcopy::SWEEP_AFTER {
+                for (r, first, n) in post.still_needed(postcopy::SWEEP_MAX_PAGES) {
+                    self.request(streams, r, first, n as u32).map_err(MigrateError::Postcopy)?;
+                }
+                last.1 = Instant::now();
+            }
+        }
+        // Every page is here: the kernel may serve the guest's faults again.
+        post.faults.unregister_all();
+        post.end();
+        let digest = self.placer.digest();
+        let _ = self.post_digest.set(digest);
+        self.complete.store(true, Ordering::Release);
+        let f = Control::Verified { value: digest.0, closed: false }.encode();
+        let mut sent_on = None;
+        while !self.streams_done.load(Ordering::Acquire) && !self.abort.load(Ordering::Relaxed) {
+            let (conn, gen) = streams[self.prio].current();
+            if sent_on != Some(gen) {
+                let _w = streams[self.prio].lock_writes();
+                if write_frame(&mut &*conn, &f, "priority stream").is_ok() {
+                    sent_on = Some(gen);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    fn receive_stream(
+        &self,
+        streams: &[Link],
+        link: &Link,
+        index: usize,
+        opts: &ReceiveOptions,
+    ) -> Result<StreamOutcome, MigrateError> {
+        let reader_on = |s: &Arc<Conn>| -> Result<FrameReader<StreamIn>, MigrateError> {
+            s.set_read_timeout(Some(READ_TICK)).map_err(|e| TransportError::io(format!("stream {index}"), e))?;
+            let conn = s.try_clone().map_err(|e| TransportError::io(format!("stream {index}"), e))?;
+            let mut r = frame_reader(conn, self.io, format!("stream {index}"))?;
+            r.set_stall_limit(opts.progress_timeout);
+            r.set_idle_limit(opts.progress_timeout);
+            Ok(r)
+        };
+        let wire = |source| MigrateError::from(TransportError::Wire { what: format!("stream {index}"), source });
+        let mut cur = link.current();
+        let mut reader = reader_on(&cur.0)?;
+        let mut opener = Opener::default();
+        let mut out = StreamOutcome::default();
+        loop {
+            let switched = self.rules().switched(index);
+            let res = match reader.next_frame() {
+                Ok(None) if self.complete.load(Ordering::Acquire) => return Ok(out),
+                // Streams close only after the end: this one was cut.
+                Ok(None) if switched && self.resumable && !self.abort.load(Ordering::Relaxed) => {
+                    Err(TransportError::Closed(format!("stream {index}: connection closed")))
+                }
+                other => other,
+            };
+            let next = match res {
+                Ok(f) => f,
+                // After the switchover, a broken connection may come back.
+                Err(_) if self.complete.load(Ordering::Acquire) => return Ok(out),
+                // A quiet stream is fine while the session shows life
+                // elsewhere; a source silent everywhere is frozen or gone.
+                Err(TransportError::Idle(..)) if self.quiet_for() < opts.progress_timeout => continue,
+                Err(TransportError::Idle(what, _)) => {
+                    let why = format!(
+                        "{what}: nothing from the source on any stream for {:?}: it is frozen or gone",
+                        self.quiet_for()
+                    );
+                    return Err(match &self.post {
+                        Some(p) if switched => MigrateError::Postcopy(format!(
+                            "{why}; the guest here lacks {} pages",
+                            p.missing.load(Ordering::Relaxed)
+                        )),
+                        _ => TransportError::Setup(why).into(),
+                    });
+                }
+                Err(e) if self.rules().may_come_back(index, self.resumable) => {
+                    let Some(next) = self.await_comeback(link, index, cur.1, e, opts)? else {
+                        return Ok(out); // every page arrived meanwhile
+                    };
+                    cur = next;
+                    reader = reader_on(&cur.0)?;
+                    self.rules().reconnected(index);
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            self.last_progress.store(self.t0.elapsed().as_millis() as u64, Ordering::Relaxed);
+            let Some((hdr, payload)) = next else {
+                if index == self.prio && self.complete.load(Ordering::Acquire) {
+                    return Ok(out);
+                }
+                return Err(if self.abort.load(Ordering::Relaxed) {
+                    MigrateError::Aborted
+                } else {
+                    TransportError::Closed(format!("stream {index}: before the migration completed")).into()
+                });
+            };
+            out.bytes += (pmigrate_transport::frame::HEADER_LEN + payload.len()) as u64;
+            out.frames += 1;
+            let msg = Message::decode(hdr, payload).map_err(wire)?;
+            let step = self.rules().on_message(index, msg)?;
+            match step {
+                Step::Nothing => {}
+                Step::Place { frame, stamp, post } => {
+                    let opened = frame.open(&mut opener).map_err(wire)?;
+                    match &self.post {
+                        Some(p) if post => self.placer.apply_post(p, frame.range(), opened, stamp)?,
+                        _ => self.placer.apply(frame.range(), opened, stamp)?,
+                    }
+                }
+                Step::Answer { region, ask, places } => {
+                    let answer = shared::answer(self.placer.mem(), region, ask, &places)
+                        .map_err(|why| rules::protocol(index, why))?;
+                    let f = Control::ProbeReply(answer).encode();
+                    let _w = link.lock_writes();
+                    write_frame(&mut &*cur.0, &f, &format!("stream {index}"))?;
+                }
+                Step::Need(need) => {
+                    let post = self.post.as_ref().expect("the rules allow a switchover in post-copy only");
+                    let r = need.range;
+                    post.mark_needed(r.region.as_usize(), r.start.0, need.bits, r.len());
+                }
+                Step::Marker => {
+                    let post = self.post.as_ref().expect("the rules allow a switchover in post-copy only");
+                    let round = self.rules().switch_round().expect("a marker sets the round");
+                    post.round.store(round, Ordering::Release);
+                    post.arrive();
+                    if index == 0 {
+                        self.switch_over(streams, post)?;
+                    } else if !post.wait_running(&self.abort) {
+                        return Err(MigrateError::Aborted);
+                    }
+                }
+                Step::End => return Ok(out),
+            }
+        }
+    }
+
+    /// Waits for stream `index`, lost after its switchover marker, to come
+    /// back on a new connection (newer than `gen`), while the session shows
+    /// life and within [`RESUME_WINDOW`]; `None` if every page arrived
+    /// meanwhile.
+    fn await_comeback(
+        &self,
+        link: &Link,
+        index: usize,
+        gen: u64,
+        lost: TransportError,
+        opts: &ReceiveOptions,
+    ) -> Result<Option<(Arc<Conn>, u64)>, MigrateError> {
+        let t = Instant::now();
+        loop {
+            if self.complete.load(Ordering::Acquire) {
+                return Ok(None);
+            }
+            if self.abort.load(Ordering::Relaxed) {
+                return Err(MigrateError::Aborted);
+            }
+            if let Some(next) = link.wait_newer(gen, postcopy::TICK) {
+                return Ok(Some(next));
+            }
+            let quiet = self.quiet_for();
+            if t.elapsed() > RESUME_WINDOW || quiet > opts.progress_timeout {
+                return Err(MigrateError::Postcopy(format!(
+                    "stream {index} lost after the switchover ({lost}) and not reconnected (nothing from the \
+                     source for {quiet:?}): it is frozen or gone; the guest here lacks {} pages",
+                    self.post.as_ref().map_or(0, |p| p.missing.load(Ordering::Relaxed))
+                )));
+            }
+        }
+    }
+}

@@ -1,0 +1,396 @@
+//! The pair harness: the source's rules and the destination's rules (and
+//! its real placement into real guest memory) talking over an in-memory
+//! network that can drop, duplicate, reorder, corrupt and cut messages —
+//! with no sockets, threads or clocks, so every schedule is reproducible
+//! from its seed.
+//!
+//! The source model sends a pre-copy migration the way `crate::source`
+//! does: every page in round 0, then the pages it dirtied, each round's
+//! frames spread over the streams (a page often travels on another stream
+//! than its previous copy, so the destination sees copies out of order),
+//! each stream's rounds closed by its [`RoundCounter`], the digest of what
+//! it sent in `Done` on stream 0. The destination runs [`DestRules`] and
+//! [`Placer`] exactly as its driver does; its verdict goes back through
+//! the source's own rules ([`heard`], [`settle`]).
+//!
+//! What must hold for every schedule: the destination confirms only memory
+//! byte-identical to the source's, and whenever it refuses, the source
+//! keeps the guest.
+
+use pmigrate_ranges::{Gpa, GuestMemory, GuestRegion, HostPageSize, PageIdx, PAGE_SIZE};
+use pmigrate_transport::frame::{FrameHdr, HEADER_LEN};
+use pmigrate_transport::hello::{ErrorCode, ErrorMsg};
+use pmigrate_transport::message::{Control, Digest, Message};
+use pmigrate_transport::payload::{build_pages, build_zero_pages, is_zero_page, Opener, PagesAt, Scratch};
+use pmigrate_transport::TransportError;
+use proptest::prelude::*;
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::place::Placer;
+use super::rules::{DestRules, Shape, Step};
+use crate::digest::memory_digest;
+use crate::source::rules::{heard, settle, Heard, Reached, RoundCounter};
+use crate::MigrateError;
+
+/// Pages of each region of the harness's guest.
+const REGIONS: [u64; 2] = [64, 24];
+
+/// A small deterministic generator (xorshift64*).
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// One frame on its way, and what it is (to judge a fault's effect).
+#[derive(Clone, Debug)]
+struct Wire {
+    bytes: Vec<u8>,
+    /// `Some(round)` for a `Pages` frame.
+    pages_of: Option<u64>,
+}
+
+/// What the network does to one stream.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    None,
+    Drop(usize),
+    Duplicate(usize),
+    /// Frames `k` and `k + 1` change places.
+    Swap(usize),
+    /// The connection ends after `k` frames.
+    Cut(usize),
+    /// One byte of frame `k` changes.
+    Corrupt(usize, usize),
+}
+
+/// How a session ended.
+#[derive(Debug)]
+enum Outcome {
+    /// The destination confirmed and the source agreed.
+    Verified,
+    /// The destination refused; the error is what the source was told.
+    Refused(String),
+}
+
+/// The source model: its memory, and per page the hash of what it sent.
+struct Source {
+    mem: Vec<Vec<u8>>,
+    sent: Vec<Box<[std::sync::atomic::AtomicU64]>>,
+}
+
+impl Source {
+    fn new(rng: &mut Rng) -> Self {
+        let mut s = Source {
+            mem: REGIONS.iter().map(|&p| vec![0u8; p as usize * PAGE_SIZE]).collect(),
+            sent: REGIONS.iter().map(|&p| (0..p).map(|_| Default::default()).collect()).collect(),
+        };
+        for (r, &pages) in REGIONS.iter().enumerate() {
+            for p in 0..pages {
+                s.dirty_page(rng, r, p);
+            }
+        }
+        s
+    }
+
+    /// The guest writes page `p` of region `r`: a quarter of pages end up
+    /// zero.
+    fn dirty_page(&mut self, rng: &mut Rng, r: usize, p: u64) {
+        let page = &mut self.mem[r][p as usize * PAGE_SIZE..][..PAGE_SIZE];
+        if rng.below(4) == 0 {
+            page.fill(0);
+        } else {
+            let v = rng.next();
+            for (i, w) in page.chunks_exact_mut(8).enumerate() {
+                w.copy_from_slice(&(v ^ i as u64).to_le_bytes());
+            }
+        }
+    }
+
+    /// The frames of a migration in `rounds` rounds over `streams` streams.
+    fn migrate(&mut self, rng: &mut Rng, rounds: u64, streams: usize) -> Vec<Vec<Wire>> {
+        let mut out: Vec<Vec<Wire>> = vec![Vec::new(); streams];
+        let mut counters: Vec<RoundCounter> = (0..streams).map(|_| RoundCounter::default()).collect();
+        let mut scratch = Scratch::default();
+        for round in 0..rounds {
+            // Round 0 sends everything; later rounds what the guest dirtied.
+            let mut dirty: Vec<Vec<bool>> = REGIONS.iter().map(|&p| vec![round == 0; p as usize]).collect();
+            if round > 0 {
+                for _ in 0..rng.below(24) + 1 {
+                    let r = rng.below(REGIONS.len() as u64) as usize;
+                    let p = rng.below(REGIONS[r]);
+                    self.dirty_page(rng, r, p);
+                    dirty[r][p as usize] = true;
+                }
+            }
+            for (r, d) in dirty.iter().enumerate() {
+                let mut p = 0u64;
+                while p < REGIONS[r] {
+                    if !d[p as usize] {
+                        p += 1;
+                        continue;
+                    }
+                    let mut n = 1 + rng.below(8);
+                    n = (p..(p + n).min(REGIONS[r])).take_while(|&q| d[q as usize]).count() as u64;
+                    let bytes = &self.mem[r][p as usize * PAGE_SIZE..(p + n) as usize * PAGE_SIZE];
+                    let hashes: Vec<u64> = bytes.chunks_exact(PAGE_SIZE).map(xxh3_64).collect();
+                    for (i, h) in hashes.iter().enumerate() {
+                        self.sent[r][p as usize + i].store(*h, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    let mut f = Vec::new();
+                    if bytes.chunks_exact(PAGE_SIZE).all(is_zero_page) {
+                        build_zero_pages(&mut f, r as u32, p, n as u32, round);
+                    } else {
+                        let at = PagesAt { region: r as u32, first: p, round };
+                        build_pages(&mut f, &mut scratch, at, bytes, &hashes, rng.below(2) == 0);
+                    }
+                    let s = rng.below(streams as u64) as usize;
+                    counters[s].sent_pages();
+                    out[s].push(Wire { bytes: f, pages_of: Some(round) });
+                    p += n;
+                }
+            }
+            for (s, c) in counters.iter_mut().enumerate() {
+                out[s].push(Wire { bytes: c.end(round, round + 1 == rounds).encode(), pages_of: None });
+            }
+        }
+        let digest = memory_digest(&self.sent);
+        out[0].push(Wire { bytes: Control::Done(Digest(digest)).encode(), pages_of: None });
+        out
+    }
+}
+
+/// What a fault does to the meaning of a stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Harm {
+    /// Nothing: the session must end confirmed.
+    None,
+    /// Something is lost, added or out of place: it must be refused.
+    Certain,
+    /// Perhaps nothing: a changed byte of an lz4 payload may decode to the
+    /// same pages (a match pointing at other, equal bytes). Confirmed or
+    /// refused, but confirmed only byte-exact.
+    Maybe,
+}
+
+/// Applies `fault` to a stream's frames and judges its harm (a swap of two
+/// `Pages` frames of one round is none: a round sends each page once).
+fn apply(fault: Fault, frames: &mut Vec<Wire>, cut: &mut usize) -> Harm {
+    let n = frames.len();
+    match fault {
+        Fault::None => Harm::None,
+        Fault::Drop(k) if k < n => {
+            frames.remove(k);
+            Harm::Certain
+        }
+        Fault::Duplicate(k) if k < n => {
+            frames.insert(k, frames[k].clone());
+            // A copy of a stream's last frame comes after its end, and is
+            // never read.
+            if k + 1 < n {
+                Harm::Certain
+            } else {
+                Harm::None
+            }
+        }
+        Fault::Swap(k) if k + 1 < n => {
+            let same_round = frames[k].pages_of.is_some() && frames[k].pages_of == frames[k + 1].pages_of;
+            frames.swap(k, k + 1);
+            if same_round {
+                Harm::None
+            } else {
+                Harm::Certain
+            }
+        }
+        Fault::Cut(k) if k < n => {
+            *cut = k;
+            Harm::Certain
+        }
+        Fault::Corrupt(k, at) if k < n => {
+            let f = &mut frames[k].bytes;
+            let at = at % f.len();
+            f[at] ^= 0x40;
+            let lz4 = f[1] == pmigrate_transport::Encoding::Lz4 as u8;
+            if lz4 && at >= HEADER_LEN {
+                Harm::Maybe
+            } else {
+                Harm::Certain
+            }
+        }
+        _ => Harm::None,
+    }
+}
+
+/// One session: a migration of `rounds` rounds over `streams` streams with
+/// `fault` on stream `on`, delivered in the interleaving `seed` picks.
+/// Returns how it ended and the fault's harm.
+fn session(seed: u64, rounds: u64, streams: usize, on: usize, fault: Fault) -> (Outcome, Harm) {
+    let mut rng = Rng::new(seed);
+    let mut src = Source::new(&mut rng);
+    let mut wires = src.migrate(&mut rng, rounds, streams);
+    let mut cut = vec![usize::MAX; streams];
+    let harm = apply(fault, &mut wires[on % streams], &mut cut[on % streams]);
+    let mem = GuestMemory::new(
+        REGIONS
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| {
+                GuestRegion::anonymous(Gpa((i as u64) << 30), p * PAGE_SIZE as u64, HostPageSize::Small).unwrap()
+            })
+            .collect(),
+    )
+    .unwrap();
+    let shape =
+        Shape { pages: REGIONS.to_vec(), offered: vec![false; REGIONS.len()], lz4: true, postcopy: false, streams };
+    let outcome = receive(&mut rng, &wires, &cut, shape, &mem);
+    let reached = Reached { digest: Digest(memory_digest(&src.sent)), switched: false, done_sent: true };
+    let told = match outcome {
+        // The destination's `Verified`, read by the source's rules.
+        Ok(d) => {
+            let f = Control::Verified { value: d.0, closed: false }.encode();
+            let hdr = FrameHdr::decode(f[..HEADER_LEN].try_into().unwrap()).unwrap();
+            match heard(0, false, Message::decode(hdr, &f[HEADER_LEN..]).unwrap()).unwrap() {
+                Heard::Verified(d) => Ok(d),
+                h => panic!("{h:?}"),
+            }
+        }
+        // Its `Error` frame, as the source's reader reports it.
+        Err(e) => Err(MigrateError::from(TransportError::Peer(ErrorMsg { code: ErrorCode::Protocol, message: e }))),
+    };
+    let outcome = match settle(reached, None, Ok(told)) {
+        Ok(()) => {
+            for (r, region) in mem.regions().iter().enumerate() {
+                let mut here = vec![0u8; region.len() as usize];
+                region.read_pages(PageIdx(0), &mut here).unwrap();
+                assert!(here == src.mem[r], "seed {seed}: confirmed, but region {r} differs from the source's");
+            }
+            Outcome::Verified
+        }
+        Err(e) => {
+            assert!(e.source_keeps_guest(), "seed {seed}: refused, yet the source gave the guest up: {e}");
+            Outcome::Refused(e.to_string())
+        }
+    };
+    (outcome, harm)
+}
+
+/// The destination: reads the streams in an interleaving `rng` picks, as
+/// its driver does, until every stream ended; its verdict.
+fn receive(
+    rng: &mut Rng,
+    wires: &[Vec<Wire>],
+    cut: &[usize],
+    shape: Shape,
+    mem: &GuestMemory,
+) -> Result<Digest, String> {
+    let streams = wires.len();
+    let mut rules = DestRules::new(shape);
+    let placer = Placer::new(mem, vec![false; mem.regions().len()]);
+    let mut opener = Opener::default();
+    let mut at = vec![0usize; streams];
+    let mut ended = vec![false; streams];
+    while ended.iter().any(|e| !e) {
+        let open: Vec<usize> = (0..streams).filter(|&s| !ended[s]).collect();
+        let s = open[rng.below(open.len() as u64) as usize];
+        if at[s] >= wires[s].len().min(cut[s]) {
+            return Err(format!("stream {s}: connection closed before the migration completed"));
+        }
+        let f = &wires[s][at[s]].bytes;
+        at[s] += 1;
+        // What a frame reader does: a header, then exactly its payload.
+        let hdr = FrameHdr::decode(f[..HEADER_LEN].try_into().unwrap()).map_err(|e| e.to_string())?;
+        if f.len() != HEADER_LEN + hdr.len as usize {
+            return Err(format!("stream {s}: the stream is out of step"));
+        }
+        let msg = Message::decode(hdr, &f[HEADER_LEN..]).map_err(|e| e.to_string())?;
+        match rules.on_message(s, msg).map_err(|e| e.to_string())? {
+            Step::Place { frame, stamp, post: false } => {
+                let opened = frame.open(&mut opener).map_err(|e| e.to_string())?;
+                placer.apply(frame.range(), opened, stamp).map_err(|e| e.to_string())?;
+            }
+            Step::End => ended[s] = true,
+            Step::Nothing => {}
+            step => panic!("a pre-copy source never causes {step:?}"),
+        }
+    }
+    rules.verdict(placer.digest()).map_err(|(_, e)| e.to_string())
+}
+
+#[test]
+fn without_faults_every_interleaving_ends_confirmed_and_byte_exact() {
+    for seed in 0..64 {
+        let (o, _) = session(seed, 1 + seed % 4, 1 + (seed as usize % 4), 0, Fault::None);
+        assert!(matches!(o, Outcome::Verified), "seed {seed}: {o:?}");
+    }
+}
+
+/// One case per fault, each with the reason the destination gives.
+#[test]
+fn each_fault_is_refused_with_its_reason() {
+    let refused = |fault, on| match session(7, 3, 3, on, fault) {
+        (Outcome::Refused(why), Harm::Certain) => why,
+        o => panic!("{fault:?}: {o:?}"),
+    };
+    let cases = [
+        (Fault::Drop(0), "ended after"),
+        (Fault::Duplicate(0), "ended after"),
+        (Fault::Cut(1), "closed before the migration completed"),
+        (Fault::Corrupt(0, HEADER_LEN + 100), "checksum"),
+        (Fault::Corrupt(0, 18), ""),
+    ];
+    for (fault, why) in cases {
+        let got = refused(fault, 1);
+        assert!(got.contains(why), "{fault:?}: {got}");
+    }
+    // Stream 0's `Done`, dropped: it never ends.
+    let n = {
+        let mut rng = Rng::new(7);
+        let mut src = Source::new(&mut rng);
+        src.migrate(&mut rng, 3, 3)[0].len()
+    };
+    let got = refused(Fault::Drop(n - 1), 0);
+    assert!(got.contains("closed before the migration completed"), "{got}");
+    // A round end moved before a page frame of its round.
+    let got = refused(Fault::Swap(n - 3), 0);
+    assert!(got.contains("round"), "{got}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, .. ProptestConfig::default() })]
+
+    /// Any schedule and any one fault: confirmed only byte-exact (checked
+    /// in `session`), refused only with the source keeping the guest, and
+    /// confirmed whenever the fault could not matter.
+    #[test]
+    fn no_fault_makes_a_wrong_confirmation(
+        seed in any::<u64>(), rounds in 1u64..5, streams in 1usize..5, on in 0usize..4,
+        kind in 0u8..6, k in 0usize..40, byte in any::<usize>(),
+    ) {
+        let fault = match kind {
+            0 => Fault::None,
+            1 => Fault::Drop(k),
+            2 => Fault::Duplicate(k),
+            3 => Fault::Swap(k),
+            4 => Fault::Cut(k),
+            _ => Fault::Corrupt(k, byte),
+        };
+        match session(seed, rounds, streams, on, fault) {
+            (o, Harm::None) => prop_assert!(matches!(o, Outcome::Verified), "{:?}: {:?}", fault, o),
+            (o, Harm::Certain) => prop_assert!(matches!(o, Outcome::Refused(_)), "{:?} was accepted", fault),
+            (_, Harm::Maybe) => {}
+        }
+    }
+}

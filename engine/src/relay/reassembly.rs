@@ -1,0 +1,287 @@
+//! The byte-stream relay's reassembly rules (protocol.md §7.4), with no
+//! sockets, threads or clocks: chunks numbered across all streams come
+//! back into one ordered output.
+//!
+//! Each stream's sequence numbers increase; every chunk comes once; `End`
+//! says how many chunks the whole flow had, the same on every stream, and
+//! no stream carried a chunk at or past it. Because each stream's numbers
+//! increase, a chunk that every stream has passed (or ended without) can
+//! never come: that gap is an error at once, not a wait. Chunks beyond
+//! [`super::REORDER_WINDOW`] of the next one the output needs wait for it
+//! to catch up, which bounds memory whatever the peer sends.
+//!
+//! The threaded driver (`super::inbound`) keeps one of these under a lock:
+//! stream readers [`announce`](Reassembly::announce) and
+//! [`insert`](Reassembly::insert) chunks and [`end`](Reassembly::end) their
+//! streams; the deliverer [`take`](Reassembly::take)s what is next.
+
+use std::collections::BTreeMap;
+
+use super::REORDER_WINDOW;
+
+/// What the output gets next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    /// The next chunk, in order.
+    Chunk(Vec<u8>),
+    /// Every chunk was delivered: the flow is complete.
+    Complete {
+        /// How many chunks it had.
+        chunks: u64,
+    },
+    /// The next chunk has not come yet and still may.
+    Wait,
+}
+
+/// The reassembly of one flow carried by `streams` streams.
+#[derive(Debug)]
+pub struct Reassembly {
+    chunks: BTreeMap<u64, Vec<u8>>,
+    /// The next sequence number the output needs.
+    next: u64,
+    /// Total chunks, once an `End` said so.
+    total: Option<u64>,
+    /// Per stream: the last sequence number it announced, and whether it
+    /// ended.
+    heads: Vec<(Option<u64>, bool)>,
+}
+
+impl Reassembly {
+    /// The reassembly of a flow over `streams` streams, before anything
+    /// arrived.
+    pub fn new(streams: usize) -> Self {
+        Self { chunks: BTreeMap::new(), next: 0, total: None, heads: vec![(None, false); streams] }
+    }
+
+    /// Stream `i` carries chunk `seq` (before it is opened): its numbers
+    /// must increase, and it must not have ended.
+    pub fn announce(&mut self, i: usize, seq: u64) -> Result<(), String> {
+        let Some(head) = self.heads.get_mut(i) else { return Err(format!("no stream {i}")) };
+        if head.1 {
+            return Err(format!("chunk {seq} after the end of stream {i}"));
+        }
+        if head.0.is_some_and(|l| seq <= l) {
+            return Err(format!("chunk {seq} out of order"));
+        }
+        head.0 = Some(seq);
+        Ok(())
+    }
+
+    /// Whether chunk `seq` fits the reorder window now (otherwise its reader
+    /// waits for the output to catch up).
+    pub fn fits(&self, seq: u64) -> bool {
+        seq < self.next.saturating_add(REORDER_WINDOW)
+    }
+
+    /// Chunk `seq`, opened and verified, announced and fitting.
+    pub fn insert(&mut self, seq: u64, data: Vec<u8>) -> Result<(), String> {
+        debug_assert!(self.fits(seq));
+        if seq < self.next || self.total.is_some_and(|t| seq >= t) || self.chunks.contains_key(&seq) {
+            return Err(format!("chunk {seq} duplicated"));
+        }
+        self.chunks.insert(seq, data);
+        Ok(())
+    }
+
+    /// Stream `i` ended, saying the flow had `total` chunks.
+    pub fn end(&mut self, i: usize, total: u64) -> Result<(), String> {
+        let Some(head) = self.heads.get_mut(i) else { return Err(format!("no stream {i}")) };
+        if head.1 || self.total.is_some_and(|t| t != total) || head.0.is_some_and(|l| l >= total) {
+            return Err("inconsistent end of stream".into());
+        }
+        // Chunks already held at or past the end were never part of it.
+        if self.chunks.range(total..).next().is_some() || self.next > total {
+            return Err("inconsistent end of stream".into());
+        }
+        head.1 = true;
+        self.total = Some(total);
+        Ok(())
+    }
+
+    /// What the output gets next, or why the flow cannot complete.
+    pub fn take(&mut self) -> Result<Next, String> {
+        if let Some(c) = self.chunks.remove(&self.next) {
+            self.next += 1;
+            return Ok(Next::Chunk(c));
+        }
+        if self.heads.iter().all(|h| h.1) {
+            return match self.total {
+                Some(t) if t == self.next => Ok(Next::Complete { chunks: t }),
+                t => Err(format!("stream ended after {} chunks, sender announced {t:?}", self.next)),
+            };
+        }
+        if self.heads.iter().all(|&(head, ended)| ended || head.is_some_and(|h| h > self.next)) {
+            return Err(format!("chunk {} was skipped by every stream", self.next));
+        }
+        Ok(Next::Wait)
+    }
+
+    /// The local peer left: what is held is dropped.
+    pub fn drop_held(&mut self) {
+        self.chunks.clear();
+    }
+
+    /// Chunks held, waiting for the output.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub fn held(&self) -> usize {
+        self.chunks.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A fault on the way, applied to one stream's list of frames.
+    #[derive(Clone, Debug)]
+    enum Fault {
+        None,
+        Drop(usize, usize),
+        Duplicate(usize, usize),
+        Swap(usize, usize),
+        /// The stream is cut after this many frames.
+        Cut(usize, usize),
+    }
+
+    #[derive(Clone, Debug, PartialEq)]
+    enum Frame {
+        Chunk(u64),
+        End(u64),
+    }
+
+    /// Runs a flow of `chunks` chunks over `streams` streams (chunk `k` on
+    /// stream `place[k] % streams`), frames interleaved by `order`, with
+    /// `fault`; returns the output or the error.
+    fn run(chunks: u64, streams: usize, place: &[u8], order: &[u8], fault: &Fault) -> Result<Vec<u64>, String> {
+        let mut lists: Vec<Vec<Frame>> = vec![Vec::new(); streams];
+        for k in 0..chunks {
+            let s = place.get(k as usize).map_or(0, |&p| p as usize % streams);
+            lists[s].push(Frame::Chunk(k));
+        }
+        for l in &mut lists {
+            l.push(Frame::End(chunks));
+        }
+        let mut cut = vec![usize::MAX; streams];
+        match *fault {
+            Fault::None => {}
+            Fault::Drop(s, k) if k < lists[s % streams].len() => drop(lists[s % streams].remove(k)),
+            Fault::Duplicate(s, k) if k < lists[s % streams].len() => {
+                let f = lists[s % streams][k].clone();
+                lists[s % streams].insert(k, f);
+            }
+            Fault::Swap(s, k) if k + 1 < lists[s % streams].len() => lists[s % streams].swap(k, k + 1),
+            Fault::Cut(s, k) => cut[s % streams] = k,
+            _ => {}
+        }
+        let mut at = vec![0usize; streams];
+        let mut r = Reassembly::new(streams);
+        let mut out = Vec::new();
+        let mut o = order.iter().cycle();
+        loop {
+            // The output takes what it can.
+            loop {
+                match r.take()? {
+                    Next::Chunk(c) => out.push(u64::from_le_bytes(c.try_into().unwrap())),
+                    Next::Complete { .. } => return Ok(out),
+                    Next::Wait => break,
+                }
+            }
+            // A stream that can deliver, picked by `order`.
+            let ready: Vec<usize> = (0..streams)
+                .filter(|&s| {
+                    at[s] < lists[s].len().min(cut[s])
+                        && match lists[s][at[s]] {
+                            Frame::Chunk(k) => r.fits(k),
+                            Frame::End(_) => true,
+                        }
+                })
+                .collect();
+            if ready.is_empty() {
+                // Every stream is done, cut, or waiting on the window.
+                return Err(if (0..streams).any(|s| at[s] >= cut[s]) { "cut".into() } else { "stuck".into() });
+            }
+            let s = ready[*o.next().unwrap_or(&0) as usize % ready.len()];
+            let f = lists[s][at[s]].clone();
+            at[s] += 1;
+            match f {
+                Frame::Chunk(k) => {
+                    r.announce(s, k)?;
+                    r.insert(k, k.to_le_bytes().to_vec())?;
+                }
+                Frame::End(t) => r.end(s, t)?,
+            }
+            assert!(r.held() <= REORDER_WINDOW as usize, "the window bounds what is held");
+        }
+    }
+
+    proptest! {
+        /// Whatever the interleaving of the streams, the output is the
+        /// flow in order.
+        #[test]
+        fn any_interleaving_reassembles_in_order(
+            chunks in 0u64..300, streams in 1usize..5,
+            place in proptest::collection::vec(any::<u8>(), 300), order in proptest::collection::vec(any::<u8>(), 1..64),
+        ) {
+            let out = run(chunks, streams, &place, &order, &Fault::None).unwrap();
+            prop_assert_eq!(out, (0..chunks).collect::<Vec<_>>());
+        }
+
+        /// A dropped, duplicated, reordered or cut frame is an error, never
+        /// a wrong output; a fault that changes nothing (a swap of equal
+        /// frames) gives the right output.
+        #[test]
+        fn a_fault_is_an_error_never_a_wrong_output(
+            chunks in 1u64..200, streams in 1usize..4,
+            place in proptest::collection::vec(any::<u8>(), 200), order in proptest::collection::vec(any::<u8>(), 1..64),
+            kind in 0u8..4, s in 0usize..4, k in 0usize..200,
+        ) {
+            let fault = match kind {
+                0 => Fault::Drop(s, k),
+                1 => Fault::Duplicate(s, k),
+                2 => Fault::Swap(s, k),
+                _ => Fault::Cut(s, k),
+            };
+            if let Ok(out) = run(chunks, streams, &place, &order, &fault) {
+                prop_assert_eq!(out, (0..chunks).collect::<Vec<_>>(), "{:?}", fault);
+            }
+        }
+    }
+
+    #[test]
+    fn each_fault_is_caught_with_its_reason() {
+        let place = [0u8, 1, 0, 1, 0, 1];
+        let order = [0u8, 1];
+        let err = |f| run(6, 2, &place, &order, &f).unwrap_err();
+        assert!(err(Fault::Drop(0, 1)).contains("skipped by every stream"), "{}", err(Fault::Drop(0, 1)));
+        assert!(err(Fault::Duplicate(1, 0)).contains("out of order"));
+        // Chunk 2 before 0 on stream 0: out of order, or (if stream 1 is
+        // already past 0) a gap nobody can fill.
+        let e = err(Fault::Swap(0, 0));
+        assert!(e.contains("out of order") || e.contains("chunk 0 was skipped"), "{e}");
+        assert_eq!(err(Fault::Cut(1, 2)), "cut");
+        // Dropping a stream's `End`: the flow never completes.
+        assert_eq!(err(Fault::Drop(0, 3)), "stuck");
+        assert_eq!(run(6, 2, &place, &order, &Fault::None).unwrap(), (0..6).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn ends_must_agree_and_come_after_every_chunk() {
+        let mut r = Reassembly::new(2);
+        r.announce(0, 0).unwrap();
+        r.insert(0, vec![0]).unwrap();
+        r.end(0, 2).unwrap();
+        assert!(r.end(1, 3).is_err(), "a different total");
+        let mut r = Reassembly::new(1);
+        r.announce(0, 5).unwrap();
+        assert!(r.end(0, 5).is_err(), "a chunk at the total");
+        let mut r = Reassembly::new(2);
+        r.announce(1, 4).unwrap();
+        r.insert(4, vec![4]).unwrap();
+        assert!(r.end(0, 3).is_err(), "a held chunk past the total");
+        let mut r = Reassembly::new(1);
+        r.end(0, 0).unwrap();
+        assert!(r.announce(0, 0).is_err(), "a chunk after the end");
+        assert_eq!(r.take().unwrap(), Next::Complete { chunks: 0 });
+    }
+}

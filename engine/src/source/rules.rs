@@ -1,0 +1,204 @@
+//! The source's protocol rules (protocol.md §7.2, design.md "Who owns the
+//! guest"), with no sockets, threads or clocks: how a stream accounts for
+//! its rounds, what the destination may say on which stream, and what the
+//! end of a session means for the guest.
+//!
+//! The threaded driver in `super` moves bytes and carries these out; the
+//! rules are tested in memory here and, against the destination's rules,
+//! in `crate::dest::pair`.
+
+use pmigrate_ranges::PageRange;
+use pmigrate_transport::frame::FrameKind;
+use pmigrate_transport::message::{Control, Digest, Message, Round};
+use pmigrate_transport::TransportError;
+
+use crate::MigrateError;
+
+/// What one stream sent of the current round: its `RoundEnd` counts the
+/// `Pages` frames it carried.
+#[derive(Debug, Default)]
+pub struct RoundCounter {
+    frames: u64,
+}
+
+impl RoundCounter {
+    /// A `Pages` frame went out.
+    pub fn sent_pages(&mut self) {
+        self.frames += 1;
+    }
+
+    /// The stream's `RoundEnd` of `round`; the count starts again.
+    pub fn end(&mut self, round: u64, last: bool) -> Control<'static> {
+        let frames = std::mem::take(&mut self.frames);
+        Control::RoundEnd { round: Round(round), frames, last }
+    }
+}
+
+/// What the destination said on a stream, once the rules accepted it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Heard {
+    /// Nothing (a keepalive).
+    Nothing,
+    /// Stream 0: the answer to the probe in flight.
+    ProbeReply(Vec<u64>),
+    /// The priority stream: a vCPU waits on the first of these pages.
+    Request(PageRange),
+    /// The priority stream: the guest runs at the destination.
+    Running,
+    /// Stream 0 (pre-copy) or the priority stream (post-copy): the
+    /// destination holds memory of this digest and runs the guest.
+    Verified(Digest),
+}
+
+/// What the destination may say on stream `index`; `prio` tells whether it
+/// is the post-copy priority stream.
+pub fn heard(index: usize, prio: bool, m: Message<'_>) -> Result<Heard, MigrateError> {
+    let unexpected = |kind: FrameKind| TransportError::Unexpected { what: format!("stream {index}"), kind }.into();
+    match m {
+        Message::Control(Control::Keepalive) => Ok(Heard::Nothing),
+        Message::Control(Control::ProbeReply(v)) if index == 0 => Ok(Heard::ProbeReply(v)),
+        Message::Control(Control::PageRequest(r)) if prio => Ok(Heard::Request(r)),
+        Message::Control(Control::Switchover { last: true, need: None, .. }) if prio => Ok(Heard::Running),
+        // (`closed` belongs to stream mode.)
+        Message::Control(Control::Verified { value, closed: false }) if index == 0 || prio => {
+            Ok(Heard::Verified(Digest(value)))
+        }
+        m => Err(unexpected(m.kind())),
+    }
+}
+
+/// How far a session got, as the source knows it when it ends.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Reached {
+    /// The digest this end sent in `Done` (or would have).
+    pub digest: Digest,
+    /// Post-copy: the switchover went out, so the guest may run at the
+    /// destination.
+    pub switched: bool,
+    /// `Done` was written: the destination may hold everything.
+    pub done_sent: bool,
+}
+
+/// Why the destination's verdict is missing.
+#[derive(Debug)]
+pub enum NoVerdict {
+    /// It did not come within this long.
+    Timeout(std::time::Duration),
+    /// Every stream's listener ended without one.
+    Gone,
+}
+
+/// The end of a session for the guest (the ownership rule): `Ok` only when
+/// the destination confirmed the very memory this end sent, so the guest
+/// is its now; otherwise the error says who holds it. `error` is what
+/// failed here; `verdict` what the destination said, or why nothing.
+pub fn settle(
+    reached: Reached,
+    error: Option<MigrateError>,
+    verdict: Result<Result<Digest, MigrateError>, NoVerdict>,
+) -> Result<(), MigrateError> {
+    let verdict = match (error, verdict) {
+        // `Verified` means the destination holds it all and runs it.
+        (_, Ok(Ok(d))) => Ok(d),
+        // What the destination said, or what its streams showed, explains
+        // more than what failed here in consequence.
+        (_, Ok(Err(v))) => Err(v),
+        (Some(e), Err(_)) => Err(e),
+        (None, Err(NoVerdict::Timeout(d))) => Err(MigrateError::Unconfirmed(format!("none within {d:?}"))),
+        (None, Err(NoVerdict::Gone)) => Err(MigrateError::Unconfirmed("every stream closed without one".into())),
+    };
+    match verdict {
+        // The destination claims the guest with other memory.
+        Ok(d) if d != reached.digest => {
+            Err(MigrateError::Unconfirmed(format!("it confirmed digest {d}, this end sent {}", reached.digest)))
+        }
+        Ok(_) => Ok(()),
+        // After the switchover the guest may run at the destination.
+        Err(e) if reached.switched => Err(MigrateError::HandedOver(Box::new(e))),
+        // Everything was sent: without the destination's own refusal,
+        // nobody knows whether the guest started there.
+        Err(e @ MigrateError::Unconfirmed(_)) => Err(e),
+        Err(e) if reached.done_sent && !e.is_peer_refusal() => Err(MigrateError::Unconfirmed(e.to_string())),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pmigrate_ranges::{PageIdx, RegionIdx};
+    use pmigrate_transport::hello::{ErrorCode, ErrorMsg};
+
+    fn refusal() -> MigrateError {
+        TransportError::Peer(ErrorMsg { code: ErrorCode::Digest, message: "no".into() }).into()
+    }
+
+    fn broken() -> MigrateError {
+        TransportError::Closed("stream 0".into()).into()
+    }
+
+    #[test]
+    fn a_round_end_counts_what_its_stream_sent_and_starts_again() {
+        let mut c = RoundCounter::default();
+        c.sent_pages();
+        c.sent_pages();
+        assert_eq!(c.end(0, false), Control::RoundEnd { round: Round(0), frames: 2, last: false });
+        assert_eq!(c.end(1, true), Control::RoundEnd { round: Round(1), frames: 0, last: true });
+    }
+
+    #[test]
+    fn each_answer_comes_on_its_own_stream() {
+        let req = PageRange { region: RegionIdx(0), start: PageIdx(3), end: PageIdx(4) };
+        let ok = |i, prio, c: Control<'_>| heard(i, prio, Message::Control(c)).ok();
+        assert_eq!(ok(0, false, Control::ProbeReply(vec![1])), Some(Heard::ProbeReply(vec![1])));
+        assert_eq!(ok(1, false, Control::ProbeReply(vec![1])), None);
+        assert_eq!(ok(2, true, Control::PageRequest(req)), Some(Heard::Request(req)));
+        assert_eq!(ok(0, false, Control::PageRequest(req)), None);
+        let marker = || Control::Switchover { round: Round(1), last: true, need: None };
+        assert_eq!(ok(2, true, marker()), Some(Heard::Running));
+        assert_eq!(ok(0, false, marker()), None);
+        assert_eq!(ok(2, true, Control::Switchover { round: Round(1), last: false, need: None }), None);
+        assert_eq!(ok(0, false, Control::Verified { value: 5, closed: false }), Some(Heard::Verified(Digest(5))));
+        assert_eq!(ok(0, false, Control::Verified { value: 5, closed: true }), None);
+        assert_eq!(ok(1, false, Control::Verified { value: 5, closed: false }), None);
+        assert_eq!(ok(0, false, Control::Done(Digest(1))), None);
+        assert_eq!(ok(0, false, Control::Keepalive), Some(Heard::Nothing));
+    }
+
+    /// The ownership rule, case by case: who holds the guest after each
+    /// way a session can end.
+    #[test]
+    fn only_the_confirmation_of_the_memory_sent_gives_the_guest_away() {
+        let sent = Reached { digest: Digest(7), ..Reached::default() };
+        let done = Reached { done_sent: true, ..sent };
+        let switched = Reached { switched: true, ..done };
+        // Confirmed, with the digest sent: the destination owns it.
+        assert!(settle(done, None, Ok(Ok(Digest(7)))).is_ok());
+        // Confirmed even though a stream broke here afterwards.
+        assert!(settle(done, Some(broken()), Ok(Ok(Digest(7)))).is_ok());
+        // Confirmed with other memory: nobody knows.
+        assert!(matches!(settle(done, None, Ok(Ok(Digest(8)))), Err(MigrateError::Unconfirmed(_))));
+        // Refused by the destination: the source keeps it.
+        let e = settle(done, None, Ok(Err(refusal()))).unwrap_err();
+        assert!(e.is_peer_refusal() && e.source_keeps_guest(), "{e}");
+        // A failure before `Done`: the source keeps it.
+        let e = settle(sent, Some(broken()), Err(NoVerdict::Gone)).unwrap_err();
+        assert!(e.source_keeps_guest(), "{e}");
+        // Everything sent and then silence or a broken stream: nobody knows.
+        for e in [
+            settle(done, None, Err(NoVerdict::Timeout(std::time::Duration::from_secs(60)))).unwrap_err(),
+            settle(done, Some(broken()), Err(NoVerdict::Gone)).unwrap_err(),
+            settle(done, None, Ok(Err(broken()))).unwrap_err(),
+        ] {
+            assert!(matches!(e, MigrateError::Unconfirmed(_)) && !e.source_keeps_guest(), "{e}");
+        }
+        // After a post-copy switchover the guest may run there: handed over,
+        // whatever went wrong (a refusal included).
+        for e in [
+            settle(switched, None, Ok(Err(refusal()))).unwrap_err(),
+            settle(switched, Some(broken()), Err(NoVerdict::Timeout(std::time::Duration::ZERO))).unwrap_err(),
+        ] {
+            assert!(matches!(e, MigrateError::HandedOver(_)) && !e.source_keeps_guest(), "{e}");
+        }
+    }
+}
