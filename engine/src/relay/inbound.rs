@@ -11,12 +11,13 @@ use std::time::Duration;
 
 use crossbeam_channel::Sender;
 use pmigrate_transport::backend::frame_reader;
-use pmigrate_transport::frame::{Encoding, FrameKind, FLAG_CLOSED, HEADER_LEN};
+use pmigrate_transport::frame::{Encoding, HEADER_LEN};
+use pmigrate_transport::message::{Control, Message};
 use pmigrate_transport::payload::Opener;
 use pmigrate_transport::TransportError;
 
 use super::reassembly::{Next, Reassembly};
-use super::{control, control_flagged, Carry, FlowReport, Output, Shared, CHUNK};
+use super::{Carry, FlowReport, Output, Shared, CHUNK};
 use crate::MigrateError;
 
 /// How often a deliverer that may close looks whether its local peer left.
@@ -97,21 +98,21 @@ pub(super) fn stream_reader(shared: &Shared<'_>, i: usize, has_in: bool, expects
             Err(e) => break Err(e.into()),
         };
         let wire = (HEADER_LEN + payload.len()) as u64;
-        match hdr.kind {
-            FrameKind::Keepalive => {
-                if let Err(source) = hdr.verify(&[]) {
-                    break Err(TransportError::Wire { what: name.clone(), source }.into());
+        let msg = match Message::decode(hdr, payload) {
+            Ok(m) => m,
+            Err(source) => break Err(TransportError::Wire { what: name.clone(), source }.into()),
+        };
+        match msg {
+            Message::Control(Control::Keepalive) => {}
+            Message::Data(chunk) if !in_done => {
+                if chunk.decoded_len() as usize > CHUNK {
+                    break Err(protocol(format!("chunk of {} bytes", chunk.decoded_len())));
                 }
-            }
-            FrameKind::Data if !in_done => {
-                if hdr.count as usize > CHUNK {
-                    break Err(protocol(format!("chunk of {} bytes", hdr.count)));
-                }
-                if hdr.encoding == Encoding::Lz4 && !how.lz4_in {
+                if chunk.encoding() == Encoding::Lz4 && !how.lz4_in {
                     break Err(protocol("lz4 chunk without the capability".into()));
                 }
                 let window = &shared.window;
-                let seq = hdr.aux;
+                let seq = chunk.seq();
                 let announced = window.state.lock().expect("window lock").flow.announce(i, seq);
                 window.changed.notify_all();
                 if let Err(why) = announced {
@@ -121,7 +122,7 @@ pub(super) fn stream_reader(shared: &Shared<'_>, i: usize, has_in: bool, expects
                 if shared.in_closed.load(Ordering::Acquire) {
                     continue; // the local peer left: nowhere to put it
                 }
-                let data = match opener.open_data(&hdr, payload) {
+                let data = match chunk.open(&mut opener) {
                     Ok(d) => d.to_vec(),
                     Err(source) => break Err(TransportError::Wire { what: name.clone(), source }.into()),
                 };
@@ -141,35 +142,28 @@ pub(super) fn stream_reader(shared: &Shared<'_>, i: usize, has_in: bool, expects
                 }
                 window.changed.notify_all();
             }
-            FrameKind::End if !in_done => {
-                if let Err(source) = hdr.verify(&[]) {
-                    break Err(TransportError::Wire { what: name.clone(), source }.into());
-                }
+            Message::Control(Control::End { chunks }) if !in_done => {
                 shared.in_wire.fetch_add(wire, Ordering::Relaxed);
                 let window = &shared.window;
-                let ended = window.state.lock().expect("window lock").flow.end(i, hdr.aux);
+                let ended = window.state.lock().expect("window lock").flow.end(i, chunks);
                 window.changed.notify_all();
                 if let Err(why) = ended {
                     break Err(protocol(why));
                 }
                 in_done = true;
             }
-            FrameKind::Verified if !verified => {
-                if let Err(source) = hdr.verify(&[]) {
-                    break Err(TransportError::Wire { what: name.clone(), source }.into());
-                }
-                let closed = hdr.flags & FLAG_CLOSED != 0;
+            Message::Control(Control::Verified { value, closed }) if !verified => {
                 if closed && how.source {
                     break Err(protocol("the destination closed the session's forward direction".into()));
                 }
-                *shared.verified.lock().expect("verdict lock") = Some((hdr.aux, closed));
+                *shared.verified.lock().expect("verdict lock") = Some((value, closed));
                 if closed {
                     shared.out_closed.store(true, Ordering::Release);
                 }
                 shared.verified_cv.notify_all();
                 verified = true;
             }
-            kind => break Err(TransportError::Unexpected { what: name.clone(), kind }.into()),
+            m => break Err(TransportError::Unexpected { what: name.clone(), kind: m.kind() }.into()),
         }
     };
     if let Err(e) = res {
@@ -235,7 +229,7 @@ pub(super) fn deliver(
                 if let Some(mut out) = output.take() {
                     out.finish().map_err(|e| TransportError::io("close output", e))?;
                 }
-                confirm.send(control(FrameKind::Verified, chunks)).map_err(|_| MigrateError::Aborted)?;
+                confirm.send(Control::Verified { value: chunks, closed: false }.encode()).map_err(|_| MigrateError::Aborted)?;
                 return Ok(report);
             }
             Next::Wait => unreachable!("the loop above waits"),
@@ -257,7 +251,7 @@ fn close(
     shared.window.changed.notify_all();
     drop(w);
     confirm
-        .send(control_flagged(FrameKind::Verified, report.chunks, FLAG_CLOSED))
+        .send(Control::Verified { value: report.chunks, closed: true }.encode())
         .map_err(|_| MigrateError::Aborted)?;
     report.closed_early = true;
     Ok(report)

@@ -76,7 +76,6 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, RecvTimeoutError};
 use pmigrate_transport::backend::Resolved;
-use pmigrate_transport::frame::FrameKind;
 use pmigrate_transport::hello::{
     encode_target, ErrorCode, ErrorMsg, Hello, Mode, CAP_DUPLEX, CAP_LZ4, EXT_TARGET, PROTOCOL_VERSION,
 };
@@ -744,19 +743,4 @@ pub fn carry(streams: &[Conn], local: Local, how: &Carry) -> Result<RelayReport,
     // TLS streams are sealed in this process: always the portable backend.
     let backend = if streams.iter().any(Conn::is_tls) { "TLS, portable".to_string() } else { how.io.describe() };
     Ok(RelayReport { role: String::new(), forward, back, streams: n, secs: t0.elapsed().as_secs_f64(), backend })
-}
-
-/// A control frame of `kind` with `aux`.
-fn control(kind: FrameKind, aux: u64) -> Vec<u8> {
-    control_flagged(kind, aux, 0)
-}
-
-/// A control frame of `kind` with `aux` and `flags`.
-fn control_flagged(kind: FrameKind, aux: u64, flags: u16) -> Vec<u8> {
-    let mut h = pmigrate_transport::FrameHdr::new(kind);
-    h.aux = aux;
-    h.flags = flags;
-    let mut f = Vec::new();
-    pmigrate_transport::payload::build_control(&mut f, h, &[]);
-    f
 }

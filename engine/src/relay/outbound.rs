@@ -12,12 +12,13 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Select, Sender};
 use pmigrate_transport::backend::{Backend, FrameWriter, URING_DEPTH};
-use pmigrate_transport::frame::{Encoding, FrameKind, HEADER_LEN};
+use pmigrate_transport::frame::{Encoding, HEADER_LEN};
+use pmigrate_transport::message::Control;
 use pmigrate_transport::net::{keepalive_frame, KEEPALIVE_INTERVAL};
 use pmigrate_transport::payload::build_data;
 use pmigrate_transport::TransportError;
 
-use super::{control, Carry, FlowReport, Shared, CHUNK, INLINE_CHUNK};
+use super::{Carry, FlowReport, Shared, CHUNK, INLINE_CHUNK};
 use crate::lz4gate::Lz4Gate;
 use crate::{Compression, MigrateError};
 
@@ -140,7 +141,7 @@ pub(super) fn run<'s, 'a: 's>(
     if chunks != report.chunks || bytes != report.bytes || !pending.is_empty() {
         return Err(MigrateError::Aborted); // a worker gave up: the relay failed
     }
-    let end = control(FrameKind::End, chunks);
+    let end = Control::End { chunks }.encode();
     for q in &queues {
         q.send(end.clone()).map_err(|_| MigrateError::Aborted)?;
         shared.out_wire.fetch_add(end.len() as u64, Ordering::Relaxed);

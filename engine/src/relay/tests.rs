@@ -1,6 +1,7 @@
 use super::*;
-use pmigrate_transport::frame::{FrameHdr, HEADER_LEN};
-use pmigrate_transport::payload::{build_control, build_data};
+use pmigrate_transport::frame::HEADER_LEN;
+use pmigrate_transport::message::Control;
+use pmigrate_transport::payload::build_data;
 use pmigrate_transport::{Auth, BackendChoice};
 use std::io::Cursor;
 use std::sync::atomic::AtomicU64;
@@ -331,10 +332,7 @@ fn a_destination_closing_the_forward_direction_is_refused(b: BackendChoice) {
     });
     let mut judge = |h: &Hello| Ok(h.caps & (CAP_LZ4 | CAP_DUPLEX));
     let mut accepted = acc.accept_session(Mode::Stream, &mut judge, None).unwrap();
-    let mut h = FrameHdr::new(FrameKind::Verified);
-    h.flags = pmigrate_transport::frame::FLAG_CLOSED;
-    let mut f = Vec::new();
-    build_control(&mut f, h, &[]);
+    let f = Control::Verified { value: 0, closed: true }.encode();
     // (Only once the sender reads its streams as a relay: its handshake
     // reader may have buffered past the `Welcome`.)
     while !carrying.carrying() {
@@ -431,11 +429,7 @@ fn data(seq: u64, byte: u8) -> Vec<u8> {
 }
 
 fn end(total: u64) -> Vec<u8> {
-    let mut h = FrameHdr::new(FrameKind::End);
-    h.aux = total;
-    let mut f = Vec::new();
-    build_control(&mut f, h, &[]);
-    f
+    Control::End { chunks: total }.encode()
 }
 
 fn a_corrupted_chunk_is_never_written(b: BackendChoice) {
