@@ -65,9 +65,9 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use pmigrate_ranges::{AtomicBitmap, Backing, GuestMemory, RangeLock, PAGE_SIZE_U64};
-use serde::{Deserialize, Serialize};
 
 use crate::report::LatencySummary;
+pub use crate::report::PostcopyReport;
 use crate::uffd::{abi, Uffd};
 
 /// Pages asked for per fault when the guest walks memory forward (its fault
@@ -86,30 +86,6 @@ pub(crate) const SWEEP_MAX_PAGES: u64 = 16 << 10;
 
 /// How often the fault handler and waiting threads look at the clock.
 pub(crate) const TICK: Duration = Duration::from_millis(100);
-
-/// What post-copy did.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct PostcopyReport {
-    /// Pre-copy rounds before the switchover (0: pure post-copy).
-    pub precopy_rounds: u32,
-    /// Pages the destination lacked when the guest resumed there.
-    pub needed_pages: u64,
-    /// Source: pages sent by the background push.
-    pub pushed_pages: u64,
-    /// Source: pages sent to answer requests.
-    pub requested_pages: u64,
-    /// Destination: page faults the guest took.
-    pub faults: u64,
-    /// Destination: of those, faults on pages that were not needed,
-    /// answered at once with the zero page.
-    pub zero_faults: u64,
-    /// Destination: from a fault's message to its page placed.
-    pub fault_latency: Option<LatencySummary>,
-    /// Seconds from the start until the guest ran at the destination.
-    pub runnable_secs: f64,
-    /// Streams lost after the switchover and reconnected.
-    pub reconnects: u64,
-}
 
 /// Checks (once, then from a cache) that this process may handle missing
 /// pages of private anonymous memory with userfaultfd: a userfaultfd opens,

@@ -121,7 +121,7 @@ pub struct Report {
     /// `"pre-copy"`, `"post-copy"` (after no pre-copy round) or `"hybrid"`.
     pub mode: String,
     /// Post-copy's figures, when the migration switched to it.
-    pub postcopy: Option<crate::postcopy::PostcopyReport>,
+    pub postcopy: Option<PostcopyReport>,
 }
 
 impl Report {
@@ -245,4 +245,28 @@ impl fmt::Display for Report {
         }
         write!(f, "  digest {}", self.digest)
     }
+}
+
+/// What post-copy did.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PostcopyReport {
+    /// Pre-copy rounds before the switchover (0: pure post-copy).
+    pub precopy_rounds: u32,
+    /// Pages the destination lacked when the guest resumed there.
+    pub needed_pages: u64,
+    /// Source: pages sent by the background push.
+    pub pushed_pages: u64,
+    /// Source: pages sent to answer requests.
+    pub requested_pages: u64,
+    /// Destination: page faults the guest took.
+    pub faults: u64,
+    /// Destination: of those, faults on pages that were not needed,
+    /// answered at once with the zero page.
+    pub zero_faults: u64,
+    /// Destination: from a fault's message to its page placed.
+    pub fault_latency: Option<LatencySummary>,
+    /// Seconds from the start until the guest ran at the destination.
+    pub runnable_secs: f64,
+    /// Streams lost after the switchover and reconnected.
+    pub reconnects: u64,
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crate::frame::{FrameHdr, FrameKind};
 use crate::hello::{ErrorCode, ErrorMsg};
+use crate::net::write_frame;
 use crate::payload::build_control;
 use crate::tls::TlsStream;
 
@@ -67,7 +68,7 @@ impl Conn {
     pub fn send_error(&self, code: ErrorCode, message: impl Into<String>) {
         let _ = self.tcp().set_write_timeout(Some(Duration::from_secs(1)));
         match self {
-            Conn::Tcp(s) => crate::session::send_error(s, code, message),
+            Conn::Tcp(s) => send_error(s, code, message),
             Conn::Tls(t) => {
                 let mut f = Vec::new();
                 let msg = ErrorMsg { code, message: message.into() };
@@ -126,4 +127,11 @@ impl Write for Conn {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
+}
+
+/// Sends an `Error` frame, best effort (the peer may be gone already).
+pub fn send_error(mut s: impl std::io::Write, code: ErrorCode, message: impl Into<String>) {
+    let mut f = Vec::new();
+    build_control(&mut f, FrameHdr::new(FrameKind::Error), &ErrorMsg { code, message: message.into() }.encode());
+    let _ = write_frame(&mut s, &f, "error");
 }

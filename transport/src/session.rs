@@ -7,12 +7,11 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::auth::{Auth, Method, Offer, Purpose, SessionKey};
+pub use crate::conn::send_error;
 use crate::conn::Conn;
-use crate::frame::{FrameHdr, FrameKind};
 use crate::handshake::{dial, read_welcome, send_hello, Dial};
-use crate::hello::{ErrorCode, ErrorMsg, Hello, Welcome};
-use crate::net::{connect, write_frame, TransportError, Via};
-use crate::payload::build_control;
+use crate::hello::{Hello, Welcome};
+use crate::net::{connect, TransportError, Via};
 
 /// Where the source's streams go and how they leave.
 #[derive(Clone, Debug)]
@@ -60,13 +59,6 @@ pub fn new_session_id() -> [u8; 16] {
         id[8..12].copy_from_slice(&std::process::id().to_le_bytes());
     }
     id
-}
-
-/// Sends an `Error` frame, best effort (the peer may be gone already).
-pub fn send_error(mut s: impl std::io::Write, code: ErrorCode, message: impl Into<String>) {
-    let mut f = Vec::new();
-    build_control(&mut f, FrameHdr::new(FrameKind::Error), &ErrorMsg { code, message: message.into() }.encode());
-    let _ = write_frame(&mut s, &f, "error");
 }
 
 /// An opened session: its streams in order, the destination's `Welcome`,

@@ -9,47 +9,34 @@
 //! only if its own digest — from the hashes of the pages it placed —
 //! matches, and only once the guest may run here.
 
-use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use pmigrate_ranges::{GuestMemory, PageIdx, PageRange, RegionIdx, PAGE_SIZE};
+use pmigrate_ranges::GuestMemory;
 use pmigrate_transport::backend::{frame_reader, Backend, StreamIn};
-use pmigrate_transport::hello::{
-    decode_shared_regions, ErrorCode, ErrorMsg, Mode, RegionDesc, CAP_LZ4, CAP_POSTCOPY, CAP_RESUME, CAP_SHARED,
-    EXT_SHARED_REGIONS, KNOWN_CAPS,
-};
-use pmigrate_transport::message::{Control, Digest, Message, Round};
+use pmigrate_transport::hello::{ErrorCode, CAP_LZ4, CAP_POSTCOPY, CAP_RESUME};
+use pmigrate_transport::message::{Control, Digest, Message};
 use pmigrate_transport::net::{keepalive_frame, write_frame, FrameReader, KEEPALIVE_INTERVAL};
 use pmigrate_transport::payload::Opener;
 use pmigrate_transport::{Accepted, Acceptor, BackendChoice, Conn, Link, Resumes, TransportError};
 
 use crate::postcopy::{self, DestPost};
-use crate::report::{Report, StreamReport};
+use crate::report::Report;
 use crate::shared;
 use crate::MigrateError;
 
+mod accept;
 #[cfg(test)]
 mod pair;
 pub(crate) mod place;
+mod post;
+mod report;
 pub(crate) mod rules;
 
+pub use accept::{layout_matches, Grant, Offered};
 use place::Placer;
 use rules::{DestRules, Shape, Step};
-
-/// Checks that `mem` has exactly the regions the source described.
-pub fn layout_matches(mem: &GuestMemory, regions: &[RegionDesc]) -> Result<(), String> {
-    if mem.regions().len() != regions.len() {
-        return Err(format!("source has {} regions, destination {}", regions.len(), mem.regions().len()));
-    }
-    for ((i, r), d) in mem.iter().zip(regions) {
-        if r.gpa().0 != d.gpa || r.len() != d.len {
-            return Err(format!("{i}: source {:#x}+{:#x}, destination {}+{:#x}", d.gpa, d.len, r.gpa(), r.len()));
-        }
-    }
-    Ok(())
-}
 
 /// A migration session whose streams have all arrived, not yet received.
 #[derive(Debug)]
@@ -94,127 +81,7 @@ pub const RESUME_WINDOW: Duration = Duration::from_secs(60);
 /// account for a stall.
 const READ_TICK: Duration = Duration::from_millis(500);
 
-/// What a source asks of this end, as the embedder judges it before the
-/// session is accepted (the source has proved itself by then).
-#[derive(Debug)]
-pub struct Offered<'a> {
-    /// The source's region table.
-    pub regions: &'a [RegionDesc],
-    /// Regions the source could hand over instead of copying (zero-copy),
-    /// if this end's memory for them turns out to be the source's own.
-    pub handover: &'a [u32],
-    /// The source asks for post-copy.
-    pub postcopy: bool,
-}
-
-/// What the embedder grants a source it accepts.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Grant {
-    /// Let the source prove that this end's memory of the offered regions
-    /// is its own and hand them over (zero-copy). Grant it only when that
-    /// memory may be shared with the source (a shared file mapping, DAX or
-    /// CXL memory): the memory of an offered region is not assumed zero, so
-    /// a region that fails the proof is sent whole, zero pages included.
-    pub handover: bool,
-}
-
 impl Incoming {
-    /// Waits on `acceptor` for the streams of one memory-migration session
-    /// that `check` accepts (its region table, what it offers). Connections
-    /// that are not part of it are refused with an error frame and do not
-    /// end the wait; nothing but `deadline` does.
-    pub fn accept(
-        acceptor: &Acceptor,
-        mut check: impl FnMut(&Offered<'_>) -> Result<Grant, String>,
-        deadline: Option<Instant>,
-    ) -> Result<Incoming, MigrateError> {
-        let mut judge = |h: &pmigrate_transport::Hello| {
-            let protocol =
-                |e: pmigrate_transport::WireError| ErrorMsg { code: ErrorCode::Protocol, message: e.to_string() };
-            let handover = match h.extension(EXT_SHARED_REGIONS) {
-                Some(ext) if h.caps & CAP_SHARED != 0 => {
-                    decode_shared_regions(ext, h.regions.len()).map_err(protocol)?
-                }
-                _ => Vec::new(),
-            };
-            let postcopy = h.caps & CAP_POSTCOPY != 0;
-            let grant = check(&Offered { regions: &h.regions, handover: &handover, postcopy })
-                .map_err(|message| ErrorMsg { code: ErrorCode::Layout, message })?;
-            if postcopy {
-                postcopy::probe().map_err(|why| ErrorMsg {
-                    code: ErrorCode::Unsupported,
-                    message: format!("the destination cannot do post-copy: {why}"),
-                })?;
-            }
-            let mut caps = h.caps & KNOWN_CAPS;
-            if !grant.handover || handover.is_empty() {
-                caps &= !CAP_SHARED;
-            }
-            Ok(caps)
-        };
-        let accepted = acceptor.accept_session(Mode::Memory, &mut judge, deadline)?;
-        Ok(Incoming { accepted, t0: Instant::now(), acceptor: acceptor.try_clone().ok() })
-    }
-
-    /// Waits for a session whose layout is exactly that of `mem`; regions
-    /// are handed over only where `mem` maps a shared file.
-    pub fn accept_for(
-        acceptor: &Acceptor,
-        mem: &GuestMemory,
-        deadline: Option<Instant>,
-    ) -> Result<Incoming, MigrateError> {
-        let shared = !crate::shared::candidates(mem).is_empty();
-        Self::accept(acceptor, |o| layout_matches(mem, o.regions).map(|()| Grant { handover: shared }), deadline)
-    }
-
-    /// The regions the source may hand over instead of copying: offered by
-    /// the source and granted by this end. This end's memory of those
-    /// regions is the candidate; the source proves it is its own memory
-    /// before relying on it, and copies the region whole otherwise.
-    pub fn handover_regions(&self) -> Vec<u32> {
-        let h = &self.accepted.hello;
-        if self.accepted.caps & CAP_SHARED == 0 {
-            return Vec::new();
-        }
-        h.extension(EXT_SHARED_REGIONS)
-            .and_then(|ext| decode_shared_regions(ext, h.regions.len()).ok())
-            .unwrap_or_default()
-    }
-
-    /// Gives the session up before receiving anything: every stream hears
-    /// why (`Error{Aborted}`) and is closed; the source keeps its guest.
-    pub fn refuse(self, why: &str) {
-        for s in &self.accepted.streams {
-            s.send_error(ErrorCode::Aborted, why);
-            let _ = s.shutdown(Shutdown::Both);
-        }
-    }
-
-    /// Where the session's stream 0 comes from.
-    pub fn peer_addr(&self) -> Option<std::net::SocketAddr> {
-        self.accepted.streams.first().and_then(|s| s.tcp().peer_addr().ok())
-    }
-
-    /// The session's id (for logs; it proves nothing).
-    pub fn session_id(&self) -> [u8; 16] {
-        self.accepted.hello.session
-    }
-
-    /// The source's region table.
-    pub fn regions(&self) -> &[RegionDesc] {
-        &self.accepted.hello.regions
-    }
-
-    /// Connections refused while the session gathered.
-    pub fn refused(&self) -> &[(std::net::SocketAddr, String)] {
-        &self.accepted.refused
-    }
-
-    /// Whether the source asked for post-copy (and this end can do it).
-    pub fn is_postcopy(&self) -> bool {
-        self.accepted.caps & CAP_POSTCOPY != 0
-    }
-
     /// Receives the whole migration into `mem`, which must have the
     /// session's layout and be all zero (fresh anonymous memory, or a file
     /// region created with `truncate`): pages the source never sends are
@@ -428,77 +295,6 @@ impl Incoming {
         write_frame(&mut &*s0, &f, "stream 0").map_err(|e| MigrateError::Untold(e.to_string()))?;
         Ok(self.report(&state, &streams, &outcomes, digest))
     }
-
-    /// The end of a post-copy session: the digest was sent by the
-    /// completion thread; the source's, if its `Done` arrived, must match.
-    fn postcopy_report(
-        &self,
-        state: &State<'_>,
-        post: &DestPost,
-        streams: &[Link],
-        outcomes: &[StreamOutcome],
-    ) -> Result<Report, MigrateError> {
-        let digest = *state.post_digest.get().ok_or_else(|| MigrateError::Postcopy("ended incomplete".into()))?;
-        // The source's `Done` may have been lost with a connection; if it
-        // came, it must match.
-        if let Some(d) = state.rules().source_digest().filter(|d| *d != digest) {
-            return Err(MigrateError::Digest { source_digest: d.to_string(), dest_digest: digest.to_string() });
-        }
-        let mut report = self.report(state, streams, outcomes, digest);
-        let f = post.round.load(Ordering::Relaxed);
-        let mut p = post.report(self.t0, u32::try_from(f).unwrap_or(0));
-        p.reconnects = streams.iter().map(Link::replaced).sum();
-        report.postcopy = Some(p);
-        report.mode = "post-copy".into();
-        Ok(report)
-    }
-
-    fn report(&self, state: &State<'_>, streams: &[Link], outcomes: &[StreamOutcome], digest: Digest) -> Report {
-        let mem = state.placer.mem();
-        let handed_over = state.placer.handed_over();
-        let rules = state.rules();
-        let total = self.t0.elapsed().as_secs_f64();
-        let mut report = Report {
-            role: "destination".into(),
-            memory_bytes: mem.total_bytes(),
-            total_secs: total,
-            converged: true,
-            digest: digest.to_string(),
-            compression: if self.accepted.caps & CAP_LZ4 != 0 { "lz4".into() } else { "off".into() },
-            io: state.io_report.clone(),
-            mode: "pre-copy".into(),
-            ..Report::default()
-        };
-        for (r, offered) in state.placer.offered().iter().enumerate() {
-            if !*offered {
-                continue;
-            }
-            let received = !handed_over[r];
-            report.regions.push(crate::shared::RegionPath {
-                region: r as u32,
-                bytes: mem.regions()[r].len(),
-                path: if received { "copy" } else { "zero-copy" }.into(),
-                why: if received { "pages received" } else { "no page received: handed over" }.into(),
-            });
-        }
-        for (i, (o, st)) in outcomes.iter().zip(streams.iter().map(|l| l.current().0)).enumerate() {
-            report.wire_bytes += o.bytes;
-            report.payload_bytes += rules.pages(i) * PAGE_SIZE as u64;
-            report.streams.push(StreamReport {
-                index: i as u16,
-                local: st.tcp().local_addr().map(|a| a.to_string()).unwrap_or_default(),
-                peer: st.tcp().peer_addr().map(|a| a.to_string()).unwrap_or_default(),
-                bytes: o.bytes,
-                frames: o.frames,
-                bytes_per_sec: o.bytes as f64 / total.max(1e-9),
-            });
-        }
-        // Let the source read `Verified` before the sockets close.
-        for st in streams {
-            let _ = st.current().0.shutdown(Shutdown::Write);
-        }
-        report
-    }
 }
 
 type ResumeHook<'a> = Box<dyn FnOnce() -> Result<(), String> + Send + 'a>;
@@ -584,99 +380,6 @@ impl State<'_> {
         if let Some(post) = &self.post {
             post.end();
         }
-    }
-
-    /// Asks the source for pages on the priority stream.
-    /// A request lost with a broken priority stream is not an error: the
-    /// page comes with the push, or is asked for again (see
-    /// [`Self::await_complete`]).
-    fn request(&self, streams: &[Link], region: usize, first: u64, count: u32) -> Result<(), String> {
-        let f = Control::PageRequest(PageRange {
-            region: RegionIdx(region as u32),
-            start: PageIdx(first),
-            end: PageIdx(first + u64::from(count)),
-        })
-        .encode();
-        let _w = streams[self.prio].lock_writes();
-        let _ = write_frame(&mut &*streams[self.prio].current().0, &f, "priority stream");
-        Ok(())
-    }
-
-    /// Stream 0 at its switchover marker: once every stream reached its
-    /// own, drops the stale copies of needed pages, registers the regions
-    /// with userfaultfd, starts the guest and tells the source.
-    fn switch_over(&self, streams: &[Link], post: &DestPost) -> Result<(), MigrateError> {
-        if !post.wait_arrivals(streams.len(), &self.abort) {
-            return Err(MigrateError::Aborted);
-        }
-        let mem = self.placer.mem();
-        let mut which = vec![false; mem.regions().len()];
-        for (r, region) in mem.regions().iter().enumerate() {
-            let runs: Vec<(u64, u64)> = post.need[r].runs(0, region.pages()).collect();
-            which[r] = !runs.is_empty();
-            for (s, n) in runs {
-                region.discard_pages(PageIdx(s), n)?;
-            }
-        }
-        post.faults.register(mem, &which).map_err(MigrateError::Postcopy)?;
-        post.needed_pages.store(post.missing.load(Ordering::Acquire), Ordering::Relaxed);
-        let resume = self.resume.lock().expect("resume lock").take();
-        if let Some(resume) = resume {
-            resume().map_err(MigrateError::Resume)?;
-        }
-        post.start_running();
-        // The destination's marker: the guest runs here.
-        let round = Round(post.round.load(Ordering::Relaxed));
-        let f = Control::Switchover { round, last: true, need: None }.encode();
-        let _w = streams[self.prio].lock_writes();
-        write_frame(&mut &*streams[self.prio].current().0, &f, "priority stream")?;
-        Ok(())
-    }
-
-    /// Post-copy's end, on a thread of its own from the switchover: waits
-    /// until every needed page arrived — asking again for pages that stop
-    /// coming (lost with a connection) — then sends `Verified` with the
-    /// digest of what arrived on the priority stream, again whenever that
-    /// stream reconnects, until the source closes the session.
-    fn complete_postcopy(&self, streams: &[Link], post: &DestPost) -> Result<(), MigrateError> {
-        if !post.wait_running(&self.abort) {
-            return Ok(());
-        }
-        let mut last = (post.landed.load(Ordering::Relaxed), Instant::now());
-        while post.missing.load(Ordering::Acquire) > 0 {
-            if self.abort.load(Ordering::Relaxed) {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(2));
-            let landed = post.landed.load(Ordering::Relaxed);
-            if landed != last.0 {
-                last = (landed, Instant::now());
-            } else if last.1.elapsed() >= postcopy::SWEEP_AFTER {
-                for (r, first, n) in post.still_needed(postcopy::SWEEP_MAX_PAGES) {
-                    self.request(streams, r, first, n as u32).map_err(MigrateError::Postcopy)?;
-                }
-                last.1 = Instant::now();
-            }
-        }
-        // Every page is here: the kernel may serve the guest's faults again.
-        post.faults.unregister_all();
-        post.end();
-        let digest = self.placer.digest();
-        let _ = self.post_digest.set(digest);
-        self.complete.store(true, Ordering::Release);
-        let f = Control::Verified { value: digest.0, closed: false }.encode();
-        let mut sent_on = None;
-        while !self.streams_done.load(Ordering::Acquire) && !self.abort.load(Ordering::Relaxed) {
-            let (conn, gen) = streams[self.prio].current();
-            if sent_on != Some(gen) {
-                let _w = streams[self.prio].lock_writes();
-                if write_frame(&mut &*conn, &f, "priority stream").is_ok() {
-                    sent_on = Some(gen);
-                }
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Ok(())
     }
 
     fn receive_stream(

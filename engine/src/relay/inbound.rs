@@ -229,7 +229,9 @@ pub(super) fn deliver(
                 if let Some(mut out) = output.take() {
                     out.finish().map_err(|e| TransportError::io("close output", e))?;
                 }
-                confirm.send(Control::Verified { value: chunks, closed: false }.encode()).map_err(|_| MigrateError::Aborted)?;
+                confirm
+                    .send(Control::Verified { value: chunks, closed: false }.encode())
+                    .map_err(|_| MigrateError::Aborted)?;
                 return Ok(report);
             }
             Next::Wait => unreachable!("the loop above waits"),

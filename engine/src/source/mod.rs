@@ -25,9 +25,11 @@
 //! The workers are in `source/worker.rs`, the stream writers and listeners in
 //! `source/streams.rs`; this module holds the builder and the rounds.
 
+mod proof;
 mod requests;
 pub(crate) mod rules;
 mod streams;
+mod switchover;
 mod worker;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -36,15 +38,13 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use pmigrate_ranges::{distribute_late, plan_shards, AtomicBitmap, GuestMemory, PageRange, PAGE_SIZE};
-use pmigrate_ranges::{PageIdx, RegionIdx};
 use pmigrate_transport::backend::URING_DEPTH;
 use pmigrate_transport::frame::HEADER_LEN;
 use pmigrate_transport::hello::{
     encode_shared_regions, Hello, Mode, RegionDesc, CAP_LZ4, CAP_POSTCOPY, CAP_RESUME, CAP_SHARED, EXT_SHARED_REGIONS,
     PROTOCOL_VERSION, REGION_HUGE,
 };
-use pmigrate_transport::message::NeedBitmap;
-use pmigrate_transport::message::{Control, Digest, ProbeAsk, Round};
+use pmigrate_transport::message::Digest;
 use pmigrate_transport::payload::{zero_page_hash, Scratch};
 use pmigrate_transport::session::{connect_session, new_session_id, StreamPlan};
 use pmigrate_transport::uring::{FramePool, Outgoing};
@@ -54,7 +54,7 @@ use crate::digest::digest_handing_over;
 use crate::dirty::{tracker_for, DirtyTracker, TrackerKind};
 use crate::lz4gate::Lz4Gate;
 use crate::report::{LatencySummary, Report, RoundReport, StreamReport};
-use crate::shared::{self, RegionPath};
+use crate::shared::{self};
 use crate::{Compression, MigrateError};
 use hdrhistogram::Histogram;
 use rules::NoVerdict;
@@ -694,116 +694,6 @@ impl<'r> Run<'r> {
         Ok(())
     }
 
-    /// Asks the destination about `places` of `region` on stream 0 and
-    /// waits for its answer (or its error).
-    fn probe(
-        &self,
-        txs: &[Sender<Msg>],
-        probes: &Receiver<Vec<u64>>,
-        verdict: &Receiver<Result<Digest, MigrateError>>,
-        region: u32,
-        ask: ProbeAsk,
-        places: &[u64],
-    ) -> Result<Vec<u64>, MigrateError> {
-        let f = Control::Probe { region: RegionIdx(region), ask, places: places.to_vec() }.encode();
-        txs[0].send(Msg::Control(f)).map_err(|_| MigrateError::Aborted)?;
-        crossbeam_channel::select! {
-            recv(probes) -> r => {
-                let closed = |_| TransportError::Closed("stream 0: waiting for a probe's answer".into());
-                let v = r.map_err(closed)?;
-                if v.len() != places.len() {
-                    return Err(MigrateError::Protocol { stream: 0, why: "probe answered with the wrong count".into() });
-                }
-                Ok(v)
-            }
-            recv(verdict) -> v => Err(match v {
-                Ok(Err(e)) => e,
-                _ => MigrateError::Protocol { stream: 0, why: "the destination ended the session during a probe".into() },
-            }),
-            default(PROBE_TIMEOUT) => Err(MigrateError::Protocol { stream: 0, why: "no answer to a probe".into() }),
-        }
-    }
-
-    /// Step 1 of the proof: which offered regions the destination sees with
-    /// the same content. Returns per region whether it is (so far) shared.
-    fn prove_content(
-        &self,
-        txs: &[Sender<Msg>],
-        probes: &Receiver<Vec<u64>>,
-        verdict: &Receiver<Result<Digest, MigrateError>>,
-        report: &mut Report,
-    ) -> Result<Vec<bool>, MigrateError> {
-        let mut shared = vec![false; self.mem.regions().len()];
-        let mut pick = shared::Picker::new(&self.session);
-        for (r, path) in &self.candidates {
-            let region = &self.mem.regions()[*r as usize];
-            let mut pages = shared::sample_pages(region.pages(), shared::HASH_SAMPLES, &mut pick);
-            // The guest runs: a page it writes between our read and the
-            // destination's looks different even in the same memory. Pages
-            // that differ are asked again, a few times; another file's
-            // differ every time. (The proof that counts comes at the pause.)
-            let mut same = false;
-            for _ in 0..CONTENT_PROBE_TRIES {
-                let ours = shared::hash_pages(region, &pages)?;
-                let theirs = self.probe(txs, probes, verdict, *r, ProbeAsk::PageHashes, &pages)?;
-                pages =
-                    pages.iter().zip(ours.iter().zip(&theirs)).filter(|(_, (a, b))| a != b).map(|(p, _)| *p).collect();
-                if pages.is_empty() {
-                    same = true;
-                    break;
-                }
-            }
-            shared[*r as usize] = same;
-            if !same {
-                self.force[*r as usize].store(true, Ordering::Relaxed);
-                report.regions.push(RegionPath {
-                    region: *r,
-                    bytes: region.len(),
-                    path: "copy".into(),
-                    why: format!("{path}: sampled pages differ at the destination"),
-                });
-            }
-        }
-        Ok(shared)
-    }
-
-    /// Step 2, with the guest paused: nonces through our mapping must show
-    /// through the destination's. A region that fails is copied whole.
-    fn prove_identity(
-        &self,
-        txs: &[Sender<Msg>],
-        probes: &Receiver<Vec<u64>>,
-        verdict: &Receiver<Result<Digest, MigrateError>>,
-        shared: &mut [bool],
-        dirty: &[AtomicBitmap],
-        report: &mut Report,
-    ) -> Result<(), MigrateError> {
-        let mut pick = shared::Picker::new(&[&self.session[..], b"nonce"].concat());
-        for (r, path) in &self.candidates {
-            let ri = *r as usize;
-            if !shared[ri] {
-                continue;
-            }
-            let region = &self.mem.regions()[ri];
-            let nonces = shared::Nonces::plant(region, &mut pick)?;
-            let seen = self.probe(txs, probes, verdict, *r, ProbeAsk::Words, &nonces.offsets);
-            let planted = nonces.values.clone();
-            // Put the guest's words back before anything else, whatever happened.
-            nonces.restore(region)?;
-            let same = seen? == planted;
-            let (path_taken, why) = if same {
-                ("zero-copy", format!("{path}: the destination maps the same memory (nonce proof)"))
-            } else {
-                shared[ri] = false;
-                self.force[ri].store(true, Ordering::Relaxed);
-                dirty[ri].set_range(0, region.pages());
-                ("copy", format!("{path}: same content but not the same memory; copied during the pause"))
-            };
-            report.regions.push(RegionPath { region: *r, bytes: region.len(), path: path_taken.into(), why });
-        }
-        Ok(())
-    }
-
     #[allow(clippy::too_many_arguments)]
     fn rounds(
         &self,
@@ -889,38 +779,6 @@ impl<'r> Run<'r> {
             p.pushed_pages = c.scanned;
         }
         Ok((t_pause, shared))
-    }
-
-    /// Starts post-copy as round `round`: the bitmap of pages to come on
-    /// stream 0, then a marker on every stream (see [`crate::postcopy`]).
-    fn switch_over(&self, txs: &[Sender<Msg>], round: u64, dirty: &[AtomicBitmap]) -> Result<(), MigrateError> {
-        /// Pages per bitmap piece: 4 MiB of bitmap, 128 GiB of memory.
-        const PIECE: u64 = (pmigrate_transport::frame::MAX_PAYLOAD as u64) * 8;
-        self.post_round.store(round, Ordering::Release);
-        self.progress.handed_over.store(true, Ordering::Release);
-        let send =
-            |tx: &Sender<Msg>, c: Control<'_>| tx.send(Msg::Control(c.encode())).map_err(|_| MigrateError::Aborted);
-        let round = Round(round);
-        for (r, map) in dirty.iter().enumerate() {
-            let mut first = 0;
-            while first < map.len() {
-                let count = (map.len() - first).min(PIECE);
-                if map.runs(first, first + count).next().is_some() {
-                    let words = (first / 64) as usize..(first + count).div_ceil(64) as usize;
-                    let mut bits: Vec<u8> = words.flat_map(|w| map.load_word(w).to_le_bytes()).collect();
-                    bits.truncate(count.div_ceil(8) as usize);
-                    let range =
-                        PageRange { region: RegionIdx(r as u32), start: PageIdx(first), end: PageIdx(first + count) };
-                    let need = Some(NeedBitmap { range, bits: &bits });
-                    send(&txs[0], Control::Switchover { round, last: false, need })?;
-                }
-                first += count;
-            }
-        }
-        for tx in txs {
-            send(tx, Control::Switchover { round, last: true, need: None })?;
-        }
-        Ok(())
     }
 }
 
