@@ -61,7 +61,7 @@ pub mod fuzzing {
     pub use crate::dest::place::Placer;
     pub use crate::dest::rules::{DestRules, Shape, Step};
     pub use crate::relay::reassembly::{Next, Reassembly};
-    pub use crate::source::rules::{heard, settle, Heard, NoVerdict, Reached, RoundCounter};
+    pub use crate::source::rules::{check_request, heard, settle, Heard, NoVerdict, Reached, RoundCounter};
 }
 #[cfg(feature = "vm-memory")]
 pub use vmm::from_vm_memory;

@@ -12,6 +12,7 @@ use pmigrate_transport::payload::{build_pages, build_zero_pages, is_zero_page, z
 use std::sync::atomic::Ordering;
 use xxhash_rust::xxh3::xxh3_64;
 
+use super::rules::check_request;
 use super::Run;
 use crate::MigrateError;
 
@@ -38,19 +39,11 @@ impl<'a> Answerer<'a> {
         let stream = self.stream;
         let bad = |why: String| MigrateError::Protocol { stream, why };
         let n = req.region.0;
-        let region = run
-            .mem
-            .regions()
-            .get(req.region.as_usize())
-            .ok_or_else(|| bad(format!("page request for region {n}, which does not exist")))?;
-        if req.end.0 > region.pages() || req.is_empty() {
-            return Err(bad(format!("page request for pages {}..{} of region {n}", req.start.0, req.end.0)));
-        }
-        let (first, count) = (req.start.0, req.len() as u32);
         let round = run.post_round.load(Ordering::Acquire);
-        if round == u64::MAX {
-            return Err(bad("page request before the switchover".into()));
-        }
+        let pages: Vec<u64> = run.mem.regions().iter().map(|r| r.pages()).collect();
+        check_request(&pages, req, round != u64::MAX).map_err(bad)?;
+        let region = &run.mem.regions()[req.region.as_usize()];
+        let (first, count) = (req.start.0, req.len() as u32);
         self.pages.resize(count as usize * PAGE_SIZE, 0);
         region.read_pages(req.start, &mut self.pages)?;
         self.hashes.clear();

@@ -67,6 +67,23 @@ pub fn heard(index: usize, prio: bool, m: Message<'_>) -> Result<Heard, MigrateE
     }
 }
 
+/// Checks a post-copy page request against the region table (`pages`:
+/// pages per region) before any page is read for it: it must come after
+/// the switchover and name pages that exist.
+pub fn check_request(pages: &[u64], req: PageRange, switched: bool) -> Result<(), String> {
+    let n = req.region.0;
+    let Some(&len) = pages.get(req.region.as_usize()) else {
+        return Err(format!("page request for region {n}, which does not exist"));
+    };
+    if req.is_empty() || req.end.0 > len {
+        return Err(format!("page request for pages {}..{} of region {n}", req.start.0, req.end.0));
+    }
+    if !switched {
+        return Err("page request before the switchover".into());
+    }
+    Ok(())
+}
+
 /// How far a session got, as the source knows it when it ends.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Reached {
@@ -144,6 +161,17 @@ mod tests {
         c.sent_pages();
         assert_eq!(c.end(0, false), Control::RoundEnd { round: Round(0), frames: 2, last: false });
         assert_eq!(c.end(1, true), Control::RoundEnd { round: Round(1), frames: 0, last: true });
+    }
+
+    #[test]
+    fn a_request_names_existing_pages_after_the_switchover() {
+        let r = |region, start, end| PageRange { region: RegionIdx(region), start: PageIdx(start), end: PageIdx(end) };
+        let pages = [8, 4];
+        assert!(check_request(&pages, r(1, 0, 4), true).is_ok());
+        assert!(check_request(&pages, r(1, 0, 5), true).unwrap_err().contains("pages 0..5 of region 1"));
+        assert!(check_request(&pages, r(2, 0, 1), true).unwrap_err().contains("does not exist"));
+        assert!(check_request(&pages, r(0, 3, 3), true).is_err());
+        assert!(check_request(&pages, r(0, 0, 1), false).unwrap_err().contains("before the switchover"));
     }
 
     #[test]
