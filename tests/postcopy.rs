@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use backends::{config, receive_options};
 use pmigrate::ranges::{PageRange, RegionIdx};
 use pmigrate::BackendChoice;
-use pmigrate::{Acceptor, GuestMemory, Incoming, PageIdx, Report, Source, SourceConfig, VmmBitmapTracker};
+use pmigrate::{
+    Acceptor, GuestMemory, Incoming, MigrateError, PageIdx, Report, Source, SourceConfig, VmmBitmapTracker,
+};
 use pmigrate_bench::synth::{fill, start_mutators, ContentMix, MutatorConfig, Skew};
 
 /// Byte offset, in every page, of the word the destination's guest stamps.
@@ -334,6 +336,81 @@ fn post_copy_over_tls_survives_losing_one_stream_and_then_all(io: BackendChoice)
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// How a post-copy session that fails around its switchover ends for
+/// each side: which end holds the guest, and whether the source's hook
+/// resumed it.
+struct Ending {
+    source: MigrateError,
+    resumed_at_source: bool,
+    dest: MigrateError,
+    started_at_dest: bool,
+}
+
+/// Runs a post-copy migration of 16 MiB whose destination's resume hook
+/// answers `resume`, with `cut` called from the source's pause hook (the
+/// last moment before the switchover goes out) on the relay between the
+/// ends.
+fn ending(io: BackendChoice, resume: Result<(), String>, cut: impl Fn(&Cutter) + Send + Sync) -> Ending {
+    let src = GuestMemory::anonymous(16 << 20).unwrap();
+    fill(&src, ContentMix { random: 60, text: 20, binary: 10 }, 16);
+    let dst = GuestMemory::anonymous(16 << 20).unwrap();
+    let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()], crate::backends::key()).unwrap();
+    let relay = Cutter::new(acceptor.local_addrs()[0]);
+    let (started, resumed) = (AtomicBool::new(false), AtomicBool::new(false));
+    let (source, dest) = std::thread::scope(|s| {
+        let rx = s.spawn(|| {
+            let incoming = Incoming::accept_for(&acceptor, &dst, None).unwrap();
+            incoming.receive_and_run(&dst, &receive_options(io), || {
+                started.store(resume.is_ok(), Ordering::SeqCst);
+                resume.clone()
+            })
+        });
+        let source = Source::new(&src, vec![relay.addr], crate::backends::key())
+            .streams(3)
+            .config(SourceConfig { threads: 2, ..config(io) })
+            .postcopy(0)
+            .on_pause(|| {
+                cut(&relay);
+                Ok(())
+            })
+            .on_abort(|| {
+                resumed.store(true, Ordering::SeqCst);
+                Ok(())
+            })
+            .run();
+        (source, rx.join().unwrap())
+    });
+    Ending {
+        source: source.expect_err("the session fails"),
+        resumed_at_source: resumed.into_inner(),
+        dest: dest.expect_err("the session fails"),
+        started_at_dest: started.into_inner(),
+    }
+}
+
+/// The destination's guest cannot start (its resume hook fails) after the
+/// switchover went out: the destination says so, and the source, which
+/// has not heard that the guest runs there, keeps it and resumes it.
+fn a_guest_that_cannot_start_at_the_destination_stays_with_the_source(io: BackendChoice) {
+    let e = ending(io, Err("no room for the vCPUs".into()), |_| {});
+    assert!(!e.started_at_dest);
+    assert!(matches!(&e.dest, MigrateError::Resume(_)), "{}", e.dest);
+    assert!(e.source.source_keeps_guest() && e.resumed_at_source, "{}", e.source);
+    assert!(e.source.to_string().contains("no room for the vCPUs"), "the destination's reason: {}", e.source);
+}
+
+/// A stream cut just before the switchover goes out: its marker never
+/// reaches the destination, which gives up without starting the guest and
+/// says so on the other streams; the source keeps the guest and resumes
+/// it, although it had sent the switchover.
+fn a_stream_lost_before_its_marker_leaves_the_guest_with_the_source(io: BackendChoice) {
+    let e = ending(io, Ok(()), |relay| {
+        assert_eq!(relay.cut(|i| i == 1), 1, "stream connection 1 was up");
+    });
+    assert!(!e.started_at_dest, "the destination's guest never started: {}", e.dest);
+    assert!(e.source.source_keeps_guest() && e.resumed_at_source, "{}", e.source);
+}
+
 mod hostile {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::{Duration, Instant};
@@ -434,4 +511,6 @@ over_each_backend!(
     free_pages_are_zero_in_post_copy_and_never_sent_unless_written,
     post_copy_survives_losing_one_stream_and_then_all,
     post_copy_over_tls_survives_losing_one_stream_and_then_all,
+    a_guest_that_cannot_start_at_the_destination_stays_with_the_source,
+    a_stream_lost_before_its_marker_leaves_the_guest_with_the_source,
 );

@@ -178,6 +178,12 @@ impl MigrateError {
         matches!(self, MigrateError::Transport(TransportError::Peer(_)))
     }
 
+    /// Whether the peer's refusal says the guest had started there
+    /// (post-copy: [`ErrorCode::Started`](pmigrate_transport::hello::ErrorCode::Started)).
+    pub(crate) fn guest_started_at_peer(&self) -> bool {
+        matches!(self, MigrateError::Transport(TransportError::Peer(m)) if m.code == pmigrate_transport::hello::ErrorCode::Started)
+    }
+
     /// Keeps the most telling of two errors in `slot`: the first real one,
     /// over an `Aborted` that only reports that something else failed.
     pub(crate) fn keep(slot: &mut Option<MigrateError>, e: MigrateError) {

@@ -6,9 +6,12 @@
 //! Properties: a probe reply is taken only on stream 0, a page request and
 //! the "running" marker only on the priority stream, `Verified` only on
 //! stream 0 or the priority stream; an accepted request names existing
-//! pages after the switchover; the session settles `Ok` only when the
-//! destination confirmed the very digest sent, and after a switchover a
-//! failure never says the source keeps the guest.
+//! pages after the switchover, and the "running" marker only after it; the
+//! session settles `Ok` only when the destination confirmed the very digest
+//! sent; a failure says the source keeps the guest exactly when the
+//! destination's guest cannot have started: before the switchover, or on
+//! the destination's refusal that does not say its guest started, before
+//! its marker.
 #![no_main]
 
 use arbitrary::Arbitrary;
@@ -39,6 +42,8 @@ enum Said {
 enum End {
     Verified(u64),
     Refused,
+    /// Refused after its guest started.
+    Lost,
     Broken,
     Timeout,
     Gone,
@@ -60,6 +65,7 @@ fuzz_target!(|input: Input| {
     let streams = usize::from(input.streams % 4) + 1 + usize::from(input.postcopy);
     let prio = input.postcopy.then(|| streams - 1);
     let mut verdict = None;
+    let mut running = false;
     for (stream, said) in input.said.iter().take(128) {
         let index = usize::from(*stream) % streams;
         let f = match said {
@@ -82,7 +88,7 @@ fuzz_target!(|input: Input| {
         let Some(payload) = f.get(HEADER_LEN..HEADER_LEN + hdr.len as usize) else { continue };
         let Ok(msg) = Message::decode(hdr, payload) else { continue };
         let is_prio = prio == Some(index);
-        match heard(index, is_prio, msg) {
+        match heard(index, is_prio, input.switched, msg) {
             Ok(Heard::ProbeReply(_)) => assert_eq!(index, 0),
             Ok(Heard::Request(r)) => {
                 assert!(is_prio);
@@ -91,7 +97,10 @@ fuzz_target!(|input: Input| {
                     assert!(r.end.0 <= REGIONS[r.region.0 as usize], "a request outside: {r:?}");
                 }
             }
-            Ok(Heard::Running) => assert!(is_prio),
+            Ok(Heard::Running) => {
+                assert!(is_prio && input.switched);
+                running = true;
+            }
             Ok(Heard::Verified(d)) => {
                 assert!(index == 0 || is_prio);
                 verdict.get_or_insert(d);
@@ -99,25 +108,38 @@ fuzz_target!(|input: Input| {
             Ok(Heard::Nothing) | Err(_) => {}
         }
     }
-    let reached = Reached { digest: Digest(input.digest), switched: input.switched, done_sent: input.done_sent };
+    let digest = Some(Digest(input.digest));
+    let reached = Reached { digest, switched: input.switched, running, done_sent: input.done_sent };
     let broken = || MigrateError::from(TransportError::Closed("stream 0".into()));
+    let refused = |code| MigrateError::from(TransportError::Peer(ErrorMsg { code, message: "no".into() }));
     let told = match (&input.end, verdict) {
         (_, Some(d)) => Ok(Ok(d)),
         (End::Verified(d), None) => Ok(Ok(Digest(*d))),
-        (End::Refused, None) => {
-            Ok(Err(TransportError::Peer(ErrorMsg { code: ErrorCode::Digest, message: "no".into() }).into()))
-        }
+        (End::Refused, None) => Ok(Err(refused(ErrorCode::Digest))),
+        (End::Lost, None) => Ok(Err(refused(ErrorCode::Started))),
         (End::Broken, None) => Ok(Err(broken())),
         (End::Timeout, None) => Err(NoVerdict::Timeout(std::time::Duration::from_secs(1))),
         (End::Gone, None) => Err(NoVerdict::Gone),
     };
-    let confirmed = matches!(&told, Ok(Ok(d)) if *d == reached.digest);
+    let confirmed = matches!(&told, Ok(Ok(d)) if Some(*d) == digest);
+    // What the destination said last, when no `Verified` came on a stream.
+    let refused = verdict.is_none() && !running && matches!(input.end, End::Refused);
+    let lost = verdict.is_none() && matches!(input.end, End::Lost);
+    let claimed = verdict.is_some() || matches!(input.end, End::Verified(_));
+    let failed = verdict.is_none() && (input.error_here || matches!(input.end, End::Broken));
     match settle(reached, input.error_here.then(broken), told) {
         Ok(()) => assert!(confirmed, "settled without the digest sent confirmed"),
         Err(e) => {
             assert!(!confirmed);
-            if input.switched {
-                assert!(!e.source_keeps_guest(), "after the switchover the source claims the guest: {e}");
+            let keeps = e.source_keeps_guest();
+            if running || lost {
+                assert!(!keeps, "the guest started at the destination, the source claims it: {e}");
+            } else if refused {
+                assert!(keeps, "the destination refused before its guest started, the source gives it up: {e}");
+            } else if claimed || input.switched || input.done_sent {
+                assert!(!keeps, "the destination may hold the guest, the source claims it: {e}");
+            } else if failed {
+                assert!(keeps, "a failure before anything was handed over, the source gives it up: {e}");
             }
         }
     }

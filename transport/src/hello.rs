@@ -353,6 +353,10 @@ pub enum ErrorCode {
     /// The peer did not prove what it must: the key, the certificate, the
     /// session's secret, or the same authentication method.
     Auth = 9,
+    /// Post-copy: the guest started at the destination, and then the
+    /// session failed; the guest is the destination's, incomplete. Every
+    /// other code from a destination means its guest never started.
+    Started = 10,
 }
 
 /// An `Error` frame's payload: code and message.
@@ -390,6 +394,7 @@ impl ErrorMsg {
             7 => Aborted,
             8 => Unsupported,
             9 => Auth,
+            10 => Started,
             x => return Err(c.err(format!("unknown error code {x}"))),
         };
         let rest = c.bytes(payload.len() - 4)?;

@@ -173,6 +173,7 @@ impl Incoming {
             streams_done: AtomicBool::new(false),
             post_digest: OnceLock::new(),
             complete: AtomicBool::new(false),
+            started: Mutex::new(false),
             abort: AtomicBool::new(false),
             first_error: Mutex::new(None),
             last_progress: AtomicU64::new(0),
@@ -314,6 +315,9 @@ struct State<'m> {
     prio: usize,
     /// The embedder's hook that starts the guest here.
     resume: Mutex<Option<ResumeHook<'m>>>,
+    /// Post-copy: the guest started here (its resume hook ran), so a
+    /// failure from now on leaves it here ([`ErrorCode::Started`]).
+    started: Mutex<bool>,
     /// Post-copy: every needed page arrived.
     complete: AtomicBool,
     /// Post-copy with `CAP_RESUME`: streams lost after the switchover may
@@ -364,14 +368,22 @@ impl State<'_> {
             MigrateError::Transport(TransportError::Wire { .. }) | MigrateError::Protocol { .. } => ErrorCode::Protocol,
             _ => ErrorCode::Aborted,
         };
+        // Whatever failed, the source must learn whether the guest started
+        // here: then it is this end's, incomplete.
+        let code = if *self.started.lock().expect("start lock") { ErrorCode::Started } else { code };
         let msg = e.to_string();
-        {
-            let _w = streams[index].lock_writes();
-            streams[index].current().0.send_error(code, msg.clone());
+        // The failing stream, stream 0 and the priority stream: the source
+        // hears the verdict on the last two.
+        let mut told = vec![index, 0];
+        if self.post.is_some() {
+            told.push(self.prio);
         }
-        if index != 0 {
-            let _w = streams[0].lock_writes();
-            streams[0].current().0.send_error(code, msg);
+        for (n, &i) in told.iter().enumerate() {
+            if told[..n].contains(&i) {
+                continue;
+            }
+            let _w = streams[i].lock_writes();
+            streams[i].current().0.send_error(code, msg.clone());
         }
         *self.first_error.lock().expect("error lock") = Some(e);
         for s in streams {

@@ -256,13 +256,13 @@ fn session(seed: u64, rounds: u64, streams: usize, on: usize, fault: Fault) -> (
     let shape =
         Shape { pages: REGIONS.to_vec(), offered: vec![false; REGIONS.len()], lz4: true, postcopy: false, streams };
     let outcome = receive(&mut rng, &wires, &cut, shape, &mem);
-    let reached = Reached { digest: Digest(memory_digest(&src.sent)), switched: false, done_sent: true };
+    let reached = Reached { digest: Some(Digest(memory_digest(&src.sent))), done_sent: true, ..Reached::default() };
     let told = match outcome {
         // The destination's `Verified`, read by the source's rules.
         Ok(d) => {
             let f = Control::Verified { value: d.0, closed: false }.encode();
             let hdr = FrameHdr::decode(f[..HEADER_LEN].try_into().unwrap()).unwrap();
-            match heard(0, false, Message::decode(hdr, &f[HEADER_LEN..]).unwrap()).unwrap() {
+            match heard(0, false, false, Message::decode(hdr, &f[HEADER_LEN..]).unwrap()).unwrap() {
                 Heard::Verified(d) => Ok(d),
                 h => panic!("{h:?}"),
             }

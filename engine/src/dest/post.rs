@@ -76,11 +76,21 @@ impl State<'_> {
         }
         post.faults.register(mem, &which).map_err(MigrateError::Postcopy)?;
         post.needed_pages.store(post.missing.load(Ordering::Acquire), Ordering::Relaxed);
+        // The ownership rule: a failure told to the source before this
+        // point says the guest never started here, so the source keeps it;
+        // `fail` raises `abort` before it reads `started`, so either the
+        // guest starts and every later failure says so, or it never does.
+        let mut started = self.started.lock().expect("start lock");
+        if self.abort.load(Ordering::Acquire) {
+            return Err(MigrateError::Aborted);
+        }
         let resume = self.resume.lock().expect("resume lock").take();
         if let Some(resume) = resume {
             resume().map_err(MigrateError::Resume)?;
         }
+        *started = true;
         post.start_running();
+        drop(started);
         // The destination's marker: the guest runs here.
         let round = Round(post.round.load(Ordering::Relaxed));
         let f = Control::Switchover { round, last: true, need: None }.encode();

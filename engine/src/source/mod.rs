@@ -365,6 +365,7 @@ impl<'a> Source<'a> {
             free: self.free,
             working_set: self.working_set,
             post_round: AtomicU64::new(u64::MAX),
+            shared: OnceLock::new(),
             resume: (welcome.caps & CAP_RESUME != 0).then(|| (plan.clone(), hello.clone(), key)),
             finished: AtomicBool::new(false),
             running: OnceLock::new(),
@@ -412,6 +413,9 @@ struct Run<'r> {
     working_set: Vec<PageRange>,
     /// Post-copy: the post-copy round, once switched.
     post_round: AtomicU64,
+    /// The regions handed over without a copy (zero-copy), once proven at
+    /// the pause.
+    shared: OnceLock<Vec<bool>>,
     /// Post-copy: when the destination said the guest runs there.
     running: OnceLock<Instant>,
     /// Post-copy: pages sent to answer requests.
@@ -462,7 +466,16 @@ impl Run<'_> {
         link.repair(seen, || {
             // A lost stream may come back within the progress timeout.
             let within = self.cfg.progress_timeout;
-            pmigrate_transport::link::reconnect(plan, hello, key, index as u16, within, &give_up)
+            pmigrate_transport::link::reconnect(plan, hello, key, index as u16, within, &give_up).map_err(|e| match e {
+                // A comeback refused is not the session's verdict: the
+                // destination that refuses it may no longer know whether
+                // its guest started (the ownership rule, `rules::settle`).
+                TransportError::Peer(m) => TransportError::Setup(format!(
+                    "stream {index} could not come back: the destination said {:?}: {}",
+                    m.code, m.message
+                )),
+                e => e,
+            })
         })
     }
 }
@@ -506,7 +519,7 @@ impl<'r> Run<'r> {
         let stats: Vec<StreamStats> = (0..n).map(|_| StreamStats::default()).collect();
         let (txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| bounded::<Msg>(QUEUE_DEPTH)).unzip();
         let (pool_tx, pool_rx) = bounded::<Vec<u8>>(n * QUEUE_DEPTH + self.cfg.threads);
-        let (verdict_tx, verdict) = bounded::<Result<Digest, MigrateError>>(n);
+        let (verdict_tx, verdicts) = bounded::<Result<Digest, MigrateError>>(n);
         let (probe_tx, probe_rx) = bounded::<Vec<u64>>(4);
         let post = self.cfg.postcopy.is_some();
         // Post-copy: the last stream is the priority stream, whose listener
@@ -556,13 +569,13 @@ impl<'r> Run<'r> {
                 let progress = this.cfg.progress_timeout;
                 s.spawn(move || listener(stream, i, listen, &this.abort, &redial, progress));
             }
-            drop(probe_tx);
-            let res = this.rounds(&txs, bulk, &pool_rx, &probe_rx, &verdict, tracker, pause, &mut report).and_then(
+            drop((probe_tx, verdict_tx));
+            let res = this.rounds(&txs, bulk, &pool_rx, &probe_rx, &verdicts, tracker, pause, &mut report).and_then(
                 |(t_pause, handed_over)| {
                     let tables: Vec<&[AtomicU64]> = this.sent.iter().map(|t| &t[..]).collect();
                     let digest = Digest(digest_handing_over(&tables, &handed_over));
                     report.digest = digest.to_string();
-                    reached.digest = digest;
+                    reached.digest = Some(digest);
                     txs[0].send(Msg::Done { digest }).map_err(|_| MigrateError::Aborted)?;
                     Ok(t_pause)
                 },
@@ -582,17 +595,39 @@ impl<'r> Run<'r> {
             // its own error report a moment to arrive: "checksum mismatch at
             // the destination" explains more than "broken pipe".
             let verdict_wait = if error.is_none() { VERDICT_TIMEOUT } else { Duration::from_secs(1) };
-            let verdict = verdict.recv_timeout(verdict_wait).map_err(|e| match e {
-                RecvTimeoutError::Timeout => NoVerdict::Timeout(verdict_wait),
-                RecvTimeoutError::Disconnected => NoVerdict::Gone,
-            });
+            let mut verdict = verdict_of(&verdicts, verdict_wait);
+            if matches!(&verdict, Ok(Err(e)) if !e.is_peer_refusal()) {
+                // A stream that broke here may say so before the
+                // destination's own word arrives on another: that word
+                // decides who holds the guest.
+                let t = Instant::now();
+                while let Some(left) = Duration::from_secs(1).checked_sub(t.elapsed()) {
+                    match verdict_of(&verdicts, left) {
+                        Ok(v @ Ok(_)) => verdict = Ok(v),
+                        Ok(Err(e)) if e.is_peer_refusal() => verdict = Ok(Err(e)),
+                        Ok(Err(_)) => continue,
+                        Err(_) => break,
+                    }
+                    break;
+                }
+            }
             // Unblock the listeners whatever happened, so the scope can end.
             this.finished.store(true, Ordering::Release);
             for l in &streams {
                 l.shutdown();
             }
             reached.switched = this.post_round.load(Ordering::Acquire) != u64::MAX;
+            reached.running = this.running.get().is_some();
             reached.done_sent = this.done_sent.load(Ordering::Acquire);
+            if let (None, true, Some(shared)) = (reached.digest, reached.switched, this.shared.get()) {
+                // Post-copy whose push failed here while the destination
+                // fetched the rest: after the switchover what was sent is
+                // final (the guest is paused here), so its digest is known.
+                let tables: Vec<&[AtomicU64]> = this.sent.iter().map(|t| &t[..]).collect();
+                let digest = Digest(digest_handing_over(&tables, shared));
+                report.digest = digest.to_string();
+                reached.digest = Some(digest);
+            }
             rules::settle(reached, error, verdict)?;
             if let Some(t) = t_pause {
                 report.downtime_secs = match this.running.get() {
@@ -761,6 +796,7 @@ impl<'r> Run<'r> {
         tracker.collect(self.mem, &dirty)?;
         mask(&dirty, &shared);
         self.prove_identity(txs, probes, verdict, &mut shared, &dirty, report)?;
+        let _ = self.shared.set(shared.clone());
         if self.cfg.postcopy.is_some() {
             self.switch_over(txs, round, &dirty)?;
             report.postcopy = Some(crate::postcopy::PostcopyReport {
@@ -780,6 +816,17 @@ impl<'r> Run<'r> {
         }
         Ok((t_pause, shared))
     }
+}
+
+/// The next stream's outcome, within `wait`.
+fn verdict_of(
+    verdicts: &Receiver<Result<Digest, MigrateError>>,
+    wait: Duration,
+) -> Result<Result<Digest, MigrateError>, NoVerdict> {
+    verdicts.recv_timeout(wait).map_err(|e| match e {
+        RecvTimeoutError::Timeout => NoVerdict::Timeout(wait),
+        RecvTimeoutError::Disconnected => NoVerdict::Gone,
+    })
 }
 
 fn overlaps(a: &PageRange, b: &PageRange) -> bool {

@@ -51,14 +51,15 @@ pub enum Heard {
 }
 
 /// What the destination may say on stream `index`; `prio` tells whether it
-/// is the post-copy priority stream.
-pub fn heard(index: usize, prio: bool, m: Message<'_>) -> Result<Heard, MigrateError> {
+/// is the post-copy priority stream, `switched` whether the switchover
+/// went out (before it, no guest can run at the destination).
+pub fn heard(index: usize, prio: bool, switched: bool, m: Message<'_>) -> Result<Heard, MigrateError> {
     let unexpected = |kind: FrameKind| TransportError::Unexpected { what: format!("stream {index}"), kind }.into();
     match m {
         Message::Control(Control::Keepalive) => Ok(Heard::Nothing),
         Message::Control(Control::ProbeReply(v)) if index == 0 => Ok(Heard::ProbeReply(v)),
         Message::Control(Control::PageRequest(r)) if prio => Ok(Heard::Request(r)),
-        Message::Control(Control::Switchover { last: true, need: None, .. }) if prio => Ok(Heard::Running),
+        Message::Control(Control::Switchover { last: true, need: None, .. }) if prio && switched => Ok(Heard::Running),
         // (`closed` belongs to stream mode.)
         Message::Control(Control::Verified { value, closed: false }) if index == 0 || prio => {
             Ok(Heard::Verified(Digest(value)))
@@ -87,11 +88,14 @@ pub fn check_request(pages: &[u64], req: PageRange, switched: bool) -> Result<()
 /// How far a session got, as the source knows it when it ends.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Reached {
-    /// The digest this end sent in `Done` (or would have).
-    pub digest: Digest,
-    /// Post-copy: the switchover went out, so the guest may run at the
-    /// destination.
+    /// The digest of the memory this end sent (in `Done`, or, post-copy,
+    /// as pushed and answered since the switchover), once known.
+    pub digest: Option<Digest>,
+    /// Post-copy: the switchover went out, so the guest may start at the
+    /// destination once every stream's marker arrived there.
     pub switched: bool,
+    /// Post-copy: the destination said its guest runs.
+    pub running: bool,
     /// `Done` was written: the destination may hold everything.
     pub done_sent: bool,
 }
@@ -126,16 +130,26 @@ pub fn settle(
     };
     match verdict {
         // The destination claims the guest with other memory.
-        Ok(d) if d != reached.digest => {
-            Err(MigrateError::Unconfirmed(format!("it confirmed digest {d}, this end sent {}", reached.digest)))
-        }
+        Ok(d) if Some(d) != reached.digest => Err(MigrateError::Unconfirmed(match reached.digest {
+            Some(sent) => format!("it confirmed digest {d}, this end sent {sent}"),
+            None => format!("it confirmed digest {d} before this end finished sending"),
+        })),
         Ok(_) => Ok(()),
-        // After the switchover the guest may run at the destination.
-        Err(e) if reached.switched => Err(MigrateError::HandedOver(Box::new(e))),
+        // The guest started at the destination: it is the destination's,
+        // incomplete.
+        Err(e) if reached.running || e.guest_started_at_peer() => Err(MigrateError::HandedOver(Box::new(e))),
+        // Any other refusal from the destination means its guest never
+        // started: the source keeps it, switchover or not.
+        Err(e) if e.is_peer_refusal() => Err(e),
+        Err(e @ MigrateError::Unconfirmed(_)) => Err(e),
+        // The switchover went out and the destination fell silent: its
+        // guest may have started, or not.
+        Err(e) if reached.switched => Err(MigrateError::Unconfirmed(format!(
+            "the switchover went out and the destination did not say whether its guest started ({e})"
+        ))),
         // Everything was sent: without the destination's own refusal,
         // nobody knows whether the guest started there.
-        Err(e @ MigrateError::Unconfirmed(_)) => Err(e),
-        Err(e) if reached.done_sent && !e.is_peer_refusal() => Err(MigrateError::Unconfirmed(e.to_string())),
+        Err(e) if reached.done_sent => Err(MigrateError::Unconfirmed(e.to_string())),
         Err(e) => Err(e),
     }
 }
@@ -148,6 +162,10 @@ mod tests {
 
     fn refusal() -> MigrateError {
         TransportError::Peer(ErrorMsg { code: ErrorCode::Digest, message: "no".into() }).into()
+    }
+
+    fn started_there() -> MigrateError {
+        TransportError::Peer(ErrorMsg { code: ErrorCode::Started, message: "lost".into() }).into()
     }
 
     fn broken() -> MigrateError {
@@ -177,13 +195,14 @@ mod tests {
     #[test]
     fn each_answer_comes_on_its_own_stream() {
         let req = PageRange { region: RegionIdx(0), start: PageIdx(3), end: PageIdx(4) };
-        let ok = |i, prio, c: Control<'_>| heard(i, prio, Message::Control(c)).ok();
+        let ok = |i, prio, c: Control<'_>| heard(i, prio, true, Message::Control(c)).ok();
         assert_eq!(ok(0, false, Control::ProbeReply(vec![1])), Some(Heard::ProbeReply(vec![1])));
         assert_eq!(ok(1, false, Control::ProbeReply(vec![1])), None);
         assert_eq!(ok(2, true, Control::PageRequest(req)), Some(Heard::Request(req)));
         assert_eq!(ok(0, false, Control::PageRequest(req)), None);
         let marker = || Control::Switchover { round: Round(1), last: true, need: None };
         assert_eq!(ok(2, true, marker()), Some(Heard::Running));
+        assert!(heard(2, true, false, Message::Control(marker())).is_err(), "running before the switchover");
         assert_eq!(ok(0, false, marker()), None);
         assert_eq!(ok(2, true, Control::Switchover { round: Round(1), last: false, need: None }), None);
         assert_eq!(ok(0, false, Control::Verified { value: 5, closed: false }), Some(Heard::Verified(Digest(5))));
@@ -197,36 +216,50 @@ mod tests {
     /// way a session can end.
     #[test]
     fn only_the_confirmation_of_the_memory_sent_gives_the_guest_away() {
-        let sent = Reached { digest: Digest(7), ..Reached::default() };
+        let sent = Reached { digest: Some(Digest(7)), ..Reached::default() };
         let done = Reached { done_sent: true, ..sent };
         let switched = Reached { switched: true, ..done };
+        let running = Reached { running: true, ..switched };
+        let unknown = |e: &MigrateError| matches!(e, MigrateError::Unconfirmed(_)) && !e.source_keeps_guest();
+        let handed = |e: &MigrateError| matches!(e, MigrateError::HandedOver(_)) && !e.source_keeps_guest();
         // Confirmed, with the digest sent: the destination owns it.
         assert!(settle(done, None, Ok(Ok(Digest(7)))).is_ok());
+        assert!(settle(running, None, Ok(Ok(Digest(7)))).is_ok());
         // Confirmed even though a stream broke here afterwards.
         assert!(settle(done, Some(broken()), Ok(Ok(Digest(7)))).is_ok());
-        // Confirmed with other memory: nobody knows.
-        assert!(matches!(settle(done, None, Ok(Ok(Digest(8)))), Err(MigrateError::Unconfirmed(_))));
-        // Refused by the destination: the source keeps it.
-        let e = settle(done, None, Ok(Err(refusal()))).unwrap_err();
-        assert!(e.is_peer_refusal() && e.source_keeps_guest(), "{e}");
+        // Confirmed with other memory, or before this end knew what it
+        // sent: nobody knows.
+        assert!(unknown(&settle(done, None, Ok(Ok(Digest(8)))).unwrap_err()));
+        let e = settle(Reached { digest: None, ..running }, None, Ok(Ok(Digest(7)))).unwrap_err();
+        assert!(unknown(&e), "{e}");
+        // Refused by the destination: the source keeps it, after a
+        // post-copy switchover too (the destination's guest never started).
+        for reached in [done, switched] {
+            let e = settle(reached, None, Ok(Err(refusal()))).unwrap_err();
+            assert!(e.is_peer_refusal() && e.source_keeps_guest(), "{e}");
+        }
         // A failure before `Done`: the source keeps it.
         let e = settle(sent, Some(broken()), Err(NoVerdict::Gone)).unwrap_err();
         assert!(e.source_keeps_guest(), "{e}");
-        // Everything sent and then silence or a broken stream: nobody knows.
+        // Everything sent, or the switchover, and then silence or a broken
+        // stream: nobody knows.
         for e in [
             settle(done, None, Err(NoVerdict::Timeout(std::time::Duration::from_secs(60)))).unwrap_err(),
             settle(done, Some(broken()), Err(NoVerdict::Gone)).unwrap_err(),
             settle(done, None, Ok(Err(broken()))).unwrap_err(),
+            settle(switched, Some(broken()), Err(NoVerdict::Gone)).unwrap_err(),
+            settle(switched, None, Ok(Err(broken()))).unwrap_err(),
         ] {
-            assert!(matches!(e, MigrateError::Unconfirmed(_)) && !e.source_keeps_guest(), "{e}");
+            assert!(unknown(&e), "{e}");
         }
-        // After a post-copy switchover the guest may run there: handed over,
-        // whatever went wrong (a refusal included).
+        // Once the guest started at the destination (its marker came, or
+        // its refusal says so), it is the destination's, incomplete.
         for e in [
-            settle(switched, None, Ok(Err(refusal()))).unwrap_err(),
-            settle(switched, Some(broken()), Err(NoVerdict::Timeout(std::time::Duration::ZERO))).unwrap_err(),
+            settle(running, None, Ok(Err(refusal()))).unwrap_err(),
+            settle(running, Some(broken()), Err(NoVerdict::Timeout(std::time::Duration::ZERO))).unwrap_err(),
+            settle(switched, None, Ok(Err(started_there()))).unwrap_err(),
         ] {
-            assert!(matches!(e, MigrateError::HandedOver(_)) && !e.source_keeps_guest(), "{e}");
+            assert!(handed(&e), "{e}");
         }
     }
 }

@@ -272,7 +272,9 @@ pub(super) fn listener(
         break loop {
             let wire = |source| MigrateError::from(TransportError::Wire { what: format!("stream {index}"), source });
             let said = match r.next_frame() {
-                Ok(Some((h, p))) => Message::decode(h, p).map_err(wire).and_then(|m| heard(index, prio, m)),
+                Ok(Some((h, p))) => Message::decode(h, p)
+                    .map_err(wire)
+                    .and_then(|m| heard(index, prio, to.post_round.load(Ordering::Acquire) != u64::MAX, m)),
                 // The destination closes its streams once done; before that, a
                 // closed stream was cut and may be reconnected. In pre-copy
                 // the verdict comes on stream 0 whatever the others do; after
@@ -287,6 +289,9 @@ pub(super) fn listener(
                     Err(_) if to.post_round.load(Ordering::Acquire) == u64::MAX => return,
                     Err(e) => break Err(e.into()),
                 },
+                // The destination's own word ends the session, whatever
+                // state it is in.
+                Err(e @ TransportError::Peer(_)) => break Err(e.into()),
                 // A broken connection (not a clean close) may be reconnected.
                 Err(e) => match redial(cur.1, e) {
                     Ok(next) => {
