@@ -42,6 +42,13 @@ pub fn fresh_key() -> pmigrate::Auth {
     pmigrate::Auth::Psk(pmigrate::Psk::generate().expect("system randomness"))
 }
 
+/// How long a benchmark's destination waits for its source's session: a
+/// source that fails to connect or authenticate ends the run with its
+/// error instead of leaving the destination waiting.
+pub fn accept_deadline() -> Instant {
+    Instant::now() + std::time::Duration::from_secs(60)
+}
+
 /// Both ends' reports of one run.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Outcome {
@@ -108,7 +115,7 @@ pub fn run_watched(sc: &Scenario, seed: u64, watch: &(dyn Fn(Arc<Progress>) + Sy
                 }
             };
             let _ = addr_tx.send(Some(acceptor.local_addrs()));
-            let incoming = Incoming::accept_for(&acceptor, dst, None)?;
+            let incoming = Incoming::accept_for(&acceptor, dst, Some(accept_deadline()))?;
             Ok(incoming.receive(dst, &ReceiveOptions { io: sc.config.io, ..ReceiveOptions::default() })?)
         });
         let Some(addrs) = addr_rx.recv()? else {
@@ -170,7 +177,7 @@ pub fn zero_copy_switchover(dir: &std::path::Path, bytes: u64, copy: bool) -> an
     let res = std::thread::scope(|s| -> anyhow::Result<Report> {
         let dst = &dst;
         let rx = s.spawn(move || -> anyhow::Result<Report> {
-            let incoming = Incoming::accept_for(&acceptor, dst, None)?;
+            let incoming = Incoming::accept_for(&acceptor, dst, Some(accept_deadline()))?;
             Ok(incoming.receive(dst, &ReceiveOptions::default())?)
         });
         let maps = VmmBitmapTracker::bitmaps_for(&src);

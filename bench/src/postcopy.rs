@@ -12,6 +12,7 @@ use pmigrate::ranges::{PageRange, RegionIdx};
 use pmigrate::{Acceptor, GuestMemory, Incoming, PageIdx, ReceiveOptions, Report, Source, SourceConfig};
 use pmigrate::{VmmBitmapTracker, PAGE_SIZE};
 
+use crate::loopback::accept_deadline;
 use crate::synth::{fill, start_mutators, ContentMix, MutatorConfig};
 
 /// One migration to compare.
@@ -92,7 +93,7 @@ pub fn run(c: &Case, seed: u64) -> anyhow::Result<Measured> {
             })
         });
         let rx = s.spawn(move || -> anyhow::Result<Report> {
-            let incoming = Incoming::accept_for(&acceptor, dst, None)?;
+            let incoming = Incoming::accept_for(&acceptor, dst, Some(accept_deadline()))?;
             let r = incoming.receive_and_run(dst, &ReceiveOptions::default(), || {
                 running.store(true, Ordering::Release);
                 Ok(())
