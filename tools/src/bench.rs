@@ -79,6 +79,11 @@ pub struct BenchArgs {
     /// seconds per GiB of each.
     #[arg(long)]
     auth_compare: bool,
+    /// Compression compared instead: the same migration with lz4 off, on
+    /// and `auto`, alternating, twice each, over the path given; how close
+    /// `auto` comes to the better of the other two.
+    #[arg(long)]
+    compress_compare: bool,
     /// I/O backend of the pmigrate runs: auto, uring or portable.
     #[arg(long, default_value = "auto")]
     io: BackendChoice,
@@ -237,6 +242,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     if a.auth_compare {
         return auth_compare(&a, plan);
+    }
+    if a.compress_compare {
+        return compress_compare(&a, &plan);
     }
     let path = ceiling::Path { listen: plan.listen.clone(), via: plan.via.clone(), netns: plan.netns.clone() };
     say!("measuring raw TCP over the same path ({} streams)...", a.streams);
@@ -527,6 +535,52 @@ fn auth_compare(a: &BenchArgs, mut plan: Plan) -> Result<()> {
         "TLS / pre-shared key: {:.2}x the transfer rate, {:.2}x the CPU per GiB (means of the runs above)",
         mean("TLS", |r| r.transfer_mib_s) / mean("pre-shared key", |r| r.transfer_mib_s),
         mean("TLS", |r| r.cpu_secs_per_gib) / mean("pre-shared key", |r| r.cpu_secs_per_gib)
+    );
+    Ok(())
+}
+
+fn compress_compare(a: &BenchArgs, plan: &Plan) -> Result<()> {
+    let links = plan.listen.len().max(plan.via.len());
+    let modes = [("none", Compression::Off), ("lz4", Compression::On), ("auto", Compression::Auto)];
+    let mut runs = Vec::new();
+    // Alternating, so every mode sees the same machine.
+    for round in 0..2 {
+        for (name, c) in modes {
+            let mut r = measure(a, plan, name, a.threads, a.streams, links, a.dirty_mib_s, c, a.io, false)?;
+            r.name = format!("{name} (run {})", round + 1);
+            runs.push(r);
+        }
+    }
+    let mean = |name: &str| {
+        let v: Vec<f64> = runs.iter().filter(|r| r.name.starts_with(name)).map(|r| r.total_secs).collect();
+        v.iter().sum::<f64>() / v.len().max(1) as f64
+    };
+    let (none, lz4, auto) = (mean("none"), mean("lz4"), mean("auto"));
+    if a.json {
+        let j = serde_json::json!({ "runs": runs, "mean_total_secs": { "none": none, "lz4": lz4, "auto": auto } });
+        println!("{}", serde_json::to_string_pretty(&j)?);
+        return Ok(());
+    }
+    println!(
+        "migration of {} MiB ({:?}), {} threads x {} streams to {:?}{}:",
+        a.memory_mib,
+        a.mix,
+        a.threads,
+        a.streams,
+        plan.listen,
+        a.netns.as_ref().map(|n| format!(" (namespaces {n})")).unwrap_or_default()
+    );
+    println!("{:<14} {:>8} {:>9} {:>11} {:>10}", "lz4", "total s", "wire MiB", "xfer MiB/s", "cpu s/GiB");
+    for r in &runs {
+        println!(
+            "{:<14} {:>8.3} {:>9.1} {:>11.0} {:>10.2}",
+            r.name, r.total_secs, r.wire_mib, r.transfer_mib_s, r.cpu_secs_per_gib
+        );
+    }
+    let best = none.min(lz4);
+    println!(
+        "mean total: none {none:.3} s, lz4 {lz4:.3} s, auto {auto:.3} s; auto takes {:.2}x the better of none and lz4",
+        auto / best
     );
     Ok(())
 }

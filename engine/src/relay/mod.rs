@@ -519,8 +519,8 @@ pub(crate) struct Shared<'a> {
     out_closed: AtomicBool,
     out_wire: AtomicU64,
     in_wire: AtomicU64,
-    /// Set while the sequencer finds every stream queue full (lz4 pays).
-    backed_up: AtomicBool,
+    /// When the outbound flow compresses.
+    lz4: crate::lz4gate::Lz4Policy,
     window: inbound::Window,
     /// When a byte of the carried stream last moved either way, in
     /// milliseconds since `t0`.
@@ -631,7 +631,7 @@ pub fn carry(streams: &[Conn], local: Local, how: &Carry) -> Result<RelayReport,
         out_closed: AtomicBool::new(false),
         out_wire: AtomicU64::new(0),
         in_wire: AtomicU64::new(0),
-        backed_up: AtomicBool::new(false),
+        lz4: crate::lz4gate::Lz4Policy::new(how.compression),
         window: inbound::Window::new(n),
         last_activity: AtomicU64::new(0),
         t0,

@@ -19,8 +19,7 @@ use pmigrate_transport::payload::build_data;
 use pmigrate_transport::TransportError;
 
 use super::{Carry, FlowReport, Shared, CHUNK, INLINE_CHUNK};
-use crate::lz4gate::Lz4Gate;
-use crate::{Compression, MigrateError};
+use crate::MigrateError;
 
 /// How often blocked threads look whether the relay failed meanwhile.
 const TICK: Duration = Duration::from_millis(100);
@@ -88,7 +87,6 @@ pub(super) fn run<'s, 'a: 's>(
     let (chunk_tx, chunk_rx) = bounded::<(u64, Vec<u8>)>(threads * 2);
     let (built_tx, built_rx) = bounded::<Built>(threads * 2);
     let (done_tx, done_rx) = bounded::<Result<(u64, u64), MigrateError>>(1);
-    let backed_up = &shared.backed_up;
     match input {
         Some(input) => {
             let (inline, ended) = (built_tx.clone(), shared.input_ended.clone());
@@ -101,8 +99,7 @@ pub(super) fn run<'s, 'a: 's>(
     }
     for _ in 0..threads {
         let (rx, tx) = (chunk_rx.clone(), built_tx.clone());
-        let compression = how.compression;
-        scope.spawn(move || build_frames(shared, rx, tx, compression, backed_up));
+        scope.spawn(move || build_frames(shared, rx, tx));
     }
     drop((chunk_rx, built_tx));
 
@@ -125,8 +122,8 @@ pub(super) fn run<'s, 'a: 's>(
                     report.compressed_chunks += u64::from(b.lz4);
                     report.bytes += b.len as u64;
                     let len = b.frame.len() as u64;
-                    let waited = dispatch(&queues, b.frame, report.chunks as usize % n)?;
-                    backed_up.store(waited, Ordering::Relaxed);
+                    dispatch(&queues, b.frame, report.chunks as usize % n)?;
+                    shared.lz4.handed(b.len);
                     shared.out_wire.fetch_add(len, Ordering::Relaxed);
                     report.chunks += 1;
                 }
@@ -215,16 +212,9 @@ fn read_input(
     let _ = done.send(res);
 }
 
-/// A worker: builds and seals frames (lz4 while it pays and the links are
-/// the bottleneck).
-fn build_frames(
-    shared: &Shared<'_>,
-    rx: Receiver<(u64, Vec<u8>)>,
-    tx: Sender<Built>,
-    compression: Compression,
-    backed_up: &AtomicBool,
-) {
-    let mut gate = Lz4Gate::new(compression);
+/// A worker: builds and seals frames (lz4 when the session's policy says
+/// it moves the data faster).
+fn build_frames(shared: &Shared<'_>, rx: Receiver<(u64, Vec<u8>)>, tx: Sender<Built>) {
     loop {
         let (seq, data) = match rx.recv_timeout(TICK) {
             Ok(c) => c,
@@ -233,12 +223,7 @@ fn build_frames(
             Err(RecvTimeoutError::Disconnected) => return,
         };
         let mut frame = Vec::with_capacity(HEADER_LEN + data.len());
-        gate.pressure(backed_up.load(Ordering::Relaxed));
-        let try_lz4 = gate.try_now();
-        let enc = build_data(&mut frame, seq, &data, try_lz4);
-        if try_lz4 {
-            gate.record(data.len(), frame.len());
-        }
+        let enc = build_data(&mut frame, seq, &data, shared.lz4.compress());
         if tx.send(Built { seq, frame, lz4: enc == Encoding::Lz4, len: data.len() }).is_err() {
             return;
         }
@@ -247,13 +232,12 @@ fn build_frames(
 
 /// Puts `frame` on a stream with room, preferring `home`; waits for the
 /// first stream that frees room when all are full.
-/// Returns whether it had to wait: the links are the bottleneck.
-fn dispatch(txs: &[Sender<Vec<u8>>], frame: Vec<u8>, home: usize) -> Result<bool, MigrateError> {
+fn dispatch(txs: &[Sender<Vec<u8>>], frame: Vec<u8>, home: usize) -> Result<(), MigrateError> {
     let n = txs.len();
     let mut frame = frame;
     for k in 0..n {
         match txs[(home + k) % n].try_send(frame) {
-            Ok(()) => return Ok(false),
+            Ok(()) => return Ok(()),
             Err(e) => frame = e.into_inner(),
         }
     }
@@ -263,5 +247,5 @@ fn dispatch(txs: &[Sender<Vec<u8>>], frame: Vec<u8>, home: usize) -> Result<bool
     }
     let op = sel.select();
     let i = op.index();
-    op.send(&txs[i], frame).map(|()| true).map_err(|_| MigrateError::Aborted)
+    op.send(&txs[i], frame).map_err(|_| MigrateError::Aborted)
 }

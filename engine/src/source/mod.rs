@@ -52,7 +52,7 @@ use pmigrate_transport::{Auth, Backend, BackendChoice, Conn, Connected, Link, Se
 
 use crate::digest::digest_handing_over;
 use crate::dirty::{tracker_for, DirtyTracker, TrackerKind};
-use crate::lz4gate::Lz4Gate;
+use crate::lz4gate::Lz4Policy;
 use crate::report::{LatencySummary, Report, RoundReport, StreamReport};
 use crate::shared::{self};
 use crate::{Compression, MigrateError};
@@ -351,6 +351,7 @@ impl<'a> Source<'a> {
             mem: self.mem,
             cfg: &self.cfg,
             lz4_allowed,
+            lz4: Lz4Policy::new(if lz4_allowed { self.cfg.compression } else { Compression::Off }),
             sent: self
                 .mem
                 .regions()
@@ -394,6 +395,8 @@ struct Run<'r> {
     mem: &'r GuestMemory,
     cfg: &'r SourceConfig,
     lz4_allowed: bool,
+    /// When to compress (the `auto` policy measures, across rounds).
+    lz4: Lz4Policy,
     /// xxh3 of each page as last sent (zero-page hash until then): what the
     /// destination holds, used to skip unchanged pages and for the digest.
     sent: Vec<Box<[AtomicU64]>>,
@@ -675,6 +678,7 @@ impl<'r> Run<'r> {
         ws_first: bool,
     ) -> Result<Counts, MigrateError> {
         let shards = plan_shards(dirty, self.cfg.shard_pages);
+        self.lz4.restart_window();
         self.progress.round.store(round, Ordering::Relaxed);
         self.progress.round_pages.store(dirty.iter().map(|d| d.count()).sum(), Ordering::Relaxed);
         self.progress.done_pages.store(0, Ordering::Relaxed);
@@ -700,7 +704,6 @@ impl<'r> Run<'r> {
                             pages: Outgoing::Vec(Vec::new()),
                             hashes: Vec::with_capacity(batch),
                             scratch: Scratch::default(),
-                            gate: Lz4Gate::new(self.cfg.compression),
                             counts: Counts::default(),
                             pool,
                         };

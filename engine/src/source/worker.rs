@@ -14,7 +14,6 @@ use pmigrate_transport::uring::Outgoing;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::{Msg, Run};
-use crate::lz4gate::Lz4Gate;
 use crate::MigrateError;
 
 #[derive(Default)]
@@ -51,7 +50,6 @@ pub(super) struct Worker<'w> {
     pub(super) pages: Outgoing,
     pub(super) hashes: Vec<u64>,
     pub(super) scratch: Scratch,
-    pub(super) gate: Lz4Gate,
     pub(super) counts: Counts,
     pub(super) pool: &'w Receiver<Vec<u8>>,
 }
@@ -63,16 +61,12 @@ impl Worker<'_> {
         let mut msg = Msg::Frame(frame, Instant::now());
         for k in 0..n {
             match self.queues[(self.home + k) % n].try_send(msg) {
-                Ok(()) => {
-                    self.gate.pressure(false);
-                    return Ok(());
-                }
+                Ok(()) => return Ok(()),
                 Err(TrySendError::Full(m)) | Err(TrySendError::Disconnected(m)) => msg = m,
             }
         }
         // Every queue is full: the links are the bottleneck. Wait on our
-        // own stream (backpressure), and let lz4 trade CPU for bytes.
-        self.gate.pressure(true);
+        // own stream (backpressure).
         self.queues[self.home].send(msg).map_err(|_| MigrateError::Aborted)
     }
 
@@ -100,7 +94,8 @@ impl Worker<'_> {
         if a == b {
             return Ok(());
         }
-        let lz4 = self.run.lz4_allowed && self.gate.try_now();
+        let lz4 = self.run.lz4.compress();
+        let raw_len = (b - a) * PAGE_SIZE;
         let at = PagesAt { region, first, round: self.round };
         let n = (b - a) as u64;
         let sent = &self.run.sent[region as usize];
@@ -117,20 +112,21 @@ impl Worker<'_> {
             let mut frame = std::mem::replace(&mut self.pages, next);
             frame.truncate(end);
             self.counts.raw += n;
-            return self.send(frame);
+            self.send(frame)?;
+            self.run.lz4.handed(raw_len);
+            return Ok(());
         }
         let bytes = &self.pages[HEADER_LEN + a * PAGE_SIZE..HEADER_LEN + b * PAGE_SIZE];
         let mut frame = self.buffer();
         let enc = build_pages(&mut frame, &mut self.scratch, at, bytes, &self.hashes[a..b], lz4);
-        if lz4 {
-            self.gate.record(bytes.len(), frame.len());
-        }
         if enc == Encoding::Lz4 {
             self.counts.compressed += n;
         } else {
             self.counts.raw += n;
         }
-        self.send(Outgoing::Vec(frame))
+        self.send(Outgoing::Vec(frame))?;
+        self.run.lz4.handed(raw_len);
+        Ok(())
     }
 
     fn emit_zero(&mut self, region: u32, first: u64, n: u64) -> Result<(), MigrateError> {
