@@ -136,14 +136,28 @@ fn one(run: &Run, tally: &Mutex<Tally>) {
         if fired.fired { "fired" } else { "did not fire" },
         fired.what
     );
+    let (src, dst) = match &observed {
+        runs::Observed::Memory(m) => (&m.src, &m.dst),
+        runs::Observed::Stream(s) => (&s.src, &s.dst),
+    };
+    let mut line = line;
+    if let runs::Observed::Memory(m) = &observed {
+        if let Some(n) = m.reconnects.filter(|&n| n > 0) {
+            line.push_str(&format!(", {n} post-copy reconnects"));
+        }
+    }
+    if verdict != Verdict::Exact {
+        // What each end said, for the record.
+        for e in [src, dst] {
+            if let Some(l) = e.error_lines().first() {
+                line.push_str(&format!("\n      {l}"));
+            }
+        }
+    }
     eprintln!("{line}");
     let mut g = tally.lock().unwrap_or_else(|p| p.into_inner());
     g.add(run, &verdict, fired.fired);
     if let Verdict::Wrong(reasons) = &verdict {
-        let (src, dst) = match &observed {
-            runs::Observed::Memory(m) => (&m.src, &m.dst),
-            runs::Observed::Stream(s) => (&s.src, &s.dst),
-        };
         let report = format!(
             "WRONG {} seed {} {} MiB\n  why: {}\n  observed: {}\n  source end ({:?}):\n{}  destination end ({:?}):\n{}  \
              repro: {}\n",

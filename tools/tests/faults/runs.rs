@@ -6,6 +6,7 @@
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -378,6 +379,22 @@ fn drain(mut r: impl Read) -> (Vec<u8>, bool) {
     }
 }
 
+/// [`drain`], counting what arrived as it comes.
+fn drain_counted(mut r: impl Read, count: &AtomicUsize) -> (Vec<u8>, bool) {
+    let (mut all, mut buf) = (Vec::new(), vec![0u8; 1 << 16]);
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => return (all, true),
+            Ok(n) => {
+                all.extend_from_slice(&buf[..n]);
+                count.store(all.len(), Ordering::Relaxed);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return (all, false),
+        }
+    }
+}
+
 /// Writes `data` in uneven pieces, as QEMU would; stops at an error.
 fn feed(mut w: impl Write, data: &[u8]) {
     let (mut off, mut k) = (0usize, 1usize);
@@ -419,9 +436,21 @@ fn exec(run: &Run, plan: &Plan) -> (Observed, Fired) {
         .stdout(Stdio::piped());
     let (send, send_in, send_out) = Proc::spawn("send", &mut cmd);
     victims.set(Some(&send), Some(&recv));
-    let i = input.clone();
-    let fwd_in = std::thread::spawn(move || feed(send_in.expect("send stdin"), &i));
-    let back_out = std::thread::spawn(move || drain(send_out.expect("send stdout")));
+    // As QEMU does: the return path (recv's stdin to send's stdout) is
+    // read while the migration runs, and send's stdin closes at the end —
+    // here once the way back arrived (or send ended, or the deadline).
+    let back_got = Arc::new(AtomicUsize::new(0));
+    let (i, got, want, s2) = (input.clone(), back_got.clone(), back.len(), send.clone());
+    let fwd_in = std::thread::spawn(move || {
+        let mut w = send_in.expect("send stdin");
+        feed(&mut w, &i);
+        let until = Instant::now() + RUN_DEADLINE;
+        while got.load(Ordering::Relaxed) < want && s2.status().is_none() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let counted = back_got.clone();
+    let back_out = std::thread::spawn(move || drain_counted(send_out.expect("send stdout"), &counted));
 
     let src_end = send.ended(Instant::now() + RUN_DEADLINE);
     victims.join_conts();
