@@ -46,7 +46,8 @@ pub struct Tmpfs(PathBuf);
 impl Tmpfs {
     pub fn mount(dir: &Path, kib: u64) -> std::io::Result<Tmpfs> {
         std::fs::create_dir_all(dir)?;
-        let st = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={kib}k"), "tmpfs"]).arg(dir).status()?;
+        let st =
+            Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={kib}k"), "tmpfs"]).arg(dir).status()?;
         if !st.success() {
             return Err(std::io::Error::other(format!("mount tmpfs on {}: {st}", dir.display())));
         }

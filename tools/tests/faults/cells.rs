@@ -160,9 +160,9 @@ impl Run {
         // What crosses the link, roughly: the random pages (see `content`).
         let wire = bytes * 6 / 10;
         let offset = match rng.gen_range(0..10) {
-            0 => rng.gen_range(0..4096),                    // the handshake, the first frames
-            9 => rng.gen_range(wire * 95 / 100..wire),      // the end: verification, verdict
-            _ => rng.gen_range(4096..wire),                 // anywhere in the transfer
+            0 => rng.gen_range(0..4096),               // the handshake, the first frames
+            9 => rng.gen_range(wire * 95 / 100..wire), // the end: verification, verdict
+            _ => rng.gen_range(4096..wire),            // anywhere in the transfer
         };
         let stop_for = if rng.gen_bool(0.6) {
             Duration::from_millis(rng.gen_range(200..2000))

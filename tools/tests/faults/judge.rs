@@ -224,7 +224,8 @@ fn memory(run: &Run, plan: &Plan, o: &MemoryObs) -> Verdict {
     // Exactly one owner.
     let src_owns = !o.src.killed && (o.paused == 0 || o.conts == 1);
     let dst_owns = o.resumes == 1 && !o.dst.killed;
-    if !src_owns && !dst_owns && !(src_disabled || dst_disabled || in_doubt) {
+    let excused = src_disabled || dst_disabled || in_doubt;
+    if !src_owns && !dst_owns && !excused {
         bad.push("the VM runs nowhere, and no fault disabled an end".into());
     }
 

@@ -231,7 +231,9 @@ impl Net {
                     },
                     _ => match victims.fired.lock().unwrap_or_else(|p| p.into_inner()).clone() {
                         Some(w) => Fired { fired: true, what: format!("{w} at byte {} of {carried}", plan.offset) },
-                        None => Fired { fired: false, what: format!("offset {} never reached ({carried})", plan.offset) },
+                        None => {
+                            Fired { fired: false, what: format!("offset {} never reached ({carried})", plan.offset) }
+                        }
                     },
                 }
             }
@@ -589,7 +591,10 @@ fn proxy(run: &Run, plan: &Plan) -> (Observed, Fired) {
     ended(&exit);
     let (src_alive, dst_alive) = (entry.status().is_none(), exit.status().is_none());
     let lines = |log: &str| {
-        (log.lines().filter(|l| l.contains(": done: ")).count(), log.lines().filter(|l| l.contains(": failed: ")).count())
+        (
+            log.lines().filter(|l| l.contains(": done: ")).count(),
+            log.lines().filter(|l| l.contains(": failed: ")).count(),
+        )
     };
     let fired = net.fired(run, plan, &victims);
     // The daemons serve on; stop them for the record.
