@@ -95,6 +95,9 @@ pub struct NetemCounts {
     pub reordered: u64,
     pub duplicated: u64,
     pub corrupted: u64,
+    /// TCP segments the two kernels dropped for a bad checksum (the
+    /// corrupted ones, seen from the other side).
+    pub csum_errors: u64,
 }
 
 impl NetemCounts {
@@ -237,7 +240,19 @@ impl NetemBed {
             reordered: s.reordered.load(Ordering::Relaxed),
             duplicated: s.duplicated.load(Ordering::Relaxed),
             corrupted: s.corrupted.load(Ordering::Relaxed),
+            csum_errors: [Side::Src, Side::Dst].into_iter().filter_map(|side| self.tcp_csum_errors(side)).sum(),
         }
+    }
+
+    /// `Tcp: InCsumErrors` of `side`'s namespace.
+    fn tcp_csum_errors(&self, side: Side) -> Option<u64> {
+        // /proc/thread-self/net is the namespace of the reading thread.
+        let snmp =
+            spawn_in(self, side, || std::fs::read_to_string("/proc/thread-self/net/snmp")).ok()?.join().ok()?.ok()?;
+        let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+        let (names, values) = (tcp.next()?, tcp.next()?);
+        let at = names.split_whitespace().position(|n| n == "InCsumErrors")?;
+        values.split_whitespace().nth(at)?.parse().ok()
     }
 }
 

@@ -74,10 +74,11 @@ pub struct StreamObs {
     pub back_prefix: bool,
     pub back_whole: bool,
     pub back_clean_end: bool,
-    /// Proxy: the daemons' per-connection lines (`done`, `failed`) and
-    /// whether each still ran at the end (they serve on after a failure).
-    pub src_lines: (usize, usize),
-    pub dst_lines: (usize, usize),
+    /// Proxy: the daemons' lines about the connection (opened, done,
+    /// failed) and whether each still ran at the end (they serve on after
+    /// a failure).
+    pub src_lines: (usize, usize, usize),
+    pub dst_lines: (usize, usize, usize),
     pub src_alive: bool,
     pub dst_alive: bool,
     /// The local peers' sockets did not end by the deadline.
@@ -213,8 +214,8 @@ impl Net {
                 Fired {
                     fired: c.any(),
                     what: format!(
-                        "{} packets: {} lost, {} reordered, {} duplicated, {} corrupted",
-                        c.packets, c.lost, c.reordered, c.duplicated, c.corrupted
+                        "{} packets: {} lost, {} reordered, {} duplicated, {} corrupted ({} dropped by TCP's checksum)",
+                        c.packets, c.lost, c.reordered, c.duplicated, c.corrupted, c.csum_errors
                     ),
                 }
             }
@@ -473,8 +474,8 @@ fn exec(run: &Run, plan: &Plan) -> (Observed, Fired) {
         back_prefix: crate::bed::is_prefix(&got_back, &back),
         back_whole: got_back == *back,
         back_clean_end: back_clean,
-        src_lines: (0, 0),
-        dst_lines: (0, 0),
+        src_lines: (0, 0, 0),
+        dst_lines: (0, 0, 0),
         src_alive: false,
         dst_alive: false,
         hung: false,
@@ -590,10 +591,14 @@ fn proxy(run: &Run, plan: &Plan) -> (Observed, Fired) {
     ended(&entry);
     ended(&exit);
     let (src_alive, dst_alive) = (entry.status().is_none(), exit.status().is_none());
+    // A connection's lines: opened, done, and failed (or, at the entry,
+    // refused while its session was set up).
     let lines = |log: &str| {
+        let conn = |l: &&str| l.contains("connection 0 (");
         (
-            log.lines().filter(|l| l.contains(": done: ")).count(),
-            log.lines().filter(|l| l.contains(": failed: ")).count(),
+            log.lines().filter(conn).filter(|l| l.contains(": open over ")).count(),
+            log.lines().filter(conn).filter(|l| l.contains(": done: ")).count(),
+            log.lines().filter(conn).filter(|l| l.contains(": failed: ") || l.contains("): refused: ")).count(),
         )
     };
     let fired = net.fired(run, plan, &victims);
