@@ -313,11 +313,18 @@ fn signal_of(interrupt: &relay::Interrupt) -> i32 {
     }
 }
 
-/// Whether a broken pipe is among the causes of `e`.
+/// Whether the local output broke (its reader, the destination QEMU,
+/// closed it). A stream to the other end failing with EPIPE is the
+/// network's doing, not QEMU's.
 fn broken_pipe(e: &anyhow::Error) -> bool {
+    use pmigrate::transport::TransportError;
     e.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-            || c.to_string().contains("Broken pipe")
+        let t = match c.downcast_ref::<pmigrate::MigrateError>() {
+            Some(pmigrate::MigrateError::Transport(t)) => Some(t),
+            _ => c.downcast_ref::<TransportError>(),
+        };
+        matches!(t, Some(TransportError::Io { what, source })
+            if what.ends_with("output") && source.kind() == std::io::ErrorKind::BrokenPipe)
     })
 }
 
