@@ -8,8 +8,9 @@
 //!
 //! Every run is judged (see `faults/judge.rs`): byte-exact, or a clean
 //! failure with the VM (the stream) left at the source and one clear line,
-//! or — only where the fault disabled an end after the handover — an
-//! honest report of the loss. Anything else is WRONG, printed with its
+//! or — only where the fault disabled an end (or cut the verdict) around
+//! the handover — honest: every end that ran told the truth about where
+//! the VM is. Anything else is WRONG, printed with its
 //! cell, seed, size, reasons, both ends' stderr and a repro line.
 //!
 //! - `reduced_fault_matrix` (default run): a few seeded cells per path.
@@ -93,7 +94,7 @@ impl Tally {
     fn table(&self) -> String {
         let mut t = format!(
             "{:<18} {:>5} {:>6} {:>6} {:>14} {:>12} {:>6}\n",
-            "cell", "runs", "fired", "exact", "clean failure", "honest loss", "WRONG"
+            "cell", "runs", "fired", "exact", "clean failure", "honest", "WRONG"
         );
         let mut total = [0usize; 6];
         for (cell, r) in &self.cells {

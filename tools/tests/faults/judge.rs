@@ -21,9 +21,10 @@ pub enum Verdict {
     /// Both ends failed (or were killed), said why in one line, and the VM
     /// (the stream) stayed with the source; nothing incomplete looks whole.
     Clean,
-    /// The fault disabled an end after the handover (or while the verdict
-    /// was in flight) and both ends said so: the VM at the destination is
-    /// incomplete or the outcome unknown, truthfully reported.
+    /// The fault disabled an end (or cut the verdict on its way) around the
+    /// handover, and every end that ran told the truth about the VM: it
+    /// runs at the destination (complete, the source gone), or there
+    /// incomplete, or the outcome is unknown and said to be.
     Honest,
     /// Anything else.
     Wrong(Vec<String>),
@@ -34,7 +35,7 @@ impl Verdict {
         match self {
             Verdict::Exact => "exact",
             Verdict::Clean => "clean failure",
-            Verdict::Honest => "honest loss",
+            Verdict::Honest => "honest",
             Verdict::Wrong(_) => "WRONG",
         }
     }
@@ -232,7 +233,7 @@ fn memory(run: &Run, plan: &Plan, o: &MemoryObs) -> Verdict {
     let exact = o.src.success() && o.dst.success() && o.dst_file == Some(true) && o.resumes == 1;
     let clean = !o.src.success() && !o.dst.success() && o.resumes == 0 && (src_owns || o.src.killed);
     if !exact && !clean && bad.is_empty() {
-        // An honest loss is right only where the fault could cause it: an
+        // Honest is right only where the fault could cause it: an
         // end disabled, or (pre-copy) the verdict lost on a broken link.
         if !(src_disabled || dst_disabled || (link && !post)) {
             bad.push("neither exact nor a clean failure, and no end was disabled".into());
