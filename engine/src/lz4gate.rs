@@ -4,16 +4,19 @@
 //! not the CPUs, are the bottleneck and the pages shrink. Neither is known
 //! in advance, and on one host both ends share the CPUs, so a stream queue
 //! that backs up says little. So `auto` measures: it hands out page data
-//! raw for a window and with lz4 for a window, and keeps whichever moved
-//! more bytes of page data per second (lz4 must win by
-//! [`MARGIN`]). It then holds that choice for [`HOLD`], twice as long after
-//! every probe that confirms it (up to [`HOLD_MAX`]), and probes the other
-//! again: content and links change during a long migration, and a short
-//! one pays for one probe only. A window is
-//! [`WINDOW_BYTES`] of page data and at least [`WINDOW_MIN`] long; a probe
-//! of lz4 is half a window, so a wrong guess costs little. After the start
-//! and after every change of mode, [`SETTLE_BYTES`] go unmeasured: the
-//! queues and socket buffers take them at once, whatever the links do.
+//! raw for [`RAW_WINDOWS`] windows (the fastest counts) and with lz4 for
+//! one, and keeps whichever moved more page data per second (lz4 must win
+//! by [`MARGIN`]). It holds that choice for [`HOLD`], twice as long after
+//! every probe that confirms it (up to [`HOLD_MAX`]), then probes the
+//! other: content and links change during a long migration, and a short
+//! one pays for one probe only.
+//!
+//! A window is [`WINDOW_BYTES`] of page data and at least [`WINDOW_MIN`]
+//! long. After the start and after every change of mode, [`SETTLE_BYTES`]
+//! go unmeasured: the queues and socket buffers take them at once,
+//! whatever the links do. Where the host's CPUs were busy through a raw
+//! window (under [`IDLE_FOR_LZ4`] idle), lz4 is not tried: it can only
+//! take CPU from the pipeline.
 //!
 //! The measure is the rate at which workers hand page data to the stream
 //! queues, which block when the links are full: it counts reading, hashing,
@@ -26,27 +29,34 @@ use std::time::{Duration, Instant};
 use crate::Compression;
 
 /// Page data per measuring window.
-pub const WINDOW_BYTES: u64 = 32 << 20;
+pub const WINDOW_BYTES: u64 = 16 << 20;
 /// The shortest window: shorter ones measure the scheduler more than the
 /// links.
-pub const WINDOW_MIN: Duration = Duration::from_millis(20);
+pub const WINDOW_MIN: Duration = Duration::from_millis(50);
+/// The share of the host's CPU time that must have been idle during a raw
+/// window for lz4 to be tried: compressing takes CPU, so when the CPUs are
+/// the limit (both ends on one host, or a busy host) it cannot help.
+pub const IDLE_FOR_LZ4: f64 = 0.2;
 /// How much faster lz4 must be to be chosen: compression costs both ends
 /// CPU that a tie does not repay.
 pub const MARGIN: f64 = 1.05;
 /// How long a choice is held before the first probe of the other; every
 /// probe that confirms it doubles the hold, up to [`HOLD_MAX`].
-pub const HOLD: Duration = Duration::from_secs(2);
+pub const HOLD: Duration = Duration::from_secs(4);
+/// Raw windows measured at the start, the fastest counting.
+pub const RAW_WINDOWS: u32 = 2;
 /// The longest hold.
 pub const HOLD_MAX: Duration = Duration::from_secs(32);
 /// Page data not measured after the start and after every change of mode:
 /// what the stream queues and socket buffers of the links absorb at
 /// once, which would flatter the first window of a mode.
-pub const SETTLE_BYTES: u64 = 24 << 20;
+pub const SETTLE_BYTES: u64 = 16 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
-    /// The first window: raw.
-    MeasureRaw,
+    /// The first windows: raw, `left` more of them; the fastest counts
+    /// (the first of a session also meets the destination's cold start).
+    MeasureRaw { left: u32 },
     /// The second: lz4; then the faster is chosen.
     MeasureLz4,
     /// Sending with the choice until `until` (since the policy began);
@@ -80,6 +90,33 @@ pub struct Lz4Policy {
     start: AtomicU64,
     t0: Instant,
     explore: Mutex<Explore>,
+    /// The host's CPU counters at the start of this window.
+    cpu: Mutex<Option<CpuTimes>>,
+}
+
+/// The host's CPU time, busy and idle, in clock ticks since boot.
+#[derive(Clone, Copy, Debug)]
+struct CpuTimes {
+    busy: u64,
+    idle: u64,
+}
+
+impl CpuTimes {
+    /// From the first line of /proc/stat; `None` where there is none.
+    fn now() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let v: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+        // user nice system idle iowait irq softirq steal
+        let idle = v.get(3)? + v.get(4).unwrap_or(&0);
+        let busy = v.iter().take(8).sum::<u64>() - idle;
+        Some(CpuTimes { busy, idle })
+    }
+
+    /// The share of CPU time idle since `then`.
+    fn idle_since(self, then: CpuTimes) -> Option<f64> {
+        let (busy, idle) = (self.busy.checked_sub(then.busy)?, self.idle.checked_sub(then.idle)?);
+        (busy + idle > 0).then(|| idle as f64 / (busy + idle) as f64)
+    }
 }
 
 impl Lz4Policy {
@@ -92,7 +129,13 @@ impl Lz4Policy {
             settle: AtomicU64::new(SETTLE_BYTES),
             start: AtomicU64::new(0),
             t0: Instant::now(),
-            explore: Mutex::new(Explore { phase: Phase::MeasureRaw, raw_rate: 0.0, lz4_rate: 0.0, hold: HOLD }),
+            explore: Mutex::new(Explore {
+                phase: Phase::MeasureRaw { left: RAW_WINDOWS },
+                raw_rate: 0.0,
+                lz4_rate: 0.0,
+                hold: HOLD,
+            }),
+            cpu: Mutex::new(None),
         }
     }
 
@@ -116,7 +159,7 @@ impl Lz4Policy {
             Ok(_) => return self.restart_window(),
             Err(_) => {}
         }
-        let window = if lz4 { WINDOW_BYTES / 2 } else { WINDOW_BYTES };
+        let window = WINDOW_BYTES;
         let bytes = self.bytes.fetch_add(raw, Ordering::Relaxed) + raw;
         if bytes < window {
             return;
@@ -135,7 +178,13 @@ impl Lz4Policy {
         }
         self.start.store(now, Ordering::Relaxed);
         let rate = bytes as f64 / secs.as_secs_f64();
-        let next = ex.step(lz4, rate, Duration::from_nanos(now));
+        let idle = self.window_idle();
+        let next = if !lz4 && idle.is_some_and(|i| i < IDLE_FOR_LZ4) {
+            // The CPUs are the limit: lz4 would only slow things down.
+            ex.cpu_bound(Duration::from_nanos(now))
+        } else {
+            ex.step(lz4, rate, Duration::from_nanos(now))
+        };
         if next != lz4 {
             self.settle.store(SETTLE_BYTES, Ordering::Relaxed);
         }
@@ -147,21 +196,45 @@ impl Lz4Policy {
     pub fn restart_window(&self) {
         self.bytes.store(0, Ordering::Relaxed);
         self.start.store(self.t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        if self.mode == Compression::Auto {
+            *self.cpu.lock().expect("cpu lock") = CpuTimes::now();
+        }
+    }
+
+    /// The share of the host's CPU time idle during the window that just
+    /// ended; the next one starts counting.
+    fn window_idle(&self) -> Option<f64> {
+        let now = CpuTimes::now()?;
+        let then = self.cpu.lock().expect("cpu lock").replace(now)?;
+        now.idle_since(then)
     }
 }
 
 impl Explore {
+    /// A raw window during which the CPUs were busy: raw it stays, and
+    /// lz4 is measured again only once there is room for it.
+    fn cpu_bound(&mut self, now: Duration) -> bool {
+        self.phase = match self.phase {
+            Phase::Hold { lz4: false, until } => Phase::Hold { lz4: false, until },
+            _ => Phase::Hold { lz4: false, until: now },
+        };
+        false
+    }
+
     /// A window sent with `lz4` moved `rate` bytes per second, ending at
     /// `now`; returns what to send with next.
     fn step(&mut self, lz4: bool, rate: f64, now: Duration) -> bool {
         if lz4 {
             self.lz4_rate = rate;
+        } else if matches!(self.phase, Phase::MeasureRaw { .. }) {
+            self.raw_rate = self.raw_rate.max(rate);
         } else {
             self.raw_rate = rate;
         }
         let faster = self.lz4_rate > self.raw_rate * MARGIN;
         let (phase, next) = match self.phase {
-            Phase::MeasureRaw => (Phase::MeasureLz4, true),
+            Phase::MeasureRaw { left } if left > 1 => (Phase::MeasureRaw { left: left - 1 }, false),
+            Phase::MeasureRaw { .. } => (Phase::MeasureLz4, true),
             Phase::MeasureLz4 => (Phase::Hold { lz4: faster, until: now + self.hold }, faster),
             Phase::Hold { lz4: held, until } if now < until => (Phase::Hold { lz4: held, until }, held),
             Phase::Hold { lz4: held, .. } => (Phase::Probe { lz4: held }, !held),
@@ -183,7 +256,8 @@ mod tests {
     /// Drives the exploration with a fixed rate per mode, a window every
     /// 100 ms; returns the modes of `n` windows.
     fn run(raw: f64, lz4: f64, n: usize) -> Vec<bool> {
-        let mut ex = Explore { phase: Phase::MeasureRaw, raw_rate: 0.0, lz4_rate: 0.0, hold: HOLD };
+        let mut ex =
+            Explore { phase: Phase::MeasureRaw { left: RAW_WINDOWS }, raw_rate: 0.0, lz4_rate: 0.0, hold: HOLD };
         let mut now = false;
         let mut modes = Vec::new();
         for i in 0..n {
@@ -196,17 +270,18 @@ mod tests {
     #[test]
     fn auto_keeps_whichever_moves_page_data_faster() {
         // The CPU is the limit (both ends on one host): raw, after one
-        // probe; the probes come at 2 s, then 4 s later.
+        // probe; over 10 s one more probe, after the 4 s hold (the next
+        // would come 8 s later).
         let m = run(1000.0, 600.0, 100);
-        assert_eq!(&m[..3], &[false, true, false]);
-        assert_eq!(m.iter().filter(|&&l| l).count(), 3, "{m:?}");
+        assert_eq!(&m[..4], &[false, false, true, false]);
+        assert_eq!(m.iter().filter(|&&l| l).count(), 2, "{m:?}");
         // A slow link and pages that shrink: lz4, after one raw window.
         let m = run(110.0, 200.0, 100);
-        assert_eq!(&m[..3], &[false, true, true]);
+        assert_eq!(&m[..4], &[false, false, true, true]);
         assert_eq!(m.iter().filter(|&&l| !l).count(), 3, "{m:?}");
         // A tie goes to raw: lz4 must win by the margin.
         let m = run(100.0, 103.0, 100);
-        assert!(!m[2]);
+        assert!(!m[3]);
     }
 
     #[test]

@@ -297,6 +297,13 @@ impl SessionHandler for Exit<'_> {
         }
     }
 
+    fn abandoned(&self, (local, name): Self::Context, why: &str) {
+        // The target was connected for a session that never ran: it must
+        // see a failure, not an empty stream that ended well.
+        (local.abort)();
+        (self.log)(format!("{name}: failed: {why}"));
+    }
+
     fn refused(&self, peer: SocketAddr, why: &str) {
         (self.log)(format!("refused {peer}: {why}"));
     }

@@ -220,6 +220,23 @@ pub fn reset_on_close(s: &TcpStream) {
     let _ = SockRef::from(s).set_linger(Some(Duration::ZERO));
 }
 
+/// Ends `s` with a reset now, whoever else holds it: its peer sees a
+/// failure, not an end of stream (a FIN from `shutdown` would arrive
+/// first), and this end's blocked reads and writes return.
+pub fn reset_now(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    reset_on_close(s);
+    // connect(2) to AF_UNSPEC disconnects a TCP socket: the kernel sends a
+    // reset on an established connection and wakes its waiters.
+    // SAFETY: a zeroed sockaddr of family AF_UNSPEC, of the size given,
+    // that lives on this frame for the call; `s` is an open socket.
+    unsafe {
+        let mut sa: libc::sockaddr = std::mem::zeroed();
+        sa.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
+        libc::connect(s.as_raw_fd(), &sa, std::mem::size_of::<libc::sockaddr>() as libc::socklen_t);
+    }
+}
+
 /// Tunes an accepted stream like a connected one.
 pub fn tune_accepted(s: &TcpStream) -> Result<(), TransportError> {
     tune(&SockRef::from(s)).map_err(|e| TransportError::io("tune accepted stream", e))

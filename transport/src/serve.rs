@@ -60,6 +60,10 @@ pub trait SessionHandler: Sync {
 
     /// A connection refused, and why (for the server's log).
     fn refused(&self, _peer: SocketAddr, _why: &str) {}
+
+    /// A session that opened never ran (its other streams did not all
+    /// arrive, or one broke in its handshake): its context, and why.
+    fn abandoned(&self, _context: Self::Context, _why: &str) {}
 }
 
 struct Gathering<C> {
@@ -100,18 +104,21 @@ impl Acceptor {
         self.listening(&pipeline, &note, || {
             std::thread::scope(|scope| {
                 while !stop.load(Ordering::Relaxed) {
-                    let before = gathering.len();
-                    gathering.retain(|_, g| {
-                        let keep = g.since.elapsed() <= self.gather_timeout;
-                        if !keep {
-                            for c in g.slots.iter().flatten() {
-                                c.send_error(ErrorCode::Aborted, "the session's other streams did not arrive in time");
-                                let _ = c.shutdown(std::net::Shutdown::Both);
-                            }
+                    let late: Vec<[u8; 16]> = gathering
+                        .iter()
+                        .filter(|(_, g)| g.since.elapsed() > self.gather_timeout)
+                        .map(|(id, _)| *id)
+                        .collect();
+                    for id in late {
+                        let g = gathering.remove(&id).expect("just listed");
+                        slots_used.fetch_sub(1, Ordering::AcqRel);
+                        let why = "the session's other streams did not arrive in time";
+                        for c in g.slots.iter().flatten() {
+                            c.send_error(ErrorCode::Aborted, why);
+                            let _ = c.shutdown(std::net::Shutdown::Both);
                         }
-                        keep
-                    });
-                    slots_used.fetch_sub(before - gathering.len(), Ordering::AcqRel);
+                        handler.abandoned(g.context, why);
+                    }
                     // Opened sessions first (they wait on nothing else), then
                     // handshakes, waiting briefly while opens are in flight.
                     let event = match rx.try_recv() {
@@ -202,10 +209,12 @@ impl Acceptor {
                                     // A stream that breaks in its handshake dooms the session.
                                     if let Some(g) = gathering.remove(&h.session) {
                                         slots_used.fetch_sub(1, Ordering::AcqRel);
+                                        let why = "a stream of the session broke";
                                         for c in g.slots.into_iter().flatten() {
-                                            c.send_error(ErrorCode::Aborted, "a stream of the session broke");
+                                            c.send_error(ErrorCode::Aborted, why);
                                             let _ = c.shutdown(std::net::Shutdown::Both);
                                         }
+                                        handler.abandoned(g.context, why);
                                     }
                                     continue;
                                 }
@@ -223,9 +232,15 @@ impl Acceptor {
                                     continue;
                                 }
                             };
-                            if gathering.contains_key(&h.session) || send_welcome(&a.conn, h.session, caps).is_err() {
-                                // Opened twice at once, or gone: nothing to serve.
+                            if gathering.contains_key(&h.session) {
+                                // Opened twice at once: the first is served.
                                 slots_used.fetch_sub(1, Ordering::AcqRel);
+                                handler.abandoned(context, "the same session opened twice");
+                                continue;
+                            }
+                            if send_welcome(&a.conn, h.session, caps).is_err() {
+                                slots_used.fetch_sub(1, Ordering::AcqRel);
+                                handler.abandoned(context, "its first stream broke before it was welcomed");
                                 continue;
                             }
                             let key = a.session_key(&self.auth);

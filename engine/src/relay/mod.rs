@@ -240,10 +240,7 @@ impl Local {
         Ok(Local {
             input: Some(Box::new(input)),
             output: Some(Box::new(s)),
-            abort: Box::new(move || {
-                pmigrate_transport::net::reset_on_close(&abort);
-                let _ = abort.shutdown(Shutdown::Both);
-            }),
+            abort: Box::new(move || pmigrate_transport::net::reset_now(&abort)),
         })
     }
 
