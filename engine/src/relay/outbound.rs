@@ -135,6 +135,12 @@ pub(super) fn run<'s, 'a: 's>(
         }
     }
     let (chunks, bytes) = done_rx.recv().unwrap_or(Err(MigrateError::Aborted))?;
+    // An end of input that the relay's own failure caused (its abort
+    // disconnects a local socket, whose reader then sees an end) is no end
+    // of the stream: the other end must not close its peer cleanly.
+    if shared.failed() {
+        return Err(MigrateError::Aborted);
+    }
     if chunks != report.chunks || bytes != report.bytes || !pending.is_empty() {
         return Err(MigrateError::Aborted); // a worker gave up: the relay failed
     }
