@@ -57,7 +57,7 @@ enum Phase {
     /// The first windows: raw, `left` more of them; the fastest counts
     /// (the first of a session also meets the destination's cold start).
     MeasureRaw { left: u32 },
-    /// The second: lz4; then the faster is chosen.
+    /// Then one with lz4, and the faster is chosen.
     MeasureLz4,
     /// Sending with the choice until `until` (since the policy began);
     /// then one window of the other kind, and the faster is chosen again.
@@ -159,9 +159,8 @@ impl Lz4Policy {
             Ok(_) => return self.restart_window(),
             Err(_) => {}
         }
-        let window = WINDOW_BYTES;
         let bytes = self.bytes.fetch_add(raw, Ordering::Relaxed) + raw;
-        if bytes < window {
+        if bytes < WINDOW_BYTES {
             return;
         }
         let now = self.t0.elapsed().as_nanos() as u64;
@@ -173,7 +172,7 @@ impl Lz4Policy {
         // the next.
         let Ok(mut ex) = self.explore.try_lock() else { return };
         let bytes = self.bytes.swap(0, Ordering::Relaxed);
-        if bytes < window {
+        if bytes < WINDOW_BYTES {
             return; // closed by another worker meanwhile
         }
         self.start.store(now, Ordering::Relaxed);

@@ -99,6 +99,16 @@ impl Acceptor {
             handler.refused(peer, &r.why);
         };
         let note = |peer: SocketAddr, why: String| handler.refused(peer, &why);
+        // A gathering session that will never run: its streams are told
+        // why and closed, its slot given back, its handler told.
+        let abandon = |g: Gathering<H::Context>, why: &str| {
+            slots_used.fetch_sub(1, Ordering::AcqRel);
+            for c in g.slots.iter().flatten() {
+                c.send_error(ErrorCode::Aborted, why);
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
+            handler.abandoned(g.context, why);
+        };
         // Handlers' `open`s in flight: their outcomes come on `rx`.
         let opening = AtomicUsize::new(0);
         self.listening(&pipeline, &note, || {
@@ -111,13 +121,7 @@ impl Acceptor {
                         .collect();
                     for id in late {
                         let g = gathering.remove(&id).expect("just listed");
-                        slots_used.fetch_sub(1, Ordering::AcqRel);
-                        let why = "the session's other streams did not arrive in time";
-                        for c in g.slots.iter().flatten() {
-                            c.send_error(ErrorCode::Aborted, why);
-                            let _ = c.shutdown(std::net::Shutdown::Both);
-                        }
-                        handler.abandoned(g.context, why);
+                        abandon(g, "the session's other streams did not arrive in time");
                     }
                     // Opened sessions first (they wait on nothing else), then
                     // handshakes, waiting briefly while opens are in flight.
@@ -208,13 +212,7 @@ impl Acceptor {
                                 if send_welcome(&a.conn, h.session, g.caps).is_err() {
                                     // A stream that breaks in its handshake dooms the session.
                                     if let Some(g) = gathering.remove(&h.session) {
-                                        slots_used.fetch_sub(1, Ordering::AcqRel);
-                                        let why = "a stream of the session broke";
-                                        for c in g.slots.into_iter().flatten() {
-                                            c.send_error(ErrorCode::Aborted, why);
-                                            let _ = c.shutdown(std::net::Shutdown::Both);
-                                        }
-                                        handler.abandoned(g.context, why);
+                                        abandon(g, "a stream of the session broke");
                                     }
                                     continue;
                                 }

@@ -375,13 +375,10 @@ impl State<'_> {
         // The failing stream, stream 0 and the priority stream: the source
         // hears the verdict on the last two.
         let mut told = vec![index, 0];
-        if self.post.is_some() {
-            told.push(self.prio);
-        }
-        for (n, &i) in told.iter().enumerate() {
-            if told[..n].contains(&i) {
-                continue;
-            }
+        told.extend(self.post.as_ref().map(|_| self.prio));
+        told.sort_unstable();
+        told.dedup();
+        for i in told {
             let _w = streams[i].lock_writes();
             streams[i].current().0.send_error(code, msg.clone());
         }

@@ -575,8 +575,7 @@ impl<'r> Run<'r> {
             drop((probe_tx, verdict_tx));
             let res = this.rounds(&txs, bulk, &pool_rx, &probe_rx, &verdicts, tracker, pause, &mut report).and_then(
                 |(t_pause, handed_over)| {
-                    let tables: Vec<&[AtomicU64]> = this.sent.iter().map(|t| &t[..]).collect();
-                    let digest = Digest(digest_handing_over(&tables, &handed_over));
+                    let digest = this.sent_digest(&handed_over);
                     report.digest = digest.to_string();
                     reached.digest = Some(digest);
                     txs[0].send(Msg::Done { digest }).map_err(|_| MigrateError::Aborted)?;
@@ -599,19 +598,16 @@ impl<'r> Run<'r> {
             // the destination" explains more than "broken pipe".
             let verdict_wait = if error.is_none() { VERDICT_TIMEOUT } else { Duration::from_secs(1) };
             let mut verdict = verdict_of(&verdicts, verdict_wait);
-            if matches!(&verdict, Ok(Err(e)) if !e.is_peer_refusal()) {
-                // A stream that broke here may say so before the
-                // destination's own word arrives on another: that word
-                // decides who holds the guest.
-                let t = Instant::now();
-                while let Some(left) = Duration::from_secs(1).checked_sub(t.elapsed()) {
-                    match verdict_of(&verdicts, left) {
-                        Ok(v @ Ok(_)) => verdict = Ok(v),
-                        Ok(Err(e)) if e.is_peer_refusal() => verdict = Ok(Err(e)),
-                        Ok(Err(_)) => continue,
-                        Err(_) => break,
-                    }
-                    break;
+            // A stream that broke here may say so before the destination's
+            // own word arrives on another: that word decides who holds the
+            // guest.
+            let grace = Instant::now() + Duration::from_secs(1);
+            while matches!(&verdict, Ok(Err(e)) if !e.is_peer_refusal()) {
+                let Some(left) = grace.checked_duration_since(Instant::now()) else { break };
+                match verdict_of(&verdicts, left) {
+                    Ok(Err(e)) if !e.is_peer_refusal() => {} // another broken stream
+                    Ok(v) => verdict = Ok(v),
+                    Err(_) => break,
                 }
             }
             // Unblock the listeners whatever happened, so the scope can end.
@@ -626,8 +622,7 @@ impl<'r> Run<'r> {
                 // Post-copy whose push failed here while the destination
                 // fetched the rest: after the switchover what was sent is
                 // final (the guest is paused here), so its digest is known.
-                let tables: Vec<&[AtomicU64]> = this.sent.iter().map(|t| &t[..]).collect();
-                let digest = Digest(digest_handing_over(&tables, shared));
+                let digest = this.sent_digest(shared);
                 report.digest = digest.to_string();
                 reached.digest = Some(digest);
             }
@@ -818,6 +813,15 @@ impl<'r> Run<'r> {
             p.pushed_pages = c.scanned;
         }
         Ok((t_pause, shared))
+    }
+}
+
+impl Run<'_> {
+    /// The digest of what this end sent, the regions in `handed_over`
+    /// counting by index only.
+    fn sent_digest(&self, handed_over: &[bool]) -> Digest {
+        let tables: Vec<&[AtomicU64]> = self.sent.iter().map(|t| &t[..]).collect();
+        Digest(digest_handing_over(&tables, handed_over))
     }
 }
 

@@ -95,7 +95,6 @@ impl Worker<'_> {
             return Ok(());
         }
         let lz4 = self.run.lz4.compress();
-        let raw_len = (b - a) * PAGE_SIZE;
         let at = PagesAt { region, first, round: self.round };
         let n = (b - a) as u64;
         let sent = &self.run.sent[region as usize];
@@ -103,7 +102,7 @@ impl Worker<'_> {
             sent[(first + i as u64) as usize].store(*h, Ordering::Relaxed);
         }
         self.counts.payload += n * PAGE_SIZE as u64;
-        if whole && !lz4 {
+        let frame = if whole && !lz4 {
             // The pages already sit behind room for a header: seal the batch
             // buffer itself and send it, no copy.
             let end = HEADER_LEN + b * PAGE_SIZE;
@@ -112,20 +111,20 @@ impl Worker<'_> {
             let mut frame = std::mem::replace(&mut self.pages, next);
             frame.truncate(end);
             self.counts.raw += n;
-            self.send(frame)?;
-            self.run.lz4.handed(raw_len);
-            return Ok(());
-        }
-        let bytes = &self.pages[HEADER_LEN + a * PAGE_SIZE..HEADER_LEN + b * PAGE_SIZE];
-        let mut frame = self.buffer();
-        let enc = build_pages(&mut frame, &mut self.scratch, at, bytes, &self.hashes[a..b], lz4);
-        if enc == Encoding::Lz4 {
-            self.counts.compressed += n;
+            frame
         } else {
-            self.counts.raw += n;
-        }
-        self.send(Outgoing::Vec(frame))?;
-        self.run.lz4.handed(raw_len);
+            let bytes = &self.pages[HEADER_LEN + a * PAGE_SIZE..HEADER_LEN + b * PAGE_SIZE];
+            let mut frame = self.buffer();
+            let enc = build_pages(&mut frame, &mut self.scratch, at, bytes, &self.hashes[a..b], lz4);
+            if enc == Encoding::Lz4 {
+                self.counts.compressed += n;
+            } else {
+                self.counts.raw += n;
+            }
+            Outgoing::Vec(frame)
+        };
+        self.send(frame)?;
+        self.run.lz4.handed((b - a) * PAGE_SIZE);
         Ok(())
     }
 
