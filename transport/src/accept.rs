@@ -1,7 +1,7 @@
 //! The accepting side: listeners, admission of connections into their
 //! handshakes, and gathering the streams of one session.
 //!
-//! Every accepted connection runs its handshake ([`crate::handshake`]) on a
+//! Every accepted connection runs its handshake (the private `handshake` module) on a
 //! thread of its own, at most [`MAX_PENDING_HANDSHAKES`] at once; when the
 //! table is full the oldest handshake is cut to make room, so a crowd of
 //! slow strangers can delay a real peer by one handshake at most, never

@@ -8,7 +8,7 @@
 //! - [`auth`]: who may take part: pre-shared keys, mutual TLS or nothing
 //!   ([`Auth`]), the authentication exchange that opens every connection,
 //!   and each session's secret.
-//! - [`handshake`]: one connection's handshake, both ends.
+//! - `handshake`: one connection's handshake, both ends.
 //! - [`payload`]: building page and stream-chunk frames (raw, zero, lz4) and
 //!   opening them with verification.
 //! - [`net`]: tuned TCP sockets, binding a stream to a local address or an

@@ -1,10 +1,10 @@
 //! The destination side: receive, verify and place pages, then confirm.
 //!
 //! One thread per stream reads frames and hands each, typed, to the
-//! session's rules ([`rules`]), which check it against the region table
+//! session's rules (`rules`), which check it against the region table
 //! and the stream's round before anything else looks at it; the page
 //! frames they accept are opened (decoded and verified) and placed in
-//! guest memory ([`place`]). After every stream ended the final round,
+//! guest memory (`place`). After every stream ended the final round,
 //! stream 0 brings the source's digest; the destination answers `Verified`
 //! only if its own digest — from the hashes of the pages it placed —
 //! matches, and only once the guest may run here.
