@@ -185,16 +185,50 @@ pub struct EntryConfig {
     pub access: SocketAccess,
 }
 
+/// What one side of the proxy carried, counted when it stopped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Connections carried to their end.
+    pub done: u64,
+    /// Connections opened that failed (cut, refused by the other side,
+    /// their target unreachable).
+    pub failed: u64,
+}
+
+/// The counters behind a [`Tally`], shared by a side's session threads.
+#[derive(Default)]
+struct Counts {
+    done: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl Counts {
+    fn done(&self, name: &str, report: &dyn std::fmt::Display) {
+        self.done.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(connection = name, %report, "connection done");
+    }
+
+    fn failed(&self, name: &str, why: &dyn std::fmt::Display) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(connection = name, reason = %why, "connection failed");
+    }
+
+    fn tally(&self) -> Tally {
+        Tally { done: self.done.load(Ordering::Relaxed), failed: self.failed.load(Ordering::Relaxed) }
+    }
+}
+
 /// Listens on `cfg.listen` and carries every accepted connection to the
-/// exit, until `stop` is set; returns once every carried connection ended.
-/// `log` gets a line once each endpoint listens (`accepting on …`) and for
+/// exit, until `stop` is set; returns once every carried connection ended,
+/// with their count. Logs (`tracing`) once each endpoint listens and for
 /// each connection opened and ended.
-pub fn run_entry(cfg: &EntryConfig, stop: &AtomicBool, log: &(dyn Fn(String) + Sync)) -> Result<(), MigrateError> {
+pub fn run_entry(cfg: &EntryConfig, stop: &AtomicBool) -> Result<Tally, MigrateError> {
     let listeners = cfg.listen.iter().map(|e| Listener::bind(e, cfg.access)).collect::<Result<Vec<_>, _>>()?;
     for (i, l) in cfg.listen.iter().enumerate() {
-        log(format!("accepting on {l} (target {i})"));
+        tracing::info!(endpoint = %l, target = i, "accepting on");
     }
     let next_id = AtomicU64::new(0);
+    let counts = &Counts::default();
     std::thread::scope(|s| {
         while !stop.load(Ordering::Relaxed) {
             let mut idle = true;
@@ -212,20 +246,20 @@ pub fn run_entry(cfg: &EntryConfig, stop: &AtomicBool, log: &(dyn Fn(String) + S
                 rc.target = Some(index as u32);
                 match relay::connect(&rc) {
                     Ok(session) => {
-                        log(format!("{name}: open over {} streams", session.streams.len()));
+                        tracing::info!(connection = name, streams = session.streams.len(), "connection open");
                         let t0 = Instant::now();
                         s.spawn(move || match session.carry(local) {
                             Ok(mut r) => {
                                 r.role = "proxy".into();
                                 r.secs = t0.elapsed().as_secs_f64();
-                                log(format!("{name}: done: {r}"));
+                                counts.done(&name, &r);
                             }
-                            Err(e) => log(format!("{name}: failed: {e}")),
+                            Err(e) => counts.failed(&name, &e),
                         });
                     }
                     Err(e) => {
                         (local.abort)();
-                        log(format!("{name}: refused: {e}"));
+                        counts.failed(&name, &format_args!("the exit refused it: {e}"));
                     }
                 }
             }
@@ -233,8 +267,9 @@ pub fn run_entry(cfg: &EntryConfig, stop: &AtomicBool, log: &(dyn Fn(String) + S
                 std::thread::sleep(Duration::from_millis(2));
             }
         }
-        Ok(())
-    })
+        Ok::<(), MigrateError>(())
+    })?;
+    Ok(counts.tally())
 }
 
 /// The exit side of the proxy.
@@ -251,7 +286,7 @@ pub struct ExitConfig {
 struct Exit<'a> {
     cfg: &'a ExitConfig,
     io: pmigrate_transport::backend::Resolved,
-    log: &'a (dyn Fn(String) + Sync),
+    counts: Counts,
     next_id: AtomicU64,
 }
 
@@ -280,7 +315,7 @@ impl SessionHandler for Exit<'_> {
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let name = format!("connection {id} (from {peer} → {target})");
-        (self.log)(format!("{name}: open over {} streams", h.stream_count));
+        tracing::info!(connection = name, streams = h.stream_count, "connection open");
         Ok((h.caps & (CAP_LZ4 | CAP_DUPLEX), (local, name)))
     }
 
@@ -291,9 +326,9 @@ impl SessionHandler for Exit<'_> {
             Ok(mut r) => {
                 r.role = "proxy".into();
                 r.secs = t0.elapsed().as_secs_f64();
-                (self.log)(format!("{name}: done: {r}"));
+                self.counts.done(&name, &r);
             }
-            Err(e) => (self.log)(format!("{name}: failed: {e}")),
+            Err(e) => self.counts.failed(&name, &e),
         }
     }
 
@@ -301,25 +336,19 @@ impl SessionHandler for Exit<'_> {
         // The target was connected for a session that never ran: it must
         // see a failure, not an empty stream that ended well.
         (local.abort)();
-        (self.log)(format!("{name}: failed: {why}"));
-    }
-
-    fn refused(&self, peer: SocketAddr, why: &str) {
-        (self.log)(format!("refused {peer}: {why}"));
+        self.counts.failed(&name, &why);
     }
 }
 
 /// Serves proxy sessions from `acceptor`, connecting each to its target,
-/// until `stop` is set; returns once every session ended.
-pub fn run_exit(
-    acceptor: &Acceptor,
-    cfg: &ExitConfig,
-    stop: &AtomicBool,
-    log: &(dyn Fn(String) + Sync),
-) -> Result<(), TransportError> {
+/// until `stop` is set; returns once every session ended, with their
+/// count. Logs (`tracing`) each session opened and ended and each
+/// connection refused.
+pub fn run_exit(acceptor: &Acceptor, cfg: &ExitConfig, stop: &AtomicBool) -> Result<Tally, TransportError> {
     let io = cfg.relay.backend.resolve()?;
-    let exit = Exit { cfg, log, io, next_id: AtomicU64::new(0) };
-    acceptor.serve(Mode::Stream, &exit, stop)
+    let exit = Exit { cfg, io, counts: Counts::default(), next_id: AtomicU64::new(0) };
+    acceptor.serve(Mode::Stream, &exit, stop)?;
+    Ok(exit.counts.tally())
 }
 
 #[cfg(test)]
@@ -328,7 +357,6 @@ mod tests {
     use pmigrate_transport::session::StreamPlan;
     use pmigrate_transport::Auth;
     use std::io::{Read, Write};
-    use std::sync::Mutex;
 
     #[test]
     fn endpoints_parse_as_libvirt_and_qemu_spell_them() {
@@ -361,11 +389,9 @@ mod tests {
         let entry_cfg =
             EntryConfig { listen: vec![Endpoint::Unix(entry_path.clone())], relay, access: SocketAccess::default() };
         let stop = AtomicBool::new(false);
-        let lines = Mutex::new(Vec::new());
-        let log = |l: String| lines.lock().unwrap().push(l);
-        std::thread::scope(|s| {
-            s.spawn(|| run_exit(&acceptor, &exit_cfg, &stop, &log).unwrap());
-            s.spawn(|| run_entry(&entry_cfg, &stop, &log).unwrap());
+        let (exit, entry) = std::thread::scope(|s| {
+            let exit = s.spawn(|| run_exit(&acceptor, &exit_cfg, &stop).unwrap());
+            let entry = s.spawn(|| run_entry(&entry_cfg, &stop).unwrap());
             while UnixStream::connect(&entry_path).is_err() {
                 std::thread::sleep(Duration::from_millis(10));
             }
@@ -406,16 +432,13 @@ mod tests {
                 c.read_to_string(&mut got).unwrap();
                 assert_eq!(got, format!("answer {i}"));
             }
-            // Let the sessions log their end, then stop both sides.
-            let until = Instant::now() + Duration::from_secs(30);
-            while lines.lock().unwrap().iter().filter(|l| l.contains("done")).count() < 12 && Instant::now() < until {
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            // Both sides finish what they carry, then return their counts.
             stop.store(true, Ordering::Relaxed);
+            (exit.join().unwrap(), entry.join().unwrap())
         });
-        let lines = lines.into_inner().unwrap();
-        assert_eq!(lines.iter().filter(|l| l.contains(": done:")).count(), 12, "{lines:#?}");
-        assert!(!lines.iter().any(|l| l.contains("failed")), "{lines:#?}");
+        // The probe and the five clients, each counted by both sides.
+        assert_eq!(exit, Tally { done: 6, failed: 0 });
+        assert_eq!(entry, Tally { done: 6, failed: 0 });
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -428,9 +451,8 @@ mod tests {
             connect_timeout: Duration::from_secs(2),
         };
         let stop = AtomicBool::new(false);
-        let log = |_: String| {};
         std::thread::scope(|s| {
-            s.spawn(|| run_exit(&acceptor, &cfg, &stop, &log).unwrap());
+            s.spawn(|| run_exit(&acceptor, &cfg, &stop).unwrap());
             let plan = StreamPlan::new(acceptor.local_addrs(), 1, Auth::Insecure);
             let err =
                 relay::connect(&RelaySendConfig { target: Some(1), ..RelaySendConfig::new(plan.clone()) }).unwrap_err();

@@ -379,8 +379,8 @@ impl ProxyPair {
         let count = |p: &PathBuf| {
             let t = fs::read_to_string(p).unwrap_or_default();
             (
-                t.lines().filter(|l| l.contains(": done: ")).count(),
-                t.lines().filter(|l| l.contains(": failed: ")).count(),
+                t.lines().filter(|l| l.contains("connection done")).count(),
+                t.lines().filter(|l| l.contains("connection failed")).count(),
             )
         };
         (count(&self.entry_log), count(&self.exit_log))

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use pmigrate::engine::relay::{self, Local, RelayRecvOptions, RelaySendConfig};
 use pmigrate::transport::session::StreamPlan;
 use pmigrate::{Acceptor, BackendChoice, Compression, Via};
@@ -32,6 +32,7 @@ macro_rules! say {
 
 mod auth;
 mod bench;
+mod log;
 mod memfile;
 mod proxy;
 mod qemu;
@@ -46,6 +47,8 @@ use auth::AuthArgs;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    #[command(flatten)]
+    log: log::LogArgs,
 }
 
 #[derive(Subcommand)]
@@ -69,6 +72,16 @@ enum Cmd {
     Qemu(qemu::QemuArgs),
     /// Write a new pre-shared key file (32 random bytes, mode 0600).
     Keygen(auth::KeygenArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(CompletionsArgs),
+    /// Print the manual page (roff), e.g. `pmigrate man | man -l -`.
+    Man,
+}
+
+#[derive(Args)]
+struct CompletionsArgs {
+    /// The shell to complete for.
+    shell: clap_complete::Shell,
 }
 
 #[derive(Args)]
@@ -146,6 +159,7 @@ pub(crate) fn resolve(addrs: &[String]) -> Result<Vec<SocketAddr>> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    log::init(&cli.log, matches!(cli.cmd, Cmd::Serve(_) | Cmd::Recv(_) | Cmd::Proxy(_)));
     let res = match cli.cmd {
         Cmd::Serve(a) => memfile::serve(a),
         Cmd::Migrate(a) => memfile::migrate(a),
@@ -155,6 +169,11 @@ fn main() -> ExitCode {
         Cmd::Qemu(a) => qemu::run(a),
         Cmd::Proxy(a) => proxy::run(a),
         Cmd::Keygen(a) => auth::keygen(a),
+        Cmd::Completions(a) => {
+            clap_complete::generate(a.shell, &mut Cli::command(), "pmigrate", &mut std::io::stdout());
+            Ok(())
+        }
+        Cmd::Man => clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()).context("writing the page"),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -235,8 +254,7 @@ fn send(a: SendArgs) -> Result<()> {
 }
 
 fn recv(a: RecvArgs) -> Result<()> {
-    let mut acceptor = Acceptor::bind(&resolve(&a.listen)?, a.auth.auth("recv")?)?;
-    acceptor.log_refusals(|peer, why| say!("pmigrate recv: refused {peer}: {why}"));
+    let acceptor = Acceptor::bind(&resolve(&a.listen)?, a.auth.auth("recv")?)?;
     if a.report {
         say!("pmigrate recv: listening on {:?}", acceptor.local_addrs());
     }

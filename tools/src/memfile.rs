@@ -241,8 +241,7 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
     let auth = a.auth.auth("serve")?;
     let existing = preflight(&a.memory)?;
     let max = a.max_memory_mib.map_or_else(physical_memory, |m| m << 20);
-    let mut acceptor = Acceptor::bind(&resolve(&a.listen)?, auth)?;
-    acceptor.log_refusals(|peer, why| say!("pmigrate serve: refused {peer}: {why}"));
+    let acceptor = Acceptor::bind(&resolve(&a.listen)?, auth)?;
     say!("pmigrate serve: listening on {:?}", acceptor.local_addrs());
     let memory = a.memory.clone();
     let partial = partial_path(&a.memory);
@@ -359,10 +358,10 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
                 format!("the source keeps the VM; {} was filled in place and may be incomplete", a.memory.display())
             }
             (_, false, false) => {
-                say!(
-                    "pmigrate serve: the migration from {peer} failed ({}); the source keeps the VM, {} untouched; \
-                     waiting for another",
-                    crate::one_line(&anyhow::Error::new(e)),
+                tracing::warn!(
+                    peer = %peer,
+                    reason = crate::one_line(&anyhow::Error::new(e)),
+                    "migration failed; the source keeps the VM, {} untouched; waiting for another",
                     a.memory.display()
                 );
                 set_stage(ServeStage::Listening);

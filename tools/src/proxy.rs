@@ -161,7 +161,7 @@ pub fn run(a: ProxyArgs) -> Result<()> {
             let access = SocketAccess { mode: e.socket_mode, group: e.socket_group };
             let cfg = EntryConfig { listen: e.accept, relay, access };
             log(format!("carrying connections to {:?}{tls}", e.exit));
-            run_entry(&cfg, &stop, &log)?;
+            run_entry(&cfg, &stop)?;
         }
         Side::Exit(x) => {
             let acceptor = Acceptor::bind(&resolve(&x.listen)?, x.auth.auth("proxy exit")?)?;
@@ -182,7 +182,7 @@ pub fn run(a: ProxyArgs) -> Result<()> {
                 pmigrate::Auth::Insecure => " (no authentication)",
             };
             log(format!("listening on {:?}{tls}, targets {:?}", acceptor.local_addrs(), cfg.targets));
-            run_exit(&acceptor, &cfg, &stop, &log)?;
+            run_exit(&acceptor, &cfg, &stop)?;
         }
     }
     let sig = got.load(Ordering::Acquire);

@@ -114,7 +114,16 @@ fn serve_and_migrate_a_memory_file_with_intruders_refused() {
     assert!(migrate.status.success(), "migrate: {}", String::from_utf8_lossy(&migrate.stderr));
     let (served, log) = wait_output(serve, log);
     assert!(served.status.success(), "serve: {log}");
-    assert!(log.contains("refused"), "serve logged the refusal: {log}");
+    // The refusal is one log line naming the stranger and why.
+    let refusals: Vec<&str> = log.lines().filter(|l| l.contains("refused")).collect();
+    let stranger = noise.local_addr().unwrap();
+    assert_eq!(refusals.len(), 1, "one line for the one stranger: {log}");
+    assert!(
+        refusals[0].contains(" WARN ")
+            && refusals[0].contains(&format!("peer={stranger}"))
+            && refusals[0].contains("reason=\"handshake: "),
+        "the line names the peer and the reason: {log}"
+    );
     let src_json = String::from_utf8(migrate.stdout).unwrap();
     let dst_json = String::from_utf8(served.stdout).unwrap();
     assert!(src_json.contains("\"role\": \"source\"") && src_json.contains("\"converged\": true"), "{src_json}");
@@ -453,7 +462,7 @@ fn proxy_carries_a_unix_connection_over_tls_and_refuses_strangers() {
     let mut answer = Vec::new();
     c.read_to_end(&mut answer).unwrap();
     assert_eq!(answer, b"answer after the end");
-    good.wait_log(": done: ");
+    good.wait_log("connection done");
     assert!(good.log().contains("over TLS") && good.log().contains("TLS, portable I/O"), "entry: {}", good.log());
     drop((good, bad, exit));
     std::fs::remove_dir_all(dir).unwrap();
@@ -505,7 +514,7 @@ fn a_proxy_stops_on_sigterm_after_its_connections_end() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(status.code(), Some(143), "{status}: {}", entry.log());
-    assert!(entry.log().contains(": done: ") && entry.log().contains("stopped by SIGTERM"), "{}", entry.log());
+    assert!(entry.log().contains("connection done") && entry.log().contains("stopped by SIGTERM"), "{}", entry.log());
     assert!(!dir.join("entry.sock").exists(), "the entry removed its socket");
     drop(exit);
     std::fs::remove_dir_all(dir).unwrap();
@@ -988,4 +997,54 @@ fn serve_refuses_a_source_its_disk_cannot_hold() {
     assert!(log.contains("refused"), "{log}");
     assert!(listing.is_empty(), "nothing was created on the full disk");
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// `--log-format json`: a server's refusal is one JSON object with the
+/// peer and the reason as fields, for a log shipper.
+#[test]
+fn a_refused_stranger_is_one_json_log_line() {
+    let dir = scratch("json-log");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let (mut serve, log) = start_listening(
+        Command::new(BIN)
+            .args(["serve", "--log-format", "json", "--listen", &addr, "--memory"])
+            .arg(dir.join("dst.mem"))
+            .args(psk_args()),
+    );
+    let mut stranger = TcpStream::connect(&addr).unwrap();
+    stranger.write_all(&[0xff; 64]).unwrap();
+    stranger.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let _ = stranger.read_to_end(&mut Vec::new());
+    let peer = stranger.local_addr().unwrap().to_string();
+    // Serve logs before it answers; stop it once the stranger is gone.
+    signal(&serve, libc::SIGTERM);
+    let _ = serve.wait();
+    let log = log.join().unwrap();
+    let objects: Vec<serde_json::Value> =
+        log.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    let refused: Vec<_> = objects.iter().filter(|o| o["message"] == "refused").collect();
+    assert_eq!(refused.len(), 1, "{log}");
+    assert_eq!(refused[0]["level"], "WARN", "{log}");
+    assert_eq!(refused[0]["peer"], peer.as_str(), "{log}");
+    assert!(refused[0]["reason"].as_str().is_some_and(|r| r.starts_with("handshake: ")), "{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The usual conveniences: `--version`, shell completions, a man page.
+#[test]
+fn version_completions_and_man_page() {
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(run(&["--version"]).trim(), format!("pmigrate {}", env!("CARGO_PKG_VERSION")));
+    let bash = run(&["completions", "bash"]);
+    assert!(bash.contains("_pmigrate()") && bash.contains("migrate") && bash.contains("--psk-file"), "{bash}");
+    assert!(run(&["completions", "zsh"]).contains("#compdef pmigrate"));
+    let man = run(&["man"]);
+    assert!(man.starts_with(".ie") || man.contains(".TH pmigrate"), "{man}");
+    assert!(man.contains("serve") && man.contains("proxy"), "{man}");
+    let bad = Command::new(BIN).args(["completions", "tcsh"]).output().unwrap();
+    assert!(!bad.status.success());
 }

@@ -61,21 +61,6 @@ pub struct Acceptor {
     /// acceptor, not to one call: a handshake still running when one
     /// session was accepted is judged by the next call.
     pipeline: Mutex<Pipeline>,
-    /// Told of every refused connection as it happens (one line each).
-    refusals: Option<RefusalLog>,
-}
-
-/// Where an acceptor reports refused connections.
-#[derive(Clone)]
-struct RefusalLog(Arc<RefusalFn>);
-
-/// The callback behind a [`RefusalLog`]: the peer and why it was refused.
-type RefusalFn = dyn Fn(SocketAddr, &str) + Send + Sync;
-
-impl std::fmt::Debug for RefusalLog {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("RefusalLog(..)")
-    }
 }
 
 /// The handshake threads' table and their channel.
@@ -191,15 +176,7 @@ impl Acceptor {
             handshake_timeout: HANDSHAKE_TIMEOUT,
             trouble: Arc::default(),
             pipeline: Mutex::default(),
-            refusals: None,
         })
-    }
-
-    /// Reports every refused connection — a stranger, a wrong key, another
-    /// session, a handshake cut — to `log` as it happens, with the peer and
-    /// why (besides [`Accepted::refused`]).
-    pub fn log_refusals(&mut self, log: impl Fn(SocketAddr, &str) + Send + Sync + 'static) {
-        self.refusals = Some(RefusalLog(Arc::new(log)));
     }
 
     /// Another handle on the same listening sockets.
@@ -217,7 +194,6 @@ impl Acceptor {
             handshake_timeout: self.handshake_timeout,
             trouble: self.trouble.clone(),
             pipeline: Mutex::default(),
-            refusals: self.refusals.clone(),
         })
     }
 
@@ -233,10 +209,10 @@ impl Acceptor {
 
     /// Accepts one connection on `l`, waiting a tick at most. A failing
     /// `accept` never ends the caller's loop: the host being short of
-    /// descriptors or memory is reported through `log` (at most every few
-    /// seconds) and the loop slowed down; a connection aborted before it was
-    /// accepted is skipped.
-    fn accept_one(&self, l: &TcpListener, log: &dyn Fn(SocketAddr, String)) -> Option<(TcpStream, SocketAddr)> {
+    /// descriptors or memory is logged (at most every few seconds) and the
+    /// loop slowed down; a connection aborted before it was accepted is
+    /// skipped.
+    fn accept_one(&self, l: &TcpListener) -> Option<(TcpStream, SocketAddr)> {
         match l.accept() {
             Ok(c) => Some(c),
             Err(e)
@@ -254,10 +230,8 @@ impl Acceptor {
             Err(e) => {
                 let mut last = self.trouble.lock().unwrap_or_else(|p| p.into_inner());
                 if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
-                    log(
-                        SocketAddr::from(([0, 0, 0, 0], 0)),
-                        format!("accept failed ({e}); backing off, still serving"),
-                    );
+                    let local = l.local_addr().ok();
+                    tracing::error!(listener = ?local, error = %e, "accept failed; backing off, still serving");
                     *last = Some(Instant::now());
                 }
                 drop(last);
@@ -283,7 +257,7 @@ impl Acceptor {
                 let (stop, tx, admission) = (&stop, pipeline.tx.clone(), &pipeline.admission);
                 s.spawn(move || {
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        if let Some((c, peer)) = self.accept_one(l, log) {
+                        if let Some((c, peer)) = self.accept_one(l) {
                             let _ = c.set_nonblocking(false);
                             self.start_handshake(c, peer, admission, &tx, log);
                         }
@@ -337,9 +311,7 @@ impl Acceptor {
         let mut claim: Option<Claim> = None;
         let refused = Mutex::new(Vec::new());
         let note = |peer: SocketAddr, why: String| {
-            if let Some(log) = &self.refusals {
-                (log.0)(peer, &why);
-            }
+            refusal_logged(peer, &why);
             refused.lock().unwrap_or_else(|p| p.into_inner()).push((peer, why));
         };
         let res = self.listening(&pipeline, &note, || loop {
@@ -482,6 +454,11 @@ pub(crate) fn agrees(first: &Hello, h: &Hello) -> Result<(), (ErrorCode, String)
         return Err((ErrorCode::Protocol, "stream disagrees with its session's handshake".into()));
     }
     Ok(())
+}
+
+/// The one log line of a refused connection: the peer and why.
+pub(crate) fn refusal_logged(peer: SocketAddr, why: &str) {
+    tracing::warn!(%peer, reason = why, "refused");
 }
 
 #[cfg(test)]

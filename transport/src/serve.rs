@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::accept::{agrees, Accepted, Acceptor, Handshaken};
+use crate::accept::{agrees, refusal_logged, Accepted, Acceptor, Handshaken};
 use crate::auth::SessionKey;
 use crate::conn::Conn;
 use crate::handshake::{send_welcome, Arrival, Refusal};
@@ -57,9 +57,6 @@ pub trait SessionHandler: Sync {
 
     /// Runs a session whose streams all joined, on a thread of its own.
     fn run(&self, session: Accepted, context: Self::Context);
-
-    /// A connection refused, and why (for the server's log).
-    fn refused(&self, _peer: SocketAddr, _why: &str) {}
 
     /// A session that opened never ran (its other streams did not all
     /// arrive, or one broke in its handshake): its context, and why.
@@ -96,9 +93,9 @@ impl Acceptor {
         let mut gathering: HashMap<[u8; 16], Gathering<H::Context>> = HashMap::new();
         let refuse = |r: Refusal, peer: SocketAddr| {
             r.send();
-            handler.refused(peer, &r.why);
+            refusal_logged(peer, &r.why);
         };
-        let note = |peer: SocketAddr, why: String| handler.refused(peer, &why);
+        let note = |peer: SocketAddr, why: String| refusal_logged(peer, &why);
         // A gathering session that will never run: its streams are told
         // why and closed, its slot given back, its handler told.
         let abandon = |g: Gathering<H::Context>, why: &str| {

@@ -87,6 +87,12 @@ impl Incoming {
             Ok(caps)
         };
         let accepted = acceptor.accept_session(Mode::Memory, &mut judge, deadline)?;
+        tracing::info!(
+            peer = %accepted.streams.first().and_then(|s| s.tcp().peer_addr().ok()).map_or("?".into(), |p| p.to_string()),
+            streams = accepted.streams.len(),
+            regions = accepted.hello.regions.len(),
+            "migration session accepted"
+        );
         Ok(Incoming { accepted, t0: Instant::now(), acceptor: acceptor.try_clone().ok() })
     }
 

@@ -442,12 +442,14 @@ impl State<'_> {
                     });
                 }
                 Err(e) if self.rules().may_come_back(index, self.resumable) => {
+                    tracing::warn!(stream = index, error = %e, "stream lost; waiting for the source to reconnect it");
                     let Some(next) = self.await_comeback(link, index, cur.1, e, opts)? else {
                         return Ok(out); // every page arrived meanwhile
                     };
                     cur = next;
                     reader = reader_on(&cur.0)?;
                     self.rules().reconnected(index);
+                    tracing::info!(stream = index, "stream reconnected");
                     continue;
                 }
                 Err(e) => return Err(e.into()),

@@ -465,6 +465,7 @@ impl Run<'_> {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
+        tracing::warn!(stream = index, error = %e, "stream lost after the switchover; reconnecting");
         let give_up = || self.finished.load(Ordering::Acquire) || self.abort.load(Ordering::Relaxed);
         link.repair(seen, || {
             // A lost stream may come back within the progress timeout.

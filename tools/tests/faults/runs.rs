@@ -578,7 +578,7 @@ fn proxy(run: &Run, plan: &Plan) -> (Observed, Fired) {
         let until = Instant::now() + SETTLE;
         loop {
             let log = p.log();
-            if log.contains(": done: ") || log.contains(": failed: ") || p.status().is_some() {
+            if log.contains("connection done") || log.contains("connection failed") || p.status().is_some() {
                 break;
             }
             if Instant::now() >= until {
@@ -596,9 +596,9 @@ fn proxy(run: &Run, plan: &Plan) -> (Observed, Fired) {
     let lines = |log: &str| {
         let conn = |l: &&str| l.contains("connection 0 (");
         (
-            log.lines().filter(conn).filter(|l| l.contains(": open over ")).count(),
-            log.lines().filter(conn).filter(|l| l.contains(": done: ")).count(),
-            log.lines().filter(conn).filter(|l| l.contains(": failed: ") || l.contains("): refused: ")).count(),
+            log.lines().filter(conn).filter(|l| l.contains("connection open")).count(),
+            log.lines().filter(conn).filter(|l| l.contains("connection done")).count(),
+            log.lines().filter(conn).filter(|l| l.contains("connection failed")).count(),
         )
     };
     let fired = net.fired(run, plan, &victims);
