@@ -47,6 +47,9 @@
 //! println!("{report}");
 //! # Ok(()) }
 //! ```
+//!
+//! `examples/vmm.rs` puts both ends together around a running `vm-memory`
+//! guest: `cargo run --example vmm --features vm-memory`.
 #![warn(missing_docs)]
 
 pub use pmigrate_engine as engine;
