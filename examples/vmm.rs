@@ -34,7 +34,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use pmigrate::engine::{from_vm_memory, AtomicBitmap};
+use pmigrate::{from_vm_memory, AtomicBitmap};
 use pmigrate::{
     Acceptor, Auth, GuestMemory, Incoming, MigrateError, Psk, ReceiveOptions, Report, Source, VmmBitmapTracker,
     PAGE_SIZE,

@@ -20,17 +20,17 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use backends::{config, key, receive_options};
-use pmigrate::engine::relay::{self, Local, Output, RelayRecvOptions, RelaySendConfig};
-use pmigrate::transport::auth::{Challenge, Confirm, Method, Offer, Proof, Purpose, Transcript};
-use pmigrate::transport::frame::{FrameHdr, FrameKind};
-use pmigrate::transport::hello::{ErrorCode, Hello, Mode, RegionDesc, CAP_LZ4, PROTOCOL_VERSION};
-use pmigrate::transport::net::FrameReader;
-use pmigrate::transport::payload::build_control;
-use pmigrate::transport::session::{new_session_id, StreamPlan};
-use pmigrate::transport::tls::test_pki::{config as tls_config, pki_dir};
-use pmigrate::transport::{SessionKey, TransportError};
+use pmigrate::relay::{self, Local, Output, RelayRecvOptions, RelaySendConfig};
 use pmigrate::{Acceptor, Auth, BackendChoice, GuestMemory, HashTracker, Incoming, MigrateError, Psk, Report, Source};
 use pmigrate_bench::synth::{fill, first_difference, ContentMix};
+use pmigrate_transport::auth::{Challenge, Confirm, Method, Offer, Proof, Purpose, Transcript};
+use pmigrate_transport::frame::{FrameHdr, FrameKind};
+use pmigrate_transport::hello::{ErrorCode, Hello, Mode, RegionDesc, CAP_LZ4, PROTOCOL_VERSION};
+use pmigrate_transport::net::FrameReader;
+use pmigrate_transport::payload::build_control;
+use pmigrate_transport::session::{new_session_id, StreamPlan};
+use pmigrate_transport::tls::test_pki::{config as tls_config, pki_dir};
+use pmigrate_transport::{SessionKey, TransportError};
 
 const MEM: u64 = 16 << 20;
 const WAIT: Duration = Duration::from_secs(60);
@@ -270,7 +270,7 @@ fn hello_then_reset_and_malformed_hellos_leave_the_server_waiting(io: BackendCho
     let h = hello(MEM, 1);
     let s = authenticated(d.addr, &key(), Purpose::Join, &h, 0);
     (&s).write_all(&frame(FrameKind::Hello, &h.encode())).unwrap();
-    pmigrate::transport::net::reset_on_close(&s);
+    pmigrate_transport::net::reset_on_close(&s);
     drop(s);
     // Two regions where this destination has one.
     let mut two = hello(MEM / 2, 1);
@@ -300,7 +300,7 @@ fn a_one_stream_claim_times_out_and_the_real_session_lands(io: BackendChoice) {
     let h = hello(MEM, 2);
     let mut plan = StreamPlan::new(vec![d.addr], 2, key());
     plan.connect_timeout = Duration::from_secs(10);
-    let (claim, _, _) = pmigrate::transport::session::connect_stream(&plan, &h, None).unwrap();
+    let (claim, _, _) = pmigrate_transport::session::connect_stream(&plan, &h, None).unwrap();
     let claimed = Instant::now();
     // While it is claimed, another session is refused...
     let err = migrate(io, &guest(), d.addr, key()).expect_err("refused while another session gathers");
@@ -363,7 +363,7 @@ fn a_huge_claim_allocates_nothing(io: BackendChoice) {
 /// in clear without TLS; here the destination tells it — tries to take
 /// over one of its streams.
 fn a_resume_with_a_sniffed_session_id_is_refused(io: BackendChoice) {
-    if let Err(why) = pmigrate::engine::postcopy::probe() {
+    if let Err(why) = pmigrate::probe_postcopy() {
         eprintln!("skipping: no post-copy here: {why}");
         return;
     }
@@ -389,7 +389,7 @@ fn a_resume_with_a_sniffed_session_id_is_refused(io: BackendChoice) {
                     let plan = StreamPlan::new(vec![addr], 3, key());
                     let forged = SessionKey::derive(&key(), &Transcript { offer: [7; 72], challenge: [7; 40] }, None);
                     let never = || false;
-                    pmigrate::transport::link::reconnect(&plan, &h, &forged, 1, Duration::from_secs(10), &never)
+                    pmigrate_transport::link::reconnect(&plan, &h, &forged, 1, Duration::from_secs(10), &never)
                         .expect_err("a stream was taken over")
                 }));
                 Ok(())
@@ -456,8 +456,8 @@ fn a_destination_that_stops_reading_fails_the_source_within_its_deadline(io: Bac
 /// destination never opens it, answers from the memory it was given, and
 /// the file's content and mtime stay as they were.
 fn a_peer_named_path_is_never_opened(io: BackendChoice) {
-    use pmigrate::transport::frame::FLAG_PROBE_HASH;
-    use pmigrate::transport::hello::{encode_shared_regions, CAP_SHARED, EXT_SHARED_REGIONS};
+    use pmigrate_transport::frame::FLAG_PROBE_HASH;
+    use pmigrate_transport::hello::{encode_shared_regions, CAP_SHARED, EXT_SHARED_REGIONS};
     let dir = std::env::temp_dir().join(format!("pm-attack-path-{}-{io:?}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -496,7 +496,7 @@ fn a_peer_named_path_is_never_opened(io: BackendChoice) {
         (&s).write_all(&f).unwrap();
         let (ah, answer) = r.expect(FrameKind::ProbeReply).unwrap();
         ah.verify(answer).unwrap();
-        let zero = pmigrate::transport::payload::zero_page_hash().to_le_bytes();
+        let zero = pmigrate_transport::payload::zero_page_hash().to_le_bytes();
         assert!(answer.chunks(8).all(|c| c == zero), "the answer is the destination's own (zero) memory");
         drop(s);
         rx.join().unwrap()

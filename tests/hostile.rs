@@ -14,19 +14,19 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use backends::{config, receive_options};
-use pmigrate::transport::frame::{Encoding, FrameHdr, FrameKind, FLAG_FINAL, HEADER_LEN, MAX_PAYLOAD};
-use pmigrate::transport::hello::{ErrorCode, Hello, Mode, RegionDesc, CAP_LZ4, PROTOCOL_VERSION};
-use pmigrate::transport::net::FrameReader;
-use pmigrate::transport::payload::{build_control, build_pages, PagesAt, Scratch};
-use pmigrate::transport::session::{connect_session, connect_stream, new_session_id, StreamPlan};
-use pmigrate::transport::SessionKey;
-use pmigrate::transport::{TransportError, WireError};
 use pmigrate::BackendChoice;
 use pmigrate::{
     Acceptor, Compression, GuestMemory, HashTracker, Incoming, MigrateError, ReceiveOptions, Report, Source,
     SourceConfig,
 };
 use pmigrate_bench::synth::{fill, first_difference, start_mutators, ContentMix, MutatorConfig, Skew};
+use pmigrate_transport::frame::{Encoding, FrameHdr, FrameKind, FLAG_FINAL, HEADER_LEN, MAX_PAYLOAD};
+use pmigrate_transport::hello::{ErrorCode, Hello, Mode, RegionDesc, CAP_LZ4, PROTOCOL_VERSION};
+use pmigrate_transport::net::FrameReader;
+use pmigrate_transport::payload::{build_control, build_pages, PagesAt, Scratch};
+use pmigrate_transport::session::{connect_session, connect_stream, new_session_id, StreamPlan};
+use pmigrate_transport::SessionKey;
+use pmigrate_transport::{TransportError, WireError};
 use xxhash_rust::xxh3::xxh3_64;
 
 const MEM: u64 = 4 << 20;
@@ -265,7 +265,7 @@ fn connections_outside_the_session_are_refused_and_the_real_one_lands(io: Backen
     let nine = xxh3_64(&[9u8; 4096]);
     let table: Vec<std::sync::atomic::AtomicU64> =
         (0..pages).map(|p| std::sync::atomic::AtomicU64::new(if p == 8 || p == 9 { nine } else { zero })).collect();
-    let digest = pmigrate::engine::digest::memory_digest(&[table.into_boxed_slice()]);
+    let digest = pmigrate::memory_digest(&[table.into_boxed_slice()]);
     let mut b0 = control(FrameKind::RoundEnd, 0, 0, FLAG_FINAL);
     b0.extend(control(FrameKind::Done, 0, digest, 0));
     s0.write_all(&b0).unwrap();

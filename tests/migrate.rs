@@ -31,7 +31,7 @@ fn migrate(
     cfg: SourceConfig,
     tracker: Option<Box<dyn DirtyTracker>>,
     mutators: Option<MutatorConfig>,
-    bitmap: Option<Arc<[pmigrate::ranges::AtomicBitmap]>>,
+    bitmap: Option<Arc<[pmigrate::AtomicBitmap]>>,
 ) -> Run {
     let dst = GuestMemory::anonymous(src.total_bytes()).unwrap();
     let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()], backends::key()).unwrap();
@@ -110,15 +110,11 @@ fn zero_copy_send_gives_the_same_memory(io: BackendChoice) {
     let cfg = SourceConfig { threads: 2, tracker: TrackerKind::Hash, zero_copy_send: true, ..config(io) };
     let run = migrate(&src, 4, cfg, None, None, None);
     assert_equal(&src, &run);
-    let zc = io == BackendChoice::Uring && pmigrate::transport::uring::probe().is_ok_and(|s| s.send_zc);
+    let zc = io == BackendChoice::Uring && pmigrate_transport::uring::probe().is_ok_and(|s| s.send_zc);
     assert_eq!(run.source.io.contains("zero-copy send"), zc, "{}", run.source.io);
 }
 
-fn live(
-    io: BackendChoice,
-    tracker: Box<dyn DirtyTracker>,
-    with_bitmap: Option<Arc<[pmigrate::ranges::AtomicBitmap]>>,
-) -> Run {
+fn live(io: BackendChoice, tracker: Box<dyn DirtyTracker>, with_bitmap: Option<Arc<[pmigrate::AtomicBitmap]>>) -> Run {
     let src = Arc::new(GuestMemory::anonymous(256 << 20).unwrap());
     fill(&src, ContentMix::TYPICAL, 3);
     let m = MutatorConfig {
@@ -147,7 +143,7 @@ fn live_precopy_with_the_vmm_bitmap_tracker(io: BackendChoice) {
 }
 
 fn live_precopy_with_the_uffd_wp_tracker(io: BackendChoice) {
-    if let Err(e) = pmigrate::engine::dirty::uffd_wp::probe() {
+    if let Err(e) = pmigrate::probe_uffd_wp() {
         eprintln!("skipping: {e}");
         return;
     }
@@ -189,7 +185,7 @@ fn a_slow_dirty_rate_converges_a_fast_one_hits_the_round_cap(io: BackendChoice) 
 }
 
 fn free_page_hints_are_not_sent_unless_written_after_the_hint(io: BackendChoice) {
-    use pmigrate::ranges::{PageRange, RegionIdx};
+    use pmigrate::{PageRange, RegionIdx};
     let src = Arc::new(GuestMemory::anonymous(64 << 20).unwrap());
     fill(&src, ContentMix::RANDOM, 8); // every page non-zero
     let pages = (64 << 20) / 4096;
@@ -238,7 +234,7 @@ fn free_page_hints_are_not_sent_unless_written_after_the_hint(io: BackendChoice)
 }
 
 fn a_working_set_hint_keeps_the_migration_exact(io: BackendChoice) {
-    use pmigrate::ranges::{PageRange, RegionIdx};
+    use pmigrate::{PageRange, RegionIdx};
     let src = Arc::new(GuestMemory::anonymous(128 << 20).unwrap());
     fill(&src, ContentMix::TYPICAL, 9);
     let dst = GuestMemory::anonymous(128 << 20).unwrap();

@@ -15,11 +15,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use backends::{config, receive_options};
-use pmigrate::ranges::{PageRange, RegionIdx};
 use pmigrate::BackendChoice;
 use pmigrate::{
     Acceptor, GuestMemory, Incoming, MigrateError, PageIdx, Report, Source, SourceConfig, VmmBitmapTracker,
 };
+use pmigrate::{PageRange, RegionIdx};
 use pmigrate_bench::synth::{fill, start_mutators, ContentMix, MutatorConfig, Skew};
 
 /// Byte offset, in every page, of the word the destination's guest stamps.
@@ -323,7 +323,7 @@ fn post_copy_survives_losing_one_stream_and_then_all(io: BackendChoice) {
 /// runs TLS, and the comebacks prove the session's secret from stream 0's
 /// TLS exporter.
 fn post_copy_over_tls_survives_losing_one_stream_and_then_all(io: BackendChoice) {
-    use pmigrate::transport::tls::test_pki::{config as tls, pki_dir};
+    use pmigrate_transport::tls::test_pki::{config as tls, pki_dir};
     let dir = pki_dir(&format!("postcopy-{io:?}"));
     let auth = |who: &str| pmigrate::Auth::Tls(Arc::new(tls(&dir, who)));
     let src = Arc::new(GuestMemory::anonymous(256 << 20).unwrap());
@@ -415,12 +415,12 @@ mod hostile {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::{Duration, Instant};
 
-    use pmigrate::transport::frame::{FrameHdr, FrameKind, FLAG_FINAL};
-    use pmigrate::transport::hello::{Hello, Mode, RegionDesc, CAP_POSTCOPY, PROTOCOL_VERSION};
-    use pmigrate::transport::net::{write_frame, FrameReader};
-    use pmigrate::transport::payload::build_control;
-    use pmigrate::transport::session::{connect_session, new_session_id, StreamPlan};
     use pmigrate::{Acceptor, GuestMemory, Incoming, MigrateError, ReceiveOptions, Source};
+    use pmigrate_transport::frame::{FrameHdr, FrameKind, FLAG_FINAL};
+    use pmigrate_transport::hello::{Hello, Mode, RegionDesc, CAP_POSTCOPY, PROTOCOL_VERSION};
+    use pmigrate_transport::net::{write_frame, FrameReader};
+    use pmigrate_transport::payload::build_control;
+    use pmigrate_transport::session::{connect_session, new_session_id, StreamPlan};
 
     const MEM: u64 = 4 << 20;
 
@@ -454,7 +454,7 @@ mod hostile {
                 regions: vec![RegionDesc { gpa: 0, len: MEM, flags: 0 }],
                 extensions: vec![],
             };
-            let pmigrate::transport::Connected { streams, welcome, .. } =
+            let pmigrate_transport::Connected { streams, welcome, .. } =
                 connect_session(&StreamPlan::new(vec![addr], 2, crate::backends::key()), &hello).unwrap();
             assert_ne!(welcome.caps & CAP_POSTCOPY, 0);
             // The bitmap runs 8 pages past the region's 1024.

@@ -10,13 +10,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use backends::{config, receive_options};
-use pmigrate::transport::hello::{Mode, CAP_SHARED};
 use pmigrate::BackendChoice;
 use pmigrate::{
     Acceptor, Compression, Gpa, GuestMemory, GuestRegion, HashTracker, HostPageSize, Incoming, MigrateError,
     ReceiveOptions, Report, Source, SourceConfig,
 };
 use pmigrate_bench::synth::{fill, first_difference, start_mutators, ContentMix, MutatorConfig, Skew};
+use pmigrate_transport::hello::{Mode, CAP_SHARED};
 
 const SHARED: u64 = 64 << 20;
 const PRIVATE: u64 = 32 << 20;
@@ -158,9 +158,9 @@ fn failure_before_handover_leaves_the_source_owning_its_memory(io: BackendChoice
     // A destination that grants handover, then vanishes at the first probe.
     let peer = std::thread::spawn(move || {
         let acc = acceptor.accept_session(Mode::Memory, &mut |_| Ok(CAP_SHARED), None).unwrap();
-        let mut r = pmigrate::transport::FrameReader::new(&acc.streams[0], "peer");
+        let mut r = pmigrate_transport::FrameReader::new(&acc.streams[0], "peer");
         let (h, _) = r.next_frame().unwrap().unwrap();
-        assert_eq!(h.kind, pmigrate::transport::FrameKind::Probe);
+        assert_eq!(h.kind, pmigrate_transport::FrameKind::Probe);
     });
     let paused = AtomicBool::new(false);
     let err = Source::new(&src, vec![addr], backends::key())

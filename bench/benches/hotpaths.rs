@@ -58,13 +58,13 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_main, BenchmarkId, Criterion, Throughput};
-use pmigrate::ranges::{plan_shards, AtomicBitmap};
-use pmigrate::transport::frame::HEADER_LEN;
-use pmigrate::transport::payload::{
+use pmigrate_bench::synth::fill_page;
+use pmigrate_ranges::{plan_shards, AtomicBitmap};
+use pmigrate_transport::frame::HEADER_LEN;
+use pmigrate_transport::payload::{
     build_pages, is_zero_page, seal_raw_pages_in_place, OpenedPages, Opener, PagesAt, Scratch, PAGE,
 };
-use pmigrate::transport::{Encoding, FrameHdr};
-use pmigrate_bench::synth::fill_page;
+use pmigrate_transport::{Encoding, FrameHdr};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use xxhash_rust::xxh3::xxh3_64;

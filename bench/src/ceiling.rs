@@ -4,7 +4,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::time::Instant;
 
-use pmigrate::transport::net::{connect, listen};
+use pmigrate_transport::net::{connect, listen};
 use rand::{RngCore, SeedableRng};
 
 /// Where the ceiling is measured: the destination's listening addresses

@@ -7,9 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pmigrate::engine::postcopy;
-use pmigrate::ranges::{PageRange, RegionIdx};
 use pmigrate::{Acceptor, GuestMemory, Incoming, PageIdx, ReceiveOptions, Report, Source, SourceConfig};
+use pmigrate::{PageRange, RegionIdx};
 use pmigrate::{VmmBitmapTracker, PAGE_SIZE};
 
 use crate::loopback::accept_deadline;
@@ -131,15 +130,15 @@ pub fn run(c: &Case, seed: u64) -> anyhow::Result<Measured> {
 }
 
 /// The raw userfaultfd round trip over `pages` pages (see
-/// [`postcopy::raw_fault_round_trip`]).
-pub fn raw_round_trip(pages: u64) -> anyhow::Result<pmigrate::engine::report::LatencySummary> {
-    postcopy::raw_fault_round_trip(pages).map_err(|e| anyhow::anyhow!(e))
+/// [`pmigrate::raw_fault_round_trip`]).
+pub fn raw_round_trip(pages: u64) -> anyhow::Result<pmigrate::LatencySummary> {
+    pmigrate::raw_fault_round_trip(pages).map_err(|e| anyhow::anyhow!(e))
 }
 
 /// The network's share of a fault's wait: `n` round trips of a 40-byte
 /// request and a 4 KiB answer over loopback TCP, between two threads,
 /// measured with `TCP_NODELAY` as the streams use it.
-pub fn tcp_round_trip(n: u32) -> anyhow::Result<pmigrate::engine::report::LatencySummary> {
+pub fn tcp_round_trip(n: u32) -> anyhow::Result<pmigrate::LatencySummary> {
     use std::io::{Read, Write};
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr = l.local_addr()?;
@@ -164,5 +163,5 @@ pub fn tcp_round_trip(n: u32) -> anyhow::Result<pmigrate::engine::report::Latenc
     }
     drop(c);
     echo.join().expect("echo thread")?;
-    pmigrate::engine::report::LatencySummary::of(&h).ok_or_else(|| anyhow::anyhow!("no round trips"))
+    pmigrate::LatencySummary::of(&h).ok_or_else(|| anyhow::anyhow!("no round trips"))
 }

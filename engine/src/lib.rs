@@ -8,8 +8,10 @@
 //! - [`Incoming`]: the destination. Accepts the streams of one session,
 //!   verifies and places every page under the range lock, checks the final
 //!   digest, confirms.
-//! - [`dirty`]: dirty trackers behind one trait (VMM bitmap, userfaultfd
-//!   write-protect + `PAGEMAP_SCAN`, page hashes).
+//! - [`DirtyTracker`]: dirty trackers behind one trait (VMM bitmap,
+//!   userfaultfd write-protect + `PAGEMAP_SCAN`, page hashes).
+//! - [`relay`] and [`proxy`]: the full-duplex byte-stream relay behind the
+//!   CLI's `send`/`recv` (QEMU's `exec:` migration) and the socket proxy.
 //! - [`Report`]: what happened, as text or JSON.
 //!
 //! A loopback migration of 16 MiB:
@@ -38,20 +40,20 @@
 //! ```
 #![warn(missing_docs)]
 
-pub mod dest;
-pub mod digest;
-pub mod dirty;
-pub mod hints;
-pub mod lz4gate;
-pub mod postcopy;
+mod dest;
+mod digest;
+mod dirty;
+mod hints;
+mod lz4gate;
+mod postcopy;
 pub mod proxy;
 pub mod relay;
-pub mod report;
-pub mod shared;
-pub mod source;
+mod report;
+mod shared;
+mod source;
 mod uffd;
 #[cfg(feature = "vm-memory")]
-pub mod vmm;
+mod vmm;
 
 /// The protocol's sans-I/O rules and the destination's placement, for the
 /// fuzz targets in `fuzz/` (feature `fuzzing`); not a stable API.
@@ -61,17 +63,40 @@ pub mod fuzzing {
     pub use crate::dest::place::Placer;
     pub use crate::dest::rules::{DestRules, Shape, Step};
     pub use crate::relay::reassembly::{Next, Reassembly};
+    pub use crate::shared::answer;
     pub use crate::source::rules::{check_request, heard, settle, Heard, NoVerdict, Reached, RoundCounter};
 }
+
+// The source and the destination of a memory migration.
+pub use dest::{layout_matches, Grant, Incoming, Offered, ReceiveOptions};
+pub use source::{Progress, Source, SourceConfig};
+
+// Dirty tracking.
+pub use dirty::uffd_wp::probe as probe_uffd_wp;
+pub use dirty::{DirtyError, DirtyTracker, HashTracker, TrackerKind, UffdWpTracker, VmmBitmapTracker};
+
+// Post-copy and the guest's hints.
+pub use hints::parse_free_pages;
+pub use postcopy::{probe as probe_postcopy, raw_fault_round_trip};
+
+// Handing shared memory over instead of copying it.
+pub use shared::{nonce_proof, RegionPath};
+
+// Reports, and the digest they carry.
+pub use digest::memory_digest;
+pub use report::{LatencySummary, PostcopyReport, Report, RoundReport, StreamReport};
+
 #[cfg(feature = "vm-memory")]
 pub use vmm::from_vm_memory;
 
-pub use dest::{layout_matches, Grant, Incoming, Offered, ReceiveOptions};
-pub use dirty::{DirtyTracker, HashTracker, TrackerKind, UffdWpTracker, VmmBitmapTracker};
-pub use pmigrate_ranges::{AtomicBitmap, Gpa, GuestMemory, GuestRegion, HostPageSize, PageIdx, PAGE_SIZE};
-pub use pmigrate_transport::{Acceptor, Auth, Backend, BackendChoice, Psk, TransportError, Via};
-pub use report::{Report, RoundReport, StreamReport};
-pub use source::{Progress, Source, SourceConfig};
+// The layers below, as far as an embedder meets them.
+pub use pmigrate_ranges::{
+    AtomicBitmap, Gpa, GuestMemory, GuestRegion, HostPageSize, MemoryError, PageIdx, PageRange, RegionIdx, PAGE_SIZE,
+    PAGE_SIZE_U64,
+};
+pub use pmigrate_transport::{
+    Acceptor, Auth, Backend, BackendChoice, Psk, RegionDesc, StreamPlan, TlsConfig, TransportError, Via,
+};
 
 /// Whether to lz4 page batches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -81,7 +106,7 @@ pub enum Compression {
     Off,
     /// Always (a batch that does not shrink is still sent raw).
     On,
-    /// While the links are the bottleneck and it pays: see [`lz4gate`].
+    /// While the links are the bottleneck and it pays: see docs/design.md, "The source pipeline".
     Auto,
 }
 

@@ -141,6 +141,31 @@ impl Nonces {
     }
 }
 
+/// Whether two mappings on this host are the same memory, as the handover
+/// proof decides it (step 2 above): nonces planted through `through` must
+/// show through `seen_by`. The guest behind `through` must be stopped; its
+/// words are put back whatever the outcome.
+///
+/// `Ok(Ok(same))` is the answer; `Ok(Err(_))` says the proof could not be
+/// run (nothing was changed, or everything was put back); `Err(_)` says
+/// the planted words could not be put back — the guest's memory is
+/// changed, which is fatal.
+pub fn nonce_proof(
+    through: &GuestRegion,
+    seen_by: &GuestRegion,
+    seed: &[u8],
+) -> Result<Result<bool, pmigrate_ranges::MemoryError>, pmigrate_ranges::MemoryError> {
+    let mut pick = Picker::new(seed);
+    let nonces = match Nonces::plant(through, &mut pick) {
+        Ok(n) => n,
+        Err(e) => return Ok(Err(e)),
+    };
+    let seen = read_words(seen_by, &nonces.offsets);
+    let values = nonces.values.clone();
+    nonces.restore(through)?;
+    Ok(seen.map(|w| w == values))
+}
+
 /// Checks a probe from the source against `mem` and answers it: the hashes
 /// of the pages or the words asked for. Every place is bounds-checked.
 pub fn answer(mem: &GuestMemory, region: RegionIdx, ask: ProbeAsk, places: &[u64]) -> Result<Vec<u64>, String> {

@@ -224,7 +224,7 @@ fuzz_target!(|input: Input| {
             }
             Ok(Step::Answer { region, ask, places }) => {
                 assert!(input.offered.get(region.0 as usize).copied().unwrap_or(false), "probe of a region not offered");
-                if let Ok(v) = pmigrate_engine::shared::answer(mem, region, ask, &places) {
+                if let Ok(v) = pmigrate_engine::fuzzing::answer(mem, region, ask, &places) {
                     assert_eq!(v.len(), places.len());
                 }
             }

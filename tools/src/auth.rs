@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use pmigrate::transport::tls::TlsConfig;
+use pmigrate::TlsConfig;
 use pmigrate::{Auth, Psk};
 
 /// How this end and its peers prove who they are: a pre-shared key, mutual

@@ -350,7 +350,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
 /// Portable against io_uring, 1 and 4 streams, on one path, in one run:
 /// the transfer rate and the CPU both ends spend per GiB.
 fn io_compare(a: &BenchArgs, plan: &Plan) -> Result<()> {
-    use pmigrate::transport::uring;
+    use pmigrate_transport::uring;
     if let Err(why) = uring::probe() {
         anyhow::bail!("io_uring is not usable here, nothing to compare: {why}");
     }
@@ -430,8 +430,8 @@ fn io_compare(a: &BenchArgs, plan: &Plan) -> Result<()> {
 /// loopback (connect, TLS, authentication, `Hello`, `Welcome`); returns the
 /// times sorted.
 fn handshake_times(auth: &pmigrate::Auth, streams: u16, n: usize) -> Result<Vec<Duration>> {
-    use pmigrate::transport::hello::{Hello, Mode, PROTOCOL_VERSION};
-    use pmigrate::transport::session::{connect_session, new_session_id, StreamPlan};
+    use pmigrate_transport::hello::{Hello, Mode, PROTOCOL_VERSION};
+    use pmigrate_transport::session::{connect_session, new_session_id, StreamPlan};
     let acceptor = pmigrate::Acceptor::bind(&["127.0.0.1:0".parse()?], auth.clone())?;
     let addr = acceptor.local_addrs()[0];
     let stop = std::sync::atomic::AtomicBool::new(false);
@@ -469,11 +469,11 @@ fn handshake_times(auth: &pmigrate::Auth, streams: u16, n: usize) -> Result<Vec<
 fn auth_compare(a: &BenchArgs, mut plan: Plan) -> Result<()> {
     use pmigrate::Auth;
     let dir = std::env::temp_dir().join(format!("pmigrate-bench-pki-{}", std::process::id()));
-    pmigrate::transport::tls::test_pki::write_pki(&dir)?;
+    pmigrate_transport::tls::test_pki::write_pki(&dir)?;
     // The test certificates name "localhost": the name to expect whatever
     // address is dialled (a testbed's included), as `--tls-name` does.
     let tls = |who: &str| {
-        let mut cfg = pmigrate::transport::tls::test_pki::config(&dir, who);
+        let mut cfg = pmigrate_transport::tls::test_pki::config(&dir, who);
         cfg.peer_name = Some("localhost".into());
         Auth::Tls(std::sync::Arc::new(cfg))
     };

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Args, CommandFactory, Parser, Subcommand};
-use pmigrate::engine::relay::{self, Local, RelayRecvOptions, RelaySendConfig};
-use pmigrate::transport::session::StreamPlan;
+use pmigrate::relay::{self, Local, RelayRecvOptions, RelaySendConfig};
+use pmigrate::StreamPlan;
 use pmigrate::{Acceptor, BackendChoice, Compression, Via};
 
 /// One line on stderr. A stderr nobody reads any more (a closed pipe) is
@@ -335,7 +335,7 @@ fn signal_of(interrupt: &relay::Interrupt) -> i32 {
 /// closed it). A stream to the other end failing with EPIPE is the
 /// network's doing, not QEMU's.
 fn broken_pipe(e: &anyhow::Error) -> bool {
-    use pmigrate::transport::TransportError;
+    use pmigrate::TransportError;
     e.chain().any(|c| {
         let t = match c.downcast_ref::<pmigrate::MigrateError>() {
             Some(pmigrate::MigrateError::Transport(t)) => Some(t),

@@ -377,7 +377,7 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
 fn receive_in_place(
     a: &ServeArgs,
     incoming: Incoming,
-    r: pmigrate::transport::hello::RegionDesc,
+    r: pmigrate::RegionDesc,
     set_stage: &(dyn Fn(ServeStage) + Sync),
 ) -> Result<Result<pmigrate::Report, MigrateError>> {
     if let Err(e) = allocate(&a.memory, r.len) {
@@ -403,7 +403,7 @@ fn receive_in_place(
 fn receive_copy(
     a: &ServeArgs,
     incoming: Incoming,
-    r: pmigrate::transport::hello::RegionDesc,
+    r: pmigrate::RegionDesc,
     partial: &Path,
     set_stage: &(dyn Fn(ServeStage) + Sync),
 ) -> Result<Result<pmigrate::Report, MigrateError>> {
@@ -468,7 +468,7 @@ fn start_guest(a: &ServeArgs, set_stage: &(dyn Fn(ServeStage) + Sync)) -> Result
 }
 
 /// Copies every page of `from` into `to` (same layout).
-fn copy_memory(from: &GuestMemory, to: &GuestMemory) -> Result<(), pmigrate::ranges::MemoryError> {
+fn copy_memory(from: &GuestMemory, to: &GuestMemory) -> Result<(), pmigrate::MemoryError> {
     let mut buf = vec![0u8; 256 * pmigrate::PAGE_SIZE];
     for (a, b) in from.regions().iter().zip(to.regions()) {
         let mut p = 0;
@@ -551,10 +551,10 @@ pub(crate) fn migrate(a: MigrateArgs) -> Result<()> {
         progress_timeout: Duration::from_secs(a.streams.progress_timeout),
         ..SourceConfig::default()
     };
-    let hints = |file: &Option<PathBuf>| -> Result<Vec<pmigrate::ranges::PageRange>> {
+    let hints = |file: &Option<PathBuf>| -> Result<Vec<pmigrate::PageRange>> {
         let Some(p) = file else { return Ok(Vec::new()) };
         let text = std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()))?;
-        pmigrate::engine::hints::parse_free_pages(&text, &mem).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
+        pmigrate::parse_free_pages(&text, &mem).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
     };
     let (free, working_set) = (hints(&a.free_pages)?, hints(&a.working_set)?);
     let vm = Arc::new(Mutex::new(Vm::default()));

@@ -1,5 +1,5 @@
 //! `pmigrate proxy`: carries connections between hosts over pmigrate's
-//! streams (see `pmigrate_engine::proxy` and docs/libvirt.md).
+//! streams (see `pmigrate::proxy` and docs/libvirt.md).
 
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
-use pmigrate::engine::proxy::{run_entry, run_exit, Endpoint, EntryConfig, ExitConfig, SocketAccess};
-use pmigrate::engine::relay::RelayRecvOptions;
+use pmigrate::proxy::{run_entry, run_exit, Endpoint, EntryConfig, ExitConfig, SocketAccess};
+use pmigrate::relay::RelayRecvOptions;
 use pmigrate::{Acceptor, BackendChoice};
 
 use crate::auth::AuthArgs;

@@ -6,7 +6,7 @@
 //! instead of copied: QEMU's `x-ignore-shared` capability leaves shared RAM
 //! blocks out of the stream, and the destination simply uses the memory the
 //! source left. Configuration cannot be trusted to say the memory is the
-//! same, so, as the engine does (see `pmigrate::engine::shared`), it is
+//! same, so, as the engine does (see `pmigrate::nonce_proof`), it is
 //! proved: with the source stopped, nonces are written through a mapping of
 //! the source's `mem-path` and read back through a mapping of the
 //! destination's. Only the same memory shows them.
@@ -41,7 +41,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use pmigrate::engine::shared::{read_words, Nonces, Picker};
 use pmigrate::{Compression, Gpa, GuestRegion, HostPageSize, Via};
 use serde_json::{json, Value};
 
@@ -252,15 +251,10 @@ fn nonce_proof(path: &str, size: u64, seed: &[u8]) -> Result<Result<bool>> {
         Ok(m) => m,
         Err(e) => return Ok(Err(e)),
     };
-    let mut pick = Picker::new(seed);
-    let nonces = match Nonces::plant(&src, &mut pick) {
-        Ok(n) => n,
-        Err(e) => return Ok(Err(e.into())),
-    };
-    let seen = read_words(&dst, &nonces.offsets);
-    let values = nonces.values.clone();
-    nonces.restore(&src).with_context(|| format!("put back the words the proof overwrote in {path}"))?;
-    Ok(seen.map(|w| w == values).map_err(Into::into))
+    match pmigrate::nonce_proof(&src, &dst, seed) {
+        Ok(outcome) => Ok(outcome.map_err(Into::into)),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("put back the words the proof overwrote in {path}"))),
+    }
 }
 
 fn random_seed() -> Vec<u8> {

@@ -5,7 +5,7 @@
 //! closing both pipes and then waiting for the helper (`waitpid`) with its
 //! main loop stopped, so the helper must end promptly once they are closed.
 //! At the source, [`ReturnPath`] tells the relay that nothing reads the way
-//! back once stdin has ended (see `pmigrate::engine::relay`); at the
+//! back once stdin has ended (see `pmigrate::relay`); at the
 //! destination, [`take_stdout`] makes the relay's copy of stdout the
 //! process's only one, so the pipe closes the moment the relay drops it and
 //! the destination QEMU reads the end of its stream then.
@@ -15,7 +15,7 @@ use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd};
 
 use anyhow::{Context, Result};
-use pmigrate::engine::relay::Output;
+use pmigrate::relay::Output;
 
 /// `send`'s stdout: QEMU's return path (post-copy page requests, its
 /// acknowledgements), read by QEMU only while its channel is open.

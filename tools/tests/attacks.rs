@@ -280,7 +280,7 @@ fn a_stopped_destination_fails_migrate_within_its_deadline() {
 /// memory file that looks complete.
 #[test]
 fn a_source_stopped_mid_post_copy_fails_the_destination_cleanly() {
-    if let Err(why) = pmigrate::engine::postcopy::probe() {
+    if let Err(why) = pmigrate::probe_postcopy() {
         eprintln!("skipping: no post-copy here: {why}");
         return;
     }
@@ -402,8 +402,8 @@ fn proxy_exit_keeps_serving_under_a_low_descriptor_limit() {
 /// after its idle timeout, and serves a real connection.
 #[test]
 fn idle_proxy_sessions_time_out_and_a_real_connection_is_served() {
-    use pmigrate::engine::relay::{self, RelaySendConfig};
-    use pmigrate::transport::session::StreamPlan;
+    use pmigrate::relay::{self, RelaySendConfig};
+    use pmigrate::StreamPlan;
     let dir = scratch("idle");
     let (target, entry_sock) = (dir.join("target.sock"), dir.join("entry.sock"));
     echo_target(&target);

@@ -62,3 +62,4 @@ pub use link::{Link, Resumes};
 pub use net::{FrameReader, TransportError, Via};
 pub use serve::SessionHandler;
 pub use session::{connect_session, Connected, StreamPlan};
+pub use tls::TlsConfig;

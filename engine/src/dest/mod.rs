@@ -93,7 +93,7 @@ impl Incoming {
     /// Like [`Incoming::receive`], calling `resume` the moment the guest
     /// may run here: in pre-copy once memory is verified, before the source
     /// is told (`Verified`), so the source lets go of the guest only once it
-    /// runs here; in post-copy (see [`crate::postcopy`]) at the switchover,
+    /// runs here; in post-copy (docs/design.md, "Post-copy and hybrid") at the switchover,
     /// while pages are still arriving. From then on the guest's touches of
     /// missing pages wait for them. An error from `resume` ends the
     /// migration: the source is told and keeps the guest.

@@ -99,10 +99,10 @@ pub struct SourceConfig {
     /// Dirty tracker to use when the embedder supplies none.
     pub tracker: TrackerKind,
     /// Offer shared file regions for handover instead of copying them
-    /// (see [`crate::shared`]).
+    /// (docs/design.md, "Zero-copy regions").
     pub zero_copy: bool,
     /// Post-copy: switch after this many pre-copy rounds (0: at once;
-    /// fewer if pre-copy converges first), see [`crate::postcopy`]. `None`:
+    /// fewer if pre-copy converges first), see docs/design.md, "Post-copy and hybrid". `None`:
     /// pre-copy to the end.
     pub postcopy: Option<u32>,
     /// The I/O backend of the streams.
@@ -253,7 +253,7 @@ impl<'a> Source<'a> {
     }
 
     /// Post-copy after `precopy_rounds` pre-copy rounds (0: pure post-copy,
-    /// more: hybrid); see [`crate::postcopy`]. The destination must run
+    /// more: hybrid); see docs/design.md, "Post-copy and hybrid". The destination must run
     /// [`crate::Incoming::receive_and_run`] on private anonymous memory.
     pub fn postcopy(mut self, precopy_rounds: u32) -> Self {
         self.cfg.postcopy = Some(precopy_rounds);

@@ -420,7 +420,7 @@ fn needs_shmem_wp(r: &GuestRegion) -> bool {
 }
 
 /// Tracks writes with userfaultfd write-protection (asynchronous mode) and
-/// `PAGEMAP_SCAN`; see the [module docs](self) for the mechanism and its
+/// `PAGEMAP_SCAN`; see docs/design.md, "Dirty trackers", for the mechanism and its
 /// limits. Costs one minor fault per page written per round, and a
 /// page-table walk per `collect` (no memory is read).
 #[derive(Debug, Default)]
