@@ -213,7 +213,7 @@ fn hello(size: u64, streams: u16) -> Hello {
         stream_count: streams,
         session: new_session_id(),
         caps: CAP_LZ4,
-        regions: vec![RegionDesc { gpa: 0, len: size, flags: 0 }],
+        regions: vec![RegionDesc { gpa: pmigrate::Gpa(0), len: size, flags: 0 }],
         extensions: vec![],
     }
 }
@@ -274,7 +274,7 @@ fn hello_then_reset_and_malformed_hellos_leave_the_server_waiting(io: BackendCho
     drop(s);
     // Two regions where this destination has one.
     let mut two = hello(MEM / 2, 1);
-    two.regions.push(RegionDesc { gpa: 1 << 30, len: MEM / 2, flags: 0 });
+    two.regions.push(RegionDesc { gpa: pmigrate::Gpa(1 << 30), len: MEM / 2, flags: 0 });
     let s = authenticated(d.addr, &key(), Purpose::Join, &two, 0);
     (&s).write_all(&frame(FrameKind::Hello, &two.encode())).unwrap();
     assert_eq!(refusal(&s), Some(ErrorCode::Layout));

@@ -73,7 +73,7 @@ fn hello(size: u64, session: [u8; 16]) -> Hello {
         stream_count: 1,
         session,
         caps: CAP_LZ4,
-        regions: vec![RegionDesc { gpa: 0, len: size, flags: 0 }],
+        regions: vec![RegionDesc { gpa: pmigrate::Gpa(0), len: size, flags: 0 }],
         extensions: vec![],
     }
 }

@@ -451,7 +451,7 @@ mod hostile {
                 stream_count: 2,
                 session: new_session_id(),
                 caps: CAP_POSTCOPY,
-                regions: vec![RegionDesc { gpa: 0, len: MEM, flags: 0 }],
+                regions: vec![RegionDesc { gpa: pmigrate::Gpa(0), len: MEM, flags: 0 }],
                 extensions: vec![],
             };
             let pmigrate_transport::Connected { streams, welcome, .. } =

@@ -59,10 +59,10 @@ use std::time::Duration;
 
 use criterion::{criterion_main, BenchmarkId, Criterion, Throughput};
 use pmigrate_bench::synth::fill_page;
-use pmigrate_ranges::{plan_shards, AtomicBitmap};
+use pmigrate_ranges::{plan_shards, AtomicBitmap, PAGE_SIZE};
 use pmigrate_transport::frame::HEADER_LEN;
 use pmigrate_transport::payload::{
-    build_pages, is_zero_page, seal_raw_pages_in_place, OpenedPages, Opener, PagesAt, Scratch, PAGE,
+    build_pages, is_zero_page, seal_raw_pages_in_place, OpenedPages, Opener, PagesAt, Scratch,
 };
 use pmigrate_transport::{Encoding, FrameHdr};
 use rand::rngs::SmallRng;
@@ -72,7 +72,7 @@ use xxhash_rust::xxh3::xxh3_64;
 /// Pages in a batch: the source's default (`engine::source::DEFAULT_BATCH_PAGES`).
 const BATCH_PAGES: usize = 64;
 /// Bytes in a batch.
-const BATCH: usize = BATCH_PAGES * PAGE;
+const BATCH: usize = BATCH_PAGES * PAGE_SIZE;
 /// Page kinds of `synth::fill_page`, by number.
 const KINDS: [(u32, &str); 4] = [(0, "zero"), (1, "random"), (2, "text"), (3, "binary")];
 /// Bitmap size: 1 GiB of 4 KiB pages.
@@ -86,7 +86,7 @@ const AT: PagesAt = PagesAt { region: 0, first: 4096, round: 1 };
 fn batch(kind: u32) -> Vec<u8> {
     let mut rng = SmallRng::seed_from_u64(0x5eed ^ u64::from(kind));
     let mut pages = vec![0u8; BATCH];
-    for page in pages.chunks_exact_mut(PAGE) {
+    for page in pages.chunks_exact_mut(PAGE_SIZE) {
         fill_page(page, kind, &mut rng);
     }
     pages
@@ -94,7 +94,7 @@ fn batch(kind: u32) -> Vec<u8> {
 
 /// The xxh3 of every page of `pages`.
 fn hashes(pages: &[u8]) -> Vec<u64> {
-    pages.chunks_exact(PAGE).map(xxh3_64).collect()
+    pages.chunks_exact(PAGE_SIZE).map(xxh3_64).collect()
 }
 
 /// Splits a frame into its decoded header and payload.
@@ -113,10 +113,10 @@ fn first_hash(opened: OpenedPages<'_>) -> u64 {
 
 fn bench_zero_check(c: &mut Criterion) {
     let mut g = c.benchmark_group("zero_check");
-    g.throughput(Throughput::Bytes(PAGE as u64));
-    let zero = vec![0u8; PAGE];
-    let mut last = vec![0u8; PAGE];
-    last[PAGE - 1] = 1;
+    g.throughput(Throughput::Bytes(PAGE_SIZE as u64));
+    let zero = vec![0u8; PAGE_SIZE];
+    let mut last = vec![0u8; PAGE_SIZE];
+    last[PAGE_SIZE - 1] = 1;
     for (name, page) in [("zero", &zero), ("last_byte_set", &last)] {
         g.bench_function(name, |b| b.iter(|| is_zero_page(black_box(page))));
     }
@@ -125,10 +125,10 @@ fn bench_zero_check(c: &mut Criterion) {
 
 fn bench_xxh3(c: &mut Criterion) {
     let mut g = c.benchmark_group("xxh3_page");
-    g.throughput(Throughput::Bytes(PAGE as u64));
+    g.throughput(Throughput::Bytes(PAGE_SIZE as u64));
     for (kind, name) in KINDS {
         let pages = batch(kind);
-        let page = &pages[..PAGE];
+        let page = &pages[..PAGE_SIZE];
         g.bench_function(name, |b| b.iter(|| xxh3_64(black_box(page))));
     }
     g.finish();

@@ -153,7 +153,7 @@ pub fn tcp_round_trip(n: u32) -> anyhow::Result<pmigrate::LatencySummary> {
     });
     let mut c = std::net::TcpStream::connect(addr)?;
     c.set_nodelay(true)?;
-    let mut h = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 2)?;
+    let mut h = pmigrate::LatencySummary::histogram();
     let mut page = vec![0u8; PAGE_SIZE];
     for _ in 0..n {
         let t = Instant::now();

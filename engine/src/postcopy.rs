@@ -222,7 +222,7 @@ impl DestPost {
             phase: Mutex::new(Phase::Before),
             phase_cv: Condvar::new(),
             pending: Mutex::new(HashMap::new()),
-            latency: Mutex::new(Histogram::new_with_bounds(1, 600_000_000, 2).expect("valid histogram bounds")),
+            latency: Mutex::new(LatencySummary::histogram()),
             fault_count: AtomicU64::new(0),
             zero_faults: AtomicU64::new(0),
             needed_pages: AtomicU64::new(0),
@@ -468,7 +468,7 @@ pub fn raw_fault_round_trip(pages: u64) -> Result<LatencySummary, String> {
     f.register(&mem, &[true])?;
     let stop = AtomicBool::new(false);
     let page = vec![0x5au8; PAGE_SIZE_U64 as usize];
-    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 2).expect("valid histogram bounds");
+    let mut h = LatencySummary::histogram();
     std::thread::scope(|s| -> Result<(), String> {
         let handler = s.spawn(|| -> Result<(), String> {
             let mut addrs = Vec::new();

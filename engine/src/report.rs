@@ -64,6 +64,13 @@ pub struct LatencySummary {
 }
 
 impl LatencySummary {
+    /// A histogram for latencies in microseconds, the one every latency
+    /// in a report is recorded in: 1 µs to 10 minutes, 2 significant
+    /// digits (record with `saturating_record`).
+    pub fn histogram() -> hdrhistogram::Histogram<u64> {
+        hdrhistogram::Histogram::new_with_bounds(1, 600_000_000, 2).expect("valid histogram bounds")
+    }
+
     /// The summary of a histogram of microseconds (`None` when empty).
     pub fn of(h: &hdrhistogram::Histogram<u64>) -> Option<Self> {
         (!h.is_empty()).then(|| LatencySummary {

@@ -17,11 +17,8 @@
 //! `2097280K` (2 GiB + 128 KiB).
 #![allow(dead_code)]
 
-use std::collections::VecDeque;
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -36,8 +33,6 @@ pub const QEMU_BIN: &str = "qemu-system-x86_64";
 pub const DEFAULT_MEM: &str = "262272K";
 /// How long to wait for QEMU's QMP socket to accept connections.
 pub const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a single QMP command may take before it counts as hung.
-pub const QMP_COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 /// Generous default for "guest booted and workload filled its working set"
 /// on a loaded 2-core machine under TCG.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
@@ -697,112 +692,13 @@ impl Drop for Qemu {
 
 // -------------------------------------------------------------------- QMP
 
-/// A QMP client (one command at a time; asynchronous events are recorded).
-pub struct Qmp {
-    writer: UnixStream,
-    reader: BufReader<UnixStream>,
-    /// QEMU's greeting.
-    pub greeting: Value,
-    /// Asynchronous events received so far (not yet taken).
-    pub events: VecDeque<Value>,
-    next_id: u64,
-}
+// The one QMP client, shared with the CLI's `pmigrate qemu`; the tests'
+// conveniences on top of it follow.
+#[path = "../../tools/src/qmp.rs"]
+mod qmp;
+pub use qmp::Qmp;
 
 impl Qmp {
-    /// Connects to a QMP socket, retrying until `timeout`, and negotiates capabilities.
-    pub fn connect(path: &Path, timeout: Duration) -> Result<Qmp> {
-        Self::connect_while(path, timeout, || Ok(()))
-    }
-
-    /// Like [`Qmp::connect`]; `alive` is polled between attempts and aborts with its error.
-    pub fn connect_while(path: &Path, timeout: Duration, mut alive: impl FnMut() -> Result<()>) -> Result<Qmp> {
-        let deadline = Instant::now() + timeout;
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) => {
-                    alive()?;
-                    if Instant::now() >= deadline {
-                        return Err(e).with_context(|| {
-                            format!("connecting to QMP {} for {:.0} s", path.display(), timeout.as_secs_f64())
-                        });
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            }
-        };
-        stream.set_read_timeout(Some(QMP_COMMAND_TIMEOUT))?;
-        stream.set_write_timeout(Some(QMP_COMMAND_TIMEOUT))?;
-        let reader = BufReader::new(stream.try_clone()?);
-        let mut q = Qmp { writer: stream, reader, greeting: Value::Null, events: VecDeque::new(), next_id: 1 };
-        let greeting = q.read_message().context("reading the QMP greeting")?;
-        if greeting.get("QMP").is_none() {
-            bail!("unexpected QMP greeting: {greeting}");
-        }
-        q.greeting = greeting;
-        q.execute("qmp_capabilities", Value::Null)?;
-        Ok(q)
-    }
-
-    fn read_message(&mut self) -> Result<Value> {
-        let mut line = String::new();
-        let n = self.reader.read_line(&mut line).context("reading from QMP")?;
-        if n == 0 {
-            bail!("QMP connection closed by QEMU");
-        }
-        serde_json::from_str(&line).with_context(|| format!("bad QMP message {line:?}"))
-    }
-
-    /// Runs a command; `args` is `Value::Null` (or `{}`) for none.  Returns
-    /// the `return` value; a QMP `error` becomes an `Err`.
-    pub fn execute(&mut self, cmd: &str, args: Value) -> Result<Value> {
-        let id = self.next_id;
-        self.next_id += 1;
-        let mut msg = json!({ "execute": cmd, "id": id });
-        if !args.is_null() {
-            msg["arguments"] = args;
-        }
-        let mut bytes = serde_json::to_vec(&msg)?;
-        bytes.push(b'\n');
-        self.writer.write_all(&bytes).with_context(|| format!("sending QMP {cmd}"))?;
-        loop {
-            let r = self.read_message().with_context(|| format!("waiting for the reply to QMP {cmd}"))?;
-            if r.get("event").is_some() {
-                self.events.push_back(r);
-                continue;
-            }
-            if r.get("id").and_then(Value::as_u64) != Some(id) {
-                // A reply to something else (cannot happen with one command in flight).
-                continue;
-            }
-            if let Some(e) = r.get("error") {
-                bail!("QMP {cmd} failed: {e}");
-            }
-            return Ok(r.get("return").cloned().unwrap_or(Value::Null));
-        }
-    }
-
-    /// Takes the recorded events.
-    pub fn take_events(&mut self) -> Vec<Value> {
-        self.events.drain(..).collect()
-    }
-
-    /// Waits for an event named `name` (recorded or new); removes and returns it.
-    pub fn wait_event(&mut self, name: &str, timeout: Duration) -> Result<Value> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
-                return Ok(self.events.remove(i).unwrap_or_default());
-            }
-            if Instant::now() >= deadline {
-                bail!("no QMP event {name} within {:.0} s", timeout.as_secs_f64());
-            }
-            // Events arrive unsolicited: poke QEMU cheaply to collect them.
-            self.execute("query-status", Value::Null)?;
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
     /// `query-status`: the run state, e.g. `running`, `inmigrate`, `postmigrate`, `paused`.
     pub fn query_status(&mut self) -> Result<String> {
         let r = self.execute("query-status", Value::Null)?;

@@ -384,7 +384,7 @@ fn receive_in_place(
         incoming.refuse(&crate::one_line(&e));
         return Err(e);
     }
-    let region = GuestRegion::file(Gpa(r.gpa), r.len, HostPageSize::Small, &a.memory, true, false);
+    let region = GuestRegion::file(r.gpa, r.len, HostPageSize::Small, &a.memory, true, false);
     let mem = match region.and_then(|r| GuestMemory::new(vec![r])) {
         Ok(m) => m,
         Err(e) => return Ok(Err(e.into())),
@@ -407,7 +407,7 @@ fn receive_copy(
     partial: &Path,
     set_stage: &(dyn Fn(ServeStage) + Sync),
 ) -> Result<Result<pmigrate::Report, MigrateError>> {
-    let region = GuestRegion::file(Gpa(r.gpa), r.len, HostPageSize::Small, partial, true, true);
+    let region = GuestRegion::file(r.gpa, r.len, HostPageSize::Small, partial, true, true);
     let file = match region.and_then(|r| GuestMemory::new(vec![r])) {
         Ok(f) => f,
         Err(e) => return Ok(Err(e.into())),
@@ -431,7 +431,7 @@ fn receive_copy(
     // Post-copy places pages into private anonymous memory (that is what
     // userfaultfd's missing-page mode serves); the file gets them at the
     // end. The guest runs here from the switchover.
-    let anon = GuestRegion::anonymous(Gpa(r.gpa), r.len, HostPageSize::Small).and_then(|r| GuestMemory::new(vec![r]));
+    let anon = GuestRegion::anonymous(r.gpa, r.len, HostPageSize::Small).and_then(|r| GuestMemory::new(vec![r]));
     let mem = match anon {
         Ok(m) => m,
         Err(e) => return Ok(Err(e.into())),

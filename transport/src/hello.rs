@@ -21,6 +21,7 @@
 //! existing bytes needs a new version.
 
 use crate::frame::WireError;
+use pmigrate_ranges::{Gpa, PAGE_SIZE_U64};
 
 /// The magic that opens every `Hello`.
 pub const MAGIC: [u8; 8] = *b"PMIGRATE";
@@ -126,7 +127,7 @@ impl Hello {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RegionDesc {
     /// Guest physical address.
-    pub gpa: u64,
+    pub gpa: Gpa,
     /// Length in bytes (a whole number of 4 KiB pages).
     pub len: u64,
     /// `REGION_*` flags.
@@ -221,7 +222,7 @@ impl Hello {
         b.extend_from_slice(&self.caps.to_le_bytes());
         b.extend_from_slice(&(self.regions.len() as u32).to_le_bytes());
         for r in &self.regions {
-            b.extend_from_slice(&r.gpa.to_le_bytes());
+            b.extend_from_slice(&r.gpa.0.to_le_bytes());
             b.extend_from_slice(&r.len.to_le_bytes());
             b.extend_from_slice(&r.flags.to_le_bytes());
             b.extend_from_slice(&0u32.to_le_bytes());
@@ -269,19 +270,23 @@ impl Hello {
         }
         let mut regions = Vec::with_capacity(n as usize);
         for _ in 0..n {
-            let r = RegionDesc { gpa: c.u64()?, len: c.u64()?, flags: c.u32()? };
+            let r = RegionDesc { gpa: Gpa(c.u64()?), len: c.u64()?, flags: c.u32()? };
             if c.u32()? != 0 {
                 return Err(c.err("reserved region field set"));
             }
             if r.flags & !REGION_HUGE != 0 {
                 return Err(c.err(format!("unknown region flags {:#x}", r.flags)));
             }
-            if r.len == 0 || r.len % 4096 != 0 || r.gpa % 4096 != 0 || r.gpa.checked_add(r.len).is_none() {
-                return Err(c.err(format!("region at {:#x} of {} bytes", r.gpa, r.len)));
+            if r.len == 0
+                || r.len % PAGE_SIZE_U64 != 0
+                || !r.gpa.is_aligned(PAGE_SIZE_U64)
+                || r.gpa.checked_add(r.len).is_none()
+            {
+                return Err(c.err(format!("region at {} of {} bytes", r.gpa, r.len)));
             }
             regions.push(r);
         }
-        let mut sorted: Vec<_> = regions.iter().map(|r| (r.gpa, r.gpa + r.len)).collect();
+        let mut sorted: Vec<_> = regions.iter().map(|r| (r.gpa.0, r.gpa.0 + r.len)).collect();
         sorted.sort_unstable();
         if sorted.windows(2).any(|w| w[1].0 < w[0].1) {
             return Err(c.err("overlapping regions"));
@@ -417,8 +422,8 @@ mod tests {
             session: [7; 16],
             caps: CAP_LZ4,
             regions: vec![
-                RegionDesc { gpa: 0, len: 1 << 30, flags: 0 },
-                RegionDesc { gpa: 1 << 32, len: 2 << 20, flags: REGION_HUGE },
+                RegionDesc { gpa: Gpa(0), len: 1 << 30, flags: 0 },
+                RegionDesc { gpa: Gpa(1 << 32), len: 2 << 20, flags: REGION_HUGE },
             ],
             extensions: vec![(0x7777, b"future".to_vec())],
         }
@@ -436,13 +441,13 @@ mod tests {
         h.stream_index = 4;
         assert!(Hello::decode(&h.encode()).is_err());
         let mut h = hello();
-        h.regions[1].gpa = 1 << 29;
+        h.regions[1].gpa = Gpa(1 << 29);
         assert!(Hello::decode(&h.encode()).is_err(), "overlap");
         let mut h = hello();
         h.regions[0].len = 100;
         assert!(Hello::decode(&h.encode()).is_err(), "not page sized");
         let mut h = hello();
-        h.regions[0].gpa = u64::MAX - 4095;
+        h.regions[0].gpa = Gpa(u64::MAX - 4095);
         h.regions[0].len = 8192;
         assert!(Hello::decode(&h.encode()).is_err(), "wraps");
         let mut b = hello().encode();

@@ -5,17 +5,15 @@
 //! frame by decoding its payload into a reusable buffer and verifying the
 //! check before any byte is used.
 
+use pmigrate_ranges::PAGE_SIZE;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::frame::{Encoding, FrameHdr, FrameKind, WireError, HEADER_LEN, MAX_FRAME_PAGES, MAX_PAYLOAD};
 
-/// Page size on the wire.
-pub const PAGE: usize = 4096;
-
 /// The xxh3 of an all-zero page.
 pub fn zero_page_hash() -> u64 {
     static H: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *H.get_or_init(|| xxh3_64(&[0u8; PAGE]))
+    *H.get_or_init(|| xxh3_64(&[0u8; PAGE_SIZE]))
 }
 
 /// Whether a page is all zero (word at a time; the compiler vectorises it).
@@ -96,8 +94,8 @@ pub fn build_pages(
     lz4: bool,
 ) -> Encoding {
     let PagesAt { region, first, round } = at;
-    let count = pages.len() / PAGE;
-    assert!(pages.len() % PAGE == 0 && count > 0 && count <= MAX_FRAME_PAGES as usize);
+    let count = pages.len() / PAGE_SIZE;
+    assert!(pages.len() % PAGE_SIZE == 0 && count > 0 && count <= MAX_FRAME_PAGES as usize);
     assert_eq!(hashes.len(), count);
     let encoding = put_payload(out, pages, lz4);
     let mut hdr = FrameHdr::new(FrameKind::Pages);
@@ -116,8 +114,8 @@ pub fn build_pages(
 /// the source's common path for incompressible pages.
 pub fn seal_raw_pages_in_place(frame: &mut [u8], scratch: &mut Scratch, at: PagesAt, hashes: &[u64]) {
     let len = frame.len() - HEADER_LEN;
-    let count = len / PAGE;
-    assert!(len % PAGE == 0 && count > 0 && count <= MAX_FRAME_PAGES as usize && hashes.len() == count);
+    let count = len / PAGE_SIZE;
+    assert!(len % PAGE_SIZE == 0 && count > 0 && count <= MAX_FRAME_PAGES as usize && hashes.len() == count);
     let mut hdr = FrameHdr::new(FrameKind::Pages);
     hdr.encoding = Encoding::Raw;
     hdr.region = at.region;
@@ -198,7 +196,7 @@ impl Opener {
     /// check over header and page hashes matches.
     pub fn open_pages<'a>(&'a mut self, hdr: &FrameHdr, payload: &'a [u8]) -> Result<OpenedPages<'a>, WireError> {
         debug_assert_eq!(hdr.kind, FrameKind::Pages);
-        let len = hdr.count as usize * PAGE;
+        let len = hdr.count as usize * PAGE_SIZE;
         let pages: &[u8] = match hdr.encoding {
             Encoding::Zero => {
                 hdr.verify(&[])?;
@@ -215,7 +213,7 @@ impl Opener {
             return Err(WireError::Malformed { kind: hdr.kind, why: "payload length" });
         }
         self.hashes.clear();
-        self.hashes.extend(pages.chunks_exact(PAGE).map(xxh3_64));
+        self.hashes.extend(pages.chunks_exact(PAGE_SIZE).map(xxh3_64));
         hashes_as_bytes(&self.hashes, &mut self.body);
         hdr.verify(&self.body)?;
         Ok(OpenedPages::Data { pages, hashes: &self.hashes })
@@ -249,7 +247,7 @@ mod tests {
     }
 
     fn pages_of(kind: u8, n: usize, seed: u64) -> Vec<u8> {
-        let mut v = vec![0u8; n * PAGE];
+        let mut v = vec![0u8; n * PAGE_SIZE];
         let mut x = seed | 1;
         for (i, b) in v.iter_mut().enumerate() {
             x ^= x << 13;
@@ -270,7 +268,7 @@ mod tests {
         let mut o = Opener::default();
         for (kind, lz4, want) in [(0, true, Encoding::Raw), (1, true, Encoding::Lz4), (1, false, Encoding::Raw)] {
             let pages = pages_of(kind, 3, 9);
-            let hashes: Vec<u64> = pages.chunks(PAGE).map(xxh3_64).collect();
+            let hashes: Vec<u64> = pages.chunks(PAGE_SIZE).map(xxh3_64).collect();
             let mut f = Vec::new();
             assert_eq!(
                 build_pages(&mut f, &mut s, PagesAt { region: 2, first: 10, round: 5 }, &pages, &hashes, lz4),
@@ -287,7 +285,7 @@ mod tests {
             }
         }
         let pages = pages_of(0, 4, 1);
-        let hashes: Vec<u64> = pages.chunks(PAGE).map(xxh3_64).collect();
+        let hashes: Vec<u64> = pages.chunks(PAGE_SIZE).map(xxh3_64).collect();
         let mut f = vec![0u8; HEADER_LEN];
         f.extend_from_slice(&pages);
         let at = PagesAt { region: 1, first: 8, round: 2 };
@@ -303,7 +301,7 @@ mod tests {
 
     #[test]
     fn zero_check_sees_every_byte() {
-        let mut p = vec![0u8; PAGE];
+        let mut p = vec![0u8; PAGE_SIZE];
         assert!(is_zero_page(&p));
         for i in [0, 1, 7, 8, 2048, 4095] {
             p[i] = 1;
@@ -317,7 +315,7 @@ mod tests {
         #[test]
         fn no_corruption_of_a_page_frame_yields_wrong_pages(kind in 0u8..2, lz4: bool, at in any::<prop::sample::Index>(), bit in 0u8..8) {
             let pages = pages_of(kind, 2, 3);
-            let hashes: Vec<u64> = pages.chunks(PAGE).map(xxh3_64).collect();
+            let hashes: Vec<u64> = pages.chunks(PAGE_SIZE).map(xxh3_64).collect();
             let mut f = Vec::new();
             build_pages(&mut f, &mut Scratch::default(), PagesAt { region: 0, first: 0, round: 0 }, &pages, &hashes, lz4);
             let i = at.index(f.len());

@@ -21,8 +21,8 @@ pub fn layout_matches(mem: &GuestMemory, regions: &[RegionDesc]) -> Result<(), S
         return Err(format!("source has {} regions, destination {}", regions.len(), mem.regions().len()));
     }
     for ((i, r), d) in mem.iter().zip(regions) {
-        if r.gpa().0 != d.gpa || r.len() != d.len {
-            return Err(format!("{i}: source {:#x}+{:#x}, destination {}+{:#x}", d.gpa, d.len, r.gpa(), r.len()));
+        if r.gpa() != d.gpa || r.len() != d.len {
+            return Err(format!("{i}: source {}+{:#x}, destination {}+{:#x}", d.gpa, d.len, r.gpa(), r.len()));
         }
     }
     Ok(())

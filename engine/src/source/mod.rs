@@ -56,7 +56,6 @@ use crate::lz4gate::Lz4Policy;
 use crate::report::{LatencySummary, Report, RoundReport, StreamReport};
 use crate::shared::{self};
 use crate::{Compression, MigrateError};
-use hdrhistogram::Histogram;
 use rules::NoVerdict;
 use streams::{listener, sender, Listen, Msg, StreamStats};
 use worker::{Counts, Worker};
@@ -333,7 +332,7 @@ impl<'a> Source<'a> {
                 .regions()
                 .iter()
                 .map(|r| RegionDesc {
-                    gpa: r.gpa().0,
+                    gpa: r.gpa(),
                     len: r.len(),
                     flags: if r.host_page_size() == pmigrate_ranges::HostPageSize::Huge2M { REGION_HUGE } else { 0 },
                 })
@@ -549,7 +548,7 @@ impl<'r> Run<'r> {
             },
             ..Report::default()
         };
-        let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 2).expect("valid histogram bounds");
+        let mut latency = LatencySummary::histogram();
         let mut reached = rules::Reached::default();
         let outcome = std::thread::scope(|s| -> Result<(), MigrateError> {
             let mut senders = Vec::new();

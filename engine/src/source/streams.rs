@@ -167,7 +167,7 @@ pub(super) fn sender(
     let name = format!("stream {index}");
     let mut counter = RoundCounter::default();
     // Microseconds from a frame sealed to its last byte handed to the kernel.
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 2).expect("valid histogram bounds");
+    let mut latency = crate::report::LatencySummary::histogram();
     let Flags { abort, settled, done } = flags;
     let res = (|| {
         let out = Writer { link, cur: link.current(), redial, name, settled };

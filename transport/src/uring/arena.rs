@@ -19,8 +19,7 @@ use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, PoisonError};
 
-/// Page size assumed for slot alignment; a larger page only costs alignment.
-const PAGE: usize = 4096;
+use pmigrate_ranges::PAGE_SIZE;
 
 /// One anonymous private read-write mapping (not inherited by a forked
 /// child), unmapped on drop.
@@ -190,7 +189,7 @@ impl FramePool {
             return Err(PoolError::Empty { slots, slot_bytes });
         }
         let stride = slot_bytes
-            .checked_next_multiple_of(PAGE)
+            .checked_next_multiple_of(PAGE_SIZE)
             .and_then(|s| s.checked_mul(slots).map(|_| s))
             .ok_or(PoolError::TooLarge { slots, slot_bytes })?;
         let bytes = stride * slots; // checked just above
@@ -481,8 +480,8 @@ mod tests {
         let c = pool.take();
         assert_ne!(c.as_ptr(), addr);
         // slots start on page boundaries
-        assert_eq!(b.as_ptr() as usize % PAGE, 0);
-        assert_eq!(c.as_ptr() as usize % PAGE, 0);
+        assert_eq!(b.as_ptr() as usize % PAGE_SIZE, 0);
+        assert_eq!(c.as_ptr() as usize % PAGE_SIZE, 0);
     }
 
     #[test]
