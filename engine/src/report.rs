@@ -109,7 +109,7 @@ pub struct Report {
     pub payload_bytes: u64,
     /// Per-stream figures.
     pub streams: Vec<StreamReport>,
-    /// Worker threads.
+    /// Worker threads (source); stream threads (destination).
     pub threads: usize,
     /// Dirty tracker used.
     pub tracker: String,
@@ -162,26 +162,26 @@ fn mib(b: u64) -> f64 {
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
+        write!(
             f,
-            "{}: {:.1} MiB of guest memory in {:.3} s (setup {:.3} s), downtime {:.1} ms, {}",
+            "{}: {:.1} MiB of guest memory in {:.3} s (setup {:.3} s), downtime {:.1} ms",
             self.role,
             mib(self.memory_bytes),
             self.total_secs,
             self.setup_secs,
             self.downtime_secs * 1e3,
-            if self.converged { "converged" } else { "did NOT converge (round cap)" }
         )?;
-        writeln!(
-            f,
-            "  wire {:.1} MiB, page data {:.1} MiB, {} threads, tracker {}, compression {}, {} I/O",
-            mib(self.wire_bytes),
-            mib(self.payload_bytes),
-            self.threads,
-            self.tracker,
-            self.compression,
-            self.io
-        )?;
+        let source = self.role == "source";
+        if source {
+            write!(f, ", {}", if self.converged { "converged" } else { "did NOT converge (round cap)" })?;
+        }
+        write!(f, "\n  wire {:.1} MiB, page data {:.1} MiB, ", mib(self.wire_bytes), mib(self.payload_bytes))?;
+        if source {
+            write!(f, "{} threads, tracker {}, ", self.threads, self.tracker)?;
+        } else {
+            write!(f, "a thread per stream, ")?;
+        }
+        writeln!(f, "compression {}, {} I/O", self.compression, self.io)?;
         if !self.rounds.is_empty() {
             writeln!(
                 f,

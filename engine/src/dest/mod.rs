@@ -177,6 +177,7 @@ impl Incoming {
             abort: AtomicBool::new(false),
             first_error: Mutex::new(None),
             last_progress: AtomicU64::new(0),
+            latest_round: Mutex::new((0, Instant::now())),
             t0: Instant::now(),
         };
         let results: Vec<Result<StreamOutcome, ()>> = std::thread::scope(|s| {
@@ -332,10 +333,21 @@ struct State<'m> {
     /// When any stream last delivered a frame, in milliseconds since
     /// `t0`: the session's sign of life.
     last_progress: AtomicU64,
+    /// The latest round a page arrived from (its stamp), and when its
+    /// first page arrived: the final round's start, for the downtime.
+    latest_round: Mutex<(u32, Instant)>,
     t0: Instant,
 }
 
 impl State<'_> {
+    /// Notes that a page of the round stamped `stamp` arrived.
+    fn round_seen(&self, stamp: u32) {
+        let mut latest = self.latest_round.lock().unwrap_or_else(|p| p.into_inner());
+        if stamp > latest.0 {
+            *latest = (stamp, Instant::now());
+        }
+    }
+
     /// How long no stream delivered anything.
     fn quiet_for(&self) -> Duration {
         let last = Duration::from_millis(self.last_progress.load(Ordering::Relaxed));
@@ -472,6 +484,7 @@ impl State<'_> {
             match step {
                 Step::Nothing => {}
                 Step::Place { frame, stamp, post } => {
+                    self.round_seen(stamp);
                     let opened = frame.open(&mut opener).map_err(wire)?;
                     match &self.post {
                         Some(p) if post => self.placer.apply_post(p, frame.range(), opened, stamp)?,

@@ -26,7 +26,11 @@ impl Incoming {
             role: "destination".into(),
             memory_bytes: mem.total_bytes(),
             total_secs: total,
+            // From the first page of the last round to now, the memory
+            // verified (pre-copy; post-copy's guest ran from the switchover).
+            downtime_secs: state.latest_round.lock().unwrap_or_else(|p| p.into_inner()).1.elapsed().as_secs_f64(),
             converged: true,
+            threads: streams.len(),
             digest: digest.to_string(),
             compression: if self.accepted.caps & CAP_LZ4 != 0 { "lz4".into() } else { "off".into() },
             io: state.io_report.clone(),
