@@ -110,7 +110,7 @@ fn zero_copy_send_gives_the_same_memory(io: BackendChoice) {
     let cfg = SourceConfig { threads: 2, tracker: TrackerKind::Hash, zero_copy_send: true, ..config(io) };
     let run = migrate(&src, 4, cfg, None, None, None);
     assert_equal(&src, &run);
-    let zc = io == BackendChoice::Uring && pmigrate_transport::uring::probe().is_ok_and(|s| s.send_zc);
+    let zc = io == BackendChoice::Uring && pmigrate_transport::backend::probe_uring().is_ok_and(|s| s.send_zc);
     assert_eq!(run.source.io.contains("zero-copy send"), zc, "{}", run.source.io);
 }
 

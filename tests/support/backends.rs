@@ -21,7 +21,7 @@ macro_rules! over_each_backend {
 
             #[test]
             fn io_uring() {
-                match pmigrate_transport::uring::probe() {
+                match pmigrate_transport::backend::probe_uring() {
                     Ok(_) => super::$case(pmigrate::BackendChoice::Uring),
                     Err(why) => eprintln!("skipping {} over io_uring: {why}", stringify!($case)),
                 }

@@ -350,8 +350,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
 /// Portable against io_uring, 1 and 4 streams, on one path, in one run:
 /// the transfer rate and the CPU both ends spend per GiB.
 fn io_compare(a: &BenchArgs, plan: &Plan) -> Result<()> {
-    use pmigrate_transport::uring;
-    if let Err(why) = uring::probe() {
+    use pmigrate_transport::backend::probe_uring;
+    if let Err(why) = probe_uring() {
         anyhow::bail!("io_uring is not usable here, nothing to compare: {why}");
     }
     let links = plan.listen.len().max(plan.via.len());
@@ -363,7 +363,7 @@ fn io_compare(a: &BenchArgs, plan: &Plan) -> Result<()> {
         let mut pair = Vec::new();
         for (io, zc) in [(BackendChoice::Portable, false), (BackendChoice::Uring, false), (BackendChoice::Uring, true)]
         {
-            if zc && !uring::probe().is_ok_and(|s| s.send_zc) {
+            if zc && !probe_uring().is_ok_and(|s| s.send_zc) {
                 continue;
             }
             pair.push(measure(a, plan, "pmigrate", a.threads, streams, links, 0, a.compress, io, zc)?);

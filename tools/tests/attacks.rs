@@ -226,7 +226,7 @@ fn a_strangers_byte_stream_never_reaches_recv_stdout() {
 
 fn each_backend(case: impl Fn(&str)) {
     case("portable");
-    match pmigrate_transport::uring::probe() {
+    match pmigrate_transport::backend::probe_uring() {
         Ok(_) => case("uring"),
         Err(why) => eprintln!("skipping the io_uring case: {why}"),
     }

@@ -133,7 +133,7 @@ fn serve_and_migrate_a_memory_file_with_intruders_refused() {
     // Each end says which I/O backend ran: the one forced, or io_uring
     // exactly where the kernel allows it.
     assert!(dst_json.contains("\"io\": \"portable\""), "{dst_json}");
-    let auto = if pmigrate_transport::uring::probe().is_ok() { "io_uring" } else { "portable" };
+    let auto = if pmigrate_transport::backend::probe_uring().is_ok() { "io_uring" } else { "portable" };
     assert!(src_json.contains(&format!("\"io\": \"{auto}\"")), "{src_json}");
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -4,7 +4,7 @@
 //!
 //! - [`Backend::Portable`]: blocking `write`/`read` on the socket, one
 //!   system call per frame written (or more for a short write).
-//! - [`Backend::Uring`]: io_uring ([`crate::uring`]). A writer queues whole
+//! - [`Backend::Uring`]: io_uring (the private `uring` module). A writer queues whole
 //!   frames and submits them as one linked chain per `io_uring_enter`, so a
 //!   sender with frames waiting makes one system call for several; the
 //!   kernel keeps the chain going (a send that finds the socket full is
@@ -22,7 +22,14 @@ use std::sync::Arc;
 
 use crate::conn::Conn;
 use crate::net::{FrameReader, TransportError};
-use crate::uring::{self, FramePool, Outgoing, UringReader, UringWriter, WriterOptions};
+use crate::uring::{self, UringReader, UringWriter, WriterOptions};
+
+// The frame buffers a backend sends from (registered with io_uring where it
+// runs), and the probe that says whether it does.
+pub use crate::uring::{
+    probe as probe_uring, CapacityError, FrameBuf, FramePool, Outgoing, PoolError, Support as UringSupport,
+    Unavailable as UringUnavailable,
+};
 
 /// Frames in one io_uring chain at most: enough that a sender with a full
 /// queue (4 frames of 256 KiB) submits them all at once.
@@ -125,7 +132,7 @@ pub enum FrameWriter {
 impl FrameWriter {
     /// A writer on `conn`. With `zero_copy`, frames built in that arena go
     /// out with `SEND_ZC` from its registered memory (io_uring, when the
-    /// kernel has it; see [`crate::uring`]).
+    /// kernel has it; see the private `uring` module).
     pub fn new(conn: Conn, backend: Backend, zero_copy: Option<&FramePool>) -> Result<Self, TransportError> {
         Ok(match (backend, conn) {
             (Backend::Portable, conn) | (Backend::Uring, conn @ Conn::Tls(_)) => {

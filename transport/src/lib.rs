@@ -19,9 +19,9 @@
 //! - [`serve`]: serving many sessions at once (the socket proxy).
 //! - [`tls`], [`conn`]: mutual TLS over a session's streams, and the
 //!   connection type that is TCP or TLS.
-//! - [`uring`]: the io_uring backend's building blocks, chosen at run time
-//!   by a probe: a registered frame arena, an ordered multi-frame writer and
-//!   a reader.
+//! - `uring` (private): the io_uring backend's building blocks, chosen at
+//!   run time by a probe ([`backend::probe_uring`]): a registered frame
+//!   arena, an ordered multi-frame writer and a reader.
 //!
 //! ```
 //! use pmigrate_transport::frame::{FrameHdr, FrameKind, HEADER_LEN};
@@ -50,7 +50,7 @@ pub mod payload;
 pub mod serve;
 pub mod session;
 pub mod tls;
-pub mod uring;
+mod uring;
 
 pub use accept::{Accepted, Acceptor};
 pub use auth::{Auth, Psk, SessionKey};

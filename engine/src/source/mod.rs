@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use pmigrate_ranges::{distribute_late, plan_shards, AtomicBitmap, GuestMemory, PageRange, PAGE_SIZE};
 use pmigrate_transport::backend::URING_DEPTH;
+use pmigrate_transport::backend::{FramePool, Outgoing};
 use pmigrate_transport::frame::HEADER_LEN;
 use pmigrate_transport::hello::{
     encode_shared_regions, Hello, Mode, RegionDesc, CAP_LZ4, CAP_POSTCOPY, CAP_RESUME, CAP_SHARED, EXT_SHARED_REGIONS,
@@ -47,7 +48,6 @@ use pmigrate_transport::hello::{
 use pmigrate_transport::message::Digest;
 use pmigrate_transport::payload::{zero_page_hash, Scratch};
 use pmigrate_transport::session::{connect_session, new_session_id, StreamPlan};
-use pmigrate_transport::uring::{FramePool, Outgoing};
 use pmigrate_transport::{Auth, Backend, BackendChoice, Conn, Connected, Link, SessionKey, TransportError};
 
 use crate::digest::digest_handing_over;
@@ -499,7 +499,7 @@ impl<'r> Run<'r> {
         let io = resolved.backend;
         if io == Backend::Uring
             && self.cfg.zero_copy_send
-            && pmigrate_transport::uring::probe().is_ok_and(|s| s.send_zc)
+            && pmigrate_transport::backend::probe_uring().is_ok_and(|s| s.send_zc)
         {
             // Room for every whole batch that can be in flight: queued, in
             // a sender's two chains, and being built by each worker.

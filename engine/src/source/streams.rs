@@ -9,9 +9,9 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use hdrhistogram::Histogram;
 use pmigrate_transport::backend::{Backend, FrameWriter};
+use pmigrate_transport::backend::{FramePool, Outgoing};
 use pmigrate_transport::message::{Control, Digest, Message};
 use pmigrate_transport::net::{keepalive_frame, write_frame, FrameReader, KEEPALIVE_INTERVAL};
-use pmigrate_transport::uring::{FramePool, Outgoing};
 use pmigrate_transport::{Conn, Link, TransportError};
 
 use super::rules::{heard, Heard, RoundCounter};

@@ -6,11 +6,11 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use pmigrate_ranges::{AtomicBitmap, PageIdx, ShardWorker, PAGE_SIZE};
+use pmigrate_transport::backend::Outgoing;
 use pmigrate_transport::frame::{Encoding, HEADER_LEN};
 use pmigrate_transport::payload::{
     build_pages, build_zero_pages, is_zero_page, seal_raw_pages_in_place, zero_page_hash, PagesAt, Scratch,
 };
-use pmigrate_transport::uring::Outgoing;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::{Msg, Run};

@@ -130,8 +130,8 @@ use std::io;
 
 pub use arena::{CapacityError, FrameBuf, FramePool, PoolError};
 pub use probe::{probe, Support, Unavailable};
-pub use reader::{UringReader, DEFAULT_STAGING, MAX_STAGING};
-pub use writer::{Outgoing, SendFailure, UringWriter, WriterOptions, MAX_DEPTH};
+pub use reader::UringReader;
+pub use writer::{Outgoing, SendFailure, UringWriter, WriterOptions};
 
 const _: () = {
     const fn send<T: Send>() {}

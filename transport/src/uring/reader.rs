@@ -22,6 +22,7 @@ use super::ring::{self, Cqe};
 use super::{probe, UringError};
 
 /// A staging buffer size that suits frame headers and control frames.
+#[cfg(test)]
 pub const DEFAULT_STAGING: usize = 64 << 10;
 
 /// Largest staging buffer (one registered buffer is at most 1 GiB).
@@ -84,7 +85,7 @@ impl fmt::Debug for UringReader {
 
 impl UringReader {
     /// A reader of `sock` with a staging buffer of `staging` bytes
-    /// (1..=[`MAX_STAGING`]; [`DEFAULT_STAGING`] suits frames), registered
+    /// (1..=[`MAX_STAGING`]; 64 KiB suits frames), registered
     /// as a fixed buffer when that works.
     pub fn new(sock: Arc<TcpStream>, staging: usize) -> Result<Self, UringError> {
         Self::build(sock, staging, true)

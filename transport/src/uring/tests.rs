@@ -11,6 +11,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, RngCore, SeedableRng};
 use socket2::SockRef;
 
+use super::reader::DEFAULT_STAGING;
 use super::*;
 use crate::frame::{HEADER_LEN, MAX_PAYLOAD};
 use crate::net::FrameReader;
