@@ -16,7 +16,7 @@
 //!   small reads, large reads straight into the caller's slice, and a read
 //!   timeout that behaves like `SO_RCVTIMEO`.
 //!
-//! ```no_run
+//! ```ignore
 //! use std::net::TcpStream;
 //! use std::sync::Arc;
 //! use pmigrate_transport::uring::{probe, FramePool, UringWriter, WriterOptions};
