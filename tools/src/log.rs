@@ -76,3 +76,32 @@ pub fn init(a: &LogArgs, server: bool) {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        log: LogArgs,
+    }
+
+    fn level(args: &[&str], server: bool) -> &'static str {
+        Cli::try_parse_from([&["pmigrate"], args].concat()).unwrap().log.level(server)
+    }
+
+    #[test]
+    fn servers_log_info_and_one_shot_commands_errors_by_default() {
+        assert_eq!(level(&[], true), "info");
+        assert_eq!(level(&[], false), "error");
+        assert_eq!(level(&["-v"], true), "debug");
+        assert_eq!(level(&["-vv"], true), "trace");
+        assert_eq!(level(&["-vvvv"], true), "trace");
+        assert_eq!(level(&["-v"], false), "warn");
+        assert_eq!(level(&["-q"], true), "error");
+        assert!(Cli::try_parse_from(["pmigrate", "-q", "-v"]).is_err(), "-q and -v conflict");
+        assert!(Cli::try_parse_from(["pmigrate", "--log-format", "xml"]).is_err());
+    }
+}
