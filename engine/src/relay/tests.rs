@@ -205,6 +205,45 @@ fn a_vanishing_peer_aborts_the_local_side(b: BackendChoice) {
     assert!(a_peer.write_all(&[2u8; 1 << 20]).is_err(), "the relay no longer takes bytes");
 }
 
+/// A TCP peer of a failed relay is reset, never closed, even while it
+/// writes and reads at once (QEMU's migration thread and its return path).
+/// Linux reports a reset once, to whichever call comes first: when the
+/// writer takes it, the reader reads an end of stream after it. So the
+/// peer saw the reset when its reader failed or its writer met
+/// `ECONNRESET` — which also proves no FIN came first (a reset after a FIN
+/// fails the writer with `EPIPE`).
+fn a_tcp_peer_of_a_failed_relay_is_reset_not_closed(b: BackendChoice) {
+    use std::net::{TcpListener, TcpStream};
+    let acc = listen();
+    let addr = acc.local_addrs()[0];
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (local, _) = l.accept().unwrap();
+    let tx = std::thread::spawn(move || send(Local::tcp(local).unwrap(), &cfg(b, plan(addr, 2))));
+    let mut judge = |h: &Hello| Ok(h.caps & (CAP_LZ4 | CAP_DUPLEX));
+    let accepted = acc.accept_session(Mode::Stream, &mut judge, None).unwrap();
+    // The far end takes nothing: the relay's queues and the peer's socket
+    // fill, and the peer's writer blocks while its reader waits.
+    let mut w = peer.try_clone().unwrap();
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        loop {
+            w.write_all(&[3u8; 64 << 10])?;
+        }
+    });
+    let mut r = peer;
+    let reader = std::thread::spawn(move || r.read(&mut [0u8; 1 << 16]));
+    std::thread::sleep(Duration::from_millis(300));
+    drop(accepted); // the far end is gone without a word
+    tx.join().unwrap().expect_err("the relay must fail");
+    let wrote = writer.join().unwrap().expect_err("the peer's writing fails");
+    let read = reader.join().unwrap();
+    assert!(
+        read.is_err() || wrote.kind() == std::io::ErrorKind::ConnectionReset,
+        "the peer was closed, not reset: its read returned {read:?}, its write {wrote}"
+    );
+    assert!(!matches!(read, Ok(n) if n > 0), "the peer read bytes the far end never sent");
+}
+
 fn a_session_naming_a_target_is_refused_by_a_plain_receiver(b: BackendChoice) {
     let acc = listen();
     let addr = acc.local_addrs()[0];
@@ -537,6 +576,7 @@ over_each_backend!(
     a_full_duplex_session_carries_both_ways_whole,
     half_close_passes_through_sockets,
     a_vanishing_peer_aborts_the_local_side,
+    a_tcp_peer_of_a_failed_relay_is_reset_not_closed,
     a_session_naming_a_target_is_refused_by_a_plain_receiver,
     an_empty_stream_ends_cleanly,
     a_corrupted_chunk_is_never_written,

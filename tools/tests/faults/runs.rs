@@ -398,17 +398,31 @@ fn drain_counted(mut r: impl Read, count: &AtomicUsize) -> (Vec<u8>, bool) {
     }
 }
 
-/// Writes `data` in uneven pieces, as QEMU would; stops at an error.
-fn feed(mut w: impl Write, data: &[u8]) {
+/// Writes `data` in uneven pieces, as QEMU would; stops at an error, and
+/// returns it.
+fn feed(mut w: impl Write, data: &[u8]) -> std::io::Result<()> {
     let (mut off, mut k) = (0usize, 1usize);
     while off < data.len() {
         k = (k * 31 + 7) % 70_000 + 1;
         let end = (off + k).min(data.len());
-        if w.write_all(&data[off..end]).is_err() {
-            return;
-        }
+        w.write_all(&data[off..end])?;
         off = end;
     }
+    Ok(())
+}
+
+/// Whether a TCP socket that one thread read to an end of stream (`eof`)
+/// while another wrote to it (`fed`) ended cleanly: by a FIN, not a reset.
+///
+/// Linux reports a reset once: it sets the socket's error, and the first
+/// call on the socket takes it (`sock_error` clears it); every read after
+/// that returns 0, as at a FIN. So when the writer's call takes the
+/// reset's `ECONNRESET`, the reader reads an end of stream, and only the
+/// writer knows the connection was reset. The writer's `ECONNRESET` also
+/// proves no FIN came first: a reset after a FIN (state `CLOSE_WAIT`)
+/// fails the writer with `EPIPE` instead (`tcp_reset`).
+fn ended_cleanly(eof: bool, fed: &std::io::Result<()>) -> bool {
+    eof && !matches!(fed, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset)
 }
 
 fn exec(run: &Run, plan: &Plan) -> (Observed, Fired) {
@@ -426,7 +440,9 @@ fn exec(run: &Run, plan: &Plan) -> (Observed, Fired) {
     let (recv, recv_in, recv_out) = Proc::spawn("recv", &mut cmd);
     let out = std::thread::spawn(move || drain(recv_out.expect("recv stdout")));
     let b = back.clone();
-    let back_in = std::thread::spawn(move || feed(recv_in.expect("recv stdin"), &b));
+    let back_in = std::thread::spawn(move || {
+        let _ = feed(recv_in.expect("recv stdin"), &b);
+    });
     assert!(recv.wait_log("listening on", Duration::from_secs(60)), "recv never listened: {}", recv.log());
     let addr = net.link(&recv, run, plan, &victims);
 
@@ -446,7 +462,7 @@ fn exec(run: &Run, plan: &Plan) -> (Observed, Fired) {
     let (i, got, want, s2) = (input.clone(), back_got.clone(), back.len(), send.clone());
     let fwd_in = std::thread::spawn(move || {
         let mut w = send_in.expect("send stdin");
-        feed(&mut w, &i);
+        let _ = feed(&mut w, &i);
         let until = Instant::now() + RUN_DEADLINE;
         while got.load(Ordering::Relaxed) < want && s2.status().is_none() && Instant::now() < until {
             std::thread::sleep(Duration::from_millis(20));
@@ -549,18 +565,21 @@ fn proxy(run: &Run, plan: &Plan) -> (Observed, Fired) {
     victims.set(Some(&entry), Some(&exit));
 
     // The source QEMU stands for: writes the stream, half-closes, reads
-    // the answer.
+    // the answer. Like QEMU (its migration thread writes, its return path
+    // reads), it knows the connection was reset when either of its calls
+    // says so (see `ended_cleanly`).
     let i = input.clone();
     let client_fn = move || -> Option<(Vec<u8>, bool)> {
         let c = TcpStream::connect(("127.0.0.1", entry_port)).ok()?;
         let w = c.try_clone().ok()?;
         let writer = std::thread::spawn(move || {
-            feed(&w, &i);
+            let fed = feed(&w, &i);
             let _ = w.shutdown(Shutdown::Write);
+            fed
         });
-        let got = drain(&c);
-        let _ = writer.join();
-        Some(got)
+        let (got, eof) = drain(&c);
+        let fed = writer.join().unwrap_or(Ok(()));
+        Some((got, ended_cleanly(eof, &fed)))
     };
     let client = match &net {
         Net::Netem(bed) => netem::spawn_in(bed, Side::Src, client_fn).expect("client thread"),
@@ -632,4 +651,37 @@ fn proxy(run: &Run, plan: &Plan) -> (Observed, Fired) {
         hung,
     };
     (Observed::Stream(obs), fired)
+}
+
+/// The proxy's client once judged a reset connection as cleanly ended:
+/// its writer took the reset, and its reader then read an end of stream.
+#[test]
+fn a_reset_taken_by_the_writer_is_no_clean_end() {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let c = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+    let (peer, _) = l.accept().expect("accept");
+    // The peer reads nothing: the writer fills the socket buffers and
+    // blocks, as the client's does while the proxy's pipeline is full.
+    let w = c.try_clone().expect("clone");
+    let data = vec![7u8; 64 << 20];
+    let writer = std::thread::spawn(move || feed(&w, &data));
+    std::thread::sleep(Duration::from_millis(200));
+    crate::cutter::reset(&peer);
+    let fed = writer.join().expect("writer");
+    assert_eq!(fed.as_ref().map_err(|e| e.kind()), Err(std::io::ErrorKind::ConnectionReset), "{fed:?}");
+    // The kernel's view: the reset was reported once, to the writer; a
+    // read now sees an end of stream, as after a FIN.
+    let (got, eof) = drain(&c);
+    assert!(got.is_empty() && eof, "a read after the writer took the reset: {} bytes, eof {eof}", got.len());
+    assert!(!ended_cleanly(eof, &fed), "a reset connection counted as cleanly ended");
+    // A FIN is still a clean end, whatever the writer met after it.
+    let c = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+    let (peer, _) = l.accept().expect("accept");
+    peer.shutdown(Shutdown::Write).expect("FIN");
+    let (got, eof) = drain(&c);
+    drop(peer);
+    std::thread::sleep(Duration::from_millis(50));
+    let fed = feed(&c, &[1u8; 1 << 20]).and_then(|()| feed(&c, &[1u8; 1 << 20]));
+    assert!(got.is_empty() && eof);
+    assert!(ended_cleanly(eof, &fed), "a FIN, then {fed:?}");
 }
