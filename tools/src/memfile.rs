@@ -235,6 +235,9 @@ enum ServeStage {
     InPlace,
     /// The guest started here (post-copy switchover, or the end).
     GuestHere,
+    /// `F` holds the verified memory, but `--resume-cmd` failed: the
+    /// guest did not start here and the source keeps it.
+    NotStarted,
 }
 
 pub(crate) fn serve(a: ServeArgs) -> Result<()> {
@@ -272,6 +275,9 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
                 ServeStage::GuestHere => {
                     format!("pmigrate serve: {sig}: aborted after the guest started here; its memory is incomplete")
                 }
+                ServeStage::NotStarted => format!(
+                    "pmigrate serve: {sig}: stopped; the guest did not start here, the source keeps the VM; {m} holds                      its memory as of the pause"
+                ),
             })
         })?;
     }
@@ -350,9 +356,14 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
             Err(e) => e,
         };
         let _ = std::fs::remove_file(&partial);
-        let guest_here = *stage.lock().unwrap_or_else(|p| p.into_inner()) == ServeStage::GuestHere;
+        let now = *stage.lock().unwrap_or_else(|p| p.into_inner());
+        let guest_here = now == ServeStage::GuestHere;
         let state = match (&e, guest_here, in_place) {
             (MigrateError::Untold(_), ..) => format!("the guest runs here with {} complete", a.memory.display()),
+            _ if now == ServeStage::NotStarted => format!(
+                "the guest did not start here, the source keeps the VM; {} holds its memory as of the pause",
+                a.memory.display()
+            ),
             (_, true, _) => "the guest started here and its memory is incomplete: stop it".to_string(),
             (_, false, true) => {
                 format!("the source keeps the VM; {} was filled in place and may be incomplete", a.memory.display())
@@ -392,7 +403,7 @@ fn receive_in_place(
     let opts = receive_options(a);
     Ok(incoming.receive_and_run(&mem, &opts, || {
         mem.regions().iter().try_for_each(|r| r.flush()).map_err(|e| e.to_string())?;
-        start_guest(a, set_stage)
+        start_guest(a, set_stage, ServeStage::InPlace)
     }))
 }
 
@@ -425,7 +436,7 @@ fn receive_copy(
     if !incoming.is_postcopy() {
         return Ok(incoming.receive_and_run(&file, &opts, || {
             install(&file)?;
-            start_guest(a, set_stage)
+            start_guest(a, set_stage, ServeStage::NotStarted)
         }));
     }
     // Post-copy places pages into private anonymous memory (that is what
@@ -436,7 +447,7 @@ fn receive_copy(
         Ok(m) => m,
         Err(e) => return Ok(Err(e.into())),
     };
-    let report = match incoming.receive_and_run(&mem, &opts, || start_guest(a, set_stage)) {
+    let report = match incoming.receive_and_run(&mem, &opts, || start_guest(a, set_stage, ServeStage::Copying)) {
         Ok(r) => r,
         Err(e) => return Ok(Err(e)),
     };
@@ -458,13 +469,18 @@ fn receive_options(a: &ServeArgs) -> ReceiveOptions {
     }
 }
 
-/// The guest may start here: runs `--resume-cmd`.
-fn start_guest(a: &ServeArgs, set_stage: &(dyn Fn(ServeStage) + Sync)) -> Result<(), String> {
+/// The guest may start here: runs `--resume-cmd`. If it fails, the guest
+/// did not start, and the stage becomes `failed`.
+fn start_guest(a: &ServeArgs, set_stage: &(dyn Fn(ServeStage) + Sync), failed: ServeStage) -> Result<(), String> {
     set_stage(ServeStage::GuestHere);
-    match &a.resume_cmd {
+    let started = match &a.resume_cmd {
         None => Ok(()),
         Some(cmd) => run_hook(cmd),
+    };
+    if started.is_err() {
+        set_stage(failed);
     }
+    started
 }
 
 /// Copies every page of `from` into `to` (same layout).

@@ -4,7 +4,8 @@
 //! (`proxy entry`/`proxy exit`) — under link faults (a userspace netem:
 //! delay and jitter, 1 % loss, reordering, duplication, 0.1 % corruption),
 //! a connection reset at a seeded byte offset, SIGSTOP and SIGKILL of
-//! either end at a seeded point, and a full disk at the destination.
+//! either end at a seeded point, a full disk at the destination, and a
+//! destination whose guest cannot start (its resume command fails).
 //!
 //! Every run is judged (see `faults/judge.rs`): byte-exact, or a clean
 //! failure with the VM (the stream) left at the source and one clear line,
@@ -286,6 +287,7 @@ fn reduced_runs() -> Vec<Run> {
         r(Pre, KillDst, 3, 32),
         r(Pre, StopSrc, 4, 32),
         r(Pre, DiskFull, 5, 32),
+        r(Pre, ResumeFails, 6, 32),
         r(Post, Netem, 1, 16),
         r(Post, Cut, 2, 32),
         r(Post, Cut, 3, 32),
@@ -295,6 +297,7 @@ fn reduced_runs() -> Vec<Run> {
         r(Hybrid, Netem, 1, 16),
         r(Hybrid, Cut, 2, 32),
         r(Hybrid, KillDst, 3, 32),
+        r(Hybrid, ResumeFails, 4, 32),
         r(Exec, Netem, 1, 16),
         r(Exec, Cut, 2, 32),
         r(Exec, KillSrc, 3, 32),

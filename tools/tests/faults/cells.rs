@@ -40,6 +40,8 @@ pub enum Fault {
     KillDst,
     /// The destination's memory file on a tmpfs smaller than the memory.
     DiskFull,
+    /// The destination's `--resume-cmd` fails: its guest cannot start.
+    ResumeFails,
 }
 
 impl Path {
@@ -67,8 +69,16 @@ impl Path {
 }
 
 impl Fault {
-    pub const ALL: [Fault; 7] =
-        [Fault::Netem, Fault::Cut, Fault::StopSrc, Fault::StopDst, Fault::KillSrc, Fault::KillDst, Fault::DiskFull];
+    pub const ALL: [Fault; 8] = [
+        Fault::Netem,
+        Fault::Cut,
+        Fault::StopSrc,
+        Fault::StopDst,
+        Fault::KillSrc,
+        Fault::KillDst,
+        Fault::DiskFull,
+        Fault::ResumeFails,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -79,6 +89,7 @@ impl Fault {
             Fault::KillSrc => "kill-src",
             Fault::KillDst => "kill-dst",
             Fault::DiskFull => "disk-full",
+            Fault::ResumeFails => "resume-fails",
         }
     }
 
@@ -96,12 +107,13 @@ pub struct Cell {
 }
 
 impl Cell {
-    /// Every cell of the matrix (a full disk only where a file is written).
+    /// Every cell of the matrix (a full disk only where a file is
+    /// written, a failing resume only where a guest starts).
     pub fn all() -> Vec<Cell> {
         let mut v = Vec::new();
         for path in Path::ALL {
             for fault in Fault::ALL {
-                if fault != Fault::DiskFull || path.is_memory() {
+                if !matches!(fault, Fault::DiskFull | Fault::ResumeFails) || path.is_memory() {
                     v.push(Cell { path, fault });
                 }
             }

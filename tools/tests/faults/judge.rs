@@ -232,6 +232,11 @@ fn memory(run: &Run, plan: &Plan, o: &MemoryObs) -> Verdict {
 
     let exact = o.src.success() && o.dst.success() && o.dst_file == Some(true) && o.resumes == 1;
     let clean = !o.src.success() && !o.dst.success() && o.resumes == 0 && (src_owns || o.src.killed);
+    if fault == Fault::ResumeFails && !clean {
+        // Nothing disabled an end: the source must know its guest did not
+        // start there, and run it again.
+        bad.push("the guest could not start at the destination, and the source did not keep it".into());
+    }
     if !exact && !clean && bad.is_empty() {
         // Honest is right only where the fault could cause it: an
         // end disabled, or (pre-copy) the verdict lost on a broken link.

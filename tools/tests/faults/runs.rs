@@ -304,13 +304,18 @@ fn memory(run: &Run, plan: &Plan) -> (Observed, Fired) {
     let mut net = Net::new(run, plan);
     let victims = Arc::new(Victims::default());
 
-    let resume_cmd = format!(
-        "echo r >> {}; if cmp -s {} {}; then echo ok >> {}; fi",
-        sh_quote(&resumed),
-        sh_quote(&dst),
-        sh_quote(&src),
-        sh_quote(&verified)
-    );
+    let failed_resume = s.path("resume-failed");
+    let resume_cmd = match run.cell.fault {
+        // The guest cannot start here: the hook says so and starts nothing.
+        Fault::ResumeFails => format!("echo f >> {}; exit 1", sh_quote(&failed_resume)),
+        _ => format!(
+            "echo r >> {}; if cmp -s {} {}; then echo ok >> {}; fi",
+            sh_quote(&resumed),
+            sh_quote(&dst),
+            sh_quote(&src),
+            sh_quote(&verified)
+        ),
+    };
     let mut cmd = net.command(Side::Dst);
     cmd.args(["serve", "--listen", &net.listen(), "--memory"])
         .arg(&dst)
@@ -346,7 +351,13 @@ fn memory(run: &Run, plan: &Plan) -> (Observed, Fired) {
     victims.join_conts();
     let dst_end = settle(&serve, &["waiting for another", "refused"]);
     victims.join_conts();
-    let fired = net.fired(run, plan, &victims);
+    let fired = match run.cell.fault {
+        Fault::ResumeFails => {
+            let tries = marks(&failed_resume);
+            Fired { fired: tries > 0, what: format!("the resume command failed {tries} times") }
+        }
+        _ => net.fired(run, plan, &victims),
+    };
     drop(net);
 
     let json = std::fs::read_to_string(s.path("migrate.json")).unwrap_or_default();
