@@ -31,6 +31,17 @@ mod keys;
 #[path = "../../tests/support/netem.rs"]
 mod netem;
 
+/// The test certificates of TLS runs, written once per test process.
+mod pki {
+    use std::path::PathBuf;
+    use std::sync::OnceLock;
+
+    pub fn dir() -> PathBuf {
+        static DIR: OnceLock<PathBuf> = OnceLock::new();
+        DIR.get_or_init(|| pmigrate_transport::tls::test_pki::pki_dir("faults")).clone()
+    }
+}
+
 #[path = "faults/bed.rs"]
 mod bed;
 #[path = "faults/cells.rs"]
@@ -129,10 +140,11 @@ fn one(run: &Run, tally: &Mutex<Tally>) {
     let (observed, fired) = runs::run(run);
     let verdict = judge::judge(run, &plan, &observed);
     let line = format!(
-        "{:<16} seed {:>4} {:>3} MiB  {:<13} {:>5.1} s  fault {}: {}",
+        "{:<19} seed {:>4} {:>3} MiB {:<12}  {:<13} {:>5.1} s  fault {}: {}",
         run.cell.to_string(),
         run.seed,
         run.mib,
+        plan.to_string(),
         verdict.name(),
         t.elapsed().as_secs_f64(),
         if fired.fired { "fired" } else { "did not fire" },
@@ -161,7 +173,7 @@ fn one(run: &Run, tally: &Mutex<Tally>) {
     g.add(run, &verdict, fired.fired);
     if let Verdict::Wrong(reasons) = &verdict {
         let report = format!(
-            "WRONG {} seed {} {} MiB\n  why: {}\n  observed: {}\n  source end ({:?}):\n{}  destination end ({:?}):\n{}  \
+            "WRONG {} seed {} {} MiB {plan}\n  why: {}\n  observed: {}\n  source end ({:?}):\n{}  destination end ({:?}):\n{}  \
              repro: {}\n",
             run.cell,
             run.seed,

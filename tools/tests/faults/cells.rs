@@ -182,7 +182,10 @@ impl Run {
             PROGRESS_TIMEOUT + Duration::from_millis(rng.gen_range(1500..4000))
         };
         let disk_kib = rng.gen_range((bytes >> 10) / 10..(bytes >> 10) - 4);
-        Plan { offset, stop_for, disk_kib, netem_seed: rng.gen(), content_seed: rng.gen() }
+        // The flavour, from the seed alone: every cell meets mutual TLS
+        // and the portable backend as the seeds count up.
+        let (tls, portable) = (self.seed % 2 == 1, self.seed % 3 == 0);
+        Plan { offset, stop_for, disk_kib, netem_seed: rng.gen(), content_seed: rng.gen(), tls, portable }
     }
 }
 
@@ -203,6 +206,20 @@ pub struct Plan {
     pub netem_seed: u64,
     /// Seed of the memory's (or stream's) content.
     pub content_seed: u64,
+    /// Mutual TLS instead of a pre-shared key.
+    pub tls: bool,
+    /// The portable I/O backend instead of the default (io_uring where
+    /// the kernel allows it).
+    pub portable: bool,
+}
+
+impl fmt::Display for Plan {
+    /// The run's flavour, for its row.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let auth = if self.tls { "tls" } else { "psk" };
+        let io = if self.portable { "portable" } else { "auto" };
+        write!(f, "{auth}/{io}")
+    }
 }
 
 impl Plan {

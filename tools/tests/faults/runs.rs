@@ -16,6 +16,7 @@ use crate::cells::{content, Fault, Path, Plan, Run, PROGRESS_TIMEOUT};
 use crate::cutter::{Cutter, Trigger};
 use crate::keys::psk_args;
 use crate::netem::{self, NetemBed, NetemConfig, Side};
+use crate::pki;
 
 const BIN: &str = env!("CARGO_BIN_EXE_pmigrate");
 
@@ -256,6 +257,36 @@ fn progress_args() -> [String; 2] {
     ["--progress-timeout".into(), PROGRESS_TIMEOUT.as_secs().to_string()]
 }
 
+/// How an end authenticates and which I/O backend it runs, as the run's
+/// flavour says (`Plan::tls`, `Plan::portable`). `connects`: the end that
+/// dials (the source side), which names the certificate it expects.
+fn end_args(plan: &Plan, connects: bool) -> Vec<String> {
+    let mut v: Vec<String> = if plan.tls {
+        let dir = pki::dir();
+        let who = if connects { "a" } else { "b" };
+        let file = |f: String| dir.join(f).to_string_lossy().into_owned();
+        let mut v = vec![
+            "--tls-cert".into(),
+            file(format!("{who}.pem")),
+            "--tls-key".into(),
+            file(format!("{who}.key")),
+            "--tls-ca".into(),
+            file("ca.pem".into()),
+        ];
+        if connects {
+            // The netem bed's addresses are not in the test certificates.
+            v.extend(["--tls-name".into(), "localhost".into()]);
+        }
+        v
+    } else {
+        psk_args().into()
+    };
+    if plan.portable {
+        v.extend(["--io".into(), "portable".into()]);
+    }
+    v
+}
+
 fn sh_quote(p: &std::path::Path) -> String {
     format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
 }
@@ -321,7 +352,7 @@ fn memory(run: &Run, plan: &Plan) -> (Observed, Fired) {
         .arg(&dst)
         .args(["--resume-cmd", &resume_cmd, "--json"])
         .args(progress_args())
-        .args(psk_args())
+        .args(end_args(plan, false))
         .stdin(Stdio::null())
         .stdout(Stdio::from(std::fs::File::create(s.path("serve.json")).expect("serve.json")));
     let (serve, ..) = Proc::spawn("serve", &mut cmd);
@@ -335,7 +366,7 @@ fn memory(run: &Run, plan: &Plan) -> (Observed, Fired) {
         .args(["--cont-cmd", &format!("echo c >> {}", sh_quote(&conts))])
         .args(["--streams", "4", "--json"])
         .args(progress_args())
-        .args(psk_args());
+        .args(end_args(plan, true));
     match run.cell.path {
         Path::Post => drop(cmd.args(["--postcopy", "0"])),
         Path::Hybrid => drop(cmd.args(["--postcopy", "1"])),
@@ -445,7 +476,7 @@ fn exec(run: &Run, plan: &Plan) -> (Observed, Fired) {
     let mut cmd = net.command(Side::Dst);
     cmd.args(["recv", "--listen", &net.listen(), "--report", "--wait", "60"])
         .args(progress_args())
-        .args(psk_args())
+        .args(end_args(plan, false))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped());
     let (recv, recv_in, recv_out) = Proc::spawn("recv", &mut cmd);
@@ -460,7 +491,7 @@ fn exec(run: &Run, plan: &Plan) -> (Observed, Fired) {
     let mut cmd = net.command(Side::Src);
     cmd.args(["send", "--streams", "4", "--report"])
         .args(progress_args())
-        .args(psk_args())
+        .args(end_args(plan, true))
         .arg(&addr)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped());
@@ -558,7 +589,7 @@ fn proxy(run: &Run, plan: &Plan) -> (Observed, Fired) {
     let mut cmd = net.command(Side::Dst);
     cmd.args(["proxy", "exit", "--listen", &net.listen(), "--target", &format!("tcp:127.0.0.1:{target_port}")])
         .args(progress_args())
-        .args(psk_args())
+        .args(end_args(plan, false))
         .stdin(Stdio::null())
         .stdout(Stdio::null());
     let (exit, ..) = Proc::spawn("proxy exit", &mut cmd);
@@ -567,7 +598,7 @@ fn proxy(run: &Run, plan: &Plan) -> (Observed, Fired) {
     let mut cmd = net.command(Side::Src);
     cmd.args(["proxy", "entry", "--streams", "4", "--accept", &format!("tcp:127.0.0.1:{entry_port}")])
         .args(progress_args())
-        .args(psk_args())
+        .args(end_args(plan, true))
         .arg(&addr)
         .stdin(Stdio::null())
         .stdout(Stdio::null());
