@@ -1000,33 +1000,42 @@ fn serve_refuses_a_source_its_disk_cannot_hold() {
 }
 
 /// `--log-format json`: a server's refusal is one JSON object with the
-/// peer and the reason as fields, for a log shipper.
+/// peer and the reason as fields, for a log shipper — with a pre-shared
+/// key, and with TLS, where the stranger fails the TLS handshake itself.
 #[test]
 fn a_refused_stranger_is_one_json_log_line() {
+    use pmigrate_transport::tls::test_pki::write_pki;
     let dir = scratch("json-log");
-    let addr = format!("127.0.0.1:{}", free_port());
-    let (mut serve, log) = start_listening(
-        Command::new(BIN)
-            .args(["serve", "--log-format", "json", "--listen", &addr, "--memory"])
-            .arg(dir.join("dst.mem"))
-            .args(psk_args()),
-    );
-    let mut stranger = TcpStream::connect(&addr).unwrap();
-    stranger.write_all(&[0xff; 64]).unwrap();
-    stranger.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let _ = stranger.read_to_end(&mut Vec::new());
-    let peer = stranger.local_addr().unwrap().to_string();
-    // Serve logs before it answers; stop it once the stranger is gone.
-    signal(&serve, libc::SIGTERM);
-    let _ = serve.wait();
-    let log = log.join().unwrap();
-    let objects: Vec<serde_json::Value> =
-        log.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
-    let refused: Vec<_> = objects.iter().filter(|o| o["message"] == "refused").collect();
-    assert_eq!(refused.len(), 1, "{log}");
-    assert_eq!(refused[0]["level"], "WARN", "{log}");
-    assert_eq!(refused[0]["peer"], peer.as_str(), "{log}");
-    assert!(refused[0]["reason"].as_str().is_some_and(|r| r.starts_with("handshake: ")), "{log}");
+    write_pki(&dir).unwrap();
+    let pem = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    let tls: Vec<String> = ["--tls-cert", &pem("b.pem"), "--tls-key", &pem("b.key"), "--tls-ca", &pem("ca.pem")]
+        .map(String::from)
+        .to_vec();
+    for (auth, reason) in [(psk_args().to_vec(), "handshake: "), (tls, "TLS handshake: ")] {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let (mut serve, log) = start_listening(
+            Command::new(BIN)
+                .args(["serve", "--log-format", "json", "--listen", &addr, "--memory"])
+                .arg(dir.join("dst.mem"))
+                .args(&auth),
+        );
+        let mut stranger = TcpStream::connect(&addr).unwrap();
+        stranger.write_all(&[0xff; 64]).unwrap();
+        stranger.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let _ = stranger.read_to_end(&mut Vec::new());
+        let peer = stranger.local_addr().unwrap().to_string();
+        // Serve logs before it answers; stop it once the stranger is gone.
+        signal(&serve, libc::SIGTERM);
+        let _ = serve.wait();
+        let log = log.join().unwrap();
+        let objects: Vec<serde_json::Value> =
+            log.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+        let refused: Vec<_> = objects.iter().filter(|o| o["message"] == "refused").collect();
+        assert_eq!(refused.len(), 1, "{log}");
+        assert_eq!(refused[0]["level"], "WARN", "{log}");
+        assert_eq!(refused[0]["peer"], peer.as_str(), "{log}");
+        assert!(refused[0]["reason"].as_str().is_some_and(|r| r.starts_with(reason)), "{log}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -340,7 +340,7 @@ impl Acceptor {
                 Ok(Ok(a)) => a,
                 Ok(Err(refusal)) => {
                     refusal.send();
-                    note(peer_of(&refusal), refusal.why);
+                    note(refusal.peer, refusal.why);
                     continue;
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => continue,
@@ -365,7 +365,7 @@ impl Acceptor {
         claim: &mut Option<Claim>,
         check: &mut HelloCheck<'_>,
     ) -> Result<(), Refusal> {
-        let refuse = |conn, code, why: String| Err(Refusal { conn: Some(conn), code, why });
+        let refuse = |conn, code, why: String| Err(Refusal { conn: Some(conn), peer: a.peer, code, why });
         let Some(h) = a.hello.clone() else {
             let why = "no running session to come back to".to_string();
             return refuse(a.conn, ErrorCode::NotInSession, why);
@@ -418,10 +418,6 @@ impl Acceptor {
             }
         }
     }
-}
-
-fn peer_of(r: &Refusal) -> SocketAddr {
-    r.conn.as_ref().and_then(|c| c.tcp().peer_addr().ok()).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
 /// A session whose stream 0 arrived, gathering the rest.

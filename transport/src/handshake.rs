@@ -35,13 +35,15 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub(crate) struct Refusal {
     pub(crate) conn: Option<Conn>,
+    /// Who was refused (known even when the connection is gone).
+    pub(crate) peer: SocketAddr,
     pub(crate) code: ErrorCode,
     pub(crate) why: String,
 }
 
 impl Refusal {
-    fn new(conn: Option<Conn>, code: ErrorCode, why: impl Into<String>) -> Self {
-        Refusal { conn, code, why: why.into() }
+    fn new(conn: Option<Conn>, peer: SocketAddr, code: ErrorCode, why: impl Into<String>) -> Self {
+        Refusal { conn, peer, code, why: why.into() }
     }
 
     /// Sends the `Error` frame (bounded: the peer may not read) and closes.
@@ -155,7 +157,7 @@ fn read_frame_into(
 pub(crate) fn answer(s: TcpStream, peer: SocketAddr, auth: &Auth, deadline: Instant) -> Result<Arrival, Refusal> {
     let _ = s.set_nonblocking(false);
     if let Err(e) = tune_accepted(&s) {
-        return Err(Refusal::new(Some(Conn::Tcp(s)), ErrorCode::Io, e.to_string()));
+        return Err(Refusal::new(Some(Conn::Tcp(s)), peer, ErrorCode::Io, e.to_string()));
     }
     let conn = match auth.tls() {
         None => Conn::Tcp(s),
@@ -164,7 +166,7 @@ pub(crate) fn answer(s: TcpStream, peer: SocketAddr, auth: &Auth, deadline: Inst
                 t.set_read_deadline(Some(deadline));
                 Conn::Tls(Arc::new(t))
             }
-            Err(e) => return Err(Refusal::new(None, ErrorCode::Auth, e.to_string())),
+            Err(e) => return Err(Refusal::new(None, peer, ErrorCode::Auth, e.to_string())),
         },
     };
     let res = exchange(&conn, auth, deadline);
@@ -177,13 +179,13 @@ pub(crate) fn answer(s: TcpStream, peer: SocketAddr, auth: &Auth, deadline: Inst
             let tls_export = match &conn {
                 Conn::Tls(t) => match t.export(TLS_EXPORTER_LABEL, &offer.session) {
                     Ok(e) => Some(e),
-                    Err(e) => return Err(Refusal::new(Some(conn), ErrorCode::Io, e.to_string())),
+                    Err(e) => return Err(Refusal::new(Some(conn), peer, ErrorCode::Io, e.to_string())),
                 },
                 Conn::Tcp(_) => None,
             };
             Ok(Arrival { conn, peer, offer, transcript, stream_proof, tls_export, hello })
         }
-        Err((code, why)) => Err(Refusal::new(Some(conn), code, why)),
+        Err((code, why)) => Err(Refusal::new(Some(conn), peer, code, why)),
     }
 }
 

@@ -196,7 +196,7 @@ impl Resumes {
                             };
                             let verdict = match wrong {
                                 None => Ok((a.offer.stream_index, a.conn)),
-                                Some((code, why)) => Err(Refusal { conn: Some(a.conn), code, why: why.into() }),
+                                Some((code, why)) => Err(Refusal { conn: Some(a.conn), peer, code, why: why.into() }),
                             };
                             match verdict {
                                 Ok((i, conn)) => {
@@ -212,8 +212,7 @@ impl Resumes {
                         }
                         Ok(Err(r)) => {
                             r.send();
-                            let peer = r.conn.as_ref().and_then(|c| c.tcp().peer_addr().ok());
-                            log(peer.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))), r.why);
+                            log(r.peer, r.why);
                         }
                         Err(_) => {}
                     }

@@ -138,17 +138,18 @@ impl Acceptor {
                     let joined = match event {
                         Event::Handshake(h) => match *h {
                             Err(r) => {
-                                let peer = r
-                                    .conn
-                                    .as_ref()
-                                    .and_then(|c| c.tcp().peer_addr().ok())
-                                    .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+                                let peer = r.peer;
                                 refuse(r, peer);
                                 continue;
                             }
                             Ok(a) => {
                                 let peer = a.peer;
-                                let refusal = |a: Arrival, code, why: String| Refusal { conn: Some(a.conn), code, why };
+                                let refusal = |a: Arrival, code, why: String| Refusal {
+                                    conn: Some(a.conn),
+                                    peer: a.peer,
+                                    code,
+                                    why,
+                                };
                                 let Some(h) = a.hello.clone() else {
                                     refuse(
                                         refusal(a, ErrorCode::NotInSession, "no session to come back to".into()),
@@ -223,7 +224,7 @@ impl Acceptor {
                                 Ok(x) => x,
                                 Err(e) => {
                                     slots_used.fetch_sub(1, Ordering::AcqRel);
-                                    refuse(Refusal { conn: Some(a.conn), code: e.code, why: e.message }, peer);
+                                    refuse(Refusal { conn: Some(a.conn), peer, code: e.code, why: e.message }, peer);
                                     continue;
                                 }
                             };

@@ -6,7 +6,7 @@
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -558,6 +558,10 @@ fn proxy(run: &Run, plan: &Plan) -> (Observed, Fired) {
     let deadline = Instant::now() + RUN_DEADLINE;
     let (tx, rx) = std::sync::mpsc::channel();
     let r = reply.clone();
+    // Set when the exit connected to the target; and to tell a target
+    // that was never connected to stop waiting.
+    let (connected, give_up) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let (c, g) = (connected.clone(), give_up.clone());
     let target_fn = move || -> TargetSaw {
         let l = TcpListener::bind(("127.0.0.1", target_port)).expect("bind the target");
         tx.send(l.local_addr().expect("target addr").port()).expect("port");
@@ -565,10 +569,13 @@ fn proxy(run: &Run, plan: &Plan) -> (Observed, Fired) {
         let s = loop {
             match l.accept() {
                 Ok((s, _)) => break s,
-                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                Err(_) if Instant::now() < deadline && !g.load(Ordering::Acquire) => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
                 Err(_) => return None,
             }
         };
+        c.store(true, Ordering::Release);
         s.set_nonblocking(false).expect("blocking");
         let (got, clean) = drain(&s);
         if clean {
@@ -631,6 +638,16 @@ fn proxy(run: &Run, plan: &Plan) -> (Observed, Fired) {
     // deadline (a proxy end that never ends them is a hang).
     while !(client.is_finished() && target.is_finished()) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
+        // A client whose connection ended before the exit connected to the
+        // target (an end killed in the handshake): the target may never be
+        // connected, and that is no hang; it is given the settling time.
+        if client.is_finished() && !connected.load(Ordering::Acquire) {
+            let until = Instant::now() + SETTLE;
+            while !connected.load(Ordering::Acquire) && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            give_up.store(true, Ordering::Release);
+        }
     }
     let hung = !(client.is_finished() && target.is_finished());
     victims.join_conts();
