@@ -73,6 +73,10 @@ pub use pmigrate_transport::{Acceptor, Auth, Backend, BackendChoice, Psk, Transp
 pub use report::{Report, RoundReport, StreamReport};
 pub use source::{Progress, Source, SourceConfig};
 
+// Error types (issue 16), re-exported at the root so they stay reachable
+// whichever modules are public.
+pub use postcopy::PostcopyError;
+
 /// Whether to lz4 page batches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -136,7 +140,7 @@ pub enum MigrateError {
     /// Post-copy could not go on (userfaultfd, or pages that could not be
     /// placed).
     #[error("post-copy: {0}")]
-    Postcopy(String),
+    Postcopy(#[from] postcopy::PostcopyError),
     /// The embedder's hook starting the guest at the destination failed.
     #[error("resume hook failed: {0}")]
     Resume(String),

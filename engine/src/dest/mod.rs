@@ -21,7 +21,7 @@ use pmigrate_transport::net::{keepalive_frame, write_frame, FrameReader, KEEPALI
 use pmigrate_transport::payload::Opener;
 use pmigrate_transport::{Accepted, Acceptor, BackendChoice, Conn, Link, Resumes, TransportError};
 
-use crate::postcopy::{self, DestPost};
+use crate::postcopy::{self, DestPost, PostcopyError};
 use crate::report::Report;
 use crate::shared;
 use crate::MigrateError;
@@ -121,11 +121,11 @@ impl Incoming {
             match DestPost::new(mem) {
                 Ok(p) => Some(p),
                 Err(e) => {
-                    let why = format!("cannot open a userfaultfd for post-copy: {e}");
+                    let e = MigrateError::from(PostcopyError::Open(e));
                     for s in &streams {
-                        s.current().0.send_error(ErrorCode::Unsupported, why.clone());
+                        s.current().0.send_error(ErrorCode::Unsupported, e.to_string());
                     }
-                    return Err(MigrateError::Postcopy(why));
+                    return Err(e);
                 }
             }
         } else {
@@ -185,8 +185,8 @@ impl Incoming {
             if let Some(post) = &state.post {
                 s.spawn(move || {
                     let res = post.handle_faults(mem, state.placer.locks(), |r, p, n| state.request(streams, r, p, n));
-                    if let Err(why) = res {
-                        state.fail(streams, state.prio, MigrateError::Postcopy(why));
+                    if let Err(e) = res {
+                        state.fail(streams, state.prio, e.into());
                     }
                 });
             }
@@ -429,16 +429,16 @@ impl State<'_> {
                 // elsewhere; a source silent everywhere is frozen or gone.
                 Err(TransportError::Idle(..)) if self.quiet_for() < opts.progress_timeout => continue,
                 Err(TransportError::Idle(what, _)) => {
-                    let why = format!(
-                        "{what}: nothing from the source on any stream for {:?}: it is frozen or gone",
-                        self.quiet_for()
-                    );
+                    let quiet = self.quiet_for();
                     return Err(match &self.post {
-                        Some(p) if switched => MigrateError::Postcopy(format!(
-                            "{why}; the guest here lacks {} pages",
-                            p.missing.load(Ordering::Relaxed)
-                        )),
-                        _ => TransportError::Setup(why).into(),
+                        Some(p) if switched => {
+                            let missing = p.missing.load(Ordering::Relaxed);
+                            PostcopyError::Silent { stream: index, quiet, missing }.into()
+                        }
+                        _ => TransportError::Setup(format!(
+                            "{what}: nothing from the source on any stream for {quiet:?}: it is frozen or gone"
+                        ))
+                        .into(),
                     });
                 }
                 Err(e) if self.rules().may_come_back(index, self.resumable) => {
@@ -531,11 +531,8 @@ impl State<'_> {
             }
             let quiet = self.quiet_for();
             if t.elapsed() > RESUME_WINDOW || quiet > opts.progress_timeout {
-                return Err(MigrateError::Postcopy(format!(
-                    "stream {index} lost after the switchover ({lost}) and not reconnected (nothing from the \
-                     source for {quiet:?}): it is frozen or gone; the guest here lacks {} pages",
-                    self.post.as_ref().map_or(0, |p| p.missing.load(Ordering::Relaxed))
-                )));
+                let missing = self.post.as_ref().map_or(0, |p| p.missing.load(Ordering::Relaxed));
+                return Err(PostcopyError::NotReconnected { stream: index, lost, quiet, missing }.into());
             }
         }
     }

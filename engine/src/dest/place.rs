@@ -175,7 +175,7 @@ impl<'m> Placer<'m> {
                 hashes[p as usize].store(page_hashes[(p - first) as usize], Ordering::Relaxed);
             }),
         };
-        res.map(drop).map_err(MigrateError::Postcopy)
+        res.map(drop).map_err(MigrateError::from)
     }
 
     /// Rehashes every page of guest memory against the table of hashes of

@@ -342,7 +342,7 @@ impl<'a> Source<'a> {
         };
         let Connected { streams, welcome, key } = connect_session(&plan, &hello)?;
         if self.cfg.postcopy.is_some() && welcome.caps & CAP_POSTCOPY == 0 {
-            return Err(MigrateError::Postcopy("the destination did not accept post-copy".into()));
+            return Err(crate::postcopy::PostcopyError::Declined.into());
         }
         let candidates = if welcome.caps & CAP_SHARED != 0 { candidates } else { Vec::new() };
         let setup_secs = t0.elapsed().as_secs_f64();
