@@ -75,6 +75,7 @@ pub use source::{Progress, Source, SourceConfig};
 
 // Error types (issue 16), re-exported at the root so they stay reachable
 // whichever modules are public.
+pub use dest::LayoutMismatch;
 pub use postcopy::PostcopyError;
 
 /// Whether to lz4 page batches.
@@ -133,7 +134,25 @@ pub enum MigrateError {
     },
     /// The memory layouts of the two ends do not fit.
     #[error("memory layout mismatch: {0}")]
-    Layout(String),
+    Layout(#[source] dest::LayoutMismatch),
+    /// Checking memory after the final round
+    /// ([`ReceiveOptions::verify_memory`]) found a page that differs from
+    /// what was received.
+    #[error("{region}, {page}: memory differs from what was received")]
+    Differs {
+        /// The region.
+        region: pmigrate_ranges::RegionIdx,
+        /// The first page that differs.
+        page: PageIdx,
+    },
+    /// A free-page or working-set hint names pages outside guest memory.
+    #[error("hint {range:?}: {source}")]
+    Hint {
+        /// The pages the hint named.
+        range: pmigrate_ranges::PageRange,
+        /// Why they are not in guest memory.
+        source: pmigrate_ranges::MemoryError,
+    },
     /// The embedder's pause hook failed; the guest keeps running.
     #[error("pause hook failed: {0}")]
     Pause(String),

@@ -34,6 +34,7 @@ mod post;
 mod report;
 pub(crate) mod rules;
 
+pub use accept::LayoutMismatch;
 pub use accept::{layout_matches, Grant, Offered};
 use place::Placer;
 use rules::{DestRules, Shape, Step};
@@ -111,11 +112,11 @@ impl Incoming {
         let handover = self.handover_regions();
         let streams: Vec<Link> = std::mem::take(&mut self.accepted.streams).into_iter().map(Link::new).collect();
         let (session, caps) = (self.accepted.hello.session, self.accepted.caps);
-        if let Err(why) = layout_matches(mem, &self.accepted.hello.regions) {
+        if let Err(e) = layout_matches(mem, &self.accepted.hello.regions) {
             for s in &streams {
-                s.current().0.send_error(ErrorCode::Layout, why.clone());
+                s.current().0.send_error(ErrorCode::Layout, e.to_string());
             }
-            return Err(MigrateError::Layout(why));
+            return Err(MigrateError::Layout(e));
         }
         let post = if self.accepted.caps & CAP_POSTCOPY != 0 {
             match DestPost::new(mem) {

@@ -301,7 +301,7 @@ impl<'a> Source<'a> {
     fn run_inner(self) -> Result<Report, MigrateError> {
         let t0 = Instant::now();
         for r in self.free.iter().chain(&self.working_set) {
-            self.mem.check(*r).map_err(|e| MigrateError::Layout(format!("hint {r:?}: {e}")))?;
+            self.mem.check(*r).map_err(|source| MigrateError::Hint { range: *r, source })?;
         }
         let mut tracker = match self.tracker {
             Some(t) => t,
