@@ -103,6 +103,12 @@ impl std::str::FromStr for Compression {
     }
 }
 
+/// The error of an embedder's hook ([`Source::on_pause`],
+/// [`Source::on_abort`], the `resume` of [`Incoming::receive_and_run`]):
+/// any error, kept as the source of the [`MigrateError`] it causes. `?`
+/// converts any error type into it, and `.into()` a `String` or `&str`.
+pub type HookError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Why a migration failed.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
@@ -153,16 +159,29 @@ pub enum MigrateError {
         /// Why they are not in guest memory.
         source: pmigrate_ranges::MemoryError,
     },
-    /// The embedder's pause hook failed; the guest keeps running.
+    /// The embedder's pause hook failed (its error is the source); the
+    /// guest keeps running.
     #[error("pause hook failed: {0}")]
-    Pause(String),
+    Pause(#[source] HookError),
     /// Post-copy could not go on (userfaultfd, or pages that could not be
     /// placed).
     #[error("post-copy: {0}")]
     Postcopy(#[from] postcopy::PostcopyError),
-    /// The embedder's hook starting the guest at the destination failed.
+    /// The embedder's hook starting the guest at the destination failed
+    /// (its error is the source).
     #[error("resume hook failed: {0}")]
-    Resume(String),
+    Resume(#[source] HookError),
+    /// The migration failed after the pause hook stopped the guest, and
+    /// the embedder's abort hook, which was to start it again at the
+    /// source, failed too (its error is the source).
+    #[error("abort hook failed: {hook}, after: {after}")]
+    AbortHook {
+        /// What the abort hook returned.
+        #[source]
+        hook: HookError,
+        /// Why the migration failed.
+        after: Box<MigrateError>,
+    },
     /// The destination verified the memory and the guest started there,
     /// but the source could not be told: it must not resume the guest.
     #[error("the guest started here, but the source could not be told ({0}): it must not resume it")]
@@ -214,4 +233,21 @@ impl MigrateError {
             *slot = Some(e);
         }
     }
+}
+
+/// `e` and its causes on one line, each cause once: most errors here print
+/// their cause in their own message already, an embedder's hook error may
+/// not. What a peer is told.
+pub(crate) fn describe(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    line
 }

@@ -24,7 +24,7 @@ use pmigrate_transport::{Accepted, Acceptor, BackendChoice, Conn, Link, Resumes,
 use crate::postcopy::{self, DestPost, PostcopyError};
 use crate::report::Report;
 use crate::shared;
-use crate::MigrateError;
+use crate::{HookError, MigrateError};
 
 mod accept;
 #[cfg(test)]
@@ -97,7 +97,8 @@ impl Incoming {
     /// runs here; in post-copy (see [`crate::postcopy`]) at the switchover,
     /// while pages are still arriving. From then on the guest's touches of
     /// missing pages wait for them. An error from `resume` ends the
-    /// migration: the source is told and keeps the guest.
+    /// migration: the source is told and keeps the guest, and the error is
+    /// the source of the [`MigrateError::Resume`] returned.
     ///
     /// In post-copy, guest memory must be private anonymous. An error
     /// returned after `resume` was called means pages never arrived: the
@@ -107,7 +108,7 @@ impl Incoming {
         mut self,
         mem: &GuestMemory,
         opts: &ReceiveOptions,
-        resume: impl FnOnce() -> Result<(), String> + Send,
+        resume: impl FnOnce() -> Result<(), HookError> + Send,
     ) -> Result<Report, MigrateError> {
         let handover = self.handover_regions();
         let streams: Vec<Link> = std::mem::take(&mut self.accepted.streams).into_iter().map(Link::new).collect();
@@ -288,9 +289,10 @@ impl Incoming {
         // cannot start here, the source is told and keeps it.
         let resume = state.resume.lock().expect("resume lock").take();
         if let Some(resume) = resume {
-            if let Err(why) = resume() {
+            if let Err(hook) = resume() {
+                let why = crate::describe(&*hook);
                 s0.send_error(ErrorCode::Aborted, format!("the guest could not start at the destination: {why}"));
-                return Err(MigrateError::Resume(why));
+                return Err(MigrateError::Resume(hook));
             }
         }
         let f = Control::Verified { value: digest.0, closed: false }.encode();
@@ -299,7 +301,7 @@ impl Incoming {
     }
 }
 
-type ResumeHook<'a> = Box<dyn FnOnce() -> Result<(), String> + Send + 'a>;
+type ResumeHook<'a> = Box<dyn FnOnce() -> Result<(), HookError> + Send + 'a>;
 
 struct State<'m> {
     /// The I/O backend of the streams.
@@ -372,7 +374,7 @@ impl State<'_> {
         // Whatever failed, the source must learn whether the guest started
         // here: then it is this end's, incomplete.
         let code = if *self.started.lock().expect("start lock") { ErrorCode::Started } else { code };
-        let msg = e.to_string();
+        let msg = crate::describe(&e);
         // The failing stream, stream 0 and the priority stream: the source
         // hears the verdict on the last two.
         let mut told = vec![index, 0];

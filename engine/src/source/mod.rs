@@ -30,6 +30,8 @@ mod requests;
 pub(crate) mod rules;
 mod streams;
 mod switchover;
+#[cfg(test)]
+mod tests;
 mod worker;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -55,7 +57,7 @@ use crate::dirty::{tracker_for, DirtyTracker, TrackerKind};
 use crate::lz4gate::Lz4Policy;
 use crate::report::{LatencySummary, Report, RoundReport, StreamReport};
 use crate::shared::{self};
-use crate::{Compression, MigrateError};
+use crate::{Compression, HookError, MigrateError};
 use hdrhistogram::Histogram;
 use rules::NoVerdict;
 use streams::{listener, sender, Listen, Msg, StreamStats};
@@ -155,8 +157,8 @@ pub struct Progress {
     pub handed_over: AtomicBool,
 }
 
-type PauseHook<'a> = Box<dyn FnMut() -> Result<(), String> + Send + 'a>;
-type AbortHook<'a> = Box<dyn FnOnce() -> Result<(), String> + Send + 'a>;
+type PauseHook<'a> = Box<dyn FnMut() -> Result<(), HookError> + Send + 'a>;
+type AbortHook<'a> = Box<dyn FnOnce() -> Result<(), HookError> + Send + 'a>;
 
 /// The source of a migration: what to send, where, and how.
 ///
@@ -261,8 +263,9 @@ impl<'a> Source<'a> {
     }
 
     /// Called once, when pre-copy is done, to stop the guest. An error
-    /// aborts the migration (the guest keeps running at the source).
-    pub fn on_pause(mut self, f: impl FnMut() -> Result<(), String> + Send + 'a) -> Self {
+    /// aborts the migration (the guest keeps running at the source): it is
+    /// the source of the [`MigrateError::Pause`] returned.
+    pub fn on_pause(mut self, f: impl FnMut() -> Result<(), HookError> + Send + 'a) -> Self {
         self.pause = Some(Box::new(f));
         self
     }
@@ -270,8 +273,9 @@ impl<'a> Source<'a> {
     /// Called once if the migration fails after the pause hook stopped the
     /// guest while the guest is still this end's (see
     /// [`MigrateError::source_keeps_guest`]): it must start the vCPUs
-    /// again. An error from it is reported with the migration's.
-    pub fn on_abort(mut self, f: impl FnOnce() -> Result<(), String> + Send + 'a) -> Self {
+    /// again. An error from it is reported with the migration's
+    /// ([`MigrateError::AbortHook`]).
+    pub fn on_abort(mut self, f: impl FnOnce() -> Result<(), HookError> + Send + 'a) -> Self {
         self.cont = Some(Box::new(f));
         self
     }
@@ -291,7 +295,7 @@ impl<'a> Source<'a> {
             (Err(e), Some(cont)) if progress.paused.load(Ordering::Acquire) && e.source_keeps_guest() => {
                 Err(match cont() {
                     Ok(()) => e,
-                    Err(why) => MigrateError::Resume(format!("{why}, after: {e}")),
+                    Err(hook) => MigrateError::AbortHook { hook, after: Box::new(e) },
                 })
             }
             (res, _) => res,
