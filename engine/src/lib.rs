@@ -62,6 +62,9 @@ pub mod fuzzing {
     pub use crate::dest::rules::{DestRules, Shape, Step};
     pub use crate::relay::reassembly::{Next, Reassembly};
     pub use crate::source::rules::{check_request, heard, settle, Heard, NoVerdict, Reached, RoundCounter};
+    // Error types (issue 16).
+    pub use crate::relay::reassembly::ReassemblyError;
+    pub use crate::source::rules::BadRequest;
 }
 #[cfg(feature = "vm-memory")]
 pub use vmm::from_vm_memory;
@@ -77,6 +80,7 @@ pub use source::{Progress, Source, SourceConfig};
 // whichever modules are public.
 pub use dest::LayoutMismatch;
 pub use postcopy::PostcopyError;
+pub use shared::ProbeError;
 
 /// Whether to lz4 page batches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

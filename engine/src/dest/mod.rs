@@ -482,8 +482,10 @@ impl State<'_> {
                     }
                 }
                 Step::Answer { region, ask, places } => {
-                    let answer = shared::answer(self.placer.mem(), region, ask, &places)
-                        .map_err(|why| rules::protocol(index, why))?;
+                    let answer = shared::answer(self.placer.mem(), region, ask, &places).map_err(|e| match e {
+                        shared::ProbeError::Memory(e) => MigrateError::Memory(e),
+                        e => rules::protocol(index, e.to_string()),
+                    })?;
                     let f = Control::ProbeReply(answer).encode();
                     let _w = link.lock_writes();
                     write_frame(&mut &*cur.0, &f, &format!("stream {index}"))?;

@@ -68,19 +68,44 @@ pub fn heard(index: usize, prio: bool, switched: bool, m: Message<'_>) -> Result
     }
 }
 
+/// A post-copy page request the rules refuse.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BadRequest {
+    /// It names a region that does not exist.
+    #[error("page request for region {region}, which does not exist")]
+    NoRegion {
+        /// The region index asked for.
+        region: u32,
+    },
+    /// It names no page, or pages past the end of the region.
+    #[error("page request for pages {start}..{end} of region {region}")]
+    Outside {
+        /// The region index.
+        region: u32,
+        /// First page asked for.
+        start: u64,
+        /// One past the last page asked for.
+        end: u64,
+    },
+    /// It came before the switchover, when no guest runs at the
+    /// destination.
+    #[error("page request before the switchover")]
+    BeforeSwitchover,
+}
+
 /// Checks a post-copy page request against the region table (`pages`:
 /// pages per region) before any page is read for it: it must come after
 /// the switchover and name pages that exist.
-pub fn check_request(pages: &[u64], req: PageRange, switched: bool) -> Result<(), String> {
-    let n = req.region.0;
+pub fn check_request(pages: &[u64], req: PageRange, switched: bool) -> Result<(), BadRequest> {
+    let region = req.region.0;
     let Some(&len) = pages.get(req.region.as_usize()) else {
-        return Err(format!("page request for region {n}, which does not exist"));
+        return Err(BadRequest::NoRegion { region });
     };
     if req.is_empty() || req.end.0 > len {
-        return Err(format!("page request for pages {}..{} of region {n}", req.start.0, req.end.0));
+        return Err(BadRequest::Outside { region, start: req.start.0, end: req.end.0 });
     }
     if !switched {
-        return Err("page request before the switchover".into());
+        return Err(BadRequest::BeforeSwitchover);
     }
     Ok(())
 }
@@ -186,10 +211,12 @@ mod tests {
         let r = |region, start, end| PageRange { region: RegionIdx(region), start: PageIdx(start), end: PageIdx(end) };
         let pages = [8, 4];
         assert!(check_request(&pages, r(1, 0, 4), true).is_ok());
-        assert!(check_request(&pages, r(1, 0, 5), true).unwrap_err().contains("pages 0..5 of region 1"));
-        assert!(check_request(&pages, r(2, 0, 1), true).unwrap_err().contains("does not exist"));
-        assert!(check_request(&pages, r(0, 3, 3), true).is_err());
-        assert!(check_request(&pages, r(0, 0, 1), false).unwrap_err().contains("before the switchover"));
+        let past_the_end = check_request(&pages, r(1, 0, 5), true).unwrap_err();
+        assert_eq!(past_the_end, BadRequest::Outside { region: 1, start: 0, end: 5 });
+        assert!(past_the_end.to_string().contains("pages 0..5 of region 1"));
+        assert_eq!(check_request(&pages, r(2, 0, 1), true), Err(BadRequest::NoRegion { region: 2 }));
+        assert_eq!(check_request(&pages, r(0, 3, 3), true), Err(BadRequest::Outside { region: 0, start: 3, end: 3 }));
+        assert_eq!(check_request(&pages, r(0, 0, 1), false), Err(BadRequest::BeforeSwitchover));
     }
 
     #[test]
