@@ -79,6 +79,7 @@ pub use source::{Progress, Source, SourceConfig};
 // Error types (issue 16), re-exported at the root so they stay reachable
 // whichever modules are public.
 pub use dest::LayoutMismatch;
+pub use dirty::{DirtyError, UffdWpUnsupported};
 pub use postcopy::PostcopyError;
 pub use shared::ProbeError;
 
