@@ -80,7 +80,9 @@ pub use source::{Progress, Source, SourceConfig};
 // whichever modules are public.
 pub use dest::LayoutMismatch;
 pub use dirty::{DirtyError, UffdWpUnsupported};
+pub use hints::HintError;
 pub use postcopy::PostcopyError;
+pub use proxy::EndpointError;
 pub use shared::ProbeError;
 
 /// Whether to lz4 page batches.
@@ -95,15 +97,23 @@ pub enum Compression {
     Auto,
 }
 
-impl std::str::FromStr for Compression {
-    type Err = String;
+/// A text that names no [`Compression`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("compression must be auto, lz4 or none, not {input:?}")]
+pub struct ParseCompressionError {
+    /// The text.
+    pub input: String,
+}
 
-    fn from_str(s: &str) -> Result<Self, String> {
+impl std::str::FromStr for Compression {
+    type Err = ParseCompressionError;
+
+    fn from_str(s: &str) -> Result<Self, ParseCompressionError> {
         match s {
             "off" | "none" => Ok(Compression::Off),
             "on" | "lz4" => Ok(Compression::On),
             "auto" => Ok(Compression::Auto),
-            _ => Err(format!("compression must be auto, lz4 or none, not {s:?}")),
+            _ => Err(ParseCompressionError { input: s.to_string() }),
         }
     }
 }

@@ -62,3 +62,7 @@ pub use link::{Link, Resumes};
 pub use net::{FrameReader, TransportError, Via};
 pub use serve::SessionHandler;
 pub use session::{connect_session, Connected, StreamPlan};
+
+// Error types (issue 16).
+pub use backend::ParseBackendError;
+pub use net::ParseViaError;
