@@ -84,6 +84,7 @@ pub use hints::HintError;
 pub use postcopy::PostcopyError;
 pub use proxy::EndpointError;
 pub use shared::ProbeError;
+pub use source::rules::{NoConfirmation, NoVerdict};
 
 /// Whether to lz4 page batches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -149,9 +150,9 @@ pub enum MigrateError {
     #[error("memory digest mismatch: source {source_digest}, destination {dest_digest}")]
     Digest {
         /// Source's digest.
-        source_digest: String,
+        source_digest: pmigrate_transport::message::Digest,
         /// Destination's digest.
-        dest_digest: String,
+        dest_digest: pmigrate_transport::message::Digest,
     },
     /// The memory layouts of the two ends do not fit.
     #[error("memory layout mismatch: {0}")]
@@ -198,16 +199,17 @@ pub enum MigrateError {
         after: Box<MigrateError>,
     },
     /// The destination verified the memory and the guest started there,
-    /// but the source could not be told: it must not resume the guest.
+    /// but the source could not be told (the failed write is the source):
+    /// it must not resume the guest.
     #[error("the guest started here, but the source could not be told ({0}): it must not resume it")]
-    Untold(String),
+    Untold(#[source] TransportError),
     /// The source sent everything, but the destination's verdict did not
-    /// arrive: the guest may be running there. Neither end may resume it
-    /// before an operator has looked.
+    /// arrive, or confirmed other memory: the guest may be running there.
+    /// Neither end may resume it before an operator has looked.
     #[error(
         "no verdict from the destination ({0}): the guest may be running there; do not resume it here before checking"
     )]
-    Unconfirmed(String),
+    Unconfirmed(#[source] source::rules::NoConfirmation),
     /// Post-copy: the guest was handed to the destination at the
     /// switchover, then the migration failed; the guest cannot run at the
     /// source any more, and the destination's copy is incomplete.

@@ -296,7 +296,7 @@ impl Incoming {
             }
         }
         let f = Control::Verified { value: digest.0, closed: false }.encode();
-        write_frame(&mut &*s0, &f, "stream 0").map_err(|e| MigrateError::Untold(e.to_string()))?;
+        write_frame(&mut &*s0, &f, "stream 0").map_err(MigrateError::Untold)?;
         Ok(self.report(&state, &streams, &outcomes, digest))
     }
 }

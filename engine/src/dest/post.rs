@@ -29,7 +29,7 @@ impl Incoming {
         // The source's `Done` may have been lost with a connection; if it
         // came, it must match.
         if let Some(d) = state.rules().source_digest().filter(|d| *d != digest) {
-            return Err(MigrateError::Digest { source_digest: d.to_string(), dest_digest: digest.to_string() });
+            return Err(MigrateError::Digest { source_digest: d, dest_digest: digest });
         }
         let mut report = self.report(state, streams, outcomes, digest);
         let f = post.round.load(Ordering::Relaxed);

@@ -126,12 +126,76 @@ pub struct Reached {
 }
 
 /// Why the destination's verdict is missing.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum NoVerdict {
     /// It did not come within this long.
+    #[error("none within {0:?}")]
     Timeout(std::time::Duration),
     /// Every stream's listener ended without one.
+    #[error("every stream closed without one")]
     Gone,
+}
+
+/// Why nobody knows whether the guest started at the destination
+/// ([`MigrateError::Unconfirmed`]).
+#[derive(Debug)]
+pub enum NoConfirmation {
+    /// No verdict came, and nothing failed here.
+    Missing(NoVerdict),
+    /// The destination confirmed memory of another digest.
+    OtherDigest {
+        /// The digest it confirmed.
+        confirmed: Digest,
+        /// The digest of the memory this end sent.
+        sent: Digest,
+    },
+    /// The destination confirmed a digest before this end finished sending.
+    Early {
+        /// The digest it confirmed.
+        confirmed: Digest,
+    },
+    /// The switchover went out, then this failed, and the destination did
+    /// not say whether its guest started.
+    AfterSwitchover(Box<MigrateError>),
+    /// Everything was sent, then this failed before the verdict came.
+    AfterDone(Box<MigrateError>),
+}
+
+impl From<NoVerdict> for NoConfirmation {
+    fn from(v: NoVerdict) -> Self {
+        NoConfirmation::Missing(v)
+    }
+}
+
+impl std::fmt::Display for NoConfirmation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NoConfirmation::Missing(v) => write!(f, "{v}"),
+            NoConfirmation::OtherDigest { confirmed, sent } => {
+                write!(f, "it confirmed digest {confirmed}, this end sent {sent}")
+            }
+            NoConfirmation::Early { confirmed } => {
+                write!(f, "it confirmed digest {confirmed} before this end finished sending")
+            }
+            NoConfirmation::AfterSwitchover(e) => {
+                write!(f, "the switchover went out and the destination did not say whether its guest started ({e})")
+            }
+            NoConfirmation::AfterDone(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+// By hand, not derived: the source of the last two is the boxed
+// `MigrateError` itself (a derive would give the `Box`, which a caller
+// cannot downcast to `MigrateError`).
+impl std::error::Error for NoConfirmation {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            NoConfirmation::Missing(v) => v.source(),
+            NoConfirmation::OtherDigest { .. } | NoConfirmation::Early { .. } => None,
+            NoConfirmation::AfterSwitchover(e) | NoConfirmation::AfterDone(e) => Some(&**e),
+        }
+    }
 }
 
 /// The end of a session for the guest (the ownership rule): `Ok` only when
@@ -150,14 +214,13 @@ pub fn settle(
         // more than what failed here in consequence.
         (_, Ok(Err(v))) => Err(v),
         (Some(e), Err(_)) => Err(e),
-        (None, Err(NoVerdict::Timeout(d))) => Err(MigrateError::Unconfirmed(format!("none within {d:?}"))),
-        (None, Err(NoVerdict::Gone)) => Err(MigrateError::Unconfirmed("every stream closed without one".into())),
+        (None, Err(missing)) => Err(MigrateError::Unconfirmed(missing.into())),
     };
     match verdict {
         // The destination claims the guest with other memory.
-        Ok(d) if Some(d) != reached.digest => Err(MigrateError::Unconfirmed(match reached.digest {
-            Some(sent) => format!("it confirmed digest {d}, this end sent {sent}"),
-            None => format!("it confirmed digest {d} before this end finished sending"),
+        Ok(confirmed) if Some(confirmed) != reached.digest => Err(MigrateError::Unconfirmed(match reached.digest {
+            Some(sent) => NoConfirmation::OtherDigest { confirmed, sent },
+            None => NoConfirmation::Early { confirmed },
         })),
         Ok(_) => Ok(()),
         // The guest started at the destination: it is the destination's,
@@ -169,12 +232,10 @@ pub fn settle(
         Err(e @ MigrateError::Unconfirmed(_)) => Err(e),
         // The switchover went out and the destination fell silent: its
         // guest may have started, or not.
-        Err(e) if reached.switched => Err(MigrateError::Unconfirmed(format!(
-            "the switchover went out and the destination did not say whether its guest started ({e})"
-        ))),
+        Err(e) if reached.switched => Err(MigrateError::Unconfirmed(NoConfirmation::AfterSwitchover(Box::new(e)))),
         // Everything was sent: without the destination's own refusal,
         // nobody knows whether the guest started there.
-        Err(e) if reached.done_sent => Err(MigrateError::Unconfirmed(e.to_string())),
+        Err(e) if reached.done_sent => Err(MigrateError::Unconfirmed(NoConfirmation::AfterDone(Box::new(e)))),
         Err(e) => Err(e),
     }
 }
@@ -237,6 +298,28 @@ mod tests {
         assert_eq!(ok(1, false, Control::Verified { value: 5, closed: false }), None);
         assert_eq!(ok(0, false, Control::Done(Digest(1))), None);
         assert_eq!(ok(0, false, Control::Keepalive), Some(Heard::Nothing));
+    }
+
+    /// An unknown outcome says why, and keeps what failed as its cause.
+    #[test]
+    fn an_unconfirmed_end_keeps_its_reason() {
+        let done = Reached { digest: Some(Digest(7)), done_sent: true, ..Reached::default() };
+        let e = settle(done, None, Ok(Ok(Digest(8)))).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                MigrateError::Unconfirmed(NoConfirmation::OtherDigest { confirmed: Digest(8), sent: Digest(7) })
+            ),
+            "{e}"
+        );
+        let e = settle(done, Some(broken()), Err(NoVerdict::Gone)).unwrap_err();
+        let MigrateError::Unconfirmed(why) = &e else { panic!("{e}") };
+        let cause = std::error::Error::source(why).and_then(|c| c.downcast_ref::<MigrateError>());
+        assert!(matches!(cause, Some(MigrateError::Transport(TransportError::Closed(_)))), "{e}");
+        assert!(
+            e.to_string().starts_with("no verdict from the destination (stream 0: connection closed by peer)"),
+            "{e}"
+        );
     }
 
     /// The ownership rule, case by case: who holds the guest after each
