@@ -61,3 +61,9 @@ pub use pmigrate_engine::{
     HostPageSize, Incoming, MigrateError, Offered, PageIdx, Progress, Psk, ReceiveOptions, Report, Source,
     SourceConfig, TrackerKind, UffdWpTracker, Via, VmmBitmapTracker, PAGE_SIZE,
 };
+
+// Error types (issue 16): what a `MigrateError` carries, and what hooks return.
+pub use pmigrate_engine::{
+    DirtyError, HookError, LayoutMismatch, NoConfirmation, PostcopyError, TransportError, UffdWpUnsupported,
+};
+pub use pmigrate_ranges::MemoryError;
