@@ -179,8 +179,9 @@ pub enum MigrateError {
     /// guest keeps running.
     #[error("pause hook failed: {0}")]
     Pause(#[source] HookError),
-    /// Post-copy could not go on (userfaultfd, or pages that could not be
-    /// placed).
+    /// Post-copy could not go on: the destination declined it, userfaultfd
+    /// failed, pages could not be placed, or the source fell silent after
+    /// the switchover.
     #[error("post-copy: {0}")]
     Postcopy(#[from] postcopy::PostcopyError),
     /// The embedder's hook starting the guest at the destination failed

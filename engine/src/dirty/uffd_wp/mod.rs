@@ -139,8 +139,9 @@ pub enum UffdWpUnsupported {
     /// `PAGEMAP_SCAN` failed otherwise on an empty range.
     #[error("PAGEMAP_SCAN refused a null scan: {0}")]
     NullScan(#[source] io::Error),
-    /// Tracking two scratch pages failed.
-    #[error("self-test on two pages of anonymous memory failed: {0}")]
+    /// Tracking two scratch pages failed. (Its text has the failure's
+    /// causes too: a probe's reason is printed alone.)
+    #[error("self-test on two pages of anonymous memory failed: {}", crate::describe(.0.as_ref()))]
     SelfTest(#[source] Box<DirtyError>),
     /// Tracking two scratch pages reported other pages than those written.
     #[error(
