@@ -90,7 +90,8 @@ impl Incoming {
     /// Waits on `acceptor` for the streams of one memory-migration session
     /// that `check` accepts (its region table, what it offers). Connections
     /// that are not part of it are refused with an error frame and do not
-    /// end the wait; nothing but `deadline` does.
+    /// end the wait; nothing but `deadline` does. A source `check` refuses
+    /// is told its `Err` text as the reason (`ErrorCode::Layout`).
     pub fn accept(
         acceptor: &Acceptor,
         mut check: impl FnMut(&Offered<'_>) -> Result<Grant, String>,
