@@ -212,7 +212,7 @@ impl Vcpu {
 
     /// Stops the vCPU and returns once it stands still (a KVM VMM kicks it
     /// out of `KVM_RUN` with a signal and waits the same way).
-    fn pause(&self) -> Result<(), String> {
+    fn pause(&self) -> Result<(), BoxError> {
         let mut run = self.run.lock().unwrap();
         *run = Run::Pause;
         self.changed.notify_all();

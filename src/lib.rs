@@ -156,8 +156,12 @@ pub use pmigrate_engine::{
 
 // Dirty tracking.
 pub use pmigrate_engine::{
-    probe_uffd_wp, DirtyError, DirtyTracker, HashTracker, TrackerKind, UffdWpTracker, VmmBitmapTracker,
+    probe_uffd_wp, DirtyError, DirtyTracker, HashTracker, TrackerKind, UffdWpTracker, UffdWpUnsupported,
+    VmmBitmapTracker,
 };
+
+// What a `MigrateError` carries, and what the embedder's hooks return.
+pub use pmigrate_engine::{HookError, LayoutMismatch, NoConfirmation, PostcopyError};
 
 // Post-copy, guest hints and shared memory.
 pub use pmigrate_engine::{nonce_proof, parse_free_pages, probe_postcopy, raw_fault_round_trip, RegionPath};

@@ -362,7 +362,7 @@ fn ending(io: BackendChoice, resume: Result<(), String>, cut: impl Fn(&Cutter) +
             let incoming = Incoming::accept_for(&acceptor, &dst, None).unwrap();
             incoming.receive_and_run(&dst, &receive_options(io), || {
                 started.store(resume.is_ok(), Ordering::SeqCst);
-                resume.clone()
+                Ok(resume.clone()?)
             })
         });
         let source = Source::new(&src, vec![relay.addr], crate::backends::key())

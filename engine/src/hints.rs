@@ -20,22 +20,44 @@ fn number(s: &str) -> Option<u64> {
     }
 }
 
+/// A line of a range list that does not parse.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HintError {
+    /// Not two numbers.
+    #[error("line {line}: expected `GPA LENGTH`, got {text:?}")]
+    Syntax {
+        /// Line number, from 1.
+        line: usize,
+        /// The line, comment and blanks trimmed.
+        text: String,
+    },
+    /// A range past the end of the 64-bit address space.
+    #[error("line {line}: range {gpa:#x}+{len:#x} wraps")]
+    Wraps {
+        /// Line number, from 1.
+        line: usize,
+        /// Its guest address.
+        gpa: u64,
+        /// Its length.
+        len: u64,
+    },
+}
+
 /// The page ranges of `mem` that the range list `text` covers (a free-page
 /// list or a working set).
-pub fn parse_free_pages(text: &str, mem: &GuestMemory) -> Result<Vec<PageRange>, String> {
+pub fn parse_free_pages(text: &str, mem: &GuestMemory) -> Result<Vec<PageRange>, HintError> {
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.split('#').next().unwrap_or("").trim();
         if line.is_empty() {
             continue;
         }
-        let bad = || format!("line {}: expected `GPA LENGTH`, got {line:?}", n + 1);
         let mut it = line.split_whitespace();
         let (gpa, len) = match (it.next().and_then(number), it.next().and_then(number), it.next()) {
             (Some(g), Some(l), None) => (g, l),
-            _ => return Err(bad()),
+            _ => return Err(HintError::Syntax { line: n + 1, text: line.to_string() }),
         };
-        let end = gpa.checked_add(len).ok_or_else(|| format!("line {}: range wraps", n + 1))?;
+        let end = gpa.checked_add(len).ok_or(HintError::Wraps { line: n + 1, gpa, len })?;
         for (idx, region) in mem.iter() {
             let (rs, re) = (region.gpa().0, region.gpa().0 + region.len());
             let (s, e) = (gpa.max(rs), end.min(re));
@@ -71,7 +93,13 @@ mod tests {
         assert_eq!(r, vec![pr(0, 1, 4), pr(0, 255, 256), pr(1, 0, 256)]);
         assert!(parse_free_pages("12", &mem).is_err());
         assert!(parse_free_pages("1 2 3", &mem).is_err());
-        assert!(parse_free_pages("0xffffffffffffffff 2", &mem).is_err());
-        assert!(parse_free_pages("zz 4096", &mem).is_err());
+        assert_eq!(
+            parse_free_pages("0 1\n\n0xffffffffffffffff 2", &mem),
+            Err(HintError::Wraps { line: 3, gpa: u64::MAX, len: 2 })
+        );
+        assert_eq!(
+            parse_free_pages("zz 4096 # a typo", &mem),
+            Err(HintError::Syntax { line: 1, text: "zz 4096".into() })
+        );
     }
 }

@@ -65,6 +65,9 @@ pub mod fuzzing {
     pub use crate::relay::reassembly::{Next, Reassembly};
     pub use crate::shared::answer;
     pub use crate::source::rules::{check_request, heard, settle, Heard, NoVerdict, Reached, RoundCounter};
+    // The rules' typed violations.
+    pub use crate::relay::reassembly::ReassemblyError;
+    pub use crate::source::rules::BadRequest;
 }
 
 // The source and the destination of a memory migration.
@@ -98,6 +101,16 @@ pub use pmigrate_transport::{
     Acceptor, Auth, Backend, BackendChoice, Psk, RegionDesc, StreamPlan, TlsConfig, TransportError, Via,
 };
 
+// Error types: what a `MigrateError` carries, and the parsers' and
+// probes' own.
+pub use dest::LayoutMismatch;
+pub use dirty::UffdWpUnsupported;
+pub use hints::HintError;
+pub use postcopy::PostcopyError;
+pub use proxy::EndpointError;
+pub use shared::ProbeError;
+pub use source::rules::{NoConfirmation, NoVerdict};
+
 /// Whether to lz4 page batches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -110,18 +123,32 @@ pub enum Compression {
     Auto,
 }
 
-impl std::str::FromStr for Compression {
-    type Err = String;
+/// A text that names no [`Compression`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("compression must be auto, lz4 or none, not {input:?}")]
+pub struct ParseCompressionError {
+    /// The text.
+    pub input: String,
+}
 
-    fn from_str(s: &str) -> Result<Self, String> {
+impl std::str::FromStr for Compression {
+    type Err = ParseCompressionError;
+
+    fn from_str(s: &str) -> Result<Self, ParseCompressionError> {
         match s {
             "off" | "none" => Ok(Compression::Off),
             "on" | "lz4" => Ok(Compression::On),
             "auto" => Ok(Compression::Auto),
-            _ => Err(format!("compression must be auto, lz4 or none, not {s:?}")),
+            _ => Err(ParseCompressionError { input: s.to_string() }),
         }
     }
 }
+
+/// The error of an embedder's hook ([`Source::on_pause`],
+/// [`Source::on_abort`], the `resume` of [`Incoming::receive_and_run`]):
+/// any error, kept as the source of the [`MigrateError`] it causes. `?`
+/// converts any error type into it, and `.into()` a `String` or `&str`.
+pub type HookError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Why a migration failed.
 #[derive(Debug, thiserror::Error)]
@@ -148,34 +175,67 @@ pub enum MigrateError {
     #[error("memory digest mismatch: source {source_digest}, destination {dest_digest}")]
     Digest {
         /// Source's digest.
-        source_digest: String,
+        source_digest: pmigrate_transport::message::Digest,
         /// Destination's digest.
-        dest_digest: String,
+        dest_digest: pmigrate_transport::message::Digest,
     },
     /// The memory layouts of the two ends do not fit.
     #[error("memory layout mismatch: {0}")]
-    Layout(String),
-    /// The embedder's pause hook failed; the guest keeps running.
+    Layout(#[source] dest::LayoutMismatch),
+    /// Checking memory after the final round
+    /// ([`ReceiveOptions::verify_memory`]) found a page that differs from
+    /// what was received.
+    #[error("{region}, {page}: memory differs from what was received")]
+    Differs {
+        /// The region.
+        region: pmigrate_ranges::RegionIdx,
+        /// The first page that differs.
+        page: PageIdx,
+    },
+    /// A free-page or working-set hint names pages outside guest memory.
+    #[error("hint {range:?}: {source}")]
+    Hint {
+        /// The pages the hint named.
+        range: pmigrate_ranges::PageRange,
+        /// Why they are not in guest memory.
+        source: pmigrate_ranges::MemoryError,
+    },
+    /// The embedder's pause hook failed (its error is the source); the
+    /// guest keeps running.
     #[error("pause hook failed: {0}")]
-    Pause(String),
-    /// Post-copy could not go on (userfaultfd, or pages that could not be
-    /// placed).
+    Pause(#[source] HookError),
+    /// Post-copy could not go on: the destination declined it, userfaultfd
+    /// failed, pages could not be placed, or the source fell silent after
+    /// the switchover.
     #[error("post-copy: {0}")]
-    Postcopy(String),
-    /// The embedder's hook starting the guest at the destination failed.
+    Postcopy(#[from] postcopy::PostcopyError),
+    /// The embedder's hook starting the guest at the destination failed
+    /// (its error is the source).
     #[error("resume hook failed: {0}")]
-    Resume(String),
+    Resume(#[source] HookError),
+    /// The migration failed after the pause hook stopped the guest, and
+    /// the embedder's abort hook, which was to start it again at the
+    /// source, failed too (its error is the source).
+    #[error("abort hook failed: {hook}, after: {after}")]
+    AbortHook {
+        /// What the abort hook returned.
+        #[source]
+        hook: HookError,
+        /// Why the migration failed.
+        after: Box<MigrateError>,
+    },
     /// The destination verified the memory and the guest started there,
-    /// but the source could not be told: it must not resume the guest.
+    /// but the source could not be told (the failed write is the source):
+    /// it must not resume the guest.
     #[error("the guest started here, but the source could not be told ({0}): it must not resume it")]
-    Untold(String),
+    Untold(#[source] TransportError),
     /// The source sent everything, but the destination's verdict did not
-    /// arrive: the guest may be running there. Neither end may resume it
-    /// before an operator has looked.
+    /// arrive, or confirmed other memory: the guest may be running there.
+    /// Neither end may resume it before an operator has looked.
     #[error(
         "no verdict from the destination ({0}): the guest may be running there; do not resume it here before checking"
     )]
-    Unconfirmed(String),
+    Unconfirmed(#[source] source::rules::NoConfirmation),
     /// Post-copy: the guest was handed to the destination at the
     /// switchover, then the migration failed; the guest cannot run at the
     /// source any more, and the destination's copy is incomplete.
@@ -216,4 +276,21 @@ impl MigrateError {
             *slot = Some(e);
         }
     }
+}
+
+/// `e` and its causes on one line, each cause once: most errors here print
+/// their cause in their own message already, an embedder's hook error may
+/// not. What a peer is told.
+pub(crate) fn describe(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    line
 }

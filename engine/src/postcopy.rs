@@ -59,12 +59,14 @@
 //!   sleeps until a copy, zero page or wake covers it.
 
 use std::collections::HashMap;
+use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use pmigrate_ranges::{AtomicBitmap, Backing, GuestMemory, RangeLock, PAGE_SIZE_U64};
+use pmigrate_ranges::{AtomicBitmap, Backing, GuestMemory, MemoryError, RangeLock, PAGE_SIZE_U64};
+use pmigrate_transport::TransportError;
 
 use crate::report::LatencySummary;
 pub use crate::report::PostcopyReport;
@@ -87,19 +89,162 @@ pub(crate) const SWEEP_MAX_PAGES: u64 = 16 << 10;
 /// How often the fault handler and waiting threads look at the clock.
 pub(crate) const TICK: Duration = Duration::from_millis(100);
 
-/// Checks (once, then from a cache) that this process may handle missing
-/// pages of private anonymous memory with userfaultfd: a userfaultfd opens,
-/// and a scratch page registers in missing mode with `UFFDIO_COPY` and
-/// `UFFDIO_ZEROPAGE` allowed.
-pub fn probe() -> Result<(), String> {
-    static PROBED: OnceLock<Result<(), String>> = OnceLock::new();
-    PROBED
-        .get_or_init(|| {
-            let mem = GuestMemory::anonymous(PAGE_SIZE_U64).map_err(|e| e.to_string())?;
-            let f = Faults::open(&mem).map_err(|e| format!("cannot open a userfaultfd: {e}"))?;
-            f.register(&mem, &[true])
-        })
-        .clone()
+/// Why post-copy failed, or cannot run here.
+#[derive(Debug, thiserror::Error)]
+pub enum PostcopyError {
+    /// Memory to probe or measure with could not be set up, or read.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// No userfaultfd for this process (`userfaultfd(2)` or `UFFDIO_API`
+    /// failed).
+    #[error("cannot open a userfaultfd: {0}")]
+    Open(#[source] io::Error),
+    /// A region that is not private anonymous memory, which missing-page
+    /// faults need.
+    #[error("region {region} is {backing:?}: post-copy needs private anonymous memory")]
+    NotAnonymous {
+        /// Region index.
+        region: usize,
+        /// What backs it.
+        backing: Backing,
+    },
+    /// `UFFDIO_REGISTER` in missing mode failed.
+    #[error("UFFDIO_REGISTER (missing) on region {region}: {source}")]
+    Register {
+        /// Region index.
+        region: usize,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A region registered, but the kernel offers no `UFFDIO_COPY` or
+    /// `UFFDIO_ZEROPAGE` on it.
+    #[error("region {region}: no UFFDIO_COPY/UFFDIO_ZEROPAGE on it (ioctls {ioctls:#x})")]
+    NoCopy {
+        /// Region index.
+        region: usize,
+        /// The ioctls the kernel offers on the region.
+        ioctls: u64,
+    },
+    /// Pages still needed were present when their copy arrived
+    /// (`UFFDIO_COPY` failed with `EEXIST`): the invariant of the module
+    /// docs is broken.
+    #[error(
+        "region {region}, pages {first}..+{count}: present before their post-copy copy arrived \
+         (they should have been missing)"
+    )]
+    Present {
+        /// Region index.
+        region: usize,
+        /// First page of the run.
+        first: u64,
+        /// Pages in the run.
+        count: u64,
+    },
+    /// `UFFDIO_COPY` or `UFFDIO_ZEROPAGE` of pages that arrived failed.
+    #[error("placing region {region}, pages {first}..+{count}: {source}")]
+    Place {
+        /// Region index.
+        region: usize,
+        /// First page of the run.
+        first: u64,
+        /// Pages in the run.
+        count: u64,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Reading fault messages from the userfaultfd failed.
+    #[error("reading userfaultfd: {0}")]
+    ReadFaults(#[source] io::Error),
+    /// The kernel reported a fault at an address outside every region.
+    #[error("fault at {addr:#x}, outside guest memory")]
+    Outside {
+        /// The host address of the fault.
+        addr: u64,
+    },
+    /// Mapping the zero page at a faulting page that holds its final
+    /// content failed.
+    #[error("zero page at region {region}, page {page}: {source}")]
+    ZeroPage {
+        /// Region index.
+        region: usize,
+        /// Page index in the region.
+        page: u64,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Waking the threads faulting on a page failed.
+    #[error("UFFDIO_WAKE at region {region}, page {page}: {source}")]
+    Wake {
+        /// Region index.
+        region: usize,
+        /// Page index in the region.
+        page: u64,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Measuring: answering a fault at this host address failed.
+    #[error("UFFDIO_COPY at {addr:#x}: {source}")]
+    Copy {
+        /// Host address of the page.
+        addr: u64,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Measuring: no page was touched, so there is no latency to report.
+    #[error("no pages touched")]
+    NothingMeasured,
+    /// The source asked for post-copy and the destination did not grant it.
+    #[error("the destination did not accept post-copy")]
+    Declined,
+    /// After the switchover, the source sent nothing on any stream for
+    /// the progress timeout.
+    #[error(
+        "stream {stream}: nothing from the source on any stream for {quiet:?}: it is frozen or gone; \
+         the guest here lacks {missing} pages"
+    )]
+    Silent {
+        /// The stream that noticed.
+        stream: usize,
+        /// How long the session has been quiet.
+        quiet: Duration,
+        /// Pages the guest here still lacks.
+        missing: u64,
+    },
+    /// A stream lost after the switchover did not come back.
+    #[error(
+        "stream {stream} lost after the switchover ({lost}) and not reconnected (nothing from the source for \
+         {quiet:?}): it is frozen or gone; the guest here lacks {missing} pages"
+    )]
+    NotReconnected {
+        /// The stream.
+        stream: usize,
+        /// How it was lost.
+        #[source]
+        lost: TransportError,
+        /// How long the session has been quiet.
+        quiet: Duration,
+        /// Pages the guest here still lacks.
+        missing: u64,
+    },
+    /// The session ended before every needed page arrived.
+    #[error("ended incomplete")]
+    Incomplete,
+}
+
+/// Checks that this process may handle missing pages of private anonymous
+/// memory with userfaultfd: a userfaultfd opens, and a scratch page
+/// registers in missing mode with `UFFDIO_COPY` and `UFFDIO_ZEROPAGE`
+/// allowed. A success is cached; a failure is probed again on the next
+/// call, and carries its OS error each time.
+pub fn probe() -> Result<(), PostcopyError> {
+    static PROBED: OnceLock<()> = OnceLock::new();
+    if PROBED.get().is_none() {
+        let mem = GuestMemory::anonymous(PAGE_SIZE_U64)?;
+        let f = Faults::open(&mem).map_err(PostcopyError::Open)?;
+        f.register(&mem, &[true])?;
+        let _ = PROBED.set(());
+    }
+    Ok(())
 }
 
 /// The userfaultfd of the destination's guest memory.
@@ -122,23 +267,23 @@ impl Faults {
     }
 
     /// Registers the regions marked in `which` for missing-page faults.
-    pub(crate) fn register(&self, mem: &GuestMemory, which: &[bool]) -> Result<(), String> {
+    pub(crate) fn register(&self, mem: &GuestMemory, which: &[bool]) -> Result<(), PostcopyError> {
         for (i, r) in mem.regions().iter().enumerate() {
             if !which[i] {
                 continue;
             }
             if *r.backing() != Backing::Anonymous {
-                return Err(format!("region {i} is {:?}: post-copy needs private anonymous memory", r.backing()));
+                return Err(PostcopyError::NotAnonymous { region: i, backing: r.backing().clone() });
             }
             let (start, len) = self.spans[i];
             let ioctls = self
                 .uffd
                 .register(abi::UffdioRange { start, len }, abi::UFFDIO_REGISTER_MODE_MISSING)
-                .map_err(|e| format!("UFFDIO_REGISTER (missing) on region {i}: {e}"))?;
+                .map_err(|source| PostcopyError::Register { region: i, source })?;
             self.registered[i].store(true, Ordering::Release);
             let want = abi::UFFDIO_COPY_BIT | abi::UFFDIO_ZEROPAGE_BIT;
             if ioctls & want != want {
-                return Err(format!("region {i}: no UFFDIO_COPY/UFFDIO_ZEROPAGE on it (ioctls {ioctls:#x})"));
+                return Err(PostcopyError::NoCopy { region: i, ioctls });
             }
         }
         Ok(())
@@ -313,7 +458,7 @@ impl DestPost {
         count: u64,
         data: Option<&[u8]>,
         mut placed: impl FnMut(u64),
-    ) -> Result<u64, String> {
+    ) -> Result<u64, PostcopyError> {
         let map = &self.need[region];
         let runs: Vec<(u64, u64)> = map.runs(first, first + count).collect();
         let mut n = 0;
@@ -326,12 +471,9 @@ impl DestPost {
                 }
                 None => self.faults.uffd.zeropage(addr, len * PAGE_SIZE_U64),
             };
-            res.map_err(|e| match e.raw_os_error() {
-                Some(libc::EEXIST) => format!(
-                    "region {region}, pages {s}..+{len}: present before their post-copy copy arrived \
-                     (they should have been missing)"
-                ),
-                _ => format!("placing region {region}, pages {s}..+{len}: {e}"),
+            res.map_err(|source| match source.raw_os_error() {
+                Some(libc::EEXIST) => PostcopyError::Present { region, first: s, count: len },
+                _ => PostcopyError::Place { region, first: s, count: len, source },
             })?;
             map.clear_range(s, len);
             for p in s..s + len {
@@ -363,8 +505,8 @@ impl DestPost {
         &self,
         mem: &GuestMemory,
         locks: &[RangeLock],
-        mut request: impl FnMut(usize, u64, u32) -> Result<(), String>,
-    ) -> Result<(), String> {
+        mut request: impl FnMut(usize, u64, u32),
+    ) -> Result<(), PostcopyError> {
         let mut addrs = Vec::with_capacity(64);
         // Per region: the last page faulted on, to tell a forward walk.
         let mut last = vec![u64::MAX; self.need.len()];
@@ -378,12 +520,12 @@ impl DestPost {
                 Phase::Running => {}
             }
             addrs.clear();
-            self.faults.uffd.read_faults(TICK, &mut addrs).map_err(|e| format!("reading userfaultfd: {e}"))?;
+            self.faults.uffd.read_faults(TICK, &mut addrs).map_err(PostcopyError::ReadFaults)?;
             for &a in &addrs {
                 let now = Instant::now();
                 self.fault_count.fetch_add(1, Ordering::Relaxed);
                 let Some((r, p)) = self.faults.locate(a) else {
-                    return Err(format!("fault at {a:#x}, outside guest memory"));
+                    return Err(PostcopyError::Outside { addr: a });
                 };
                 let _g = locks[r].read(p, p + 1);
                 if !self.need[r].test(p) {
@@ -394,8 +536,8 @@ impl DestPost {
                         // Another vCPU's fault on this page was answered first.
                         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
                             match self.faults.uffd.wake(addr, PAGE_SIZE_U64) {
-                                Err(e) if e.raw_os_error() != Some(libc::ENOENT) => {
-                                    return Err(format!("UFFDIO_WAKE: {e}"))
+                                Err(source) if source.raw_os_error() != Some(libc::ENOENT) => {
+                                    return Err(PostcopyError::Wake { region: r, page: p, source })
                                 }
                                 _ => {}
                             }
@@ -403,7 +545,7 @@ impl DestPost {
                         // Every page arrived meanwhile and the regions were
                         // unregistered, which woke the faulting thread.
                         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-                        Err(e) => return Err(format!("zero page at region {r}, page {p}: {e}")),
+                        Err(source) => return Err(PostcopyError::ZeroPage { region: r, page: p, source }),
                     }
                     continue;
                 }
@@ -412,7 +554,7 @@ impl DestPost {
                     let walking = p.wrapping_sub(last[r]) <= u64::from(REQUEST_PAGES);
                     let ahead = if walking { u64::from(REQUEST_PAGES) } else { 1 };
                     let n = (mem.regions()[r].pages() - p).min(ahead) as u32;
-                    request(r, p, n)?;
+                    request(r, p, n);
                 }
                 last[r] = p;
             }
@@ -462,22 +604,22 @@ impl DestPost {
 /// a page it holds ready — the kernel's fault → message → copy → wake
 /// round trip, with no network and no source. Returns the latency of each
 /// touch in microseconds.
-pub fn raw_fault_round_trip(pages: u64) -> Result<LatencySummary, String> {
-    let mem = GuestMemory::anonymous(pages * PAGE_SIZE_U64).map_err(|e| e.to_string())?;
-    let f = Faults::open(&mem).map_err(|e| format!("cannot open a userfaultfd: {e}"))?;
+pub fn raw_fault_round_trip(pages: u64) -> Result<LatencySummary, PostcopyError> {
+    let mem = GuestMemory::anonymous(pages * PAGE_SIZE_U64)?;
+    let f = Faults::open(&mem).map_err(PostcopyError::Open)?;
     f.register(&mem, &[true])?;
     let stop = AtomicBool::new(false);
     let page = vec![0x5au8; PAGE_SIZE_U64 as usize];
     let mut h = LatencySummary::histogram();
-    std::thread::scope(|s| -> Result<(), String> {
-        let handler = s.spawn(|| -> Result<(), String> {
+    std::thread::scope(|s| -> Result<(), PostcopyError> {
+        let handler = s.spawn(|| -> Result<(), PostcopyError> {
             let mut addrs = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 addrs.clear();
-                f.uffd.read_faults(TICK, &mut addrs).map_err(|e| e.to_string())?;
+                f.uffd.read_faults(TICK, &mut addrs).map_err(PostcopyError::ReadFaults)?;
                 for &a in &addrs {
                     let at = a & !(PAGE_SIZE_U64 - 1);
-                    f.uffd.copy(at, &page).map_err(|e| format!("UFFDIO_COPY: {e}"))?;
+                    f.uffd.copy(at, &page).map_err(|source| PostcopyError::Copy { addr: at, source })?;
                 }
             }
             Ok(())
@@ -489,7 +631,7 @@ pub fn raw_fault_round_trip(pages: u64) -> Result<LatencySummary, String> {
             match region.read_u64(p * PAGE_SIZE_U64) {
                 Ok(_) => h.saturating_record(t.elapsed().as_micros().max(1) as u64),
                 Err(e) => {
-                    res = Err(e.to_string());
+                    res = Err(e.into());
                     break;
                 }
             }
@@ -498,5 +640,5 @@ pub fn raw_fault_round_trip(pages: u64) -> Result<LatencySummary, String> {
         handler.join().expect("fault handler panicked")?;
         res
     })?;
-    LatencySummary::of(&h).ok_or_else(|| "no pages touched".to_string())
+    LatencySummary::of(&h).ok_or(PostcopyError::NothingMeasured)
 }

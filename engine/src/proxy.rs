@@ -53,22 +53,48 @@ pub enum Endpoint {
     Tcp(SocketAddr),
 }
 
-impl std::str::FromStr for Endpoint {
-    type Err = String;
+/// Why a text does not name an [`Endpoint`].
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    /// A unix socket path that is not absolute.
+    #[error("{input:?}: a unix socket path must be absolute")]
+    Relative {
+        /// The text.
+        input: String,
+    },
+    /// The address did not resolve.
+    #[error("{input:?}: {source}")]
+    Resolve {
+        /// The text.
+        input: String,
+        /// The resolver's error.
+        source: std::io::Error,
+    },
+    /// The address resolved to nothing.
+    #[error("{input:?} names no address")]
+    NoAddress {
+        /// The text.
+        input: String,
+    },
+}
 
-    fn from_str(s: &str) -> Result<Self, String> {
+impl std::str::FromStr for Endpoint {
+    type Err = EndpointError;
+
+    fn from_str(s: &str) -> Result<Self, EndpointError> {
         use std::net::ToSocketAddrs;
+        let input = || s.to_string();
         // libvirt's spelling of a unix URI is `unix:///path`.
         let path = s.strip_prefix("unix://").or_else(|| s.strip_prefix("unix:"));
         if let Some(p) = path.or_else(|| s.starts_with('/').then_some(s)) {
             if !p.starts_with('/') {
-                return Err(format!("{s:?}: a unix socket path must be absolute"));
+                return Err(EndpointError::Relative { input: input() });
             }
             return Ok(Endpoint::Unix(PathBuf::from(p)));
         }
         let a = s.strip_prefix("tcp:").unwrap_or(s);
-        let addr = a.to_socket_addrs().map_err(|e| format!("{s:?}: {e}"))?.next();
-        addr.map(Endpoint::Tcp).ok_or_else(|| format!("{s:?} names no address"))
+        let addr = a.to_socket_addrs().map_err(|source| EndpointError::Resolve { input: input(), source })?.next();
+        addr.map(Endpoint::Tcp).ok_or_else(|| EndpointError::NoAddress { input: input() })
     }
 }
 

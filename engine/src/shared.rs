@@ -166,24 +166,75 @@ pub fn nonce_proof(
     Ok(seen.map(|w| w == values))
 }
 
+/// Why a probe from the source is not answered.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// It asks about a region that does not exist.
+    #[error("probe of region {region}, which does not exist")]
+    NoRegion {
+        /// The region index asked about.
+        region: u32,
+    },
+    /// It asks for a word that is unaligned or past the region's end.
+    #[error("probe of words outside region {region} (offset {offset:#x})")]
+    WordOutside {
+        /// The region.
+        region: u32,
+        /// The first offending byte offset.
+        offset: u64,
+    },
+    /// It asks for a page past the region's end.
+    #[error("probe of pages outside region {region} (page {page})")]
+    PageOutside {
+        /// The region.
+        region: u32,
+        /// The first offending page.
+        page: u64,
+    },
+    /// Reading the places asked for failed.
+    #[error(transparent)]
+    Memory(#[from] pmigrate_ranges::MemoryError),
+}
+
 /// Checks a probe from the source against `mem` and answers it: the hashes
 /// of the pages or the words asked for. Every place is bounds-checked.
-pub fn answer(mem: &GuestMemory, region: RegionIdx, ask: ProbeAsk, places: &[u64]) -> Result<Vec<u64>, String> {
+pub fn answer(mem: &GuestMemory, region: RegionIdx, ask: ProbeAsk, places: &[u64]) -> Result<Vec<u64>, ProbeError> {
     let n = region.0;
-    let r = mem.regions().get(region.as_usize()).ok_or_else(|| format!("probe of region {n}, which does not exist"))?;
-    match ask {
+    let r = mem.regions().get(region.as_usize()).ok_or(ProbeError::NoRegion { region: n })?;
+    Ok(match ask {
         ProbeAsk::Words => {
-            if places.iter().any(|&o| o % 8 != 0 || o.checked_add(8).is_none_or(|e| e > r.len())) {
-                return Err(format!("probe of words outside region {n}"));
+            let bad = places.iter().find(|&&o| o % 8 != 0 || o.checked_add(8).is_none_or(|e| e > r.len()));
+            if let Some(&offset) = bad {
+                return Err(ProbeError::WordOutside { region: n, offset });
             }
-            read_words(r, places)
+            read_words(r, places)?
         }
         ProbeAsk::PageHashes => {
-            if places.iter().any(|&p| p >= r.len() / PAGE_SIZE_U64) {
-                return Err(format!("probe of pages outside region {n}"));
+            if let Some(&page) = places.iter().find(|&&p| p >= r.len() / PAGE_SIZE_U64) {
+                return Err(ProbeError::PageOutside { region: n, page });
             }
-            hash_pages(r, places)
+            hash_pages(r, places)?
         }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_probe_outside_memory_names_the_first_bad_place() {
+        let mem = GuestMemory::anonymous(4 * PAGE_SIZE_U64).unwrap();
+        let r0 = RegionIdx(0);
+        assert_eq!(answer(&mem, r0, ProbeAsk::Words, &[0, 8]).unwrap().len(), 2);
+        assert!(matches!(
+            answer(&mem, r0, ProbeAsk::Words, &[8, 12, 4 * PAGE_SIZE_U64]),
+            Err(ProbeError::WordOutside { region: 0, offset: 12 })
+        ));
+        assert!(matches!(
+            answer(&mem, r0, ProbeAsk::PageHashes, &[3, 4, 9]),
+            Err(ProbeError::PageOutside { region: 0, page: 4 })
+        ));
+        assert!(matches!(answer(&mem, RegionIdx(1), ProbeAsk::Words, &[0]), Err(ProbeError::NoRegion { region: 1 })));
     }
-    .map_err(|e| e.to_string())
 }

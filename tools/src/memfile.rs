@@ -402,8 +402,8 @@ fn receive_in_place(
     };
     let opts = receive_options(a);
     Ok(incoming.receive_and_run(&mem, &opts, || {
-        mem.regions().iter().try_for_each(|r| r.flush()).map_err(|e| e.to_string())?;
-        start_guest(a, set_stage, ServeStage::InPlace)
+        mem.regions().iter().try_for_each(|r| r.flush())?;
+        Ok(start_guest(a, set_stage, ServeStage::InPlace)?)
     }))
 }
 
@@ -436,7 +436,7 @@ fn receive_copy(
     if !incoming.is_postcopy() {
         return Ok(incoming.receive_and_run(&file, &opts, || {
             install(&file)?;
-            start_guest(a, set_stage, ServeStage::NotStarted)
+            Ok(start_guest(a, set_stage, ServeStage::NotStarted)?)
         }));
     }
     // Post-copy places pages into private anonymous memory (that is what
@@ -447,7 +447,7 @@ fn receive_copy(
         Ok(m) => m,
         Err(e) => return Ok(Err(e.into())),
     };
-    let report = match incoming.receive_and_run(&mem, &opts, || start_guest(a, set_stage, ServeStage::Copying)) {
+    let report = match incoming.receive_and_run(&mem, &opts, || Ok(start_guest(a, set_stage, ServeStage::Copying)?)) {
         Ok(r) => r,
         Err(e) => return Ok(Err(e)),
     };

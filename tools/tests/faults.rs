@@ -1,4 +1,4 @@
-//! The fault-injection matrix (issue 14): the real `pmigrate` binary on
+//! The fault-injection matrix: the real `pmigrate` binary on
 //! every path — pre-copy, post-copy and hybrid memory migration
 //! (`serve`/`migrate`), the exec relay (`send`/`recv`) and the proxy
 //! (`proxy entry`/`proxy exit`) — under link faults (a userspace netem:

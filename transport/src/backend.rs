@@ -70,15 +70,23 @@ pub enum BackendChoice {
     Uring,
 }
 
-impl std::str::FromStr for BackendChoice {
-    type Err = String;
+/// A text that names no [`BackendChoice`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the I/O backend is auto, uring or portable, not {input:?}")]
+pub struct ParseBackendError {
+    /// The text.
+    pub input: String,
+}
 
-    fn from_str(s: &str) -> Result<Self, String> {
+impl std::str::FromStr for BackendChoice {
+    type Err = ParseBackendError;
+
+    fn from_str(s: &str) -> Result<Self, ParseBackendError> {
         match s {
             "auto" => Ok(BackendChoice::Auto),
             "portable" => Ok(BackendChoice::Portable),
             "uring" | "io_uring" | "io-uring" => Ok(BackendChoice::Uring),
-            _ => Err(format!("the I/O backend is auto, uring or portable, not {s:?}")),
+            _ => Err(ParseBackendError { input: s.to_string() }),
         }
     }
 }

@@ -63,3 +63,7 @@ pub use net::{FrameReader, TransportError, Via};
 pub use serve::SessionHandler;
 pub use session::{connect_session, Connected, StreamPlan};
 pub use tls::TlsConfig;
+
+// The parsers' error types.
+pub use backend::ParseBackendError;
+pub use net::ParseViaError;

@@ -109,15 +109,23 @@ pub enum Via {
     Iface(String),
 }
 
-impl FromStr for Via {
-    type Err = String;
+/// A text that names no [`Via`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{input:?} is neither an IP address nor an interface name")]
+pub struct ParseViaError {
+    /// The text.
+    pub input: String,
+}
 
-    fn from_str(s: &str) -> Result<Self, String> {
+impl FromStr for Via {
+    type Err = ParseViaError;
+
+    fn from_str(s: &str) -> Result<Self, ParseViaError> {
         if let Ok(ip) = s.parse() {
             return Ok(Via::Addr(ip));
         }
         if s.is_empty() || s.len() >= 16 || s.contains(['/', ' ', ':']) {
-            return Err(format!("{s:?} is neither an IP address nor an interface name"));
+            return Err(ParseViaError { input: s.to_string() });
         }
         Ok(Via::Iface(s.to_string()))
     }

@@ -4,7 +4,7 @@
 use std::net::Shutdown;
 use std::time::Instant;
 
-use pmigrate_ranges::GuestMemory;
+use pmigrate_ranges::{Gpa, GuestMemory, RegionIdx};
 use pmigrate_transport::hello::{
     decode_shared_regions, ErrorCode, ErrorMsg, Mode, RegionDesc, CAP_POSTCOPY, CAP_SHARED, EXT_SHARED_REGIONS,
     KNOWN_CAPS,
@@ -15,14 +15,48 @@ use super::Incoming;
 use crate::postcopy;
 use crate::MigrateError;
 
+/// How the destination's memory differs from the region table the source
+/// described.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutMismatch {
+    /// The two ends have different numbers of regions.
+    #[error("source has {source_regions} regions, destination {dest_regions}")]
+    Count {
+        /// Regions at the source.
+        source_regions: usize,
+        /// Regions at the destination.
+        dest_regions: usize,
+    },
+    /// A region starts at another guest address, or has another length.
+    #[error("{region}: source {source_gpa}+{source_len:#x}, destination {dest_gpa}+{dest_len:#x}")]
+    Region {
+        /// The first region that differs.
+        region: RegionIdx,
+        /// Its guest address at the source.
+        source_gpa: Gpa,
+        /// Its length in bytes at the source.
+        source_len: u64,
+        /// Its guest address at the destination.
+        dest_gpa: Gpa,
+        /// Its length in bytes at the destination.
+        dest_len: u64,
+    },
+}
+
 /// Checks that `mem` has exactly the regions the source described.
-pub fn layout_matches(mem: &GuestMemory, regions: &[RegionDesc]) -> Result<(), String> {
+pub fn layout_matches(mem: &GuestMemory, regions: &[RegionDesc]) -> Result<(), LayoutMismatch> {
     if mem.regions().len() != regions.len() {
-        return Err(format!("source has {} regions, destination {}", regions.len(), mem.regions().len()));
+        return Err(LayoutMismatch::Count { source_regions: regions.len(), dest_regions: mem.regions().len() });
     }
     for ((i, r), d) in mem.iter().zip(regions) {
         if r.gpa() != d.gpa || r.len() != d.len {
-            return Err(format!("{i}: source {}+{:#x}, destination {}+{:#x}", d.gpa, d.len, r.gpa(), r.len()));
+            return Err(LayoutMismatch::Region {
+                region: i,
+                source_gpa: d.gpa,
+                source_len: d.len,
+                dest_gpa: r.gpa(),
+                dest_len: r.len(),
+            });
         }
     }
     Ok(())
@@ -56,7 +90,8 @@ impl Incoming {
     /// Waits on `acceptor` for the streams of one memory-migration session
     /// that `check` accepts (its region table, what it offers). Connections
     /// that are not part of it are refused with an error frame and do not
-    /// end the wait; nothing but `deadline` does.
+    /// end the wait; nothing but `deadline` does. A source `check` refuses
+    /// is told its `Err` text as the reason (`ErrorCode::Layout`).
     pub fn accept(
         acceptor: &Acceptor,
         mut check: impl FnMut(&Offered<'_>) -> Result<Grant, String>,
@@ -104,7 +139,11 @@ impl Incoming {
         deadline: Option<Instant>,
     ) -> Result<Incoming, MigrateError> {
         let shared = !crate::shared::candidates(mem).is_empty();
-        Self::accept(acceptor, |o| layout_matches(mem, o.regions).map(|()| Grant { handover: shared }), deadline)
+        let check = |o: &Offered<'_>| match layout_matches(mem, o.regions) {
+            Ok(()) => Ok(Grant { handover: shared }),
+            Err(e) => Err(e.to_string()),
+        };
+        Self::accept(acceptor, check, deadline)
     }
 
     /// The regions the source may hand over instead of copying: offered by
@@ -153,5 +192,49 @@ impl Incoming {
     /// Whether the source asked for post-copy (and this end can do it).
     pub fn is_postcopy(&self) -> bool {
         self.accepted.caps & CAP_POSTCOPY != 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use pmigrate_ranges::{GuestRegion, HostPageSize};
+
+    use super::*;
+
+    fn desc(gpa: u64, len: u64) -> RegionDesc {
+        RegionDesc { gpa: pmigrate_ranges::Gpa(gpa), len, flags: 0 }
+    }
+
+    #[test]
+    fn a_layout_mismatch_names_the_region_and_both_sides() {
+        let mem = GuestMemory::new(vec![
+            GuestRegion::anonymous(Gpa(0), 16 << 12, HostPageSize::Small).unwrap(),
+            GuestRegion::anonymous(Gpa(1 << 30), 8 << 12, HostPageSize::Small).unwrap(),
+        ])
+        .unwrap();
+        assert_eq!(layout_matches(&mem, &[desc(0, 16 << 12), desc(1 << 30, 8 << 12)]), Ok(()));
+        let e = layout_matches(&mem, &[desc(0, 16 << 12), desc(1 << 30, 9 << 12)]).unwrap_err();
+        assert_eq!(
+            e,
+            LayoutMismatch::Region {
+                region: RegionIdx(1),
+                source_gpa: Gpa(1 << 30),
+                source_len: 9 << 12,
+                dest_gpa: Gpa(1 << 30),
+                dest_len: 8 << 12,
+            }
+        );
+        assert_eq!(e.to_string(), "region 1: source 0x40000000+0x9000, destination 0x40000000+0x8000");
+        assert_eq!(
+            layout_matches(&mem, &[desc(0, 16 << 12)]),
+            Err(LayoutMismatch::Count { source_regions: 1, dest_regions: 2 })
+        );
+        // The migration's error keeps the mismatch as its cause.
+        let m = MigrateError::Layout(e.clone());
+        assert!(m.to_string().starts_with("memory layout mismatch: region 1"), "{m}");
+        let cause = m.source().and_then(|c| c.downcast_ref::<LayoutMismatch>());
+        assert_eq!(cause, Some(&e));
     }
 }

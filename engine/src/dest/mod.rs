@@ -21,10 +21,10 @@ use pmigrate_transport::net::{keepalive_frame, write_frame, FrameReader, KEEPALI
 use pmigrate_transport::payload::Opener;
 use pmigrate_transport::{Accepted, Acceptor, BackendChoice, Conn, Link, Resumes, TransportError};
 
-use crate::postcopy::{self, DestPost};
+use crate::postcopy::{self, DestPost, PostcopyError};
 use crate::report::Report;
 use crate::shared;
-use crate::MigrateError;
+use crate::{HookError, MigrateError};
 
 mod accept;
 #[cfg(test)]
@@ -34,6 +34,7 @@ mod post;
 mod report;
 pub(crate) mod rules;
 
+pub use accept::LayoutMismatch;
 pub use accept::{layout_matches, Grant, Offered};
 use place::Placer;
 use rules::{DestRules, Shape, Step};
@@ -96,7 +97,8 @@ impl Incoming {
     /// runs here; in post-copy (docs/design.md, "Post-copy and hybrid") at the switchover,
     /// while pages are still arriving. From then on the guest's touches of
     /// missing pages wait for them. An error from `resume` ends the
-    /// migration: the source is told and keeps the guest.
+    /// migration: the source is told and keeps the guest, and the error is
+    /// the source of the [`MigrateError::Resume`] returned.
     ///
     /// In post-copy, guest memory must be private anonymous. An error
     /// returned after `resume` was called means pages never arrived: the
@@ -106,26 +108,26 @@ impl Incoming {
         mut self,
         mem: &GuestMemory,
         opts: &ReceiveOptions,
-        resume: impl FnOnce() -> Result<(), String> + Send,
+        resume: impl FnOnce() -> Result<(), HookError> + Send,
     ) -> Result<Report, MigrateError> {
         let handover = self.handover_regions();
         let streams: Vec<Link> = std::mem::take(&mut self.accepted.streams).into_iter().map(Link::new).collect();
         let (session, caps) = (self.accepted.hello.session, self.accepted.caps);
-        if let Err(why) = layout_matches(mem, &self.accepted.hello.regions) {
+        if let Err(e) = layout_matches(mem, &self.accepted.hello.regions) {
             for s in &streams {
-                s.current().0.send_error(ErrorCode::Layout, why.clone());
+                s.current().0.send_error(ErrorCode::Layout, e.to_string());
             }
-            return Err(MigrateError::Layout(why));
+            return Err(MigrateError::Layout(e));
         }
         let post = if self.accepted.caps & CAP_POSTCOPY != 0 {
             match DestPost::new(mem) {
                 Ok(p) => Some(p),
                 Err(e) => {
-                    let why = format!("cannot open a userfaultfd for post-copy: {e}");
+                    let e = MigrateError::from(PostcopyError::Open(e));
                     for s in &streams {
-                        s.current().0.send_error(ErrorCode::Unsupported, why.clone());
+                        s.current().0.send_error(ErrorCode::Unsupported, e.to_string());
                     }
-                    return Err(MigrateError::Postcopy(why));
+                    return Err(e);
                 }
             }
         } else {
@@ -186,8 +188,8 @@ impl Incoming {
             if let Some(post) = &state.post {
                 s.spawn(move || {
                     let res = post.handle_faults(mem, state.placer.locks(), |r, p, n| state.request(streams, r, p, n));
-                    if let Err(why) = res {
-                        state.fail(streams, state.prio, MigrateError::Postcopy(why));
+                    if let Err(e) = res {
+                        state.fail(streams, state.prio, e.into());
                     }
                 });
             }
@@ -288,18 +290,19 @@ impl Incoming {
         // cannot start here, the source is told and keeps it.
         let resume = state.resume.lock().expect("resume lock").take();
         if let Some(resume) = resume {
-            if let Err(why) = resume() {
+            if let Err(hook) = resume() {
+                let why = crate::describe(&*hook);
                 s0.send_error(ErrorCode::Aborted, format!("the guest could not start at the destination: {why}"));
-                return Err(MigrateError::Resume(why));
+                return Err(MigrateError::Resume(hook));
             }
         }
         let f = Control::Verified { value: digest.0, closed: false }.encode();
-        write_frame(&mut &*s0, &f, "stream 0").map_err(|e| MigrateError::Untold(e.to_string()))?;
+        write_frame(&mut &*s0, &f, "stream 0").map_err(MigrateError::Untold)?;
         Ok(self.report(&state, &streams, &outcomes, digest))
     }
 }
 
-type ResumeHook<'a> = Box<dyn FnOnce() -> Result<(), String> + Send + 'a>;
+type ResumeHook<'a> = Box<dyn FnOnce() -> Result<(), HookError> + Send + 'a>;
 
 struct State<'m> {
     /// The I/O backend of the streams.
@@ -383,7 +386,7 @@ impl State<'_> {
         // Whatever failed, the source must learn whether the guest started
         // here: then it is this end's, incomplete.
         let code = if *self.started.lock().expect("start lock") { ErrorCode::Started } else { code };
-        let msg = e.to_string();
+        let msg = crate::describe(&e);
         // The failing stream, stream 0 and the priority stream: the source
         // hears the verdict on the last two.
         let mut told = vec![index, 0];
@@ -441,16 +444,16 @@ impl State<'_> {
                 // elsewhere; a source silent everywhere is frozen or gone.
                 Err(TransportError::Idle(..)) if self.quiet_for() < opts.progress_timeout => continue,
                 Err(TransportError::Idle(what, _)) => {
-                    let why = format!(
-                        "{what}: nothing from the source on any stream for {:?}: it is frozen or gone",
-                        self.quiet_for()
-                    );
+                    let quiet = self.quiet_for();
                     return Err(match &self.post {
-                        Some(p) if switched => MigrateError::Postcopy(format!(
-                            "{why}; the guest here lacks {} pages",
-                            p.missing.load(Ordering::Relaxed)
-                        )),
-                        _ => TransportError::Setup(why).into(),
+                        Some(p) if switched => {
+                            let missing = p.missing.load(Ordering::Relaxed);
+                            PostcopyError::Silent { stream: index, quiet, missing }.into()
+                        }
+                        _ => TransportError::Setup(format!(
+                            "{what}: nothing from the source on any stream for {quiet:?}: it is frozen or gone"
+                        ))
+                        .into(),
                     });
                 }
                 Err(e) if self.rules().may_come_back(index, self.resumable) => {
@@ -492,8 +495,10 @@ impl State<'_> {
                     }
                 }
                 Step::Answer { region, ask, places } => {
-                    let answer = shared::answer(self.placer.mem(), region, ask, &places)
-                        .map_err(|why| rules::protocol(index, why))?;
+                    let answer = shared::answer(self.placer.mem(), region, ask, &places).map_err(|e| match e {
+                        shared::ProbeError::Memory(e) => MigrateError::Memory(e),
+                        e => rules::protocol(index, e.to_string()),
+                    })?;
                     let f = Control::ProbeReply(answer).encode();
                     let _w = link.lock_writes();
                     write_frame(&mut &*cur.0, &f, &format!("stream {index}"))?;
@@ -544,11 +549,8 @@ impl State<'_> {
             }
             let quiet = self.quiet_for();
             if t.elapsed() > RESUME_WINDOW || quiet > opts.progress_timeout {
-                return Err(MigrateError::Postcopy(format!(
-                    "stream {index} lost after the switchover ({lost}) and not reconnected (nothing from the \
-                     source for {quiet:?}): it is frozen or gone; the guest here lacks {} pages",
-                    self.post.as_ref().map_or(0, |p| p.missing.load(Ordering::Relaxed))
-                )));
+                let missing = self.post.as_ref().map_or(0, |p| p.missing.load(Ordering::Relaxed));
+                return Err(PostcopyError::NotReconnected { stream: index, lost, quiet, missing }.into());
             }
         }
     }

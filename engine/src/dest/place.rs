@@ -175,7 +175,7 @@ impl<'m> Placer<'m> {
                 hashes[p as usize].store(page_hashes[(p - first) as usize], Ordering::Relaxed);
             }),
         };
-        res.map(drop).map_err(MigrateError::Postcopy)
+        res.map(drop).map_err(MigrateError::from)
     }
 
     /// Rehashes every page of guest memory against the table of hashes of
@@ -195,10 +195,7 @@ impl<'m> Placer<'m> {
                 region.read_pages(PageIdx(p), bytes)?;
                 for (k, page) in bytes.chunks_exact(PAGE_SIZE).enumerate() {
                     if xxh3_64(page) != table[(p + k as u64) as usize].load(Ordering::Relaxed) {
-                        return Err(MigrateError::Layout(format!(
-                            "{i}, page {}: memory differs from what was received",
-                            p + k as u64
-                        )));
+                        return Err(MigrateError::Differs { region: i, page: PageIdx(p + k as u64) });
                     }
                 }
                 p += n;

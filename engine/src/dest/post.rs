@@ -11,7 +11,7 @@ use pmigrate_transport::net::write_frame;
 use pmigrate_transport::Link;
 
 use super::{Incoming, State, StreamOutcome};
-use crate::postcopy::{self, DestPost};
+use crate::postcopy::{self, DestPost, PostcopyError};
 use crate::report::Report;
 use crate::MigrateError;
 
@@ -25,11 +25,11 @@ impl Incoming {
         streams: &[Link],
         outcomes: &[StreamOutcome],
     ) -> Result<Report, MigrateError> {
-        let digest = *state.post_digest.get().ok_or_else(|| MigrateError::Postcopy("ended incomplete".into()))?;
+        let digest = *state.post_digest.get().ok_or(PostcopyError::Incomplete)?;
         // The source's `Done` may have been lost with a connection; if it
         // came, it must match.
         if let Some(d) = state.rules().source_digest().filter(|d| *d != digest) {
-            return Err(MigrateError::Digest { source_digest: d.to_string(), dest_digest: digest.to_string() });
+            return Err(MigrateError::Digest { source_digest: d, dest_digest: digest });
         }
         let mut report = self.report(state, streams, outcomes, digest);
         let f = post.round.load(Ordering::Relaxed);
@@ -46,7 +46,7 @@ impl State<'_> {
     /// A request lost with a broken priority stream is not an error: the
     /// page comes with the push, or is asked for again (see
     /// [`Self::await_complete`]).
-    pub(super) fn request(&self, streams: &[Link], region: usize, first: u64, count: u32) -> Result<(), String> {
+    pub(super) fn request(&self, streams: &[Link], region: usize, first: u64, count: u32) {
         let f = Control::PageRequest(PageRange {
             region: RegionIdx(region as u32),
             start: PageIdx(first),
@@ -55,7 +55,6 @@ impl State<'_> {
         .encode();
         let _w = streams[self.prio].lock_writes();
         let _ = write_frame(&mut &*streams[self.prio].current().0, &f, "priority stream");
-        Ok(())
     }
 
     /// Stream 0 at its switchover marker: once every stream reached its
@@ -74,7 +73,7 @@ impl State<'_> {
                 region.discard_pages(PageIdx(s), n)?;
             }
         }
-        post.faults.register(mem, &which).map_err(MigrateError::Postcopy)?;
+        post.faults.register(mem, &which)?;
         post.needed_pages.store(post.missing.load(Ordering::Acquire), Ordering::Relaxed);
         // The ownership rule: a failure told to the source before this
         // point says the guest never started here, so the source keeps it;
@@ -119,7 +118,7 @@ impl State<'_> {
                 last = (landed, Instant::now());
             } else if last.1.elapsed() >= postcopy::SWEEP_AFTER {
                 for (r, first, n) in post.still_needed(postcopy::SWEEP_MAX_PAGES) {
-                    self.request(streams, r, first, n as u32).map_err(MigrateError::Postcopy)?;
+                    self.request(streams, r, first, n as u32);
                 }
                 last.1 = Instant::now();
             }

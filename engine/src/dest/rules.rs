@@ -301,10 +301,7 @@ impl DestRules {
             }
         }
         if source != placed {
-            return Err((
-                ErrorCode::Digest,
-                MigrateError::Digest { source_digest: source.to_string(), dest_digest: placed.to_string() },
-            ));
+            return Err((ErrorCode::Digest, MigrateError::Digest { source_digest: source, dest_digest: placed }));
         }
         Ok(placed)
     }

@@ -24,18 +24,20 @@ mod vmm;
 
 pub use hash::HashTracker;
 pub use uffd_wp::UffdWpTracker;
+pub use uffd_wp::UffdWpUnsupported;
 pub use vmm::VmmBitmapTracker;
 
 /// Errors from dirty tracking.
 #[derive(Debug, thiserror::Error)]
 pub enum DirtyError {
-    /// The kernel lacks a feature the tracker needs.
+    /// The kernel, or the memory, lacks a feature the tracker needs.
     #[error("{tracker} dirty tracking is not available: {why}")]
     Unsupported {
         /// Tracker name.
         tracker: &'static str,
         /// What is missing.
-        why: String,
+        #[source]
+        why: UffdWpUnsupported,
     },
     /// A system call failed.
     #[error("{what} failed")]

@@ -116,7 +116,7 @@ pub(super) fn stream_reader(shared: &Shared<'_>, i: usize, has_in: bool, expects
                 let announced = window.state.lock().expect("window lock").flow.announce(i, seq);
                 window.changed.notify_all();
                 if let Err(why) = announced {
-                    break Err(protocol(why));
+                    break Err(protocol(why.to_string()));
                 }
                 shared.in_wire.fetch_add(wire, Ordering::Relaxed);
                 if shared.in_closed.load(Ordering::Acquire) {
@@ -138,7 +138,7 @@ pub(super) fn stream_reader(shared: &Shared<'_>, i: usize, has_in: bool, expects
                     continue;
                 }
                 if let Err(why) = w.flow.insert(seq, data) {
-                    break Err(protocol(why));
+                    break Err(protocol(why.to_string()));
                 }
                 window.changed.notify_all();
             }
@@ -148,7 +148,7 @@ pub(super) fn stream_reader(shared: &Shared<'_>, i: usize, has_in: bool, expects
                 let ended = window.state.lock().expect("window lock").flow.end(i, chunks);
                 window.changed.notify_all();
                 if let Err(why) = ended {
-                    break Err(protocol(why));
+                    break Err(protocol(why.to_string()));
                 }
                 in_done = true;
             }
@@ -196,7 +196,7 @@ pub(super) fn deliver(
             match w.flow.take() {
                 Ok(Next::Wait) => {}
                 Ok(next) => break next,
-                Err(why) => return Err(MigrateError::Protocol { stream: 0, why }),
+                Err(why) => return Err(MigrateError::Protocol { stream: 0, why: why.to_string() }),
             }
             if left(&output) {
                 return close(shared, w, &confirm, report);

@@ -33,6 +33,66 @@ pub enum Next {
     Wait,
 }
 
+/// A step the rules refuse: the flow cannot complete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReassemblyError {
+    /// A stream index past the flow's streams.
+    #[error("no stream {stream}")]
+    NoStream {
+        /// The index.
+        stream: usize,
+    },
+    /// A chunk on a stream that had ended.
+    #[error("chunk {seq} after the end of stream {stream}")]
+    AfterEnd {
+        /// The stream.
+        stream: usize,
+        /// The chunk's sequence number.
+        seq: u64,
+    },
+    /// A chunk whose number is not above the stream's last one.
+    #[error("chunk {seq} out of order on stream {stream}, after chunk {last}")]
+    OutOfOrder {
+        /// The stream.
+        stream: usize,
+        /// The chunk's sequence number.
+        seq: u64,
+        /// The stream's last chunk before it.
+        last: u64,
+    },
+    /// A chunk already delivered, held, or at or past the flow's end.
+    #[error("chunk {seq} duplicated")]
+    Duplicated {
+        /// The chunk's sequence number.
+        seq: u64,
+    },
+    /// An `End` that contradicts what came before: the stream had ended,
+    /// another `End` named another total, or chunks at or past `total`
+    /// were carried.
+    #[error("inconsistent end of stream {stream} ({total} chunks)")]
+    BadEnd {
+        /// The stream.
+        stream: usize,
+        /// The total its `End` named.
+        total: u64,
+    },
+    /// Every stream ended, and the chunks delivered are not the total
+    /// announced.
+    #[error("stream ended after {delivered} chunks, sender announced {announced:?}")]
+    Short {
+        /// Chunks delivered.
+        delivered: u64,
+        /// The total the `End`s named, if one came.
+        announced: Option<u64>,
+    },
+    /// Every stream passed (or ended before) the chunk the output needs.
+    #[error("chunk {seq} was skipped by every stream")]
+    Skipped {
+        /// The chunk's sequence number.
+        seq: u64,
+    },
+}
+
 /// The reassembly of one flow carried by `streams` streams.
 #[derive(Debug)]
 pub struct Reassembly {
@@ -55,13 +115,13 @@ impl Reassembly {
 
     /// Stream `i` carries chunk `seq` (before it is opened): its numbers
     /// must increase, and it must not have ended.
-    pub fn announce(&mut self, i: usize, seq: u64) -> Result<(), String> {
-        let Some(head) = self.heads.get_mut(i) else { return Err(format!("no stream {i}")) };
+    pub fn announce(&mut self, i: usize, seq: u64) -> Result<(), ReassemblyError> {
+        let Some(head) = self.heads.get_mut(i) else { return Err(ReassemblyError::NoStream { stream: i }) };
         if head.1 {
-            return Err(format!("chunk {seq} after the end of stream {i}"));
+            return Err(ReassemblyError::AfterEnd { stream: i, seq });
         }
-        if head.0.is_some_and(|l| seq <= l) {
-            return Err(format!("chunk {seq} out of order"));
+        if let Some(last) = head.0.filter(|&l| seq <= l) {
+            return Err(ReassemblyError::OutOfOrder { stream: i, seq, last });
         }
         head.0 = Some(seq);
         Ok(())
@@ -74,24 +134,24 @@ impl Reassembly {
     }
 
     /// Chunk `seq`, opened and verified, announced and fitting.
-    pub fn insert(&mut self, seq: u64, data: Vec<u8>) -> Result<(), String> {
+    pub fn insert(&mut self, seq: u64, data: Vec<u8>) -> Result<(), ReassemblyError> {
         debug_assert!(self.fits(seq));
         if seq < self.next || self.total.is_some_and(|t| seq >= t) || self.chunks.contains_key(&seq) {
-            return Err(format!("chunk {seq} duplicated"));
+            return Err(ReassemblyError::Duplicated { seq });
         }
         self.chunks.insert(seq, data);
         Ok(())
     }
 
     /// Stream `i` ended, saying the flow had `total` chunks.
-    pub fn end(&mut self, i: usize, total: u64) -> Result<(), String> {
-        let Some(head) = self.heads.get_mut(i) else { return Err(format!("no stream {i}")) };
+    pub fn end(&mut self, i: usize, total: u64) -> Result<(), ReassemblyError> {
+        let Some(head) = self.heads.get_mut(i) else { return Err(ReassemblyError::NoStream { stream: i }) };
         if head.1 || self.total.is_some_and(|t| t != total) || head.0.is_some_and(|l| l >= total) {
-            return Err("inconsistent end of stream".into());
+            return Err(ReassemblyError::BadEnd { stream: i, total });
         }
         // Chunks already held at or past the end were never part of it.
         if self.chunks.range(total..).next().is_some() || self.next > total {
-            return Err("inconsistent end of stream".into());
+            return Err(ReassemblyError::BadEnd { stream: i, total });
         }
         head.1 = true;
         self.total = Some(total);
@@ -99,7 +159,7 @@ impl Reassembly {
     }
 
     /// What the output gets next, or why the flow cannot complete.
-    pub fn take(&mut self) -> Result<Next, String> {
+    pub fn take(&mut self) -> Result<Next, ReassemblyError> {
         if let Some(c) = self.chunks.remove(&self.next) {
             self.next += 1;
             return Ok(Next::Chunk(c));
@@ -107,11 +167,11 @@ impl Reassembly {
         if self.heads.iter().all(|h| h.1) {
             return match self.total {
                 Some(t) if t == self.next => Ok(Next::Complete { chunks: t }),
-                t => Err(format!("stream ended after {} chunks, sender announced {t:?}", self.next)),
+                announced => Err(ReassemblyError::Short { delivered: self.next, announced }),
             };
         }
         if self.heads.iter().all(|&(head, ended)| ended || head.is_some_and(|h| h > self.next)) {
-            return Err(format!("chunk {} was skipped by every stream", self.next));
+            return Err(ReassemblyError::Skipped { seq: self.next });
         }
         Ok(Next::Wait)
     }
@@ -181,7 +241,7 @@ mod tests {
         loop {
             // The output takes what it can.
             loop {
-                match r.take()? {
+                match r.take().map_err(|e| e.to_string())? {
                     Next::Chunk(c) => out.push(u64::from_le_bytes(c.try_into().unwrap())),
                     Next::Complete { .. } => return Ok(out),
                     Next::Wait => break,
@@ -206,10 +266,10 @@ mod tests {
             at[s] += 1;
             match f {
                 Frame::Chunk(k) => {
-                    r.announce(s, k)?;
-                    r.insert(k, k.to_le_bytes().to_vec())?;
+                    r.announce(s, k).map_err(|e| e.to_string())?;
+                    r.insert(k, k.to_le_bytes().to_vec()).map_err(|e| e.to_string())?;
                 }
-                Frame::End(t) => r.end(s, t)?,
+                Frame::End(t) => r.end(s, t).map_err(|e| e.to_string())?,
             }
             assert!(r.held() <= REORDER_WINDOW as usize, "the window bounds what is held");
         }
@@ -271,17 +331,17 @@ mod tests {
         r.announce(0, 0).unwrap();
         r.insert(0, vec![0]).unwrap();
         r.end(0, 2).unwrap();
-        assert!(r.end(1, 3).is_err(), "a different total");
+        assert_eq!(r.end(1, 3), Err(ReassemblyError::BadEnd { stream: 1, total: 3 }), "a different total");
         let mut r = Reassembly::new(1);
         r.announce(0, 5).unwrap();
-        assert!(r.end(0, 5).is_err(), "a chunk at the total");
+        assert_eq!(r.end(0, 5), Err(ReassemblyError::BadEnd { stream: 0, total: 5 }), "a chunk at the total");
         let mut r = Reassembly::new(2);
         r.announce(1, 4).unwrap();
         r.insert(4, vec![4]).unwrap();
-        assert!(r.end(0, 3).is_err(), "a held chunk past the total");
+        assert_eq!(r.end(0, 3), Err(ReassemblyError::BadEnd { stream: 0, total: 3 }), "a held chunk past the total");
         let mut r = Reassembly::new(1);
         r.end(0, 0).unwrap();
-        assert!(r.announce(0, 0).is_err(), "a chunk after the end");
+        assert_eq!(r.announce(0, 0), Err(ReassemblyError::AfterEnd { stream: 0, seq: 0 }), "a chunk after the end");
         assert_eq!(r.take().unwrap(), Next::Complete { chunks: 0 });
     }
 }

@@ -30,6 +30,8 @@ mod requests;
 pub(crate) mod rules;
 mod streams;
 mod switchover;
+#[cfg(test)]
+mod tests;
 mod worker;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -55,7 +57,7 @@ use crate::dirty::{tracker_for, DirtyTracker, TrackerKind};
 use crate::lz4gate::Lz4Policy;
 use crate::report::{LatencySummary, Report, RoundReport, StreamReport};
 use crate::shared::{self};
-use crate::{Compression, MigrateError};
+use crate::{Compression, HookError, MigrateError};
 use rules::NoVerdict;
 use streams::{listener, sender, Listen, Msg, StreamStats};
 use worker::{Counts, Worker};
@@ -154,8 +156,8 @@ pub struct Progress {
     pub handed_over: AtomicBool,
 }
 
-type PauseHook<'a> = Box<dyn FnMut() -> Result<(), String> + Send + 'a>;
-type AbortHook<'a> = Box<dyn FnOnce() -> Result<(), String> + Send + 'a>;
+type PauseHook<'a> = Box<dyn FnMut() -> Result<(), HookError> + Send + 'a>;
+type AbortHook<'a> = Box<dyn FnOnce() -> Result<(), HookError> + Send + 'a>;
 
 /// The source of a migration: what to send, where, and how.
 ///
@@ -260,8 +262,9 @@ impl<'a> Source<'a> {
     }
 
     /// Called once, when pre-copy is done, to stop the guest. An error
-    /// aborts the migration (the guest keeps running at the source).
-    pub fn on_pause(mut self, f: impl FnMut() -> Result<(), String> + Send + 'a) -> Self {
+    /// aborts the migration (the guest keeps running at the source): it is
+    /// the source of the [`MigrateError::Pause`] returned.
+    pub fn on_pause(mut self, f: impl FnMut() -> Result<(), HookError> + Send + 'a) -> Self {
         self.pause = Some(Box::new(f));
         self
     }
@@ -269,8 +272,9 @@ impl<'a> Source<'a> {
     /// Called once if the migration fails after the pause hook stopped the
     /// guest while the guest is still this end's (see
     /// [`MigrateError::source_keeps_guest`]): it must start the vCPUs
-    /// again. An error from it is reported with the migration's.
-    pub fn on_abort(mut self, f: impl FnOnce() -> Result<(), String> + Send + 'a) -> Self {
+    /// again. An error from it is reported with the migration's
+    /// ([`MigrateError::AbortHook`]).
+    pub fn on_abort(mut self, f: impl FnOnce() -> Result<(), HookError> + Send + 'a) -> Self {
         self.cont = Some(Box::new(f));
         self
     }
@@ -290,7 +294,7 @@ impl<'a> Source<'a> {
             (Err(e), Some(cont)) if progress.paused.load(Ordering::Acquire) && e.source_keeps_guest() => {
                 Err(match cont() {
                     Ok(()) => e,
-                    Err(why) => MigrateError::Resume(format!("{why}, after: {e}")),
+                    Err(hook) => MigrateError::AbortHook { hook, after: Box::new(e) },
                 })
             }
             (res, _) => res,
@@ -300,7 +304,7 @@ impl<'a> Source<'a> {
     fn run_inner(self) -> Result<Report, MigrateError> {
         let t0 = Instant::now();
         for r in self.free.iter().chain(&self.working_set) {
-            self.mem.check(*r).map_err(|e| MigrateError::Layout(format!("hint {r:?}: {e}")))?;
+            self.mem.check(*r).map_err(|source| MigrateError::Hint { range: *r, source })?;
         }
         let mut tracker = match self.tracker {
             Some(t) => t,
@@ -341,7 +345,7 @@ impl<'a> Source<'a> {
         };
         let Connected { streams, welcome, key } = connect_session(&plan, &hello)?;
         if self.cfg.postcopy.is_some() && welcome.caps & CAP_POSTCOPY == 0 {
-            return Err(MigrateError::Postcopy("the destination did not accept post-copy".into()));
+            return Err(crate::postcopy::PostcopyError::Declined.into());
         }
         let candidates = if welcome.caps & CAP_SHARED != 0 { candidates } else { Vec::new() };
         let setup_secs = t0.elapsed().as_secs_f64();

@@ -12,7 +12,7 @@ use pmigrate_transport::payload::{build_pages, build_zero_pages, is_zero_page, z
 use std::sync::atomic::Ordering;
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::rules::check_request;
+use super::rules::{check_request, BadRequest};
 use super::Run;
 use crate::MigrateError;
 
@@ -37,7 +37,7 @@ impl<'a> Answerer<'a> {
     pub(super) fn answer(&mut self, req: PageRange) -> Result<&[u8], MigrateError> {
         let run = self.run;
         let stream = self.stream;
-        let bad = |why: String| MigrateError::Protocol { stream, why };
+        let bad = |why: BadRequest| MigrateError::Protocol { stream, why: why.to_string() };
         let n = req.region.0;
         let round = run.post_round.load(Ordering::Acquire);
         let pages: Vec<u64> = run.mem.regions().iter().map(|r| r.pages()).collect();

@@ -68,19 +68,44 @@ pub fn heard(index: usize, prio: bool, switched: bool, m: Message<'_>) -> Result
     }
 }
 
+/// A post-copy page request the rules refuse.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BadRequest {
+    /// It names a region that does not exist.
+    #[error("page request for region {region}, which does not exist")]
+    NoRegion {
+        /// The region index asked for.
+        region: u32,
+    },
+    /// It names no page, or pages past the end of the region.
+    #[error("page request for pages {start}..{end} of region {region}")]
+    Outside {
+        /// The region index.
+        region: u32,
+        /// First page asked for.
+        start: u64,
+        /// One past the last page asked for.
+        end: u64,
+    },
+    /// It came before the switchover, when no guest runs at the
+    /// destination.
+    #[error("page request before the switchover")]
+    BeforeSwitchover,
+}
+
 /// Checks a post-copy page request against the region table (`pages`:
 /// pages per region) before any page is read for it: it must come after
 /// the switchover and name pages that exist.
-pub fn check_request(pages: &[u64], req: PageRange, switched: bool) -> Result<(), String> {
-    let n = req.region.0;
+pub fn check_request(pages: &[u64], req: PageRange, switched: bool) -> Result<(), BadRequest> {
+    let region = req.region.0;
     let Some(&len) = pages.get(req.region.as_usize()) else {
-        return Err(format!("page request for region {n}, which does not exist"));
+        return Err(BadRequest::NoRegion { region });
     };
     if req.is_empty() || req.end.0 > len {
-        return Err(format!("page request for pages {}..{} of region {n}", req.start.0, req.end.0));
+        return Err(BadRequest::Outside { region, start: req.start.0, end: req.end.0 });
     }
     if !switched {
-        return Err("page request before the switchover".into());
+        return Err(BadRequest::BeforeSwitchover);
     }
     Ok(())
 }
@@ -101,12 +126,76 @@ pub struct Reached {
 }
 
 /// Why the destination's verdict is missing.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum NoVerdict {
     /// It did not come within this long.
+    #[error("none within {0:?}")]
     Timeout(std::time::Duration),
     /// Every stream's listener ended without one.
+    #[error("every stream closed without one")]
     Gone,
+}
+
+/// Why nobody knows whether the guest started at the destination
+/// ([`MigrateError::Unconfirmed`]).
+#[derive(Debug)]
+pub enum NoConfirmation {
+    /// No verdict came, and nothing failed here.
+    Missing(NoVerdict),
+    /// The destination confirmed memory of another digest.
+    OtherDigest {
+        /// The digest it confirmed.
+        confirmed: Digest,
+        /// The digest of the memory this end sent.
+        sent: Digest,
+    },
+    /// The destination confirmed a digest before this end finished sending.
+    Early {
+        /// The digest it confirmed.
+        confirmed: Digest,
+    },
+    /// The switchover went out, then this failed, and the destination did
+    /// not say whether its guest started.
+    AfterSwitchover(Box<MigrateError>),
+    /// Everything was sent, then this failed before the verdict came.
+    AfterDone(Box<MigrateError>),
+}
+
+impl From<NoVerdict> for NoConfirmation {
+    fn from(v: NoVerdict) -> Self {
+        NoConfirmation::Missing(v)
+    }
+}
+
+impl std::fmt::Display for NoConfirmation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NoConfirmation::Missing(v) => write!(f, "{v}"),
+            NoConfirmation::OtherDigest { confirmed, sent } => {
+                write!(f, "it confirmed digest {confirmed}, this end sent {sent}")
+            }
+            NoConfirmation::Early { confirmed } => {
+                write!(f, "it confirmed digest {confirmed} before this end finished sending")
+            }
+            NoConfirmation::AfterSwitchover(e) => {
+                write!(f, "the switchover went out and the destination did not say whether its guest started ({e})")
+            }
+            NoConfirmation::AfterDone(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+// By hand, not derived: the source of the last two is the boxed
+// `MigrateError` itself (a derive would give the `Box`, which a caller
+// cannot downcast to `MigrateError`).
+impl std::error::Error for NoConfirmation {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            NoConfirmation::Missing(v) => v.source(),
+            NoConfirmation::OtherDigest { .. } | NoConfirmation::Early { .. } => None,
+            NoConfirmation::AfterSwitchover(e) | NoConfirmation::AfterDone(e) => Some(&**e),
+        }
+    }
 }
 
 /// The end of a session for the guest (the ownership rule): `Ok` only when
@@ -125,14 +214,13 @@ pub fn settle(
         // more than what failed here in consequence.
         (_, Ok(Err(v))) => Err(v),
         (Some(e), Err(_)) => Err(e),
-        (None, Err(NoVerdict::Timeout(d))) => Err(MigrateError::Unconfirmed(format!("none within {d:?}"))),
-        (None, Err(NoVerdict::Gone)) => Err(MigrateError::Unconfirmed("every stream closed without one".into())),
+        (None, Err(missing)) => Err(MigrateError::Unconfirmed(missing.into())),
     };
     match verdict {
         // The destination claims the guest with other memory.
-        Ok(d) if Some(d) != reached.digest => Err(MigrateError::Unconfirmed(match reached.digest {
-            Some(sent) => format!("it confirmed digest {d}, this end sent {sent}"),
-            None => format!("it confirmed digest {d} before this end finished sending"),
+        Ok(confirmed) if Some(confirmed) != reached.digest => Err(MigrateError::Unconfirmed(match reached.digest {
+            Some(sent) => NoConfirmation::OtherDigest { confirmed, sent },
+            None => NoConfirmation::Early { confirmed },
         })),
         Ok(_) => Ok(()),
         // The guest started at the destination: it is the destination's,
@@ -144,12 +232,10 @@ pub fn settle(
         Err(e @ MigrateError::Unconfirmed(_)) => Err(e),
         // The switchover went out and the destination fell silent: its
         // guest may have started, or not.
-        Err(e) if reached.switched => Err(MigrateError::Unconfirmed(format!(
-            "the switchover went out and the destination did not say whether its guest started ({e})"
-        ))),
+        Err(e) if reached.switched => Err(MigrateError::Unconfirmed(NoConfirmation::AfterSwitchover(Box::new(e)))),
         // Everything was sent: without the destination's own refusal,
         // nobody knows whether the guest started there.
-        Err(e) if reached.done_sent => Err(MigrateError::Unconfirmed(e.to_string())),
+        Err(e) if reached.done_sent => Err(MigrateError::Unconfirmed(NoConfirmation::AfterDone(Box::new(e)))),
         Err(e) => Err(e),
     }
 }
@@ -186,10 +272,12 @@ mod tests {
         let r = |region, start, end| PageRange { region: RegionIdx(region), start: PageIdx(start), end: PageIdx(end) };
         let pages = [8, 4];
         assert!(check_request(&pages, r(1, 0, 4), true).is_ok());
-        assert!(check_request(&pages, r(1, 0, 5), true).unwrap_err().contains("pages 0..5 of region 1"));
-        assert!(check_request(&pages, r(2, 0, 1), true).unwrap_err().contains("does not exist"));
-        assert!(check_request(&pages, r(0, 3, 3), true).is_err());
-        assert!(check_request(&pages, r(0, 0, 1), false).unwrap_err().contains("before the switchover"));
+        let past_the_end = check_request(&pages, r(1, 0, 5), true).unwrap_err();
+        assert_eq!(past_the_end, BadRequest::Outside { region: 1, start: 0, end: 5 });
+        assert!(past_the_end.to_string().contains("pages 0..5 of region 1"));
+        assert_eq!(check_request(&pages, r(2, 0, 1), true), Err(BadRequest::NoRegion { region: 2 }));
+        assert_eq!(check_request(&pages, r(0, 3, 3), true), Err(BadRequest::Outside { region: 0, start: 3, end: 3 }));
+        assert_eq!(check_request(&pages, r(0, 0, 1), false), Err(BadRequest::BeforeSwitchover));
     }
 
     #[test]
@@ -210,6 +298,28 @@ mod tests {
         assert_eq!(ok(1, false, Control::Verified { value: 5, closed: false }), None);
         assert_eq!(ok(0, false, Control::Done(Digest(1))), None);
         assert_eq!(ok(0, false, Control::Keepalive), Some(Heard::Nothing));
+    }
+
+    /// An unknown outcome says why, and keeps what failed as its cause.
+    #[test]
+    fn an_unconfirmed_end_keeps_its_reason() {
+        let done = Reached { digest: Some(Digest(7)), done_sent: true, ..Reached::default() };
+        let e = settle(done, None, Ok(Ok(Digest(8)))).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                MigrateError::Unconfirmed(NoConfirmation::OtherDigest { confirmed: Digest(8), sent: Digest(7) })
+            ),
+            "{e}"
+        );
+        let e = settle(done, Some(broken()), Err(NoVerdict::Gone)).unwrap_err();
+        let MigrateError::Unconfirmed(why) = &e else { panic!("{e}") };
+        let cause = std::error::Error::source(why).and_then(|c| c.downcast_ref::<MigrateError>());
+        assert!(matches!(cause, Some(MigrateError::Transport(TransportError::Closed(_)))), "{e}");
+        assert!(
+            e.to_string().starts_with("no verdict from the destination (stream 0: connection closed by peer)"),
+            "{e}"
+        );
     }
 
     /// The ownership rule, case by case: who holds the guest after each

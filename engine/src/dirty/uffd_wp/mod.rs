@@ -99,16 +99,126 @@ fn sys(what: impl Into<String>, source: io::Error) -> DirtyError {
     DirtyError::Sys { what: what.into(), source }
 }
 
-/// One-line description of `e` with its causes, for `Unsupported` reasons.
-fn describe(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
+/// Why the tracker cannot run here: what this kernel, or this memory,
+/// lacks ([`DirtyError::Unsupported`]).
+#[derive(Debug, thiserror::Error)]
+pub enum UffdWpUnsupported {
+    /// The ioctl numbers are not encoded for this architecture.
+    #[error("ioctl numbers for {arch} are not encoded here")]
+    Arch {
+        /// The architecture.
+        arch: &'static str,
+    },
+    /// `userfaultfd(2)` does not exist (`ENOSYS`).
+    #[error("the kernel has no userfaultfd(2) (built without CONFIG_USERFAULTFD)")]
+    NoUserfaultfd,
+    /// `userfaultfd(2)` failed otherwise (often `EPERM`:
+    /// `vm.unprivileged_userfaultfd`).
+    #[error("cannot create a userfaultfd: {0}")]
+    Open(#[source] io::Error),
+    /// The `UFFDIO_API` handshake failed.
+    #[error("UFFDIO_API handshake failed: {0}")]
+    Api(#[source] io::Error),
+    /// Features the tracker needs are not offered.
+    #[error(
+        "userfaultfd lacks {} (Linux 6.7+ with CONFIG_PTE_MARKER_UFFD_WP; features offered: {offered:#x})",
+        feature_names(.missing)
+    )]
+    Features {
+        /// The `UFFD_FEATURE_*` bits needed and not offered.
+        missing: u64,
+        /// The bits offered.
+        offered: u64,
+    },
+    /// `/proc/self/pagemap` could not be opened.
+    #[error("cannot open /proc/self/pagemap: {0}")]
+    Pagemap(#[source] io::Error),
+    /// `/proc/self/pagemap` has no `PAGEMAP_SCAN` ioctl (`ENOTTY`).
+    #[error("/proc/self/pagemap has no PAGEMAP_SCAN ioctl (Linux 6.7+ needed)")]
+    NoPagemapScan,
+    /// `PAGEMAP_SCAN` failed otherwise on an empty range.
+    #[error("PAGEMAP_SCAN refused a null scan: {0}")]
+    NullScan(#[source] io::Error),
+    /// Tracking two scratch pages failed. (Its text has the failure's
+    /// causes too: a probe's reason is printed alone.)
+    #[error("self-test on two pages of anonymous memory failed: {}", crate::describe(.0.as_ref()))]
+    SelfTest(#[source] Box<DirtyError>),
+    /// Tracking two scratch pages reported other pages than those written.
+    #[error(
+        "self-test on two pages of anonymous memory failed: after writing page {wrote:?}, pages {got:?} \
+         reported, not {want:?}"
+    )]
+    SelfTestMismatch {
+        /// The page written, if any.
+        wrote: Option<u64>,
+        /// The pages reported.
+        got: Vec<u64>,
+        /// The pages that should have been.
+        want: Vec<u64>,
+    },
+    /// A region of shared memory or huge pages, and a kernel without
+    /// `UFFD_FEATURE_WP_HUGETLBFS_SHMEM`.
+    #[error(
+        "region {region} ({backing:?}, {page_size:?} pages) needs UFFD_FEATURE_WP_HUGETLBFS_SHMEM, \
+         which this kernel lacks"
+    )]
+    Shmem {
+        /// Region index.
+        region: usize,
+        /// What backs it.
+        backing: Backing,
+        /// Its host page size.
+        page_size: HostPageSize,
+    },
+    /// A region registered without `UFFDIO_WRITEPROTECT` allowed on it.
+    #[error(
+        "region {region} at {addr:#x}+{len:#x}: registered, but no UFFDIO_WRITEPROTECT on it (ioctls {ioctls:#x})"
+    )]
+    NoWriteProtect {
+        /// Region index.
+        region: usize,
+        /// Its host address.
+        addr: u64,
+        /// Its length in bytes.
+        len: u64,
+        /// The ioctls the kernel offers on it.
+        ioctls: u64,
+    },
+    /// Part of a region the kernel cannot track (not `PAGE_IS_WPALLOWED`).
+    #[error(
+        "region {region} at {addr:#x}+{len:#x}: the kernel cannot track writes at {from:#x}..{to:#x} \
+         (a VM_PFNMAP or other untrackable mapping)"
+    )]
+    Untrackable {
+        /// Region index.
+        region: usize,
+        /// Its host address.
+        addr: u64,
+        /// Its length in bytes.
+        len: u64,
+        /// Host address of the first byte that cannot be tracked.
+        from: u64,
+        /// One past the last.
+        to: u64,
+    },
+}
+
+/// The names of the `UFFD_FEATURE_*` bits the tracker needs, among `bits`.
+fn feature_names(bits: &u64) -> String {
+    [
+        (abi::UFFD_FEATURE_WP_ASYNC, "UFFD_FEATURE_WP_ASYNC"),
+        (abi::UFFD_FEATURE_WP_UNPOPULATED, "UFFD_FEATURE_WP_UNPOPULATED"),
+    ]
+    .into_iter()
+    .filter(|&(bit, _)| bits & bit != 0)
+    .map(|(_, name)| name)
+    .collect::<Vec<_>>()
+    .join(" and ")
+}
+
+/// A `DirtyError::Unsupported` of this tracker.
+fn unsupported(why: UffdWpUnsupported) -> DirtyError {
+    DirtyError::Unsupported { tracker: NAME, why }
 }
 
 /// `/proc/self/pagemap`, with a reusable output buffer for `PAGEMAP_SCAN`.
@@ -194,14 +304,9 @@ impl Span {
         abi::UffdioRange { start: self.addr, len: self.len }
     }
 
-    /// `"region <i> at <addr>+<len>"`, for errors.
-    fn at(self, i: usize) -> String {
-        format!("region {i} at {:#x}+{:#x}", self.addr, self.len)
-    }
-
     /// `"<op> on region <i> at <addr>+<len>"`, for errors.
     fn what(self, op: &str, i: usize) -> String {
-        format!("{op} on {}", self.at(i))
+        format!("{op} on region {i} at {:#x}+{:#x}", self.addr, self.len)
     }
 }
 
@@ -230,10 +335,8 @@ impl Armed {
             // Registered: from here on, dropping `armed` unregisters it.
             armed.spans.push(span);
             if ioctls & abi::UFFDIO_WRITEPROTECT_BIT == 0 {
-                return Err(DirtyError::Unsupported {
-                    tracker: NAME,
-                    why: format!("{}: registered, but no UFFDIO_WRITEPROTECT on it (ioctls {ioctls:#x})", span.at(i)),
-                });
+                let (addr, len) = (span.addr, span.len);
+                return Err(unsupported(UffdWpUnsupported::NoWriteProtect { region: i, addr, len, ioctls }));
             }
         }
         for (i, &span) in spans.iter().enumerate() {
@@ -264,13 +367,9 @@ impl Armed {
         }
         match gap {
             None => Ok(()),
-            Some((a, b)) => Err(DirtyError::Unsupported {
-                tracker: NAME,
-                why: format!(
-                    "{}: the kernel cannot track writes at {a:#x}..{b:#x} (a VM_PFNMAP or other untrackable mapping)",
-                    span.at(i)
-                ),
-            }),
+            Some((from, to)) => {
+                Err(unsupported(UffdWpUnsupported::Untrackable { region: i, addr: span.addr, len: span.len, from, to }))
+            }
         }
     }
 
@@ -333,74 +432,72 @@ struct Kernel {
     features: u64,
 }
 
-/// The cached probe result, or why the tracker cannot run here.
+/// What this kernel offers, from a cache once a probe succeeded, or why
+/// the tracker cannot run here. A failure is probed again on the next
+/// call, and carries its OS error each time.
 fn kernel() -> Result<Kernel, DirtyError> {
-    static PROBED: OnceLock<Result<Kernel, String>> = OnceLock::new();
-    PROBED.get_or_init(probe_kernel).clone().map_err(|why| DirtyError::Unsupported { tracker: NAME, why })
+    static PROBED: OnceLock<Kernel> = OnceLock::new();
+    if let Some(k) = PROBED.get() {
+        return Ok(*k);
+    }
+    let k = probe_kernel().map_err(unsupported)?;
+    Ok(*PROBED.get_or_init(|| k))
 }
 
-/// Checks (once per process, then from a cache) that this kernel offers what
-/// [`UffdWpTracker`] needs: a userfaultfd this process may open, with
-/// `UFFD_FEATURE_WP_ASYNC` and `UFFD_FEATURE_WP_UNPOPULATED`, and the
-/// `PAGEMAP_SCAN` ioctl on `/proc/self/pagemap` (Linux 6.7+); then tracks
-/// two pages of scratch memory through a few writes and checks the reports
-/// are exact. Shared-memory support (`UFFD_FEATURE_WP_HUGETLBFS_SHMEM`) is
-/// checked by [`UffdWpTracker::start`] for the regions that need it.
+/// Checks (until it succeeds once per process, then from a cache) that
+/// this kernel offers what [`UffdWpTracker`] needs: a userfaultfd this
+/// process may open, with `UFFD_FEATURE_WP_ASYNC` and
+/// `UFFD_FEATURE_WP_UNPOPULATED`, and the `PAGEMAP_SCAN` ioctl on
+/// `/proc/self/pagemap` (Linux 6.7+); then tracks two pages of scratch
+/// memory through a few writes and checks the reports are exact.
+/// Shared-memory support (`UFFD_FEATURE_WP_HUGETLBFS_SHMEM`) is checked by
+/// [`UffdWpTracker::start`] for the regions that need it.
 pub fn probe() -> Result<(), DirtyError> {
     kernel().map(|_| ())
 }
 
-fn probe_kernel() -> Result<Kernel, String> {
+fn probe_kernel() -> Result<Kernel, UffdWpUnsupported> {
     if !abi::GENERIC_IOCTL {
-        return Err(format!("ioctl numbers for {} are not encoded here", std::env::consts::ARCH));
+        return Err(UffdWpUnsupported::Arch { arch: std::env::consts::ARCH });
     }
     let uffd = Uffd::open().map_err(|e| match e.raw_os_error() {
-        Some(libc::ENOSYS) => "the kernel has no userfaultfd(2) (built without CONFIG_USERFAULTFD)".to_string(),
-        _ => format!("cannot create a userfaultfd: {e}"),
+        Some(libc::ENOSYS) => UffdWpUnsupported::NoUserfaultfd,
+        _ => UffdWpUnsupported::Open(e),
     })?;
-    let offered = uffd.api(0).map_err(|e| format!("UFFDIO_API handshake failed: {e}"))?;
-    let missing: Vec<&str> = [
-        (abi::UFFD_FEATURE_WP_ASYNC, "UFFD_FEATURE_WP_ASYNC"),
-        (abi::UFFD_FEATURE_WP_UNPOPULATED, "UFFD_FEATURE_WP_UNPOPULATED"),
-    ]
-    .into_iter()
-    .filter(|&(bit, _)| offered & bit == 0)
-    .map(|(_, name)| name)
-    .collect();
-    if !missing.is_empty() {
-        return Err(format!(
-            "userfaultfd lacks {} (Linux 6.7+ with CONFIG_PTE_MARKER_UFFD_WP; features offered: {offered:#x})",
-            missing.join(" and ")
-        ));
+    let offered = uffd.api(0).map_err(UffdWpUnsupported::Api)?;
+    let missing = (abi::UFFD_FEATURE_WP_ASYNC | abi::UFFD_FEATURE_WP_UNPOPULATED) & !offered;
+    if missing != 0 {
+        return Err(UffdWpUnsupported::Features { missing, offered });
     }
     drop(uffd);
-    let mut pagemap = Pagemap::open().map_err(|e| format!("cannot open /proc/self/pagemap: {e}"))?;
+    let mut pagemap = Pagemap::open().map_err(UffdWpUnsupported::Pagemap)?;
     pagemap.scan(0, 0, 0, abi::PAGE_IS_WRITTEN, |_, _| {}).map_err(|e| match e.raw_os_error() {
-        Some(libc::ENOTTY) => "/proc/self/pagemap has no PAGEMAP_SCAN ioctl (Linux 6.7+ needed)".to_string(),
-        _ => format!("PAGEMAP_SCAN refused a null scan: {e}"),
+        Some(libc::ENOTTY) => UffdWpUnsupported::NoPagemapScan,
+        _ => UffdWpUnsupported::NullScan(e),
     })?;
-    self_test().map_err(|why| format!("self-test on two pages of anonymous memory failed: {why}"))?;
+    self_test()?;
     Ok(Kernel { features: offered })
 }
 
 /// Tracks two anonymous pages, one populated before tracking starts, and
 /// checks each scan reports exactly the pages written since the last.
-fn self_test() -> Result<(), String> {
-    let mem = GuestMemory::anonymous(2 * PAGE_SIZE_U64).map_err(|e| describe(&e))?;
+fn self_test() -> Result<(), UffdWpUnsupported> {
+    let failed = |e: DirtyError| UffdWpUnsupported::SelfTest(Box::new(e));
+    let mem = GuestMemory::anonymous(2 * PAGE_SIZE_U64).map_err(|e| failed(e.into()))?;
     let r = &mem.regions()[0];
-    let span = Span::of(0, r).map_err(|e| describe(&e))?;
-    r.write_u64(0, 1).map_err(|e| describe(&e))?;
+    let span = Span::of(0, r).map_err(failed)?;
+    r.write_u64(0, 1).map_err(|e| failed(e.into()))?;
     let mut armed =
-        Armed::arm(&[span], abi::UFFD_FEATURE_WP_ASYNC | abi::UFFD_FEATURE_WP_UNPOPULATED).map_err(|e| describe(&e))?;
-    let mut round = |write: Option<u64>, want: &[u64]| -> Result<(), String> {
+        Armed::arm(&[span], abi::UFFD_FEATURE_WP_ASYNC | abi::UFFD_FEATURE_WP_UNPOPULATED).map_err(failed)?;
+    let mut round = |write: Option<u64>, want: &[u64]| -> Result<(), UffdWpUnsupported> {
         if let Some(page) = write {
-            r.write_u64(page * PAGE_SIZE_U64 + 8, 2).map_err(|e| describe(&e))?;
+            r.write_u64(page * PAGE_SIZE_U64 + 8, 2).map_err(|e| failed(e.into()))?;
         }
         let out = AtomicBitmap::new(2);
-        armed.collect_region(0, &out).map_err(|e| describe(&e))?;
+        armed.collect_region(0, &out).map_err(failed)?;
         let got: Vec<u64> = out.runs(0, 2).flat_map(|(s, n)| s..s + n).collect();
         if got != want {
-            return Err(format!("after writing page {write:?}, pages {got:?} reported, not {want:?}"));
+            return Err(UffdWpUnsupported::SelfTestMismatch { wrote: write, got, want: want.to_vec() });
         }
         Ok(())
     };
@@ -449,15 +546,11 @@ impl DirtyTracker for UffdWpTracker {
         for (i, r) in mem.regions().iter().enumerate() {
             if needs_shmem_wp(r) {
                 if kernel.features & abi::UFFD_FEATURE_WP_HUGETLBFS_SHMEM == 0 {
-                    return Err(DirtyError::Unsupported {
-                        tracker: NAME,
-                        why: format!(
-                            "region {i} ({:?}, {:?} pages) needs UFFD_FEATURE_WP_HUGETLBFS_SHMEM, \
-                             which this kernel lacks",
-                            r.backing(),
-                            r.host_page_size()
-                        ),
-                    });
+                    return Err(unsupported(UffdWpUnsupported::Shmem {
+                        region: i,
+                        backing: r.backing().clone(),
+                        page_size: r.host_page_size(),
+                    }));
                 }
                 features |= abi::UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
             }

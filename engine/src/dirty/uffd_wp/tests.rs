@@ -322,3 +322,18 @@ fn stress_uffd_wp_collect_cost() {
     eprintln!("  uffd-wp: start {uffd_start:?}, idle collect {uffd_idle:?}; (writes, collect): {uffd_times:?}");
     eprintln!("  hash:    start {hash_start:?}; (writes, collect): {hash_times:?}");
 }
+
+#[test]
+fn an_unsupported_kernel_is_told_by_name_and_number() {
+    let missing = abi::UFFD_FEATURE_WP_ASYNC | abi::UFFD_FEATURE_WP_UNPOPULATED;
+    let e = super::unsupported(UffdWpUnsupported::Features { missing, offered: 0x1 });
+    assert_eq!(
+        e.to_string(),
+        "uffd-wp dirty tracking is not available: userfaultfd lacks UFFD_FEATURE_WP_ASYNC and \
+         UFFD_FEATURE_WP_UNPOPULATED (Linux 6.7+ with CONFIG_PTE_MARKER_UFFD_WP; features offered: 0x1)"
+    );
+    let e = super::unsupported(UffdWpUnsupported::Open(io::Error::from_raw_os_error(libc::EPERM)));
+    let os = std::error::Error::source(&e).and_then(std::error::Error::source);
+    let os = os.and_then(|c| c.downcast_ref::<io::Error>()).expect("the OS error, two causes down");
+    assert_eq!(os.raw_os_error(), Some(libc::EPERM));
+}
