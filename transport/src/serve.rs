@@ -363,7 +363,7 @@ mod tests {
             h.stream_index = 1;
             // connect_session numbers streams itself: open stream 1 by hand.
             let plan = StreamPlan::new(vec![addr], 2, Auth::Insecure);
-            let (conn, _, _) = open_stream(&plan, &h, 1, Purpose::Join, None).unwrap();
+            let (conn, _, _) = open_stream(&plan, &h, 1, 1, Purpose::Join, None).unwrap();
             let deadline = Instant::now() + Duration::from_secs(10);
             crate::handshake::send_hello(&conn, &h, deadline, "t").unwrap();
             let err = crate::handshake::read_welcome(&conn, h.session, h.caps, deadline, "t").unwrap_err();
