@@ -1,14 +1,16 @@
 //! Links that survive a lost connection: a stream slot whose connection
-//! can be replaced while the session goes on (post-copy, `CAP_RESUME`).
+//! can be replaced while the session goes on (`CAP_RESUME`: post-copy, and
+//! the byte-stream relay).
 //!
 //! The source reconnects a broken stream with [`reconnect`]: a new
 //! connection whose authentication offer says it comes back
 //! (`Purpose::Resume`) and proves the session's secret, not merely its id;
-//! the destination takes it with [`Resumes`] and answers `Welcome`. Both
-//! ends then swap the connection in the stream's [`Link`]; threads blocked
-//! on the old one see it fail and pick up the new one. Frames lost with the
-//! old connection are the session's to recover (post-copy asks for missing
-//! pages again).
+//! the destination takes it with [`Resumes`] (or, serving many sessions,
+//! [`crate::serve`] does) and answers `Welcome`. Both ends then swap the
+//! connection in the stream's [`Link`]; threads blocked on the old one see
+//! it fail and pick up the new one. Frames lost with the old connection are
+//! the session's to recover (post-copy asks for missing pages again, the
+//! relay sends what was not acknowledged again).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -253,6 +255,14 @@ impl Resumes {
             });
         });
         Resumes { rx, stop, thread: Some(thread) }
+    }
+
+    /// Comebacks another loop takes and welcomes (a server's, which
+    /// serves many sessions on its listeners): what it sends on the
+    /// returned sender comes out of [`Resumes::next`].
+    pub(crate) fn fed() -> (mpsc::Sender<(u16, Conn)>, Self) {
+        let (tx, rx) = mpsc::channel();
+        (tx, Resumes { rx, stop: Arc::new(AtomicBool::new(false)), thread: None })
     }
 
     /// Waits up to `timeout` for a stream that came back: its index and
