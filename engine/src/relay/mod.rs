@@ -783,10 +783,7 @@ pub fn carry(session: Session, local: Local) -> Result<RelayReport, MigrateError
                     let Some((i, conn)) = comebacks.next(Duration::from_millis(100)) else { continue };
                     let Some(lane) = shared.lanes.get(usize::from(i)) else { continue };
                     match prepare(&conn, how.progress_timeout) {
-                        Ok(()) => {
-                            lane.link.replace(conn);
-                            lane.wake();
-                        }
+                        Ok(()) => lane.came_back(usize::from(i), conn),
                         Err(e) => tracing::warn!(stream = i, error = %e, "a stream that came back is unusable"),
                     }
                 }

@@ -183,6 +183,32 @@ impl Lane {
     pub(crate) fn finished(&self) -> bool {
         self.finished.load(Ordering::Acquire)
     }
+
+    /// Logs the loss of generation `seen` of stream `i`, once.
+    fn log_lost(&self, i: usize, seen: u64, why: &dyn std::fmt::Display) {
+        if self.lost_logged.fetch_max(seen + 1, Ordering::AcqRel) <= seen {
+            tracing::warn!(stream = i, reason = %why, "stream lost; reconnecting");
+        }
+    }
+
+    /// Logs that generation `g` of stream `i` is in place, once.
+    fn log_back(&self, i: usize, g: u64) {
+        if self.back_logged.fetch_max(g, Ordering::AcqRel) < g {
+            tracing::info!(stream = i, reconnects = g, "stream resumed");
+        }
+    }
+
+    /// The accepting end: stream `i` came back on `conn`, which takes the
+    /// place of the lost connection (its threads, blocked on the old one,
+    /// pick it up).
+    pub(crate) fn came_back(&self, i: usize, conn: Conn) {
+        let (_, old) = self.link.current();
+        // The other end may have seen the loss first.
+        self.log_lost(i, old, &"the other end lost it and came back");
+        self.link.replace(conn);
+        self.log_back(i, self.link.current().1);
+        self.wake();
+    }
 }
 
 /// Readies a stream's connection for the relay: the read timeout is the
@@ -327,9 +353,7 @@ impl Shared<'_> {
         if let Some((c, g)) = newer() {
             return Ok(Recovered::Back(c, g));
         }
-        if lane.lost_logged.fetch_max(seen + 1, Ordering::AcqRel) <= seen {
-            tracing::warn!(stream = i, reason = %why, "stream lost; reconnecting");
-        }
+        lane.log_lost(i, seen, &why);
         let _busy = Busy::new(&self.recovering);
         let within = self.progress_timeout;
         let res = match resume {
@@ -366,9 +390,7 @@ impl Shared<'_> {
         };
         match res {
             Ok(Recovered::Back(c, g)) => {
-                if lane.back_logged.fetch_max(g, Ordering::AcqRel) < g {
-                    tracing::info!(stream = i, reconnects = g, "stream resumed");
-                }
+                lane.log_back(i, g);
                 lane.wake();
                 Ok(Recovered::Back(c, g))
             }
