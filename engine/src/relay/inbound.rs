@@ -203,8 +203,11 @@ pub(super) fn stream_reader(shared: &Shared<'_>, i: usize, has_in: bool, expects
             break Ok(());
         }
         let why = match cut {
-            // The other end closes its streams only once complete.
-            None if at_end => {
+            // The other end closes its streams only once complete, which is
+            // after it confirmed this end's outbound flow: a close before
+            // that confirmation arrives (on stream 0, it may be a moment
+            // behind) is the network's, a lost connection.
+            None if at_end && shared.confirmed_within(WHY_GRACE) => {
                 shared.peer_complete.store(true, Ordering::Release);
                 lane.finish();
                 break Ok(());

@@ -581,6 +581,8 @@ pub(crate) struct Shared<'a> {
     recovering: AtomicU64,
     /// Chunks the writers sent again on a new connection.
     resent: AtomicU64,
+    /// This end has an outbound flow.
+    outbound: bool,
     first_error: Mutex<Option<MigrateError>>,
     failed: AtomicBool,
     abort_local: &'a (dyn Fn() + Send + Sync),
@@ -675,6 +677,18 @@ impl Shared<'_> {
         true
     }
 
+    /// Waits (at most `limit`) until the other end confirmed this end's
+    /// outbound flow; whether it did (or there is none).
+    pub(crate) fn confirmed_within(&self, limit: Duration) -> bool {
+        let until = Instant::now() + limit;
+        let mut v = self.verified.lock().expect("verdict lock");
+        while self.outbound && v.is_none() {
+            let Some(left) = until.checked_duration_since(Instant::now()) else { return false };
+            v = self.verified_cv.wait_timeout(v, left).expect("verdict lock").0;
+        }
+        true
+    }
+
     /// Waits (at most `limit`) until the local input has ended; whether it did.
     pub(crate) fn wait_input_end(&self, limit: Duration) -> bool {
         let until = Instant::now() + limit;
@@ -728,6 +742,7 @@ pub fn carry(session: Session, local: Local) -> Result<RelayReport, MigrateError
         closing: AtomicBool::new(false),
         recovering: AtomicU64::new(0),
         resent: AtomicU64::new(0),
+        outbound: has_out,
         first_error: Mutex::new(None),
         failed: AtomicBool::new(false),
         abort_local: &*abort,

@@ -556,23 +556,48 @@ fn kill(s: &std::net::TcpStream) {
     pmigrate_transport::net::reset_now(s);
 }
 
-/// Kills stream `i` from `side` once its sockets are known (the other end
+/// How the network takes a connection away.
+#[derive(Clone, Copy)]
+enum Cut {
+    /// A reset (a NIC flap, `ss -K`).
+    Reset,
+    /// A clean end of stream both ways, as a relay that shuts its sockets
+    /// down sends: to an end whose duties on the stream are done it looks
+    /// like the other end finishing.
+    Close,
+}
+
+/// Cuts stream `i` from `side` once its sockets are known (the other end
 /// may still be starting its relay).
-fn kill_later(side: &Arc<StdMutex<Vec<std::net::TcpStream>>>, i: usize) -> Box<dyn FnOnce() + Send> {
+fn cut_later(side: &Arc<StdMutex<Vec<std::net::TcpStream>>>, i: usize, how: Cut) -> Box<dyn FnOnce() + Send> {
     let side = side.clone();
     Box::new(move || {
         let t = Instant::now();
         while side.lock().unwrap().is_empty() && t.elapsed() < Duration::from_secs(10) {
             std::thread::sleep(Duration::from_millis(1));
         }
-        kill(&side.lock().unwrap()[i]);
+        let s = &side.lock().unwrap()[i];
+        match how {
+            Cut::Reset => kill(s),
+            Cut::Close => drop(s.shutdown(Shutdown::Both)),
+        }
     })
 }
 
-/// A relay of 4 streams, simplex, with the given kills: (fraction of the
+fn kill_later(side: &Arc<StdMutex<Vec<std::net::TcpStream>>>, i: usize) -> Box<dyn FnOnce() + Send> {
+    cut_later(side, i, Cut::Reset)
+}
+
+/// A relay of 4 streams, simplex, with the given kills: (tenths of the
 /// input read, stream, killed at the accepting end). Returns both reports
 /// after checking the output byte for byte.
 fn relay_under_kills(b: BackendChoice, kills: &[(u64, usize, bool)]) -> (RelayReport, RelayReport) {
+    let cuts: Vec<_> = kills.iter().map(|&(t, i, d)| (t, i, d, Cut::Reset)).collect();
+    relay_under_cuts(b, &cuts)
+}
+
+/// [`relay_under_kills`], cutting each as given.
+fn relay_under_cuts(b: BackendChoice, kills: &[(u64, usize, bool, Cut)]) -> (RelayReport, RelayReport) {
     let data = payload(16 << 20);
     let acc = listen();
     let addr = acc.local_addrs()[0];
@@ -591,7 +616,9 @@ fn relay_under_kills(b: BackendChoice, kills: &[(u64, usize, bool)]) -> (RelayRe
     let len = data.len() as u64;
     let hooks = kills
         .iter()
-        .map(|&(tenths, i, at_dst)| (len * tenths / 10, kill_later(if at_dst { &dst_side } else { &src_side }, i)))
+        .map(|&(tenths, i, at_dst, how)| {
+            (len * tenths / 10, cut_later(if at_dst { &dst_side } else { &src_side }, i, how))
+        })
         .collect();
     let input = Tripwire::new(data.clone(), hooks);
     let sent = session.carry(Local { input: Some(Box::new(input)), output: None, abort: Box::new(|| {}) });
@@ -611,6 +638,16 @@ fn a_stream_killed_mid_transfer_resumes_and_the_output_is_exact(b: BackendChoice
     assert!(sent.to_string().contains("1 lost stream resumed"), "{sent}");
     // The same from the accepting end's socket.
     let (sent, got) = relay_under_kills(b, &[(5, 2, true)]);
+    assert_eq!((sent.reconnects, got.reconnects), (1, 1), "{sent}\n{got}");
+}
+
+/// The network ends a stream's connection cleanly mid-transfer (a FIN
+/// each way, no reset). The sender's reader of that stream has no duty on
+/// it (the session is simplex): that end of stream is still no sign that
+/// the other end finished, since it has not confirmed the flow yet. The
+/// stream comes back and the output is exact.
+fn a_stream_closed_cleanly_by_the_network_resumes_and_the_output_is_exact(b: BackendChoice) {
+    let (sent, got) = relay_under_cuts(b, &[(4, 2, true, Cut::Close)]);
     assert_eq!((sent.reconnects, got.reconnects), (1, 1), "{sent}\n{got}");
 }
 
@@ -789,6 +826,7 @@ over_each_backend!(
     a_destination_closing_the_forward_direction_is_refused,
     an_interrupt_ends_both_ends_and_says_why,
     a_stream_killed_mid_transfer_resumes_and_the_output_is_exact,
+    a_stream_closed_cleanly_by_the_network_resumes_and_the_output_is_exact,
     every_stream_killed_once_resumes_and_the_output_is_exact,
     a_duplex_session_killed_both_ways_resumes_both_directions,
     a_stream_that_cannot_come_back_fails_both_ends_within_the_deadline,
