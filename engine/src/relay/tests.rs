@@ -593,13 +593,19 @@ fn kill_later(side: &Arc<StdMutex<Vec<std::net::TcpStream>>>, i: usize) -> Box<d
 /// after checking the output byte for byte.
 fn relay_under_kills(b: BackendChoice, kills: &[(u64, usize, bool)]) -> (RelayReport, RelayReport) {
     let cuts: Vec<_> = kills.iter().map(|&(t, i, d)| (t, i, d, Cut::Reset)).collect();
-    relay_under_cuts(b, &cuts)
+    relay_under_cuts(b, &cuts, (Auth::Insecure, Auth::Insecure))
 }
 
-/// [`relay_under_kills`], cutting each as given.
-fn relay_under_cuts(b: BackendChoice, kills: &[(u64, usize, bool, Cut)]) -> (RelayReport, RelayReport) {
+/// [`relay_under_kills`], cutting each as given, the ends authenticated as
+/// `auth` says (accepting end, source).
+fn relay_under_cuts(
+    b: BackendChoice,
+    kills: &[(u64, usize, bool, Cut)],
+    auth: (Auth, Auth),
+) -> (RelayReport, RelayReport) {
     let data = payload(16 << 20);
-    let acc = listen();
+    let mut acc = listen();
+    acc.auth = auth.0;
     let addr = acc.local_addrs()[0];
     let sink = Sink::default();
     let (src_side, dst_side) = (Arc::new(StdMutex::new(Vec::new())), Arc::new(StdMutex::new(Vec::new())));
@@ -610,7 +616,9 @@ fn relay_under_cuts(b: BackendChoice, kills: &[(u64, usize, bool, Cut)]) -> (Rel
         *dst.lock().unwrap() = sockets(&session);
         session.carry(Local { input: None, output: Some(Box::new(out)), abort: Box::new(|| {}) })
     });
-    let cfg = RelaySendConfig { threads: 2, compression: Compression::Off, duplex: false, ..cfg(b, plan(addr, 4)) };
+    let mut plan = plan(addr, 4);
+    plan.auth = auth.1;
+    let cfg = RelaySendConfig { threads: 2, compression: Compression::Off, duplex: false, ..cfg(b, plan) };
     let session = connect(&cfg).unwrap();
     *src_side.lock().unwrap() = sockets(&session);
     let len = data.len() as u64;
@@ -647,8 +655,20 @@ fn a_stream_killed_mid_transfer_resumes_and_the_output_is_exact(b: BackendChoice
 /// the other end finished, since it has not confirmed the flow yet. The
 /// stream comes back and the output is exact.
 fn a_stream_closed_cleanly_by_the_network_resumes_and_the_output_is_exact(b: BackendChoice) {
-    let (sent, got) = relay_under_cuts(b, &[(4, 2, true, Cut::Close)]);
+    let (sent, got) = relay_under_cuts(b, &[(4, 2, true, Cut::Close)], (Auth::Insecure, Auth::Insecure));
     assert_eq!((sent.reconnects, got.reconnects), (1, 1), "{sent}\n{got}");
+}
+
+/// Under mutual TLS a stream killed mid-transfer comes back the same way:
+/// a new TLS connection whose comeback proves the session's secret.
+fn a_tls_stream_killed_mid_transfer_resumes_and_the_output_is_exact(b: BackendChoice) {
+    use pmigrate_transport::tls::test_pki::{config, pki_dir};
+    let dir = pki_dir(&format!("relay-resume-{b:?}"));
+    let tls = |name| Auth::Tls(Arc::new(config(&dir, name)));
+    let (sent, got) = relay_under_cuts(b, &[(3, 1, false, Cut::Reset), (6, 3, true, Cut::Reset)], (tls("b"), tls("a")));
+    assert_eq!((sent.reconnects, got.reconnects), (2, 2), "{sent}\n{got}");
+    assert_eq!(sent.backend, "TLS, portable");
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Every stream loses its connection once, at both ends by turns.
@@ -827,6 +847,7 @@ over_each_backend!(
     an_interrupt_ends_both_ends_and_says_why,
     a_stream_killed_mid_transfer_resumes_and_the_output_is_exact,
     a_stream_closed_cleanly_by_the_network_resumes_and_the_output_is_exact,
+    a_tls_stream_killed_mid_transfer_resumes_and_the_output_is_exact,
     every_stream_killed_once_resumes_and_the_output_is_exact,
     a_duplex_session_killed_both_ways_resumes_both_directions,
     a_stream_that_cannot_come_back_fails_both_ends_within_the_deadline,
