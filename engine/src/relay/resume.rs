@@ -28,7 +28,9 @@
 //! **The end.** A resumable end half-closes its streams only once it is
 //! complete (its outbound flow confirmed, its inbound flow ended and
 //! confirmed), so the other end's clean end of stream says it is complete
-//! too. Until both ends are known complete a lost stream is taken back:
+//! too — once that end's confirmation of this end's outbound flow arrived:
+//! a clean end before it is the network's, a lost connection. Until both
+//! ends are known complete a lost stream is taken back:
 //! the other end may still need a frame this end sent (its `Verified`). An
 //! end that is complete and waited in vain for a stream to come back ends
 //! well, saying so: its local peer has everything.
