@@ -36,11 +36,13 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use pmigrate_transport::hello::{decode_target, ErrorCode, ErrorMsg, Hello, Mode, CAP_DUPLEX, CAP_LZ4, EXT_TARGET};
+use pmigrate_transport::hello::{
+    decode_target, ErrorCode, ErrorMsg, Hello, Mode, CAP_DUPLEX, CAP_LZ4, CAP_RESUME, EXT_TARGET,
+};
 use pmigrate_transport::net::tune_accepted;
 use pmigrate_transport::{Accepted, Acceptor, SessionHandler, TransportError};
 
-use crate::relay::{self, Carry, Local, RelayRecvOptions, RelaySendConfig};
+use crate::relay::{self, Carry, Comeback, Local, RelayRecvOptions, RelaySendConfig};
 use crate::MigrateError;
 
 /// A local endpoint: `unix:/path` (or a bare absolute path) or
@@ -342,13 +344,15 @@ impl SessionHandler for Exit<'_> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let name = format!("connection {id} (from {peer} → {target})");
         tracing::info!(connection = name, streams = h.stream_count, "connection open");
-        Ok((h.caps & (CAP_LZ4 | CAP_DUPLEX), (local, name)))
+        let resume = if self.cfg.relay.resume { CAP_RESUME } else { 0 };
+        Ok((h.caps & (CAP_LZ4 | CAP_DUPLEX | resume), (local, name)))
     }
 
     fn run(&self, session: Accepted, (local, name): Self::Context) {
         let t0 = Instant::now();
         let how = Carry::accepted(session.caps, &self.cfg.relay, self.io.clone());
-        match relay::carry(&session.streams, local, &how) {
+        let resume = session.resumes.map(Comeback::Await);
+        match (relay::Session { streams: session.streams, how, resume }).carry(local) {
             Ok(mut r) => {
                 r.role = "proxy".into();
                 r.secs = t0.elapsed().as_secs_f64();
@@ -465,6 +469,70 @@ mod tests {
         // The probe and the five clients, each counted by both sides.
         assert_eq!(exit, Tally { done: 6, failed: 0 });
         assert_eq!(entry, Tally { done: 6, failed: 0 });
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A stream between entry and exit is reset mid-transfer: it comes
+    /// back to the session the exit serves, and the carried connection
+    /// arrives whole both ways, counted done by both sides.
+    #[test]
+    fn a_carried_connection_survives_a_lost_stream() {
+        use crate::relay::cutter;
+        let dir = std::env::temp_dir().join(format!("pm-proxy-cut-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let (entry_path, target_path) = (dir.join("entry.sock"), dir.join("target.sock"));
+        let target = UnixListener::bind(&target_path).unwrap();
+        let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()], Auth::Insecure).unwrap();
+        // The network between the hosts resets the connection carrying the
+        // 3 MiB-th byte.
+        let link = cutter::Cutter::start(acceptor.local_addrs()[0], 3 << 20, cutter::Trigger::Cut).unwrap();
+        let exit_cfg = ExitConfig {
+            targets: vec![Endpoint::Unix(target_path.clone())],
+            relay: RelayRecvOptions::default(),
+            connect_timeout: Duration::from_secs(5),
+        };
+        let entry_cfg = EntryConfig {
+            listen: vec![Endpoint::Unix(entry_path.clone())],
+            relay: RelaySendConfig::new(StreamPlan::new(vec![link.addr], 4, Auth::Insecure)),
+            access: SocketAccess::default(),
+        };
+        let request: Vec<u8> = (0..8u32 << 20).map(|k| (k ^ (k >> 11)) as u8).collect();
+        let answer: Vec<u8> = (0..4u32 << 20).map(|k| (k ^ (k >> 7)) as u8).collect();
+        let stop = AtomicBool::new(false);
+        let (outcome, exit, entry) = std::thread::scope(|s| {
+            let exit = s.spawn(|| run_exit(&acceptor, &exit_cfg, &stop).unwrap());
+            let entry = s.spawn(|| run_entry(&entry_cfg, &stop).unwrap());
+            // The client and the target, each reading to the end; a failed
+            // relay reaches them as an error, which ends the test.
+            let outcome = (|| -> std::io::Result<(Vec<u8>, Vec<u8>)> {
+                let t = std::time::Instant::now();
+                while !entry_path.exists() && t.elapsed() < Duration::from_secs(10) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                let mut client = UnixStream::connect(&entry_path)?;
+                client.set_read_timeout(Some(Duration::from_secs(30)))?;
+                let mut w = client.try_clone()?;
+                let req = request.clone();
+                let sending = s.spawn(move || w.write_all(&req).and_then(|()| w.shutdown(std::net::Shutdown::Write)));
+                let (mut conn, _) = target.accept()?;
+                conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+                let mut got = Vec::new();
+                conn.read_to_end(&mut got)?;
+                conn.write_all(&answer)?;
+                drop(conn);
+                let mut back = Vec::new();
+                client.read_to_end(&mut back)?;
+                sending.join().expect("the client's writer")?;
+                Ok((got, back))
+            })();
+            stop.store(true, Ordering::Relaxed);
+            (outcome, exit.join().unwrap(), entry.join().unwrap())
+        });
+        let (got, back) = outcome.expect("the carried connection failed");
+        assert!(got == request, "the target got {} bytes, not the request", got.len());
+        assert!(back == answer, "the client got {} bytes, not the answer", back.len());
+        assert!(link.fired() && link.connections() > 4, "a stream was cut and came back");
+        assert_eq!((exit, entry), (Tally { done: 1, failed: 0 }, Tally { done: 1, failed: 0 }));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

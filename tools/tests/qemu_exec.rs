@@ -262,7 +262,9 @@ fn exec_helper_migrates_a_busy_guest_like_qemu_tcp() {
     );
 }
 
-/// A migration through a faulty link must fail cleanly on both sides.
+/// A migration through a faulty link must fail cleanly on both sides. (A
+/// link that cuts its connections lets none through again: no stream can
+/// come back, and the helpers give up after their progress timeout.)
 fn failed_migration(test: &str, fault: Fault) {
     let scratch = Scratch::new(test);
     let port = qemu::free_port().expect("free port");

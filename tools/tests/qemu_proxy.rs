@@ -98,7 +98,8 @@ fn a_cut_link_between_the_proxies_fails_both_qemus_and_the_source_keeps_running(
         .expect("spawning the destination QEMU");
     let mut src = boot_source(cfg);
     // Every TCP stream between the proxies runs through a link that cuts
-    // them all once 8 MiB have crossed the first.
+    // them all once 8 MiB have crossed the first, and lets none through
+    // again: no stream can come back.
     let link = std::cell::RefCell::new(None);
     let through = |exit| {
         let l = FaultyLink::start(IpAddr::from([127, 0, 0, 1]), exit, Fault::CloseAllAt(8 << 20));

@@ -26,6 +26,7 @@ use crate::conn::Conn;
 pub use crate::handshake::HANDSHAKE_TIMEOUT;
 use crate::handshake::{answer, send_welcome, Arrival, Refusal};
 use crate::hello::{ErrorCode, ErrorMsg, Hello, Mode};
+use crate::link::Resumes;
 use crate::net::{listen, TransportError};
 
 /// Handshakes in progress at most. Each holds a thread and a few KiB until
@@ -97,6 +98,11 @@ pub struct Accepted {
     pub refused: Vec<(SocketAddr, String)>,
     /// The session's secret: a stream coming back must prove it.
     pub key: SessionKey,
+    /// A served session granted `CAP_RESUME` ([`Acceptor::serve`]): its
+    /// streams that come back after a lost connection, proven and
+    /// welcomed. `None` from [`Acceptor::accept_session`], whose caller
+    /// holds the listeners and takes comebacks with [`Resumes::start`].
+    pub resumes: Option<Resumes>,
 }
 
 /// What the embedder says about a session's first `Hello`: the capabilities
@@ -354,7 +360,7 @@ impl Acceptor {
         });
         let (hello, caps, streams, key) = res?;
         let refused = refused.into_inner().unwrap_or_else(|p| p.into_inner());
-        Ok(Accepted { hello, caps, streams, refused, key })
+        Ok(Accepted { hello, caps, streams, refused, key, resumes: None })
     }
 
     /// Applies the session rules to an authenticated connection.

@@ -11,7 +11,7 @@
 //!  8  region    u32   region index (Pages, PageRequest)
 //! 12  count     u32   page count (Pages), decoded length (Data)
 //! 16  first     u64   first page (Pages), frames on this stream (RoundEnd)
-//! 24  aux       u64   round (Pages, RoundEnd), sequence (Data), digest (Done)
+//! 24  aux       u64   round (Pages, RoundEnd), sequence (Data, Ack), digest (Done)
 //! 32  check     u64   xxh3 of header bytes 0..32 followed by the frame body
 //! ```
 //!
@@ -87,6 +87,10 @@ pub enum FrameKind {
     /// stream that has carried nothing for a while, so the other end can
     /// tell a quiet peer from a vanished or frozen one; receivers skip it.
     Keepalive = 16,
+    /// Stream mode with `CAP_RESUME`, either way, empty: every chunk this
+    /// stream carried with a sequence number below `aux` was taken, so its
+    /// sender need not keep them for sending again after a lost connection.
+    Ack = 17,
 }
 
 impl FrameKind {
@@ -108,6 +112,7 @@ impl FrameKind {
             14 => ProbeReply,
             15 => Switchover,
             16 => Keepalive,
+            17 => Ack,
             _ => return None,
         })
     }
@@ -305,7 +310,7 @@ impl FrameHdr {
             // Read before the peer proved anything: a few dozen bytes.
             Auth => crate::auth::MAX_AUTH_LEN as u32,
             Error => 4 << 10,
-            RoundEnd | Done | Verified | End | PageRequest | Keepalive => 0,
+            RoundEnd | Done | Verified | End | PageRequest | Keepalive | Ack => 0,
             Probe | ProbeReply => MAX_PROBE_ITEMS * 8,
         };
         if self.len > max {
@@ -477,6 +482,21 @@ mod tests {
         let mut e = FrameHdr::new(FrameKind::End);
         e.flags = FLAG_CLOSED;
         assert!(matches!(FrameHdr::decode(&e.encode()), Err(WireError::BadFlags { .. })));
+    }
+
+    #[test]
+    fn an_ack_is_empty_and_takes_no_flags() {
+        let mut h = FrameHdr::new(FrameKind::Ack);
+        h.aux = 42;
+        assert!(FrameHdr::decode(&h.encode()).is_ok());
+        h.flags = FLAG_FINAL;
+        assert!(matches!(FrameHdr::decode(&h.encode()), Err(WireError::BadFlags { .. })));
+        h.flags = 0;
+        h.len = 8;
+        assert!(matches!(FrameHdr::decode(&h.encode()), Err(WireError::TooLong { .. })));
+        h.len = 0;
+        h.encoding = Encoding::Raw;
+        assert!(matches!(FrameHdr::decode(&h.encode()), Err(WireError::BadEncoding { .. })));
     }
 
     #[test]

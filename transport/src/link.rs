@@ -1,14 +1,16 @@
 //! Links that survive a lost connection: a stream slot whose connection
-//! can be replaced while the session goes on (post-copy, `CAP_RESUME`).
+//! can be replaced while the session goes on (`CAP_RESUME`: post-copy, and
+//! the byte-stream relay).
 //!
 //! The source reconnects a broken stream with [`reconnect`]: a new
 //! connection whose authentication offer says it comes back
 //! (`Purpose::Resume`) and proves the session's secret, not merely its id;
-//! the destination takes it with [`Resumes`] and answers `Welcome`. Both
-//! ends then swap the connection in the stream's [`Link`]; threads blocked
-//! on the old one see it fail and pick up the new one. Frames lost with the
-//! old connection are the session's to recover (post-copy asks for missing
-//! pages again).
+//! the destination takes it with [`Resumes`] (or, serving many sessions,
+//! [`crate::serve`] does) and answers `Welcome`. Both ends then swap the
+//! connection in the stream's [`Link`]; threads blocked on the old one see
+//! it fail and pick up the new one. Frames lost with the old connection are
+//! the session's to recover (post-copy asks for missing pages again, the
+//! relay sends what was not acknowledged again).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -115,7 +117,10 @@ impl Link {
 /// Reconnects stream `index` of the session `hello` describes, trying
 /// until `within` has passed or `give_up` says so: a new authenticated
 /// connection that proves the session's secret `key`, and the
-/// destination's `Welcome`.
+/// destination's `Welcome`. The stream's own route (destination address
+/// and way out) is tried first, then the plan's other routes in turn, so a
+/// stream whose link stays down comes back over another; no attempt runs
+/// past `within`.
 pub fn reconnect(
     plan: &StreamPlan,
     hello: &Hello,
@@ -125,19 +130,48 @@ pub fn reconnect(
     give_up: &dyn Fn() -> bool,
 ) -> Result<Conn, TransportError> {
     let deadline = Instant::now() + within;
+    let routes = routes(plan);
+    let mut attempt = 0usize;
     loop {
-        match reconnect_once(plan, hello, key, index) {
+        let route = usize::from(index) + attempt % routes;
+        let mut p = plan.clone();
+        let left = deadline.saturating_duration_since(Instant::now());
+        p.connect_timeout = plan.connect_timeout.min(left).max(Duration::from_millis(100));
+        match reconnect_once(&p, hello, key, index, route) {
             Ok(s) => return Ok(s),
             Err(e @ (TransportError::Peer(_) | TransportError::Auth(_))) => return Err(e),
             Err(e) if Instant::now() >= deadline || give_up() => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            Err(e) => {
+                tracing::debug!(stream = index, route, error = %e, "reconnect attempt failed");
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
+        attempt += 1;
     }
 }
 
-fn reconnect_once(plan: &StreamPlan, hello: &Hello, key: &SessionKey, index: u16) -> Result<Conn, TransportError> {
+/// How many distinct routes (destination address, way out) a plan's
+/// streams take: stream `i` takes `dests[i % d]` and `via[i % v]`.
+fn routes(plan: &StreamPlan) -> usize {
+    let (d, v) = (plan.dests.len().max(1), plan.via.len().max(1));
+    let gcd = |mut a: usize, mut b: usize| {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    };
+    d / gcd(d, v) * v
+}
+
+fn reconnect_once(
+    plan: &StreamPlan,
+    hello: &Hello,
+    key: &SessionKey,
+    index: u16,
+    route: usize,
+) -> Result<Conn, TransportError> {
     let name = format!("stream {index} (reconnecting)");
-    let (conn, _, _) = open_stream(plan, hello, index, Purpose::Resume, Some(key))?;
+    let (conn, _, _) = open_stream(plan, hello, index, route, Purpose::Resume, Some(key))?;
     // A live destination answers at once; one that is gone may still
     // accept the connection in its backlog and never answer.
     let deadline = Instant::now() + Duration::from_secs(2).min(plan.connect_timeout);
@@ -222,6 +256,14 @@ impl Resumes {
         Resumes { rx, stop, thread: Some(thread) }
     }
 
+    /// Comebacks another loop takes and welcomes (a server's, which
+    /// serves many sessions on its listeners): what it sends on the
+    /// returned sender comes out of [`Resumes::next`].
+    pub(crate) fn fed() -> (mpsc::Sender<(u16, Conn)>, Self) {
+        let (tx, rx) = mpsc::channel();
+        (tx, Resumes { rx, stop: Arc::new(AtomicBool::new(false)), thread: None })
+    }
+
     /// Waits up to `timeout` for a stream that came back: its index and
     /// connection, already welcomed.
     pub fn next(&self, timeout: Duration) -> Option<(u16, Conn)> {
@@ -295,6 +337,35 @@ mod tests {
             let (i, conn) = resumes.next(Duration::from_secs(10)).expect("the stream came back");
             assert_eq!(i, 1);
             assert_eq!(conn.tcp().peer_addr().unwrap(), ok.tcp().local_addr().unwrap());
+        });
+    }
+
+    /// A stream whose own destination address no longer answers comes
+    /// back by the plan's other one, within the time given.
+    #[test]
+    fn a_stream_comes_back_by_another_route_when_its_own_is_down() {
+        let acc = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()], psk(1)).unwrap();
+        let plan = StreamPlan::new(acc.local_addrs(), 2, psk(1));
+        let h = hello(new_session_id());
+        let never = || false;
+        std::thread::scope(|s| {
+            let server = s.spawn(|| acc.accept_session(Mode::Memory, &mut |_| Ok(0), None).unwrap());
+            let session = connect_session(&plan, &h).unwrap();
+            let accepted = server.join().unwrap();
+            let log = Arc::new(|_: SocketAddr, _: String| {});
+            let resumes = Resumes::start(acc.try_clone().unwrap(), h.session, 2, 0, accepted.key.clone(), log);
+            // Stream 0's own address is a port nobody listens on now.
+            let down = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+            let two = StreamPlan::new(vec![down, acc.local_addrs()[0]], 2, psk(1));
+            let back = reconnect(&two, &h, &session.key, 0, Duration::from_secs(5), &never).unwrap();
+            assert_eq!(back.tcp().peer_addr().unwrap(), acc.local_addrs()[0]);
+            let (i, _) = resumes.next(Duration::from_secs(10)).expect("the stream came back");
+            assert_eq!(i, 0);
+            // With no route up, it gives up when the time is over.
+            let none = StreamPlan::new(vec![down], 2, psk(1));
+            let t = Instant::now();
+            assert!(reconnect(&none, &h, &session.key, 0, Duration::from_millis(500), &never).is_err());
+            assert!(t.elapsed() < Duration::from_secs(3), "took {:?}", t.elapsed());
         });
     }
 

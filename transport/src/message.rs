@@ -202,6 +202,12 @@ pub enum Control<'a> {
     },
     /// §7.5: still here.
     Keepalive,
+    /// §7.4.1 (`CAP_RESUME`): every chunk this stream carried below `next`
+    /// was taken; the sender may forget them.
+    Ack {
+        /// The sequence number after the stream's last chunk taken.
+        next: u64,
+    },
 }
 
 /// A frame, typed.
@@ -266,6 +272,7 @@ impl<'a> Message<'a> {
                 control(Control::Switchover { round: Round(hdr.aux), last: hdr.flags & FLAG_FINAL != 0, need })
             }
             Keepalive => control(Control::Keepalive),
+            Ack => control(Control::Ack { next: hdr.aux }),
             Hello | Auth | Pages | Data => Err(unexpected()),
         }
     }
@@ -301,6 +308,7 @@ impl Control<'_> {
             Control::ProbeReply(_) => FrameKind::ProbeReply,
             Control::Switchover { .. } => FrameKind::Switchover,
             Control::Keepalive => FrameKind::Keepalive,
+            Control::Ack { .. } => FrameKind::Ack,
         }
     }
 
@@ -348,6 +356,7 @@ impl Control<'_> {
                 }
             }
             Control::Keepalive => {}
+            Control::Ack { next } => h.aux = *next,
         }
         let mut f = Vec::new();
         build_control(&mut f, h, &body);
@@ -412,6 +421,8 @@ mod tests {
             need: Some(NeedBitmap { range: range(0, 1016, 1028), bits: &bits }),
         });
         round_trip(Control::Keepalive);
+        round_trip(Control::Ack { next: 0 });
+        round_trip(Control::Ack { next: 1 << 40 });
     }
 
     #[test]

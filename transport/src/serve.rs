@@ -18,6 +18,12 @@
 //! A session whose streams do not all arrive within the acceptor's gather
 //! timeout is dropped (its streams closed, its context dropped). Nothing a
 //! peer does ends the server; only `stop` does.
+//!
+//! A running session granted `CAP_RESUME` takes back its streams whose
+//! connection was lost: a connection whose offer says it comes back
+//! (`Purpose::Resume`), names the session, its stream count and one of its
+//! streams, and proves the session's secret is welcomed here and handed to
+//! the session ([`Accepted::resumes`]); any other comeback is refused.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -29,7 +35,8 @@ use crate::accept::{agrees, refusal_logged, Accepted, Acceptor, Handshaken};
 use crate::auth::SessionKey;
 use crate::conn::Conn;
 use crate::handshake::{send_welcome, Arrival, Refusal};
-use crate::hello::{ErrorCode, ErrorMsg, Hello, Mode};
+use crate::hello::{ErrorCode, ErrorMsg, Hello, Mode, CAP_RESUME};
+use crate::link::Resumes;
 use crate::net::TransportError;
 
 /// Sessions gathering or running at once at most: each holds a thread per
@@ -72,11 +79,22 @@ struct Gathering<C> {
     since: Instant,
 }
 
+/// A running session that takes its lost streams back (`CAP_RESUME`).
+struct Running {
+    caps: u64,
+    streams: u16,
+    key: SessionKey,
+    /// Where its comebacks go ([`Accepted::resumes`]).
+    comebacks: mpsc::Sender<(u16, Conn)>,
+}
+
 /// What arrives at the serving loop.
 enum Event<C> {
     Handshake(Box<Handshaken>),
     /// A session's stream 0 after its handler's `open`.
     Opened(Box<Arrival>, Result<(u64, C), ErrorMsg>),
+    /// A running session's handler returned: no stream of it comes back.
+    Ended([u8; 16]),
 }
 
 impl Acceptor {
@@ -91,6 +109,7 @@ impl Acceptor {
         // `open` is called and given back when the session ends.
         let slots_used = AtomicUsize::new(0);
         let mut gathering: HashMap<[u8; 16], Gathering<H::Context>> = HashMap::new();
+        let mut running: HashMap<[u8; 16], Running> = HashMap::new();
         let refuse = |r: Refusal, peer: SocketAddr| {
             r.send();
             refusal_logged(peer, &r.why);
@@ -151,10 +170,9 @@ impl Acceptor {
                                     why,
                                 };
                                 let Some(h) = a.hello.clone() else {
-                                    refuse(
-                                        refusal(a, ErrorCode::NotInSession, "no session to come back to".into()),
-                                        peer,
-                                    );
+                                    if let Err(r) = come_back(a, mode, &mut running) {
+                                        refuse(r, peer);
+                                    }
                                     continue;
                                 };
                                 if h.mode != mode {
@@ -218,6 +236,10 @@ impl Acceptor {
                                 h.session
                             }
                         },
+                        Event::Ended(id) => {
+                            running.remove(&id);
+                            continue;
+                        }
                         Event::Opened(a, res) => {
                             let (peer, h) = (a.peer, a.hello.clone().expect("stream 0 of a join"));
                             let (caps, context) = match res {
@@ -251,11 +273,26 @@ impl Acceptor {
                     if gathering[&joined].slots.iter().all(Option::is_some) {
                         let g = gathering.remove(&joined).expect("just looked up");
                         let streams = g.slots.into_iter().map(|s| s.expect("every slot filled")).collect();
-                        let session =
-                            Accepted { hello: g.hello, caps: g.caps, streams, refused: Vec::new(), key: g.key };
-                        let (slots_used, context) = (&slots_used, g.context);
+                        // Its lost streams come back through the loop.
+                        let resumes = (g.caps & CAP_RESUME != 0).then(|| {
+                            let (comebacks, resumes) = Resumes::fed();
+                            let r =
+                                Running { caps: g.caps, streams: g.hello.stream_count, key: g.key.clone(), comebacks };
+                            running.insert(joined, r);
+                            resumes
+                        });
+                        let session = Accepted {
+                            hello: g.hello,
+                            caps: g.caps,
+                            streams,
+                            refused: Vec::new(),
+                            key: g.key,
+                            resumes,
+                        };
+                        let (slots_used, context, tx) = (&slots_used, g.context, tx.clone());
                         scope.spawn(move || {
                             handler.run(session, context);
+                            let _ = tx.send(Event::Ended(joined));
                             slots_used.fetch_sub(1, Ordering::AcqRel);
                         });
                     }
@@ -264,6 +301,29 @@ impl Acceptor {
             })
         })
     }
+}
+
+/// A connection that comes back to a running session (`Purpose::Resume`):
+/// handed to the session once it proved the session's secret and was
+/// welcomed, or refused.
+fn come_back(a: Arrival, mode: Mode, running: &mut HashMap<[u8; 16], Running>) -> Result<(), Refusal> {
+    let refuse = |a: Arrival, code, why: &str| Err(Refusal { conn: Some(a.conn), peer: a.peer, code, why: why.into() });
+    let o = &a.offer;
+    let Some(r) = running.get(&o.session) else {
+        return refuse(a, ErrorCode::NotInSession, "no running session to come back to");
+    };
+    if o.mode != mode || o.stream_count != r.streams || o.stream_index >= r.streams {
+        return refuse(a, ErrorCode::NotInSession, "not a stream of the session named");
+    }
+    if !r.key.stream_proof_ok(&a.transcript, &a.stream_proof) {
+        return refuse(a, ErrorCode::Auth, "the stream did not prove the session's secret");
+    }
+    let (index, session) = (o.stream_index, o.session);
+    if send_welcome(&a.conn, session, r.caps).is_ok() && r.comebacks.send((index, a.conn)).is_err() {
+        // The session ended meanwhile; its connection closes here.
+        running.remove(&session);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -364,12 +424,81 @@ mod tests {
             h.stream_index = 1;
             // connect_session numbers streams itself: open stream 1 by hand.
             let plan = StreamPlan::new(vec![addr], 2, Auth::Insecure);
-            let (conn, _, _) = open_stream(&plan, &h, 1, Purpose::Join, None).unwrap();
+            let (conn, _, _) = open_stream(&plan, &h, 1, 1, Purpose::Join, None).unwrap();
             let deadline = Instant::now() + Duration::from_secs(10);
             crate::handshake::send_hello(&conn, &h, deadline, "t").unwrap();
             let err = crate::handshake::read_welcome(&conn, h.session, h.caps, deadline, "t").unwrap_err();
             assert!(err.to_string().contains("no such session"), "{err}");
         });
         assert!(opened.is_empty());
+    }
+
+    /// Grants `CAP_RESUME` to every session; each waits for one of its
+    /// streams to come back and echoes a byte on it, plus its index.
+    struct TakesBack;
+
+    impl SessionHandler for TakesBack {
+        type Context = ();
+
+        fn open(&self, hello: &Hello, _peer: SocketAddr) -> Result<(u64, ()), ErrorMsg> {
+            Ok((hello.caps & CAP_RESUME, ()))
+        }
+
+        fn run(&self, session: Accepted, _: ()) {
+            let Some(resumes) = session.resumes else { return };
+            if let Some((i, mut conn)) = resumes.next(Duration::from_secs(10)) {
+                let mut b = [0u8];
+                if conn.read_exact(&mut b).is_ok() {
+                    let _ = conn.write_all(&[b[0] + i as u8]);
+                }
+            }
+        }
+    }
+
+    /// A running session granted `CAP_RESUME` takes back a stream that
+    /// proves its secret; a comeback with another secret, to a session not
+    /// granted it, or to one that ended, is refused.
+    #[test]
+    fn only_a_stream_proving_its_running_session_comes_back() {
+        use crate::link::reconnect;
+        let acc = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()], Auth::Insecure).unwrap();
+        let plan = StreamPlan::new(acc.local_addrs(), 2, Auth::Insecure);
+        let stop = AtomicBool::new(false);
+        let never = || false;
+        let within = Duration::from_secs(5);
+        std::thread::scope(|s| {
+            let server = s.spawn(|| acc.serve(Mode::Stream, &TakesBack, &stop));
+            let mut h = hello(2, 1);
+            h.caps = CAP_RESUME;
+            let session = connect_session(&plan, &h).unwrap();
+            assert_eq!(session.welcome.caps, CAP_RESUME);
+            let other = connect_session(&plan, &hello(2, 1)).unwrap();
+            let e = reconnect(&plan, &h, &other.key, 1, within, &never).unwrap_err();
+            assert!(e.to_string().contains("secret"), "{e}");
+            let mut not_granted = hello(2, 1);
+            not_granted.session = new_session_id();
+            let plain = connect_session(&plan, &not_granted).unwrap();
+            let e = reconnect(&plan, &not_granted, &plain.key, 1, within, &never).unwrap_err();
+            assert!(e.to_string().contains("no running session"), "{e}");
+            // The real comeback reaches the session.
+            let mut back = reconnect(&plan, &h, &session.key, 1, within, &never).unwrap();
+            back.write_all(&[40]).unwrap();
+            let mut b = [0u8];
+            back.read_exact(&mut b).unwrap();
+            assert_eq!(b[0], 41);
+            // The session has ended: nothing comes back to it any more.
+            let t = Instant::now();
+            let e = loop {
+                match reconnect(&plan, &h, &session.key, 0, within, &never) {
+                    Err(e) => break e,
+                    Ok(_) if t.elapsed() < Duration::from_secs(10) => std::thread::sleep(Duration::from_millis(50)),
+                    Ok(_) => panic!("a stream came back to a session that ended"),
+                }
+            };
+            assert!(e.to_string().contains("no running session"), "{e}");
+            drop((session, other, plain));
+            stop.store(true, Ordering::Relaxed);
+            server.join().unwrap().unwrap();
+        });
     }
 }

@@ -74,11 +74,13 @@ pub struct Connected {
 }
 
 /// Opens one authenticated connection for stream `index` of the session
-/// `hello` describes.
+/// `hello` describes, by the plan's route of stream `route` (its
+/// destination address and way out; a stream's own is `route = index`).
 pub(crate) fn open_stream(
     plan: &StreamPlan,
     hello: &Hello,
     index: u16,
+    route: usize,
     purpose: Purpose,
     key: Option<&SessionKey>,
 ) -> Result<(Conn, crate::auth::Transcript, Option<[u8; 32]>), TransportError> {
@@ -86,9 +88,9 @@ pub(crate) fn open_stream(
         Purpose::Join => format!("stream {index}"),
         Purpose::Resume => format!("stream {index} (reconnecting)"),
     };
-    let dest = plan.dest(index.into());
+    let dest = plan.dest(route);
     let deadline = Instant::now() + plan.connect_timeout;
-    let tcp = connect(dest, plan.via(index.into()), plan.connect_timeout)?;
+    let tcp = connect(dest, plan.via(route), plan.connect_timeout)?;
     let offer = Offer {
         method: Method::Insecure,
         purpose,
@@ -115,7 +117,7 @@ pub fn connect_stream(
 ) -> Result<(Conn, Welcome, SessionKey), TransportError> {
     let i = hello.stream_index;
     let name = format!("stream {i}");
-    let (conn, transcript, export) = open_stream(plan, hello, i, Purpose::Join, key)?;
+    let (conn, transcript, export) = open_stream(plan, hello, i, i.into(), Purpose::Join, key)?;
     let key = match key {
         Some(k) => k.clone(),
         None => SessionKey::derive(&plan.auth, &transcript, export.as_ref()),

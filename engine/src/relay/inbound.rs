@@ -10,13 +10,14 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crossbeam_channel::Sender;
-use pmigrate_transport::backend::frame_reader;
+use pmigrate_transport::backend::{frame_reader, StreamIn};
 use pmigrate_transport::frame::{Encoding, HEADER_LEN};
 use pmigrate_transport::message::{Control, Message};
 use pmigrate_transport::payload::Opener;
-use pmigrate_transport::TransportError;
+use pmigrate_transport::{Conn, FrameReader, TransportError};
 
 use super::reassembly::{Next, Reassembly};
+use super::resume::{lost, Recovered};
 use super::{Carry, FlowReport, Output, Shared, CHUNK};
 use crate::MigrateError;
 
@@ -25,7 +26,7 @@ const LEFT_TICK: Duration = Duration::from_millis(50);
 
 /// How long a stream cut before its end waits for another stream to bring
 /// the other end's reason (an `Error` frame) before it is the error.
-const WHY_GRACE: Duration = Duration::from_millis(250);
+pub(super) const WHY_GRACE: Duration = Duration::from_millis(250);
 
 /// How long a broken pipe on the output may come before the end of the
 /// input and still be the local peer closing: QEMU closes the reading end
@@ -64,111 +65,186 @@ impl Window {
 /// Reads one stream: the other end's chunks and `End` (inbound flow), and
 /// on stream 0 its `Verified` for this end's outbound flow. A close is
 /// clean only once the stream has done both duties.
+///
+/// With `CAP_RESUME` (`super::resume`) it also hears the other end's
+/// `Ack`s, notes each chunk it took for this end's own, and takes a lost
+/// connection back instead of failing: on the new one, what the stream
+/// carried before may come again and is dropped.
 pub(super) fn stream_reader(shared: &Shared<'_>, i: usize, has_in: bool, expects_verified: bool, how: &Carry) {
+    let lane = &shared.lanes[i];
+    let resumable = shared.resumable();
     let name = format!("stream {i}");
-    let sock = shared.streams[i].try_clone().map_err(|e| TransportError::io(&name, e));
-    let mut reader = match sock.and_then(|s| frame_reader(s, how.io.backend, name.clone())) {
+    let (conn, mut gen) = lane.link.current();
+    let mut reader = match reader_on(&conn, &name, how) {
         Ok(r) => r,
         Err(e) => return shared.fail(i, e.into()),
     };
-    reader.set_stall_limit(how.progress_timeout);
-    // The other end's writers say `Keepalive` while they have nothing to
-    // send: a stream silent for this long belongs to a frozen or vanished
-    // peer.
-    reader.set_idle_limit(how.progress_timeout);
     let mut opener = Opener::default();
     let (mut in_done, mut verified) = (!has_in, !expects_verified);
+    // The stream came back on a new connection: it may replay.
+    let mut resumed = false;
     let protocol = |why: String| MigrateError::Protocol { stream: i, why };
     // Read after the read returned: the flow may have closed meanwhile.
     let done = |in_done: bool, verified: bool| (in_done || shared.in_closed.load(Ordering::Acquire)) && verified;
     let res = loop {
-        let (hdr, payload) = match reader.next_frame() {
-            Ok(Some(f)) => f,
-            Ok(None) if done(in_done, verified) || shared.failed() => break Ok(()),
-            Err(e @ TransportError::Peer(_)) => break Err(e.into()),
-            Err(_) if done(in_done, verified) || shared.failed() => break Ok(()),
-            // Cut before the end. A failing end tells why on stream 0 (and
-            // the failing stream) as it closes them all: give another
-            // reader a moment to bring that word, which says more.
-            cut if shared.failed_within(WHY_GRACE) => {
-                drop(cut);
-                break Ok(());
-            }
-            Ok(None) => break Err(TransportError::Closed(format!("{name}: before the end of the stream")).into()),
-            Err(e) => break Err(e.into()),
-        };
-        let wire = (HEADER_LEN + payload.len()) as u64;
-        let msg = match Message::decode(hdr, payload) {
-            Ok(m) => m,
-            Err(source) => break Err(TransportError::Wire { what: name.clone(), source }.into()),
-        };
-        match msg {
-            Message::Control(Control::Keepalive) => {}
-            Message::Data(chunk) if !in_done => {
-                if chunk.decoded_len() as usize > CHUNK {
-                    break Err(protocol(format!("chunk of {} bytes", chunk.decoded_len())));
-                }
-                if chunk.encoding() == Encoding::Lz4 && !how.lz4_in {
-                    break Err(protocol("lz4 chunk without the capability".into()));
-                }
-                let window = &shared.window;
-                let seq = chunk.seq();
-                let announced = window.state.lock().expect("window lock").flow.announce(i, seq);
-                window.changed.notify_all();
-                if let Err(why) = announced {
-                    break Err(protocol(why.to_string()));
-                }
-                shared.in_wire.fetch_add(wire, Ordering::Relaxed);
-                if shared.in_closed.load(Ordering::Acquire) {
-                    continue; // the local peer left: nowhere to put it
-                }
-                let data = match chunk.open(&mut opener) {
-                    Ok(d) => d.to_vec(),
+        // `None`: a clean end of stream.
+        let cut = match reader.next_frame() {
+            Ok(Some((hdr, payload))) => {
+                let wire = (HEADER_LEN + payload.len()) as u64;
+                let msg = match Message::decode(hdr, payload) {
+                    Ok(m) => m,
                     Err(source) => break Err(TransportError::Wire { what: name.clone(), source }.into()),
                 };
-                let mut w = window.state.lock().expect("window lock");
-                // Hold a chunk beyond the window until the output catches up.
-                while !w.failed && !w.closed && !w.flow.fits(seq) {
-                    w = window.changed.wait(w).expect("window lock");
+                match msg {
+                    Message::Control(Control::Keepalive) => {}
+                    Message::Control(Control::Ack { next }) if resumable => lane.acked(next),
+                    Message::Data(chunk) if !in_done || resumed => {
+                        if chunk.decoded_len() as usize > CHUNK {
+                            break Err(protocol(format!("chunk of {} bytes", chunk.decoded_len())));
+                        }
+                        if chunk.encoding() == Encoding::Lz4 && !how.lz4_in {
+                            break Err(protocol("lz4 chunk without the capability".into()));
+                        }
+                        let window = &shared.window;
+                        let seq = chunk.seq();
+                        // A replayed chunk is dropped unopened; a new one is announced.
+                        let step = {
+                            let mut w = window.state.lock().expect("window lock");
+                            match w.flow.replayed(i, seq) {
+                                Ok(true) => Ok(false),
+                                Ok(false) => w.flow.announce(i, seq).map(|()| true),
+                                Err(why) => Err(why),
+                            }
+                        };
+                        window.changed.notify_all();
+                        match step {
+                            Err(why) => break Err(protocol(why.to_string())),
+                            Ok(false) => {
+                                lane.took(seq);
+                                continue;
+                            }
+                            Ok(true) => {}
+                        }
+                        shared.in_wire.fetch_add(wire, Ordering::Relaxed);
+                        if shared.in_closed.load(Ordering::Acquire) {
+                            lane.took(seq);
+                            continue; // the local peer left: nowhere to put it
+                        }
+                        let data = match chunk.open(&mut opener) {
+                            Ok(d) => d.to_vec(),
+                            Err(source) => break Err(TransportError::Wire { what: name.clone(), source }.into()),
+                        };
+                        let mut w = window.state.lock().expect("window lock");
+                        // Hold a chunk beyond the window until the output catches up.
+                        while !w.failed && !w.closed && !w.flow.fits(seq) {
+                            w = window.changed.wait(w).expect("window lock");
+                        }
+                        if w.failed {
+                            break Err(MigrateError::Aborted);
+                        }
+                        if !w.closed {
+                            if let Err(why) = w.flow.insert(seq, data) {
+                                break Err(protocol(why.to_string()));
+                            }
+                        }
+                        drop(w);
+                        window.changed.notify_all();
+                        lane.took(seq);
+                    }
+                    Message::Control(Control::End { chunks }) if !in_done => {
+                        shared.in_wire.fetch_add(wire, Ordering::Relaxed);
+                        let window = &shared.window;
+                        let ended = window.state.lock().expect("window lock").flow.end(i, chunks);
+                        window.changed.notify_all();
+                        if let Err(why) = ended {
+                            break Err(protocol(why.to_string()));
+                        }
+                        in_done = true;
+                    }
+                    Message::Control(Control::End { chunks })
+                        if resumed && shared.window.state.lock().expect("window lock").flow.replayed_end(i, chunks) => {
+                    }
+                    Message::Control(Control::Verified { value, closed }) if !verified => {
+                        if closed && how.source {
+                            break Err(protocol("the destination closed the session's forward direction".into()));
+                        }
+                        *shared.verified.lock().expect("verdict lock") = Some((value, closed));
+                        if closed {
+                            shared.out_closed.store(true, Ordering::Release);
+                        }
+                        shared.verified_cv.notify_all();
+                        verified = true;
+                    }
+                    Message::Control(Control::Verified { value, closed })
+                        if resumed && *shared.verified.lock().expect("verdict lock") == Some((value, closed)) => {}
+                    m => break Err(TransportError::Unexpected { what: name.clone(), kind: m.kind() }.into()),
                 }
-                if w.failed {
-                    break Err(MigrateError::Aborted);
-                }
-                if w.closed {
-                    continue;
-                }
-                if let Err(why) = w.flow.insert(seq, data) {
-                    break Err(protocol(why.to_string()));
-                }
-                window.changed.notify_all();
+                continue;
             }
-            Message::Control(Control::End { chunks }) if !in_done => {
-                shared.in_wire.fetch_add(wire, Ordering::Relaxed);
-                let window = &shared.window;
-                let ended = window.state.lock().expect("window lock").flow.end(i, chunks);
-                window.changed.notify_all();
-                if let Err(why) = ended {
-                    break Err(protocol(why.to_string()));
-                }
-                in_done = true;
+            Ok(None) => None,
+            Err(e) => Some(e),
+        };
+        let at_end = done(in_done, verified);
+        if !resumable {
+            break match cut {
+                None if at_end || shared.failed() => Ok(()),
+                Some(e @ TransportError::Peer(_)) => Err(e.into()),
+                Some(_) if at_end || shared.failed() => Ok(()),
+                // Cut before the end. A failing end tells why on stream 0
+                // (and the failing stream) as it closes them all: give
+                // another reader a moment to bring that word, which says
+                // more.
+                _ if shared.failed_within(WHY_GRACE) => Ok(()),
+                None => Err(TransportError::Closed(format!("{name}: before the end of the stream")).into()),
+                Some(e) => Err(e.into()),
+            };
+        }
+        if shared.failed() {
+            break Ok(());
+        }
+        let why = match cut {
+            // The other end closes its streams only once complete, which is
+            // after it confirmed this end's outbound flow: a close before
+            // that confirmation arrives (on stream 0, it may be a moment
+            // behind) is the network's, a lost connection.
+            None if at_end && shared.confirmed_within(WHY_GRACE) => {
+                shared.peer_complete.store(true, Ordering::Release);
+                lane.finish();
+                break Ok(());
             }
-            Message::Control(Control::Verified { value, closed }) if !verified => {
-                if closed && how.source {
-                    break Err(protocol("the destination closed the session's forward direction".into()));
-                }
-                *shared.verified.lock().expect("verdict lock") = Some((value, closed));
-                if closed {
-                    shared.out_closed.store(true, Ordering::Release);
-                }
-                shared.verified_cv.notify_all();
-                verified = true;
+            None => TransportError::Closed(format!("{name}: before the end of the stream")),
+            Some(e) if !lost(&e) => break Err(e.into()),
+            Some(e) => e,
+        };
+        match shared.recover(i, gen, why) {
+            Ok(Recovered::Back(c, g)) => {
+                reader = match reader_on(&c, &name, how) {
+                    Ok(r) => r,
+                    Err(e) => break Err(e.into()),
+                };
+                gen = g;
+                shared.window.state.lock().expect("window lock").flow.resume(i);
+                resumed = true;
             }
-            m => break Err(TransportError::Unexpected { what: name.clone(), kind: m.kind() }.into()),
+            Ok(Recovered::Over) => break Ok(()),
+            Err(e) => break Err(e),
         }
     };
     if let Err(e) = res {
         shared.fail(i, e);
     }
+}
+
+/// A frame reader on a stream's connection, with the relay's limits: a
+/// frame may stall, and the stream may carry nothing (the other end's
+/// writers say `Keepalive` while they have nothing to send), for the
+/// progress timeout; past it the peer is frozen or gone.
+fn reader_on(conn: &Conn, name: &str, how: &Carry) -> Result<FrameReader<StreamIn>, TransportError> {
+    let sock = conn.try_clone().map_err(|e| TransportError::io(name, e))?;
+    let mut reader = frame_reader(sock, how.io.backend, name.to_string())?;
+    reader.set_stall_limit(how.progress_timeout);
+    reader.set_idle_limit(how.progress_timeout);
+    Ok(reader)
 }
 
 /// Writes the inbound chunks to `output` in order; after the last one

@@ -60,12 +60,31 @@
 //! finishes loading it. Only the session's source may close a direction
 //! this way; at the destination, a local peer that stops reading before
 //! the end is a failure.
+//!
+//! **Lost streams** (`CAP_RESUME`, `resume.rs`). A stream whose connection
+//! is lost — a reset, a failed read or write, an end of stream before its
+//! end — is taken back instead of failing the relay: the session's source
+//! dials it again and the accepting end waits for it, within the progress
+//! timeout. Each receiver acknowledges the chunks it took off a stream
+//! (`Ack`, on the same stream); each writer keeps what it wrote until then
+//! and sends it again, first, on the new connection, where replayed chunks
+//! are dropped by number. Both directions of a full-duplex session resume
+//! on the one connection. A stream that does not come back in time fails
+//! the relay as above.
 
 mod inbound;
 mod outbound;
 pub(crate) mod reassembly;
+mod resume;
 #[cfg(test)]
 mod tests;
+
+pub use resume::{Comeback, Redial};
+
+/// The cutting relay of the fault matrix, standing for the network.
+#[cfg(test)]
+#[path = "../../../tests/support/cutter.rs"]
+pub(crate) mod cutter;
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -77,11 +96,13 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, RecvTimeoutError};
 use pmigrate_transport::backend::Resolved;
 use pmigrate_transport::hello::{
-    encode_target, ErrorCode, ErrorMsg, Hello, Mode, CAP_DUPLEX, CAP_LZ4, EXT_TARGET, PROTOCOL_VERSION,
+    encode_target, ErrorCode, ErrorMsg, Hello, Mode, CAP_DUPLEX, CAP_LZ4, CAP_RESUME, EXT_TARGET, PROTOCOL_VERSION,
 };
 use pmigrate_transport::session::{connect_session, new_session_id, StreamPlan};
-use pmigrate_transport::{Acceptor, BackendChoice, Conn, Connected, TransportError};
+use pmigrate_transport::{Acceptor, BackendChoice, Conn, Connected, Resumes, TransportError};
 use serde::Serialize;
+
+use resume::{prepare, Lane, Resume};
 
 use crate::{Compression, MigrateError};
 
@@ -149,6 +170,11 @@ pub struct RelayReport {
     pub secs: f64,
     /// The I/O backend that ran (`io_uring` or `portable`).
     pub backend: String,
+    /// Connections that replaced lost ones (`CAP_RESUME`).
+    pub reconnects: u64,
+    /// Chunks this end sent again on a new connection, not having seen
+    /// them acknowledged on the lost one.
+    pub resent_chunks: u64,
 }
 
 impl std::fmt::Display for RelayReport {
@@ -170,7 +196,12 @@ impl std::fmt::Display for RelayReport {
             bk.chunks,
             bk.ending(),
             self.backend
-        )
+        )?;
+        if self.reconnects > 0 {
+            let s = if self.reconnects == 1 { "" } else { "s" };
+            write!(f, "; {} lost stream{s} resumed, {} chunks sent again", self.reconnects, self.resent_chunks)?;
+        }
+        Ok(())
     }
 }
 
@@ -308,9 +339,12 @@ pub struct RelaySendConfig {
     /// A stream that carries nothing from the other end for this long (no
     /// frame, not even a keepalive), or stalls inside a frame as long,
     /// fails the relay; so does a peer that stops reading (its unacknowledged
-    /// data, `TCP_USER_TIMEOUT`). At least
-    /// [`pmigrate_transport::net::MIN_PROGRESS_TIMEOUT`].
+    /// data, `TCP_USER_TIMEOUT`), and a lost stream that does not come back
+    /// within it. At least [`pmigrate_transport::net::MIN_PROGRESS_TIMEOUT`].
     pub progress_timeout: Duration,
+    /// Offer `CAP_RESUME`: a stream whose connection is lost comes back
+    /// (see the module docs) instead of failing the relay.
+    pub resume: bool,
     /// The I/O backend of the streams.
     pub backend: BackendChoice,
     /// End the relay as failed when no byte of the carried stream moved
@@ -330,6 +364,7 @@ impl RelaySendConfig {
             duplex: true,
             target: None,
             progress_timeout: pmigrate_transport::net::PROGRESS_TIMEOUT,
+            resume: true,
             backend: BackendChoice::Auto,
             idle_timeout: None,
             interrupt: None,
@@ -342,6 +377,9 @@ impl RelaySendConfig {
 pub struct RelayRecvOptions {
     /// As [`RelaySendConfig::progress_timeout`].
     pub progress_timeout: Duration,
+    /// Grant `CAP_RESUME` when the sender offers it: its lost streams come
+    /// back.
+    pub resume: bool,
     /// How long to wait for the sender to connect.
     pub accept_deadline: Option<Instant>,
     /// Worker threads building frames of the way back.
@@ -358,6 +396,7 @@ impl Default for RelayRecvOptions {
     fn default() -> Self {
         Self {
             progress_timeout: pmigrate_transport::net::PROGRESS_TIMEOUT,
+            resume: true,
             accept_deadline: None,
             threads: 1,
             backend: BackendChoice::Auto,
@@ -397,12 +436,14 @@ pub struct Session {
     pub streams: Vec<Conn>,
     /// How this end relays.
     pub how: Carry,
+    /// With `CAP_RESUME` in force: how a lost stream comes back.
+    pub resume: Option<Comeback>,
 }
 
 impl Session {
     /// Relays `local` over the session (see [`carry`]).
     pub fn carry(self, local: Local) -> Result<RelayReport, MigrateError> {
-        carry(&self.streams, local, &self.how)
+        carry(self, local)
     }
 }
 
@@ -413,6 +454,9 @@ pub fn connect(cfg: &RelaySendConfig) -> Result<Session, MigrateError> {
     let mut caps = if cfg.compression == Compression::Off { 0 } else { CAP_LZ4 };
     if cfg.duplex {
         caps |= CAP_DUPLEX;
+    }
+    if cfg.resume {
+        caps |= CAP_RESUME;
     }
     let hello = Hello {
         version: PROTOCOL_VERSION,
@@ -425,7 +469,9 @@ pub fn connect(cfg: &RelaySendConfig) -> Result<Session, MigrateError> {
         extensions: cfg.target.map(|t| vec![(EXT_TARGET, encode_target(t))]).unwrap_or_default(),
     };
     let io = cfg.backend.resolve()?;
-    let Connected { streams, welcome, .. } = connect_session(&cfg.plan, &hello)?;
+    let Connected { streams, welcome, key } = connect_session(&cfg.plan, &hello)?;
+    let resume = (welcome.caps & CAP_RESUME != 0)
+        .then(|| Comeback::Redial(Box::new(Redial { plan: cfg.plan.clone(), hello, key })));
     let how = Carry {
         io,
         source: true,
@@ -437,7 +483,7 @@ pub fn connect(cfg: &RelaySendConfig) -> Result<Session, MigrateError> {
         idle_timeout: cfg.idle_timeout,
         interrupt: cfg.interrupt.clone(),
     };
-    Ok(Session { streams, how })
+    Ok(Session { streams, how, resume })
 }
 
 impl Carry {
@@ -473,11 +519,11 @@ pub fn send(local: Local, cfg: &RelaySendConfig) -> Result<RelayReport, MigrateE
     Ok(report)
 }
 
-/// Receives one byte-stream session from `acceptor`, writes it to
-/// `local.output` in order, verified, and — in a full-duplex session —
-/// sends what `local.input` yields back; returns once both ways are
-/// complete.
-pub fn receive(acceptor: &Acceptor, local: Local, opts: &RelayRecvOptions) -> Result<RelayReport, MigrateError> {
+/// Accepts one byte-stream session from `acceptor`: every stream arrived
+/// and welcomed. With `CAP_RESUME` in force, the acceptor's listeners then
+/// take back the session's lost streams until the session is carried.
+pub fn accept(acceptor: &Acceptor, opts: &RelayRecvOptions) -> Result<Session, MigrateError> {
+    let grant = CAP_LZ4 | CAP_DUPLEX | if opts.resume { CAP_RESUME } else { 0 };
     let mut judge = |h: &Hello| {
         if h.extension(EXT_TARGET).is_some() {
             return Err(ErrorMsg {
@@ -485,13 +531,32 @@ pub fn receive(acceptor: &Acceptor, local: Local, opts: &RelayRecvOptions) -> Re
                 message: "this end relays one stream and has no targets (is it a proxy?)".into(),
             });
         }
-        Ok(h.caps & (CAP_LZ4 | CAP_DUPLEX))
+        Ok(h.caps & grant)
     };
     let io = opts.backend.resolve()?;
     let accepted = acceptor.accept_session(Mode::Stream, &mut judge, opts.accept_deadline)?;
-    let t0 = Instant::now();
+    let resume = if accepted.caps & CAP_RESUME != 0 {
+        let log = std::sync::Arc::new(|peer: std::net::SocketAddr, why: String| {
+            tracing::warn!(%peer, reason = why, "comeback refused");
+        });
+        let (h, key) = (&accepted.hello, accepted.key.clone());
+        let listeners = acceptor.try_clone()?;
+        Some(Comeback::Await(Resumes::start(listeners, h.session, h.stream_count, accepted.caps, key, log)))
+    } else {
+        None
+    };
     let how = Carry::accepted(accepted.caps, opts, io);
-    let mut report = carry(&accepted.streams, local, &how)?;
+    Ok(Session { streams: accepted.streams, how, resume })
+}
+
+/// Receives one byte-stream session from `acceptor`, writes it to
+/// `local.output` in order, verified, and — in a full-duplex session —
+/// sends what `local.input` yields back; returns once both ways are
+/// complete.
+pub fn receive(acceptor: &Acceptor, local: Local, opts: &RelayRecvOptions) -> Result<RelayReport, MigrateError> {
+    let session = accept(acceptor, opts)?;
+    let t0 = Instant::now();
+    let mut report = session.carry(local)?;
     report.role = "recv".into();
     report.secs = t0.elapsed().as_secs_f64();
     Ok(report)
@@ -499,7 +564,25 @@ pub fn receive(acceptor: &Acceptor, local: Local, opts: &RelayRecvOptions) -> Re
 
 /// What the threads of one end share.
 pub(crate) struct Shared<'a> {
-    streams: &'a [Conn],
+    lanes: Vec<Lane>,
+    /// With `CAP_RESUME`: how a lost stream comes back.
+    resume: Option<Resume>,
+    /// How long a lost stream may take to come back.
+    progress_timeout: Duration,
+    /// This end is complete: its outbound flow confirmed (or closed by the
+    /// other end's peer), its inbound flow ended and confirmed.
+    complete: AtomicBool,
+    /// The other end is complete: it ended a stream cleanly (it does only
+    /// then), or this end has no inbound flow and is complete.
+    peer_complete: AtomicBool,
+    /// The relay is over: threads still waiting for a stream return.
+    closing: AtomicBool,
+    /// Streams being taken back now.
+    recovering: AtomicU64,
+    /// Chunks the writers sent again on a new connection.
+    resent: AtomicU64,
+    /// This end has an outbound flow.
+    outbound: bool,
     first_error: Mutex<Option<MigrateError>>,
     failed: AtomicBool,
     abort_local: &'a (dyn Fn() + Send + Sync),
@@ -554,14 +637,14 @@ impl Shared<'_> {
                 _ => ErrorCode::Io,
             };
             let msg = e.to_string();
-            if let Some(s) = self.streams.get(stream) {
-                s.send_error(code, msg.clone());
+            if let Some(l) = self.lanes.get(stream) {
+                l.link.current().0.send_error(code, msg.clone());
             }
             if stream != 0 {
-                self.streams[0].send_error(code, msg);
+                self.lanes[0].link.current().0.send_error(code, msg);
             }
-            for st in self.streams {
-                let _ = st.shutdown(Shutdown::Both);
+            for l in &self.lanes {
+                l.link.shutdown();
             }
             (self.abort_local)();
         }
@@ -569,6 +652,7 @@ impl Shared<'_> {
         drop(fe);
         self.verified_cv.notify_all();
         self.window.abort();
+        self.wake_all();
     }
 
     pub(crate) fn failed(&self) -> bool {
@@ -593,6 +677,18 @@ impl Shared<'_> {
         true
     }
 
+    /// Waits (at most `limit`) until the other end confirmed this end's
+    /// outbound flow; whether it did (or there is none).
+    pub(crate) fn confirmed_within(&self, limit: Duration) -> bool {
+        let until = Instant::now() + limit;
+        let mut v = self.verified.lock().expect("verdict lock");
+        while self.outbound && v.is_none() {
+            let Some(left) = until.checked_duration_since(Instant::now()) else { return false };
+            v = self.verified_cv.wait_timeout(v, left).expect("verdict lock").0;
+        }
+        true
+    }
+
     /// Waits (at most `limit`) until the local input has ended; whether it did.
     pub(crate) fn wait_input_end(&self, limit: Duration) -> bool {
         let until = Instant::now() + limit;
@@ -610,14 +706,43 @@ impl Shared<'_> {
 /// session allows: this end's outbound flow from `local.input`, its inbound
 /// flow to `local.output`. Used by [`send`], [`receive`] and the socket
 /// proxy.
-pub fn carry(streams: &[Conn], local: Local, how: &Carry) -> Result<RelayReport, MigrateError> {
+pub fn carry(session: Session, local: Local) -> Result<RelayReport, MigrateError> {
     let t0 = Instant::now();
+    let Session { streams, how, resume } = session;
+    let how = &how;
     let n = streams.len();
     let has_out = how.source || how.duplex;
     let has_in = !how.source || how.duplex;
     let Local { input, output, abort } = local;
+    if how.progress_timeout < pmigrate_transport::net::MIN_PROGRESS_TIMEOUT {
+        return Err(TransportError::Setup(format!(
+            "a progress timeout of {:?} is below {:?}, which keepalives need",
+            how.progress_timeout,
+            pmigrate_transport::net::MIN_PROGRESS_TIMEOUT
+        ))
+        .into());
+    }
+    for (i, st) in streams.iter().enumerate() {
+        prepare(st, how.progress_timeout).map_err(|e| TransportError::io(format!("stream {i}"), e))?;
+    }
+    // TLS streams are sealed in this process: always the portable backend.
+    let tls = streams.iter().any(Conn::is_tls);
+    let (resume, comebacks) = match resume {
+        None => (None, None),
+        Some(Comeback::Redial(r)) => (Some(Resume::Redial(r)), None),
+        Some(Comeback::Await(r)) => (Some(Resume::Await), Some(r)),
+    };
+    let resumable = resume.is_some();
     let shared = Shared {
-        streams,
+        lanes: streams.into_iter().map(Lane::new).collect(),
+        resume,
+        progress_timeout: how.progress_timeout,
+        complete: AtomicBool::new(false),
+        peer_complete: AtomicBool::new(false),
+        closing: AtomicBool::new(false),
+        recovering: AtomicU64::new(0),
+        resent: AtomicU64::new(0),
+        outbound: has_out,
         first_error: Mutex::new(None),
         failed: AtomicBool::new(false),
         abort_local: &*abort,
@@ -633,20 +758,6 @@ pub fn carry(streams: &[Conn], local: Local, how: &Carry) -> Result<RelayReport,
         last_activity: AtomicU64::new(0),
         t0,
     };
-    if how.progress_timeout < pmigrate_transport::net::MIN_PROGRESS_TIMEOUT {
-        return Err(TransportError::Setup(format!(
-            "a progress timeout of {:?} is below {:?}, which keepalives need",
-            how.progress_timeout,
-            pmigrate_transport::net::MIN_PROGRESS_TIMEOUT
-        ))
-        .into());
-    }
-    for (i, st) in streams.iter().enumerate() {
-        st.set_read_timeout(Some(Duration::from_millis(500)))
-            .map_err(|e| TransportError::io(format!("stream {i}"), e))?;
-        pmigrate_transport::net::set_progress_timeout(st.tcp(), how.progress_timeout)
-            .map_err(|e| TransportError::io(format!("stream {i}"), e))?;
-    }
     let shared = &shared;
     let ended = AtomicBool::new(false);
     let interrupt = how.interrupt.as_ref();
@@ -676,6 +787,20 @@ pub fn carry(streams: &[Conn], local: Local, how: &Carry) -> Result<RelayReport,
                 }
                 if !matches!(over.recv_timeout(INTERRUPT_TICK), Err(RecvTimeoutError::Timeout)) {
                     return;
+                }
+            });
+        }
+        // The accepting end of a resumable session: streams that come back
+        // take the place of the lost ones, until the relay is over.
+        if let Some(comebacks) = comebacks {
+            s.spawn(move || {
+                while !shared.failed() && !shared.closing.load(Ordering::Acquire) {
+                    let Some((i, conn)) = comebacks.next(Duration::from_millis(100)) else { continue };
+                    let Some(lane) = shared.lanes.get(usize::from(i)) else { continue };
+                    match prepare(&conn, how.progress_timeout) {
+                        Ok(()) => lane.came_back(usize::from(i), conn),
+                        Err(e) => tracing::warn!(stream = i, error = %e, "a stream that came back is unusable"),
+                    }
                 }
             });
         }
@@ -710,20 +835,42 @@ pub fn carry(streams: &[Conn], local: Local, how: &Carry) -> Result<RelayReport,
         ended.store(true, Ordering::Release);
         // Both flows have settled: an interrupt no longer changes the outcome.
         drop(live);
-        for w in writers {
-            w.join().expect("stream writer panicked");
+        if out.is_some() && inb.is_some() && !shared.failed() {
+            // Resumable writers half-close their streams now. An end without
+            // an inbound flow knows the other end is complete too: its only
+            // duty was to confirm.
+            shared.complete.store(true, Ordering::Release);
+            if !has_in {
+                shared.peer_complete.store(true, Ordering::Release);
+            }
+            shared.wake_all();
         }
-        // Done or failed: give the other end a moment to close its side,
-        // then close ours so every reader returns.
+        let mut writers = Some(writers);
+        if !resumable {
+            for w in writers.take().into_iter().flatten() {
+                w.join().expect("stream writer panicked");
+            }
+        }
+        // Done or failed: give the other end a moment to close its side
+        // (and a lost stream the time to come back), then close ours so
+        // every thread returns.
         let until = Instant::now() + CLOSE_GRACE;
-        while !shared.failed() && !readers.iter().all(|r| r.is_finished()) && Instant::now() < until {
+        while !shared.failed()
+            && !readers.iter().all(|r| r.is_finished())
+            && (Instant::now() < until || shared.recovering.load(Ordering::Acquire) > 0)
+        {
             std::thread::sleep(Duration::from_millis(5));
         }
-        for st in streams {
-            let _ = st.shutdown(Shutdown::Both);
+        shared.closing.store(true, Ordering::Release);
+        shared.wake_all();
+        for l in &shared.lanes {
+            l.link.shutdown();
         }
         for r in readers {
             r.join().expect("stream reader panicked");
+        }
+        for w in writers.into_iter().flatten() {
+            w.join().expect("stream writer panicked");
         }
         (out, inb)
     });
@@ -737,7 +884,15 @@ pub fn carry(streams: &[Conn], local: Local, how: &Carry) -> Result<RelayReport,
     out.wire_bytes = shared.out_wire.load(Ordering::Relaxed);
     inb.wire_bytes = shared.in_wire.load(Ordering::Relaxed);
     let (forward, back) = if how.source { (out, inb) } else { (inb, out) };
-    // TLS streams are sealed in this process: always the portable backend.
-    let backend = if streams.iter().any(Conn::is_tls) { "TLS, portable".to_string() } else { how.io.describe() };
-    Ok(RelayReport { role: String::new(), forward, back, streams: n, secs: t0.elapsed().as_secs_f64(), backend })
+    let backend = if tls { "TLS, portable".to_string() } else { how.io.describe() };
+    Ok(RelayReport {
+        role: String::new(),
+        forward,
+        back,
+        streams: n,
+        secs: t0.elapsed().as_secs_f64(),
+        backend,
+        reconnects: shared.lanes.iter().map(|l| l.link.replaced()).sum(),
+        resent_chunks: shared.resent.load(Ordering::Relaxed),
+    })
 }

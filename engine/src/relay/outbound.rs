@@ -4,20 +4,22 @@
 //! more from where it was.
 
 use std::collections::BTreeMap;
-use std::io::{self, ErrorKind, Read};
+use std::io::{ErrorKind, Read};
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::Scope;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Select, Sender};
-use pmigrate_transport::backend::{Backend, FrameWriter, URING_DEPTH};
+use pmigrate_transport::backend::Outgoing;
+use pmigrate_transport::backend::{Backend, FrameWriter, WriteFailure, URING_DEPTH};
 use pmigrate_transport::frame::{Encoding, HEADER_LEN};
 use pmigrate_transport::message::Control;
 use pmigrate_transport::net::{keepalive_frame, KEEPALIVE_INTERVAL};
 use pmigrate_transport::payload::build_data;
-use pmigrate_transport::TransportError;
+use pmigrate_transport::{Conn, TransportError};
 
+use super::resume::{write_lost, Recovered, Unacked, ACK_TICK};
 use super::{Carry, FlowReport, Shared, CHUNK, INLINE_CHUNK};
 use crate::MigrateError;
 
@@ -35,43 +37,161 @@ struct Built {
     len: usize,
 }
 
-/// Writes one stream's queue to its socket with the session's backend; at
-/// the queue's end (every producer done) half-closes the stream. A write
-/// error fails the relay.
+/// Writes one stream's queue to its socket with the session's backend; a
+/// write error fails the relay. With nothing queued for a while, a
+/// keepalive says this end is still here.
+///
+/// Without `CAP_RESUME`, at the queue's end (every producer done) it
+/// half-closes the stream. With it (`super::resume`) it also acknowledges
+/// the chunks the stream's reader took, keeps what it wrote until the other
+/// end acknowledges it, takes nothing new while that buffer is full, and
+/// after a lost connection sends it all again on the new one before
+/// anything else; a lost connection is taken back, not a failure. It
+/// half-closes only once this end is complete, and stays until the other
+/// end ended the stream too (a comeback may still need it).
 pub(super) fn stream_writer(shared: &Shared<'_>, i: usize, rx: Receiver<Vec<u8>>, backend: Backend) {
-    let sock = &shared.streams[i];
-    let fail = |e: io::Error| shared.fail(i, TransportError::io(format!("stream {i}: write"), e).into());
-    let mut w = match sock.try_clone().map_err(|e| TransportError::io(format!("stream {i}"), e)) {
-        Ok(s) => match FrameWriter::new(s, backend, None) {
-            Ok(w) => w,
-            Err(e) => return shared.fail(i, e.into()),
-        },
+    let lane = &shared.lanes[i];
+    let resumable = shared.resumable();
+    let (conn, mut gen) = lane.link.current();
+    let mut w = match writer_on(&conn, i, backend) {
+        Ok(w) => w,
         Err(e) => return shared.fail(i, e.into()),
     };
-    // Whatever is queued goes out together (one chain, one system call,
-    // with io_uring), up to a batch at a time; with nothing queued for a
-    // while, a keepalive says this end is still here.
+    let mut conn = conn;
+    let mut kept = Unacked::default();
+    // The queue may bring more; this connection was half-closed.
+    let (mut open, mut closed) = (true, false);
+    // What the last `Ack` on this connection said.
+    let mut acked_sent = 0u64;
+    let (mut last_ack, mut last_write) = (Instant::now(), Instant::now());
+    // Frames to write next: a replay after a comeback, the queue's, an ack.
+    let mut batch: Vec<Outgoing> = Vec::new();
+    let counted = |kept: &mut Unacked, f: &[u8]| {
+        if resumable {
+            kept.handed(f);
+        }
+    };
     loop {
-        let first = match rx.recv_timeout(KEEPALIVE_INTERVAL) {
-            Ok(f) => f,
-            Err(RecvTimeoutError::Disconnected) => break,
-            Err(RecvTimeoutError::Timeout) => keepalive_frame().to_vec(),
-        };
-        let more = std::iter::from_fn(|| rx.try_recv().ok()).take(URING_DEPTH - 1);
-        for frame in std::iter::once(first).chain(more) {
-            if shared.failed() {
+        if shared.failed() {
+            return;
+        }
+        if resumable {
+            let (c, g) = lane.link.current();
+            if g > gen {
+                // Another thread took the stream back: send again, first,
+                // everything the other end may not have.
+                kept.keep(w.take_done());
+                kept.keep(batch.drain(..));
+                match writer_on(&c, i, backend) {
+                    Ok(nw) => w = nw,
+                    Err(e) => return shared.fail(i, e.into()),
+                }
+                (conn, gen, closed, acked_sent) = (c, g, false, 0);
+                let (frames, chunks) = kept.replay();
+                shared.resent.fetch_add(chunks, Ordering::Relaxed);
+                batch = frames;
+            }
+            kept.release(lane.acknowledged());
+            if !closed {
+                if let Some(next) = lane.ack_due(acked_sent, last_ack.elapsed() >= ACK_TICK) {
+                    batch.push(Control::Ack { next }.encode().into());
+                    (acked_sent, last_ack) = (next, Instant::now());
+                }
+            }
+        }
+        if !batch.is_empty() {
+            let frames = std::mem::take(&mut batch);
+            match write_all(shared, &mut w, frames) {
+                Ok(()) => {
+                    last_write = Instant::now();
+                    if resumable {
+                        kept.keep(w.take_done());
+                    } else {
+                        drop(w.take_done());
+                    }
+                }
+                Err(f) if resumable && write_lost(&f.error) => {
+                    kept.keep(w.take_done());
+                    kept.keep(f.unsent);
+                    let why = TransportError::io(format!("stream {i}: write"), f.error);
+                    match shared.recover(i, gen, why) {
+                        // The top of the loop switches to it.
+                        Ok(Recovered::Back(..)) => {}
+                        Ok(Recovered::Over) => return,
+                        Err(e) => return shared.fail(i, e),
+                    }
+                }
+                Err(f) => return shared.fail(i, TransportError::io(format!("stream {i}: write"), f.error).into()),
+            }
+            continue;
+        }
+        if !open && !closed && (!resumable || shared.complete.load(Ordering::Acquire)) {
+            let _ = conn.shutdown(Shutdown::Write);
+            if !resumable {
                 return;
             }
-            if let Err(e) = w.send(frame) {
-                return fail(e.error);
+            closed = true;
+        }
+        if closed && (lane.finished() || shared.closing.load(Ordering::Acquire)) {
+            return;
+        }
+        // Wait for a frame (while the buffer has room), a wake-up, or the
+        // time to acknowledge or say `Keepalive`.
+        let take = open && !closed && kept.room();
+        let tick = if resumable && !closed && lane.ack_pending(acked_sent) {
+            ACK_TICK.saturating_sub(last_ack.elapsed())
+        } else {
+            KEEPALIVE_INTERVAL.saturating_sub(last_write.elapsed())
+        };
+        let mut sel = Select::new();
+        let queue = take.then(|| sel.recv(&rx));
+        sel.recv(lane.woken());
+        match sel.select_timeout(tick) {
+            Ok(op) if Some(op.index()) == queue => match op.recv(&rx) {
+                // Whatever is queued goes out together (one chain, one
+                // system call, with io_uring), up to a batch at a time.
+                Ok(f) => {
+                    counted(&mut kept, &f);
+                    batch.push(f.into());
+                    while batch.len() < URING_DEPTH && kept.room() {
+                        let Ok(f) = rx.try_recv() else { break };
+                        counted(&mut kept, &f);
+                        batch.push(f.into());
+                    }
+                }
+                Err(_) => open = false,
+            },
+            Ok(op) => {
+                let _ = op.recv(lane.woken());
             }
+            Err(_) if !closed && last_write.elapsed() >= KEEPALIVE_INTERVAL => {
+                batch.push(keepalive_frame().to_vec().into());
+            }
+            Err(_) => {}
         }
-        if let Err(e) = w.flush() {
-            return fail(e.error);
-        }
-        drop(w.take_done());
     }
-    let _ = sock.shutdown(Shutdown::Write);
+}
+
+/// A frame writer on a stream's connection.
+fn writer_on(conn: &Conn, i: usize, backend: Backend) -> Result<FrameWriter, TransportError> {
+    let sock = conn.try_clone().map_err(|e| TransportError::io(format!("stream {i}"), e))?;
+    FrameWriter::new(sock, backend, None)
+}
+
+/// Writes `frames` in order and waits until all are out, unless the relay
+/// failed meanwhile. On failure every frame not wholly written comes back.
+fn write_all(shared: &Shared<'_>, w: &mut FrameWriter, frames: Vec<Outgoing>) -> Result<(), WriteFailure> {
+    let mut frames = frames.into_iter();
+    while let Some(f) = frames.next() {
+        if shared.failed() {
+            return Ok(());
+        }
+        if let Err(mut e) = w.send(f) {
+            e.unsent.extend(frames);
+            return Err(e);
+        }
+    }
+    w.flush()
 }
 
 /// Runs the outbound flow on the calling thread (the sequencer), with the

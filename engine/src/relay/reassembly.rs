@@ -10,6 +10,15 @@
 //! [`super::REORDER_WINDOW`] of the next one the output needs wait for it
 //! to catch up, which bounds memory whatever the peer sends.
 //!
+//! A stream that came back on a new connection after a lost one
+//! ([`resume`](Reassembly::resume), `CAP_RESUME`) replays: its sender sends
+//! again, in order, every frame it had not seen acknowledged, so chunks
+//! (and its `End`) it carried before may come again. Such a chunk — at or
+//! below the last one the stream carried, and delivered or held — is a
+//! duplicate ([`replayed`](Reassembly::replayed)), dropped unopened; the
+//! first chunk past the stream's last one ends the replay. Elsewhere a
+//! chunk that comes twice is an error, as before.
+//!
 //! The threaded driver (`super::inbound`) keeps one of these under a lock:
 //! stream readers [`announce`](Reassembly::announce) and
 //! [`insert`](Reassembly::insert) chunks and [`end`](Reassembly::end) their
@@ -91,6 +100,14 @@ pub enum ReassemblyError {
         /// The chunk's sequence number.
         seq: u64,
     },
+    /// A stream that came back replays a chunk it never carried.
+    #[error("chunk {seq} replayed on stream {stream} was never carried")]
+    NeverCarried {
+        /// The stream.
+        stream: usize,
+        /// The chunk's sequence number.
+        seq: u64,
+    },
 }
 
 /// The reassembly of one flow carried by `streams` streams.
@@ -104,13 +121,67 @@ pub struct Reassembly {
     /// Per stream: the last sequence number it announced, and whether it
     /// ended.
     heads: Vec<(Option<u64>, bool)>,
+    /// Per stream: it came back on a new connection and may replay what
+    /// it carried before.
+    replaying: Vec<bool>,
+    /// The local peer left and what was held was dropped: a replayed chunk
+    /// can no longer be found among them.
+    dropped: bool,
 }
 
 impl Reassembly {
     /// The reassembly of a flow over `streams` streams, before anything
     /// arrived.
     pub fn new(streams: usize) -> Self {
-        Self { chunks: BTreeMap::new(), next: 0, total: None, heads: vec![(None, false); streams] }
+        Self {
+            chunks: BTreeMap::new(),
+            next: 0,
+            total: None,
+            heads: vec![(None, false); streams],
+            replaying: vec![false; streams],
+            dropped: false,
+        }
+    }
+
+    /// Stream `i` came back on a new connection: what it carried before
+    /// may come again, in order, before anything new.
+    pub fn resume(&mut self, i: usize) {
+        if let Some(r) = self.replaying.get_mut(i) {
+            *r = true;
+        }
+    }
+
+    /// Whether chunk `seq` on stream `i` is one the stream carried before it
+    /// came back, to be dropped unopened; otherwise it is announced as
+    /// usual. A replayed number that was neither delivered nor held is an
+    /// error: the stream never carried it.
+    pub fn replayed(&mut self, i: usize, seq: u64) -> Result<bool, ReassemblyError> {
+        let (Some(&(head, _)), Some(replaying)) = (self.heads.get(i), self.replaying.get_mut(i)) else {
+            return Err(ReassemblyError::NoStream { stream: i });
+        };
+        if !*replaying {
+            return Ok(false);
+        }
+        match head {
+            Some(last) if seq <= last => {
+                if seq < self.next || self.chunks.contains_key(&seq) || self.dropped {
+                    Ok(true)
+                } else {
+                    Err(ReassemblyError::NeverCarried { stream: i, seq })
+                }
+            }
+            // Past the stream's last chunk: the replay is over.
+            _ => {
+                *replaying = false;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Whether an `End` of `total` on stream `i` is the one the stream
+    /// carried before it came back.
+    pub fn replayed_end(&self, i: usize, total: u64) -> bool {
+        self.replaying.get(i) == Some(&true) && self.heads.get(i).is_some_and(|h| h.1) && self.total == Some(total)
     }
 
     /// Stream `i` carries chunk `seq` (before it is opened): its numbers
@@ -179,6 +250,7 @@ impl Reassembly {
     /// The local peer left: what is held is dropped.
     pub fn drop_held(&mut self) {
         self.chunks.clear();
+        self.dropped = true;
     }
 
     /// Chunks held, waiting for the output.
@@ -202,6 +274,9 @@ mod tests {
         Swap(usize, usize),
         /// The stream is cut after this many frames.
         Cut(usize, usize),
+        /// The stream's connection is lost after this many frames; it
+        /// comes back and replays from this many frames earlier.
+        Lose(usize, usize, usize),
     }
 
     #[derive(Clone, Debug, PartialEq)]
@@ -223,6 +298,7 @@ mod tests {
             l.push(Frame::End(chunks));
         }
         let mut cut = vec![usize::MAX; streams];
+        let mut lose = None;
         match *fault {
             Fault::None => {}
             Fault::Drop(s, k) if k < lists[s % streams].len() => drop(lists[s % streams].remove(k)),
@@ -232,6 +308,7 @@ mod tests {
             }
             Fault::Swap(s, k) if k + 1 < lists[s % streams].len() => lists[s % streams].swap(k, k + 1),
             Fault::Cut(s, k) => cut[s % streams] = k,
+            Fault::Lose(s, k, back) => lose = Some((s % streams, k, back)),
             _ => {}
         }
         let mut at = vec![0usize; streams];
@@ -265,11 +342,20 @@ mod tests {
             let f = lists[s][at[s]].clone();
             at[s] += 1;
             match f {
+                Frame::Chunk(k) if r.replayed(s, k).map_err(|e| e.to_string())? => {}
                 Frame::Chunk(k) => {
                     r.announce(s, k).map_err(|e| e.to_string())?;
                     r.insert(k, k.to_le_bytes().to_vec()).map_err(|e| e.to_string())?;
                 }
+                Frame::End(t) if r.replayed_end(s, t) => {}
                 Frame::End(t) => r.end(s, t).map_err(|e| e.to_string())?,
+            }
+            // The lost connection: everything after the last frame
+            // acknowledged comes again on the new one.
+            if let Some((ls, k, back)) = lose.filter(|&(ls, k, _)| ls == s && at[s] == k) {
+                at[ls] = k.saturating_sub(back);
+                r.resume(ls);
+                lose = None;
             }
             assert!(r.held() <= REORDER_WINDOW as usize, "the window bounds what is held");
         }
@@ -306,6 +392,53 @@ mod tests {
                 prop_assert_eq!(out, (0..chunks).collect::<Vec<_>>(), "{:?}", fault);
             }
         }
+    }
+
+    proptest! {
+        /// A stream whose connection is lost and comes back, replaying
+        /// what was not acknowledged, gives the right output: replayed
+        /// chunks are dropped, not delivered twice nor refused.
+        #[test]
+        fn a_lost_stream_that_replays_gives_the_flow_whole(
+            chunks in 1u64..200, streams in 1usize..4,
+            place in proptest::collection::vec(any::<u8>(), 200), order in proptest::collection::vec(any::<u8>(), 1..64),
+            s in 0usize..4, k in 0usize..200, back in 0usize..80,
+        ) {
+            let out = run(chunks, streams, &place, &order, &Fault::Lose(s, k, back));
+            prop_assert_eq!(out, Ok((0..chunks).collect::<Vec<_>>()));
+        }
+    }
+
+    #[test]
+    fn only_a_resumed_stream_replays_and_only_what_it_carried() {
+        let mut r = Reassembly::new(2);
+        for (s, k) in [(0, 0), (1, 1), (0, 2)] {
+            assert_eq!(r.replayed(s, k), Ok(false), "nothing replays before a stream came back");
+            r.announce(s, k).unwrap();
+            r.insert(k, vec![k as u8]).unwrap();
+        }
+        assert_eq!(r.take().unwrap(), Next::Chunk(vec![0]));
+        r.end(0, 4).unwrap();
+        // Stream 1 has not come back: its chunk again is a duplicate.
+        assert_eq!(r.replayed(1, 1), Ok(false));
+        assert!(r.announce(1, 1).is_err());
+        r.resume(0);
+        // Delivered (0) and held (2) chunks, and its End, come again.
+        assert_eq!(r.replayed(0, 0), Ok(true));
+        assert_eq!(r.replayed(0, 2), Ok(true));
+        assert!(r.replayed_end(0, 4));
+        assert!(!r.replayed_end(0, 5), "another total is no replay");
+        // A number at or below its last one that was neither delivered
+        // nor held is no replay.
+        let mut r2 = Reassembly::new(1);
+        r2.announce(0, 5).unwrap();
+        r2.resume(0);
+        assert!(r2.replayed(0, 3).is_err(), "never carried, never delivered");
+        // Past its last chunk the replay is over: later duplicates are errors.
+        assert_eq!(r2.replayed(0, 6), Ok(false));
+        r2.announce(0, 6).unwrap();
+        assert_eq!(r2.replayed(0, 5), Ok(false));
+        assert!(r2.announce(0, 5).is_err());
     }
 
     #[test]

@@ -71,6 +71,7 @@ fn listen() -> Acceptor {
 fn opts(backend: BackendChoice) -> RelayRecvOptions {
     RelayRecvOptions {
         progress_timeout: Duration::from_secs(3),
+        resume: true,
         accept_deadline: Some(Instant::now() + Duration::from_secs(30)),
         threads: 1,
         backend,
@@ -425,6 +426,17 @@ fn hostile_with(
     frames: Vec<(usize, Vec<u8>)>,
     vanish: bool,
 ) -> (Result<RelayReport, MigrateError>, Vec<u8>) {
+    hostile_caps(b, streams, CAP_LZ4, frames, vanish)
+}
+
+/// [`hostile_with`], offering `caps`.
+fn hostile_caps(
+    b: BackendChoice,
+    streams: u16,
+    caps: u64,
+    frames: Vec<(usize, Vec<u8>)>,
+    vanish: bool,
+) -> (Result<RelayReport, MigrateError>, Vec<u8>) {
     let acc = listen();
     let addr = acc.local_addrs()[0];
     let sink = Sink::default();
@@ -436,7 +448,7 @@ fn hostile_with(
         stream_index: 0,
         stream_count: streams,
         session: new_session_id(),
-        caps: CAP_LZ4,
+        caps,
         regions: vec![],
         extensions: vec![],
     };
@@ -547,6 +559,292 @@ fn tls_sessions_carry_both_ways_and_refuse_strangers(b: BackendChoice) {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// An input that calls its hooks once its reader has read past their
+/// offsets: to kill a stream mid-transfer at a known point.
+struct Tripwire {
+    data: Cursor<Vec<u8>>,
+    hooks: Vec<(u64, Box<dyn FnOnce() + Send>)>,
+}
+
+impl Tripwire {
+    fn new(data: Vec<u8>, mut hooks: Vec<(u64, Box<dyn FnOnce() + Send>)>) -> Self {
+        hooks.sort_by_key(|h| std::cmp::Reverse(h.0));
+        Tripwire { data: Cursor::new(data), hooks }
+    }
+}
+
+impl Read for Tripwire {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.hooks.last().is_some_and(|h| h.0 <= self.data.position()) {
+            (self.hooks.pop().expect("just looked").1)();
+        }
+        // Small reads, so the hooks strike between chunks of the stream.
+        let n = buf.len().min(64 << 10);
+        self.data.read(&mut buf[..n])
+    }
+}
+
+/// The TCP connections under a session's streams, to kill from outside.
+fn sockets(s: &Session) -> Vec<std::net::TcpStream> {
+    s.streams.iter().map(|c| c.tcp().try_clone().unwrap()).collect()
+}
+
+/// Kills a connection as the kernel does when a NIC flaps or `ss -K`
+/// destroys it: a reset to the peer, and every call on it here fails.
+fn kill(s: &std::net::TcpStream) {
+    pmigrate_transport::net::reset_now(s);
+}
+
+/// How the network takes a connection away.
+#[derive(Clone, Copy)]
+enum Cut {
+    /// A reset (a NIC flap, `ss -K`).
+    Reset,
+    /// A clean end of stream both ways, as a relay that shuts its sockets
+    /// down sends: to an end whose duties on the stream are done it looks
+    /// like the other end finishing.
+    Close,
+}
+
+/// Cuts stream `i` from `side` once its sockets are known (the other end
+/// may still be starting its relay).
+fn cut_later(side: &Arc<StdMutex<Vec<std::net::TcpStream>>>, i: usize, how: Cut) -> Box<dyn FnOnce() + Send> {
+    let side = side.clone();
+    Box::new(move || {
+        let t = Instant::now();
+        while side.lock().unwrap().is_empty() && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let s = &side.lock().unwrap()[i];
+        match how {
+            Cut::Reset => kill(s),
+            Cut::Close => drop(s.shutdown(Shutdown::Both)),
+        }
+    })
+}
+
+fn kill_later(side: &Arc<StdMutex<Vec<std::net::TcpStream>>>, i: usize) -> Box<dyn FnOnce() + Send> {
+    cut_later(side, i, Cut::Reset)
+}
+
+/// A relay of 4 streams, simplex, with the given kills: (tenths of the
+/// input read, stream, killed at the accepting end). Returns both reports
+/// after checking the output byte for byte.
+fn relay_under_kills(b: BackendChoice, kills: &[(u64, usize, bool)]) -> (RelayReport, RelayReport) {
+    let cuts: Vec<_> = kills.iter().map(|&(t, i, d)| (t, i, d, Cut::Reset)).collect();
+    relay_under_cuts(b, &cuts, (Auth::Insecure, Auth::Insecure))
+}
+
+/// [`relay_under_kills`], cutting each as given, the ends authenticated as
+/// `auth` says (accepting end, source).
+fn relay_under_cuts(
+    b: BackendChoice,
+    kills: &[(u64, usize, bool, Cut)],
+    auth: (Auth, Auth),
+) -> (RelayReport, RelayReport) {
+    let data = payload(16 << 20);
+    let mut acc = listen();
+    acc.auth = auth.0;
+    let addr = acc.local_addrs()[0];
+    let sink = Sink::default();
+    let (src_side, dst_side) = (Arc::new(StdMutex::new(Vec::new())), Arc::new(StdMutex::new(Vec::new())));
+    let (o, dst, out) = (opts(b), dst_side.clone(), sink.clone());
+    let rx = std::thread::spawn(move || {
+        let session = accept(&acc, &o)?;
+        assert!(session.resume.is_some(), "the receiver takes lost streams back");
+        *dst.lock().unwrap() = sockets(&session);
+        session.carry(Local { input: None, output: Some(Box::new(out)), abort: Box::new(|| {}) })
+    });
+    let mut plan = plan(addr, 4);
+    plan.auth = auth.1;
+    let cfg = RelaySendConfig { threads: 2, compression: Compression::Off, duplex: false, ..cfg(b, plan) };
+    let session = connect(&cfg).unwrap();
+    *src_side.lock().unwrap() = sockets(&session);
+    let len = data.len() as u64;
+    let hooks = kills
+        .iter()
+        .map(|&(tenths, i, at_dst, how)| {
+            (len * tenths / 10, cut_later(if at_dst { &dst_side } else { &src_side }, i, how))
+        })
+        .collect();
+    let input = Tripwire::new(data.clone(), hooks);
+    let sent = session.carry(Local { input: Some(Box::new(input)), output: None, abort: Box::new(|| {}) });
+    let got = rx.join().unwrap();
+    let (sent, got) = (sent.expect("send"), got.expect("recv"));
+    assert!(*sink.0.lock().unwrap() == data, "the output differs from the input");
+    assert!(sink.finished());
+    (sent, got)
+}
+
+/// One of four streams loses its connection mid-transfer (a reset, as a
+/// NIC flap looks to both ends): the source dials it again, the stream
+/// resumes, and the output is the input byte for byte.
+fn a_stream_killed_mid_transfer_resumes_and_the_output_is_exact(b: BackendChoice) {
+    let (sent, got) = relay_under_kills(b, &[(3, 1, false)]);
+    assert_eq!((sent.reconnects, got.reconnects), (1, 1), "{sent}\n{got}");
+    assert!(sent.to_string().contains("1 lost stream resumed"), "{sent}");
+    // The same from the accepting end's socket.
+    let (sent, got) = relay_under_kills(b, &[(5, 2, true)]);
+    assert_eq!((sent.reconnects, got.reconnects), (1, 1), "{sent}\n{got}");
+}
+
+/// The network ends a stream's connection cleanly mid-transfer (a FIN
+/// each way, no reset). The sender's reader of that stream has no duty on
+/// it (the session is simplex): that end of stream is still no sign that
+/// the other end finished, since it has not confirmed the flow yet. The
+/// stream comes back and the output is exact.
+fn a_stream_closed_cleanly_by_the_network_resumes_and_the_output_is_exact(b: BackendChoice) {
+    let (sent, got) = relay_under_cuts(b, &[(4, 2, true, Cut::Close)], (Auth::Insecure, Auth::Insecure));
+    assert_eq!((sent.reconnects, got.reconnects), (1, 1), "{sent}\n{got}");
+}
+
+/// Under mutual TLS a stream killed mid-transfer comes back the same way:
+/// a new TLS connection whose comeback proves the session's secret.
+fn a_tls_stream_killed_mid_transfer_resumes_and_the_output_is_exact(b: BackendChoice) {
+    use pmigrate_transport::tls::test_pki::{config, pki_dir};
+    let dir = pki_dir(&format!("relay-resume-{b:?}"));
+    let tls = |name| Auth::Tls(Arc::new(config(&dir, name)));
+    let (sent, got) = relay_under_cuts(b, &[(3, 1, false, Cut::Reset), (6, 3, true, Cut::Reset)], (tls("b"), tls("a")));
+    assert_eq!((sent.reconnects, got.reconnects), (2, 2), "{sent}\n{got}");
+    assert_eq!(sent.backend, "TLS, portable");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Every stream loses its connection once, at both ends by turns.
+fn every_stream_killed_once_resumes_and_the_output_is_exact(b: BackendChoice) {
+    let (sent, got) = relay_under_kills(b, &[(2, 0, false), (4, 1, true), (6, 2, false), (8, 3, true)]);
+    assert_eq!((sent.reconnects, got.reconnects), (4, 4), "{sent}\n{got}");
+    assert!(sent.resent_chunks > 0, "chunks lost with the connections were sent again: {sent}");
+}
+
+/// A full-duplex session (the proxy's, QEMU's return path) whose streams
+/// are killed while both directions carry: both arrive byte for byte.
+fn a_duplex_session_killed_both_ways_resumes_both_directions(b: BackendChoice) {
+    let forward = payload(12 << 20);
+    let back: Vec<u8> = payload(12 << 20).into_iter().rev().collect();
+    let acc = listen();
+    let addr = acc.local_addrs()[0];
+    let (fw_sink, bk_sink) = (Sink::default(), Sink::default());
+    let (src_side, dst_side) = (Arc::new(StdMutex::new(Vec::new())), Arc::new(StdMutex::new(Vec::new())));
+    let len = back.len() as u64;
+    let dst_input =
+        Tripwire::new(back.clone(), vec![(len / 2, kill_later(&dst_side, 2)), (len * 3 / 4, kill_later(&src_side, 0))]);
+    let (o, dst, out) = (opts(b), dst_side.clone(), fw_sink.clone());
+    let rx = std::thread::spawn(move || {
+        let session = accept(&acc, &o)?;
+        *dst.lock().unwrap() = sockets(&session);
+        session.carry(Local { input: Some(Box::new(dst_input)), output: Some(Box::new(out)), abort: Box::new(|| {}) })
+    });
+    let cfg = RelaySendConfig { threads: 2, compression: Compression::Off, ..cfg(b, plan(addr, 3)) };
+    let session = connect(&cfg).unwrap();
+    *src_side.lock().unwrap() = sockets(&session);
+    let len = forward.len() as u64;
+    let src_input = Tripwire::new(forward.clone(), vec![(len / 3, kill_later(&src_side, 1))]);
+    let sent = session.carry(Local {
+        input: Some(Box::new(src_input)),
+        output: Some(Box::new(bk_sink.clone())),
+        abort: Box::new(|| {}),
+    });
+    let (sent, got) = (sent.expect("source end"), rx.join().unwrap().expect("accepting end"));
+    assert!(*fw_sink.0.lock().unwrap() == forward, "forward bytes differ");
+    assert!(*bk_sink.0.lock().unwrap() == back, "bytes of the way back differ");
+    assert!(fw_sink.finished() && bk_sink.finished());
+    assert_eq!((sent.reconnects, got.reconnects), (3, 3), "{sent}\n{got}");
+}
+
+/// A stream that cannot come back — the way to the accepting end is gone
+/// with it — fails both ends cleanly once the deadline (the progress
+/// timeout) has passed, each local peer told: never a clean end of a
+/// cut-short stream.
+fn a_stream_that_cannot_come_back_fails_both_ends_within_the_deadline(b: BackendChoice) {
+    use super::cutter;
+    let data = payload(16 << 20);
+    let acc = listen();
+    let addr = acc.local_addrs()[0];
+    let sink = Sink::default();
+    let (o, out) = (opts(b), sink.clone());
+    let (src_aborted, dst_aborted) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let d = dst_aborted.clone();
+    let rx = std::thread::spawn(move || {
+        let abort = Box::new(move || d.store(true, Ordering::Relaxed));
+        let r = receive(&acc, Local { input: None, output: Some(Box::new(out)), abort }, &o);
+        (r, Instant::now())
+    });
+    // The network between the ends: it resets the connection crossing 4
+    // MiB, and then goes away for good (every connection reset, nothing
+    // accepted any more).
+    let link = cutter::Cutter::start(addr, 4 << 20, cutter::Trigger::Cut).unwrap();
+    let c = RelaySendConfig {
+        compression: Compression::Off,
+        duplex: false,
+        progress_timeout: Duration::from_secs(3),
+        ..cfg(b, plan(link.addr, 4))
+    };
+    let cut = Arc::new(StdMutex::new(None));
+    let gone = cut.clone();
+    let watcher = std::thread::spawn(move || {
+        while !link.fired() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(link);
+        *gone.lock().unwrap() = Some(Instant::now());
+    });
+    let s = src_aborted.clone();
+    let abort = Box::new(move || s.store(true, Ordering::Relaxed));
+    let err = send(Local { input: Some(Box::new(Cursor::new(data))), output: None, abort }, &c).expect_err("send");
+    let src_failed = Instant::now();
+    let (rerr, dst_failed) = rx.join().unwrap();
+    let rerr = rerr.expect_err("recv");
+    watcher.join().unwrap();
+    let cut = cut.lock().unwrap().expect("the link was cut");
+    // The source dials for its progress timeout; the accepting end waits
+    // as long, and a handshake more.
+    let (src_took, dst_took) = (src_failed - cut, dst_failed - cut);
+    assert!(
+        src_took >= Duration::from_secs(2) && src_took < Duration::from_secs(8),
+        "send failed after {src_took:?}: {err}"
+    );
+    assert!(dst_took < Duration::from_secs(14), "recv failed after {dst_took:?}: {rerr}");
+    assert!(err.to_string().contains("did not come back"), "{err}");
+    assert!(src_aborted.load(Ordering::Relaxed) && dst_aborted.load(Ordering::Relaxed), "both local peers told");
+    assert!(!sink.finished(), "the cut-short output was not closed as if whole");
+}
+
+/// Without `CAP_RESUME` (an older peer, or resume turned off) a lost
+/// stream fails the relay at once, both ends.
+fn without_resume_a_lost_stream_fails_the_relay_at_once(b: BackendChoice) {
+    let data = payload(16 << 20);
+    let acc = listen();
+    let addr = acc.local_addrs()[0];
+    let mut o = opts(b);
+    o.resume = false;
+    let rx = std::thread::spawn(move || {
+        let session = accept(&acc, &o)?;
+        assert!(session.resume.is_none());
+        session.carry(Local { input: None, output: Some(Box::new(Sink::default())), abort: Box::new(|| {}) })
+    });
+    let session = connect(&RelaySendConfig { duplex: false, ..cfg(b, plan(addr, 4)) }).unwrap();
+    assert!(session.resume.is_none(), "CAP_RESUME was not granted");
+    let victims = sockets(&session);
+    let input = Tripwire::new(data.clone(), vec![((data.len() / 3) as u64, Box::new(move || kill(&victims[1])))]);
+    let t0 = Instant::now();
+    let err = session.carry(Local { input: Some(Box::new(input)), output: None, abort: Box::new(|| {}) });
+    assert!(err.is_err() && rx.join().unwrap().is_err(), "both ends fail");
+    assert!(t0.elapsed() < Duration::from_secs(5), "took {:?}", t0.elapsed());
+}
+
+/// A resumable sender that vanishes (its process killed: every stream
+/// lost, none dialled again) fails the receiver once it waited the
+/// deadline out.
+fn a_resumable_sender_that_vanishes_fails_the_receiver_after_the_deadline(b: BackendChoice) {
+    let t0 = Instant::now();
+    let (res, out) = hostile_caps(b, 2, CAP_LZ4 | CAP_RESUME, vec![(0, data(0, 1))], true);
+    let err = res.expect_err("vanished");
+    assert!(err.to_string().contains("did not come back"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(15), "took {:?}", t0.elapsed());
+    assert_eq!(out, vec![1; 1000], "what arrived whole was delivered, and no more");
+}
+
 /// Every case above runs over each I/O backend: the same bytes, the same
 /// failures. io_uring cases skip, saying why, where the kernel refuses it.
 macro_rules! over_each_backend {
@@ -587,4 +885,12 @@ over_each_backend!(
     a_destination_peer_that_stops_reading_fails_the_relay,
     a_destination_closing_the_forward_direction_is_refused,
     an_interrupt_ends_both_ends_and_says_why,
+    a_stream_killed_mid_transfer_resumes_and_the_output_is_exact,
+    a_stream_closed_cleanly_by_the_network_resumes_and_the_output_is_exact,
+    a_tls_stream_killed_mid_transfer_resumes_and_the_output_is_exact,
+    every_stream_killed_once_resumes_and_the_output_is_exact,
+    a_duplex_session_killed_both_ways_resumes_both_directions,
+    a_stream_that_cannot_come_back_fails_both_ends_within_the_deadline,
+    without_resume_a_lost_stream_fails_the_relay_at_once,
+    a_resumable_sender_that_vanishes_fails_the_receiver_after_the_deadline,
 );
