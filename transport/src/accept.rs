@@ -345,8 +345,9 @@ impl Acceptor {
             let arrival = match pipeline.rx.recv_timeout(ACCEPT_TICK) {
                 Ok(Ok(a)) => a,
                 Ok(Err(refusal)) => {
+                    // Logged first: the peer may act on the refusal at once.
+                    note(refusal.peer, refusal.why.clone());
                     refusal.send();
-                    note(refusal.peer, refusal.why);
                     continue;
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => continue,
@@ -354,8 +355,8 @@ impl Acceptor {
             };
             let peer = arrival.peer;
             if let Err(refusal) = self.join(arrival, mode, &mut claim, check) {
+                note(peer, refusal.why.clone());
                 refusal.send();
-                note(peer, refusal.why);
             }
         });
         let (hello, caps, streams, key) = res?;

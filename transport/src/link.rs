@@ -239,14 +239,14 @@ impl Resumes {
                                     }
                                 }
                                 Err(r) => {
+                                    log(peer, r.why.clone());
                                     r.send();
-                                    log(peer, r.why);
                                 }
                             }
                         }
                         Ok(Err(r)) => {
+                            log(r.peer, r.why.clone());
                             r.send();
-                            log(r.peer, r.why);
                         }
                         Err(_) => {}
                     }

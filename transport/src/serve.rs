@@ -111,8 +111,9 @@ impl Acceptor {
         let mut gathering: HashMap<[u8; 16], Gathering<H::Context>> = HashMap::new();
         let mut running: HashMap<[u8; 16], Running> = HashMap::new();
         let refuse = |r: Refusal, peer: SocketAddr| {
-            r.send();
+            // Logged first: the peer may act on the refusal at once.
             refusal_logged(peer, &r.why);
+            r.send();
         };
         let note = |peer: SocketAddr, why: String| refusal_logged(peer, &why);
         // A gathering session that will never run: its streams are told
