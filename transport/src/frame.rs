@@ -87,6 +87,12 @@ pub enum FrameKind {
     /// stream that has carried nothing for a while, so the other end can
     /// tell a quiet peer from a vanished or frozen one; receivers skip it.
     Keepalive = 16,
+    /// Destination → source, any stream of a memory session with
+    /// `CAP_RESUME`, empty: `aux` frames of this stream were received and
+    /// processed since the session began. An acknowledgement now and then,
+    /// and the first frame on a connection that came back, so the source
+    /// resends exactly what the lost one swallowed.
+    Received = 17,
 }
 
 impl FrameKind {
@@ -108,6 +114,7 @@ impl FrameKind {
             14 => ProbeReply,
             15 => Switchover,
             16 => Keepalive,
+            17 => Received,
             _ => return None,
         })
     }
@@ -305,7 +312,7 @@ impl FrameHdr {
             // Read before the peer proved anything: a few dozen bytes.
             Auth => crate::auth::MAX_AUTH_LEN as u32,
             Error => 4 << 10,
-            RoundEnd | Done | Verified | End | PageRequest | Keepalive => 0,
+            RoundEnd | Done | Verified | End | PageRequest | Keepalive | Received => 0,
             Probe | ProbeReply => MAX_PROBE_ITEMS * 8,
         };
         if self.len > max {

@@ -202,6 +202,12 @@ pub enum Control<'a> {
     },
     /// §7.5: still here.
     Keepalive,
+    /// §7.2.3: the destination received and processed `frames` frames of
+    /// this stream since the session began (every kind, keepalives too).
+    Received {
+        /// Frames received on the stream, over all its connections.
+        frames: u64,
+    },
 }
 
 /// A frame, typed.
@@ -266,6 +272,7 @@ impl<'a> Message<'a> {
                 control(Control::Switchover { round: Round(hdr.aux), last: hdr.flags & FLAG_FINAL != 0, need })
             }
             Keepalive => control(Control::Keepalive),
+            Received => control(Control::Received { frames: hdr.aux }),
             Hello | Auth | Pages | Data => Err(unexpected()),
         }
     }
@@ -301,6 +308,7 @@ impl Control<'_> {
             Control::ProbeReply(_) => FrameKind::ProbeReply,
             Control::Switchover { .. } => FrameKind::Switchover,
             Control::Keepalive => FrameKind::Keepalive,
+            Control::Received { .. } => FrameKind::Received,
         }
     }
 
@@ -348,6 +356,7 @@ impl Control<'_> {
                 }
             }
             Control::Keepalive => {}
+            Control::Received { frames } => h.aux = *frames,
         }
         let mut f = Vec::new();
         build_control(&mut f, h, &body);
@@ -412,6 +421,21 @@ mod tests {
             need: Some(NeedBitmap { range: range(0, 1016, 1028), bits: &bits }),
         });
         round_trip(Control::Keepalive);
+        round_trip(Control::Received { frames: 0 });
+        round_trip(Control::Received { frames: u64::MAX });
+    }
+
+    /// An acknowledgement is a header alone: no flag, no payload.
+    #[test]
+    fn a_received_with_flags_or_a_payload_is_refused() {
+        let mut f = Control::Received { frames: 9 }.encode();
+        f[2] = 1;
+        let e = FrameHdr::decode(f[..HEADER_LEN].try_into().unwrap()).unwrap_err();
+        assert_eq!(e, WireError::BadFlags { kind: FrameKind::Received, flags: 1 });
+        let mut f = Vec::new();
+        build_control(&mut f, FrameHdr::new(FrameKind::Received), &[0; 8]);
+        let e = FrameHdr::decode(f[..HEADER_LEN].try_into().unwrap()).unwrap_err();
+        assert_eq!(e, WireError::TooLong { kind: FrameKind::Received, len: 8, max: 0 });
     }
 
     #[test]
