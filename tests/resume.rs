@@ -191,6 +191,38 @@ fn a_destination_that_cannot_be_reached_again_leaves_the_guest_at_the_source(io:
     assert!(!matches!(d, MigrateError::Untold(_)), "{d}");
 }
 
+/// The figure: 512 MiB of incompressible memory over four streams through
+/// the relay, idle guest, once untouched and once with one connection cut
+/// a third of the way; prints both times.
+#[test]
+#[ignore = "slow: a figure, not a check (cargo test --release --test resume stress -- --ignored --nocapture)"]
+fn stress_512_mib_with_one_connection_cut_against_none() {
+    let src = Arc::new(GuestMemory::anonymous(512 << 20).unwrap());
+    fill(&src, ContentMix::RANDOM, 12);
+    let mut times = Vec::new();
+    for offset in [u64::MAX, 170 << 20] {
+        let dst = GuestMemory::anonymous(512 << 20).unwrap();
+        let acceptor = Acceptor::bind(&["127.0.0.1:0".parse().unwrap()], backends::key()).unwrap();
+        let cutter = Cutter::start(acceptor.local_addrs()[0], offset, Trigger::Cut).unwrap();
+        let source = std::thread::scope(|s| {
+            let rx =
+                s.spawn(|| Incoming::accept_for(&acceptor, &dst, None).unwrap().receive(&dst, &Default::default()));
+            let cfg = SourceConfig { threads: 2, compression: Compression::Off, ..SourceConfig::default() };
+            let r = Source::new(&src, vec![cutter.addr], backends::key()).streams(4).config(cfg).run().unwrap();
+            rx.join().unwrap().unwrap();
+            r
+        });
+        assert_eq!(first_difference(&src, &dst), None);
+        assert_eq!(source.reconnects, u64::from(offset != u64::MAX));
+        eprintln!("{source}");
+        times.push((source.total_secs, source.resent_frames));
+    }
+    eprintln!(
+        "512 MiB, 4 streams: unfaulted {:.3} s; one connection cut {:.3} s, {} frames sent again",
+        times[0].0, times[1].0, times[1].1
+    );
+}
+
 over_each_backend!(
     a_connection_cut_mid_round_comes_back_and_the_copy_is_exact,
     every_connection_cut_at_once_comes_back_and_the_copy_is_exact,
