@@ -261,7 +261,7 @@ impl Incoming {
                     for (l, tally) in streams.iter().zip(&state.tallies) {
                         let Some(_w) = l.try_lock_writes() else { continue };
                         let (conn, gen) = l.current();
-                        if gen != tally.told_on.load(Ordering::Acquire) {
+                        if gen != tally.told_on.load(Ordering::Acquire) && !tally.over.load(Ordering::Acquire) {
                             continue;
                         }
                         if state.resumable && tally.untold_for(state.t0) >= Some(ACK_INTERVAL) {
@@ -277,7 +277,11 @@ impl Incoming {
                 .iter()
                 .enumerate()
                 .map(|(i, st)| {
-                    s.spawn(move || state.receive_stream(streams, st, i, opts).map_err(|e| state.fail(streams, i, e)))
+                    s.spawn(move || {
+                        let res = state.receive_stream(streams, st, i, opts);
+                        state.tallies[i].over.store(true, Ordering::Release);
+                        res.map_err(|e| state.fail(streams, i, e))
+                    })
                 })
                 .collect();
             let results = handles.into_iter().map(|h| h.join().expect("receiver panicked")).collect();
@@ -402,6 +406,8 @@ struct Tally {
     /// first: on a connection that came back, the count comes before
     /// anything else.
     told_on: AtomicU64,
+    /// The stream's receiver returned: nobody will tell the count again.
+    over: AtomicBool,
 }
 
 impl Tally {
