@@ -161,7 +161,7 @@ pub use pmigrate_engine::{
 };
 
 // What a `MigrateError` carries, and what the embedder's hooks return.
-pub use pmigrate_engine::{HookError, LayoutMismatch, NoConfirmation, NoVerdict, PostcopyError};
+pub use pmigrate_engine::{HookError, LayoutMismatch, NoConfirmation, NoVerdict, PostcopyError, Unreturned};
 
 // Post-copy, guest hints and shared memory.
 pub use pmigrate_engine::{nonce_proof, parse_free_pages, probe_postcopy, raw_fault_round_trip, HintError, RegionPath};

@@ -103,7 +103,7 @@ pub use pmigrate_transport::{
 
 // Error types: what a `MigrateError` carries, and the parsers' and
 // probes' own.
-pub use dest::LayoutMismatch;
+pub use dest::{LayoutMismatch, Unreturned};
 pub use dirty::UffdWpUnsupported;
 pub use hints::HintError;
 pub use postcopy::PostcopyError;
@@ -241,6 +241,19 @@ pub enum MigrateError {
     /// source any more, and the destination's copy is incomplete.
     #[error("the guest was handed over at the post-copy switchover and runs at the destination, then: {0}")]
     HandedOver(Box<MigrateError>),
+    /// A stream's connection was lost before its part was over and it did
+    /// not come back (the destination's side; before a post-copy
+    /// switchover, so the guest never ran here).
+    #[error("stream {stream} was lost ({lost}) and did not come back: {why}")]
+    Lost {
+        /// The stream.
+        stream: usize,
+        /// How its connection was lost.
+        #[source]
+        lost: TransportError,
+        /// Why it is given up.
+        why: dest::Unreturned,
+    },
     /// Stopped because another part of the migration failed.
     #[error("migration aborted")]
     Aborted,

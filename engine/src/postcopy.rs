@@ -425,11 +425,6 @@ impl DestPost {
         }
     }
 
-    /// Whether the guest has started here (it may have finished since).
-    pub(crate) fn started(&self) -> bool {
-        self.phase() != Phase::Before
-    }
-
     fn phase(&self) -> Phase {
         *self.phase.lock().expect("phase lock")
     }

@@ -129,6 +129,14 @@ pub struct Report {
     pub mode: String,
     /// Post-copy's figures, when the migration switched to it.
     pub postcopy: Option<PostcopyReport>,
+    /// Connections lost and replaced by a stream that came back, over the
+    /// whole migration (pre-copy and post-copy).
+    #[serde(default)]
+    pub reconnects: u64,
+    /// Source: frames sent again after a stream came back, because its
+    /// lost connection had swallowed them (the destination cannot tell).
+    #[serde(default)]
+    pub resent_frames: u64,
 }
 
 impl Report {
@@ -230,6 +238,13 @@ impl fmt::Display for Report {
                     None => writeln!(f)?,
                 }
             }
+        }
+        if self.reconnects > 0 {
+            write!(f, "  {} lost connections came back", self.reconnects)?;
+            if source {
+                write!(f, ", {} frames sent again", self.resent_frames)?;
+            }
+            writeln!(f)?;
         }
         if let Some(l) = &self.batch_latency {
             writeln!(

@@ -147,10 +147,11 @@ fn frame(op: &Op, placed: Digest) -> (u8, Vec<u8>) {
             *stream
         }
         Op::Stray { stream, which, value } => {
-            let c = match which % 4 {
+            let c = match which % 5 {
                 0 => Control::ProbeReply(vec![*value]),
                 1 => Control::Verified { value: *value, closed: false },
                 2 => Control::End { chunks: *value },
+                3 => Control::Received { frames: *value },
                 _ => Control::PageRequest(PageRange { region: RegionIdx(0), start: PageIdx(0), end: PageIdx(1) }),
             };
             f = c.encode();
@@ -188,7 +189,11 @@ fuzz_target!(|input: Input| {
             break;
         }
         if let Op::Reconnect { stream } = op {
-            rules.reconnected(usize::from(*stream) % streams);
+            // As the driver does: only a stream the rules let come back.
+            let stream = usize::from(*stream) % streams;
+            if rules.may_come_back(stream, true) {
+                rules.reconnected(stream);
+            }
             continue;
         }
         let (stream, f) = frame(op, placer.digest());

@@ -3,7 +3,8 @@
 //! bytes) on any stream, each page request checked against the region
 //! table, and then the end of the session settled.
 //!
-//! Properties: a probe reply is taken only on stream 0, a page request and
+//! Properties: a count of frames received is taken on any stream, as it
+//! was said; a probe reply is taken only on stream 0, a page request and
 //! the "running" marker only on the priority stream, `Verified` only on
 //! stream 0 or the priority stream; an accepted request names existing
 //! pages after the switchover, and the "running" marker only after it; the
@@ -35,6 +36,7 @@ enum Said {
     Switchover { round: u8, last: bool },
     Verified { value: u64, closed: bool },
     Done(u64),
+    Received(u64),
     Raw(Vec<u8>),
 }
 
@@ -81,6 +83,7 @@ fuzz_target!(|input: Input| {
             }
             Said::Verified { value, closed } => Control::Verified { value: *value, closed: *closed }.encode(),
             Said::Done(d) => Control::Done(Digest(*d)).encode(),
+            Said::Received(n) => Control::Received { frames: *n }.encode(),
             Said::Raw(b) => b.clone(),
         };
         let Some(head) = f.get(..HEADER_LEN) else { continue };
@@ -105,6 +108,7 @@ fuzz_target!(|input: Input| {
                 assert!(index == 0 || is_prio);
                 verdict.get_or_insert(d);
             }
+            Ok(Heard::Received(n)) => assert!(matches!(said, Said::Received(m) if *m == n) || matches!(said, Said::Raw(_))),
             Ok(Heard::Nothing) | Err(_) => {}
         }
     }

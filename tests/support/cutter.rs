@@ -4,8 +4,10 @@
 //! crosses the offset (a reset on both sides, no FIN) or calls a hook there
 //! (to stop or kill an end at a known point of the migration) and goes on
 //! forwarding. Connections made after a cut pass untouched, so an end that
-//! reconnects (post-copy) can. A reset or failure on one side is passed on
-//! as a reset on the other, an end of stream as an end of stream.
+//! reconnects can — unless told to refuse them once it fired. A test may
+//! also arm another cut later, or reset every connection at once. A reset
+//! or failure on one side is passed on as a reset on the other, an end of
+//! stream as an end of stream.
 //!
 //! ```ignore
 //! #[path = "../../tests/support/cutter.rs"]
@@ -35,10 +37,12 @@ pub enum Trigger {
 }
 
 struct State {
-    offset: u64,
+    offset: AtomicU64,
     trigger: Trigger,
     carried: AtomicU64,
     fired: AtomicBool,
+    /// Once fired, new connections are reset at once.
+    refuse_after: AtomicBool,
     stop: AtomicBool,
     accepted: AtomicUsize,
     /// Both sockets of every connection, to reset them at the end.
@@ -87,10 +91,11 @@ impl Cutter {
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let state = Arc::new(State {
-            offset,
+            offset: AtomicU64::new(offset),
             trigger,
             carried: AtomicU64::new(0),
             fired: AtomicBool::new(false),
+            refuse_after: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             accepted: AtomicUsize::new(0),
             sockets: Mutex::new(Vec::new()),
@@ -106,6 +111,10 @@ impl Cutter {
                     }
                 };
                 let _ = client.set_nonblocking(false);
+                if st.refuse_after.load(Ordering::Relaxed) && st.fired.load(Ordering::Acquire) {
+                    reset(&client);
+                    continue;
+                }
                 let Ok(server) = TcpStream::connect_timeout(&upstream, Duration::from_secs(10)) else {
                     reset(&client);
                     continue;
@@ -138,6 +147,32 @@ impl Cutter {
     pub fn connections(&self) -> usize {
         self.state.accepted.load(Ordering::Relaxed)
     }
+
+    /// From the moment the offset is crossed, resets every new connection
+    /// (an end that comes back finds no way through).
+    pub fn refuse_after_firing(&self) {
+        self.state.refuse_after.store(true, Ordering::Relaxed);
+    }
+
+    /// Acts again, once, when the traffic crosses `offset`.
+    pub fn arm(&self, offset: u64) {
+        self.state.offset.store(offset, Ordering::Relaxed);
+        self.state.fired.store(false, Ordering::Release);
+    }
+
+    /// Resets every connection carried so far, both sides, now; returns
+    /// how many were still up.
+    pub fn cut_all(&self) -> usize {
+        let sockets = self.state.sockets.lock().unwrap_or_else(|p| p.into_inner());
+        let mut up = 0;
+        for pair in sockets.chunks(2) {
+            if pair[0].peer_addr().is_ok() {
+                up += 1;
+            }
+            pair.iter().for_each(reset);
+        }
+        up
+    }
 }
 
 impl Drop for Cutter {
@@ -167,9 +202,10 @@ fn pump(mut from: TcpStream, mut to: TcpStream, st: &State) {
             Err(_) => break,
         };
         let before = st.carried.fetch_add(n as u64, Ordering::Relaxed);
-        let crosses = (before..before + n as u64).contains(&st.offset);
+        let offset = st.offset.load(Ordering::Relaxed);
+        let crosses = (before..before + n as u64).contains(&offset);
         if crosses && !matches!(st.trigger, Trigger::Pass) && !st.fired.swap(true, Ordering::AcqRel) {
-            let head = usize::try_from(st.offset - before).unwrap_or(0);
+            let head = usize::try_from(offset - before).unwrap_or(0);
             match &st.trigger {
                 Trigger::Cut => {
                     let _ = to.write_all(&buf[..head]);

@@ -157,7 +157,7 @@ fn one(run: &Run, tally: &Mutex<Tally>) {
     let mut line = line;
     if let runs::Observed::Memory(m) = &observed {
         if let Some(n) = m.reconnects.filter(|&n| n > 0) {
-            line.push_str(&format!(", {n} post-copy reconnects"));
+            line.push_str(&format!(", {n} reconnects"));
         }
     }
     if verdict != Verdict::Exact {

@@ -91,6 +91,12 @@ pub enum FrameKind {
     /// stream carried with a sequence number below `aux` was taken, so its
     /// sender need not keep them for sending again after a lost connection.
     Ack = 17,
+    /// Destination → source, any stream of a memory session with
+    /// `CAP_RESUME`, empty: `aux` frames of this stream were received and
+    /// processed since the session began. An acknowledgement now and then,
+    /// and the first frame on a connection that came back, so the source
+    /// resends exactly what the lost one swallowed.
+    Received = 18,
 }
 
 impl FrameKind {
@@ -113,6 +119,7 @@ impl FrameKind {
             15 => Switchover,
             16 => Keepalive,
             17 => Ack,
+            18 => Received,
             _ => return None,
         })
     }
@@ -310,7 +317,7 @@ impl FrameHdr {
             // Read before the peer proved anything: a few dozen bytes.
             Auth => crate::auth::MAX_AUTH_LEN as u32,
             Error => 4 << 10,
-            RoundEnd | Done | Verified | End | PageRequest | Keepalive | Ack => 0,
+            RoundEnd | Done | Verified | End | PageRequest | Keepalive | Ack | Received => 0,
             Probe | ProbeReply => MAX_PROBE_ITEMS * 8,
         };
         if self.len > max {

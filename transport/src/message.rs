@@ -208,6 +208,12 @@ pub enum Control<'a> {
         /// The sequence number after the stream's last chunk taken.
         next: u64,
     },
+    /// §7.2.3: the destination received and processed `frames` frames of
+    /// this stream since the session began (every kind but `Keepalive`).
+    Received {
+        /// Frames received on the stream, over all its connections.
+        frames: u64,
+    },
 }
 
 /// A frame, typed.
@@ -273,6 +279,7 @@ impl<'a> Message<'a> {
             }
             Keepalive => control(Control::Keepalive),
             Ack => control(Control::Ack { next: hdr.aux }),
+            Received => control(Control::Received { frames: hdr.aux }),
             Hello | Auth | Pages | Data => Err(unexpected()),
         }
     }
@@ -309,6 +316,7 @@ impl Control<'_> {
             Control::Switchover { .. } => FrameKind::Switchover,
             Control::Keepalive => FrameKind::Keepalive,
             Control::Ack { .. } => FrameKind::Ack,
+            Control::Received { .. } => FrameKind::Received,
         }
     }
 
@@ -357,6 +365,7 @@ impl Control<'_> {
             }
             Control::Keepalive => {}
             Control::Ack { next } => h.aux = *next,
+            Control::Received { frames } => h.aux = *frames,
         }
         let mut f = Vec::new();
         build_control(&mut f, h, &body);
@@ -423,6 +432,21 @@ mod tests {
         round_trip(Control::Keepalive);
         round_trip(Control::Ack { next: 0 });
         round_trip(Control::Ack { next: 1 << 40 });
+        round_trip(Control::Received { frames: 0 });
+        round_trip(Control::Received { frames: u64::MAX });
+    }
+
+    /// An acknowledgement is a header alone: no flag, no payload.
+    #[test]
+    fn a_received_with_flags_or_a_payload_is_refused() {
+        let mut f = Control::Received { frames: 9 }.encode();
+        f[2] = 1;
+        let e = FrameHdr::decode(f[..HEADER_LEN].try_into().unwrap()).unwrap_err();
+        assert_eq!(e, WireError::BadFlags { kind: FrameKind::Received, flags: 1 });
+        let mut f = Vec::new();
+        build_control(&mut f, FrameHdr::new(FrameKind::Received), &[0; 8]);
+        let e = FrameHdr::decode(f[..HEADER_LEN].try_into().unwrap()).unwrap_err();
+        assert_eq!(e, WireError::TooLong { kind: FrameKind::Received, len: 8, max: 0 });
     }
 
     #[test]

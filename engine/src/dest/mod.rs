@@ -73,10 +73,36 @@ impl Default for ReceiveOptions {
     }
 }
 
-/// How long a stream lost after the switchover may take to come back while
-/// the session shows life on its other streams (with none, the progress
-/// timeout ends it sooner).
+/// How long a lost stream may take to come back while the session shows
+/// life on its other streams (with none, the progress timeout ends it
+/// sooner).
 pub const RESUME_WINDOW: Duration = Duration::from_secs(60);
+
+/// With `CAP_RESUME`, a stream's count of frames received (`Received`) goes
+/// back to the source after at most this many frames: the source keeps
+/// what it sent until it is counted, so this bounds its log under load.
+pub const ACK_EVERY: u64 = 256;
+
+/// … and at most this long after a frame arrived: a lull leaves the log
+/// short too. An acknowledgement is a header, 40 bytes a tenth of a second.
+pub const ACK_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Why a stream lost before its switchover marker (or in a pre-copy
+/// migration) did not come back ([`MigrateError::Lost`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Unreturned {
+    /// Not within the resume window, or the whole session fell silent.
+    #[error("not within {waited:?}, {quiet:?} without a frame on any stream")]
+    Deadline {
+        /// How long this end waited.
+        waited: Duration,
+        /// How long no stream delivered anything.
+        quiet: Duration,
+    },
+    /// The post-copy switchover began on other streams meanwhile.
+    #[error("the switchover began without it")]
+    Switchover,
+}
 
 /// The polling tick of receivers: how often a blocked read wakes up to
 /// account for a stall.
@@ -172,6 +198,7 @@ impl Incoming {
             post,
             resume: Mutex::new(Some(resume)),
             resumable: caps & CAP_RESUME != 0,
+            tallies: streams.iter().map(|_| Tally::default()).collect(),
             streams_done: AtomicBool::new(false),
             post_digest: OnceLock::new(),
             complete: AtomicBool::new(false),
@@ -193,36 +220,23 @@ impl Incoming {
                     }
                 });
             }
-            if let (Some(post), Some(acceptor)) = (&state.post, self.acceptor.take()) {
-                if caps & CAP_RESUME != 0 {
-                    let key = self.accepted.key.clone();
-                    s.spawn(move || {
-                        // Streams lost after the switchover come back here,
-                        // until every receiver is done; each must prove the
-                        // session's secret.
-                        let mut resumes = None;
-                        while !state.streams_done.load(Ordering::Acquire) && !state.abort.load(Ordering::Relaxed) {
-                            if !post.started() {
-                                std::thread::sleep(postcopy::TICK);
-                                continue;
-                            }
-                            let r = resumes.get_or_insert_with(|| {
-                                let log = std::sync::Arc::new(|_: std::net::SocketAddr, _: String| {});
-                                Resumes::start(
-                                    acceptor.try_clone().expect("listeners"),
-                                    session,
-                                    streams.len() as u16,
-                                    caps,
-                                    key.clone(),
-                                    log,
-                                )
-                            });
-                            if let Some((i, conn)) = r.next(postcopy::TICK) {
-                                streams[i as usize].replace(conn);
+            if let (true, Some(acceptor)) = (state.resumable, self.acceptor.take()) {
+                let key = self.accepted.key.clone();
+                s.spawn(move || {
+                    // Lost streams come back here until every receiver is
+                    // done; each must prove the session's secret.
+                    let log = std::sync::Arc::new(|peer: std::net::SocketAddr, why: String| {
+                        tracing::info!(%peer, why, "connection refused while a session runs");
+                    });
+                    let r = Resumes::start(acceptor, session, streams.len() as u16, caps, key, log);
+                    while !state.streams_done.load(Ordering::Acquire) && !state.abort.load(Ordering::Relaxed) {
+                        if let Some((i, conn)) = r.next(postcopy::TICK) {
+                            if let Some(link) = streams.get(usize::from(i)) {
+                                link.replace(conn);
                             }
                         }
-                    });
-                }
+                    }
+                });
             }
             if let Some(post) = &state.post {
                 s.spawn(move || {
@@ -232,18 +246,29 @@ impl Incoming {
                 });
             }
             // Keepalives, so the source can tell a destination that is busy
-            // (verifying, placing) from one that is frozen or gone.
+            // (verifying, placing) from one that is frozen or gone; and the
+            // counts of frames received that a lull left untold. Never on a
+            // connection that came back before its receiver told the count
+            // there: that comes first.
             s.spawn(move || {
                 let mut last = Instant::now();
                 while !state.streams_done.load(Ordering::Acquire) && !state.abort.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(50));
-                    if last.elapsed() < KEEPALIVE_INTERVAL {
-                        continue;
+                    let keepalive = last.elapsed() >= KEEPALIVE_INTERVAL;
+                    if keepalive {
+                        last = Instant::now();
                     }
-                    last = Instant::now();
-                    for l in streams {
-                        if let Some(_w) = l.try_lock_writes() {
-                            let _ = write_frame(&mut &*l.current().0, keepalive_frame(), "keepalive");
+                    for (l, tally) in streams.iter().zip(&state.tallies) {
+                        let Some(_w) = l.try_lock_writes() else { continue };
+                        let (conn, gen) = l.current();
+                        if gen != tally.told_on.load(Ordering::Acquire) && !tally.over.load(Ordering::Acquire) {
+                            continue;
+                        }
+                        if state.resumable && tally.untold_for(state.t0) >= Some(ACK_INTERVAL) {
+                            let _ = tally.tell(&conn, state.t0);
+                        }
+                        if keepalive {
+                            let _ = write_frame(&mut &*conn, keepalive_frame(), "keepalive");
                         }
                     }
                 }
@@ -252,7 +277,11 @@ impl Incoming {
                 .iter()
                 .enumerate()
                 .map(|(i, st)| {
-                    s.spawn(move || state.receive_stream(streams, st, i, opts).map_err(|e| state.fail(streams, i, e)))
+                    s.spawn(move || {
+                        let res = state.receive_stream(streams, st, i, opts);
+                        state.tallies[i].over.store(true, Ordering::Release);
+                        res.map_err(|e| state.fail(streams, i, e))
+                    })
                 })
                 .collect();
             let results = handles.into_iter().map(|h| h.join().expect("receiver panicked")).collect();
@@ -324,9 +353,11 @@ struct State<'m> {
     started: Mutex<bool>,
     /// Post-copy: every needed page arrived.
     complete: AtomicBool,
-    /// Post-copy with `CAP_RESUME`: streams lost after the switchover may
-    /// reconnect.
+    /// With `CAP_RESUME`: lost streams may reconnect, and each stream's
+    /// frames are counted back to the source.
     resumable: bool,
+    /// Per stream: frames received and what the source was told.
+    tallies: Vec<Tally>,
     /// Every stream receiver returned.
     streams_done: AtomicBool,
     /// Post-copy: the digest of the memory received, once complete.
@@ -359,6 +390,46 @@ impl State<'_> {
 
     fn rules(&self) -> MutexGuard<'_, DestRules> {
         self.rules.lock().expect("rules lock")
+    }
+}
+
+/// One stream's count of the frames received and processed (every kind but
+/// keepalives, over all its connections), and what the source was told.
+#[derive(Debug, Default)]
+struct Tally {
+    counted: AtomicU64,
+    told: AtomicU64,
+    /// When the count was last told, in milliseconds since the session's
+    /// start.
+    told_at: AtomicU64,
+    /// The generation of the stream's connection that was told the count
+    /// first: on a connection that came back, the count comes before
+    /// anything else.
+    told_on: AtomicU64,
+    /// The stream's receiver returned: nobody will tell the count again.
+    over: AtomicBool,
+}
+
+impl Tally {
+    /// A frame was received and carried out.
+    fn count(&self) -> u64 {
+        self.counted.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// How long ago the count was last told, if there is news.
+    fn untold_for(&self, t0: Instant) -> Option<Duration> {
+        let told_at = Duration::from_millis(self.told_at.load(Ordering::Acquire));
+        (self.counted.load(Ordering::Acquire) > self.told.load(Ordering::Acquire))
+            .then(|| t0.elapsed().saturating_sub(told_at))
+    }
+
+    /// Tells the count on `conn` (the caller holds the link's writes).
+    fn tell(&self, conn: &Conn, t0: Instant) -> Result<(), TransportError> {
+        let frames = self.counted.load(Ordering::Acquire);
+        write_frame(&mut &*conn, &Control::Received { frames }.encode(), "received")?;
+        self.told.store(frames, Ordering::Release);
+        self.told_at.store(t0.elapsed().as_millis() as u64, Ordering::Release);
+        Ok(())
     }
 }
 
@@ -426,16 +497,27 @@ impl State<'_> {
         let mut reader = reader_on(&cur.0)?;
         let mut opener = Opener::default();
         let mut out = StreamOutcome::default();
+        let tally = &self.tallies[index];
+        // Tells the source the count on the current connection.
+        let tell = |cur: &Arc<Conn>| {
+            let _w = link.lock_writes();
+            tally.tell(cur, self.t0)
+        };
         loop {
             let switched = self.rules().switched(index);
             let res = match reader.next_frame() {
                 Ok(None) if self.complete.load(Ordering::Acquire) => return Ok(out),
-                // Streams close only after the end: this one was cut.
-                Ok(None) if switched && self.resumable && !self.abort.load(Ordering::Relaxed) => {
-                    Err(TransportError::Closed(format!("stream {index}: connection closed")))
+                // Streams close only after the end: this one was cut (a
+                // source that gives up says so first).
+                Ok(None) if self.resumable && !self.abort.load(Ordering::Relaxed) => {
+                    Err(TransportError::Closed(format!("stream {index}: before the migration completed")))
                 }
                 other => other,
             };
+            // Before the switchover only a broken connection may come back,
+            // not a frame that breaks the protocol.
+            let lost =
+                |e: &TransportError| switched || matches!(e, TransportError::Io { .. } | TransportError::Closed(_));
             let next = match res {
                 Ok(f) => f,
                 // After the switchover, a broken connection may come back.
@@ -456,13 +538,17 @@ impl State<'_> {
                         .into(),
                     });
                 }
-                Err(e) if self.rules().may_come_back(index, self.resumable) => {
+                Err(e) if lost(&e) && self.rules().may_come_back(index, self.resumable) => {
                     tracing::warn!(stream = index, error = %e, "stream lost; waiting for the source to reconnect it");
                     let Some(next) = self.await_comeback(link, index, cur.1, e, opts)? else {
                         return Ok(out); // every page arrived meanwhile
                     };
                     cur = next;
                     reader = reader_on(&cur.0)?;
+                    // The count first: the source sends again what follows
+                    // it. (Lost again, the next read says so.)
+                    let _ = tell(&cur.0);
+                    tally.told_on.store(cur.1, Ordering::Release);
                     self.rules().reconnected(index);
                     tracing::info!(stream = index, "stream reconnected");
                     continue;
@@ -483,7 +569,19 @@ impl State<'_> {
             out.bytes += (pmigrate_transport::frame::HEADER_LEN + payload.len()) as u64;
             out.frames += 1;
             let msg = Message::decode(hdr, payload).map_err(wire)?;
+            let counts = !matches!(msg, Message::Control(Control::Keepalive));
             let step = self.rules().on_message(index, msg)?;
+            // Counted once carried out: a probe whose answer could not be
+            // written comes again.
+            let done = |ended: bool| {
+                if !self.resumable || !counts {
+                    return;
+                }
+                let n = tally.count();
+                if ended || n - tally.told.load(Ordering::Acquire) >= ACK_EVERY {
+                    let _ = tell(&cur.0);
+                }
+            };
             match step {
                 Step::Nothing => {}
                 Step::Place { frame, stamp, post } => {
@@ -501,7 +599,14 @@ impl State<'_> {
                     })?;
                     let f = Control::ProbeReply(answer).encode();
                     let _w = link.lock_writes();
-                    write_frame(&mut &*cur.0, &f, &format!("stream {index}"))?;
+                    if let Err(e) = write_frame(&mut &*cur.0, &f, &format!("stream {index}")) {
+                        // Not counted: if the stream comes back, the probe
+                        // comes again.
+                        if self.resumable {
+                            continue;
+                        }
+                        return Err(e.into());
+                    }
                 }
                 Step::Need(need) => {
                     let post = self.post.as_ref().expect("the rules allow a switchover in post-copy only");
@@ -519,15 +624,20 @@ impl State<'_> {
                         return Err(MigrateError::Aborted);
                     }
                 }
-                Step::End => return Ok(out),
+                Step::End => {
+                    // The last count, so the source need keep nothing.
+                    done(true);
+                    return Ok(out);
+                }
             }
+            done(false);
         }
     }
 
-    /// Waits for stream `index`, lost after its switchover marker, to come
-    /// back on a new connection (newer than `gen`), while the session shows
-    /// life and within [`RESUME_WINDOW`]; `None` if every page arrived
-    /// meanwhile.
+    /// Waits for stream `index`, lost in pre-copy or after its switchover
+    /// marker, to come back on a new connection (newer than `gen`), while
+    /// the session shows life and within [`RESUME_WINDOW`]; `None` if every
+    /// page arrived meanwhile (post-copy).
     fn await_comeback(
         &self,
         link: &Link,
@@ -548,7 +658,16 @@ impl State<'_> {
                 return Ok(Some(next));
             }
             let quiet = self.quiet_for();
-            if t.elapsed() > RESUME_WINDOW || quiet > opts.progress_timeout {
+            let switched = self.rules().switched(index);
+            // A stream lost before its marker cannot come back once the
+            // switchover is under way.
+            let barred = !self.rules().may_come_back(index, self.resumable);
+            if t.elapsed() > RESUME_WINDOW || quiet > opts.progress_timeout || barred {
+                if !switched {
+                    let waited = t.elapsed();
+                    let why = if barred { Unreturned::Switchover } else { Unreturned::Deadline { waited, quiet } };
+                    return Err(MigrateError::Lost { stream: index, lost, why });
+                }
                 let missing = self.post.as_ref().map_or(0, |p| p.missing.load(Ordering::Relaxed));
                 return Err(PostcopyError::NotReconnected { stream: index, lost, quiet, missing }.into());
             }

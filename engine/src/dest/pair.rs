@@ -13,11 +13,16 @@
 //! [`Placer`] exactly as its driver does; its verdict goes back through
 //! the source's own rules ([`heard`], [`settle`]).
 //!
+//! A connection may also break and come back (`CAP_RESUME`): the
+//! destination's count of the frames it took goes to the source's rules
+//! ([`heard`]) and record ([`SentLog`]), and the source sends again what
+//! followed the count, page frames rebuilt from its memory as it is then.
+//!
 //! What must hold for every schedule: the destination confirms only memory
 //! byte-identical to the source's, and whenever it refuses, the source
-//! keeps the guest.
+//! keeps the guest; a connection that came back changes nothing.
 
-use pmigrate_ranges::{Gpa, GuestMemory, GuestRegion, HostPageSize, PageIdx, PAGE_SIZE};
+use pmigrate_ranges::{Gpa, GuestMemory, GuestRegion, HostPageSize, PageIdx, PageRange, RegionIdx, PAGE_SIZE};
 use pmigrate_transport::frame::{FrameHdr, HEADER_LEN};
 use pmigrate_transport::hello::{ErrorCode, ErrorMsg};
 use pmigrate_transport::message::{Control, Digest, Message};
@@ -29,6 +34,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::place::Placer;
 use super::rules::{DestRules, Shape, Step};
 use crate::digest::memory_digest;
+use crate::source::log::{Sent, SentLog};
 use crate::source::rules::{heard, settle, Heard, Reached, RoundCounter};
 use crate::MigrateError;
 
@@ -61,6 +67,8 @@ struct Wire {
     bytes: Vec<u8>,
     /// `Some(round)` for a `Pages` frame.
     pages_of: Option<u64>,
+    /// What the source's record keeps of it.
+    sent: Sent,
 }
 
 /// What the network does to one stream.
@@ -75,6 +83,9 @@ enum Fault {
     Cut(usize),
     /// One byte of frame `k` changes.
     Corrupt(usize, usize),
+    /// The connection breaks after `k` frames and comes back; the
+    /// destination had counted `j ≤ k` of them to the source before.
+    Resume(usize, usize),
 }
 
 /// How a session ended.
@@ -159,18 +170,76 @@ impl Source {
                     }
                     let s = rng.below(streams as u64) as usize;
                     counters[s].sent_pages();
-                    out[s].push(Wire { bytes: f, pages_of: Some(round) });
+                    let range = PageRange { region: RegionIdx(r as u32), start: PageIdx(p), end: PageIdx(p + n) };
+                    out[s].push(Wire { bytes: f, pages_of: Some(round), sent: Sent::Pages { range, round } });
                     p += n;
                 }
             }
             for (s, c) in counters.iter_mut().enumerate() {
-                out[s].push(Wire { bytes: c.end(round, round + 1 == rounds).encode(), pages_of: None });
+                let end = c.end(round, round + 1 == rounds);
+                let Control::RoundEnd { frames, last, .. } = end else { unreachable!() };
+                out[s].push(Wire { bytes: end.encode(), pages_of: None, sent: Sent::RoundEnd { round, frames, last } });
             }
         }
         let digest = memory_digest(&self.sent);
-        out[0].push(Wire { bytes: Control::Done(Digest(digest)).encode(), pages_of: None });
+        let done = Control::Done(Digest(digest)).encode();
+        out[0].push(Wire { bytes: done.clone(), pages_of: None, sent: Sent::Control(done) });
         out
     }
+
+    /// A recorded frame again, as the source sends it after a comeback:
+    /// pages from its memory now, raw or zero.
+    fn again(&self, s: &Sent) -> Wire {
+        let bytes = match s {
+            Sent::Pages { range, round } => {
+                let r = range.region.as_usize();
+                let bytes = &self.mem[r][range.start.0 as usize * PAGE_SIZE..range.end.0 as usize * PAGE_SIZE];
+                let mut f = Vec::new();
+                if bytes.chunks_exact(PAGE_SIZE).all(is_zero_page) {
+                    build_zero_pages(&mut f, range.region.0, range.start.0, range.len() as u32, *round);
+                } else {
+                    let hashes: Vec<u64> = bytes.chunks_exact(PAGE_SIZE).map(xxh3_64).collect();
+                    let at = PagesAt { region: range.region.0, first: range.start.0, round: *round };
+                    build_pages(&mut f, &mut Scratch::default(), at, bytes, &hashes, false);
+                }
+                f
+            }
+            Sent::RoundEnd { round, frames, last } => {
+                Control::RoundEnd { round: pmigrate_transport::message::Round(*round), frames: *frames, last: *last }
+                    .encode()
+            }
+            Sent::Control(f) => f.clone(),
+        };
+        let pages_of = match s {
+            Sent::Pages { round, .. } => Some(*round),
+            _ => None,
+        };
+        Wire { bytes, pages_of, sent: s.clone() }
+    }
+}
+
+/// The comeback of a stream whose connection broke after the destination
+/// took `k` of its frames, having told `j` of them before: the count goes
+/// through the source's rules and record, and what follows it goes again.
+/// Returns the stream's frames as the destination now reads them.
+fn come_back(src: &Source, frames: &[Wire], index: usize, j: usize, k: usize) -> Vec<Wire> {
+    let mut log = SentLog::default();
+    for w in frames {
+        log.push(w.sent.clone()).unwrap();
+    }
+    let tell = |n: usize| {
+        let f = Control::Received { frames: n as u64 }.encode();
+        let hdr = FrameHdr::decode(f[..HEADER_LEN].try_into().unwrap()).unwrap();
+        match heard(index, false, false, Message::decode(hdr, &f[HEADER_LEN..]).unwrap()).unwrap() {
+            Heard::Received(n) => n,
+            h => panic!("{h:?}"),
+        }
+    };
+    log.ack(tell(j)).unwrap();
+    log.ack(tell(k)).unwrap();
+    let mut now: Vec<Wire> = frames[..k].to_vec();
+    now.extend(log.unacked().map(|s| src.again(s)));
+    now
 }
 
 /// What a fault does to the meaning of a stream.
@@ -219,6 +288,8 @@ fn apply(fault: Fault, frames: &mut Vec<Wire>, cut: &mut usize) -> Harm {
             *cut = k;
             Harm::Certain
         }
+        // Handled by `session`, which has the source.
+        Fault::Resume(..) => Harm::None,
         Fault::Corrupt(k, at) if k < n => {
             let f = &mut frames[k].bytes;
             let at = at % f.len();
@@ -243,6 +314,13 @@ fn session(seed: u64, rounds: u64, streams: usize, on: usize, fault: Fault) -> (
     let mut wires = src.migrate(&mut rng, rounds, streams);
     let mut cut = vec![usize::MAX; streams];
     let harm = apply(fault, &mut wires[on % streams], &mut cut[on % streams]);
+    let mut back = vec![usize::MAX; streams];
+    if let Fault::Resume(j, k) = fault {
+        let s = on % streams;
+        let k = k % wires[s].len();
+        wires[s] = come_back(&src, &wires[s], s, j.min(k), k);
+        back[s] = k;
+    }
     let mem = GuestMemory::new(
         REGIONS
             .iter()
@@ -255,7 +333,7 @@ fn session(seed: u64, rounds: u64, streams: usize, on: usize, fault: Fault) -> (
     .unwrap();
     let shape =
         Shape { pages: REGIONS.to_vec(), offered: vec![false; REGIONS.len()], lz4: true, postcopy: false, streams };
-    let outcome = receive(&mut rng, &wires, &cut, shape, &mem);
+    let outcome = receive(&mut rng, &wires, &cut, &back, shape, &mem);
     let reached = Reached { digest: Some(Digest(memory_digest(&src.sent))), done_sent: true, ..Reached::default() };
     let told = match outcome {
         // The destination's `Verified`, read by the source's rules.
@@ -288,11 +366,13 @@ fn session(seed: u64, rounds: u64, streams: usize, on: usize, fault: Fault) -> (
 }
 
 /// The destination: reads the streams in an interleaving `rng` picks, as
-/// its driver does, until every stream ended; its verdict.
+/// its driver does, until every stream ended; its verdict. A stream comes
+/// back on a new connection before its frame `back[s]`.
 fn receive(
     rng: &mut Rng,
     wires: &[Vec<Wire>],
     cut: &[usize],
+    back: &[usize],
     shape: Shape,
     mem: &GuestMemory,
 ) -> Result<Digest, String> {
@@ -307,6 +387,10 @@ fn receive(
         let s = open[rng.below(open.len() as u64) as usize];
         if at[s] >= wires[s].len().min(cut[s]) {
             return Err(format!("stream {s}: connection closed before the migration completed"));
+        }
+        if at[s] == back[s] {
+            assert!(rules.may_come_back(s, true), "a pre-copy stream whose part is not over may come back");
+            rules.reconnected(s);
         }
         let f = &wires[s][at[s]].bytes;
         at[s] += 1;
@@ -368,6 +452,19 @@ fn each_fault_is_refused_with_its_reason() {
     assert!(got.contains("round"), "{got}");
 }
 
+/// A connection that breaks anywhere and comes back: the session ends
+/// confirmed and byte-exact, every time.
+#[test]
+fn a_stream_that_comes_back_ends_confirmed_and_byte_exact() {
+    for seed in 0..64 {
+        let streams = 1 + seed as usize % 4;
+        let k = (seed as usize * 7) % 40;
+        let (o, harm) = session(seed, 1 + seed % 4, streams, seed as usize, Fault::Resume(k / 2, k));
+        assert_eq!(harm, Harm::None);
+        assert!(matches!(o, Outcome::Verified), "seed {seed}: {o:?}");
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, .. ProptestConfig::default() })]
 
@@ -377,7 +474,7 @@ proptest! {
     #[test]
     fn no_fault_makes_a_wrong_confirmation(
         seed in any::<u64>(), rounds in 1u64..5, streams in 1usize..5, on in 0usize..4,
-        kind in 0u8..6, k in 0usize..40, byte in any::<usize>(),
+        kind in 0u8..7, k in 0usize..40, byte in any::<usize>(),
     ) {
         let fault = match kind {
             0 => Fault::None,
@@ -385,6 +482,7 @@ proptest! {
             2 => Fault::Duplicate(k),
             3 => Fault::Swap(k),
             4 => Fault::Cut(k),
+            5 => Fault::Resume(byte % (k + 1), k),
             _ => Fault::Corrupt(k, byte),
         };
         match session(seed, rounds, streams, on, fault) {

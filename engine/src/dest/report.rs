@@ -35,6 +35,7 @@ impl Incoming {
             compression: if self.accepted.caps & CAP_LZ4 != 0 { "lz4".into() } else { "off".into() },
             io: state.io_report.clone(),
             mode: "pre-copy".into(),
+            reconnects: streams.iter().map(Link::replaced).sum(),
             ..Report::default()
         };
         for (r, offered) in state.placer.offered().iter().enumerate() {

@@ -13,7 +13,8 @@
 //! The rules, per stream: pages belong to the stream's current round; a
 //! `RoundEnd` names that round and counts the `Pages` frames the stream
 //! carried in it (a count may fall short only when the connection was
-//! replaced in that round, after a post-copy switchover); after the final
+//! replaced in that round, after a post-copy switchover: before it, the
+//! source sends again what a lost connection swallowed); after the final
 //! `RoundEnd` a stream other than 0 is done and stream 0 waits for `Done`.
 //! Probes come on stream 0 only, and only about regions offered for
 //! handover. In post-copy, every stream reaches the same switchover round,
@@ -243,18 +244,23 @@ impl DestRules {
         }
     }
 
-    /// Stream `stream`'s connection was lost. `Ok`: it may come back (a
-    /// post-copy session with resumption, past its switchover marker);
-    /// otherwise the session is over.
+    /// Stream `stream`'s connection was lost: whether it may come back (a
+    /// session with resumption, the stream's part not over) — in pre-copy,
+    /// or past the stream's own switchover marker, but not in between: a
+    /// stream lost while the switchover goes out fails the session before
+    /// the guest can start here.
     pub fn may_come_back(&self, stream: usize, resumable: bool) -> bool {
-        resumable && self.streams.get(stream).is_some_and(|s| s.switched && !s.ended)
+        let precopy = self.switch_round.is_none();
+        resumable && self.streams.get(stream).is_some_and(|s| !s.ended && (s.switched || precopy))
     }
 
-    /// Stream `stream` came back on a new connection: frames of its round
-    /// may have been lost with the old one.
+    /// Stream `stream` came back on a new connection. Before its
+    /// switchover marker the source sends again exactly what the old one
+    /// swallowed (it learnt the count), so the round's count holds; past
+    /// it, frames of its round may have been lost (post-copy asks again).
     pub fn reconnected(&mut self, stream: usize) {
         if let Some(s) = self.streams.get_mut(stream) {
-            s.lossy = true;
+            s.lossy |= s.switched;
         }
     }
 
@@ -435,7 +441,8 @@ mod tests {
         // Pages after the marker are post-copy pages.
         assert!(feed(&mut r, 0, &zeros(0, 0, 1, 0)).unwrap().contains("post: true"));
         // Done may follow the marker at once; a stream that passed its
-        // marker may come back, one that did not may not.
+        // marker may come back, one that did not may not (the switchover
+        // is under way).
         assert!(r.may_come_back(0, true) && !r.may_come_back(2, true) && !r.may_come_back(0, false));
         assert_eq!(feed(&mut r, 0, &control(Control::Done(Digest(3)))).unwrap(), "End");
     }
@@ -453,6 +460,46 @@ mod tests {
         assert_eq!(feed(&mut r, 1, &round_end(0, 3, true)).unwrap(), "End");
     }
 
+    /// In pre-copy a lost stream may come back until its part is over, and
+    /// the source sends again exactly what was lost: its count holds.
+    #[test]
+    fn a_pre_copy_stream_comes_back_and_is_held_to_its_count() {
+        let mut r = DestRules::new(shape(2, false));
+        feed(&mut r, 1, &zeros(0, 0, 1, 0)).unwrap();
+        assert!(r.may_come_back(1, true) && !r.may_come_back(1, false), "only with resumption");
+        r.reconnected(1);
+        feed(&mut r, 1, &zeros(0, 1, 1, 0)).unwrap();
+        let e = feed(&mut r, 1, &round_end(0, 3, false)).unwrap_err();
+        assert!(e.contains("round 0 ended after 3 frames; received round 0 with 2"), "{e}");
+        let mut r = DestRules::new(shape(2, false));
+        r.reconnected(1);
+        feed(&mut r, 1, &zeros(0, 0, 1, 0)).unwrap();
+        assert_eq!(feed(&mut r, 1, &round_end(0, 1, true)).unwrap(), "End");
+        assert!(!r.may_come_back(1, true), "a stream whose part is over is not waited for");
+        // Stream 0 until its `Done`.
+        feed(&mut r, 0, &round_end(0, 0, true)).unwrap();
+        assert!(r.may_come_back(0, true));
+        feed(&mut r, 0, &control(Control::Done(Digest(1)))).unwrap();
+        assert!(!r.may_come_back(0, true));
+    }
+
+    /// In post-copy, before the switchover as in pre-copy; not once it is
+    /// under way on another stream, before the stream's own marker.
+    #[test]
+    fn a_post_copy_stream_comes_back_before_the_switchover_or_after_its_marker() {
+        let marker = || control(Control::Switchover { round: Round(1), last: true, need: None });
+        let mut r = DestRules::new(shape(3, true));
+        feed(&mut r, 1, &round_end(0, 0, false)).unwrap();
+        assert!(r.may_come_back(1, true) && r.may_come_back(2, true));
+        r.reconnected(1);
+        feed(&mut r, 0, &round_end(0, 0, false)).unwrap();
+        feed(&mut r, 0, &marker()).unwrap();
+        assert!(r.may_come_back(0, true), "past its marker");
+        assert!(!r.may_come_back(1, true), "the switchover is under way without it");
+        feed(&mut r, 1, &marker()).unwrap();
+        assert!(r.may_come_back(1, true));
+    }
+
     #[test]
     fn kinds_that_never_come_to_a_destination_are_refused() {
         let mut r = DestRules::new(shape(1, false));
@@ -461,6 +508,7 @@ mod tests {
             Control::Verified { value: 1, closed: false },
             Control::End { chunks: 1 },
             Control::PageRequest(PageRange { region: RegionIdx(0), start: PageIdx(0), end: PageIdx(1) }),
+            Control::Received { frames: 1 },
         ] {
             let e = feed(&mut r, 0, &control(c)).unwrap_err();
             assert!(e.contains("unexpected"), "{e}");

@@ -22,11 +22,19 @@
 //! the digest of all memory; the destination answers `Verified` only when
 //! its own digest matches.
 //!
+//! A stream whose connection is lost mid-migration (before the verdict and,
+//! in post-copy, also after the switchover) is reconnected within the
+//! progress timeout, and what the old connection swallowed goes again
+//! (`source/log.rs`, `source/resync.rs`); past it, the migration fails and
+//! the guest stays here.
+//!
 //! The workers are in `source/worker.rs`, the stream writers and listeners in
 //! `source/streams.rs`; this module holds the builder and the rounds.
 
+pub(crate) mod log;
 mod proof;
 mod requests;
+mod resync;
 pub(crate) mod rules;
 mod streams;
 mod switchover;
@@ -34,8 +42,9 @@ mod switchover;
 mod tests;
 mod worker;
 
+use std::sync::atomic::AtomicU32;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
@@ -44,8 +53,8 @@ use pmigrate_transport::backend::URING_DEPTH;
 use pmigrate_transport::backend::{FramePool, Outgoing};
 use pmigrate_transport::frame::HEADER_LEN;
 use pmigrate_transport::hello::{
-    encode_shared_regions, Hello, Mode, RegionDesc, CAP_LZ4, CAP_POSTCOPY, CAP_RESUME, CAP_SHARED, EXT_SHARED_REGIONS,
-    PROTOCOL_VERSION, REGION_HUGE,
+    encode_shared_regions, ErrorCode, Hello, Mode, RegionDesc, CAP_LZ4, CAP_POSTCOPY, CAP_RESUME, CAP_SHARED,
+    EXT_SHARED_REGIONS, PROTOCOL_VERSION, REGION_HUGE,
 };
 use pmigrate_transport::message::Digest;
 use pmigrate_transport::payload::{zero_page_hash, Scratch};
@@ -59,7 +68,7 @@ use crate::report::{LatencySummary, Report, RoundReport, StreamReport};
 use crate::shared::{self};
 use crate::{Compression, HookError, MigrateError};
 use rules::NoVerdict;
-use streams::{listener, sender, Listen, Msg, StreamStats};
+use streams::{listener, sender, Ledger, Listen, Msg, Out, StreamStats};
 use worker::{Counts, Worker};
 
 /// Frames queued per stream. Four frames of up to 256 KiB keep a stream's
@@ -318,9 +327,11 @@ impl<'a> Source<'a> {
             let offered: Vec<u32> = candidates.iter().map(|(r, _)| *r).collect();
             extensions.push((EXT_SHARED_REGIONS, encode_shared_regions(&offered)));
         }
+        // A lost stream may come back, in pre-copy as in post-copy.
+        caps |= CAP_RESUME;
         let mut plan = self.plan.clone();
         if self.cfg.postcopy.is_some() {
-            caps |= CAP_POSTCOPY | CAP_RESUME;
+            caps |= CAP_POSTCOPY;
             // The priority stream, last, over the first path.
             plan.streams += 1;
         }
@@ -361,6 +372,13 @@ impl<'a> Source<'a> {
                 .iter()
                 .map(|r| (0..r.pages()).map(|_| AtomicU64::new(zero_page_hash())).collect())
                 .collect(),
+            sent_round: self
+                .mem
+                .regions()
+                .iter()
+                .map(|r| (0..r.pages()).map(|_| AtomicU32::new(0)).collect())
+                .collect(),
+            sent_lock: RwLock::new(()),
             progress: &self.progress,
             abort: AtomicBool::new(false),
             candidates,
@@ -403,6 +421,11 @@ struct Run<'r> {
     /// xxh3 of each page as last sent (zero-page hash until then): what the
     /// destination holds, used to skip unchanged pages and for the digest.
     sent: Vec<Box<[AtomicU64]>>,
+    /// The round of each page's copy in `sent` (see `resync`).
+    sent_round: Vec<Box<[AtomicU32]>>,
+    /// Taken shared to update `sent` and `sent_round`, alone to rebuild
+    /// a lost frame's hashes into them.
+    sent_lock: RwLock<()>,
     progress: &'r Progress,
     abort: AtomicBool,
     /// Regions offered for handover, accepted by the destination for
@@ -426,8 +449,8 @@ struct Run<'r> {
     running: OnceLock<Instant>,
     /// Post-copy: pages sent to answer requests.
     requested_pages: AtomicU64,
-    /// With `CAP_RESUME`: how to reconnect a stream lost after the
-    /// switchover, and the session's secret it must prove.
+    /// With `CAP_RESUME`: how to reconnect a lost stream, and the session's
+    /// secret it must prove.
     resume: Option<(StreamPlan, Hello, SessionKey)>,
     /// The destination's verdict is in: connections closing now are not lost.
     finished: AtomicBool,
@@ -440,9 +463,10 @@ struct Run<'r> {
 
 impl Run<'_> {
     /// Reconnects stream `index` after its connection of generation `seen`
-    /// failed with `e` — when the session allows it: post-copy, after the
-    /// switchover went out (before, the source can still give up and resume
-    /// the guest itself), and before the verdict.
+    /// failed with `e` — when the session allows it (`CAP_RESUME`), before
+    /// the verdict and unless the migration failed otherwise. Within the
+    /// progress timeout; past it the error is the session's (before the
+    /// switchover, the guest stays here).
     fn redial(
         &self,
         link: &Link,
@@ -451,29 +475,30 @@ impl Run<'_> {
         e: TransportError,
     ) -> Result<(Arc<Conn>, u64), TransportError> {
         let Some((plan, hello, key)) = &self.resume else { return Err(e) };
-        // Once the switchover went out the guest may run at the destination:
-        // from then on only the destination's word ends the session.
+        let over = || self.finished.load(Ordering::Acquire) || self.abort.load(Ordering::Relaxed);
         let switched = self.post_round.load(Ordering::Acquire) != u64::MAX;
-        if !switched || self.finished.load(Ordering::Acquire) || self.abort.load(Ordering::Relaxed) {
+        // A destination silent for the progress timeout is frozen or gone:
+        // before the switchover that ends the migration, as it always did.
+        if over() || (!switched && matches!(e, TransportError::Idle(..))) {
             return Err(e);
         }
-        if matches!(e, TransportError::Closed(_)) {
-            // A clean close is how the destination ends a finished session:
-            // give the verdict a moment to arrive on its own stream first.
-            let t = Instant::now();
-            while t.elapsed() < Duration::from_secs(1) {
-                if self.finished.load(Ordering::Acquire) || self.abort.load(Ordering::Relaxed) {
-                    return Err(e);
-                }
-                std::thread::sleep(Duration::from_millis(5));
+        // A clean close is how the destination ends a finished session, and
+        // a broken one may follow its refusal on another stream: give its
+        // word a moment to arrive first.
+        let grace =
+            if matches!(e, TransportError::Closed(_)) { Duration::from_secs(1) } else { Duration::from_millis(250) };
+        let t = Instant::now();
+        while t.elapsed() < grace {
+            if over() {
+                return Err(e);
             }
+            std::thread::sleep(Duration::from_millis(5));
         }
-        tracing::warn!(stream = index, error = %e, "stream lost after the switchover; reconnecting");
-        let give_up = || self.finished.load(Ordering::Acquire) || self.abort.load(Ordering::Relaxed);
+        let phase = if switched { "after the switchover" } else { "before the switchover" };
+        tracing::warn!(stream = index, error = %e, "stream lost {phase}; reconnecting");
+        let within = self.cfg.progress_timeout;
         link.repair(seen, || {
-            // A lost stream may come back within the progress timeout.
-            let within = self.cfg.progress_timeout;
-            pmigrate_transport::link::reconnect(plan, hello, key, index as u16, within, &give_up).map_err(|e| match e {
+            pmigrate_transport::link::reconnect(plan, hello, key, index as u16, within, &over).map_err(|e| match e {
                 // A comeback refused is not the session's verdict: the
                 // destination that refuses it may no longer know whether
                 // its guest started (the ownership rule, `rules::settle`).
@@ -481,7 +506,9 @@ impl Run<'_> {
                     "stream {index} could not come back: the destination said {:?}: {}",
                     m.code, m.message
                 )),
-                e => e,
+                e => TransportError::Setup(format!(
+                    "stream {index} was lost and did not come back within {within:?}: {e}"
+                )),
             })
         })
     }
@@ -554,15 +581,19 @@ impl<'r> Run<'r> {
         };
         let mut latency = LatencySummary::histogram();
         let mut reached = rules::Reached::default();
+        let ledgers: Vec<Ledger> = (0..n).map(|_| Ledger::default()).collect();
         let outcome = std::thread::scope(|s| -> Result<(), MigrateError> {
             let mut senders = Vec::new();
             for (i, (stream, rx)) in streams.iter().zip(rxs).enumerate() {
-                let (pool, st) = (pool_tx.clone(), &stats[i]);
+                let (pool, st, ledger) = (pool_tx.clone(), &stats[i], &ledgers[i]);
                 let redial = move |seen, e| this.redial(stream, i, seen, e);
                 senders.push(s.spawn(move || {
                     let zc = this.zero_copy.as_ref();
                     let flags = streams::Flags { abort: &this.abort, settled: &this.finished, done: &this.done_sent };
-                    sender(stream, i, rx, pool, st, this.progress, flags, &redial, io, zc)
+                    let rebuild = |range, round| this.rebuild(range, round);
+                    let patience = this.cfg.progress_timeout;
+                    let to = Out { link: stream, index: i, redial: &redial, ledger, rebuild: &rebuild, patience };
+                    sender(to, rx, pool, st, this.progress, flags, io, zc)
                 }));
                 let listen = Listen {
                     verdict: verdict_tx.clone(),
@@ -571,6 +602,7 @@ impl<'r> Run<'r> {
                     running: &this.running,
                     settled: &this.finished,
                     post_round: &this.post_round,
+                    ledger,
                 };
                 let redial = move |seen, e| this.redial(stream, i, seen, e);
                 let progress = this.cfg.progress_timeout;
@@ -616,9 +648,6 @@ impl<'r> Run<'r> {
             }
             // Unblock the listeners whatever happened, so the scope can end.
             this.finished.store(true, Ordering::Release);
-            for l in &streams {
-                l.shutdown();
-            }
             reached.switched = this.post_round.load(Ordering::Acquire) != u64::MAX;
             reached.running = this.running.get().is_some();
             reached.done_sent = this.done_sent.load(Ordering::Acquire);
@@ -630,7 +659,23 @@ impl<'r> Run<'r> {
                 report.digest = digest.to_string();
                 reached.digest = Some(digest);
             }
-            rules::settle(reached, error, verdict)?;
+            let settled = rules::settle(reached, error, verdict);
+            if let Err(e) = &settled {
+                // A destination that may wait for lost streams to come back
+                // learns that none will: the guest stays here.
+                if this.resume.is_some() && !reached.switched && !reached.done_sent && e.source_keeps_guest() {
+                    let why = format!("the source gave up: {}", crate::describe(e));
+                    for l in &streams {
+                        if let Some(_w) = l.try_lock_writes() {
+                            l.current().0.send_error(ErrorCode::Aborted, why.clone());
+                        }
+                    }
+                }
+            }
+            for l in &streams {
+                l.shutdown();
+            }
+            settled?;
             if let Some(t) = t_pause {
                 report.downtime_secs = match this.running.get() {
                     Some(run) => run.duration_since(t).as_secs_f64(),
@@ -640,8 +685,10 @@ impl<'r> Run<'r> {
             Ok(())
         });
         outcome?;
+        report.reconnects = streams.iter().map(Link::replaced).sum();
+        report.resent_frames = stats.iter().map(|s| s.resent.load(Ordering::Relaxed)).sum();
         if let Some(p) = report.postcopy.as_mut() {
-            p.reconnects = streams.iter().map(Link::replaced).sum();
+            p.reconnects = report.reconnects;
         }
         report.wire_bytes = stats.iter().map(|s| s.bytes.load(Ordering::Relaxed)).sum();
         // Zero-copy only where the kernel took the arena's registration.

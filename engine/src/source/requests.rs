@@ -56,10 +56,7 @@ impl<'a> Answerer<'a> {
                 self.hashes.push(xxh3_64(page));
             }
         }
-        let sent = &run.sent[req.region.as_usize()];
-        for (i, h) in self.hashes.iter().enumerate() {
-            sent[(first + i as u64) as usize].store(*h, Ordering::Relaxed);
-        }
+        run.note_sent(n, first, &self.hashes, round);
         if zero {
             build_zero_pages(&mut self.frame, n, first, count, round);
         } else {

@@ -48,6 +48,9 @@ pub enum Heard {
     /// Stream 0 (pre-copy) or the priority stream (post-copy): the
     /// destination holds memory of this digest and runs the guest.
     Verified(Digest),
+    /// Any stream, at any time: the destination received this many frames
+    /// of it (§7.2.3).
+    Received(u64),
 }
 
 /// What the destination may say on stream `index`; `prio` tells whether it
@@ -57,6 +60,7 @@ pub fn heard(index: usize, prio: bool, switched: bool, m: Message<'_>) -> Result
     let unexpected = |kind: FrameKind| TransportError::Unexpected { what: format!("stream {index}"), kind }.into();
     match m {
         Message::Control(Control::Keepalive) => Ok(Heard::Nothing),
+        Message::Control(Control::Received { frames }) => Ok(Heard::Received(frames)),
         Message::Control(Control::ProbeReply(v)) if index == 0 => Ok(Heard::ProbeReply(v)),
         Message::Control(Control::PageRequest(r)) if prio => Ok(Heard::Request(r)),
         Message::Control(Control::Switchover { last: true, need: None, .. }) if prio && switched => Ok(Heard::Running),
@@ -298,6 +302,13 @@ mod tests {
         assert_eq!(ok(1, false, Control::Verified { value: 5, closed: false }), None);
         assert_eq!(ok(0, false, Control::Done(Digest(1))), None);
         assert_eq!(ok(0, false, Control::Keepalive), Some(Heard::Nothing));
+        // Acknowledgements come on every stream, before and after the
+        // switchover.
+        for (i, prio) in [(0, false), (1, false), (2, true)] {
+            assert_eq!(ok(i, prio, Control::Received { frames: 7 }), Some(Heard::Received(7)));
+            let before = heard(i, prio, false, Message::Control(Control::Received { frames: 7 })).ok();
+            assert_eq!(before, Some(Heard::Received(7)));
+        }
     }
 
     /// An unknown outcome says why, and keeps what failed as its cause.

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use pmigrate_ranges::{AtomicBitmap, PageIdx, ShardWorker, PAGE_SIZE};
+use pmigrate_ranges::{AtomicBitmap, PageIdx, PageRange, RegionIdx, ShardWorker, PAGE_SIZE};
 use pmigrate_transport::backend::Outgoing;
 use pmigrate_transport::frame::{Encoding, HEADER_LEN};
 use pmigrate_transport::payload::{
@@ -55,10 +55,11 @@ pub(super) struct Worker<'w> {
 }
 
 impl Worker<'_> {
-    fn send(&mut self, frame: Outgoing) -> Result<(), MigrateError> {
+    fn send(&mut self, frame: Outgoing, region: u32, first: u64, n: u64) -> Result<(), MigrateError> {
         self.counts.wire += frame.len() as u64;
+        let pages = PageRange { region: RegionIdx(region), start: PageIdx(first), end: PageIdx(first + n) };
+        let mut msg = Msg::Frame { frame, pages, round: self.round, sealed: Instant::now() };
         let n = self.queues.len();
-        let mut msg = Msg::Frame(frame, Instant::now());
         for k in 0..n {
             match self.queues[(self.home + k) % n].try_send(msg) {
                 Ok(()) => return Ok(()),
@@ -97,10 +98,7 @@ impl Worker<'_> {
         let lz4 = self.run.lz4.compress();
         let at = PagesAt { region, first, round: self.round };
         let n = (b - a) as u64;
-        let sent = &self.run.sent[region as usize];
-        for (i, h) in self.hashes[a..b].iter().enumerate() {
-            sent[(first + i as u64) as usize].store(*h, Ordering::Relaxed);
-        }
+        self.run.note_sent(region, first, &self.hashes[a..b], self.round);
         self.counts.payload += n * PAGE_SIZE as u64;
         let frame = if whole && !lz4 {
             // The pages already sit behind room for a header: seal the batch
@@ -123,7 +121,7 @@ impl Worker<'_> {
             }
             Outgoing::Vec(frame)
         };
-        self.send(frame)?;
+        self.send(frame, region, first, n)?;
         self.run.lz4.handed((b - a) * PAGE_SIZE);
         Ok(())
     }
@@ -134,12 +132,9 @@ impl Worker<'_> {
         }
         let mut frame = self.buffer();
         build_zero_pages(&mut frame, region, first, n as u32, self.round);
-        let z = zero_page_hash();
-        let sent = &self.run.sent[region as usize];
-        for p in first..first + n {
-            sent[p as usize].store(z, Ordering::Relaxed);
-        }
-        self.send(Outgoing::Vec(frame))
+        let zeros = vec![zero_page_hash(); n as usize];
+        self.run.note_sent(region, first, &zeros, self.round);
+        self.send(Outgoing::Vec(frame), region, first, n)
     }
 
     /// Processes a run of dirty pages `[start, start + len)` of a region.

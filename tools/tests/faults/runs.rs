@@ -54,7 +54,7 @@ pub struct MemoryObs {
     pub dst_file: Option<bool>,
     /// A `.partial` file was left.
     pub partial_left: bool,
-    /// Post-copy reconnects the source reported.
+    /// Reconnects the source reported (pre-copy or post-copy).
     pub reconnects: Option<u64>,
 }
 
