@@ -304,6 +304,18 @@ mod tests {
         Auth::Psk(Psk::from_bytes(&[b; 32]).unwrap())
     }
 
+    /// A session of two streams, accepted, whose listeners then take
+    /// comebacks of it.
+    fn resumable_session(acc: &Acceptor, plan: &StreamPlan, h: &Hello) -> (crate::Connected, Resumes) {
+        std::thread::scope(|s| {
+            let server = s.spawn(|| acc.accept_session(Mode::Memory, &mut |_| Ok(0), None).unwrap());
+            let session = connect_session(plan, h).unwrap();
+            let accepted = server.join().unwrap();
+            let log = Arc::new(|_: SocketAddr, _: String| {});
+            (session, Resumes::start(acc.try_clone().unwrap(), h.session, 2, 0, accepted.key.clone(), log))
+        })
+    }
+
     /// A session of two streams, accepted; then the listeners take
     /// comebacks of it.
     #[test]
@@ -312,32 +324,25 @@ mod tests {
         let plan = StreamPlan::new(acc.local_addrs(), 2, psk(1));
         let h = hello(new_session_id());
         let never = || false;
-        std::thread::scope(|s| {
-            let server = s.spawn(|| acc.accept_session(Mode::Memory, &mut |_| Ok(0), None).unwrap());
-            let session = connect_session(&plan, &h).unwrap();
-            let accepted = server.join().unwrap();
-            let log = Arc::new(|_: SocketAddr, _: String| {});
-            let resumes = Resumes::start(acc.try_clone().unwrap(), h.session, 2, 0, accepted.key.clone(), log);
-            // The session id alone, with another session's secret: refused.
-            let other = connect_session(&plan, &hello(new_session_id())).err();
-            assert!(other.is_some(), "a second session is refused while one runs");
-            let mut sniffed = StreamPlan::new(acc.local_addrs(), 2, psk(1));
-            sniffed.connect_timeout = Duration::from_secs(5);
-            let forged =
-                SessionKey::derive(&psk(1), &crate::auth::Transcript { offer: [0; 72], challenge: [0; 40] }, None);
-            let e = reconnect(&sniffed, &h, &forged, 1, Duration::from_secs(5), &never).unwrap_err();
-            assert!(e.to_string().contains("secret"), "{e}");
-            // A stranger without the key: refused before anything else.
-            let stranger = StreamPlan::new(acc.local_addrs(), 2, psk(2));
-            let e = reconnect(&stranger, &h, &session.key, 1, Duration::from_secs(5), &never).unwrap_err();
-            assert!(matches!(e, TransportError::Peer(_) | TransportError::Auth(_)), "{e}");
-            assert!(resumes.next(Duration::from_millis(300)).is_none(), "nothing was taken back");
-            // The real source comes back.
-            let ok = reconnect(&plan, &h, &session.key, 1, Duration::from_secs(5), &never).unwrap();
-            let (i, conn) = resumes.next(Duration::from_secs(10)).expect("the stream came back");
-            assert_eq!(i, 1);
-            assert_eq!(conn.tcp().peer_addr().unwrap(), ok.tcp().local_addr().unwrap());
-        });
+        let (session, resumes) = resumable_session(&acc, &plan, &h);
+        // The session id alone, with another session's secret: refused.
+        let other = connect_session(&plan, &hello(new_session_id())).err();
+        assert!(other.is_some(), "a second session is refused while one runs");
+        let mut sniffed = StreamPlan::new(acc.local_addrs(), 2, psk(1));
+        sniffed.connect_timeout = Duration::from_secs(5);
+        let forged = SessionKey::derive(&psk(1), &crate::auth::Transcript { offer: [0; 72], challenge: [0; 40] }, None);
+        let e = reconnect(&sniffed, &h, &forged, 1, Duration::from_secs(5), &never).unwrap_err();
+        assert!(e.to_string().contains("secret"), "{e}");
+        // A stranger without the key: refused before anything else.
+        let stranger = StreamPlan::new(acc.local_addrs(), 2, psk(2));
+        let e = reconnect(&stranger, &h, &session.key, 1, Duration::from_secs(5), &never).unwrap_err();
+        assert!(matches!(e, TransportError::Peer(_) | TransportError::Auth(_)), "{e}");
+        assert!(resumes.next(Duration::from_millis(300)).is_none(), "nothing was taken back");
+        // The real source comes back.
+        let ok = reconnect(&plan, &h, &session.key, 1, Duration::from_secs(5), &never).unwrap();
+        let (i, conn) = resumes.next(Duration::from_secs(10)).expect("the stream came back");
+        assert_eq!(i, 1);
+        assert_eq!(conn.tcp().peer_addr().unwrap(), ok.tcp().local_addr().unwrap());
     }
 
     /// A stream whose own destination address no longer answers comes
@@ -348,25 +353,19 @@ mod tests {
         let plan = StreamPlan::new(acc.local_addrs(), 2, psk(1));
         let h = hello(new_session_id());
         let never = || false;
-        std::thread::scope(|s| {
-            let server = s.spawn(|| acc.accept_session(Mode::Memory, &mut |_| Ok(0), None).unwrap());
-            let session = connect_session(&plan, &h).unwrap();
-            let accepted = server.join().unwrap();
-            let log = Arc::new(|_: SocketAddr, _: String| {});
-            let resumes = Resumes::start(acc.try_clone().unwrap(), h.session, 2, 0, accepted.key.clone(), log);
-            // Stream 0's own address is a port nobody listens on now.
-            let down = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-            let two = StreamPlan::new(vec![down, acc.local_addrs()[0]], 2, psk(1));
-            let back = reconnect(&two, &h, &session.key, 0, Duration::from_secs(5), &never).unwrap();
-            assert_eq!(back.tcp().peer_addr().unwrap(), acc.local_addrs()[0]);
-            let (i, _) = resumes.next(Duration::from_secs(10)).expect("the stream came back");
-            assert_eq!(i, 0);
-            // With no route up, it gives up when the time is over.
-            let none = StreamPlan::new(vec![down], 2, psk(1));
-            let t = Instant::now();
-            assert!(reconnect(&none, &h, &session.key, 0, Duration::from_millis(500), &never).is_err());
-            assert!(t.elapsed() < Duration::from_secs(3), "took {:?}", t.elapsed());
-        });
+        let (session, resumes) = resumable_session(&acc, &plan, &h);
+        // Stream 0's own address is a port nobody listens on now.
+        let down = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let two = StreamPlan::new(vec![down, acc.local_addrs()[0]], 2, psk(1));
+        let back = reconnect(&two, &h, &session.key, 0, Duration::from_secs(5), &never).unwrap();
+        assert_eq!(back.tcp().peer_addr().unwrap(), acc.local_addrs()[0]);
+        let (i, _) = resumes.next(Duration::from_secs(10)).expect("the stream came back");
+        assert_eq!(i, 0);
+        // With no route up, it gives up when the time is over.
+        let none = StreamPlan::new(vec![down], 2, psk(1));
+        let t = Instant::now();
+        assert!(reconnect(&none, &h, &session.key, 0, Duration::from_millis(500), &never).is_err());
+        assert!(t.elapsed() < Duration::from_secs(3), "took {:?}", t.elapsed());
     }
 
     #[test]
