@@ -137,6 +137,84 @@ pub struct Report {
     /// lost connection had swallowed them (the destination cannot tell).
     #[serde(default)]
     pub resent_frames: u64,
+    /// What happened to the streams' links: connections lost or given up
+    /// as down, streams that came back (by which route), streams back on
+    /// their own link. Oldest first.
+    #[serde(default)]
+    pub links: Vec<LinkReport>,
+}
+
+/// Something that happened to one stream's link.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LinkReport {
+    /// Stream index.
+    pub stream: u16,
+    /// Seconds from the start of the migration.
+    pub at_secs: f64,
+    /// `"down"` (its path acknowledged nothing for `secs`; the stream
+    /// moves to another route), `"lost"` (the connection failed),
+    /// `"resumed"` (a new connection, after `secs` without one) or
+    /// `"returned"` (back on its own route once it answered again).
+    pub event: String,
+    /// The connection, `local -> peer`: the one lost for `down` and
+    /// `lost`, the new one otherwise.
+    pub route: String,
+    /// `down`: how long nothing was acknowledged; `resumed`: the time lost.
+    pub secs: f64,
+    /// `resumed`, `returned`: frames (or chunks) sent again on the new
+    /// connection.
+    pub resent: u64,
+}
+
+impl LinkReport {
+    /// The events of every stream's link, in time order, timed from `t0`.
+    pub fn of(links: &[&pmigrate_transport::Link], t0: std::time::Instant) -> Vec<LinkReport> {
+        use pmigrate_transport::LinkChange;
+        let mut all: Vec<LinkReport> = links
+            .iter()
+            .enumerate()
+            .flat_map(|(i, l)| {
+                l.events().into_iter().map(move |e| {
+                    let (event, secs, resent) = match e.change {
+                        LinkChange::Down { silent } => ("down", silent.as_secs_f64(), 0),
+                        LinkChange::Lost => ("lost", 0.0, 0),
+                        LinkChange::Resumed { after, resent } => ("resumed", after.as_secs_f64(), resent),
+                        LinkChange::Returned { resent } => ("returned", 0.0, resent),
+                    };
+                    LinkReport {
+                        stream: i as u16,
+                        at_secs: e.at.saturating_duration_since(t0).as_secs_f64(),
+                        event: event.into(),
+                        route: e.route,
+                        secs,
+                        resent,
+                    }
+                })
+            })
+            .collect();
+        all.sort_by(|a, b| a.at_secs.total_cmp(&b.at_secs));
+        all
+    }
+
+    /// Seconds streams spent without a connection, all streams together.
+    pub fn time_lost(events: &[LinkReport]) -> f64 {
+        events.iter().filter(|e| e.event == "resumed").map(|e| e.secs).sum()
+    }
+}
+
+impl fmt::Display for LinkReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "stream {} at {:.2} s: ", self.stream, self.at_secs)?;
+        match self.event.as_str() {
+            "down" => write!(f, "link down ({}): nothing acknowledged for {:.1} s", self.route, self.secs),
+            "lost" => write!(f, "connection lost ({})", self.route),
+            "resumed" => {
+                write!(f, "resumed over {} after {:.2} s, {} sent again", self.route, self.secs, self.resent)
+            }
+            "returned" => write!(f, "back on its own link ({}), {} sent again", self.route, self.resent),
+            other => write!(f, "{other} ({})", self.route),
+        }
+    }
 }
 
 impl Report {
@@ -244,7 +322,10 @@ impl fmt::Display for Report {
             if source {
                 write!(f, ", {} frames sent again", self.resent_frames)?;
             }
-            writeln!(f)?;
+            writeln!(f, ", {:.2} s without a connection", LinkReport::time_lost(&self.links))?;
+        }
+        for e in &self.links {
+            writeln!(f, "    {e}")?;
         }
         if let Some(l) = &self.batch_latency {
             writeln!(

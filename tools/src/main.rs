@@ -107,6 +107,11 @@ pub(crate) struct StreamArgs {
     /// vanished with its links) before the migration fails; at least 3.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(3..))]
     pub(crate) progress_timeout: u64,
+    /// Seconds a stream's link may acknowledge nothing sent on it (a NIC
+    /// or link down) before the stream moves to another destination
+    /// address or way out; it goes back once its own answers again.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) link_timeout: u64,
 }
 
 fn default_threads() -> usize {
@@ -218,6 +223,7 @@ pub(crate) fn relay_config(dest: &[String], s: &StreamArgs, auth: pmigrate::Auth
         compression: s.compress,
         backend: s.io,
         progress_timeout: Duration::from_secs(s.progress_timeout),
+        link_timeout: Duration::from_secs(s.link_timeout),
         ..RelaySendConfig::new(plan)
     })
 }

@@ -565,6 +565,7 @@ pub(crate) fn migrate(a: MigrateArgs) -> Result<()> {
         io: a.streams.io,
         zero_copy_send: a.zero_copy_send,
         progress_timeout: Duration::from_secs(a.streams.progress_timeout),
+        link_timeout: Duration::from_secs(a.streams.link_timeout),
         ..SourceConfig::default()
     };
     let hints = |file: &Option<PathBuf>| -> Result<Vec<pmigrate::PageRange>> {

@@ -58,7 +58,7 @@ pub use backend::{Backend, BackendChoice};
 pub use conn::Conn;
 pub use frame::{Encoding, FrameHdr, FrameKind, WireError};
 pub use hello::{ErrorCode, ErrorMsg, Hello, Mode, RegionDesc, Welcome};
-pub use link::{Link, Resumes};
+pub use link::{Link, LinkChange, LinkEvent, Rejoin, Resumes};
 pub use net::{FrameReader, TransportError, Via};
 pub use serve::SessionHandler;
 pub use session::{connect_session, Connected, StreamPlan};

@@ -13,7 +13,7 @@
 //! relay sends what was not acknowledged again).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,6 +36,58 @@ pub struct Link {
     replaced: AtomicU64,
     /// Held while a thread writes one whole frame.
     writes: Mutex<()>,
+    /// The route the connection takes, counted from the stream's own (0).
+    route: AtomicUsize,
+    /// The route found down, whose connection was given up: a reconnect
+    /// tries the others first (`usize::MAX`: none).
+    down: AtomicUsize,
+    /// What happened to the link, and since when it has no connection.
+    history: Mutex<History>,
+}
+
+#[derive(Debug, Default)]
+struct History {
+    events: Vec<LinkEvent>,
+    /// The loss not yet followed by a new connection, and its generation.
+    lost: Option<(Instant, u64)>,
+}
+
+/// Something that happened to a stream's link.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LinkEvent {
+    /// When.
+    pub at: Instant,
+    /// What.
+    pub change: LinkChange,
+    /// The connection concerned, as `local -> peer` addresses: the one lost
+    /// for [`LinkChange::Down`] and [`LinkChange::Lost`], the new one
+    /// otherwise.
+    pub route: String,
+}
+
+/// What happened to a link.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LinkChange {
+    /// Its path stopped acknowledging what was sent for this long: the
+    /// connection was given up and the stream moved to another route.
+    Down {
+        /// How long nothing in flight was acknowledged.
+        silent: Duration,
+    },
+    /// Its connection failed (reset, closed where it may not be).
+    Lost,
+    /// A new connection took the lost one's place.
+    Resumed {
+        /// Time without a connection, from the loss to this one.
+        after: Duration,
+        /// Frames or chunks sent again on it.
+        resent: u64,
+    },
+    /// Its own route answered again and the stream went back to it.
+    Returned {
+        /// Frames or chunks sent again on it.
+        resent: u64,
+    },
 }
 
 impl Link {
@@ -47,6 +99,9 @@ impl Link {
             repairing: Mutex::new(()),
             replaced: AtomicU64::new(0),
             writes: Mutex::new(()),
+            route: AtomicUsize::new(0),
+            down: AtomicUsize::new(usize::MAX),
+            history: Mutex::new(History::default()),
         }
     }
 
@@ -56,13 +111,61 @@ impl Link {
         (c.0.clone(), c.1)
     }
 
-    /// Puts `s` in place of the current connection, which is shut down.
+    /// Puts `s` in place of the current connection, which is shut down:
+    /// the stream came back on `s`.
     pub fn replace(&self, s: Conn) {
+        let mut h = self.history.lock().expect("link history");
+        let after = h.lost.take().map_or(Duration::ZERO, |(t, _)| t.elapsed());
+        h.events.push(LinkEvent {
+            at: Instant::now(),
+            change: LinkChange::Resumed { after, resent: 0 },
+            route: ends(&s),
+        });
+        drop(h);
+        self.put(s);
+    }
+
+    fn put(&self, s: Conn) {
         let mut c = self.cur.lock().expect("link lock");
         let _ = c.0.shutdown(std::net::Shutdown::Both);
         *c = (Arc::new(s), c.1 + 1);
         self.replaced.fetch_add(1, Ordering::Relaxed);
         self.changed.notify_all();
+    }
+
+    /// Notes that generation `seen` of the connection failed, once per
+    /// generation (a loss the watchdog found is noted already).
+    pub fn note_lost(&self, seen: u64) {
+        let (conn, g) = self.current();
+        if g != seen {
+            return;
+        }
+        let mut h = self.history.lock().expect("link history");
+        if h.lost.is_none_or(|(_, lg)| lg != seen) {
+            h.lost = Some((Instant::now(), seen));
+            h.events.push(LinkEvent { at: Instant::now(), change: LinkChange::Lost, route: ends(&conn) });
+        }
+    }
+
+    /// Adds `n` frames sent again to the latest comeback.
+    pub fn note_resent(&self, n: u64) {
+        let mut h = self.history.lock().expect("link history");
+        if let Some(LinkEvent {
+            change: LinkChange::Resumed { resent, .. } | LinkChange::Returned { resent }, ..
+        }) = h.events.last_mut()
+        {
+            *resent += n;
+        }
+    }
+
+    /// What happened to the link so far, oldest first.
+    pub fn events(&self) -> Vec<LinkEvent> {
+        self.history.lock().expect("link history").events.clone()
+    }
+
+    /// The route of the connection now, counted from the stream's own (0).
+    pub fn route(&self) -> usize {
+        self.route.load(Ordering::Relaxed)
     }
 
     /// Waits up to `timeout` for a connection newer than generation `seen`.
@@ -88,8 +191,45 @@ impl Link {
         if g > seen {
             return Ok((s, g));
         }
+        self.note_lost(seen);
         self.replace(dial()?);
         Ok(self.current())
+    }
+
+    /// After generation `seen` of stream `index` failed: dials it again as
+    /// `how` says unless another thread already did, within `within` or
+    /// until `give_up` says so, and returns the connection to use. The
+    /// stream's own route is tried first, unless the watchdog found it
+    /// down ([`watch`]): then the routes after it.
+    pub fn rejoin(
+        &self,
+        seen: u64,
+        how: &Rejoin<'_>,
+        index: u16,
+        within: Duration,
+        give_up: &dyn Fn() -> bool,
+    ) -> Result<(Arc<Conn>, u64), TransportError> {
+        let _one = self.repairing.lock().expect("repair lock");
+        let (s, g) = self.current();
+        if g > seen {
+            return Ok((s, g));
+        }
+        self.note_lost(seen);
+        let down = self.down.load(Ordering::Relaxed);
+        let first = if down == usize::MAX { 0 } else { down + 1 };
+        let (conn, route) = reconnect_from(how.plan, how.hello, how.key, index, first, within, give_up)?;
+        if let Some(ready) = how.ready {
+            ready(&conn).map_err(|e| TransportError::io(format!("stream {index}"), e))?;
+        }
+        self.route.store(route, Ordering::Relaxed);
+        self.down.store(usize::MAX, Ordering::Relaxed);
+        self.replace(conn);
+        Ok(self.current())
+    }
+
+    /// Whether the watchdog gave the current connection up ([`watch`]).
+    pub fn given_up(&self) -> bool {
+        self.down.load(Ordering::Relaxed) != usize::MAX
     }
 
     /// Serialises writers: hold the guard while writing one whole frame.
@@ -112,6 +252,134 @@ impl Link {
     pub fn shutdown(&self) {
         let _ = self.current().0.shutdown(std::net::Shutdown::Both);
     }
+
+    /// Gives up generation `g`, whose path stopped answering for `silent`:
+    /// notes it, marks its route down and shuts it down, so the threads
+    /// using it fail over. False if `g` is no longer current.
+    fn give_up_route(&self, g: u64, silent: Duration) -> bool {
+        let (conn, now) = self.current();
+        if now != g {
+            return false;
+        }
+        let mut h = self.history.lock().expect("link history");
+        h.lost = Some((Instant::now().checked_sub(silent).unwrap_or_else(Instant::now), g));
+        h.events.push(LinkEvent { at: Instant::now(), change: LinkChange::Down { silent }, route: ends(&conn) });
+        drop(h);
+        self.down.store(self.route(), Ordering::Relaxed);
+        let _ = conn.shutdown(std::net::Shutdown::Both);
+        true
+    }
+
+    /// Moves a stream that took another route back to its own, if that
+    /// answers now: dials it while holding off every other reconnect of
+    /// the link, and puts the new connection in place of the current one
+    /// (generation `g`, still working: what it had in flight is the
+    /// session's to send again, as after any loss).
+    fn go_home(&self, g: u64, how: &Rejoin<'_>, index: u16) -> bool {
+        let _one = self.repairing.lock().expect("repair lock");
+        if self.current().1 != g || self.route() == 0 {
+            return false;
+        }
+        let mut p = how.plan.clone();
+        p.connect_timeout = p.connect_timeout.min(HOME_DIAL);
+        let Ok(conn) = reconnect_once(&p, how.hello, how.key, index, usize::from(index)) else { return false };
+        if let Some(ready) = how.ready {
+            if ready(&conn).is_err() {
+                return false;
+            }
+        }
+        let mut h = self.history.lock().expect("link history");
+        h.events.push(LinkEvent { at: Instant::now(), change: LinkChange::Returned { resent: 0 }, route: ends(&conn) });
+        drop(h);
+        self.route.store(0, Ordering::Relaxed);
+        self.put(conn);
+        true
+    }
+}
+
+/// A connection's ends, `local -> peer`.
+fn ends(c: &Conn) -> String {
+    let name = |a: std::io::Result<SocketAddr>| a.map_or_else(|_| "?".into(), |a| a.to_string());
+    format!("{} -> {}", name(c.tcp().local_addr()), name(c.tcp().peer_addr()))
+}
+
+/// Readies a new connection before any thread uses it.
+pub type Ready<'a> = dyn Fn(&Conn) -> std::io::Result<()> + Sync + 'a;
+
+/// How the end that opened a session dials its streams again.
+#[derive(Clone, Copy)]
+pub struct Rejoin<'a> {
+    /// Where the streams go and how they leave.
+    pub plan: &'a StreamPlan,
+    /// The session's `Hello`.
+    pub hello: &'a Hello,
+    /// The session's secret, which a stream that comes back proves.
+    pub key: &'a SessionKey,
+    /// Readies a new connection before any thread uses it (timeouts).
+    pub ready: Option<&'a Ready<'a>>,
+}
+
+impl std::fmt::Debug for Rejoin<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rejoin").field("plan", self.plan).finish_non_exhaustive()
+    }
+}
+
+/// How often [`watch`] looks at the links.
+const WATCH_TICK: Duration = Duration::from_millis(200);
+
+/// How often a stream away from its own route tries it again.
+const HOME_EVERY: Duration = Duration::from_secs(2);
+
+/// The longest a try of the own route may wait for the connection.
+const HOME_DIAL: Duration = Duration::from_secs(1);
+
+/// Watches the streams of a session this end opened, until `stop` says so:
+/// a stream whose path acknowledges nothing of what it sent for
+/// `link_timeout` (a NIC or link down, a cable pulled; a peer that is
+/// merely slow still acknowledges) is given up, so its threads reconnect
+/// it by another route ([`Link::rejoin`]) and the session goes on over the
+/// links that work; a stream away from its own route tries that route
+/// again every few seconds and goes back to it once it answers.
+pub fn watch(links: &[&Link], how: &Rejoin<'_>, link_timeout: Duration, stop: &(dyn Fn() -> bool + Sync)) {
+    let routes = routes(how.plan);
+    // Per link: the generation seen unanswered, and since when.
+    let mut silent: Vec<Option<(u64, Instant)>> = vec![None; links.len()];
+    let mut tried: Vec<Option<Instant>> = vec![None; links.len()];
+    let homing: Vec<AtomicBool> = links.iter().map(|_| AtomicBool::new(false)).collect();
+    std::thread::scope(|s| {
+        while !stop() {
+            for (i, link) in links.iter().enumerate() {
+                let (conn, g) = link.current();
+                if crate::net::unanswered(conn.tcp()) {
+                    match silent[i] {
+                        Some((sg, t)) if sg == g => {
+                            if t.elapsed() >= link_timeout && link.give_up_route(g, t.elapsed()) {
+                                tracing::warn!(stream = i, silent = ?t.elapsed(), route = link.route(),
+                                    "link down: nothing acknowledged; the stream moves to another route");
+                                silent[i] = None;
+                            }
+                        }
+                        _ => silent[i] = Some((g, Instant::now())),
+                    }
+                    continue;
+                }
+                silent[i] = None;
+                let due = tried[i].is_none_or(|t| t.elapsed() >= HOME_EVERY);
+                if routes > 1 && link.route() != 0 && due && !homing[i].swap(true, Ordering::AcqRel) {
+                    tried[i] = Some(Instant::now());
+                    let homing = &homing[i];
+                    s.spawn(move || {
+                        if link.go_home(g, how, i as u16) {
+                            tracing::info!(stream = i, "the stream's own link answers again; back on it");
+                        }
+                        homing.store(false, Ordering::Release);
+                    });
+                }
+            }
+            std::thread::sleep(WATCH_TICK);
+        }
+    });
 }
 
 /// Reconnects stream `index` of the session `hello` describes, trying
@@ -129,21 +397,43 @@ pub fn reconnect(
     within: Duration,
     give_up: &dyn Fn() -> bool,
 ) -> Result<Conn, TransportError> {
+    reconnect_from(plan, hello, key, index, 0, within, give_up).map(|(c, _)| c)
+}
+
+/// [`reconnect`], trying the routes from the `first`-th after the stream's
+/// own, in turn; returns the connection and its route.
+fn reconnect_from(
+    plan: &StreamPlan,
+    hello: &Hello,
+    key: &SessionKey,
+    index: u16,
+    first: usize,
+    within: Duration,
+    give_up: &dyn Fn() -> bool,
+) -> Result<(Conn, usize), TransportError> {
     let deadline = Instant::now() + within;
     let routes = routes(plan);
-    let mut attempt = 0usize;
+    let mut attempt = first;
     loop {
-        let route = usize::from(index) + attempt % routes;
+        let offset = attempt % routes;
+        let route = usize::from(index) + offset;
         let mut p = plan.clone();
         let left = deadline.saturating_duration_since(Instant::now());
         p.connect_timeout = plan.connect_timeout.min(left).max(Duration::from_millis(100));
+        if routes > 1 {
+            // Another route may answer where this one does not.
+            p.connect_timeout = p.connect_timeout.min(Duration::from_secs(2));
+        }
         match reconnect_once(&p, hello, key, index, route) {
-            Ok(s) => return Ok(s),
+            Ok(s) => return Ok((s, offset)),
             Err(e @ (TransportError::Peer(_) | TransportError::Auth(_))) => return Err(e),
             Err(e) if Instant::now() >= deadline || give_up() => return Err(e),
             Err(e) => {
                 tracing::debug!(stream = index, route, error = %e, "reconnect attempt failed");
-                std::thread::sleep(Duration::from_millis(100));
+                if (attempt + 1) % routes == first % routes {
+                    // Every route was tried once: not so fast again.
+                    std::thread::sleep(Duration::from_millis(100));
+                }
             }
         }
         attempt += 1;

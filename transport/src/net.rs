@@ -32,6 +32,13 @@ pub const PROGRESS_TIMEOUT: Duration = Duration::from_secs(30);
 /// progress timeouts below that are refused.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How long a stream's path may acknowledge nothing of what was sent
+/// before a session that can take streams back moves the stream to
+/// another route ([`crate::link::watch`]). Every stream sends at least a
+/// keepalive a second, and a live peer acknowledges within a round trip,
+/// so 3 s of silence is a link down, not a slow peer.
+pub const LINK_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// The shortest progress timeout that keepalives can satisfy.
 pub const MIN_PROGRESS_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -243,6 +250,34 @@ pub fn reset_now(s: &TcpStream) {
         sa.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
         libc::connect(s.as_raw_fd(), &sa, std::mem::size_of::<libc::sockaddr>() as libc::socklen_t);
     }
+}
+
+/// Whether the path of `s` stopped answering: data is in flight and the
+/// kernel's retransmission timer has fired for it since the last
+/// acknowledgement (`TCP_INFO`). A live peer acknowledges every segment,
+/// even one it has no room for, so a slow or stopped reader never looks
+/// like this; a link that is down or a host that vanished does, within one
+/// retransmission timeout. `false` when the socket cannot say.
+pub fn unanswered(s: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a zeroed `tcp_info` (plain integers) and its size, both on
+    // this frame for the call; the kernel writes at most `len` bytes.
+    let info = unsafe {
+        let mut info: libc::tcp_info = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        );
+        if rc != 0 {
+            return false;
+        }
+        info
+    };
+    info.tcpi_unacked > 0 && info.tcpi_retransmits > 0
 }
 
 /// Tunes an accepted stream like a connected one.

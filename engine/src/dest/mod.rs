@@ -540,6 +540,7 @@ impl State<'_> {
                 }
                 Err(e) if lost(&e) && self.rules().may_come_back(index, self.resumable) => {
                     tracing::warn!(stream = index, error = %e, "stream lost; waiting for the source to reconnect it");
+                    link.note_lost(cur.1);
                     let Some(next) = self.await_comeback(link, index, cur.1, e, opts)? else {
                         return Ok(out); // every page arrived meanwhile
                     };

@@ -36,6 +36,7 @@ impl Incoming {
             io: state.io_report.clone(),
             mode: "pre-copy".into(),
             reconnects: streams.iter().map(Link::replaced).sum(),
+            links: crate::report::LinkReport::of(&streams.iter().collect::<Vec<_>>(), self.t0),
             ..Report::default()
         };
         for (r, offered) in state.placer.offered().iter().enumerate() {

@@ -175,6 +175,8 @@ pub struct RelayReport {
     /// Chunks this end sent again on a new connection, not having seen
     /// them acknowledged on the lost one.
     pub resent_chunks: u64,
+    /// What happened to the streams' links, oldest first.
+    pub links: Vec<crate::report::LinkReport>,
 }
 
 impl std::fmt::Display for RelayReport {
@@ -200,6 +202,11 @@ impl std::fmt::Display for RelayReport {
         if self.reconnects > 0 {
             let s = if self.reconnects == 1 { "" } else { "s" };
             write!(f, "; {} lost stream{s} resumed, {} chunks sent again", self.reconnects, self.resent_chunks)?;
+            let lost = crate::report::LinkReport::time_lost(&self.links);
+            write!(f, ", {lost:.2} s without a connection")?;
+        }
+        for e in &self.links {
+            write!(f, "; {e}")?;
         }
         Ok(())
     }
@@ -345,6 +352,10 @@ pub struct RelaySendConfig {
     /// Offer `CAP_RESUME`: a stream whose connection is lost comes back
     /// (see the module docs) instead of failing the relay.
     pub resume: bool,
+    /// With `CAP_RESUME`: a stream whose path acknowledges nothing it sent
+    /// for this long (a NIC or link down) moves to another route of the
+    /// plan; it goes back once its own answers again.
+    pub link_timeout: Duration,
     /// The I/O backend of the streams.
     pub backend: BackendChoice,
     /// End the relay as failed when no byte of the carried stream moved
@@ -365,6 +376,7 @@ impl RelaySendConfig {
             target: None,
             progress_timeout: pmigrate_transport::net::PROGRESS_TIMEOUT,
             resume: true,
+            link_timeout: pmigrate_transport::net::LINK_TIMEOUT,
             backend: BackendChoice::Auto,
             idle_timeout: None,
             interrupt: None,
@@ -470,8 +482,9 @@ pub fn connect(cfg: &RelaySendConfig) -> Result<Session, MigrateError> {
     };
     let io = cfg.backend.resolve()?;
     let Connected { streams, welcome, key } = connect_session(&cfg.plan, &hello)?;
-    let resume = (welcome.caps & CAP_RESUME != 0)
-        .then(|| Comeback::Redial(Box::new(Redial { plan: cfg.plan.clone(), hello, key })));
+    let resume = (welcome.caps & CAP_RESUME != 0).then(|| {
+        Comeback::Redial(Box::new(Redial { plan: cfg.plan.clone(), hello, key, link_timeout: cfg.link_timeout }))
+    });
     let how = Carry {
         io,
         source: true,
@@ -804,6 +817,17 @@ pub fn carry(session: Session, local: Local) -> Result<RelayReport, MigrateError
                 }
             });
         }
+        // The dialing end of a resumable session: a stream whose link goes
+        // down moves to another route, and back once its own answers.
+        if let Some(Resume::Redial(r)) = &shared.resume {
+            s.spawn(move || {
+                let within = how.progress_timeout;
+                let ready = |c: &Conn| prepare(c, within);
+                let links: Vec<&pmigrate_transport::Link> = shared.lanes.iter().map(|l| &l.link).collect();
+                let stop = || shared.failed() || shared.closing.load(Ordering::Acquire);
+                pmigrate_transport::link::watch(&links, &r.rejoin(&ready), r.link_timeout, &stop);
+            });
+        }
         let (queues, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| bounded::<Vec<u8>>(QUEUE_DEPTH)).unzip();
         let writers: Vec<_> = rxs
             .into_iter()
@@ -894,5 +918,6 @@ pub fn carry(session: Session, local: Local) -> Result<RelayReport, MigrateError
         backend,
         reconnects: shared.lanes.iter().map(|l| l.link.replaced()).sum(),
         resent_chunks: shared.resent.load(Ordering::Relaxed),
+        links: crate::report::LinkReport::of(&shared.lanes.iter().map(|l| &l.link).collect::<Vec<_>>(), t0),
     })
 }

@@ -89,6 +89,7 @@ pub(super) fn stream_writer(shared: &Shared<'_>, i: usize, rx: Receiver<Vec<u8>>
                 (conn, gen, closed, acked_sent) = (c, g, false, 0);
                 let (frames, chunks) = kept.replay();
                 shared.resent.fetch_add(chunks, Ordering::Relaxed);
+                lane.link.note_resent(chunks);
                 batch = frames;
             }
             kept.release(lane.acknowledged());

@@ -45,8 +45,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use pmigrate_transport::accept::HANDSHAKE_TIMEOUT;
 use pmigrate_transport::backend::Outgoing;
 use pmigrate_transport::frame::{FrameHdr, FrameKind, HEADER_LEN};
-use pmigrate_transport::link::reconnect;
-use pmigrate_transport::{Conn, Hello, Link, SessionKey, StreamPlan, TransportError};
+use pmigrate_transport::{Conn, Hello, Link, Rejoin, SessionKey, StreamPlan, TransportError};
 
 use super::inbound::WHY_GRACE;
 use super::Shared;
@@ -93,6 +92,16 @@ pub struct Redial {
     pub hello: Hello,
     /// The session's secret.
     pub key: SessionKey,
+    /// A stream whose path acknowledges nothing for this long moves to
+    /// another route ([`RelaySendConfig::link_timeout`](super::RelaySendConfig::link_timeout)).
+    pub link_timeout: Duration,
+}
+
+impl Redial {
+    /// How to dial a stream again, each new connection readied by `ready`.
+    pub(crate) fn rejoin<'a>(&'a self, ready: &'a pmigrate_transport::link::Ready<'a>) -> Rejoin<'a> {
+        Rejoin { plan: &self.plan, hello: &self.hello, key: &self.key, ready: Some(ready) }
+    }
 }
 
 /// One stream of a relay.
@@ -189,6 +198,7 @@ impl Lane {
 
     /// Logs the loss of generation `seen` of stream `i`, once.
     fn log_lost(&self, i: usize, seen: u64, why: &dyn std::fmt::Display) {
+        self.link.note_lost(seen);
         if self.lost_logged.fetch_max(seen + 1, Ordering::AcqRel) <= seen {
             tracing::warn!(stream = i, reason = %why, "stream lost; reconnecting");
         }
@@ -361,14 +371,10 @@ impl Shared<'_> {
         let within = self.progress_timeout;
         let res = match resume {
             Resume::Redial(r) => {
-                let Redial { plan, hello, key } = &**r;
                 let give_up = || self.failed() || self.both_complete();
+                let ready = |c: &Conn| prepare(c, within);
                 lane.link
-                    .repair(seen, || {
-                        let conn = reconnect(plan, hello, key, i as u16, within, &give_up)?;
-                        prepare(&conn, within).map_err(|e| TransportError::io(format!("stream {i}"), e))?;
-                        Ok(conn)
-                    })
+                    .rejoin(seen, &r.rejoin(&ready), i as u16, within, &give_up)
                     .map(|(c, g)| Recovered::Back(c, g))
             }
             Resume::Await => {

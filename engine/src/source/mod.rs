@@ -59,12 +59,12 @@ use pmigrate_transport::hello::{
 use pmigrate_transport::message::Digest;
 use pmigrate_transport::payload::{zero_page_hash, Scratch};
 use pmigrate_transport::session::{connect_session, new_session_id, StreamPlan};
-use pmigrate_transport::{Auth, Backend, BackendChoice, Conn, Connected, Link, SessionKey, TransportError};
+use pmigrate_transport::{Auth, Backend, BackendChoice, Conn, Connected, Link, Rejoin, SessionKey, TransportError};
 
 use crate::digest::digest_handing_over;
 use crate::dirty::{tracker_for, DirtyTracker, TrackerKind};
 use crate::lz4gate::Lz4Policy;
-use crate::report::{LatencySummary, Report, RoundReport, StreamReport};
+use crate::report::{LatencySummary, LinkReport, Report, RoundReport, StreamReport};
 use crate::shared::{self};
 use crate::{Compression, HookError, MigrateError};
 use rules::NoVerdict;
@@ -126,6 +126,10 @@ pub struct SourceConfig {
     /// stopped reading, froze, or vanished with its links) fails the
     /// migration, with the guest still here.
     pub progress_timeout: Duration,
+    /// A stream whose path acknowledges nothing it sent for this long (a
+    /// NIC or link down) is moved to another route, when the session can
+    /// take streams back and has one; it goes back once its own answers.
+    pub link_timeout: Duration,
 }
 
 impl Default for SourceConfig {
@@ -143,6 +147,7 @@ impl Default for SourceConfig {
             io: BackendChoice::Auto,
             zero_copy_send: false,
             progress_timeout: pmigrate_transport::net::PROGRESS_TIMEOUT,
+            link_timeout: pmigrate_transport::net::LINK_TIMEOUT,
         }
     }
 }
@@ -485,8 +490,14 @@ impl Run<'_> {
         // A clean close is how the destination ends a finished session, and
         // a broken one may follow its refusal on another stream: give its
         // word a moment to arrive first.
-        let grace =
-            if matches!(e, TransportError::Closed(_)) { Duration::from_secs(1) } else { Duration::from_millis(250) };
+        // A link the watchdog gave up has nothing more to say.
+        let grace = if link.given_up() {
+            Duration::ZERO
+        } else if matches!(e, TransportError::Closed(_)) {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_millis(250)
+        };
         let t = Instant::now();
         while t.elapsed() < grace {
             if over() {
@@ -497,19 +508,17 @@ impl Run<'_> {
         let phase = if switched { "after the switchover" } else { "before the switchover" };
         tracing::warn!(stream = index, error = %e, "stream lost {phase}; reconnecting");
         let within = self.cfg.progress_timeout;
-        link.repair(seen, || {
-            pmigrate_transport::link::reconnect(plan, hello, key, index as u16, within, &over).map_err(|e| match e {
-                // A comeback refused is not the session's verdict: the
-                // destination that refuses it may no longer know whether
-                // its guest started (the ownership rule, `rules::settle`).
-                TransportError::Peer(m) => TransportError::Setup(format!(
-                    "stream {index} could not come back: the destination said {:?}: {}",
-                    m.code, m.message
-                )),
-                e => TransportError::Setup(format!(
-                    "stream {index} was lost and did not come back within {within:?}: {e}"
-                )),
-            })
+        let ready = |c: &Conn| pmigrate_transport::net::set_progress_timeout(c.tcp(), within);
+        let how = Rejoin { plan, hello, key, ready: Some(&ready) };
+        link.rejoin(seen, &how, index as u16, within, &over).map_err(|e| match e {
+            // A comeback refused is not the session's verdict: the
+            // destination that refuses it may no longer know whether
+            // its guest started (the ownership rule, `rules::settle`).
+            TransportError::Peer(m) => TransportError::Setup(format!(
+                "stream {index} could not come back: the destination said {:?}: {}",
+                m.code, m.message
+            )),
+            e => TransportError::Setup(format!("stream {index} was lost and did not come back within {within:?}: {e}")),
         })
     }
 }
@@ -522,6 +531,7 @@ impl<'r> Run<'r> {
         pause: Option<PauseHook<'_>>,
     ) -> Result<Report, MigrateError> {
         let n = streams.len();
+        let t0 = Instant::now();
         for s in &streams {
             pmigrate_transport::net::set_progress_timeout(s.tcp(), self.cfg.progress_timeout)
                 .map_err(|e| TransportError::io("progress timeout", e))?;
@@ -609,6 +619,16 @@ impl<'r> Run<'r> {
                 s.spawn(move || listener(stream, i, listen, &this.abort, &redial, progress));
             }
             drop((probe_tx, verdict_tx));
+            if let Some((plan, hello, key)) = &this.resume {
+                let links: Vec<&Link> = streams.iter().collect();
+                s.spawn(move || {
+                    let within = this.cfg.progress_timeout;
+                    let ready = |c: &Conn| pmigrate_transport::net::set_progress_timeout(c.tcp(), within);
+                    let how = Rejoin { plan, hello, key, ready: Some(&ready) };
+                    let stop = || this.finished.load(Ordering::Acquire) || this.abort.load(Ordering::Relaxed);
+                    pmigrate_transport::link::watch(&links, &how, this.cfg.link_timeout, &stop);
+                });
+            }
             let res = this.rounds(&txs, bulk, &pool_rx, &probe_rx, &verdicts, tracker, pause, &mut report).and_then(
                 |(t_pause, handed_over)| {
                     let digest = this.sent_digest(&handed_over);
@@ -686,6 +706,7 @@ impl<'r> Run<'r> {
         });
         outcome?;
         report.reconnects = streams.iter().map(Link::replaced).sum();
+        report.links = LinkReport::of(&streams.iter().collect::<Vec<_>>(), t0);
         report.resent_frames = stats.iter().map(|s| s.resent.load(Ordering::Relaxed)).sum();
         if let Some(p) = report.postcopy.as_mut() {
             p.reconnects = report.reconnects;

@@ -338,6 +338,7 @@ impl<'a> BatchWriter<'a> {
                 drop(self.w.take_done());
                 self.stats.resent.fetch_add(n, Ordering::Relaxed);
                 self.stats.bytes.fetch_add(bytes, Ordering::Relaxed);
+                self.out.link.note_resent(n);
             }
             let Some(error) = failed else { return Ok(()) };
             // Lost again: another comeback, another count.
