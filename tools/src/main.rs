@@ -110,7 +110,7 @@ pub(crate) struct StreamArgs {
     /// Seconds a stream's link may acknowledge nothing sent on it (a NIC
     /// or link down) before the stream moves to another destination
     /// address or way out; it goes back once its own answers again.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pub(crate) link_timeout: u64,
 }
 

@@ -43,6 +43,9 @@ pub struct Link {
     down: AtomicUsize,
     /// What happened to the link, and since when it has no connection.
     history: Mutex<History>,
+    /// The current connection's ends (`local -> peer`), taken while it was
+    /// up: a connection the kernel killed no longer knows its peer.
+    ends: Mutex<String>,
 }
 
 #[derive(Debug, Default)]
@@ -93,6 +96,7 @@ pub enum LinkChange {
 impl Link {
     /// A link over `s`.
     pub fn new(s: Conn) -> Self {
+        let route = ends(&s);
         Self {
             cur: Mutex::new((Arc::new(s), 0)),
             changed: Condvar::new(),
@@ -102,6 +106,7 @@ impl Link {
             route: AtomicUsize::new(0),
             down: AtomicUsize::new(usize::MAX),
             history: Mutex::new(History::default()),
+            ends: Mutex::new(route),
         }
     }
 
@@ -126,6 +131,7 @@ impl Link {
     }
 
     fn put(&self, s: Conn) {
+        *self.ends.lock().expect("link ends") = ends(&s);
         let mut c = self.cur.lock().expect("link lock");
         let _ = c.0.shutdown(std::net::Shutdown::Both);
         *c = (Arc::new(s), c.1 + 1);
@@ -136,14 +142,14 @@ impl Link {
     /// Notes that generation `seen` of the connection failed, once per
     /// generation (a loss the watchdog found is noted already).
     pub fn note_lost(&self, seen: u64) {
-        let (conn, g) = self.current();
-        if g != seen {
+        if self.current().1 != seen {
             return;
         }
+        let route = self.ends.lock().expect("link ends").clone();
         let mut h = self.history.lock().expect("link history");
         if h.lost.is_none_or(|(_, lg)| lg != seen) {
             h.lost = Some((Instant::now(), seen));
-            h.events.push(LinkEvent { at: Instant::now(), change: LinkChange::Lost, route: ends(&conn) });
+            h.events.push(LinkEvent { at: Instant::now(), change: LinkChange::Lost, route });
         }
     }
 
@@ -261,9 +267,10 @@ impl Link {
         if now != g {
             return false;
         }
+        let route = self.ends.lock().expect("link ends").clone();
         let mut h = self.history.lock().expect("link history");
         h.lost = Some((Instant::now().checked_sub(silent).unwrap_or_else(Instant::now), g));
-        h.events.push(LinkEvent { at: Instant::now(), change: LinkChange::Down { silent }, route: ends(&conn) });
+        h.events.push(LinkEvent { at: Instant::now(), change: LinkChange::Down { silent }, route });
         drop(h);
         self.down.store(self.route(), Ordering::Relaxed);
         let _ = conn.shutdown(std::net::Shutdown::Both);

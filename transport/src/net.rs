@@ -34,10 +34,13 @@ pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How long a stream's path may acknowledge nothing of what was sent
 /// before a session that can take streams back moves the stream to
-/// another route ([`crate::link::watch`]). Every stream sends at least a
-/// keepalive a second, and a live peer acknowledges within a round trip,
-/// so 3 s of silence is a link down, not a slow peer.
-pub const LINK_TIMEOUT: Duration = Duration::from_secs(3);
+/// another route ([`crate::link::watch`]). The silence counts from a
+/// retransmission timeout (at least 200 ms after the segment left), and
+/// every stream sends at least a keepalive a second: a second more with
+/// the retransmission unanswered is a path that lost everything for over a
+/// second, not a slow peer (a slow peer still acknowledges, with a zero
+/// window). A path that merely lost a second's worth costs a resend.
+pub const LINK_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The shortest progress timeout that keepalives can satisfy.
 pub const MIN_PROGRESS_TIMEOUT: Duration = Duration::from_secs(3);
