@@ -665,6 +665,48 @@ mod tests {
         assert!(t.elapsed() < Duration::from_secs(3), "took {:?}", t.elapsed());
     }
 
+    /// A stream whose route was found down comes back by the next one,
+    /// goes home once its own answers, and its link says so.
+    #[test]
+    fn a_stream_given_up_as_down_takes_the_next_route_and_goes_home() {
+        let addrs = ["127.0.0.1:0".parse().unwrap(), "127.0.0.1:0".parse().unwrap()];
+        let acc = Acceptor::bind(&addrs, psk(1)).unwrap();
+        let plan = StreamPlan::new(acc.local_addrs(), 2, psk(1));
+        let h = hello(new_session_id());
+        let never = || false;
+        let (session, resumes) = resumable_session(&acc, &plan, &h);
+        let link = Link::new(session.streams.into_iter().next().unwrap());
+        let how = Rejoin { plan: &plan, hello: &h, key: &session.key, ready: None };
+        let (_, g) = link.current();
+        assert!(link.give_up_route(g, Duration::from_secs(1)));
+        assert!(link.given_up());
+        let (conn, g) = link.rejoin(g, &how, 0, Duration::from_secs(5), &never).unwrap();
+        // Its own route (the first address) works, but was found down: the
+        // next one is tried first.
+        assert_eq!(conn.tcp().peer_addr().unwrap(), acc.local_addrs()[1]);
+        assert_eq!((link.route(), link.given_up()), (1, false));
+        assert_eq!(resumes.next(Duration::from_secs(10)).map(|(i, _)| i), Some(0));
+        assert!(link.go_home(g, &how, 0), "its own route answers");
+        assert_eq!(link.current().0.tcp().peer_addr().unwrap(), acc.local_addrs()[0]);
+        assert_eq!(resumes.next(Duration::from_secs(10)).map(|(i, _)| i), Some(0));
+        let changes: Vec<_> = link.events().into_iter().map(|e| e.change).collect();
+        assert!(
+            matches!(
+                changes[..],
+                [
+                    LinkChange::Down { .. },
+                    LinkChange::Resumed { after, resent: 0 },
+                    LinkChange::Returned { resent: 0 }
+                ] if after >= Duration::from_secs(1)
+            ),
+            "{changes:?}"
+        );
+        link.note_resent(3);
+        assert!(matches!(link.events().last().unwrap().change, LinkChange::Returned { resent: 3 }));
+        // A connection that merely carries data is not unanswered.
+        assert!(!crate::net::unanswered(link.current().0.tcp()));
+    }
+
     #[test]
     fn a_link_is_repaired_once_per_failure() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
