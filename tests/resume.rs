@@ -37,6 +37,9 @@ enum Cut {
     InFinalRound,
     /// As `InFinalRound`, and no connection gets through afterwards.
     ForGood,
+    /// Every connection, as the destination starts the guest: its
+    /// `Verified` goes out on a dead connection.
+    AtVerdict,
 }
 
 struct Run {
@@ -60,7 +63,7 @@ fn migrate(io: BackendChoice, src: &Arc<GuestMemory>, cut: Cut) -> Run {
     let offset = match cut {
         Cut::One(at) => at,
         // Armed in the pause hook.
-        Cut::All(_) | Cut::InFinalRound | Cut::ForGood => u64::MAX,
+        Cut::All(_) | Cut::InFinalRound | Cut::ForGood | Cut::AtVerdict => u64::MAX,
     };
     let cutter = Cutter::start(acceptor.local_addrs()[0], offset, Trigger::Cut).unwrap();
     if matches!(cut, Cut::ForGood) {
@@ -76,7 +79,12 @@ fn migrate(io: BackendChoice, src: &Arc<GuestMemory>, cut: Cut) -> Run {
         let rx = s.spawn(move || {
             let incoming = Incoming::accept_for(&acceptor, dst, None)?;
             let opts = ReceiveOptions { verify_memory: true, progress_timeout: timeout, ..receive_options(io) };
-            incoming.receive(dst, &opts)
+            incoming.receive_and_run(dst, &opts, || {
+                if let Cut::AtVerdict = cut {
+                    cutter.cut_all();
+                }
+                Ok(())
+            })
         });
         if let Cut::All(at) = cut {
             s.spawn(move || {
@@ -114,7 +122,7 @@ fn migrate(io: BackendChoice, src: &Arc<GuestMemory>, cut: Cut) -> Run {
                 }
                 paused.store(true, Ordering::SeqCst);
                 match cut {
-                    Cut::All(_) | Cut::One(_) => {}
+                    Cut::All(_) | Cut::One(_) | Cut::AtVerdict => {}
                     Cut::InFinalRound | Cut::ForGood => cutter.arm(cutter.carried() + (4 << 20)),
                 }
                 Ok(())
@@ -139,7 +147,7 @@ fn guest() -> Arc<GuestMemory> {
 /// The migration completed byte-exact, and both ends saw `lost` streams
 /// come back.
 fn assert_exact_after(src: &GuestMemory, run: Run, lost: u64) {
-    assert!(run.cutter.fired() || lost > 1, "the relay cut a connection");
+    assert!(run.cutter.fired() || run.cutter.connections() > 4, "the relay cut a connection");
     let source = run.source.unwrap_or_else(|e| panic!("source: {e}"));
     let dest = run.dest.unwrap_or_else(|e| panic!("destination: {e}"));
     assert_eq!(first_difference(src, &run.dst), None, "destination differs from source");
@@ -172,6 +180,22 @@ fn a_connection_cut_in_the_final_round_comes_back_and_the_copy_is_exact(io: Back
     let run = migrate(io, &src, Cut::InFinalRound);
     assert!(run.paused && !run.resumed);
     assert_exact_after(&src, run, 1);
+}
+
+/// Every connection reset as the destination starts the guest, so its
+/// `Verified` is lost: the source's streams come back, the destination
+/// tells its verdict again, and the source lets go of the guest.
+fn a_verdict_lost_with_its_connection_is_told_again(io: BackendChoice) {
+    let src = guest();
+    let run = migrate(io, &src, Cut::AtVerdict);
+    assert!(run.paused && !run.resumed);
+    assert!(run.cutter.connections() > 4, "a stream came back");
+    let source = run.source.unwrap_or_else(|e| panic!("source: {e}"));
+    let dest = run.dest.unwrap_or_else(|e| panic!("destination: {e}"));
+    assert_eq!(first_difference(&src, &run.dst), None, "destination differs from source");
+    assert_eq!(source.digest, dest.digest);
+    assert!(source.reconnects >= 1 && dest.reconnects >= 1, "{source}\n{dest}");
+    eprintln!("{source}");
 }
 
 /// A connection reset in the final round, and the relay lets nothing
@@ -227,5 +251,6 @@ over_each_backend!(
     a_connection_cut_mid_round_comes_back_and_the_copy_is_exact,
     every_connection_cut_at_once_comes_back_and_the_copy_is_exact,
     a_connection_cut_in_the_final_round_comes_back_and_the_copy_is_exact,
+    a_verdict_lost_with_its_connection_is_told_again,
     a_destination_that_cannot_be_reached_again_leaves_the_guest_at_the_source,
 );

@@ -127,6 +127,7 @@ impl Link {
             route: ends(&s),
         });
         drop(h);
+        self.replaced.fetch_add(1, Ordering::Relaxed);
         self.put(s);
     }
 
@@ -135,7 +136,6 @@ impl Link {
         let mut c = self.cur.lock().expect("link lock");
         let _ = c.0.shutdown(std::net::Shutdown::Both);
         *c = (Arc::new(s), c.1 + 1);
-        self.replaced.fetch_add(1, Ordering::Relaxed);
         self.changed.notify_all();
     }
 
@@ -249,7 +249,8 @@ impl Link {
         self.writes.try_lock().ok()
     }
 
-    /// How many times the connection was replaced.
+    /// How many times a lost connection was replaced (a stream going back
+    /// to its own route, [`watch`], is not counted: nothing was lost).
     pub fn replaced(&self) -> u64 {
         self.replaced.load(Ordering::Relaxed)
     }

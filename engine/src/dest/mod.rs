@@ -209,9 +209,23 @@ impl Incoming {
             latest_round: Mutex::new((0, Instant::now())),
             t0: Instant::now(),
         };
+        // Lost streams come back through these, each proving the session's
+        // secret: while the receivers run, and after the verdict, until the
+        // source heard it (`confirm`).
+        let comebacks = match (state.resumable, self.acceptor.take()) {
+            (true, Some(acceptor)) => {
+                let log = Arc::new(|peer: std::net::SocketAddr, why: String| {
+                    tracing::info!(%peer, why, "connection refused while a session runs");
+                });
+                let key = self.accepted.key.clone();
+                Some(Mutex::new(Resumes::start(acceptor, session, streams.len() as u16, caps, key, log)))
+            }
+            _ => None,
+        };
         let results: Vec<Result<StreamOutcome, ()>> = std::thread::scope(|s| {
             let state = &state;
             let streams = &streams;
+            let comebacks = comebacks.as_ref();
             if let Some(post) = &state.post {
                 s.spawn(move || {
                     let res = post.handle_faults(mem, state.placer.locks(), |r, p, n| state.request(streams, r, p, n));
@@ -220,15 +234,10 @@ impl Incoming {
                     }
                 });
             }
-            if let (true, Some(acceptor)) = (state.resumable, self.acceptor.take()) {
-                let key = self.accepted.key.clone();
+            if let Some(r) = comebacks {
                 s.spawn(move || {
-                    // Lost streams come back here until every receiver is
-                    // done; each must prove the session's secret.
-                    let log = std::sync::Arc::new(|peer: std::net::SocketAddr, why: String| {
-                        tracing::info!(%peer, why, "connection refused while a session runs");
-                    });
-                    let r = Resumes::start(acceptor, session, streams.len() as u16, caps, key, log);
+                    // Lost streams come back here until every receiver is done.
+                    let r = r.lock().expect("comebacks lock");
                     while !state.streams_done.load(Ordering::Acquire) && !state.abort.load(Ordering::Relaxed) {
                         if let Some((i, conn)) = r.next(postcopy::TICK) {
                             if let Some(link) = streams.get(usize::from(i)) {
@@ -326,10 +335,15 @@ impl Incoming {
             }
         }
         let f = Control::Verified { value: digest.0, closed: false }.encode();
-        write_frame(&mut &*s0, &f, "stream 0").map_err(MigrateError::Untold)?;
+        state.confirm(&streams, comebacks.as_ref(), &f, opts.progress_timeout).map_err(MigrateError::Untold)?;
         Ok(self.report(&state, &streams, &outcomes, digest))
     }
 }
+
+/// How long the destination waits, after its verdict, for the source to
+/// close stream 0 (it does once it heard the verdict) before it takes the
+/// verdict as heard.
+const CONFIRM_LINGER: Duration = Duration::from_secs(5);
 
 type ResumeHook<'a> = Box<dyn FnOnce() -> Result<(), HookError> + Send + 'a>;
 
@@ -440,6 +454,63 @@ struct StreamOutcome {
 }
 
 impl State<'_> {
+    /// Tells the source the verdict (`verified`, a `Verified` frame) on
+    /// stream 0, and in a resumable session makes sure it heard it: the
+    /// source closes its streams once it has, so this waits (at most
+    /// [`CONFIRM_LINGER`]) for stream 0 to end. A stream that breaks first
+    /// may come back, as the source redials until it hears the verdict: it
+    /// is told its count (`Received`), as every comeback is, and stream 0
+    /// the verdict again. A stream 0 lost for good (`patience`) keeps the
+    /// first write's outcome: the source may have read it before.
+    fn confirm(
+        &self,
+        streams: &[Link],
+        comebacks: Option<&Mutex<Resumes>>,
+        verified: &[u8],
+        patience: Duration,
+    ) -> Result<(), TransportError> {
+        let s0 = &streams[0];
+        let write = |conn: &Conn| write_frame(&mut &*conn, verified, "stream 0");
+        let first = {
+            let _w = s0.lock_writes();
+            write(&s0.current().0)
+        };
+        let Some(r) = comebacks else { return first };
+        let r = r.lock().expect("comebacks lock");
+        let mut lost_at = first.is_err().then(Instant::now);
+        let mut linger = Instant::now() + CONFIRM_LINGER;
+        let mut buf = [0u8; 4096];
+        loop {
+            while let Some((i, conn)) = r.next(Duration::ZERO) {
+                let Some(link) = streams.get(usize::from(i)) else { continue };
+                link.replace(conn);
+                let (c, _) = link.current();
+                let _w = link.lock_writes();
+                let told = self.tallies[usize::from(i)].tell(&c, self.t0);
+                if i == 0 && told.and_then(|()| write(&c)).is_ok() {
+                    tracing::info!("stream 0 came back after the verdict; told it again");
+                    (lost_at, linger) = (None, Instant::now() + CONFIRM_LINGER);
+                }
+            }
+            match lost_at {
+                Some(t) if t.elapsed() >= patience => return first,
+                Some(_) => std::thread::sleep(Duration::from_millis(20)),
+                None if Instant::now() >= linger => return Ok(()),
+                None => {
+                    let (c, _) = s0.current();
+                    let _ = c.set_read_timeout(Some(Duration::from_millis(50)));
+                    match std::io::Read::read(&mut &*c, &mut buf) {
+                        Ok(0) => return Ok(()),
+                        Ok(_) => {}
+                        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                        }
+                        Err(_) => lost_at = Some(Instant::now()),
+                    }
+                }
+            }
+        }
+    }
+
     /// Records the first error, tells the source why, and closes every
     /// stream so the other receivers stop.
     fn fail(&self, streams: &[Link], index: usize, e: MigrateError) {

@@ -200,7 +200,11 @@ impl Lane {
     fn log_lost(&self, i: usize, seen: u64, why: &dyn std::fmt::Display) {
         self.link.note_lost(seen);
         if self.lost_logged.fetch_max(seen + 1, Ordering::AcqRel) <= seen {
-            tracing::warn!(stream = i, reason = %why, "stream lost; reconnecting");
+            if self.link.given_up() {
+                tracing::warn!(stream = i, "stream's link down (nothing acknowledged); reconnecting by another");
+            } else {
+                tracing::warn!(stream = i, reason = %why, "stream lost; reconnecting");
+            }
         }
     }
 

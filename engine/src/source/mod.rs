@@ -506,7 +506,14 @@ impl Run<'_> {
             std::thread::sleep(Duration::from_millis(5));
         }
         let phase = if switched { "after the switchover" } else { "before the switchover" };
-        tracing::warn!(stream = index, error = %e, "stream lost {phase}; reconnecting");
+        if link.given_up() {
+            tracing::warn!(
+                stream = index,
+                "stream's link down {phase} (nothing acknowledged); reconnecting by another"
+            );
+        } else {
+            tracing::warn!(stream = index, error = %e, "stream lost {phase}; reconnecting");
+        }
         let within = self.cfg.progress_timeout;
         let ready = |c: &Conn| pmigrate_transport::net::set_progress_timeout(c.tcp(), within);
         let how = Rejoin { plan, hello, key, ready: Some(&ready) };
