@@ -178,12 +178,21 @@ impl Lz4Policy {
         self.start.store(now, Ordering::Relaxed);
         let rate = bytes as f64 / secs.as_secs_f64();
         let idle = self.window_idle();
-        let next = if !lz4 && idle.is_some_and(|i| i < IDLE_FOR_LZ4) {
+        let cpu_bound = !lz4 && idle.is_some_and(|i| i < IDLE_FOR_LZ4);
+        let next = if cpu_bound {
             // The CPUs are the limit: lz4 would only slow things down.
             ex.cpu_bound(Duration::from_nanos(now))
         } else {
             ex.step(lz4, rate, Duration::from_nanos(now))
         };
+        tracing::debug!(
+            window = if lz4 { "lz4" } else { "raw" },
+            mib_per_s = (rate / f64::from(1 << 20)).round(),
+            idle = idle.map(|i| (i * 100.0).round()),
+            cpu_bound,
+            next = if next { "lz4" } else { "raw" },
+            "lz4 auto: window measured"
+        );
         if next != lz4 {
             self.settle.store(SETTLE_BYTES, Ordering::Relaxed);
         }
