@@ -385,7 +385,11 @@ pub fn watch(links: &[&Link], how: &Rejoin<'_>, link_timeout: Duration, stop: &(
                     });
                 }
             }
-            std::thread::sleep(WATCH_TICK);
+            // Sliced, so the session's end is not held up by a tick.
+            let tick = Instant::now() + WATCH_TICK;
+            while Instant::now() < tick && !stop() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
         }
     });
 }

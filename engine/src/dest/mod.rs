@@ -239,7 +239,9 @@ impl Incoming {
                     // Lost streams come back here until every receiver is done.
                     let r = r.lock().expect("comebacks lock");
                     while !state.streams_done.load(Ordering::Acquire) && !state.abort.load(Ordering::Relaxed) {
-                        if let Some((i, conn)) = r.next(postcopy::TICK) {
+                        // A short wait: the scope, and so the verdict,
+                        // waits for this loop to see the receivers done.
+                        if let Some((i, conn)) = r.next(END_TICK) {
                             if let Some(link) = streams.get(usize::from(i)) {
                                 link.replace(conn);
                             }
@@ -261,8 +263,15 @@ impl Incoming {
             // there: that comes first.
             s.spawn(move || {
                 let mut last = Instant::now();
+                let mut looked = Instant::now();
                 while !state.streams_done.load(Ordering::Acquire) && !state.abort.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(50));
+                    // Every 50 ms, looking in between whether the receivers
+                    // are done, which the verdict waits for.
+                    std::thread::sleep(END_TICK);
+                    if looked.elapsed() < Duration::from_millis(50) {
+                        continue;
+                    }
+                    looked = Instant::now();
                     let keepalive = last.elapsed() >= KEEPALIVE_INTERVAL;
                     if keepalive {
                         last = Instant::now();
@@ -339,6 +348,10 @@ impl Incoming {
         Ok(self.report(&state, &streams, &outcomes, digest))
     }
 }
+
+/// How often threads that end with the receivers look whether they did:
+/// the verdict waits for them.
+const END_TICK: Duration = Duration::from_millis(5);
 
 /// How long the destination waits, after its verdict, for the source to
 /// close stream 0 (it does once it heard the verdict) before it takes the
