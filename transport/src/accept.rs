@@ -46,6 +46,48 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// stop, and how often serving loops look at their deadlines.
 const ACCEPT_TICK: Duration = Duration::from_millis(100);
 
+/// Wakes threads waiting for a listener to have a connection: an eventfd
+/// that, once written, stays readable.
+struct Wake(Option<std::os::fd::OwnedFd>);
+
+impl Wake {
+    /// A waker; without one (no eventfd), waits end at their timeout.
+    fn new() -> Self {
+        use std::os::fd::FromRawFd;
+        // SAFETY: eventfd takes no pointers.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        // SAFETY: a non-negative result is a new descriptor nothing else owns.
+        Wake((fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Wakes every waiter, now and later.
+    fn wake(&self) {
+        use std::os::fd::AsRawFd;
+        if let Some(fd) = &self.0 {
+            let one: u64 = 1;
+            // SAFETY: writes the 8 bytes of `one`, which lives on this frame.
+            unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        }
+    }
+
+    /// Waits up to `timeout` for `l` to have a connection to accept (true)
+    /// or for the wake-up (false).
+    fn wait_for(&self, l: &TcpListener, timeout: Duration) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut fds = [libc::pollfd { fd: l.as_raw_fd(), events: libc::POLLIN, revents: 0 }; 2];
+        let n = match &self.0 {
+            Some(w) => {
+                fds[1] = libc::pollfd { fd: w.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                2
+            }
+            None => 1,
+        };
+        // SAFETY: `fds` holds `n` initialised pollfds and outlives the call.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), n as libc::nfds_t, timeout.as_millis() as libc::c_int) };
+        rc > 0 && fds[1].revents == 0 && fds[0].revents != 0
+    }
+}
+
 /// Listens for sessions on one or more addresses.
 #[derive(Debug)]
 pub struct Acceptor {
@@ -258,11 +300,15 @@ impl Acceptor {
         body: impl FnOnce() -> R,
     ) -> R {
         let stop = std::sync::atomic::AtomicBool::new(false);
+        let wake = Wake::new();
         std::thread::scope(|s| {
             for l in &self.listeners {
-                let (stop, tx, admission) = (&stop, pipeline.tx.clone(), &pipeline.admission);
+                let (stop, wake, tx, admission) = (&stop, &wake, pipeline.tx.clone(), &pipeline.admission);
                 s.spawn(move || {
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        if !wake.wait_for(l, ACCEPT_TICK) {
+                            continue;
+                        }
                         if let Some((c, peer)) = self.accept_one(l) {
                             let _ = c.set_nonblocking(false);
                             self.start_handshake(c, peer, admission, &tx, log);
@@ -272,6 +318,9 @@ impl Acceptor {
             }
             let r = body();
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            // The listener threads return now, not at their next tick: the
+            // caller (a session's accept, its end) waits for them.
+            wake.wake();
             r
         })
     }

@@ -481,6 +481,10 @@ fn reconnect_once(
     Ok(conn)
 }
 
+/// How often the comebacks thread looks whether to stop: a session's end
+/// waits for it (dropping [`Resumes`]).
+const STOP_TICK: Duration = Duration::from_millis(10);
+
 /// Takes back the streams of one running session that come back after a
 /// lost connection: connections are admitted and authenticated as
 /// everywhere else, several at once, each bounded by the handshake
@@ -518,7 +522,7 @@ impl Resumes {
             let note = |peer: SocketAddr, why: String| log(peer, why);
             acceptor.listening(&pipeline, &note, || {
                 while !stop2.load(Ordering::Relaxed) {
-                    match pipeline.rx.recv_timeout(Duration::from_millis(100)) {
+                    match pipeline.rx.recv_timeout(STOP_TICK) {
                         Ok(Ok(a)) => {
                             let peer = a.peer;
                             let wrong = if a.offer.purpose != Purpose::Resume {

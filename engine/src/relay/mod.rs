@@ -808,7 +808,7 @@ pub fn carry(session: Session, local: Local) -> Result<RelayReport, MigrateError
         if let Some(comebacks) = comebacks {
             s.spawn(move || {
                 while !shared.failed() && !shared.closing.load(Ordering::Acquire) {
-                    let Some((i, conn)) = comebacks.next(Duration::from_millis(100)) else { continue };
+                    let Some((i, conn)) = comebacks.next(Duration::from_millis(10)) else { continue };
                     let Some(lane) = shared.lanes.get(usize::from(i)) else { continue };
                     match prepare(&conn, how.progress_timeout) {
                         Ok(()) => lane.came_back(usize::from(i), conn),
