@@ -273,7 +273,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         rows.push(measure(&a, &plan, "pmigrate", t, s, links, a.dirty_mib_s, a.compress, a.io, a.zero_copy_send)?);
     }
     if a.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "memory_mib": a.memory_mib,
@@ -286,7 +286,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         );
         return Ok(());
     }
-    println!(
+    outln!(
         "migration of {} MiB ({:?}) to {:?}{}; raw TCP with {} streams: {:.0} MiB/s, {:.2} CPU s/GiB; \
          memory copy with {} threads: {:.0} MiB/s",
         a.memory_mib,
@@ -299,7 +299,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         a.threads,
         memcpy
     );
-    println!(
+    outln!(
         "{:<10} {:>5} {:>8} {:>10} {:>6} {:>9} {:>9} {:>11} {:>7} {:>9} {:>9} {:>10}",
         "run",
         "TxS",
@@ -316,7 +316,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     );
     let base = rows[0].total_secs;
     for r in &rows {
-        println!(
+        outln!(
             "{:<10} {:>5} {:>8.3} {:>8.1}ms {:>6} {:>9.1} {:>9.1} {:>11.0} {:>6.2}x {:>9.2} {:>7}us {:>9.2}x",
             if r.name.starts_with("classic") { "classic" } else { "pmigrate" },
             format!("{}x{}", r.threads, r.streams),
@@ -332,14 +332,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
             base / r.total_secs
         );
     }
-    println!(
+    outln!(
         "(classic: 1 thread, 1 stream, no lz4. xfer: page data from the first round to verification; vs TCP: against raw \
          TCP with {} streams over the same path, measured just before; cpu: both ends in one process, per GiB of guest \
          memory; p99 batch: a frame sealed to its last byte handed to the kernel)",
         a.streams
     );
     if plan.listen.iter().all(|l| l.ip().is_loopback()) {
-        println!(
+        outln!(
             "(loopback: both ends share this machine's {} cores, so the CPU, not a link, is the limit and lz4 competes with the receiver for it; tools/testbed.sh builds rate-limited links, see docs/benchmarks.md)",
             std::thread::available_parallelism().map_or(1, |n| n.get())
         );
@@ -382,7 +382,7 @@ fn io_compare(a: &BenchArgs, plan: &Plan) -> Result<()> {
                 })
             })
             .collect();
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(
                 &serde_json::json!({ "memory_mib": a.memory_mib, "mix": a.mix, "by_streams": rows })
@@ -390,7 +390,7 @@ fn io_compare(a: &BenchArgs, plan: &Plan) -> Result<()> {
         );
         return Ok(());
     }
-    println!(
+    outln!(
         "I/O backends, {} MiB ({:?}, lz4 {:?}) to {:?}{}, {} threads; both ends in this process",
         a.memory_mib,
         a.mix,
@@ -399,14 +399,20 @@ fn io_compare(a: &BenchArgs, plan: &Plan) -> Result<()> {
         a.netns.as_ref().map(|n| format!(" (namespaces {n})")).unwrap_or_default(),
         a.threads
     );
-    println!(
+    outln!(
         "{:>7} {:<26} {:>11} {:>10} {:>12} {:>13} {:>14}",
-        "streams", "backend", "xfer MiB/s", "cpu s/GiB", "GiB per CPU s", "vs portable", "raw TCP MiB/s"
+        "streams",
+        "backend",
+        "xfer MiB/s",
+        "cpu s/GiB",
+        "GiB per CPU s",
+        "vs portable",
+        "raw TCP MiB/s"
     );
     for (streams, raw, pair) in &out {
         let base = &pair[0];
         for r in pair {
-            println!(
+            outln!(
                 "{:>7} {:<26} {:>11.0} {:>10.2} {:>12.2} {:>6.2}x / {:.2}x {:>11.0}",
                 streams,
                 r.io,
@@ -419,7 +425,7 @@ fn io_compare(a: &BenchArgs, plan: &Plan) -> Result<()> {
             );
         }
     }
-    println!(
+    outln!(
         "(vs portable: transfer rate, then work per CPU second (portable's cpu s/GiB over this one's); cpu: user + sys \
          of both ends per GiB of guest memory, io_uring's kernel workers included)"
     );
@@ -505,15 +511,15 @@ fn auth_compare(a: &BenchArgs, mut plan: Plan) -> Result<()> {
             .iter()
             .map(|(m, s, p50, p90)| serde_json::json!({ "method": m, "streams": s, "p50_ms": p50, "p90_ms": p90 }))
             .collect();
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "handshakes": hs, "runs": runs }))?);
+        outln!("{}", serde_json::to_string_pretty(&serde_json::json!({ "handshakes": hs, "runs": runs }))?);
         return Ok(());
     }
-    println!("handshake, whole session over loopback (connect, TLS, authentication, Hello, Welcome):");
-    println!("{:<16} {:>7} {:>8} {:>8}", "method", "streams", "p50 ms", "p90 ms");
+    outln!("handshake, whole session over loopback (connect, TLS, authentication, Hello, Welcome):");
+    outln!("{:<16} {:>7} {:>8} {:>8}", "method", "streams", "p50 ms", "p90 ms");
     for (m, s, p50, p90) in &hs {
-        println!("{m:<16} {s:>7} {p50:>8.2} {p90:>8.2}");
+        outln!("{m:<16} {s:>7} {p50:>8.2} {p90:>8.2}");
     }
-    println!(
+    outln!(
         "\nmigration of {} MiB ({:?}, lz4 {:?}), {} threads x {} streams to {:?}{}:",
         a.memory_mib,
         a.mix,
@@ -523,15 +529,15 @@ fn auth_compare(a: &BenchArgs, mut plan: Plan) -> Result<()> {
         plan.listen,
         a.netns.as_ref().map(|n| format!(" (namespaces {n})")).unwrap_or_default()
     );
-    println!("{:<24} {:>11} {:>10} {:>14}", "auth", "xfer MiB/s", "cpu s/GiB", "io");
+    outln!("{:<24} {:>11} {:>10} {:>14}", "auth", "xfer MiB/s", "cpu s/GiB", "io");
     for r in &runs {
-        println!("{:<24} {:>11.0} {:>10.2} {:>14}", r.name, r.transfer_mib_s, r.cpu_secs_per_gib, r.io);
+        outln!("{:<24} {:>11.0} {:>10.2} {:>14}", r.name, r.transfer_mib_s, r.cpu_secs_per_gib, r.io);
     }
     let mean = |name: &str, f: fn(&Row) -> f64| {
         let v: Vec<f64> = runs.iter().filter(|r| r.name.starts_with(name)).map(f).collect();
         v.iter().sum::<f64>() / v.len().max(1) as f64
     };
-    println!(
+    outln!(
         "TLS / pre-shared key: {:.2}x the transfer rate, {:.2}x the CPU per GiB (means of the runs above)",
         mean("TLS", |r| r.transfer_mib_s) / mean("pre-shared key", |r| r.transfer_mib_s),
         mean("TLS", |r| r.cpu_secs_per_gib) / mean("pre-shared key", |r| r.cpu_secs_per_gib)
@@ -558,10 +564,10 @@ fn compress_compare(a: &BenchArgs, plan: &Plan) -> Result<()> {
     let (none, lz4, auto) = (mean("none"), mean("lz4"), mean("auto"));
     if a.json {
         let j = serde_json::json!({ "runs": runs, "mean_total_secs": { "none": none, "lz4": lz4, "auto": auto } });
-        println!("{}", serde_json::to_string_pretty(&j)?);
+        outln!("{}", serde_json::to_string_pretty(&j)?);
         return Ok(());
     }
-    println!(
+    outln!(
         "migration of {} MiB ({:?}), {} threads x {} streams to {:?}{}:",
         a.memory_mib,
         a.mix,
@@ -570,15 +576,19 @@ fn compress_compare(a: &BenchArgs, plan: &Plan) -> Result<()> {
         plan.listen,
         a.netns.as_ref().map(|n| format!(" (namespaces {n})")).unwrap_or_default()
     );
-    println!("{:<14} {:>8} {:>9} {:>11} {:>10}", "lz4", "total s", "wire MiB", "xfer MiB/s", "cpu s/GiB");
+    outln!("{:<14} {:>8} {:>9} {:>11} {:>10}", "lz4", "total s", "wire MiB", "xfer MiB/s", "cpu s/GiB");
     for r in &runs {
-        println!(
+        outln!(
             "{:<14} {:>8.3} {:>9.1} {:>11.0} {:>10.2}",
-            r.name, r.total_secs, r.wire_mib, r.transfer_mib_s, r.cpu_secs_per_gib
+            r.name,
+            r.total_secs,
+            r.wire_mib,
+            r.transfer_mib_s,
+            r.cpu_secs_per_gib
         );
     }
     let best = none.min(lz4);
-    println!(
+    outln!(
         "mean total: none {none:.3} s, lz4 {lz4:.3} s, auto {auto:.3} s; auto takes {:.2}x the better of none and lz4",
         auto / best
     );
@@ -619,9 +629,16 @@ fn postcopy(a: &BenchArgs) -> Result<()> {
         ("pre-copy, idle", Case { mutators: None, ..base.clone() }),
         ("pre-copy, idle, half free", Case { mutators: None, half_free: true, ..base.clone() }),
     ];
-    println!(
+    outln!(
         "{:<26} {:>9} {:>8} {:>11} {:>10} {:>8} {:>9} {:>9}",
-        "case", "runs at s", "total s", "downtime ms", "wire MiB", "faults", "p50 us", "p99 us"
+        "case",
+        "runs at s",
+        "total s",
+        "downtime ms",
+        "wire MiB",
+        "faults",
+        "p50 us",
+        "p99 us"
     );
     let mut rows = Vec::new();
     for (name, c) in cases {
@@ -629,7 +646,7 @@ fn postcopy(a: &BenchArgs) -> Result<()> {
         let m = run(&c, 1)?;
         let p = m.destination.postcopy.clone().unwrap_or_default();
         let lat = p.fault_latency.clone().unwrap_or_default();
-        println!(
+        outln!(
             "{:<26} {:>9.3} {:>8.3} {:>11.1} {:>10.1} {:>8} {:>9} {:>9}",
             name,
             m.runnable_secs,
@@ -642,24 +659,26 @@ fn postcopy(a: &BenchArgs) -> Result<()> {
         );
         rows.push(serde_json::json!({ "case": name, "measured": m }));
     }
-    println!(
+    outln!(
         "raw userfaultfd round trip (fault -> UFFDIO_COPY -> wake, no network): p50 {} us, p99 {} us",
-        raw.p50_us, raw.p99_us
+        raw.p50_us,
+        raw.p99_us
     );
-    println!(
+    outln!(
         "loopback TCP round trip (40-byte request, 4 KiB answer, idle threads): p50 {} us, p99 {} us",
-        tcp.p50_us, tcp.p99_us
+        tcp.p50_us,
+        tcp.p99_us
     );
     if a.json {
         let all = serde_json::json!({ "raw_uffd": raw, "tcp": tcp, "cases": rows });
-        println!("{}", serde_json::to_string_pretty(&all)?);
+        outln!("{}", serde_json::to_string_pretty(&all)?);
     }
     Ok(())
 }
 
 fn zero_copy(a: &BenchArgs) -> Result<()> {
     let dir = std::path::Path::new("/dev/shm");
-    println!("{:>8} {:>10} {:>14} {:>12} {:>10}", "GiB", "path", "switchover ms", "wire bytes", "total s");
+    outln!("{:>8} {:>10} {:>14} {:>12} {:>10}", "GiB", "path", "switchover ms", "wire bytes", "total s");
     let mut rows = Vec::new();
     for &gib in &a.zero_copy_gib {
         for copy in [false, true] {
@@ -669,7 +688,7 @@ fn zero_copy(a: &BenchArgs) -> Result<()> {
             say!("{gib} GiB shared region, {}...", if copy { "copy path" } else { "zero-copy" });
             let r = loopback::zero_copy_switchover(dir, gib << 30, copy)?;
             let path = r.regions.first().map_or("-", |p| p.path.as_str()).to_string();
-            println!(
+            outln!(
                 "{:>8} {:>10} {:>14.1} {:>12} {:>10.3}",
                 gib,
                 path,
@@ -684,9 +703,9 @@ fn zero_copy(a: &BenchArgs) -> Result<()> {
         }
     }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        outln!("{}", serde_json::to_string_pretty(&rows)?);
     }
-    println!("(switchover: pause to the destination's verification; an idle guest, 4 streams, loopback)");
+    outln!("(switchover: pause to the destination's verification; an idle guest, 4 streams, loopback)");
     Ok(())
 }
 

@@ -30,6 +30,16 @@ macro_rules! say {
     }};
 }
 
+/// One line on stdout (a report, a table). A reader that went away (a
+/// closed pipe) does not undo what was done, so it is no error and no
+/// panic: the exit status still says how the command went.
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
 mod auth;
 mod bench;
 mod log;

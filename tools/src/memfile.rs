@@ -347,9 +347,9 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
         let e = match res {
             Ok(report) => {
                 if a.json {
-                    println!("{}", report.to_json());
+                    outln!("{}", report.to_json());
                 } else {
-                    println!("{report}");
+                    outln!("{report}");
                 }
                 return Ok(());
             }
@@ -662,9 +662,9 @@ pub(crate) fn migrate(a: MigrateArgs) -> Result<()> {
         }
     };
     if a.json {
-        println!("{}", report.to_json());
+        outln!("{}", report.to_json());
     } else {
-        println!("{report}");
+        outln!("{report}");
     }
     Ok(())
 }

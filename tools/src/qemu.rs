@@ -787,9 +787,9 @@ pub fn run(a: QemuArgs) -> Result<()> {
         })).collect::<Vec<_>>(),
     });
     if a.json {
-        println!("{report}");
+        outln!("{report}");
     } else {
-        println!(
+        outln!(
             "migrated in {} ms (downtime {} ms, setup {} ms), {:.1} MiB of RAM stream sent{}",
             info["total-time"],
             info["downtime"],
@@ -798,7 +798,7 @@ pub fn run(a: QemuArgs) -> Result<()> {
             if zero_copy { ", shared RAM handed over (x-ignore-shared)" } else { "" }
         );
         for b in &backends {
-            println!(
+            outln!(
                 "  {:<12} {:>8.1} MiB  {:<9}  {}",
                 b.id,
                 mib(b.size),
@@ -807,7 +807,7 @@ pub fn run(a: QemuArgs) -> Result<()> {
             );
         }
         if zero_copy {
-            println!("the source QEMU still maps the handed-over memory: quit it, do not cont it");
+            outln!("the source QEMU still maps the handed-over memory: quit it, do not cont it");
         }
     }
     Ok(())

@@ -303,6 +303,7 @@ impl Incoming {
                 })
                 .collect();
             let results = handles.into_iter().map(|h| h.join().expect("receiver panicked")).collect();
+            tracing::debug!(secs = state.t0.elapsed().as_secs_f64(), "every stream's part received");
             state.streams_done.store(true, Ordering::Release);
             if let Some(post) = &state.post {
                 post.end();
@@ -343,6 +344,7 @@ impl Incoming {
                 return Err(MigrateError::Resume(hook));
             }
         }
+        tracing::debug!(secs = state.t0.elapsed().as_secs_f64(), "memory verified; telling the source");
         let f = Control::Verified { value: digest.0, closed: false }.encode();
         state.confirm(&streams, comebacks.as_ref(), &f, opts.progress_timeout).map_err(MigrateError::Untold)?;
         Ok(self.report(&state, &streams, &outcomes, digest))
@@ -655,6 +657,11 @@ impl State<'_> {
             out.frames += 1;
             let msg = Message::decode(hdr, payload).map_err(wire)?;
             let counts = !matches!(msg, Message::Control(Control::Keepalive));
+            if let Message::Control(Control::RoundEnd { round, last: true, .. }) = msg {
+                // A final round without pages starts, as far as this end
+                // can tell, with its end.
+                self.round_seen(u32::try_from(round.0 + 1).unwrap_or(u32::MAX));
+            }
             let step = self.rules().on_message(index, msg)?;
             // Counted once carried out: a probe whose answer could not be
             // written comes again.

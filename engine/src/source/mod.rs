@@ -852,10 +852,19 @@ impl<'r> Run<'r> {
                 let r = moved as f64 / secs;
                 rate = Some(rate.map_or(r, |old| 0.5 * old + 0.5 * r));
             }
+            let scan = Instant::now();
             tracker.collect(self.mem, &dirty)?;
             mask(&dirty, &shared);
             let left: u64 = dirty.iter().map(|d| d.count()).sum::<u64>() * PAGE_SIZE as u64;
             let estimate = rate.map_or(if left == 0 { 0.0 } else { f64::INFINITY }, |r| left as f64 / r);
+            tracing::debug!(
+                round = round - 1,
+                secs,
+                scan_secs = scan.elapsed().as_secs_f64(),
+                dirty_mib = left >> 20,
+                estimate_secs = estimate,
+                "round handed to the streams; dirty pages collected"
+            );
             if estimate <= self.cfg.downtime_target.as_secs_f64() {
                 converged = true;
                 break;
@@ -887,6 +896,7 @@ impl<'r> Run<'r> {
         let c = self.one_round(round, &dirty, &txs[..bulk], pool, self.cfg.postcopy.is_some())?;
         self.end_round(&txs[..bulk], round, true)?;
         report.rounds.push(round_report(round, true, &c, t_pause.elapsed().as_secs_f64()));
+        tracing::debug!(round, secs = t_pause.elapsed().as_secs_f64(), "final round handed to the streams");
         report.rounds[0].hinted_free = hinted;
         if let Some(p) = report.postcopy.as_mut() {
             p.pushed_pages = c.scanned;
