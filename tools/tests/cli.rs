@@ -206,6 +206,36 @@ fn a_memory_file_both_hosts_map_is_handed_over_not_copied() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// Both ends print their reports to a stdout nobody reads any more (a
+/// closed pipe, as `| head` leaves): the migration is done all the same,
+/// and both exit 0 without a panic.
+#[test]
+fn a_report_to_a_closed_stdout_is_no_failure() {
+    let dir = scratch("closed-stdout");
+    let (src, dst) = (dir.join("src.mem"), dir.join("dst.mem"));
+    let data = write_guest_file(&src, 8);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let closed = |cmd: &mut Command| {
+        // A pipe whose read end is gone before the command writes.
+        let (r, w) = std::io::pipe().unwrap();
+        drop(r);
+        cmd.stdout(w);
+    };
+    let mut serve = Command::new(BIN);
+    serve.args(["serve", "--listen", &addr, "--no-zero-copy", "--memory"]).arg(&dst).args(psk_args());
+    closed(&mut serve);
+    let (serve, log) = start_listening(&mut serve);
+    let mut migrate = Command::new(BIN);
+    migrate.args(["migrate", "--no-zero-copy", "--memory"]).arg(&src).arg(&addr).args(psk_args());
+    closed(&mut migrate);
+    let migrated = migrate.stderr(Stdio::piped()).output().unwrap();
+    let err = String::from_utf8_lossy(&migrated.stderr);
+    assert!(migrated.status.success() && !err.contains("panicked"), "migrate: {:?}: {err}", migrated.status);
+    let (served, log) = wait_output(serve, log);
+    assert!(served.status.success() && !log.contains("panicked"), "serve: {:?}: {log}", served.status);
+    assert!(std::fs::read(&dst).unwrap() == data, "the copy is exact");
+}
+
 /// A destination fills the memory it was given: with the source's file at
 /// the same path on this host, `serve --memory F` fills F, and never opens
 /// the source's file (its content and mtime stay as they were).
