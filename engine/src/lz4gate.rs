@@ -4,7 +4,7 @@
 //! not the CPUs, are the bottleneck and the pages shrink. Neither is known
 //! in advance, and on one host both ends share the CPUs, so a stream queue
 //! that backs up says little. So `auto` measures: it hands out page data
-//! raw for [`RAW_WINDOWS`] windows (the fastest counts) and with lz4 for
+//! raw for [`RAW_WINDOWS`] windows (the last counts) and with lz4 for
 //! one, and keeps whichever moved more page data per second (lz4 must win
 //! by [`MARGIN`]). It holds that choice for [`HOLD`], twice as long after
 //! every probe that confirms it (up to [`HOLD_MAX`]), then probes the
@@ -12,8 +12,8 @@
 //! one pays for one probe only.
 //!
 //! A window is [`WINDOW_BYTES`] of page data and at least [`WINDOW_MIN`]
-//! long. After the start and after every change of mode, [`SETTLE_BYTES`]
-//! go unmeasured: the queues and socket buffers take them at once,
+//! long. After the start and after every change of mode,
+//! [`SETTLE_PER_STREAM`] a stream go unmeasured: the queues and socket buffers take them at once,
 //! whatever the links do. Where the host's CPUs were busy through a raw
 //! window (under [`IDLE_FOR_LZ4`] idle), lz4 is not tried: it can only
 //! take CPU from the pipeline.
@@ -43,18 +43,22 @@ pub const MARGIN: f64 = 1.05;
 /// How long a choice is held before the first probe of the other; every
 /// probe that confirms it doubles the hold, up to [`HOLD_MAX`].
 pub const HOLD: Duration = Duration::from_secs(4);
-/// Raw windows measured at the start, the fastest counting.
+/// Raw windows measured at the start, the last counting.
 pub const RAW_WINDOWS: u32 = 2;
 /// The longest hold.
 pub const HOLD_MAX: Duration = Duration::from_secs(32);
-/// Page data not measured after the start and after every change of mode:
-/// what the stream queues and socket buffers of the links absorb at
-/// once, which would flatter the first window of a mode.
+/// Page data not measured after the start and after every change of mode,
+/// per stream (at least [`SETTLE_BYTES`] in all): what a stream's queue
+/// and both ends' socket buffers (4 MiB asked each, which the kernel
+/// doubles) absorb at once, which would flatter the first window of a
+/// mode.
+pub const SETTLE_PER_STREAM: u64 = 16 << 20;
+/// The least page data not measured after the start and every change.
 pub const SETTLE_BYTES: u64 = 16 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
-    /// The first windows: raw, `left` more of them; the fastest counts
+    /// The first windows: raw, `left` more of them; the last counts
     /// (the first of a session also meets the destination's cold start).
     MeasureRaw { left: u32 },
     /// Then one with lz4, and the faster is chosen.
@@ -92,6 +96,8 @@ pub struct Lz4Policy {
     explore: Mutex<Explore>,
     /// The host's CPU counters at the start of this window.
     cpu: Mutex<Option<CpuTimes>>,
+    /// Page data left unmeasured after a change of mode.
+    settle_bytes: u64,
 }
 
 /// The host's CPU time, busy and idle, in clock ticks since boot.
@@ -120,13 +126,16 @@ impl CpuTimes {
 }
 
 impl Lz4Policy {
-    /// A policy for `mode`; `Off` and `On` are fixed.
-    pub fn new(mode: Compression) -> Self {
+    /// A policy for `mode` over `streams` streams; `Off` and `On` are
+    /// fixed.
+    pub fn for_streams(mode: Compression, streams: usize) -> Self {
+        let settle_bytes = SETTLE_BYTES.max(SETTLE_PER_STREAM * streams as u64);
         Self {
+            settle_bytes,
             mode,
             lz4: AtomicBool::new(mode == Compression::On),
             bytes: AtomicU64::new(0),
-            settle: AtomicU64::new(SETTLE_BYTES),
+            settle: AtomicU64::new(settle_bytes),
             start: AtomicU64::new(0),
             t0: Instant::now(),
             explore: Mutex::new(Explore {
@@ -194,7 +203,7 @@ impl Lz4Policy {
             "lz4 auto: window measured"
         );
         if next != lz4 {
-            self.settle.store(SETTLE_BYTES, Ordering::Relaxed);
+            self.settle.store(self.settle_bytes, Ordering::Relaxed);
         }
         self.lz4.store(next, Ordering::Relaxed);
     }
@@ -232,10 +241,10 @@ impl Explore {
     /// A window sent with `lz4` moved `rate` bytes per second, ending at
     /// `now`; returns what to send with next.
     fn step(&mut self, lz4: bool, rate: f64, now: Duration) -> bool {
+        // The latest window of each kind counts: an earlier one may still
+        // have filled buffers (flattering) or met a cold start (not).
         if lz4 {
             self.lz4_rate = rate;
-        } else if matches!(self.phase, Phase::MeasureRaw { .. }) {
-            self.raw_rate = self.raw_rate.max(rate);
         } else {
             self.raw_rate = rate;
         }
@@ -310,11 +319,11 @@ mod tests {
     #[test]
     fn fixed_modes_never_change() {
         for (mode, want) in [(Compression::On, true), (Compression::Off, false)] {
-            let p = Lz4Policy::new(mode);
+            let p = Lz4Policy::for_streams(mode, 1);
             p.handed(1 << 30);
             assert_eq!(p.compress(), want);
         }
-        let p = Lz4Policy::new(Compression::Auto);
+        let p = Lz4Policy::for_streams(Compression::Auto, 4);
         assert!(!p.compress(), "auto measures raw first");
     }
 }

@@ -766,7 +766,7 @@ pub fn carry(session: Session, local: Local) -> Result<RelayReport, MigrateError
         out_closed: AtomicBool::new(false),
         out_wire: AtomicU64::new(0),
         in_wire: AtomicU64::new(0),
-        lz4: crate::lz4gate::Lz4Policy::new(how.compression),
+        lz4: crate::lz4gate::Lz4Policy::for_streams(how.compression, n),
         window: inbound::Window::new(n),
         last_activity: AtomicU64::new(0),
         t0,
