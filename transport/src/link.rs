@@ -351,24 +351,38 @@ const HOME_DIAL: Duration = Duration::from_secs(1);
 /// again every few seconds and goes back to it once it answers.
 pub fn watch(links: &[&Link], how: &Rejoin<'_>, link_timeout: Duration, stop: &(dyn Fn() -> bool + Sync)) {
     let routes = routes(how.plan);
-    // Per link: the generation seen unanswered, and since when.
-    let mut silent: Vec<Option<(u64, Instant)>> = vec![None; links.len()];
+    // Per link: the generation seen silent, when, and how long it had
+    // been silent then.
+    let mut silent: Vec<Option<(u64, Instant, Duration)>> = vec![None; links.len()];
     let mut tried: Vec<Option<Instant>> = vec![None; links.len()];
     let homing: Vec<AtomicBool> = links.iter().map(|_| AtomicBool::new(false)).collect();
     std::thread::scope(|s| {
         while !stop() {
             for (i, link) in links.iter().enumerate() {
                 let (conn, g) = link.current();
-                if crate::net::unanswered(conn.tcp()) {
+                // Silent past a few round trips (and a retransmission
+                // timeout's floor) with data in flight: counted from the
+                // last acknowledgement, and confirmed by a later look at
+                // least two round trips on, so a segment written after a
+                // lull is not taken for a lost one before its answer had
+                // time to come.
+                let quiet = crate::net::unanswered(conn.tcp())
+                    .filter(|&(since, rtt)| since >= (rtt * 4).max(Duration::from_millis(200)));
+                if let Some((since, rtt)) = quiet {
                     match silent[i] {
-                        Some((sg, t)) if sg == g => {
-                            if t.elapsed() >= link_timeout && link.give_up_route(g, t.elapsed()) {
-                                tracing::warn!(stream = i, silent = ?t.elapsed(), route = link.route(),
+                        Some((sg, seen, before)) if sg == g => {
+                            let looked = seen.elapsed();
+                            let total = before + looked;
+                            if looked >= (rtt * 2).max(WATCH_TICK)
+                                && total >= link_timeout
+                                && link.give_up_route(g, total)
+                            {
+                                tracing::warn!(stream = i, silent = ?total, route = link.route(),
                                     "link down: nothing acknowledged; the stream moves to another route");
                                 silent[i] = None;
                             }
                         }
-                        _ => silent[i] = Some((g, Instant::now())),
+                        _ => silent[i] = Some((g, Instant::now(), since)),
                     }
                     continue;
                 }
@@ -712,8 +726,8 @@ mod tests {
         );
         link.note_resent(3);
         assert!(matches!(link.events().last().unwrap().change, LinkChange::Returned { resent: 3 }));
-        // A connection that merely carries data is not unanswered.
-        assert!(!crate::net::unanswered(link.current().0.tcp()));
+        // A connection that merely carries data has nothing unanswered.
+        assert!(crate::net::unanswered(link.current().0.tcp()).is_none());
     }
 
     #[test]

@@ -34,12 +34,11 @@ pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How long a stream's path may acknowledge nothing of what was sent
 /// before a session that can take streams back moves the stream to
-/// another route ([`crate::link::watch`]). The silence counts from a
-/// retransmission timeout (at least 200 ms after the segment left), and
-/// every stream sends at least a keepalive a second: a second more with
-/// the retransmission unanswered is a path that lost everything for over a
-/// second, not a slow peer (a slow peer still acknowledges, with a zero
-/// window). A path that merely lost a second's worth costs a resend.
+/// another route ([`crate::link::watch`]). A live peer acknowledges every
+/// segment within a round trip, even with no room for it (a zero window),
+/// and every stream sends at least a keepalive a second: a second of
+/// silence with data in flight, confirmed over two round trips, is a path
+/// that lost everything, not a slow peer. A false alarm costs a resend.
 pub const LINK_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The shortest progress timeout that keepalives can satisfy.
@@ -255,13 +254,13 @@ pub fn reset_now(s: &TcpStream) {
     }
 }
 
-/// Whether the path of `s` stopped answering: data is in flight and the
-/// kernel's retransmission timer has fired for it since the last
-/// acknowledgement (`TCP_INFO`). A live peer acknowledges every segment,
-/// even one it has no room for, so a slow or stopped reader never looks
-/// like this; a link that is down or a host that vanished does, within one
-/// retransmission timeout. `false` when the socket cannot say.
-pub fn unanswered(s: &TcpStream) -> bool {
+/// How long the path of `s` has acknowledged nothing while data is in
+/// flight on it, and the connection's smoothed round trip (`TCP_INFO`);
+/// `None` when nothing is in flight or the socket cannot say. A live peer
+/// acknowledges every segment, even one it has no room for, so a slow or
+/// stopped reader never stays silent long; a link that is down or a host
+/// that vanished does.
+pub fn unanswered(s: &TcpStream) -> Option<(Duration, Duration)> {
     use std::os::fd::AsRawFd;
     // SAFETY: a zeroed `tcp_info` (plain integers) and its size, both on
     // this frame for the call; the kernel writes at most `len` bytes.
@@ -276,11 +275,12 @@ pub fn unanswered(s: &TcpStream) -> bool {
             &mut len,
         );
         if rc != 0 {
-            return false;
+            return None;
         }
         info
     };
-    info.tcpi_unacked > 0 && info.tcpi_retransmits > 0
+    (info.tcpi_unacked > 0)
+        .then(|| (Duration::from_millis(info.tcpi_last_ack_recv.into()), Duration::from_micros(info.tcpi_rtt.into())))
 }
 
 /// Tunes an accepted stream like a connected one.

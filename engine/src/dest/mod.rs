@@ -346,8 +346,14 @@ impl Incoming {
         }
         tracing::debug!(secs = state.t0.elapsed().as_secs_f64(), "memory verified; telling the source");
         let f = Control::Verified { value: digest.0, closed: false }.encode();
+        // The report is of the migration, which ends here: the wait for
+        // the source to hear the verdict is not downtime.
+        let mut report = self.report(&state, &streams, &outcomes, digest);
         state.confirm(&streams, comebacks.as_ref(), &f, opts.progress_timeout).map_err(MigrateError::Untold)?;
-        Ok(self.report(&state, &streams, &outcomes, digest))
+        report.reconnects = streams.iter().map(Link::replaced).sum();
+        report.links = crate::report::LinkReport::of(&streams.iter().collect::<Vec<_>>(), self.t0);
+        report::close_streams(&streams);
+        Ok(report)
     }
 }
 
@@ -515,7 +521,10 @@ impl State<'_> {
                     let (c, _) = s0.current();
                     let _ = c.set_read_timeout(Some(Duration::from_millis(50)));
                     match std::io::Read::read(&mut &*c, &mut buf) {
+                        // The source closes without a TLS close_notify:
+                        // an end of stream all the same.
                         Ok(0) => return Ok(()),
+                        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
                         Ok(_) => {}
                         Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
                         }

@@ -37,6 +37,7 @@ impl Incoming {
         p.reconnects = streams.iter().map(Link::replaced).sum();
         report.postcopy = Some(p);
         report.mode = "post-copy".into();
+        super::report::close_streams(streams);
         Ok(report)
     }
 }

@@ -63,10 +63,14 @@ impl Incoming {
                 bytes_per_sec: o.bytes as f64 / total.max(1e-9),
             });
         }
-        // Let the source read `Verified` before the sockets close.
-        for st in streams {
-            let _ = st.current().0.shutdown(Shutdown::Write);
-        }
         report
+    }
+}
+
+/// Half-closes every stream once the source was told its verdict, so it
+/// reads `Verified` before the sockets close.
+pub(super) fn close_streams(streams: &[Link]) {
+    for st in streams {
+        let _ = st.current().0.shutdown(Shutdown::Write);
     }
 }

@@ -370,7 +370,10 @@ impl<'a> Source<'a> {
             mem: self.mem,
             cfg: &self.cfg,
             lz4_allowed,
-            lz4: Lz4Policy::for_streams(if lz4_allowed { self.cfg.compression } else { Compression::Off }, streams.len()),
+            lz4: Lz4Policy::for_streams(
+                if lz4_allowed { self.cfg.compression } else { Compression::Off },
+                streams.len(),
+            ),
             sent: self
                 .mem
                 .regions()
