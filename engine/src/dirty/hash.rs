@@ -12,9 +12,16 @@ const CHUNK_PAGES: usize = 64;
 /// cores) and reports the pages whose hash changed. A write that leaves a
 /// page as it was is not reported, which is harmless: the page need not be
 /// sent again.
+///
+/// Driven by the engine, it does not read all memory before round 0: round
+/// 0 hashes every page it reads anyway, and those hashes, taken as each
+/// page was read, become the baseline ([`DirtyTracker::start_seeded`]).
 #[derive(Debug, Default)]
 pub struct HashTracker {
     hashes: Vec<Vec<u64>>,
+    /// Per region: the pages whose baseline was read at the start (the
+    /// rest wait for round 0's hashes), while seeding is pending.
+    unread: Option<Vec<Vec<u64>>>,
 }
 
 impl HashTracker {
@@ -66,7 +73,43 @@ impl DirtyTracker for HashTracker {
 
     fn start(&mut self, mem: &GuestMemory) -> Result<(), DirtyError> {
         self.hashes = mem.regions().iter().map(|r| vec![0u64; r.pages() as usize]).collect();
+        self.unread = None;
         self.scan(mem, None)
+    }
+
+    fn start_seeded(&mut self, mem: &GuestMemory, unread: &[AtomicBitmap]) -> Result<bool, DirtyError> {
+        check_shape(mem, unread)?;
+        self.hashes = mem.regions().iter().map(|r| vec![0u64; r.pages() as usize]).collect();
+        // Round 0 will not read these (free-page hints): their baseline is
+        // now, as with `start`.
+        let mut buf = vec![0u8; PAGE_SIZE];
+        let mut kept = Vec::with_capacity(unread.len());
+        for (r, (_, region)) in mem.iter().enumerate() {
+            let mut pages = Vec::new();
+            for (first, n) in unread[r].runs(0, region.pages()) {
+                for p in first..first + n {
+                    region.read_pages(PageIdx(p), &mut buf)?;
+                    self.hashes[r][p as usize] = xxh3_64(&buf);
+                    pages.push(p);
+                }
+            }
+            kept.push(pages);
+        }
+        self.unread = Some(kept);
+        Ok(true)
+    }
+
+    fn seed(&mut self, sent: &[&[std::sync::atomic::AtomicU64]]) {
+        let Some(unread) = self.unread.take() else { return };
+        for (r, (hashes, sent)) in self.hashes.iter_mut().zip(sent).enumerate() {
+            let keep: Vec<u64> = unread[r].iter().map(|&p| hashes[p as usize]).collect();
+            for (h, s) in hashes.iter_mut().zip(sent.iter()) {
+                *h = s.load(std::sync::atomic::Ordering::Relaxed);
+            }
+            for (&p, h) in unread[r].iter().zip(keep) {
+                hashes[p as usize] = h;
+            }
+        }
     }
 
     fn collect(&mut self, mem: &GuestMemory, out: &[AtomicBitmap]) -> Result<(), DirtyError> {

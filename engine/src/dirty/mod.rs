@@ -74,6 +74,26 @@ pub trait DirtyTracker: Send {
 
     /// Stops tracking and releases kernel resources. Also done on drop.
     fn stop(&mut self, mem: &GuestMemory);
+
+    /// Like [`DirtyTracker::start`], for an engine that will hand over,
+    /// once round 0 is out, the hash of the copy it read of every page but
+    /// those set in `unread` ([`DirtyTracker::seed`]). A tracker that keeps
+    /// page hashes takes those as its baseline instead of reading all
+    /// memory before round 0, and reads only the `unread` pages now; it
+    /// returns true. Others start as ever and return false.
+    #[doc(hidden)]
+    fn start_seeded(&mut self, mem: &GuestMemory, unread: &[AtomicBitmap]) -> Result<bool, DirtyError> {
+        let _ = unread;
+        self.start(mem).map(|()| false)
+    }
+
+    /// The hashes (xxh3 of each page, per region) of the copies round 0
+    /// read, for a tracker whose [`DirtyTracker::start_seeded`] returned
+    /// true; called once, after round 0 and before the first `collect`.
+    #[doc(hidden)]
+    fn seed(&mut self, sent: &[&[std::sync::atomic::AtomicU64]]) {
+        let _ = sent;
+    }
 }
 
 /// Checks that `out` has one bitmap per region, each one bit a page.
@@ -123,7 +143,7 @@ pub fn tracker_for(kind: TrackerKind, mem: &GuestMemory) -> Result<Box<dyn Dirty
 pub(crate) mod tests {
     //! One suite, run over every tracker the kernel supports.
     use super::*;
-    use pmigrate_ranges::{Gpa, GuestRegion, HostPageSize, PAGE_SIZE_U64};
+    use pmigrate_ranges::{Gpa, GuestRegion, HostPageSize, PAGE_SIZE, PAGE_SIZE_U64};
 
     fn bitmaps(mem: &GuestMemory) -> Vec<AtomicBitmap> {
         mem.regions().iter().map(|r| AtomicBitmap::new(r.pages())).collect()
@@ -188,6 +208,49 @@ pub(crate) mod tests {
     #[test]
     fn hash_tracker_passes_the_suite() {
         suite(Box::new(HashTracker::new()), true);
+    }
+
+    /// Seeded by round 0: the baseline of a page is the hash of the copy
+    /// round 0 read, so a write after that read is reported and one before
+    /// it is not; a page round 0 did not read (a free-page hint) has its
+    /// baseline from the start. Before the seed, nothing is missed.
+    #[test]
+    fn a_hash_tracker_seeded_by_round_0_misses_no_write() {
+        use std::sync::atomic::AtomicU64;
+        use xxhash_rust::xxh3::xxh3_64;
+        let mem =
+            GuestMemory::new(vec![GuestRegion::anonymous(Gpa(0), 8 * PAGE_SIZE_U64, HostPageSize::Small).unwrap()])
+                .unwrap();
+        let region = &mem.regions()[0];
+        let hash_of = |p: u64| {
+            let mut b = vec![0u8; PAGE_SIZE];
+            region.read_pages(pmigrate_ranges::PageIdx(p), &mut b).unwrap();
+            xxh3_64(&b)
+        };
+        let mut t = HashTracker::new();
+        let unread = bitmaps(&mem);
+        unread[0].set(7); // reported free: round 0 will not read it
+        region.write_u64(6 * 4096, 60).unwrap();
+        assert!(t.start_seeded(&mem, &unread).unwrap(), "the hash tracker takes round 0's hashes");
+        // Before the seed, a collect over-reports but misses nothing.
+        let early = bitmaps(&mem);
+        t.collect(&mem, &early).unwrap();
+        assert!(set_bits(&early).contains(&(0, 6)));
+        let mut t = HashTracker::new();
+        assert!(t.start_seeded(&mem, &unread).unwrap());
+        // Round 0: page 1 written before it is read, page 2 after.
+        region.write_u64(4096, 10).unwrap();
+        let sent: Vec<AtomicU64> = (0..8).map(|p| AtomicU64::new(hash_of(p))).collect();
+        region.write_u64(2 * 4096, 20).unwrap();
+        region.write_u64(7 * 4096, 70).unwrap(); // the free page, written after the hint
+        t.seed(&[&sent[..]]);
+        let out = bitmaps(&mem);
+        t.collect(&mem, &out).unwrap();
+        assert_eq!(set_bits(&out), vec![(0, 2), (0, 7)]);
+        // Re-armed as ever.
+        let again = bitmaps(&mem);
+        t.collect(&mem, &again).unwrap();
+        assert_eq!(set_bits(&again), vec![]);
     }
 
     #[test]

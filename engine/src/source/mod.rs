@@ -822,7 +822,6 @@ impl<'r> Run<'r> {
         report: &mut Report,
     ) -> Result<(Instant, Vec<bool>), MigrateError> {
         let mut shared = self.prove_content(txs, probes, verdict, report)?;
-        tracker.start(self.mem)?;
         let dirty: Vec<AtomicBitmap> = self.mem.regions().iter().map(|r| AtomicBitmap::new_full(r.pages())).collect();
         let mask = |dirty: &[AtomicBitmap], shared: &[bool]| {
             for (d, _) in dirty.iter().zip(shared).filter(|(_, s)| **s) {
@@ -830,12 +829,20 @@ impl<'r> Run<'r> {
             }
         };
         mask(&dirty, &shared);
+        // Pages round 0 will not read: those the guest reported free.
+        let unread: Vec<AtomicBitmap> = self.mem.regions().iter().map(|r| AtomicBitmap::new(r.pages())).collect();
         let mut hinted = 0u64;
         for r in &self.free {
             let map = &dirty[r.region.as_usize()];
-            hinted += map.runs(r.start.0, r.end.0).map(|(_, n)| n).sum::<u64>();
+            for (first, n) in map.runs(r.start.0, r.end.0) {
+                hinted += n;
+                unread[r.region.as_usize()].set_range(first, n);
+            }
             map.clear_range(r.start.0, r.len());
         }
+        // A tracker that keeps hashes takes round 0's as its baseline
+        // (`seed`, below) rather than reading all memory first.
+        let mut seed = tracker.start_seeded(self.mem, &unread)?;
         // Bytes of page data per second through the whole pipeline, from
         // the rounds that moved enough to measure.
         let mut rate: Option<f64> = None;
@@ -856,6 +863,9 @@ impl<'r> Run<'r> {
                 rate = Some(rate.map_or(r, |old| 0.5 * old + 0.5 * r));
             }
             let scan = Instant::now();
+            if std::mem::take(&mut seed) {
+                tracker.seed(&self.sent.iter().map(|t| &t[..]).collect::<Vec<_>>());
+            }
             tracker.collect(self.mem, &dirty)?;
             mask(&dirty, &shared);
             let left: u64 = dirty.iter().map(|d| d.count()).sum::<u64>() * PAGE_SIZE as u64;
