@@ -410,10 +410,69 @@ impl Drop for ProxyPair {
 }
 
 /// Waits until the log at `path` has a line containing `what`.
-fn wait_log(path: &std::path::Path, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
+pub fn wait_log(path: &std::path::Path, what: &str) {
+    let deadline = Instant::now() + EXIT_TIMEOUT;
     while !fs::read_to_string(path).unwrap_or_default().contains(what) {
-        assert!(Instant::now() < deadline, "{} never said {what:?}", path.display());
+        assert!(
+            Instant::now() < deadline,
+            "{} never said {what:?} within {EXIT_TIMEOUT:?}: {:?}",
+            path.display(),
+            fs::read_to_string(path).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+// ------------------------------------------------------- the exec: helpers
+
+/// The binary under test.
+const PMIGRATE: &str = env!("CARGO_BIN_EXE_pmigrate");
+
+/// The destination's `-incoming` URI: `recv` on `listen`, stderr to `err`.
+pub fn recv_uri(listen: &[impl ToString], err: &std::path::Path) -> String {
+    let listen: Vec<String> = listen.iter().map(ToString::to_string).collect();
+    format!(
+        "exec:{} recv {} --listen {} --wait 300 --report 2>{}",
+        sh(PMIGRATE),
+        keys::psk_shell(),
+        listen.join(" "),
+        sh(&err.to_string_lossy())
+    )
+}
+
+/// The source's `migrate` URI: `send` with `opts` to `dests`, stderr to `err`.
+pub fn send_uri(opts: &str, dests: &[impl ToString], err: &std::path::Path) -> String {
+    let dests: Vec<String> = dests.iter().map(ToString::to_string).collect();
+    format!(
+        "exec:{} send {} {opts} --report {} 2>{}",
+        sh(PMIGRATE),
+        keys::psk_shell(),
+        dests.join(" "),
+        sh(&err.to_string_lossy())
+    )
+}
+
+/// Whether `line` is the `--report` line of `role` (`send` or `recv`).
+pub fn is_report(line: &str, role: &str) -> bool {
+    line.starts_with(&format!("pmigrate {role}: ")) && line.contains(" bytes in ")
+}
+
+/// Waits until a helper's stderr shows its report or an error; returns the text.
+pub fn wait_helper_log(path: &std::path::Path, role: &str) -> String {
+    let deadline = Instant::now() + EXIT_TIMEOUT;
+    loop {
+        let text = fs::read_to_string(path).unwrap_or_default();
+        if text.lines().any(|l| is_report(l, role) || l.starts_with("pmigrate: error:")) {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "{role}: no report in {} after {EXIT_TIMEOUT:?}: {text:?}", path.display());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The report line of a helper that succeeded.
+pub fn helper_report(path: &std::path::Path, role: &str) -> String {
+    let text = wait_helper_log(path, role);
+    assert!(!text.contains("pmigrate: error:"), "{role} failed: {text}");
+    text.lines().find(|l| is_report(l, role)).unwrap_or_default().to_string()
 }

@@ -13,8 +13,11 @@ use rand::{RngCore, SeedableRng};
 
 #[path = "../../tests/support/keys.rs"]
 mod keys;
+#[path = "../../tests/support/listening.rs"]
+mod listening;
 
 use keys::psk_args;
+use listening::start_listening;
 
 const BIN: &str = env!("CARGO_BIN_EXE_pmigrate");
 
@@ -27,26 +30,6 @@ fn scratch(name: &str) -> PathBuf {
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// Starts a command whose stderr announces it is listening, and waits for that.
-fn start_listening(cmd: &mut Command) -> (Child, std::thread::JoinHandle<String>) {
-    let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
-    let err = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let log = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            if line.contains("listening on") || line.contains("accepting on") {
-                let _ = tx.send(());
-            }
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
-    rx.recv_timeout(Duration::from_secs(60)).expect("the server announced it is listening");
-    (child, log)
 }
 
 fn wait_output(mut child: Child, log: std::thread::JoinHandle<String>) -> (Output, String) {

@@ -11,14 +11,16 @@
 
 #[path = "../../tests/support/keys.rs"]
 mod keys;
+#[path = "../../tests/support/listening.rs"]
+mod listening;
 #[path = "../../tests/support/testbed.rs"]
 mod testbed;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use listening::start_listening;
 use rand::{RngCore, SeedableRng};
 use serde_json::Value;
 use testbed::Testbed;
@@ -117,23 +119,8 @@ fn migrate(bed: &Testbed, plan: &Plan<'_>, fault: impl FnOnce(&Testbed) + Send) 
         .args(keys::psk_args())
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut serve = serve.spawn().unwrap();
-    let (tx, listening) = std::sync::mpsc::channel();
-    let err = serve.stderr.take().unwrap();
-    let serve_log = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            if line.contains("listening on") {
-                let _ = tx.send(());
-            }
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
-    listening.recv_timeout(Duration::from_secs(60)).expect("serve listens");
+        .stdout(Stdio::null());
+    let (mut serve, serve_log) = start_listening(&mut serve);
     let mut mig = bed.src_command(BIN);
     mig.args(["migrate", "--memory"])
         .arg(&src)

@@ -35,8 +35,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use migration::{
-    boot_source, check_destination_gave_up, check_landed, check_source_runs_on, guest, localhost, migrate,
-    one_at_a_time, sh, Fault, FaultyLink, Scratch, EXIT_TIMEOUT, HEARTBEAT_TIMEOUT, MIGRATION_TIMEOUT,
+    boot_source, check_destination_gave_up, check_landed, check_source_runs_on, guest, helper_report, is_report,
+    localhost, migrate, one_at_a_time, recv_uri, send_uri, wait_helper_log, wait_log, Fault, FaultyLink, Scratch,
+    HEARTBEAT_TIMEOUT, MIGRATION_TIMEOUT,
 };
 use qemu::{migration_summary, Qemu};
 use serde_json::Value;
@@ -59,46 +60,12 @@ const BUSY_RATE_MIBPS: u64 = 150;
 
 // ---------------------------------------------------------------- helpers
 
-/// The destination's `-incoming` URI: `recv` on `listen`, stderr to `err`.
-fn recv_uri(listen: &[SocketAddr], err: &Path) -> String {
-    let listen: Vec<String> = listen.iter().map(SocketAddr::to_string).collect();
-    format!(
-        "exec:{} recv {} --listen {} --wait 300 --report 2>{}",
-        sh(PMIGRATE),
-        migration::keys::psk_shell(),
-        listen.join(" "),
-        sh(&err.to_string_lossy())
-    )
-}
-
-/// The source's `migrate` URI: `send` with `opts` to `dests`, stderr to `err`.
-fn send_uri(opts: &str, dests: &[SocketAddr], err: &Path) -> String {
-    let dests: Vec<String> = dests.iter().map(SocketAddr::to_string).collect();
-    format!(
-        "exec:{} send {} {opts} --report {} 2>{}",
-        sh(PMIGRATE),
-        migration::keys::psk_shell(),
-        dests.join(" "),
-        sh(&err.to_string_lossy())
-    )
-}
-
-/// Whether `line` is the `--report` line of `role` (`send` or `recv`).
-fn is_report(line: &str, role: &str) -> bool {
-    line.starts_with(&format!("pmigrate {role}: ")) && line.contains(" bytes in ")
-}
-
 /// Waits until `recv` (run with `--report`) says it listens. QEMU starts
 /// an `exec:` helper in the background: `migrate-incoming` returns before
 /// `recv` has bound its port, and a `send` started at once may find nothing
 /// there (connection refused).
 fn wait_recv_listening(scratch: &Scratch) {
-    let path = scratch.path("recv.err");
-    let deadline = Instant::now() + EXIT_TIMEOUT;
-    while !fs::read_to_string(&path).unwrap_or_default().contains("pmigrate recv: listening on") {
-        assert!(Instant::now() < deadline, "recv did not listen within {EXIT_TIMEOUT:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_log(&scratch.path("recv.err"), "pmigrate recv: listening on");
 }
 
 /// The processes whose command line names the pmigrate binary and `needle`
@@ -114,26 +81,6 @@ fn helpers_alive(needle: &str) -> Vec<String> {
                 .then(|| format!("{} {}", e.file_name().to_string_lossy(), cmd.trim()))
         })
         .collect()
-}
-
-/// Waits until a helper's stderr shows its report or an error; returns the text.
-fn wait_helper_log(path: &Path, role: &str) -> String {
-    let deadline = Instant::now() + EXIT_TIMEOUT;
-    loop {
-        let text = fs::read_to_string(path).unwrap_or_default();
-        if text.lines().any(|l| is_report(l, role) || l.starts_with("pmigrate: error:")) {
-            return text;
-        }
-        assert!(Instant::now() < deadline, "{role}: no report in {} after {EXIT_TIMEOUT:?}: {text:?}", path.display());
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// The report line of a helper that succeeded.
-fn helper_report(path: &Path, role: &str) -> String {
-    let text = wait_helper_log(path, role);
-    assert!(!text.contains("pmigrate: error:"), "{role} failed: {text}");
-    text.lines().find(|l| is_report(l, role)).unwrap_or_default().to_string()
 }
 
 /// Stream bytes, chunks and wire bytes of a `--report` line.

@@ -26,11 +26,14 @@ mod qemu;
 mod testbed;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use migration::{boot_source, check_landed, guest, one_at_a_time, sh, Scratch, EXIT_TIMEOUT, MIGRATION_TIMEOUT};
+use migration::{
+    boot_source, check_landed, guest, helper_report, one_at_a_time, recv_uri, send_uri, wait_log, Scratch,
+    EXIT_TIMEOUT, MIGRATION_TIMEOUT,
+};
 use qemu::{migration_summary, Qemu};
 use serde_json::{json, Value};
 use testbed::Testbed;
@@ -76,62 +79,6 @@ fn testbed(test: &str, name: &str) -> Option<Testbed> {
         eprintln!("SKIPPED {test}: no testbed");
     }
     bed
-}
-
-/// The destination's `-incoming` URI: `recv` on `listen`, stderr to `err`.
-fn recv_uri(listen: &[String], err: &Path) -> String {
-    format!(
-        "exec:{} recv {} --listen {} --wait 300 --report 2>{}",
-        sh(PMIGRATE),
-        migration::keys::psk_shell(),
-        listen.join(" "),
-        sh(&err.to_string_lossy())
-    )
-}
-
-/// The source's `migrate` URI: `send` with `opts` to `dests`, logging at
-/// info level (its losses and comebacks), stderr to `err`.
-fn send_uri(opts: &str, dests: &[String], err: &Path) -> String {
-    format!(
-        "exec:{} send {} {opts} -vv --report {} 2>{}",
-        sh(PMIGRATE),
-        migration::keys::psk_shell(),
-        dests.join(" "),
-        sh(&err.to_string_lossy())
-    )
-}
-
-/// Waits until the file at `path` has a line containing `what`.
-fn wait_log(path: &Path, what: &str) {
-    let deadline = Instant::now() + EXIT_TIMEOUT;
-    while !fs::read_to_string(path).unwrap_or_default().contains(what) {
-        assert!(
-            Instant::now() < deadline,
-            "{} never said {what:?} within {EXIT_TIMEOUT:?}: {:?}",
-            path.display(),
-            fs::read_to_string(path).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Whether `line` is the `--report` line of `role` (`send` or `recv`).
-fn is_report(line: &str, role: &str) -> bool {
-    line.starts_with(&format!("pmigrate {role}: ")) && line.contains(" bytes in ")
-}
-
-/// The report line of a helper that succeeded, once it printed it.
-fn helper_report(path: &Path, role: &str) -> String {
-    let deadline = Instant::now() + EXIT_TIMEOUT;
-    loop {
-        let text = fs::read_to_string(path).unwrap_or_default();
-        assert!(!text.contains("pmigrate: error:"), "{role} failed: {text}");
-        if let Some(line) = text.lines().find(|l| is_report(l, role)) {
-            return line.to_string();
-        }
-        assert!(Instant::now() < deadline, "{role}: no report in {} after {EXIT_TIMEOUT:?}: {text:?}", path.display());
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// The number before the first `word` in a report line.
@@ -247,7 +194,7 @@ fn exec_over_four_links_survives_a_killed_connection() {
     src.qmp().migrate_set_parameters(json!({ "max-bandwidth": EXEC_BANDWIDTH })).expect("max-bandwidth");
 
     let t0 = Instant::now();
-    let opts = format!("--streams {LINKS} --via {}", bed.via());
+    let opts = format!("--streams {LINKS} --via {} -vv", bed.via());
     src.qmp().migrate(&send_uri(&opts, &dests, &scratch.path("send.err"))).expect("QMP migrate");
     let before = wait_transferred(&mut src, FAULT_AFTER);
     let killed = bed.kill_connections(Some(2), port);

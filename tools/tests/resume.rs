@@ -8,12 +8,15 @@
 mod cutter;
 #[path = "../../tests/support/keys.rs"]
 mod keys;
+#[path = "../../tests/support/listening.rs"]
+mod listening;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use listening::start_listening;
 use rand::{RngCore, SeedableRng};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pmigrate");
@@ -37,29 +40,14 @@ fn stream() -> Vec<u8> {
 fn relay(data: &[u8], io: &str, cut: bool) -> f64 {
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let listen = format!("127.0.0.1:{port}");
-    let mut recv = Command::new(BIN)
-        .args(["recv", "--listen", &listen, "--report", "--io", io])
-        .args(keys::psk_args())
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, listening) = std::sync::mpsc::channel();
-    let err = recv.stderr.take().unwrap();
-    let recv_log = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            if line.contains("listening on") {
-                let _ = tx.send(());
-            }
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
-    listening.recv_timeout(Duration::from_secs(60)).expect("recv listens");
+    let (mut recv, recv_log) = start_listening(
+        Command::new(BIN)
+            .args(["recv", "--listen", &listen, "--report", "--io", io])
+            .args(keys::psk_args())
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped()),
+    );
     let mut out = recv.stdout.take().unwrap();
     let received = std::thread::spawn(move || {
         let mut v = Vec::with_capacity(256 << 20);

@@ -215,22 +215,17 @@ impl Link {
         within: Duration,
         give_up: &dyn Fn() -> bool,
     ) -> Result<(Arc<Conn>, u64), TransportError> {
-        let _one = self.repairing.lock().expect("repair lock");
-        let (s, g) = self.current();
-        if g > seen {
-            return Ok((s, g));
-        }
-        self.note_lost(seen);
-        let down = self.down.load(Ordering::Relaxed);
-        let first = if down == usize::MAX { 0 } else { down + 1 };
-        let (conn, route) = reconnect_from(how.plan, how.hello, how.key, index, first, within, give_up)?;
-        if let Some(ready) = how.ready {
-            ready(&conn).map_err(|e| TransportError::io(format!("stream {index}"), e))?;
-        }
-        self.route.store(route, Ordering::Relaxed);
-        self.down.store(usize::MAX, Ordering::Relaxed);
-        self.replace(conn);
-        Ok(self.current())
+        self.repair(seen, || {
+            let down = self.down.load(Ordering::Relaxed);
+            let first = if down == usize::MAX { 0 } else { down + 1 };
+            let (conn, route) = reconnect_from(how.plan, how.hello, how.key, index, first, within, give_up)?;
+            if let Some(ready) = how.ready {
+                ready(&conn).map_err(|e| TransportError::io(format!("stream {index}"), e))?;
+            }
+            self.route.store(route, Ordering::Relaxed);
+            self.down.store(usize::MAX, Ordering::Relaxed);
+            Ok(conn)
+        })
     }
 
     /// Whether the watchdog gave the current connection up ([`watch`]).
