@@ -217,6 +217,7 @@ fn a_report_to_a_closed_stdout_is_no_failure() {
     let (served, log) = wait_output(serve, log);
     assert!(served.status.success() && !log.contains("panicked"), "serve: {:?}: {log}", served.status);
     assert!(std::fs::read(&dst).unwrap() == data, "the copy is exact");
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 /// A destination fills the memory it was given: with the source's file at
