@@ -29,12 +29,38 @@ pub struct Ceiling {
     pub cpu_secs_per_gib: f64,
 }
 
+/// Where raw TCP reads from and writes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ends {
+    /// One 1 MiB buffer at each end, reused: the sockets' cost alone.
+    Buffers,
+    /// Memory to memory: the sender reads `bytes` of filled memory once,
+    /// the receiver writes them into `bytes` of fresh anonymous memory,
+    /// each stream its own slice. What the kernel itself spends to move
+    /// a guest's memory into a new process, page faults included — the
+    /// floor of any migration's CPU per GiB.
+    Memory,
+}
+
 /// Bytes per second that `streams` plain TCP streams move over `path`,
 /// `bytes` in all, with the same socket tuning as pmigrate's streams.
 pub fn raw_tcp(path: &Path, streams: usize, bytes: u64) -> anyhow::Result<Ceiling> {
+    raw_tcp_between(path, streams, bytes, Ends::Buffers)
+}
+
+/// [`raw_tcp`], between the given ends.
+pub fn raw_tcp_between(path: &Path, streams: usize, bytes: u64, ends: Ends) -> anyhow::Result<Ceiling> {
     let (tx, rx) = std::sync::mpsc::channel();
-    let cpu0 = crate::loopback::cpu_secs();
     let per = bytes / streams as u64;
+    let span = if ends == Ends::Memory { per as usize } else { 1 << 20 };
+    // The source's memory is filled before the clock starts, the
+    // destination's is left untouched (a zeroed allocation this size is a
+    // fresh mapping).
+    let mut source = vec![0u8; span * if ends == Ends::Memory { streams } else { 1 }];
+    rand::rngs::SmallRng::seed_from_u64(1).fill_bytes(&mut source);
+    let mut dest = vec![0u8; span * if ends == Ends::Memory { streams } else { 1 }];
+    let (source, dest) = (&source, &mut dest);
+    let cpu0 = crate::loopback::cpu_secs();
     let t = std::thread::scope(|s| -> anyhow::Result<f64> {
         let receiver = s.spawn(move || -> anyhow::Result<()> {
             if let Some((_, ns)) = &path.netns {
@@ -48,10 +74,23 @@ pub fn raw_tcp(path: &Path, streams: usize, bytes: u64) -> anyhow::Result<Ceilin
                 conns.push(listeners[i % listeners.len()].accept()?.0);
             }
             std::thread::scope(|s2| {
+                let slices: Vec<&mut [u8]> = match ends {
+                    Ends::Memory => dest.chunks_mut(span).collect(),
+                    Ends::Buffers => Vec::new(),
+                };
+                let mut slices = slices.into_iter();
                 for mut c in conns {
-                    s2.spawn(move || {
-                        let mut b = vec![0u8; 1 << 20];
-                        while matches!(c.read(&mut b), Ok(n) if n > 0) {}
+                    let own = slices.next();
+                    s2.spawn(move || match own {
+                        // Each byte lands once in its place, as a
+                        // migration's pages do.
+                        Some(b) => {
+                            let _ = c.read_exact(b);
+                        }
+                        None => {
+                            let mut b = vec![0u8; 1 << 20];
+                            while matches!(c.read(&mut b), Ok(n) if n > 0) {}
+                        }
                     });
                 }
             });
@@ -66,19 +105,22 @@ pub fn raw_tcp(path: &Path, streams: usize, bytes: u64) -> anyhow::Result<Ceilin
             let conns: Vec<_> = (0..streams)
                 .map(|i| connect(addrs[i % addrs.len()], via(i), std::time::Duration::from_secs(5)))
                 .collect::<Result<_, _>>()?;
-            let mut buf = vec![0u8; 1 << 20];
-            rand::rngs::SmallRng::seed_from_u64(1).fill_bytes(&mut buf);
             let t0 = Instant::now();
             std::thread::scope(|s2| {
-                for mut c in conns {
-                    let buf = &buf;
+                for (i, mut c) in conns.into_iter().enumerate() {
+                    let from = match ends {
+                        Ends::Memory => &source[i * span..(i + 1) * span],
+                        Ends::Buffers => &source[..],
+                    };
                     s2.spawn(move || {
                         let mut left = per;
+                        let mut at = 0;
                         while left > 0 {
-                            let n = left.min(buf.len() as u64) as usize;
-                            if c.write_all(&buf[..n]).is_err() {
+                            let n = left.min((from.len() - at) as u64) as usize;
+                            if c.write_all(&from[at..at + n]).is_err() {
                                 break;
                             }
+                            at = (at + n) % from.len();
                             left -= n as u64;
                         }
                         let _ = c.shutdown(std::net::Shutdown::Write);

@@ -250,6 +250,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     say!("measuring raw TCP over the same path ({} streams)...", a.streams);
     let ceiling = ceiling::raw_tcp(&path, a.streams as usize, (a.memory_mib << 20).min(1 << 30))?;
     let raw = ceiling.bytes_per_sec / MIB;
+    // The kernel's own cost of moving memory into fresh memory: the floor
+    // of the CPU column.
+    let floor =
+        ceiling::raw_tcp_between(&path, a.streams as usize, (a.memory_mib << 20).min(1 << 30), ceiling::Ends::Memory)?;
     let memcpy = ceiling::memory_copy(256 << 20, a.threads) / MIB;
     let links = plan.listen.len().max(plan.via.len());
     let mut rows = vec![
@@ -280,6 +284,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 "mix": a.mix,
                 "raw_tcp_mib_s": raw,
                 "raw_tcp_cpu_secs_per_gib": ceiling.cpu_secs_per_gib,
+                "raw_tcp_memory_to_memory_mib_s": floor.bytes_per_sec / MIB,
+                "raw_tcp_memory_to_memory_cpu_secs_per_gib": floor.cpu_secs_per_gib,
                 "memory_copy_mib_s": memcpy,
                 "runs": rows,
             }))?
@@ -287,8 +293,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         return Ok(());
     }
     outln!(
-        "migration of {} MiB ({:?}) to {:?}{}; raw TCP with {} streams: {:.0} MiB/s, {:.2} CPU s/GiB; \
-         memory copy with {} threads: {:.0} MiB/s",
+        "migration of {} MiB ({:?}) to {:?}{}; raw TCP with {} streams: {:.0} MiB/s, {:.2} CPU s/GiB \
+         (memory into fresh memory: {:.0} MiB/s, {:.2} CPU s/GiB); memory copy with {} threads: {:.0} MiB/s",
         a.memory_mib,
         a.mix,
         plan.listen,
@@ -296,6 +302,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         a.streams,
         raw,
         ceiling.cpu_secs_per_gib,
+        floor.bytes_per_sec / MIB,
+        floor.cpu_secs_per_gib,
         a.threads,
         memcpy
     );
