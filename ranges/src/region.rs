@@ -18,10 +18,6 @@ use memmap2::{MmapOptions, MmapRaw};
 
 use crate::addr::{Gpa, PageIdx, PageRange, RegionIdx, PAGE_SIZE, PAGE_SIZE_U64};
 
-/// A write of at least this many pages maps them in one call first
-/// ([`GuestRegion::write_pages`]).
-const POPULATE_MIN_PAGES: u64 = 8;
-
 /// Host page size a region declares for its backing (the migration unit is
 /// always 4 KiB; huge pages only change how the backing is mapped and locked).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,6 +105,20 @@ pub enum MemoryError {
         /// Pages in the region.
         pages: u64,
     },
+    /// Writing pages into a file region's file failed (no room left on
+    /// its file system, for one).
+    #[error("cannot write pages {first}..+{count} of guest memory into {path}")]
+    Write {
+        /// First page written.
+        first: u64,
+        /// Number of pages.
+        count: u64,
+        /// The file.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// No such region.
     #[error("{0} does not exist")]
     NoRegion(RegionIdx),
@@ -134,6 +144,9 @@ pub struct GuestRegion {
     host_page: HostPageSize,
     backing: Backing,
     ptr: *mut u8,
+    /// A shared file of small pages: written with `pwrite` (see
+    /// [`GuestRegion::write_pages`]).
+    file: Option<File>,
     _owner: Owner,
 }
 
@@ -207,7 +220,12 @@ impl GuestRegion {
         let mut opts = MmapOptions::new();
         opts.len(n);
         let (raw, backing) = if shared {
-            (opts.map_raw(&file).map_err(map_err)?, Backing::SharedFile(path.into()))
+            let raw = opts.map_raw(&file).map_err(map_err)?;
+            let mut r = Self::from_mmap(gpa, len, host_page, Backing::SharedFile(path.into()), raw);
+            // hugetlbfs takes no write(2): its regions are written through
+            // the mapping.
+            r.file = (host_page == HostPageSize::Small).then_some(file);
+            return Ok(r);
         } else {
             // SAFETY: a private mapping: other processes' writes to the file
             // may show through pages we have not written yet, which is the
@@ -221,7 +239,7 @@ impl GuestRegion {
 
     fn from_mmap(gpa: Gpa, len: u64, host_page: HostPageSize, backing: Backing, map: MmapRaw) -> Self {
         let ptr = map.as_mut_ptr();
-        Self { gpa, len, host_page, backing, ptr, _owner: Owner::Mmap(map) }
+        Self { gpa, len, host_page, backing, ptr, file: None, _owner: Owner::Mmap(map) }
     }
 
     /// A region over memory the embedder mapped, kept alive by `owner`.
@@ -238,7 +256,15 @@ impl GuestRegion {
         owner: Box<dyn Any + Send + Sync>,
     ) -> Result<Self, MemoryError> {
         check_shape(gpa, len, host_page)?;
-        Ok(Self { gpa, len, host_page, backing: Backing::External, ptr: host, _owner: Owner::External(owner) })
+        Ok(Self {
+            gpa,
+            len,
+            host_page,
+            backing: Backing::External,
+            ptr: host,
+            file: None,
+            _owner: Owner::External(owner),
+        })
     }
 
     /// Guest physical address of the first byte.
@@ -311,29 +337,21 @@ impl GuestRegion {
     }
 
     /// Copies `src.len() / 4096` pages into guest memory starting at `first`.
+    ///
+    /// A shared file region of small pages is written with `pwrite`, not
+    /// through its mapping: a file system out of room then answers with an
+    /// error ([`MemoryError::Write`]) where a store into the mapping would
+    /// kill the process with SIGBUS, and a fresh page costs neither a
+    /// fault nor a clear before its copy (docs/benchmarks.md, "CPU per
+    /// GiB"). The mapping sees the same page cache.
     pub fn write_pages(&self, first: PageIdx, src: &[u8]) -> Result<(), MemoryError> {
         let pages = (src.len() / PAGE_SIZE) as u64;
         if src.len() % PAGE_SIZE != 0 {
             return Err(MemoryError::BufferSize { got: src.len(), pages });
         }
         let off = self.span(first, pages)?;
-        if pages >= POPULATE_MIN_PAGES
-            && self.host_page == HostPageSize::Small
-            && matches!(self.backing, Backing::SharedFile(_))
-        {
-            // A fresh page of a shared file (a /dev/shm or memfd-style
-            // guest memory file) faults on its first write, through the
-            // file's page cache. Asking the kernel to map the whole span
-            // first costs one call and about a fifth of the destination's
-            // CPU less (docs/benchmarks.md, "CPU per GiB"). Over anonymous
-            // memory the same advice measured slower inside the loopback
-            // benchmark, so it is left to the faults there. Pages already
-            // mapped are left as they are; a kernel without the advice
-            // (before 5.14) or a mapping that refuses it takes the faults
-            // one page at a time as before, so the result is ignored.
-            // SAFETY: bounds checked by `span`; the advice only maps the
-            // pages of this writable mapping, as the write below would.
-            unsafe { libc::madvise(self.ptr.add(off).cast(), src.len(), libc::MADV_POPULATE_WRITE) };
+        if self.write_file(first, pages, off, src)? {
+            return Ok(());
         }
         // SAFETY: bounds checked by `span`; the mapping is writable and lives
         // as long as `self`; `src` is caller-owned and cannot alias it.
@@ -341,12 +359,50 @@ impl GuestRegion {
         Ok(())
     }
 
-    /// Zeroes `count` pages from `first`.
+    /// Zeroes `count` pages from `first` (a shared file region's with
+    /// `pwrite`, as [`GuestRegion::write_pages`]).
     pub fn zero_pages(&self, first: PageIdx, count: u64) -> Result<(), MemoryError> {
+        static ZEROS: [u8; 64 * PAGE_SIZE] = [0; 64 * PAGE_SIZE];
         let off = self.span(first, count)?;
+        if self.file.is_some() {
+            let mut done = 0;
+            while done < count {
+                let n = (count - done).min(64);
+                let at = off + (done * PAGE_SIZE_U64) as usize;
+                if !self.write_file(PageIdx(first.0 + done), n, at, &ZEROS[..n as usize * PAGE_SIZE])? {
+                    break; // the mapping below zeroes it all
+                }
+                done += n;
+            }
+            if done == count {
+                return Ok(());
+            }
+        }
         // SAFETY: bounds checked by `span`; the mapping is writable.
         unsafe { std::ptr::write_bytes(self.ptr.add(off), 0, (count * PAGE_SIZE_U64) as usize) };
         Ok(())
+    }
+
+    /// Writes `src` at byte `off` of the region's file, if it has one that
+    /// takes `pwrite`: true when written, false when the caller is to copy
+    /// through the mapping (no file, or a file, such as a DAX device, whose
+    /// file system refuses write(2) for any offset).
+    fn write_file(&self, first: PageIdx, pages: u64, off: usize, src: &[u8]) -> Result<bool, MemoryError> {
+        use std::os::unix::fs::FileExt;
+        let Some(f) = &self.file else { return Ok(false) };
+        match f.write_all_at(src, off as u64) {
+            Ok(()) => Ok(true),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENODEV)) => Ok(false),
+            Err(source) => Err(MemoryError::Write {
+                first: first.0,
+                count: pages,
+                path: match &self.backing {
+                    Backing::SharedFile(p) => p.display().to_string(),
+                    _ => "guest memory".into(),
+                },
+                source,
+            }),
+        }
     }
 
     /// Drops `count` pages from `first` of a private anonymous region
@@ -574,6 +630,43 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
+    #[test]
+    fn a_file_system_out_of_room_is_an_error_not_a_signal() {
+        // A shared file larger than its file system: a store into the
+        // mapping past the room left would raise SIGBUS and kill the
+        // process; write_pages must answer with an error instead. Needs
+        // root, for the small tmpfs.
+        let dir = std::env::temp_dir().join(format!("pmigrate-ranges-full-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+            .arg(&dir)
+            .status()
+            .expect("mount");
+        assert!(st.success(), "mounting a 256 KiB tmpfs (root needed): {st}");
+        struct Unmount(PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(&self.0).status();
+                let _ = std::fs::remove_dir(&self.0);
+            }
+        }
+        let _u = Unmount(dir.clone());
+        let r = GuestRegion::file(Gpa(0), 1 << 20, HostPageSize::Small, &dir.join("mem"), true, true).unwrap();
+        let src = vec![9u8; 32 * PAGE_SIZE];
+        r.write_pages(PageIdx(0), &src).unwrap();
+        let more = vec![7u8; 64 * PAGE_SIZE];
+        let e = r.write_pages(PageIdx(64), &more).expect_err("256 KiB hold 64 pages, not 96");
+        assert!(
+            matches!(&e, MemoryError::Write { source, .. } if source.raw_os_error() == Some(libc::ENOSPC)),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("cannot write pages 64..+64 of guest memory into"), "{e}");
+        let mut back = vec![0u8; 32 * PAGE_SIZE];
+        r.read_pages(PageIdx(0), &mut back).unwrap();
+        assert_eq!(back, src, "what fitted is there");
+    }
+
     /// Pages of `r` resident in this process's mapping, by `mincore`.
     fn resident(r: &GuestRegion) -> Vec<bool> {
         let mut v = vec![0u8; r.pages() as usize];
@@ -585,10 +678,10 @@ mod tests {
     }
 
     #[test]
-    fn a_write_into_a_fresh_shared_file_maps_its_own_pages_only() {
-        // write_pages maps a span of a shared file in one call before
-        // copying into it: the bytes must land, and no page outside the
-        // span may be brought in (a mostly empty guest stays sparse).
+    fn a_write_into_a_fresh_shared_file_fills_its_own_pages_only() {
+        // write_pages writes a shared file with pwrite: the bytes must land
+        // where the mapping sees them, and no page outside the span may be
+        // brought in (a mostly empty guest stays sparse).
         // In /dev/shm, whose page cache holds 4 KiB pages unless the host
         // asks for huge ones (a disk file system may cache a hole in large
         // folios, which mincore would report whole).
@@ -605,6 +698,10 @@ mod tests {
         let mut back = vec![0u8; 64 * PAGE_SIZE];
         r.read_pages(PageIdx(100), &mut back).unwrap();
         assert_eq!(back, src);
+        r.zero_pages(PageIdx(110), 70).unwrap();
+        r.read_pages(PageIdx(100), &mut back).unwrap();
+        assert_eq!(&back[..10 * PAGE_SIZE], &src[..10 * PAGE_SIZE]);
+        assert!(back[10 * PAGE_SIZE..].iter().all(|&b| b == 0));
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

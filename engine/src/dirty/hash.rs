@@ -8,6 +8,10 @@ use super::{check_shape, DirtyError, DirtyTracker};
 /// Pages read per copy when hashing.
 const CHUNK_PAGES: usize = 64;
 
+/// [`DirtyTracker::sample`] reads one chunk in this many: a written area
+/// of more than `SAMPLE_STRIDE` chunks (4 MiB) is always seen.
+const SAMPLE_STRIDE: usize = 16;
+
 /// Keeps an xxh3 of every page; `collect` rehashes all memory (on all
 /// cores) and reports the pages whose hash changed. A write that leaves a
 /// page as it was is not reported, which is harmless: the page need not be
@@ -30,39 +34,51 @@ impl HashTracker {
         Self::default()
     }
 
-    fn scan(&mut self, mem: &GuestMemory, out: Option<&[AtomicBitmap]>) -> Result<(), DirtyError> {
+    /// Rehashes memory on all cores and returns how many pages changed.
+    /// `out`: records the changes (the new hashes replace the old, the
+    /// pages are set in `out`, if any); `None` with `stride` > 1: a sample
+    /// of one chunk in `stride`, nothing recorded.
+    fn scan(&mut self, mem: &GuestMemory, out: Option<&[AtomicBitmap]>, stride: usize) -> Result<u64, DirtyError> {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let record = out.is_some() || stride == 1;
+        let mut changed = 0;
         for (r, (idx, region)) in mem.iter().enumerate() {
             let hashes = &mut self.hashes[r];
-            let per = hashes.len().div_ceil(threads).next_multiple_of(CHUNK_PAGES).max(CHUNK_PAGES);
+            // Whole strides per thread, so the sample is the same whatever
+            // the thread count.
+            let per = hashes.len().div_ceil(threads).next_multiple_of(CHUNK_PAGES * stride).max(CHUNK_PAGES * stride);
             let out = out.map(|o| &o[idx.as_usize()]);
-            std::thread::scope(|s| -> Result<(), DirtyError> {
+            changed += std::thread::scope(|s| -> Result<u64, DirtyError> {
                 let mut handles = Vec::new();
                 for (c, part) in hashes.chunks_mut(per).enumerate() {
-                    handles.push(s.spawn(move || -> Result<(), DirtyError> {
+                    handles.push(s.spawn(move || -> Result<u64, DirtyError> {
                         let mut buf = vec![0u8; CHUNK_PAGES * PAGE_SIZE];
                         let base = (c * per) as u64;
-                        for (k, block) in part.chunks_mut(CHUNK_PAGES).enumerate() {
+                        let mut changed = 0;
+                        for (k, block) in part.chunks_mut(CHUNK_PAGES).enumerate().step_by(stride) {
                             let first = base + (k * CHUNK_PAGES) as u64;
                             let bytes = &mut buf[..block.len() * PAGE_SIZE];
                             region.read_pages(PageIdx(first), bytes)?;
                             for (i, (h, page)) in block.iter_mut().zip(bytes.chunks(PAGE_SIZE)).enumerate() {
                                 let new = xxh3_64(page);
                                 if *h != new {
-                                    *h = new;
+                                    changed += 1;
+                                    if record {
+                                        *h = new;
+                                    }
                                     if let Some(o) = out {
                                         o.set(first + i as u64);
                                     }
                                 }
                             }
                         }
-                        Ok(())
+                        Ok(changed)
                     }));
                 }
-                handles.into_iter().try_for_each(|h| h.join().expect("hash worker panicked"))
+                handles.into_iter().map(|h| h.join().expect("hash worker panicked")).sum()
             })?;
         }
-        Ok(())
+        Ok(changed)
     }
 }
 
@@ -74,7 +90,7 @@ impl DirtyTracker for HashTracker {
     fn start(&mut self, mem: &GuestMemory) -> Result<(), DirtyError> {
         self.hashes = mem.regions().iter().map(|r| vec![0u64; r.pages() as usize]).collect();
         self.unread = None;
-        self.scan(mem, None)
+        self.scan(mem, None, 1).map(drop)
     }
 
     fn start_seeded(&mut self, mem: &GuestMemory, unread: &[AtomicBitmap]) -> Result<bool, DirtyError> {
@@ -117,7 +133,15 @@ impl DirtyTracker for HashTracker {
         if self.hashes.len() != out.len() {
             return Err(DirtyError::Shape("collect before start".into()));
         }
-        self.scan(mem, Some(out))
+        self.scan(mem, Some(out), 1).map(drop)
+    }
+
+    fn sample(&mut self, mem: &GuestMemory) -> Result<Option<u64>, DirtyError> {
+        if self.hashes.len() != mem.regions().len() || self.unread.is_some() {
+            return Ok(None); // not started, or round 0's hashes not in yet
+        }
+        let changed = self.scan(mem, None, SAMPLE_STRIDE)?;
+        Ok(Some(changed * (SAMPLE_STRIDE * PAGE_SIZE) as u64))
     }
 
     fn stop(&mut self, _mem: &GuestMemory) {
