@@ -418,6 +418,14 @@ impl<R: Read> FrameReader<R> {
         Ok(Some((hdr, &self.payload)))
     }
 
+    /// The payload of the frame last read, as an owned buffer (its length
+    /// that frame's), with nothing copied; `with` becomes the buffer the
+    /// next frames are read into (a buffer of a frame's size is reused as
+    /// it is, an empty one grows).
+    pub fn swap_payload(&mut self, with: Vec<u8>) -> Vec<u8> {
+        std::mem::replace(&mut self.payload, with)
+    }
+
     /// Reads the next frame, which must exist and be of `kind`.
     pub fn expect(&mut self, kind: FrameKind) -> Result<(FrameHdr, &[u8]), TransportError> {
         let name = self.name.clone();
@@ -457,5 +465,23 @@ mod tests {
         assert!(r.next_frame().unwrap().is_none());
         let mut r = FrameReader::new(&f[..20], "t");
         assert!(matches!(r.next_frame(), Err(TransportError::Closed(_))));
+    }
+
+    #[test]
+    fn a_payload_taken_whole_leaves_the_reader_reading() {
+        let (mut f, mut g) = (Vec::new(), Vec::new());
+        crate::payload::build_data(&mut f, 7, b"first chunk", false);
+        crate::payload::build_data(&mut g, 8, b"second", false);
+        f.extend_from_slice(&g);
+        let mut r = FrameReader::new(&f[..], "t");
+        let (h, p) = r.next_frame().unwrap().unwrap();
+        assert_eq!((h.aux, p), (7, &b"first chunk"[..]));
+        // A recycled buffer, longer than the next frame and not zero.
+        let first = r.swap_payload(vec![0xee; 64]);
+        assert_eq!(first, b"first chunk");
+        let (h, p) = r.next_frame().unwrap().unwrap();
+        assert_eq!((h.aux, p), (8, &b"second"[..]));
+        assert_eq!(r.swap_payload(Vec::new()), b"second");
+        assert!(r.next_frame().unwrap().is_none());
     }
 }

@@ -130,7 +130,11 @@ pub(super) fn stream_reader(shared: &Shared<'_>, i: usize, has_in: bool, expects
                             lane.took(seq);
                             continue; // the local peer left: nowhere to put it
                         }
+                        let raw = chunk.encoding() == Encoding::Raw;
                         let data = match chunk.open(&mut opener) {
+                            // A raw chunk, verified, is the reader's buffer
+                            // itself: taken whole, not copied.
+                            Ok(_) if raw => reader.swap_payload(shared.in_spare.1.try_recv().unwrap_or_default()),
                             Ok(d) => d.to_vec(),
                             Err(source) => break Err(TransportError::Wire { what: name.clone(), source }.into()),
                         };
@@ -300,6 +304,7 @@ pub(super) fn deliver(
                 }
                 report.bytes += c.len() as u64;
                 report.chunks += 1;
+                shared.recycle_in(c);
             }
             Next::Complete { chunks } => {
                 if let Some(mut out) = output.take() {

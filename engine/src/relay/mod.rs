@@ -619,9 +619,36 @@ pub(crate) struct Shared<'a> {
     /// milliseconds since `t0`.
     last_activity: AtomicU64,
     t0: Instant,
+    /// Frame buffers written and no longer kept, for the input reader to
+    /// read into again (a fresh 256 KiB buffer costs its zeroing and, from
+    /// the allocator, page faults: an eighth of the sender's CPU).
+    spare: (crossbeam_channel::Sender<Vec<u8>>, crossbeam_channel::Receiver<Vec<u8>>),
+    /// Chunks written to the local output, for the stream readers to read
+    /// the next frames into (taken whole from a reader, a raw chunk is
+    /// not copied; its reader needs a buffer in its place).
+    in_spare: (crossbeam_channel::Sender<Vec<u8>>, crossbeam_channel::Receiver<Vec<u8>>),
 }
 
+/// Frame buffers [`Shared::recycle`] keeps at most.
+const SPARE_FRAMES: usize = 32;
+
 impl Shared<'_> {
+    /// Gives a frame that is written and not kept back to the input reader.
+    pub(crate) fn recycle(&self, f: pmigrate_transport::backend::Outgoing) {
+        if let pmigrate_transport::backend::Outgoing::Vec(v) = f {
+            if v.capacity() >= pmigrate_transport::frame::HEADER_LEN + CHUNK {
+                let _ = self.spare.0.try_send(v);
+            }
+        }
+    }
+
+    /// Gives a chunk written to the local output back to the readers.
+    pub(crate) fn recycle_in(&self, chunk: Vec<u8>) {
+        if chunk.capacity() >= CHUNK {
+            let _ = self.in_spare.0.try_send(chunk);
+        }
+    }
+
     /// Notes that bytes of the carried stream moved.
     pub(crate) fn touch(&self) {
         self.last_activity.store(self.t0.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -770,6 +797,8 @@ pub fn carry(session: Session, local: Local) -> Result<RelayReport, MigrateError
         window: inbound::Window::new(n),
         last_activity: AtomicU64::new(0),
         t0,
+        spare: crossbeam_channel::bounded(SPARE_FRAMES),
+        in_spare: crossbeam_channel::bounded(SPARE_FRAMES),
     };
     let shared = &shared;
     let ended = AtomicBool::new(false);

@@ -16,7 +16,7 @@ use pmigrate_transport::backend::{Backend, FrameWriter, WriteFailure, URING_DEPT
 use pmigrate_transport::frame::{Encoding, HEADER_LEN};
 use pmigrate_transport::message::Control;
 use pmigrate_transport::net::{keepalive_frame, KEEPALIVE_INTERVAL};
-use pmigrate_transport::payload::build_data;
+use pmigrate_transport::payload::{build_data, seal_raw_data_in_place};
 use pmigrate_transport::{Conn, TransportError};
 
 use super::resume::{write_lost, Recovered, Unacked, ACK_TICK};
@@ -92,7 +92,7 @@ pub(super) fn stream_writer(shared: &Shared<'_>, i: usize, rx: Receiver<Vec<u8>>
                 lane.link.note_resent(chunks);
                 batch = frames;
             }
-            kept.release(lane.acknowledged());
+            kept.release(lane.acknowledged(), |f| shared.recycle(f));
             if !closed {
                 if let Some(next) = lane.ack_due(acked_sent, last_ack.elapsed() >= ACK_TICK) {
                     batch.push(Control::Ack { next }.encode().into());
@@ -108,7 +108,7 @@ pub(super) fn stream_writer(shared: &Shared<'_>, i: usize, rx: Receiver<Vec<u8>>
                     if resumable {
                         kept.keep(w.take_done());
                     } else {
-                        drop(w.take_done());
+                        w.take_done().into_iter().for_each(|f| shared.recycle(f));
                     }
                 }
                 Err(f) if resumable && write_lost(&f.error) => {
@@ -210,8 +210,8 @@ pub(super) fn run<'s, 'a: 's>(
     let (done_tx, done_rx) = bounded::<Result<(u64, u64), MigrateError>>(1);
     match input {
         Some(input) => {
-            let (inline, ended) = (built_tx.clone(), shared.input_ended.clone());
-            std::thread::spawn(move || read_input(input, chunk_tx, inline, done_tx, &ended));
+            let (inline, ended, spare) = (built_tx.clone(), shared.input_ended.clone(), shared.spare.1.clone());
+            std::thread::spawn(move || read_input(input, chunk_tx, inline, done_tx, &ended, spare));
         }
         None => {
             drop(chunk_tx);
@@ -298,19 +298,30 @@ pub(super) fn run<'s, 'a: 's>(
     }
 }
 
-/// The input reader: one read, one chunk. Small chunks are sealed here.
+/// The input reader: one read, one chunk, read straight into a frame
+/// behind room for its header (`frame[HEADER_LEN..]`). Small chunks are
+/// sealed here; a chunk under half a buffer goes in a frame of its own
+/// size (what the resend buffer keeps is bounded by bytes, so a frame's
+/// spare capacity would be held unaccounted), the buffer reused.
 fn read_input(
     mut input: Box<dyn Read + Send>,
     chunks: Sender<(u64, Vec<u8>)>,
     inline: Sender<Built>,
     done: Sender<Result<(u64, u64), MigrateError>>,
     ended: &AtomicBool,
+    spare: Receiver<Vec<u8>>,
 ) {
     let mut seq = 0u64;
     let mut bytes = 0u64;
+    let mut buf = Vec::new();
     let res = loop {
-        let mut buf = vec![0u8; CHUNK];
-        let k = match input.read(&mut buf) {
+        if buf.len() != HEADER_LEN + CHUNK {
+            // A written frame's buffer when one is back (only the bytes
+            // past its old length are zeroed), a new one otherwise.
+            buf = spare.try_recv().unwrap_or_default();
+            buf.resize(HEADER_LEN + CHUNK, 0);
+        }
+        let k = match input.read(&mut buf[HEADER_LEN..]) {
             Ok(0) => {
                 // The local peer ended its input: the inbound flow may now
                 // find that peer gone altogether.
@@ -324,11 +335,14 @@ fn read_input(
         bytes += k as u64;
         let sent = if k <= INLINE_CHUNK {
             let mut frame = Vec::with_capacity(HEADER_LEN + k);
-            build_data(&mut frame, seq, &buf[..k], false);
+            build_data(&mut frame, seq, &buf[HEADER_LEN..HEADER_LEN + k], false);
             inline.send(Built { seq, frame, lz4: false, len: k }).is_ok()
+        } else if k < CHUNK / 2 {
+            chunks.send((seq, buf[..HEADER_LEN + k].to_vec())).is_ok()
         } else {
-            buf.truncate(k);
-            chunks.send((seq, buf)).is_ok()
+            let mut frame = std::mem::take(&mut buf);
+            frame.truncate(HEADER_LEN + k);
+            chunks.send((seq, frame)).is_ok()
         };
         if !sent {
             break Err(MigrateError::Aborted);
@@ -339,19 +353,29 @@ fn read_input(
     let _ = done.send(res);
 }
 
-/// A worker: builds and seals frames (lz4 when the session's policy says
-/// it moves the data faster).
+/// A worker: seals frames whose chunk the reader put behind their header,
+/// in place, or builds an lz4 frame from it when the session's policy says
+/// that moves the data faster.
 fn build_frames(shared: &Shared<'_>, rx: Receiver<(u64, Vec<u8>)>, tx: Sender<Built>) {
     loop {
-        let (seq, data) = match rx.recv_timeout(TICK) {
+        let (seq, mut frame) = match rx.recv_timeout(TICK) {
             Ok(c) => c,
             Err(RecvTimeoutError::Timeout) if shared.out_stopped() => return,
             Err(RecvTimeoutError::Timeout) => continue,
             Err(RecvTimeoutError::Disconnected) => return,
         };
-        let mut frame = Vec::with_capacity(HEADER_LEN + data.len());
-        let enc = build_data(&mut frame, seq, &data, shared.lz4.compress());
-        if tx.send(Built { seq, frame, lz4: enc == Encoding::Lz4, len: data.len() }).is_err() {
+        let len = frame.len() - HEADER_LEN;
+        let mut lz4 = false;
+        if shared.lz4.compress() {
+            let mut packed = Vec::with_capacity(HEADER_LEN + len);
+            if build_data(&mut packed, seq, &frame[HEADER_LEN..], true) == Encoding::Lz4 {
+                (frame, lz4) = (packed, true);
+            }
+        }
+        if !lz4 {
+            seal_raw_data_in_place(&mut frame, seq);
+        }
+        if tx.send(Built { seq, frame, lz4, len }).is_err() {
             return;
         }
     }

@@ -298,11 +298,13 @@ impl Unacked {
         }
     }
 
-    /// Forgets the chunks the other end acknowledged (below `next`).
-    pub(crate) fn release(&mut self, next: u64) {
+    /// Forgets the chunks the other end acknowledged (below `next`),
+    /// handing each to `done`.
+    pub(crate) fn release(&mut self, next: u64, mut done: impl FnMut(Outgoing)) {
         while self.chunks.front().is_some_and(|(seq, _)| *seq < next) {
             let (_, f) = self.chunks.pop_front().expect("just looked");
             self.bytes = self.bytes.saturating_sub(f.len());
+            done(f);
         }
     }
 
