@@ -10,6 +10,10 @@
 #
 #   tools/relay-bench.sh [MiB] [runs] [send options...]   (default 2048 MiB, 5 runs, --streams 4)
 #
+# RATE=300 feeds both as QEMU does when it is the slower end: 32 KiB
+# writes paced to 300 MiB/s (a paced writer in python instead of cat), so
+# each read finds a few writes' worth, not a full chunk.
+#
 # Needs python3 and target/release/pmigrate (or the binary in $PMIGRATE).
 
 set -euo pipefail
@@ -55,6 +59,24 @@ while n := c.recv_into(buf):
         v = v[os.write(1, v):]
 PY
 
+cat >"$WORK/feed.py" <<'PY'
+import os, sys, time
+rate = float(sys.argv[2]) * (1 << 20)
+with open(sys.argv[1], "rb") as f:
+    data = memoryview(f.read())
+t0, k = time.monotonic(), 32 << 10
+for i in range(0, len(data), k):
+    v = data[i:i + k]
+    while v:
+        v = v[os.write(1, v):]
+    ahead = (i + k) / rate - (time.monotonic() - t0)
+    if ahead > 0.0005:
+        time.sleep(ahead)
+PY
+feed() {
+    if [[ ${RATE:-0} != 0 ]]; then python3 "$WORK/feed.py" "$WORK/in" "$RATE"; else cat "$WORK/in"; fi
+}
+
 cpu() { python3 "$WORK/cpu.py" "$@"; }
 sum_last() { echo "$(tail -1 "$1") + $(tail -1 "$2")" | bc; }
 
@@ -62,7 +84,7 @@ plain() {
     rm -f "$WORK/a" "$WORK/b"
     cpu "$WORK/b" python3 "$WORK/plain_recv.py" 7395 | cat >/dev/null &
     sleep 0.3
-    cat "$WORK/in" | cpu "$WORK/a" python3 "$WORK/plain_send.py" 7395
+    feed | cpu "$WORK/a" python3 "$WORK/plain_send.py" 7395
     wait
     sum_last "$WORK/a" "$WORK/b"
 }
@@ -71,14 +93,15 @@ relay() {
     rm -f "$WORK/a" "$WORK/b"
     cpu "$WORK/b" "$BIN" recv --psk-file "$WORK/psk" --listen 127.0.0.1:7396 -q | cat >/dev/null &
     sleep 0.3
-    cat "$WORK/in" | cpu "$WORK/a" "$BIN" send --psk-file "$WORK/psk" "${SEND_ARGS[@]}" -q 127.0.0.1:7396
+    feed | cpu "$WORK/a" "$BIN" send --psk-file "$WORK/psk" "${SEND_ARGS[@]}" -q 127.0.0.1:7396
     wait
     sum_last "$WORK/a" "$WORK/b"
 }
 
 median() { sort -n | awk '{v[NR]=$1} END {print (NR % 2) ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2}'; }
 
-echo "$MIB MiB through pipes over loopback, CPU s of both ends; relay: send ${SEND_ARGS[*]}"
+if [[ ${RATE:-0} != 0 ]]; then FED="32 KiB writes at $RATE MiB/s"; else FED=cat; fi
+echo "$MIB MiB through pipes over loopback (fed by $FED), CPU s of both ends; relay: send ${SEND_ARGS[*]}"
 P=() R=()
 for ((r = 1; r <= RUNS; r++)); do
     p=$(plain); x=$(relay)

@@ -22,8 +22,10 @@
 //! state after the guest paused, a page request on a return path — they
 //! leave at once, never held back for a full chunk or a timer. Chunks of at
 //! most [`INLINE_CHUNK`] bytes are sealed by the reader itself, so a small
-//! message costs no thread hop; larger ones go through worker threads (lz4,
-//! check). The sequencer hands frames to streams in sequence order, each to
+//! message costs no thread hop; larger ones go through worker threads when
+//! lz4 is on (lz4, check) and are sealed by the reader too while it is off
+//! (a hop per chunk cost more CPU than its check: with QEMU feeding 32 KiB
+//! writes, chunks are tens of KiB, and hops were most of the sender's time). The sequencer hands frames to streams in sequence order, each to
 //! a stream with room, so every stream carries increasing sequence numbers.
 //! When the input ends, every stream gets `End`.
 //!
@@ -112,6 +114,7 @@ pub const CHUNK: usize = 256 << 10;
 
 /// Chunks up to this size are sealed by the input reader itself, without
 /// lz4: small messages (page requests, acknowledgements) leave at once.
+/// (While the session's lz4 policy says raw, the reader seals every chunk.)
 pub const INLINE_CHUNK: usize = 4 << 10;
 
 /// Frames queued per stream on the sending side.
@@ -613,7 +616,7 @@ pub(crate) struct Shared<'a> {
     out_wire: AtomicU64,
     in_wire: AtomicU64,
     /// When the outbound flow compresses.
-    lz4: crate::lz4gate::Lz4Policy,
+    lz4: Arc<crate::lz4gate::Lz4Policy>,
     window: inbound::Window,
     /// When a byte of the carried stream last moved either way, in
     /// milliseconds since `t0`.
@@ -793,7 +796,7 @@ pub fn carry(session: Session, local: Local) -> Result<RelayReport, MigrateError
         out_closed: AtomicBool::new(false),
         out_wire: AtomicU64::new(0),
         in_wire: AtomicU64::new(0),
-        lz4: crate::lz4gate::Lz4Policy::for_streams(how.compression, n),
+        lz4: Arc::new(crate::lz4gate::Lz4Policy::for_streams(how.compression, n)),
         window: inbound::Window::new(n),
         last_activity: AtomicU64::new(0),
         t0,

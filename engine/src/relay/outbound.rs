@@ -211,7 +211,8 @@ pub(super) fn run<'s, 'a: 's>(
     match input {
         Some(input) => {
             let (inline, ended, spare) = (built_tx.clone(), shared.input_ended.clone(), shared.spare.1.clone());
-            std::thread::spawn(move || read_input(input, chunk_tx, inline, done_tx, &ended, spare));
+            let lz4 = shared.lz4.clone();
+            std::thread::spawn(move || read_input(input, chunk_tx, inline, done_tx, &ended, spare, &lz4));
         }
         None => {
             drop(chunk_tx);
@@ -300,9 +301,10 @@ pub(super) fn run<'s, 'a: 's>(
 
 /// The input reader: one read, one chunk, read straight into a frame
 /// behind room for its header (`frame[HEADER_LEN..]`). Small chunks are
-/// sealed here; a chunk under half a buffer goes in a frame of its own
-/// size (what the resend buffer keeps is bounded by bytes, so a frame's
-/// spare capacity would be held unaccounted), the buffer reused.
+/// sealed here, and every chunk while lz4 is off; the workers get the
+/// rest. A chunk under half a buffer goes in a frame of its own size (what
+/// the resend buffer keeps is bounded by bytes, so a frame's spare
+/// capacity would be held unaccounted), the buffer reused.
 fn read_input(
     mut input: Box<dyn Read + Send>,
     chunks: Sender<(u64, Vec<u8>)>,
@@ -310,6 +312,7 @@ fn read_input(
     done: Sender<Result<(u64, u64), MigrateError>>,
     ended: &AtomicBool,
     spare: Receiver<Vec<u8>>,
+    lz4: &crate::lz4gate::Lz4Policy,
 ) {
     let mut seq = 0u64;
     let mut bytes = 0u64;
@@ -337,12 +340,21 @@ fn read_input(
             let mut frame = Vec::with_capacity(HEADER_LEN + k);
             build_data(&mut frame, seq, &buf[HEADER_LEN..HEADER_LEN + k], false);
             inline.send(Built { seq, frame, lz4: false, len: k }).is_ok()
-        } else if k < CHUNK / 2 {
-            chunks.send((seq, buf[..HEADER_LEN + k].to_vec())).is_ok()
         } else {
-            let mut frame = std::mem::take(&mut buf);
-            frame.truncate(HEADER_LEN + k);
-            chunks.send((seq, frame)).is_ok()
+            let frame = if k < CHUNK / 2 {
+                buf[..HEADER_LEN + k].to_vec()
+            } else {
+                let mut frame = std::mem::take(&mut buf);
+                frame.truncate(HEADER_LEN + k);
+                frame
+            };
+            if lz4.compress() {
+                chunks.send((seq, frame)).is_ok()
+            } else {
+                let mut frame = frame;
+                seal_raw_data_in_place(&mut frame, seq);
+                inline.send(Built { seq, frame, lz4: false, len: k }).is_ok()
+            }
         };
         if !sent {
             break Err(MigrateError::Aborted);
