@@ -1,6 +1,7 @@
 //! The fault-injection matrix: the real `pmigrate` binary on
 //! every path — pre-copy, post-copy and hybrid memory migration
-//! (`serve`/`migrate`), the exec relay (`send`/`recv`) and the proxy
+//! (`serve`/`migrate`; hybrid also with a guest dirtying its memory until
+//! the pause), the exec relay (`send`/`recv`) and the proxy
 //! (`proxy entry`/`proxy exit`) — under link faults (a userspace netem:
 //! delay and jitter, 1 % loss, reordering, duplication, 0.1 % corruption),
 //! a connection reset at a seeded byte offset, SIGSTOP and SIGKILL of
@@ -310,6 +311,9 @@ fn reduced_runs() -> Vec<Run> {
         r(Hybrid, Cut, 2, 32),
         r(Hybrid, KillDst, 3, 32),
         r(Hybrid, ResumeFails, 4, 32),
+        r(HybridDirty, Netem, 1, 16),
+        r(HybridDirty, Cut, 2, 32),
+        r(HybridDirty, KillSrc, 3, 32),
         r(Exec, Netem, 1, 16),
         r(Exec, Cut, 2, 32),
         r(Exec, KillSrc, 3, 32),
@@ -337,7 +341,13 @@ fn stress_fault_matrix() {
         finish("repro", &tally, started);
         return;
     }
-    let cells = Cell::all();
+    // `PMIGRATE_FAULT_PATHS=hybrid-dirty,exec`: only those paths' cells.
+    let paths = std::env::var("PMIGRATE_FAULT_PATHS").ok();
+    let cells: Vec<Cell> = Cell::all()
+        .into_iter()
+        .filter(|c| paths.as_deref().is_none_or(|p| p.split(',').any(|n| n.trim() == c.path.name())))
+        .collect();
+    assert!(!cells.is_empty(), "PMIGRATE_FAULT_PATHS={paths:?} names no path");
     let sizes = [16, 32, 48, 64];
     let first_seed = env_usize("PMIGRATE_FAULT_SEED").unwrap_or(1000) as u64;
     let runs_asked = env_usize("PMIGRATE_FAULT_RUNS");

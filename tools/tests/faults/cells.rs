@@ -16,6 +16,10 @@ pub enum Path {
     Post,
     /// `serve` / `migrate --postcopy 1`: one pre-copy round, then post-copy.
     Hybrid,
+    /// [`Path::Hybrid`] with a guest that writes its memory until the
+    /// pause: pages dirtied after the pre-copy round must arrive by
+    /// post-copy.
+    HybridDirty,
     /// `send` / `recv` carrying a byte stream (QEMU's `exec:`).
     Exec,
     /// `proxy entry` / `proxy exit` carrying a TCP connection.
@@ -45,13 +49,14 @@ pub enum Fault {
 }
 
 impl Path {
-    pub const ALL: [Path; 5] = [Path::Pre, Path::Post, Path::Hybrid, Path::Exec, Path::Proxy];
+    pub const ALL: [Path; 6] = [Path::Pre, Path::Post, Path::Hybrid, Path::HybridDirty, Path::Exec, Path::Proxy];
 
     pub fn name(self) -> &'static str {
         match self {
             Path::Pre => "pre",
             Path::Post => "post",
             Path::Hybrid => "hybrid",
+            Path::HybridDirty => "hybrid-dirty",
             Path::Exec => "exec",
             Path::Proxy => "proxy",
         }
@@ -59,12 +64,12 @@ impl Path {
 
     /// Whether a memory file migrates (with a VM modelled by hooks).
     pub fn is_memory(self) -> bool {
-        matches!(self, Path::Pre | Path::Post | Path::Hybrid)
+        matches!(self, Path::Pre | Path::Post | Path::Hybrid | Path::HybridDirty)
     }
 
     /// Whether the guest is handed over before all memory arrived.
     pub fn is_postcopy(self) -> bool {
-        matches!(self, Path::Post | Path::Hybrid)
+        matches!(self, Path::Post | Path::Hybrid | Path::HybridDirty)
     }
 }
 

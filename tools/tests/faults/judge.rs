@@ -135,6 +135,9 @@ fn memory(run: &Run, plan: &Plan, o: &MemoryObs) -> Verdict {
     if o.dst.success() && (o.dst_file != Some(true) || o.resumes != 1) {
         bad.push("the destination exited 0 without the whole memory and a started VM".into());
     }
+    if o.guest_writes == Some(0) {
+        bad.push("the dirtying guest never wrote: the run proves nothing about dirtied pages".into());
+    }
 
     // What the source's failure claims.
     let mut in_doubt = false;

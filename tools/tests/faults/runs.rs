@@ -52,6 +52,9 @@ pub struct MemoryObs {
     /// The destination's memory file: `None` absent, else whether it
     /// equals the source's memory.
     pub dst_file: Option<bool>,
+    /// Pages a dirtying guest wrote before it stopped (`None`: an idle
+    /// guest).
+    pub guest_writes: Option<usize>,
     /// A `.partial` file was left.
     pub partial_left: bool,
     /// Reconnects the source reported (pre-copy or post-copy).
@@ -247,7 +250,7 @@ impl Net {
 pub fn run(run: &Run) -> (Observed, Fired) {
     let plan = run.plan();
     match run.cell.path {
-        Path::Pre | Path::Post | Path::Hybrid => memory(run, &plan),
+        Path::Pre | Path::Post | Path::Hybrid | Path::HybridDirty => memory(run, &plan),
         Path::Exec => exec(run, &plan),
         Path::Proxy => proxy(run, &plan),
     }
@@ -359,17 +362,26 @@ fn memory(run: &Run, plan: &Plan) -> (Observed, Fired) {
     assert!(serve.wait_log("listening on", Duration::from_secs(60)), "serve never listened: {}", serve.log());
     let addr = net.link(&serve, run, plan, &victims);
 
+    // A dirtying guest stops writing before the pause hook returns.
+    let stopped = s.path("guest-stopped");
+    let dirtier = (run.cell.path == Path::HybridDirty).then(|| Dirtier::start(&src, &data, &paused, &stopped, plan));
+    let pause_cmd = match &dirtier {
+        Some(_) => {
+            format!("echo p >> {}; while [ ! -e {} ]; do sleep 0.005; done", sh_quote(&paused), sh_quote(&stopped))
+        }
+        None => format!("echo p >> {}", sh_quote(&paused)),
+    };
     let mut cmd = net.command(Side::Src);
     cmd.args(["migrate", "--memory"])
         .arg(&src)
-        .args(["--pause-cmd", &format!("echo p >> {}", sh_quote(&paused))])
+        .args(["--pause-cmd", &pause_cmd])
         .args(["--cont-cmd", &format!("echo c >> {}", sh_quote(&conts))])
         .args(["--streams", "4", "--json"])
         .args(progress_args())
         .args(end_args(plan, true));
     match run.cell.path {
         Path::Post => drop(cmd.args(["--postcopy", "0"])),
-        Path::Hybrid => drop(cmd.args(["--postcopy", "1"])),
+        Path::Hybrid | Path::HybridDirty => drop(cmd.args(["--postcopy", "1"])),
         _ => {}
     }
     cmd.arg(&addr)
@@ -379,6 +391,11 @@ fn memory(run: &Run, plan: &Plan) -> (Observed, Fired) {
     victims.set(Some(&migrate), Some(&serve));
 
     let src_end = migrate.ended(Instant::now() + RUN_DEADLINE);
+    // The guest's memory as it left it: at the pause, or (no pause) now.
+    let (data, guest_writes) = match dirtier.map(Dirtier::stop) {
+        Some((mem, writes)) => (mem, Some(writes)),
+        None => (data, None),
+    };
     victims.join_conts();
     let dst_end = settle(&serve, &["waiting for another", "refused"]);
     victims.join_conts();
@@ -407,8 +424,63 @@ fn memory(run: &Run, plan: &Plan) -> (Observed, Fired) {
         dst_file: std::fs::read(&dst).ok().map(|d| d == data),
         partial_left: dst_dir.join("vm.mem.partial").exists(),
         reconnects,
+        guest_writes,
     };
     (Observed::Memory(obs), fired)
+}
+
+/// A guest writing its memory: random pages of the source's memory file
+/// rewritten, about 8 MiB/s, until the pause hook's mark appears (or the
+/// test stops it); it then marks `stopped`, which the hook waits for, and
+/// hands back the memory the file must hold.
+struct Dirtier {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<(Vec<u8>, usize)>,
+}
+
+impl Dirtier {
+    fn start(
+        src: &std::path::Path,
+        data: &[u8],
+        paused: &std::path::Path,
+        stopped: &std::path::Path,
+        plan: &Plan,
+    ) -> Self {
+        use rand::{Rng, RngCore, SeedableRng};
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new().write(true).open(src).expect("the source's memory for writing");
+        let (mut mem, paused, stopped) = (data.to_vec(), paused.to_path_buf(), stopped.to_path_buf());
+        let stop = Arc::new(AtomicBool::new(false));
+        let seed = plan.content_seed ^ 0xd1_27;
+        let handle = std::thread::spawn({
+            let stop = stop.clone();
+            move || {
+                let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+                let pages = mem.len() / 4096;
+                let mut writes = 0;
+                while !stop.load(Ordering::Acquire) && !paused.exists() {
+                    writes += 8;
+                    for _ in 0..8 {
+                        let p = rng.gen_range(0..pages);
+                        let page = &mut mem[p * 4096..(p + 1) * 4096];
+                        rng.fill_bytes(page);
+                        file.write_all_at(page, (p * 4096) as u64).expect("a guest write");
+                    }
+                    std::thread::sleep(Duration::from_millis(4));
+                }
+                std::fs::write(&stopped, b"s").expect("the guest's stop mark");
+                (mem, writes)
+            }
+        });
+        Dirtier { stop, handle }
+    }
+
+    /// Stops the guest (if the pause did not) and returns its memory and
+    /// how many page writes it made.
+    fn stop(self) -> (Vec<u8>, usize) {
+        self.stop.store(true, Ordering::Release);
+        self.handle.join().expect("the dirtying guest")
+    }
 }
 
 /// Reads `r` to its end; returns the bytes and whether it ended cleanly.
