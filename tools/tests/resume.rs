@@ -12,11 +12,10 @@ mod keys;
 mod listening;
 
 use std::io::{Read, Write};
-use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use listening::start_listening;
+use listening::start_listening_any;
 use rand::{RngCore, SeedableRng};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pmigrate");
@@ -38,11 +37,9 @@ fn stream() -> Vec<u8> {
 /// resets the connection carrying its 128 MiB-th byte when `cut`; checks
 /// the outcome and returns the seconds `send` took.
 fn relay(data: &[u8], io: &str, cut: bool) -> f64 {
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let listen = format!("127.0.0.1:{port}");
-    let (mut recv, recv_log) = start_listening(
+    let (mut recv, recv_log, listen) = start_listening_any(
         Command::new(BIN)
-            .args(["recv", "--listen", &listen, "--report", "--io", io])
+            .args(["recv", "--listen", "127.0.0.1:0", "--report", "--io", io])
             .args(keys::psk_args())
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
@@ -57,7 +54,7 @@ fn relay(data: &[u8], io: &str, cut: bool) -> f64 {
     // (both sides, no FIN), as a NIC flap or `ss -K` does; later
     // connections pass.
     let trigger = if cut { cutter::Trigger::Cut } else { cutter::Trigger::Pass };
-    let link = cutter::Cutter::start(listen.parse().unwrap(), 128 << 20, trigger).unwrap();
+    let link = cutter::Cutter::start(listen, 128 << 20, trigger).unwrap();
     let mut send = Command::new(BIN)
         .args(["send", "--streams", "4", "--report", "--io", io, &link.addr.to_string()])
         .args(keys::psk_args())

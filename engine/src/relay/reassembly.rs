@@ -247,6 +247,25 @@ impl Reassembly {
         Ok(Next::Wait)
     }
 
+    /// The next chunk, if it is here: only a chunk, nothing else of
+    /// [`Reassembly::take`] (its end and its errors are the deliverer's).
+    pub fn take_chunk(&mut self) -> Option<Vec<u8>> {
+        let c = self.chunks.remove(&self.next)?;
+        self.next += 1;
+        Some(c)
+    }
+
+    /// Whether the next chunk is here.
+    pub fn chunk_ready(&self) -> bool {
+        self.chunks.contains_key(&self.next)
+    }
+
+    /// Whether every stream ended and every chunk was taken: `take` would
+    /// say complete.
+    pub fn complete(&self) -> bool {
+        self.heads.iter().all(|h| h.1) && self.total == Some(self.next)
+    }
+
     /// The local peer left: what is held is dropped.
     pub fn drop_held(&mut self) {
         self.chunks.clear();
