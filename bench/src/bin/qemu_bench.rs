@@ -821,9 +821,15 @@ fn run_one(ctx: &mut Ctx, tb: &TestbedEnv, r: &mut RunResult, t: Transport) -> R
     r.mbps = ram["mbps"].as_f64().unwrap_or(0.0);
     r.dirty_sync_count = ram["dirty-sync-count"].as_u64().unwrap_or(0);
     if r.converged {
-        r.total_ms = info["total-time"].as_u64();
-        r.setup_ms = info["setup-time"].as_u64();
-        r.downtime_ms = info["downtime"].as_u64();
+        // QEMU 7.2 has been seen to answer a completed migration with
+        // zero total time and downtime: no figure, not a zero one.
+        let reported = info["total-time"].as_u64().filter(|&t| t > 0);
+        if reported.is_none() {
+            eprintln!("qemu-bench:   QEMU reported no total time for this run; its times are left out");
+        }
+        r.total_ms = reported;
+        r.setup_ms = reported.and(info["setup-time"].as_u64());
+        r.downtime_ms = reported.and(info["downtime"].as_u64());
         if let (Some(tt), Some(st)) = (r.total_ms, r.setup_ms) {
             r.transfer_s = Some(tt.saturating_sub(st) as f64 / 1000.0);
         }
