@@ -4,10 +4,11 @@
 //! is full duplex (`CAP_DUPLEX`).
 //!
 //! ```text
-//!            ┌ input ─ reader ─ workers (lz4, check) ─ sequencer ─┬─ writer 0 ──┐
-//!  local  ───┤                                                    └─ writer N ──┤ TCP streams (both ways)
-//!  peer      └ output ─ writer ─ reorder window ─┬─ reader 0 ───────────────────┤
-//!                                                └─ reader N ───────────────────┘
+//!            ┌ input ─ reader ─┬──────────────────────── dispatch ─┬─ writer 0 ──┐
+//!            │                 └─ workers (lz4) ─ sequencer ─┘     └─ writer N ──┤ TCP streams
+//!  local  ───┤                                                                   │ (both ways)
+//!  peer      └ output ─ reorder window ─┬─ reader 0 (writes the output in turn) ─┤
+//!                                       └─ reader N ─────────────────────────────┘
 //! ```
 //!
 //! Each end runs the same machinery: an *outbound* flow from its local
@@ -25,9 +26,11 @@
 //! message costs no thread hop; larger ones go through worker threads when
 //! lz4 is on (lz4, check) and are sealed by the reader too while it is off
 //! (a hop per chunk cost more CPU than its check: with QEMU feeding 32 KiB
-//! writes, chunks are tens of KiB, and hops were most of the sender's time). The sequencer hands frames to streams in sequence order, each to
-//! a stream with room, so every stream carries increasing sequence numbers.
-//! When the input ends, every stream gets `End`.
+//! writes, chunks are tens of KiB, and hops were most of the sender's
+//! time). Frames are handed to streams in sequence order, each to a stream
+//! with room, so every stream carries increasing sequence numbers: by the
+//! reader for what it sealed, by the sequencer thread for the workers'
+//! frames, under one lock. When the input ends, every stream gets `End`.
 //!
 //! Inbound, each chunk is verified before it enters a bounded reorder
 //! window; a stream reader holding a chunk beyond the window stops reading
@@ -36,8 +39,10 @@
 //! producer sees the real rate of the links. Because each stream's chunks
 //! are in order, the chunk the output needs is always at the head of some
 //! stream: the window cannot deadlock. Only verified bytes reach the output,
-//! in order. After the last one the output is half-closed (the local peer
-//! reads its end of stream) and the other end is told with `Verified`.
+//! in order, written by the stream reader that brought the chunk whose turn
+//! it is (a deliverer thread writes what no reader took). After the last one
+//! the output is half-closed (the local peer reads its end of stream) and
+//! the other end is told with `Verified`.
 //!
 //! A relay succeeds only when its outbound flow was confirmed and its
 //! inbound flow ended whole — or, at the session's source, was closed by
@@ -620,7 +625,7 @@ pub(crate) struct Shared<'a> {
     window: inbound::Window,
     /// When a byte of the carried stream last moved either way, in
     /// milliseconds since `t0`.
-    last_activity: AtomicU64,
+    last_activity: Arc<AtomicU64>,
     t0: Instant,
     /// Frame buffers written and no longer kept, for the input reader to
     /// read into again (a fresh 256 KiB buffer costs its zeroing and, from
@@ -798,7 +803,7 @@ pub fn carry(session: Session, local: Local) -> Result<RelayReport, MigrateError
         in_wire: AtomicU64::new(0),
         lz4: Arc::new(crate::lz4gate::Lz4Policy::for_streams(how.compression, n)),
         window: inbound::Window::new(n),
-        last_activity: AtomicU64::new(0),
+        last_activity: Arc::new(AtomicU64::new(0)),
         t0,
         spare: crossbeam_channel::bounded(SPARE_FRAMES),
         in_spare: crossbeam_channel::bounded(SPARE_FRAMES),

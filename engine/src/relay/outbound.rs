@@ -6,7 +6,8 @@
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read};
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::Scope;
 use std::time::{Duration, Instant};
 
@@ -35,6 +36,65 @@ struct Built {
     lz4: bool,
     /// Bytes of the stream it carries.
     len: usize,
+}
+
+/// Hands sealed frames to the streams in sequence order, whichever thread
+/// sealed them: the input reader (every chunk while lz4 is off, so a chunk
+/// crosses no thread between the input and its stream's writer) or the
+/// sequencer, for the workers' frames. Shared with the input reader, which
+/// outlives the relay's scope.
+struct Dispatch {
+    state: Mutex<Lanes>,
+    /// Frames handed out (the next sequence number), their chunks' bytes,
+    /// how many were lz4, and bytes on the wire.
+    chunks: AtomicU64,
+    bytes: AtomicU64,
+    compressed: AtomicU64,
+    wire: AtomicU64,
+    lz4: Arc<crate::lz4gate::Lz4Policy>,
+    /// The relay's sign of life ([`Shared::touch`]).
+    activity: (Arc<AtomicU64>, Instant),
+}
+
+/// The streams' queues (until the flow ends) and the frames sealed ahead
+/// of their turn.
+struct Lanes {
+    queues: Vec<Sender<Vec<u8>>>,
+    pending: BTreeMap<u64, Built>,
+}
+
+impl Dispatch {
+    /// Takes `b` and hands every frame whose turn it is to a stream; may
+    /// wait for room on the streams.
+    fn offer(&self, b: Built) -> Result<(), MigrateError> {
+        let mut st = self.state.lock().expect("dispatch lock");
+        let n = st.queues.len();
+        if n == 0 {
+            return Err(MigrateError::Aborted); // the flow is over
+        }
+        st.pending.insert(b.seq, b);
+        loop {
+            let next = self.chunks.load(Ordering::Relaxed);
+            let Some(b) = st.pending.remove(&next) else { break };
+            self.compressed.fetch_add(u64::from(b.lz4), Ordering::Relaxed);
+            self.bytes.fetch_add(b.len as u64, Ordering::Relaxed);
+            self.wire.fetch_add(b.frame.len() as u64, Ordering::Relaxed);
+            dispatch(&st.queues, b.frame, next as usize % n)?;
+            self.lz4.handed(b.len);
+            self.chunks.store(next + 1, Ordering::Release);
+        }
+        let (last, t0) = &self.activity;
+        last.store(t0.elapsed().as_millis() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Ends the flow: the streams' queues, for the `End`s (dropping them
+    /// lets the writers finish, whatever the reader, which may outlive the
+    /// relay, still holds), and how many frames were left out of turn.
+    fn close(&self) -> (Vec<Sender<Vec<u8>>>, usize) {
+        let mut st = self.state.lock().expect("dispatch lock");
+        (std::mem::take(&mut st.queues), st.pending.len())
+    }
 }
 
 /// Writes one stream's queue to its socket with the session's backend; a
@@ -208,11 +268,28 @@ pub(super) fn run<'s, 'a: 's>(
     let (chunk_tx, chunk_rx) = bounded::<(u64, Vec<u8>)>(threads * 2);
     let (built_tx, built_rx) = bounded::<Built>(threads * 2);
     let (done_tx, done_rx) = bounded::<Result<(u64, u64), MigrateError>>(1);
+    let order = Arc::new(Dispatch {
+        state: Mutex::new(Lanes { queues, pending: BTreeMap::new() }),
+        chunks: AtomicU64::new(0),
+        bytes: AtomicU64::new(0),
+        compressed: AtomicU64::new(0),
+        wire: AtomicU64::new(0),
+        lz4: shared.lz4.clone(),
+        activity: (shared.last_activity.clone(), shared.t0),
+    });
+    // However the flow ends, the queues go with it (see `Dispatch::close`).
+    struct Closing<'d>(&'d Dispatch);
+    impl Drop for Closing<'_> {
+        fn drop(&mut self) {
+            drop(self.0.close());
+        }
+    }
+    let _closing = Closing(&order);
     match input {
         Some(input) => {
-            let (inline, ended, spare) = (built_tx.clone(), shared.input_ended.clone(), shared.spare.1.clone());
-            let lz4 = shared.lz4.clone();
-            std::thread::spawn(move || read_input(input, chunk_tx, inline, done_tx, &ended, spare, &lz4));
+            let (alive, ended, spare) = (built_tx.clone(), shared.input_ended.clone(), shared.spare.1.clone());
+            let order = order.clone();
+            std::thread::spawn(move || read_input(input, chunk_tx, alive, done_tx, &ended, spare, &order));
         }
         None => {
             drop(chunk_tx);
@@ -225,45 +302,43 @@ pub(super) fn run<'s, 'a: 's>(
     }
     drop((chunk_rx, built_tx));
 
-    // Sequencer: hand frames to streams in sequence order.
+    // Sequencer: hands the workers' frames to the streams in sequence
+    // order, with the reader's own.
     let mut report = FlowReport::default();
-    let mut pending: BTreeMap<u64, Built> = BTreeMap::new();
-    let n = queues.len();
+    let counted = |report: &mut FlowReport| {
+        report.chunks = order.chunks.load(Ordering::Acquire);
+        report.bytes = order.bytes.load(Ordering::Relaxed);
+        report.compressed_chunks = order.compressed.load(Ordering::Relaxed);
+        shared.out_wire.fetch_add(order.wire.swap(0, Ordering::Relaxed), Ordering::Relaxed);
+    };
     loop {
         if shared.out_closed.load(Ordering::Acquire) {
             // The other end's local peer closed: what is left of the input
             // has nowhere to go (its reader is left to the process's end).
+            counted(&mut report);
+            drop(order.close());
             report.closed_early = true;
             return Ok(report);
         }
         match built_rx.recv_timeout(TICK) {
-            Ok(b) => {
-                shared.touch();
-                pending.insert(b.seq, b);
-                while let Some(b) = pending.remove(&report.chunks) {
-                    report.compressed_chunks += u64::from(b.lz4);
-                    report.bytes += b.len as u64;
-                    let len = b.frame.len() as u64;
-                    dispatch(&queues, b.frame, report.chunks as usize % n)?;
-                    shared.lz4.handed(b.len);
-                    shared.out_wire.fetch_add(len, Ordering::Relaxed);
-                    report.chunks += 1;
-                }
-            }
+            Ok(b) => order.offer(b)?,
             Err(RecvTimeoutError::Timeout) if shared.failed() => return Err(MigrateError::Aborted),
             Err(RecvTimeoutError::Timeout) => {}
             // The reader and every worker are done.
             Err(RecvTimeoutError::Disconnected) => break,
         }
     }
-    let (chunks, bytes) = done_rx.recv().unwrap_or(Err(MigrateError::Aborted))?;
+    let done = done_rx.recv().unwrap_or(Err(MigrateError::Aborted));
+    counted(&mut report);
+    let (queues, pending) = order.close();
+    let (chunks, bytes) = done?;
     // An end of input that the relay's own failure caused (its abort
     // disconnects a local socket, whose reader then sees an end) is no end
     // of the stream: the other end must not close its peer cleanly.
     if shared.failed() {
         return Err(MigrateError::Aborted);
     }
-    if chunks != report.chunks || bytes != report.bytes || !pending.is_empty() {
+    if chunks != report.chunks || bytes != report.bytes || pending != 0 {
         return Err(MigrateError::Aborted); // a worker gave up: the relay failed
     }
     let end = Control::End { chunks }.encode();
@@ -308,11 +383,11 @@ pub(super) fn run<'s, 'a: 's>(
 fn read_input(
     mut input: Box<dyn Read + Send>,
     chunks: Sender<(u64, Vec<u8>)>,
-    inline: Sender<Built>,
+    alive: Sender<Built>,
     done: Sender<Result<(u64, u64), MigrateError>>,
     ended: &AtomicBool,
     spare: Receiver<Vec<u8>>,
-    lz4: &crate::lz4gate::Lz4Policy,
+    order: &Dispatch,
 ) {
     let mut seq = 0u64;
     let mut bytes = 0u64;
@@ -339,7 +414,7 @@ fn read_input(
         let sent = if k <= INLINE_CHUNK {
             let mut frame = Vec::with_capacity(HEADER_LEN + k);
             build_data(&mut frame, seq, &buf[HEADER_LEN..HEADER_LEN + k], false);
-            inline.send(Built { seq, frame, lz4: false, len: k }).is_ok()
+            order.offer(Built { seq, frame, lz4: false, len: k }).is_ok()
         } else {
             let frame = if k < CHUNK / 2 {
                 buf[..HEADER_LEN + k].to_vec()
@@ -348,12 +423,12 @@ fn read_input(
                 frame.truncate(HEADER_LEN + k);
                 frame
             };
-            if lz4.compress() {
+            if order.lz4.compress() {
                 chunks.send((seq, frame)).is_ok()
             } else {
                 let mut frame = frame;
                 seal_raw_data_in_place(&mut frame, seq);
-                inline.send(Built { seq, frame, lz4: false, len: k }).is_ok()
+                order.offer(Built { seq, frame, lz4: false, len: k }).is_ok()
             }
         };
         if !sent {
@@ -361,7 +436,9 @@ fn read_input(
         }
         seq += 1;
     };
-    drop((chunks, inline));
+    // Dropping `alive` with the workers' senders tells the sequencer that
+    // nothing more comes.
+    drop((chunks, alive));
     let _ = done.send(res);
 }
 
