@@ -56,9 +56,10 @@ pub fn raw_tcp_between(path: &Path, streams: usize, bytes: u64, ends: Ends) -> a
     // The source's memory is filled before the clock starts, the
     // destination's is left untouched (a zeroed allocation this size is a
     // fresh mapping).
-    let mut source = vec![0u8; span * if ends == Ends::Memory { streams } else { 1 }];
+    let total = span * if ends == Ends::Memory { streams } else { 1 };
+    let mut source = vec![0u8; total];
     rand::rngs::SmallRng::seed_from_u64(1).fill_bytes(&mut source);
-    let mut dest = vec![0u8; span * if ends == Ends::Memory { streams } else { 1 }];
+    let mut dest = vec![0u8; total];
     let (source, dest) = (&source, &mut dest);
     let cpu0 = crate::loopback::cpu_secs();
     let t = std::thread::scope(|s| -> anyhow::Result<f64> {

@@ -57,6 +57,20 @@ struct Out {
     broken: Option<std::io::Error>,
 }
 
+impl Out {
+    /// Writes chunk `c` to the output (there must be one) and counts it;
+    /// its buffer goes back to the readers.
+    fn put(&mut self, shared: &Shared<'_>, c: Vec<u8>) -> std::io::Result<()> {
+        let o = self.output.as_mut().expect("an output to write to");
+        o.write_all(&c)?;
+        shared.touch();
+        self.report.bytes += c.len() as u64;
+        self.report.chunks += 1;
+        shared.recycle_in(c);
+        Ok(())
+    }
+}
+
 /// The reorder window between the stream readers and the output.
 pub(crate) struct Window {
     state: Mutex<State>,
@@ -108,19 +122,10 @@ impl Window {
                 };
                 let Some(c) = chunk else { break };
                 self.changed.notify_all();
-                let o = out.output.as_mut().expect("checked above");
-                match o.write_all(&c) {
-                    Ok(()) => {
-                        shared.touch();
-                        out.report.bytes += c.len() as u64;
-                        out.report.chunks += 1;
-                        shared.recycle_in(c);
-                    }
-                    Err(e) => {
-                        out.broken = Some(e);
-                        self.wake.notify_all();
-                        return;
-                    }
+                if let Err(e) = out.put(shared, c) {
+                    out.broken = Some(e);
+                    self.wake.notify_all();
+                    return;
                 }
             }
             drop(out);
@@ -336,15 +341,19 @@ pub(super) fn deliver(
     let left = |out: &Out| {
         may_close && shared.input_ended.load(Ordering::Acquire) && out.output.as_ref().is_some_and(|o| o.reader_gone())
     };
+    // A failed write, here or on a reader's thread: the local peer closed
+    // (the flow ends early), or a failure.
+    let broken = |out: &mut Out, e: std::io::Error| {
+        if may_close && e.kind() == ErrorKind::BrokenPipe && shared.wait_input_end(CLOSE_RACE) {
+            let report = std::mem::take(&mut out.report);
+            return close(shared, window.state.lock().expect("window lock"), &confirm, report);
+        }
+        Err(TransportError::io("write output", e).into())
+    };
     loop {
         let mut out = window.out.lock().expect("output lock");
         if let Some(e) = out.broken.take() {
-            // A write failed on a reader's thread: judged as if here.
-            if may_close && e.kind() == ErrorKind::BrokenPipe && shared.wait_input_end(CLOSE_RACE) {
-                let report = std::mem::take(&mut out.report);
-                return close(shared, window.state.lock().expect("window lock"), &confirm, report);
-            }
-            return Err(TransportError::io("write output", e).into());
+            return broken(&mut out, e);
         }
         let mut w = window.state.lock().expect("window lock");
         if w.failed {
@@ -370,21 +379,13 @@ pub(super) fn deliver(
         window.changed.notify_all();
         match next {
             Next::Chunk(c) => {
-                let Some(o) = out.output.as_mut() else {
+                if out.output.is_none() {
                     let why = "the other end sent bytes this end has nowhere to put".to_string();
                     return Err(MigrateError::Protocol { stream: 0, why });
-                };
-                match o.write_all(&c) {
-                    Ok(()) => shared.touch(),
-                    Err(e) if may_close && e.kind() == ErrorKind::BrokenPipe && shared.wait_input_end(CLOSE_RACE) => {
-                        let report = std::mem::take(&mut out.report);
-                        return close(shared, window.state.lock().expect("window lock"), &confirm, report);
-                    }
-                    Err(e) => return Err(TransportError::io("write output", e).into()),
                 }
-                out.report.bytes += c.len() as u64;
-                out.report.chunks += 1;
-                shared.recycle_in(c);
+                if let Err(e) = out.put(shared, c) {
+                    return broken(&mut out, e);
+                }
             }
             Next::Complete { chunks } => {
                 if let Some(mut o) = out.output.take() {
