@@ -61,10 +61,11 @@ mod vmm;
 #[doc(hidden)]
 pub mod fuzzing {
     pub use crate::dest::place::Placer;
-    pub use crate::dest::rules::{DestRules, Shape, Step};
+    pub use crate::dest::session::{DestSession, Shape, Step};
     pub use crate::relay::reassembly::{Next, Reassembly};
     pub use crate::shared::answer;
-    pub use crate::source::rules::{check_request, heard, settle, Heard, NoVerdict, Reached, RoundCounter};
+    pub use crate::source::rules::{check_request, Heard, RoundCounter};
+    pub use crate::source::session::{Comeback, SourceSession};
     // The rules' typed violations.
     pub use crate::relay::reassembly::ReassemblyError;
     pub use crate::source::rules::BadRequest;

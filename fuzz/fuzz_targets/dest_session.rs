@@ -13,7 +13,7 @@
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use pmigrate_engine::fuzzing::{DestRules, Placer, Shape, Step};
+use pmigrate_engine::fuzzing::{DestSession, Placer, Shape, Step};
 use pmigrate_ranges::{GuestMemory, GuestRegion, Gpa, HostPageSize, PageIdx, PageRange, RegionIdx};
 use pmigrate_transport::frame::{FrameHdr, HEADER_LEN};
 use pmigrate_transport::message::{Control, Digest, Message, NeedBitmap, ProbeAsk, Round};
@@ -176,7 +176,7 @@ fuzz_target!(|input: Input| {
         postcopy: input.postcopy,
         streams,
     };
-    let mut rules = DestRules::new(shape);
+    let mut rules = DestSession::new(shape);
     // Offered regions are not known to be zero; here they are.
     let placer = Placer::new(mem, vec![false; REGIONS.len()]);
     let mut opener = Opener::default();

@@ -1,7 +1,7 @@
 //! The destination side: receive, verify and place pages, then confirm.
 //!
 //! One thread per stream reads frames and hands each, typed, to the
-//! session's rules (`rules`), which check it against the region table
+//! session ([`session::DestSession`]), which checks it against the region table
 //! and the stream's round before anything else looks at it; the page
 //! frames they accept are opened (decoded and verified) and placed in
 //! guest memory (`place`). After every stream ended the final round,
@@ -32,12 +32,13 @@ mod pair;
 pub(crate) mod place;
 mod post;
 mod report;
-pub(crate) mod rules;
+pub(crate) mod session;
 
 pub use accept::LayoutMismatch;
 pub use accept::{layout_matches, Grant, Offered};
 use place::Placer;
-use rules::{DestRules, Shape, Step};
+pub use session::Unreturned;
+use session::{Confirm, ConfirmStep, DestSession, Read, Shape, Step};
 
 /// A migration session whose streams have all arrived, not yet received.
 #[derive(Debug)]
@@ -73,11 +74,6 @@ impl Default for ReceiveOptions {
     }
 }
 
-/// How long a lost stream may take to come back while the session shows
-/// life on its other streams (with none, the progress timeout ends it
-/// sooner).
-pub const RESUME_WINDOW: Duration = Duration::from_secs(60);
-
 /// With `CAP_RESUME`, a stream's count of frames received (`Received`) goes
 /// back to the source after at most this many frames: the source keeps
 /// what it sent until it is counted, so this bounds its log under load.
@@ -86,23 +82,6 @@ pub const ACK_EVERY: u64 = 256;
 /// … and at most this long after a frame arrived: a lull leaves the log
 /// short too. An acknowledgement is a header, 40 bytes a tenth of a second.
 pub const ACK_INTERVAL: Duration = Duration::from_millis(100);
-
-/// Why a stream lost before its switchover marker (or in a pre-copy
-/// migration) did not come back ([`MigrateError::Lost`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum Unreturned {
-    /// Not within the resume window, or the whole session fell silent.
-    #[error("not within {waited:?}, {quiet:?} without a frame on any stream")]
-    Deadline {
-        /// How long this end waited.
-        waited: Duration,
-        /// How long no stream delivered anything.
-        quiet: Duration,
-    },
-    /// The post-copy switchover began on other streams meanwhile.
-    #[error("the switchover began without it")]
-    Switchover,
-}
 
 /// The polling tick of receivers: how often a blocked read wakes up to
 /// account for a stall.
@@ -193,7 +172,7 @@ impl Incoming {
                 resolved.describe()
             },
             prio: shape.prio().unwrap_or(usize::MAX),
-            rules: Mutex::new(DestRules::new(shape)),
+            rules: Mutex::new(DestSession::new(shape)),
             placer: Placer::new(mem, offered),
             post,
             resume: Mutex::new(Some(resume)),
@@ -361,11 +340,6 @@ impl Incoming {
 /// the verdict waits for them.
 const END_TICK: Duration = Duration::from_millis(5);
 
-/// How long the destination waits, after its verdict, for the source to
-/// close stream 0 (it does once it heard the verdict) before it takes the
-/// verdict as heard.
-const CONFIRM_LINGER: Duration = Duration::from_secs(5);
-
 type ResumeHook<'a> = Box<dyn FnOnce() -> Result<(), HookError> + Send + 'a>;
 
 struct State<'m> {
@@ -374,7 +348,7 @@ struct State<'m> {
     /// What the report says of it.
     io_report: String,
     /// The protocol's rules, asked about every message.
-    rules: Mutex<DestRules>,
+    rules: Mutex<DestSession>,
     /// Guest memory and what is known of each page.
     placer: Placer<'m>,
     /// Post-copy: the fault handling state, and the index of the priority
@@ -423,7 +397,7 @@ impl State<'_> {
         self.t0.elapsed().saturating_sub(last)
     }
 
-    fn rules(&self) -> MutexGuard<'_, DestRules> {
+    fn rules(&self) -> MutexGuard<'_, DestSession> {
         self.rules.lock().expect("rules lock")
     }
 }
@@ -476,13 +450,11 @@ struct StreamOutcome {
 
 impl State<'_> {
     /// Tells the source the verdict (`verified`, a `Verified` frame) on
-    /// stream 0, and in a resumable session makes sure it heard it: the
-    /// source closes its streams once it has, so this waits (at most
-    /// [`CONFIRM_LINGER`]) for stream 0 to end. A stream that breaks first
-    /// may come back, as the source redials until it hears the verdict: it
-    /// is told its count (`Received`), as every comeback is, and stream 0
-    /// the verdict again. A stream 0 lost for good (`patience`) keeps the
-    /// first write's outcome: the source may have read it before.
+    /// stream 0, and in a resumable session makes sure it heard it
+    /// ([`Confirm`] decides when). A stream that breaks first may come
+    /// back, as the source redials until it hears the verdict: it is told
+    /// its count (`Received`), as every comeback is, and stream 0 the
+    /// verdict again.
     fn confirm(
         &self,
         streams: &[Link],
@@ -498,8 +470,7 @@ impl State<'_> {
         };
         let Some(r) = comebacks else { return first };
         let r = r.lock().expect("comebacks lock");
-        let mut lost_at = first.is_err().then(Instant::now);
-        let mut linger = Instant::now() + CONFIRM_LINGER;
+        let mut confirm = Confirm::new(first.is_ok(), Instant::now(), patience);
         let mut buf = [0u8; 4096];
         loop {
             while let Some((i, conn)) = r.next(Duration::ZERO) {
@@ -508,28 +479,33 @@ impl State<'_> {
                 let (c, _) = link.current();
                 let _w = link.lock_writes();
                 let told = self.tallies[usize::from(i)].tell(&c, self.t0);
-                if i == 0 && told.and_then(|()| write(&c)).is_ok() {
-                    tracing::info!("stream 0 came back after the verdict; told it again");
-                    (lost_at, linger) = (None, Instant::now() + CONFIRM_LINGER);
+                if i == 0 {
+                    let again = told.and_then(|()| write(&c)).is_ok();
+                    if again {
+                        tracing::info!("stream 0 came back after the verdict; told it again");
+                    }
+                    confirm.came_back(again, Instant::now());
                 }
             }
-            match lost_at {
-                Some(t) if t.elapsed() >= patience => return first,
-                Some(_) => std::thread::sleep(Duration::from_millis(20)),
-                None if Instant::now() >= linger => return Ok(()),
-                None => {
+            match confirm.next(Instant::now()) {
+                ConfirmStep::Lost => return first,
+                ConfirmStep::Heard => return Ok(()),
+                ConfirmStep::Wait => std::thread::sleep(Duration::from_millis(20)),
+                ConfirmStep::Read => {
                     let (c, _) = s0.current();
                     let _ = c.set_read_timeout(Some(Duration::from_millis(50)));
-                    match std::io::Read::read(&mut &*c, &mut buf) {
+                    let read = match std::io::Read::read(&mut &*c, &mut buf) {
                         // The source closes without a TLS close_notify:
                         // an end of stream all the same.
-                        Ok(0) => return Ok(()),
-                        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-                        Ok(_) => {}
+                        Ok(0) => Read::Closed,
+                        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Read::Closed,
+                        Ok(_) => Read::Nothing,
                         Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                            Read::Nothing
                         }
-                        Err(_) => lost_at = Some(Instant::now()),
-                    }
+                        Err(_) => Read::Broken,
+                    };
+                    confirm.on_read(read, Instant::now());
                 }
             }
         }
@@ -696,7 +672,7 @@ impl State<'_> {
                 Step::Answer { region, ask, places } => {
                     let answer = shared::answer(self.placer.mem(), region, ask, &places).map_err(|e| match e {
                         shared::ProbeError::Memory(e) => MigrateError::Memory(e),
-                        e => rules::protocol(index, e.to_string()),
+                        e => session::protocol(index, e.to_string()),
                     })?;
                     let f = Control::ProbeReply(answer).encode();
                     let _w = link.lock_writes();
@@ -737,7 +713,7 @@ impl State<'_> {
 
     /// Waits for stream `index`, lost in pre-copy or after its switchover
     /// marker, to come back on a new connection (newer than `gen`), while
-    /// the session shows life and within [`RESUME_WINDOW`]; `None` if every
+    /// the session shows life and within [`session::RESUME_WINDOW`]; `None` if every
     /// page arrived meanwhile (post-copy).
     fn await_comeback(
         &self,
@@ -759,14 +735,15 @@ impl State<'_> {
                 return Ok(Some(next));
             }
             let quiet = self.quiet_for();
-            let switched = self.rules().switched(index);
-            // A stream lost before its marker cannot come back once the
-            // switchover is under way.
-            let barred = !self.rules().may_come_back(index, self.resumable);
-            if t.elapsed() > RESUME_WINDOW || quiet > opts.progress_timeout || barred {
+            let (wait, switched) = {
+                let rules = self.rules();
+                (
+                    rules.comeback_wait(index, self.resumable, t.elapsed(), quiet, opts.progress_timeout),
+                    rules.switched(index),
+                )
+            };
+            if let Err(why) = wait {
                 if !switched {
-                    let waited = t.elapsed();
-                    let why = if barred { Unreturned::Switchover } else { Unreturned::Deadline { waited, quiet } };
                     return Err(MigrateError::Lost { stream: index, lost, why });
                 }
                 let missing = self.post.as_ref().map_or(0, |p| p.missing.load(Ordering::Relaxed));

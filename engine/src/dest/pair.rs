@@ -9,7 +9,7 @@
 //! frames spread over the streams (a page often travels on another stream
 //! than its previous copy, so the destination sees copies out of order),
 //! each stream's rounds closed by its [`RoundCounter`], the digest of what
-//! it sent in `Done` on stream 0. The destination runs [`DestRules`] and
+//! it sent in `Done` on stream 0. The destination runs [`DestSession`] and
 //! [`Placer`] exactly as its driver does; its verdict goes back through
 //! the source's own rules ([`heard`], [`settle`]).
 //!
@@ -32,10 +32,11 @@ use proptest::prelude::*;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::place::Placer;
-use super::rules::{DestRules, Shape, Step};
+use super::session::{DestSession, Shape, Step};
 use crate::digest::memory_digest;
 use crate::source::log::{Sent, SentLog};
-use crate::source::rules::{heard, settle, Heard, Reached, RoundCounter};
+use crate::source::rules::{Heard, RoundCounter};
+use crate::source::session::SourceSession;
 use crate::MigrateError;
 
 /// Pages of each region of the harness's guest.
@@ -227,10 +228,12 @@ fn come_back(src: &Source, frames: &[Wire], index: usize, j: usize, k: usize) ->
     for w in frames {
         log.push(w.sent.clone()).unwrap();
     }
-    let tell = |n: usize| {
+    let mut sess = SourceSession::new(true);
+    let mut tell = |n: usize| {
         let f = Control::Received { frames: n as u64 }.encode();
         let hdr = FrameHdr::decode(f[..HEADER_LEN].try_into().unwrap()).unwrap();
-        match heard(index, false, false, Message::decode(hdr, &f[HEADER_LEN..]).unwrap()).unwrap() {
+        let m = Message::decode(hdr, &f[HEADER_LEN..]).unwrap();
+        match sess.on_message(index, false, m, std::time::Instant::now()).unwrap() {
             Heard::Received(n) => n,
             h => panic!("{h:?}"),
         }
@@ -334,21 +337,36 @@ fn session(seed: u64, rounds: u64, streams: usize, on: usize, fault: Fault) -> (
     let shape =
         Shape { pages: REGIONS.to_vec(), offered: vec![false; REGIONS.len()], lz4: true, postcopy: false, streams };
     let outcome = receive(&mut rng, &wires, &cut, &back, shape, &mem);
-    let reached = Reached { digest: Some(Digest(memory_digest(&src.sent))), done_sent: true, ..Reached::default() };
-    let told = match outcome {
-        // The destination's `Verified`, read by the source's rules.
+    // The source's session: everything sent, then each stream's outcome.
+    let t = std::time::Instant::now();
+    let mut sess = SourceSession::new(matches!(fault, Fault::Resume(..)));
+    sess.done_queued(Digest(memory_digest(&src.sent)));
+    sess.done_written();
+    sess.await_verdict(false, t);
+    if let Fault::Cut(_) = fault {
+        // The cut stream's listener says so before the destination's word
+        // arrives on stream 0.
+        sess.on_verdict(Err(TransportError::Closed(format!("stream {}", on % streams)).into()), t);
+    }
+    let later = t + std::time::Duration::from_millis(10);
+    match outcome {
+        // The destination's `Verified`, read by the source's session.
         Ok(d) => {
             let f = Control::Verified { value: d.0, closed: false }.encode();
             let hdr = FrameHdr::decode(f[..HEADER_LEN].try_into().unwrap()).unwrap();
-            match heard(0, false, false, Message::decode(hdr, &f[HEADER_LEN..]).unwrap()).unwrap() {
-                Heard::Verified(d) => Ok(d),
+            match sess.on_message(0, false, Message::decode(hdr, &f[HEADER_LEN..]).unwrap(), later).unwrap() {
+                Heard::Verified(d) => sess.on_verdict(Ok(d), later),
                 h => panic!("{h:?}"),
             }
         }
         // Its `Error` frame, as the source's reader reports it.
-        Err(e) => Err(MigrateError::from(TransportError::Peer(ErrorMsg { code: ErrorCode::Protocol, message: e }))),
+        Err(e) => sess.on_verdict(
+            Err(MigrateError::from(TransportError::Peer(ErrorMsg { code: ErrorCode::Protocol, message: e }))),
+            later,
+        ),
     };
-    let outcome = match settle(reached, None, Ok(told)) {
+    assert_eq!(sess.verdict_deadline(), None, "seed {seed}: the destination's word decides");
+    let outcome = match sess.settle(None).outcome {
         Ok(()) => {
             for (r, region) in mem.regions().iter().enumerate() {
                 let mut here = vec![0u8; region.len() as usize];
@@ -377,7 +395,7 @@ fn receive(
     mem: &GuestMemory,
 ) -> Result<Digest, String> {
     let streams = wires.len();
-    let mut rules = DestRules::new(shape);
+    let mut rules = DestSession::new(shape);
     let placer = Placer::new(mem, vec![false; mem.regions().len()]);
     let mut opener = Opener::default();
     let mut at = vec![0usize; streams];

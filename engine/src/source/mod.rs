@@ -36,6 +36,7 @@ mod proof;
 mod requests;
 mod resync;
 pub(crate) mod rules;
+pub(crate) mod session;
 mod streams;
 mod switchover;
 #[cfg(test)]
@@ -44,7 +45,7 @@ mod worker;
 
 use std::sync::atomic::AtomicU32;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
@@ -67,7 +68,7 @@ use crate::lz4gate::Lz4Policy;
 use crate::report::{LatencySummary, LinkReport, Report, RoundReport, StreamReport};
 use crate::shared::{self};
 use crate::{Compression, HookError, MigrateError};
-use rules::NoVerdict;
+use session::{Comeback, SourceSession};
 use streams::{listener, sender, Ledger, Listen, Msg, Out, StreamStats};
 use worker::{Counts, Worker};
 
@@ -86,10 +87,6 @@ const CONTENT_PROBE_TRIES: usize = 3;
 
 /// How long the source waits for the answer to a probe.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// How long the source waits for the destination to verify the digest
-/// after the last frame: the destination only hashes tables by then.
-const VERDICT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Tunables of the source side. Build with [`Source::new`].
 #[derive(Clone, Debug)]
@@ -394,21 +391,18 @@ impl<'a> Source<'a> {
             session: hello.session,
             free: self.free,
             working_set: self.working_set,
-            post_round: AtomicU64::new(u64::MAX),
             shared: OnceLock::new(),
             resume: (welcome.caps & CAP_RESUME != 0).then(|| (plan.clone(), hello.clone(), key)),
-            finished: AtomicBool::new(false),
-            running: OnceLock::new(),
+            state: Mutex::new(SourceSession::new(welcome.caps & CAP_RESUME != 0)),
             requested_pages: AtomicU64::new(0),
             zero_copy: None,
-            done_sent: AtomicBool::new(false),
         };
         let result = run.drive(streams, tracker.as_mut(), self.pause);
         tracker.stop(self.mem);
         let mut report = result?;
         if let Some(p) = report.postcopy.as_mut() {
             p.requested_pages = run.requested_pages.load(Ordering::Relaxed);
-            p.runnable_secs = run.running.get().map_or(0.0, |t| t.duration_since(t0).as_secs_f64());
+            p.runnable_secs = run.state().running_at().map_or(0.0, |t| t.duration_since(t0).as_secs_f64());
         }
         report.setup_secs = setup_secs;
         report.total_secs = t0.elapsed().as_secs_f64();
@@ -448,33 +442,39 @@ struct Run<'r> {
     /// The guest's working set, sent last in each pre-copy round and first
     /// in the post-copy push.
     working_set: Vec<PageRange>,
-    /// Post-copy: the post-copy round, once switched.
-    post_round: AtomicU64,
     /// The regions handed over without a copy (zero-copy), once proven at
     /// the pause.
     shared: OnceLock<Vec<bool>>,
-    /// Post-copy: when the destination said the guest runs there.
-    running: OnceLock<Instant>,
     /// Post-copy: pages sent to answer requests.
     requested_pages: AtomicU64,
     /// With `CAP_RESUME`: how to reconnect a lost stream, and the session's
     /// secret it must prove.
     resume: Option<(StreamPlan, Hello, SessionKey)>,
-    /// The destination's verdict is in: connections closing now are not lost.
-    finished: AtomicBool,
+    /// The session's state and rules (`session.rs`), fed by every thread.
+    state: Mutex<SourceSession>,
     /// With io_uring and `zero_copy_send`: the arena whole raw batches are
     /// built in, registered with every stream's ring and sent from it.
     zero_copy: Option<FramePool>,
-    /// The final `Done` was written: the destination may hold everything.
-    done_sent: AtomicBool,
 }
 
 impl Run<'_> {
+    /// The session's state and rules.
+    pub(super) fn state(&self) -> MutexGuard<'_, SourceSession> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The destination's verdict is in, or the migration failed: what is
+    /// left to write is moot and closing connections are not lost.
+    pub(super) fn over(&self) -> bool {
+        self.abort.load(Ordering::Relaxed) || self.state().settled()
+    }
+
     /// Reconnects stream `index` after its connection of generation `seen`
-    /// failed with `e` — when the session allows it (`CAP_RESUME`), before
-    /// the verdict and unless the migration failed otherwise. Within the
-    /// progress timeout; past it the error is the session's (before the
-    /// switchover, the guest stays here).
+    /// failed with `e`, when the session allows it ([`SourceSession::on_lost`])
+    /// and after the grace it gives the destination's word, unless the
+    /// migration failed or settled meanwhile. Within the progress timeout;
+    /// past it the error is the session's (before the switchover, the
+    /// guest stays here).
     fn redial(
         &self,
         link: &Link,
@@ -483,23 +483,14 @@ impl Run<'_> {
         e: TransportError,
     ) -> Result<(Arc<Conn>, u64), TransportError> {
         let Some((plan, hello, key)) = &self.resume else { return Err(e) };
-        let over = || self.finished.load(Ordering::Acquire) || self.abort.load(Ordering::Relaxed);
-        let switched = self.post_round.load(Ordering::Acquire) != u64::MAX;
-        // A destination silent for the progress timeout is frozen or gone:
-        // before the switchover that ends the migration, as it always did.
-        if over() || (!switched && matches!(e, TransportError::Idle(..))) {
-            return Err(e);
-        }
-        // A clean close is how the destination ends a finished session, and
-        // a broken one may follow its refusal on another stream: give its
-        // word a moment to arrive first.
-        // A link the watchdog gave up has nothing more to say.
-        let grace = if link.given_up() {
-            Duration::ZERO
-        } else if matches!(e, TransportError::Closed(_)) {
-            Duration::from_secs(1)
-        } else {
-            Duration::from_millis(250)
+        let over = || self.over();
+        let (grace, switched) = {
+            let state = self.state();
+            (state.on_lost(&e, link.given_up()), state.switched())
+        };
+        let grace = match grace {
+            Comeback::After(grace) if !over() => grace,
+            _ => return Err(e),
         };
         let t = Instant::now();
         while t.elapsed() < grace {
@@ -600,7 +591,6 @@ impl<'r> Run<'r> {
             ..Report::default()
         };
         let mut latency = LatencySummary::histogram();
-        let mut reached = rules::Reached::default();
         let ledgers: Vec<Ledger> = (0..n).map(|_| Ledger::default()).collect();
         let outcome = std::thread::scope(|s| -> Result<(), MigrateError> {
             let mut senders = Vec::new();
@@ -609,7 +599,7 @@ impl<'r> Run<'r> {
                 let redial = move |seen, e| this.redial(stream, i, seen, e);
                 senders.push(s.spawn(move || {
                     let zc = this.zero_copy.as_ref();
-                    let flags = streams::Flags { abort: &this.abort, settled: &this.finished, done: &this.done_sent };
+                    let flags = streams::Flags { abort: &this.abort, state: &this.state };
                     let rebuild = |range, round| this.rebuild(range, round);
                     let patience = this.cfg.progress_timeout;
                     let to = Out { link: stream, index: i, redial: &redial, ledger, rebuild: &rebuild, patience };
@@ -619,9 +609,7 @@ impl<'r> Run<'r> {
                     verdict: verdict_tx.clone(),
                     probes: probe_tx.clone(),
                     answer: (post && i == bulk).then(|| requests::Answerer::new(this, i)),
-                    running: &this.running,
-                    settled: &this.finished,
-                    post_round: &this.post_round,
+                    state: &this.state,
                     ledger,
                 };
                 let redial = move |seen, e| this.redial(stream, i, seen, e);
@@ -635,7 +623,7 @@ impl<'r> Run<'r> {
                     let within = this.cfg.progress_timeout;
                     let ready = |c: &Conn| pmigrate_transport::net::set_progress_timeout(c.tcp(), within);
                     let how = Rejoin { plan, hello, key, ready: Some(&ready) };
-                    let stop = || this.finished.load(Ordering::Acquire) || this.abort.load(Ordering::Relaxed);
+                    let stop = || this.over();
                     pmigrate_transport::link::watch(&links, &how, this.cfg.link_timeout, &stop);
                 });
             }
@@ -643,7 +631,7 @@ impl<'r> Run<'r> {
                 |(t_pause, handed_over)| {
                     let digest = this.sent_digest(&handed_over);
                     report.digest = digest.to_string();
-                    reached.digest = Some(digest);
+                    this.state().done_queued(digest);
                     txs[0].send(Msg::Done { digest }).map_err(|_| MigrateError::Aborted)?;
                     Ok(t_pause)
                 },
@@ -659,55 +647,51 @@ impl<'r> Run<'r> {
                     Err(e) => MigrateError::keep(&mut error, e),
                 }
             }
-            // On success, wait for the destination's verdict; on failure, give
-            // its own error report a moment to arrive: "checksum mismatch at
-            // the destination" explains more than "broken pipe".
-            let verdict_wait = if error.is_none() { VERDICT_TIMEOUT } else { Duration::from_secs(1) };
-            let mut verdict = verdict_of(&verdicts, verdict_wait);
-            // A stream that broke here may say so before the destination's
-            // own word arrives on another: that word decides who holds the
-            // guest.
-            let grace = Instant::now() + Duration::from_secs(1);
-            while matches!(&verdict, Ok(Err(e)) if !e.is_peer_refusal()) {
-                let Some(left) = grace.checked_duration_since(Instant::now()) else { break };
-                match verdict_of(&verdicts, left) {
-                    Ok(Err(e)) if !e.is_peer_refusal() => {} // another broken stream
-                    Ok(v) => verdict = Ok(v),
-                    Err(_) => break,
+            // The destination's verdict: on success within the verdict
+            // timeout; on failure its own report gets a moment to arrive
+            // ("checksum mismatch at the destination" explains more than
+            // "broken pipe"). The session decides how long each wait is.
+            this.state().await_verdict(error.is_some(), Instant::now());
+            loop {
+                // (The guard is dropped before the session is fed.)
+                let Some(until) = this.state().verdict_deadline() else { break };
+                match verdicts.recv_deadline(until) {
+                    Ok(v) => this.state().on_verdict(v, Instant::now()),
+                    Err(RecvTimeoutError::Timeout) => this.state().on_timeout(Instant::now()),
+                    Err(RecvTimeoutError::Disconnected) => this.state().on_streams_gone(),
                 }
             }
-            // Unblock the listeners whatever happened, so the scope can end.
-            this.finished.store(true, Ordering::Release);
-            reached.switched = this.post_round.load(Ordering::Acquire) != u64::MAX;
-            reached.running = this.running.get().is_some();
-            reached.done_sent = this.done_sent.load(Ordering::Acquire);
-            if let (None, true, Some(shared)) = (reached.digest, reached.switched, this.shared.get()) {
+            let (switched, digest_known) = {
+                let state = this.state();
+                (state.switched(), state.digest_known())
+            };
+            if let (false, true, Some(shared)) = (digest_known, switched, this.shared.get()) {
                 // Post-copy whose push failed here while the destination
                 // fetched the rest: after the switchover what was sent is
                 // final (the guest is paused here), so its digest is known.
                 let digest = this.sent_digest(shared);
                 report.digest = digest.to_string();
-                reached.digest = Some(digest);
+                this.state().done_queued(digest);
             }
-            let settled = rules::settle(reached, error, verdict);
-            if let Err(e) = &settled {
+            // Settled whatever happened: the listeners stop, so the scope
+            // can end.
+            let settled = this.state().settle(error);
+            if let Some(why) = settled.tell_gave_up {
                 // A destination that may wait for lost streams to come back
                 // learns that none will: the guest stays here.
-                if this.resume.is_some() && !reached.switched && !reached.done_sent && e.source_keeps_guest() {
-                    let why = format!("the source gave up: {}", crate::describe(e));
-                    for l in &streams {
-                        if let Some(_w) = l.try_lock_writes() {
-                            l.current().0.send_error(ErrorCode::Aborted, why.clone());
-                        }
+                for l in &streams {
+                    if let Some(_w) = l.try_lock_writes() {
+                        l.current().0.send_error(ErrorCode::Aborted, why.clone());
                     }
                 }
             }
             for l in &streams {
                 l.shutdown();
             }
-            settled?;
+            settled.outcome?;
             if let Some(t) = t_pause {
-                report.downtime_secs = match this.running.get() {
+                let running = this.state().running_at();
+                report.downtime_secs = match running {
                     Some(run) => run.duration_since(t).as_secs_f64(),
                     None => t.elapsed().as_secs_f64(),
                 };
@@ -947,17 +931,6 @@ impl Run<'_> {
         let tables: Vec<&[AtomicU64]> = self.sent.iter().map(|t| &t[..]).collect();
         Digest(digest_handing_over(&tables, handed_over))
     }
-}
-
-/// The next stream's outcome, within `wait`.
-fn verdict_of(
-    verdicts: &Receiver<Result<Digest, MigrateError>>,
-    wait: Duration,
-) -> Result<Result<Digest, MigrateError>, NoVerdict> {
-    verdicts.recv_timeout(wait).map_err(|e| match e {
-        RecvTimeoutError::Timeout => NoVerdict::Timeout(wait),
-        RecvTimeoutError::Disconnected => NoVerdict::Gone,
-    })
 }
 
 fn overlaps(a: &PageRange, b: &PageRange) -> bool {

@@ -39,9 +39,10 @@ impl<'a> Answerer<'a> {
         let stream = self.stream;
         let bad = |why: BadRequest| MigrateError::Protocol { stream, why: why.to_string() };
         let n = req.region.0;
-        let round = run.post_round.load(Ordering::Acquire);
+        let switched = run.state().switch_round();
         let pages: Vec<u64> = run.mem.regions().iter().map(|r| r.pages()).collect();
-        check_request(&pages, req, round != u64::MAX).map_err(bad)?;
+        check_request(&pages, req, switched.is_some()).map_err(bad)?;
+        let Some(round) = switched else { return Err(bad(BadRequest::BeforeSwitchover)) };
         let region = &run.mem.regions()[req.region.as_usize()];
         let (first, count) = (req.start.0, req.len() as u32);
         self.pages.resize(count as usize * PAGE_SIZE, 0);

@@ -8,7 +8,7 @@
 //! anything new.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
@@ -21,7 +21,8 @@ use pmigrate_transport::net::{keepalive_frame, write_frame, FrameReader, KEEPALI
 use pmigrate_transport::{Conn, Link, TransportError};
 
 use super::log::{LogError, Sent, SentLog};
-use super::rules::{heard, Heard, RoundCounter};
+use super::rules::{Heard, RoundCounter};
+use super::session::SourceSession;
 use super::Progress;
 use crate::MigrateError;
 
@@ -68,8 +69,13 @@ pub(super) struct Writer<'a> {
     pub(super) cur: (Arc<Conn>, u64),
     pub(super) redial: &'a Redial<'a>,
     pub(super) name: String,
-    /// The destination's verdict is in: what is left to write is moot.
-    pub(super) settled: &'a AtomicBool,
+    /// The session: once settled, what is left to write is moot.
+    pub(super) state: &'a Mutex<SourceSession>,
+}
+
+/// Whether the session settled (its verdict is in, or it failed).
+fn settled(state: &Mutex<SourceSession>) -> bool {
+    state.lock().unwrap_or_else(|p| p.into_inner()).settled()
 }
 
 impl Writer<'_> {
@@ -77,7 +83,7 @@ impl Writer<'_> {
     /// one at a time, at once).
     pub(super) fn write(&mut self, frame: &[u8]) -> Result<(), TransportError> {
         loop {
-            if self.settled.load(Ordering::Acquire) {
+            if settled(self.state) {
                 return Ok(());
             }
             let res = {
@@ -219,7 +225,7 @@ impl<'a> BatchWriter<'a> {
     }
 
     fn settled(&self) -> bool {
-        self.out.settled.load(Ordering::Acquire)
+        settled(self.out.state)
     }
 
     /// Goes on over connection `next` of the link.
@@ -299,7 +305,7 @@ impl<'a> BatchWriter<'a> {
     fn resync(&mut self) -> Result<(), MigrateError> {
         loop {
             let gen = self.out.cur.1;
-            let stop = || self.abort.load(Ordering::Relaxed) || self.out.settled.load(Ordering::Acquire);
+            let stop = || self.abort.load(Ordering::Relaxed) || settled(self.out.state);
             let todo = match self.ledger.after_count_on(gen, self.patience, &stop) {
                 Ok(Some(todo)) => todo,
                 Ok(None) if self.abort.load(Ordering::Relaxed) => return Err(MigrateError::Aborted),
@@ -391,10 +397,9 @@ const BATCH: usize = pmigrate_transport::backend::URING_DEPTH;
 pub(super) struct Flags<'a> {
     /// Set on failure; read by everyone.
     pub(super) abort: &'a AtomicBool,
-    /// The destination's verdict is in.
-    pub(super) settled: &'a AtomicBool,
-    /// Set once `Done` was written.
-    pub(super) done: &'a AtomicBool,
+    /// The session: settled once the verdict is in; told when `Done` was
+    /// written.
+    pub(super) state: &'a Mutex<SourceSession>,
 }
 
 /// What a sender writes on: its stream's link, how it comes back, and its
@@ -425,9 +430,9 @@ pub(super) fn sender(
     let mut counter = RoundCounter::default();
     // Microseconds from a frame sealed to its last byte handed to the kernel.
     let mut latency = crate::report::LatencySummary::histogram();
-    let Flags { abort, settled, done } = flags;
+    let Flags { abort, state } = flags;
     let res = (|| {
-        let out = Writer { link, cur: link.current(), redial, name, settled };
+        let out = Writer { link, cur: link.current(), redial, name, state };
         let w = BatchWriter::writer(&out.cur.0, backend, zero_copy)?;
         let mut out = BatchWriter { out, backend, zero_copy, w, index, ledger, rebuild, stats, abort, patience };
         stats.zero_copy.store(out.w.zero_copy(), Ordering::Relaxed);
@@ -487,7 +492,7 @@ pub(super) fn sender(
             }
             wrote = Instant::now();
             if has_done {
-                done.store(true, Ordering::Release);
+                state.lock().unwrap_or_else(|p| p.into_inner()).done_written();
             }
             for at in sealed.drain(..) {
                 latency.saturating_record(at.elapsed().as_micros() as u64);
@@ -510,13 +515,9 @@ pub(super) struct Listen<'a> {
     pub(super) probes: Sender<Vec<u64>>,
     /// Post-copy: answers page requests (the priority stream only).
     pub(super) answer: Option<super::requests::Answerer<'a>>,
-    /// Set when the destination says the guest runs there.
-    pub(super) running: &'a OnceLock<Instant>,
-    /// Set when the verdict arrives.
-    pub(super) settled: &'a AtomicBool,
-    /// The post-copy round once the switchover went out (`u64::MAX`
-    /// before): from then on a lost stream that cannot come back is fatal.
-    pub(super) post_round: &'a AtomicU64,
+    /// The session, which judges what the destination says: the
+    /// switchover's state, the guest running there, the verdict.
+    pub(super) state: &'a Mutex<SourceSession>,
     /// What the stream sent, trimmed on each of the destination's counts.
     pub(super) ledger: &'a Ledger,
 }
@@ -537,7 +538,8 @@ pub(super) fn listener(
     let mut cur = link.current();
     let prio = to.answer.is_some();
     // Answers go out from this thread at once, on the same connection.
-    let mut reply = Writer { link, cur: cur.clone(), redial, name: format!("stream {index}"), settled: to.settled };
+    let mut reply = Writer { link, cur: cur.clone(), redial, name: format!("stream {index}"), state: to.state };
+    let session = || to.state.lock().unwrap_or_else(|p| p.into_inner());
     let outcome = 'conn: loop {
         let mut r = FrameReader::new(&*cur.0, format!("stream {index}"));
         // The destination says Keepalive while busy: silence this long
@@ -550,7 +552,7 @@ pub(super) fn listener(
             let said = match r.next_frame() {
                 Ok(Some((h, p))) => Message::decode(h, p)
                     .map_err(wire)
-                    .and_then(|m| heard(index, prio, to.post_round.load(Ordering::Acquire) != u64::MAX, m)),
+                    .and_then(|m| session().on_message(index, prio, m, Instant::now())),
                 // The destination closes its streams once done; before that, a
                 // closed stream was cut and may be reconnected. In pre-copy
                 // the verdict comes on stream 0 whatever the others do; after
@@ -561,8 +563,7 @@ pub(super) fn listener(
                         cur = next;
                         continue 'conn;
                     }
-                    Err(_) if to.settled.load(Ordering::Acquire) => return,
-                    Err(_) if to.post_round.load(Ordering::Acquire) == u64::MAX => return,
+                    Err(_) if session().settled() || !session().switched() => return,
                     Err(e) => break Err(e.into()),
                 },
                 // The destination's own word ends the session, whatever
@@ -599,13 +600,9 @@ pub(super) fn listener(
                         break Err(e);
                     }
                 }
-                Ok(Heard::Running) => {
-                    let _ = to.running.set(Instant::now());
-                }
-                Ok(Heard::Verified(d)) => {
-                    to.settled.store(true, Ordering::Release);
-                    break Ok(d);
-                }
+                // Noted by the session, as is the verdict, which settles it.
+                Ok(Heard::Running) => {}
+                Ok(Heard::Verified(d)) => break Ok(d),
                 Err(e) => break Err(e),
             }
         };

@@ -23,7 +23,7 @@ impl Run<'_> {
     ) -> Result<(), MigrateError> {
         /// Pages per bitmap piece: 4 MiB of bitmap, 128 GiB of memory.
         const PIECE: u64 = (pmigrate_transport::frame::MAX_PAYLOAD as u64) * 8;
-        self.post_round.store(round, Ordering::Release);
+        self.state().switched_over(round);
         self.progress.handed_over.store(true, Ordering::Release);
         let send =
             |tx: &Sender<Msg>, c: Control<'_>| tx.send(Msg::Control(c.encode())).map_err(|_| MigrateError::Aborted);
