@@ -483,6 +483,95 @@ fn a_stream_that_comes_back_ends_confirmed_and_byte_exact() {
     }
 }
 
+/// The destination's word on its way back, through the same faults: the
+/// verdict dropped, duplicated, or behind a cut stream's own failure. The
+/// source gives the guest away only on the confirmation of what it sent,
+/// and keeps it only on the destination's refusal; a verdict lost leaves
+/// the outcome unknown, never "kept".
+#[test]
+fn the_verdict_dropped_duplicated_or_behind_a_cut_settles_truthfully() {
+    let mut rng = Rng::new(11);
+    let mut src = Source::new(&mut rng);
+    let wires = src.migrate(&mut rng, 2, 3);
+    let mem = GuestMemory::new(
+        REGIONS
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| {
+                GuestRegion::anonymous(Gpa((i as u64) << 30), p * PAGE_SIZE as u64, HostPageSize::Small).unwrap()
+            })
+            .collect(),
+    )
+    .unwrap();
+    let shape = Shape { pages: REGIONS.to_vec(), offered: vec![false; 2], lz4: true, postcopy: false, streams: 3 };
+    let none = vec![usize::MAX; 3];
+    let confirmed = receive(&mut rng, &wires, &none, &none, shape, &mem).expect("no fault");
+    let sent = Digest(memory_digest(&src.sent));
+    assert_eq!(confirmed, sent);
+    let verified = || {
+        let f = Control::Verified { value: confirmed.0, closed: false }.encode();
+        f[..].to_vec()
+    };
+    let refusal =
+        || MigrateError::from(TransportError::Peer(ErrorMsg { code: ErrorCode::Digest, message: "no".into() }));
+    let cut = || MigrateError::from(TransportError::Closed("stream 2".into()));
+    let t = std::time::Instant::now();
+    let ms = |n| t + std::time::Duration::from_millis(n);
+    // What the source's listener on stream 0 makes of the frame.
+    let hear = |sess: &mut SourceSession, at| {
+        let f = verified();
+        let hdr = FrameHdr::decode(f[..HEADER_LEN].try_into().unwrap()).unwrap();
+        match sess.on_message(0, false, Message::decode(hdr, &f[HEADER_LEN..]).unwrap(), at).unwrap() {
+            Heard::Verified(d) => sess.on_verdict(Ok(d), at),
+            h => panic!("{h:?}"),
+        }
+    };
+    let run = |deliver: &dyn Fn(&mut SourceSession)| {
+        let mut sess = SourceSession::new(true);
+        sess.done_queued(sent);
+        sess.done_written();
+        sess.await_verdict(false, t);
+        deliver(&mut sess);
+        // Whatever is still awaited, its deadline passes.
+        if let Some(d) = sess.verdict_deadline() {
+            sess.on_timeout(d);
+        }
+        sess.settle(None)
+    };
+    // Delivered once, or twice: the guest is the destination's.
+    assert!(run(&|s| hear(s, ms(5))).outcome.is_ok());
+    assert!(run(&|s| {
+        hear(s, ms(5));
+        hear(s, ms(6));
+    })
+    .outcome
+    .is_ok());
+    // Behind a cut stream's failure, within the grace: still confirmed.
+    assert!(run(&|s| {
+        s.on_verdict(Err(cut()), ms(1));
+        hear(s, ms(400));
+    })
+    .outcome
+    .is_ok());
+    // Dropped, with a cut stream and then silence: nobody knows; the
+    // source neither claims the guest nor tells the destination it gave up.
+    for deliver in [&(|s: &mut SourceSession| s.on_verdict(Err(cut()), ms(1))) as &dyn Fn(&mut SourceSession), &|_| {}]
+    {
+        let end = run(deliver);
+        let e = end.outcome.unwrap_err();
+        assert!(matches!(e, MigrateError::Unconfirmed(_)) && !e.source_keeps_guest(), "{e}");
+        assert!(end.tell_gave_up.is_none());
+    }
+    // A refusal, duplicated or behind a cut: the source keeps the guest.
+    let end = run(&|s| {
+        s.on_verdict(Err(cut()), ms(1));
+        s.on_verdict(Err(refusal()), ms(2));
+        s.on_verdict(Err(refusal()), ms(3));
+    });
+    let e = end.outcome.unwrap_err();
+    assert!(e.is_peer_refusal() && e.source_keeps_guest(), "{e}");
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, .. ProptestConfig::default() })]
 
