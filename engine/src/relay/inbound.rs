@@ -37,12 +37,23 @@ pub(super) const WHY_GRACE: Duration = Duration::from_millis(250);
 /// of its channel a moment before the writing end.
 const CLOSE_RACE: Duration = Duration::from_secs(1);
 
+/// A reader holding a chunk beyond the window waits until it would fit
+/// this many chunks further on, so that once woken it takes a few chunks
+/// in a row instead of waiting again after each: with the output the
+/// slower end (QEMU loading its stream), the window stays full and a wake-up
+/// for every chunk delivered cost the receiver a thread switch per chunk
+/// and per stream, on the loading QEMU's core.
+const WAKE_SLACK: u64 = super::REORDER_WINDOW / 4;
+
 struct State {
     /// The flow's chunks on their way back into order.
     flow: Reassembly,
     failed: bool,
     /// The local peer closed: chunks are dropped, no `End` is awaited.
     closed: bool,
+    /// For each stream, the chunk its reader holds beyond the window while
+    /// it waits for room.
+    held_back: Vec<Option<u64>>,
 }
 
 /// The local output and what went through it, shared by the deliverer
@@ -74,8 +85,9 @@ impl Out {
 /// The reorder window between the stream readers and the output.
 pub(crate) struct Window {
     state: Mutex<State>,
-    /// Room in the window: readers holding a chunk beyond it wait here.
-    changed: Condvar,
+    /// Room in the window: a reader holding a chunk beyond it waits on its
+    /// stream's, woken once its chunk fits with [`WAKE_SLACK`] to spare.
+    changed: Vec<Condvar>,
     /// Something for the deliverer: an `End`, the flow complete, a failed
     /// write, the relay failed or closed.
     wake: Condvar,
@@ -85,8 +97,13 @@ pub(crate) struct Window {
 impl Window {
     pub(super) fn new(streams: usize) -> Self {
         Window {
-            state: Mutex::new(State { flow: Reassembly::new(streams), failed: false, closed: false }),
-            changed: Condvar::new(),
+            state: Mutex::new(State {
+                flow: Reassembly::new(streams),
+                failed: false,
+                closed: false,
+                held_back: vec![None; streams],
+            }),
+            changed: (0..streams).map(|_| Condvar::new()).collect(),
             wake: Condvar::new(),
             out: Mutex::new(Out::default()),
         }
@@ -95,8 +112,18 @@ impl Window {
     /// Wakes every waiter for good: the relay failed.
     pub(super) fn abort(&self) {
         self.state.lock().expect("window lock").failed = true;
-        self.changed.notify_all();
+        self.changed.iter().for_each(Condvar::notify_all);
         self.wake.notify_all();
+    }
+
+    /// The output took chunks: wakes the readers whose chunk held back
+    /// now fits with room to spare.
+    fn made_room(&self, w: &State) {
+        for (i, held) in w.held_back.iter().enumerate() {
+            if held.is_some_and(|seq| w.flow.fits(seq.saturating_add(WAKE_SLACK))) {
+                self.changed[i].notify_one();
+            }
+        }
     }
 
     /// Writes the chunks the output needs next, in order, on the calling
@@ -118,10 +145,12 @@ impl Window {
                     if c.is_none() && w.flow.complete() {
                         self.wake.notify_all();
                     }
+                    if c.is_some() {
+                        self.made_room(&w);
+                    }
                     c
                 };
                 let Some(c) = chunk else { break };
-                self.changed.notify_all();
                 if let Err(e) = out.put(shared, c) {
                     out.broken = Some(e);
                     self.wake.notify_all();
@@ -190,7 +219,6 @@ pub(super) fn stream_reader(shared: &Shared<'_>, i: usize, has_in: bool, expects
                                 Err(why) => Err(why),
                             }
                         };
-                        window.changed.notify_all();
                         match step {
                             Err(why) => break Err(protocol(why.to_string())),
                             Ok(false) => {
@@ -213,9 +241,14 @@ pub(super) fn stream_reader(shared: &Shared<'_>, i: usize, has_in: bool, expects
                             Err(source) => break Err(TransportError::Wire { what: name.clone(), source }.into()),
                         };
                         let mut w = window.state.lock().expect("window lock");
-                        // Hold a chunk beyond the window until the output catches up.
-                        while !w.failed && !w.closed && !w.flow.fits(seq) {
-                            w = window.changed.wait(w).expect("window lock");
+                        // Hold a chunk beyond the window until the output catches up
+                        // (and has made room for a few more).
+                        if !w.flow.fits(seq) {
+                            w.held_back[i] = Some(seq);
+                            while !w.failed && !w.closed && !w.flow.fits(seq.saturating_add(WAKE_SLACK)) {
+                                w = window.changed[i].wait(w).expect("window lock");
+                            }
+                            w.held_back[i] = None;
                         }
                         if w.failed {
                             break Err(MigrateError::Aborted);
@@ -375,8 +408,10 @@ pub(super) fn deliver(
             Ok(next) => next,
             Err(why) => return Err(MigrateError::Protocol { stream: 0, why: why.to_string() }),
         };
+        if matches!(next, Next::Chunk(_)) {
+            window.made_room(&w);
+        }
         drop(w);
-        window.changed.notify_all();
         match next {
             Next::Chunk(c) => {
                 if out.output.is_none() {
@@ -412,7 +447,7 @@ fn close(
     w.closed = true;
     w.flow.drop_held();
     shared.in_closed.store(true, Ordering::Release);
-    shared.window.changed.notify_all();
+    shared.window.changed.iter().for_each(Condvar::notify_all);
     shared.window.wake.notify_all();
     drop(w);
     confirm

@@ -123,6 +123,42 @@ fn streams_arrive_whole_and_in_order(b: BackendChoice) {
     }
 }
 
+/// An output slower than the streams (QEMU loading its stream): the reorder
+/// window fills, the stream readers hold chunks beyond it and are woken
+/// only once the output has made room, and every byte still arrives in
+/// order.
+fn a_slow_output_fills_the_window_and_the_output_is_exact(b: BackendChoice) {
+    struct Slow(Sink);
+    impl Write for Slow {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            std::thread::sleep(Duration::from_millis(1));
+            self.0.write(buf)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    impl Output for Slow {
+        fn finish(&mut self) -> std::io::Result<()> {
+            self.0.finish()
+        }
+    }
+    // More than the window holds: 16 MiB.
+    let data = payload(24 << 20);
+    let acc = listen();
+    let addr = acc.local_addrs()[0];
+    let sink = Sink::default();
+    let local = Local { input: None, output: Some(Box::new(Slow(sink.clone()))), abort: Box::new(|| {}) };
+    let rx = std::thread::spawn(move || receive(&acc, local, &opts(b)));
+    let cfg = RelaySendConfig { compression: Compression::Off, duplex: false, ..cfg(b, plan(addr, 4)) };
+    let input: Box<dyn Read + Send> = Box::new(Cursor::new(data.clone()));
+    let sent = send(Local { input: Some(input), output: None, abort: Box::new(|| {}) }, &cfg).unwrap();
+    let got = rx.join().unwrap().unwrap();
+    assert_eq!(got.forward.chunks, sent.forward.chunks);
+    assert!(*sink.0.lock().unwrap() == data, "output differs");
+    assert!(sink.finished(), "the output was half-closed after the last byte");
+}
+
 /// Both ways at once: a large stream forward and small, uneven writes back
 /// (a return path), each end's local peer ending its writing at its own time.
 fn a_full_duplex_session_carries_both_ways_whole(b: BackendChoice) {
@@ -871,6 +907,7 @@ macro_rules! over_each_backend {
 over_each_backend!(
     tls_sessions_carry_both_ways_and_refuse_strangers,
     streams_arrive_whole_and_in_order,
+    a_slow_output_fills_the_window_and_the_output_is_exact,
     a_full_duplex_session_carries_both_ways_whole,
     half_close_passes_through_sockets,
     a_vanishing_peer_aborts_the_local_side,
