@@ -20,8 +20,9 @@ use pmigrate_transport::message::{Control, Message};
 use pmigrate_transport::payload::Opener;
 use pmigrate_transport::{Conn, FrameReader, TransportError};
 
+use super::ends::{stream_ended, Facts, Step};
 use super::reassembly::{Next, Reassembly};
-use super::resume::{lost, Recovered};
+use super::resume::Recovered;
 use super::{Carry, FlowReport, Output, Shared, CHUNK};
 use crate::MigrateError;
 
@@ -295,37 +296,19 @@ pub(super) fn stream_reader(shared: &Shared<'_>, i: usize, has_in: bool, expects
             Ok(None) => None,
             Err(e) => Some(e),
         };
-        let at_end = done(in_done, verified);
-        if !resumable {
-            break match cut {
-                None if at_end || shared.failed() => Ok(()),
-                Some(e @ TransportError::Peer(_)) => Err(e.into()),
-                Some(_) if at_end || shared.failed() => Ok(()),
-                // Cut before the end. A failing end tells why on stream 0
-                // (and the failing stream) as it closes them all: give
-                // another reader a moment to bring that word, which says
-                // more.
-                _ if shared.failed_within(WHY_GRACE) => Ok(()),
-                None => Err(TransportError::Closed(format!("{name}: before the end of the stream")).into()),
-                Some(e) => Err(e.into()),
-            };
-        }
-        if shared.failed() {
-            break Ok(());
-        }
-        let why = match cut {
-            // The other end closes its streams only once complete, which is
-            // after it confirmed this end's outbound flow: a close before
-            // that confirmation arrives (on stream 0, it may be a moment
-            // behind) is the network's, a lost connection.
-            None if at_end && shared.confirmed_within(WHY_GRACE) => {
+        let facts = Facts { at_end: done(in_done, verified), failed: shared.failed(), resumable };
+        let why = match stream_ended(&name, cut, facts) {
+            Step::Done => break Ok(()),
+            Step::Fail(e) => break Err(e.into()),
+            Step::UnlessFailing(_) if shared.failed_within(WHY_GRACE) => break Ok(()),
+            Step::UnlessFailing(e) => break Err(e.into()),
+            // The other end is complete: it closes its streams only then.
+            Step::UnlessConfirmed(_) if shared.confirmed_within(WHY_GRACE) => {
                 shared.peer_complete.store(true, Ordering::Release);
                 lane.finish();
                 break Ok(());
             }
-            None => TransportError::Closed(format!("{name}: before the end of the stream")),
-            Some(e) if !lost(&e) => break Err(e.into()),
-            Some(e) => e,
+            Step::UnlessConfirmed(e) | Step::Recover(e) => e,
         };
         match shared.recover(i, gen, why) {
             Ok(Recovered::Back(c, g)) => {

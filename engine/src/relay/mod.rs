@@ -79,6 +79,7 @@
 //! on the one connection. A stream that does not come back in time fails
 //! the relay as above.
 
+mod ends;
 mod inbound;
 mod outbound;
 pub(crate) mod reassembly;

@@ -47,6 +47,7 @@ use pmigrate_transport::backend::Outgoing;
 use pmigrate_transport::frame::{FrameHdr, FrameKind, HEADER_LEN};
 use pmigrate_transport::{Conn, Hello, Link, Rejoin, SessionKey, StreamPlan, TransportError};
 
+use super::ends::{not_back, Ends, Unreturned};
 use super::inbound::WHY_GRACE;
 use super::Shared;
 use crate::MigrateError;
@@ -340,6 +341,15 @@ impl Shared<'_> {
         self.resume.is_some()
     }
 
+    /// Where the two ends stand.
+    pub(crate) fn ends(&self) -> Ends {
+        Ends {
+            failed: self.failed(),
+            complete: self.complete.load(Ordering::Acquire),
+            peer_complete: self.peer_complete.load(Ordering::Acquire),
+        }
+    }
+
     /// Both ends are known complete: no stream is needed any more.
     pub(crate) fn both_complete(&self) -> bool {
         self.complete.load(Ordering::Acquire) && self.peer_complete.load(Ordering::Acquire)
@@ -410,18 +420,18 @@ impl Shared<'_> {
                 Ok(Recovered::Back(c, g))
             }
             Ok(Recovered::Over) => Ok(Recovered::Over),
-            Err(_) if self.failed() => Err(MigrateError::Aborted),
-            Err(_) if self.both_complete() => Ok(Recovered::Over),
-            Err(e) if self.complete.load(Ordering::Acquire) => {
-                // This end has everything and said so; the other end may
-                // not have heard the last of it.
-                tracing::warn!(stream = i, reason = %e, "stream lost after the end did not come back");
-                Ok(Recovered::Over)
-            }
-            Err(e) => Err(TransportError::Setup(format!(
-                "stream {i} was lost ({why}) and did not come back within {within:?}: {e}"
-            ))
-            .into()),
+            Err(e) => match not_back(self.ends()) {
+                Unreturned::Aborted => Err(MigrateError::Aborted),
+                Unreturned::Over => Ok(Recovered::Over),
+                Unreturned::OverUnheard => {
+                    tracing::warn!(stream = i, reason = %e, "stream lost after the end did not come back");
+                    Ok(Recovered::Over)
+                }
+                Unreturned::Fail => Err(TransportError::Setup(format!(
+                    "stream {i} was lost ({why}) and did not come back within {within:?}: {e}"
+                ))
+                .into()),
+            },
         }
     }
 }
