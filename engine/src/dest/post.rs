@@ -46,7 +46,7 @@ impl State<'_> {
     /// Asks the source for pages on the priority stream.
     /// A request lost with a broken priority stream is not an error: the
     /// page comes with the push, or is asked for again (see
-    /// [`Self::await_complete`]).
+    /// [`Self::complete_postcopy`]).
     pub(super) fn request(&self, streams: &[Link], region: usize, first: u64, count: u32) {
         let f = Control::PageRequest(PageRange {
             region: RegionIdx(region as u32),
