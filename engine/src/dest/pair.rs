@@ -308,6 +308,14 @@ fn apply(fault: Fault, frames: &mut Vec<Wire>, cut: &mut usize) -> Harm {
     }
 }
 
+/// The destination's guest memory: the harness's regions, all zero.
+fn guest_memory() -> GuestMemory {
+    let region = |(i, &p): (usize, &u64)| {
+        GuestRegion::anonymous(Gpa((i as u64) << 30), p * PAGE_SIZE as u64, HostPageSize::Small)
+    };
+    GuestMemory::new(REGIONS.iter().enumerate().map(|r| region(r).unwrap()).collect()).unwrap()
+}
+
 /// One session: a migration of `rounds` rounds over `streams` streams with
 /// `fault` on stream `on`, delivered in the interleaving `seed` picks.
 /// Returns how it ended and the fault's harm.
@@ -324,16 +332,7 @@ fn session(seed: u64, rounds: u64, streams: usize, on: usize, fault: Fault) -> (
         wires[s] = come_back(&src, &wires[s], s, j.min(k), k);
         back[s] = k;
     }
-    let mem = GuestMemory::new(
-        REGIONS
-            .iter()
-            .enumerate()
-            .map(|(i, &p)| {
-                GuestRegion::anonymous(Gpa((i as u64) << 30), p * PAGE_SIZE as u64, HostPageSize::Small).unwrap()
-            })
-            .collect(),
-    )
-    .unwrap();
+    let mem = guest_memory();
     let shape =
         Shape { pages: REGIONS.to_vec(), offered: vec![false; REGIONS.len()], lz4: true, postcopy: false, streams };
     let outcome = receive(&mut rng, &wires, &cut, &back, shape, &mem);
@@ -493,16 +492,7 @@ fn the_verdict_dropped_duplicated_or_behind_a_cut_settles_truthfully() {
     let mut rng = Rng::new(11);
     let mut src = Source::new(&mut rng);
     let wires = src.migrate(&mut rng, 2, 3);
-    let mem = GuestMemory::new(
-        REGIONS
-            .iter()
-            .enumerate()
-            .map(|(i, &p)| {
-                GuestRegion::anonymous(Gpa((i as u64) << 30), p * PAGE_SIZE as u64, HostPageSize::Small).unwrap()
-            })
-            .collect(),
-    )
-    .unwrap();
+    let mem = guest_memory();
     let shape = Shape { pages: REGIONS.to_vec(), offered: vec![false; 2], lz4: true, postcopy: false, streams: 3 };
     let none = vec![usize::MAX; 3];
     let confirmed = receive(&mut rng, &wires, &none, &none, shape, &mem).expect("no fault");
