@@ -229,20 +229,37 @@ fn come_back(src: &Source, frames: &[Wire], index: usize, j: usize, k: usize) ->
         log.push(w.sent.clone()).unwrap();
     }
     let mut sess = SourceSession::new(true);
-    let mut tell = |n: usize| {
-        let f = Control::Received { frames: n as u64 }.encode();
-        let hdr = FrameHdr::decode(f[..HEADER_LEN].try_into().unwrap()).unwrap();
-        let m = Message::decode(hdr, &f[HEADER_LEN..]).unwrap();
-        match sess.on_message(index, false, m, std::time::Instant::now()).unwrap() {
-            Heard::Received(n) => n,
-            h => panic!("{h:?}"),
-        }
+    let mut tell = |n: usize| match source_hears(
+        &mut sess,
+        index,
+        Control::Received { frames: n as u64 },
+        std::time::Instant::now(),
+    ) {
+        Heard::Received(n) => n,
+        h => panic!("{h:?}"),
     };
     log.ack(tell(j)).unwrap();
     log.ack(tell(k)).unwrap();
     let mut now: Vec<Wire> = frames[..k].to_vec();
     now.extend(log.unacked().map(|s| src.again(s)));
     now
+}
+
+/// What the source's session makes of `c` on stream `stream` at `at`,
+/// sent through the frame codec as a destination sends it.
+fn source_hears(sess: &mut SourceSession, stream: usize, c: Control<'_>, at: std::time::Instant) -> Heard {
+    let f = c.encode();
+    let hdr = FrameHdr::decode(f[..HEADER_LEN].try_into().unwrap()).unwrap();
+    sess.on_message(stream, false, Message::decode(hdr, &f[HEADER_LEN..]).unwrap(), at).unwrap()
+}
+
+/// The destination's `Verified` of `d` reaches the source on stream 0 at
+/// `at`; the stream's listener ends with it.
+fn verified_arrives(sess: &mut SourceSession, d: Digest, at: std::time::Instant) {
+    match source_hears(sess, 0, Control::Verified { value: d.0, closed: false }, at) {
+        Heard::Verified(d) => sess.on_verdict(Ok(d), at),
+        h => panic!("{h:?}"),
+    }
 }
 
 /// What a fault does to the meaning of a stream.
@@ -350,14 +367,7 @@ fn session(seed: u64, rounds: u64, streams: usize, on: usize, fault: Fault) -> (
     let later = t + std::time::Duration::from_millis(10);
     match outcome {
         // The destination's `Verified`, read by the source's session.
-        Ok(d) => {
-            let f = Control::Verified { value: d.0, closed: false }.encode();
-            let hdr = FrameHdr::decode(f[..HEADER_LEN].try_into().unwrap()).unwrap();
-            match sess.on_message(0, false, Message::decode(hdr, &f[HEADER_LEN..]).unwrap(), later).unwrap() {
-                Heard::Verified(d) => sess.on_verdict(Ok(d), later),
-                h => panic!("{h:?}"),
-            }
-        }
+        Ok(d) => verified_arrives(&mut sess, d, later),
         // Its `Error` frame, as the source's reader reports it.
         Err(e) => sess.on_verdict(
             Err(MigrateError::from(TransportError::Peer(ErrorMsg { code: ErrorCode::Protocol, message: e }))),
@@ -498,24 +508,12 @@ fn the_verdict_dropped_duplicated_or_behind_a_cut_settles_truthfully() {
     let confirmed = receive(&mut rng, &wires, &none, &none, shape, &mem).expect("no fault");
     let sent = Digest(memory_digest(&src.sent));
     assert_eq!(confirmed, sent);
-    let verified = || {
-        let f = Control::Verified { value: confirmed.0, closed: false }.encode();
-        f[..].to_vec()
-    };
     let refusal =
         || MigrateError::from(TransportError::Peer(ErrorMsg { code: ErrorCode::Digest, message: "no".into() }));
     let cut = || MigrateError::from(TransportError::Closed("stream 2".into()));
     let t = std::time::Instant::now();
     let ms = |n| t + std::time::Duration::from_millis(n);
-    // What the source's listener on stream 0 makes of the frame.
-    let hear = |sess: &mut SourceSession, at| {
-        let f = verified();
-        let hdr = FrameHdr::decode(f[..HEADER_LEN].try_into().unwrap()).unwrap();
-        match sess.on_message(0, false, Message::decode(hdr, &f[HEADER_LEN..]).unwrap(), at).unwrap() {
-            Heard::Verified(d) => sess.on_verdict(Ok(d), at),
-            h => panic!("{h:?}"),
-        }
-    };
+    let hear = |sess: &mut SourceSession, at| verified_arrives(sess, confirmed, at);
     let run = |deliver: &dyn Fn(&mut SourceSession)| {
         let mut sess = SourceSession::new(true);
         sess.done_queued(sent);

@@ -139,7 +139,7 @@ struct Run<'r> {
 impl Run<'_> {
     /// The session's state and rules.
     pub(super) fn state(&self) -> MutexGuard<'_, SourceSession> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        session::lock(&self.state)
     }
 
     /// The destination's verdict is in, or the migration failed: what is

@@ -30,6 +30,7 @@
 //! A stream's round accounting ([`super::rules::RoundCounter`]) stays with
 //! the stream's sender: it concerns that stream alone.
 
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use pmigrate_transport::message::{Digest, Message};
@@ -56,6 +57,12 @@ pub const CLOSED_GRACE: Duration = Duration::from_secs(1);
 /// Before reconnecting a stream that broke: a refusal on another stream
 /// may be on its way.
 pub const BROKEN_GRACE: Duration = Duration::from_millis(250);
+
+/// The session the source's threads share, locked (a thread that
+/// panicked holding it leaves it as it was: every step keeps it whole).
+pub(crate) fn lock(shared: &Mutex<SourceSession>) -> MutexGuard<'_, SourceSession> {
+    shared.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// What to do about a lost connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -22,7 +22,7 @@ use pmigrate_transport::{Conn, Link, TransportError};
 
 use super::log::{LogError, Sent, SentLog};
 use super::rules::{Heard, RoundCounter};
-use super::session::SourceSession;
+use super::session::{self, SourceSession};
 use super::Progress;
 use crate::MigrateError;
 
@@ -75,7 +75,7 @@ pub(super) struct Writer<'a> {
 
 /// Whether the session settled (its verdict is in, or it failed).
 fn settled(state: &Mutex<SourceSession>) -> bool {
-    state.lock().unwrap_or_else(|p| p.into_inner()).settled()
+    session::lock(state).settled()
 }
 
 impl Writer<'_> {
@@ -492,7 +492,7 @@ pub(super) fn sender(
             }
             wrote = Instant::now();
             if has_done {
-                state.lock().unwrap_or_else(|p| p.into_inner()).done_written();
+                session::lock(state).done_written();
             }
             for at in sealed.drain(..) {
                 latency.saturating_record(at.elapsed().as_micros() as u64);
@@ -539,7 +539,7 @@ pub(super) fn listener(
     let prio = to.answer.is_some();
     // Answers go out from this thread at once, on the same connection.
     let mut reply = Writer { link, cur: cur.clone(), redial, name: format!("stream {index}"), state: to.state };
-    let session = || to.state.lock().unwrap_or_else(|p| p.into_inner());
+    let session = || session::lock(to.state);
     let outcome = 'conn: loop {
         let mut r = FrameReader::new(&*cur.0, format!("stream {index}"));
         // The destination says Keepalive while busy: silence this long
