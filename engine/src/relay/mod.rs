@@ -86,6 +86,7 @@ pub(crate) mod reassembly;
 mod resume;
 #[cfg(test)]
 mod tests;
+mod writer;
 
 pub use resume::{Comeback, Redial};
 

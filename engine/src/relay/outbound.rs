@@ -13,14 +13,14 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Select, Sender};
 use pmigrate_transport::backend::Outgoing;
-use pmigrate_transport::backend::{Backend, FrameWriter, WriteFailure, URING_DEPTH};
+use pmigrate_transport::backend::{Backend, FrameWriter, WriteFailure};
 use pmigrate_transport::frame::{Encoding, HEADER_LEN};
 use pmigrate_transport::message::Control;
-use pmigrate_transport::net::{keepalive_frame, KEEPALIVE_INTERVAL};
 use pmigrate_transport::payload::{build_data, seal_raw_data_in_place};
 use pmigrate_transport::{Conn, TransportError};
 
-use super::resume::{write_lost, Recovered, Unacked, ACK_TICK};
+use super::resume::{write_lost, Recovered};
+use super::writer::{Do, Facts, Failed, WriterLane};
 use super::{Carry, FlowReport, Shared, CHUNK, INLINE_CHUNK};
 use crate::MigrateError;
 
@@ -97,138 +97,93 @@ impl Dispatch {
     }
 }
 
-/// Writes one stream's queue to its socket with the session's backend; a
-/// write error fails the relay. With nothing queued for a while, a
-/// keepalive says this end is still here.
-///
-/// Without `CAP_RESUME`, at the queue's end (every producer done) it
-/// half-closes the stream. With it (`super::resume`) it also acknowledges
-/// the chunks the stream's reader took, keeps what it wrote until the other
-/// end acknowledges it, takes nothing new while that buffer is full, and
-/// after a lost connection sends it all again on the new one before
-/// anything else; a lost connection is taken back, not a failure. It
-/// half-closes only once this end is complete, and stays until the other
-/// end ended the stream too (a comeback may still need it).
+/// Writes one stream's queue to its socket with the session's backend, as
+/// its [`WriterLane`] decides (acknowledgements, keepalives, the replay
+/// after a comeback, the half-close; `super::writer`): this moves the
+/// frames, reads the clock and tells the lane what happened. A write error
+/// fails the relay, unless the session takes the lost connection back.
 pub(super) fn stream_writer(shared: &Shared<'_>, i: usize, rx: Receiver<Vec<u8>>, backend: Backend) {
     let lane = &shared.lanes[i];
     let resumable = shared.resumable();
-    let (conn, mut gen) = lane.link.current();
+    let (mut conn, gen) = lane.link.current();
     let mut w = match writer_on(&conn, i, backend) {
         Ok(w) => w,
         Err(e) => return shared.fail(i, e.into()),
     };
-    let mut conn = conn;
-    let mut kept = Unacked::default();
-    // The queue may bring more; this connection was half-closed.
-    let (mut open, mut closed) = (true, false);
-    // What the last `Ack` on this connection said.
-    let mut acked_sent = 0u64;
-    let (mut last_ack, mut last_write) = (Instant::now(), Instant::now());
-    // Frames to write next: a replay after a comeback, the queue's, an ack.
-    let mut batch: Vec<Outgoing> = Vec::new();
-    let counted = |kept: &mut Unacked, f: &[u8]| {
-        if resumable {
-            kept.handed(f);
-        }
-    };
+    let mut m = WriterLane::new(resumable, gen, Instant::now());
     loop {
-        if shared.failed() {
-            return;
-        }
-        if resumable {
-            let (c, g) = lane.link.current();
-            if g > gen {
-                // Another thread took the stream back: send again, first,
-                // everything the other end may not have.
-                kept.keep(w.take_done());
-                kept.keep(batch.drain(..));
-                match writer_on(&c, i, backend) {
+        let (now_conn, generation) = lane.link.current();
+        let facts = Facts {
+            failed: shared.failed(),
+            generation,
+            acknowledged: lane.acknowledged(),
+            taken: lane.taken(),
+            taken_since_ack: lane.taken_since_ack(),
+            complete: shared.complete.load(Ordering::Acquire),
+            finished: lane.finished(),
+            closing: shared.closing.load(Ordering::Acquire),
+        };
+        let step = m.step(&facts, Instant::now());
+        m.freed().for_each(|f| shared.recycle(f));
+        match step {
+            Do::Stop => return,
+            Do::Switch => {
+                // Another thread took the stream back.
+                let done = w.take_done();
+                match writer_on(&now_conn, i, backend) {
                     Ok(nw) => w = nw,
                     Err(e) => return shared.fail(i, e.into()),
                 }
-                (conn, gen, closed, acked_sent) = (c, g, false, 0);
-                let (frames, chunks) = kept.replay();
+                conn = now_conn;
+                let chunks = m.switched(generation, done);
                 shared.resent.fetch_add(chunks, Ordering::Relaxed);
                 lane.link.note_resent(chunks);
-                batch = frames;
             }
-            kept.release(lane.acknowledged(), |f| shared.recycle(f));
-            if !closed {
-                if let Some(next) = lane.ack_due(acked_sent, last_ack.elapsed() >= ACK_TICK) {
-                    batch.push(Control::Ack { next }.encode().into());
-                    (acked_sent, last_ack) = (next, Instant::now());
+            Do::Write { frames, ack } => {
+                if ack {
+                    lane.ack_written();
                 }
-            }
-        }
-        if !batch.is_empty() {
-            let frames = std::mem::take(&mut batch);
-            match write_all(shared, &mut w, frames) {
-                Ok(()) => {
-                    last_write = Instant::now();
-                    if resumable {
-                        kept.keep(w.take_done());
-                    } else {
-                        w.take_done().into_iter().for_each(|f| shared.recycle(f));
+                match write_all(shared, &mut w, frames) {
+                    Ok(()) => m.written(w.take_done(), Instant::now()),
+                    Err(f) => {
+                        let lost = write_lost(&f.error);
+                        let why = TransportError::io(format!("stream {i}: write"), f.error);
+                        match m.write_failed(w.take_done(), f.unsent, lost) {
+                            // The next step switches to it.
+                            Failed::Recover(seen) => match shared.recover(i, seen, why) {
+                                Ok(Recovered::Back(..)) => {}
+                                Ok(Recovered::Over) => return,
+                                Err(e) => return shared.fail(i, e),
+                            },
+                            Failed::Fail => return shared.fail(i, why.into()),
+                        }
                     }
                 }
-                Err(f) if resumable && write_lost(&f.error) => {
-                    kept.keep(w.take_done());
-                    kept.keep(f.unsent);
-                    let why = TransportError::io(format!("stream {i}: write"), f.error);
-                    match shared.recover(i, gen, why) {
-                        // The top of the loop switches to it.
-                        Ok(Recovered::Back(..)) => {}
-                        Ok(Recovered::Over) => return,
-                        Err(e) => return shared.fail(i, e),
+            }
+            Do::HalfClose => {
+                let _ = conn.shutdown(Shutdown::Write);
+            }
+            Do::Wait { take, until } => {
+                let mut sel = Select::new();
+                let queue = take.then(|| sel.recv(&rx));
+                sel.recv(lane.woken());
+                match sel.select_deadline(until) {
+                    Ok(op) if Some(op.index()) == queue => match op.recv(&rx) {
+                        Ok(f) => {
+                            m.queued(f);
+                            while m.takes_more() {
+                                let Ok(f) = rx.try_recv() else { break };
+                                m.queued(f);
+                            }
+                        }
+                        Err(_) => m.queue_ended(),
+                    },
+                    Ok(op) => {
+                        let _ = op.recv(lane.woken());
                     }
+                    Err(_) => {}
                 }
-                Err(f) => return shared.fail(i, TransportError::io(format!("stream {i}: write"), f.error).into()),
             }
-            continue;
-        }
-        if !open && !closed && (!resumable || shared.complete.load(Ordering::Acquire)) {
-            let _ = conn.shutdown(Shutdown::Write);
-            if !resumable {
-                return;
-            }
-            closed = true;
-        }
-        if closed && (lane.finished() || shared.closing.load(Ordering::Acquire)) {
-            return;
-        }
-        // Wait for a frame (while the buffer has room), a wake-up, or the
-        // time to acknowledge or say `Keepalive`.
-        let take = open && !closed && kept.room();
-        let tick = if resumable && !closed && lane.ack_pending(acked_sent) {
-            ACK_TICK.saturating_sub(last_ack.elapsed())
-        } else {
-            KEEPALIVE_INTERVAL.saturating_sub(last_write.elapsed())
-        };
-        let mut sel = Select::new();
-        let queue = take.then(|| sel.recv(&rx));
-        sel.recv(lane.woken());
-        match sel.select_timeout(tick) {
-            Ok(op) if Some(op.index()) == queue => match op.recv(&rx) {
-                // Whatever is queued goes out together (one chain, one
-                // system call, with io_uring), up to a batch at a time.
-                Ok(f) => {
-                    counted(&mut kept, &f);
-                    batch.push(f.into());
-                    while batch.len() < URING_DEPTH && kept.room() {
-                        let Ok(f) = rx.try_recv() else { break };
-                        counted(&mut kept, &f);
-                        batch.push(f.into());
-                    }
-                }
-                Err(_) => open = false,
-            },
-            Ok(op) => {
-                let _ = op.recv(lane.woken());
-            }
-            Err(_) if !closed && last_write.elapsed() >= KEEPALIVE_INTERVAL => {
-                batch.push(keepalive_frame().to_vec().into());
-            }
-            Err(_) => {}
         }
     }
 }

@@ -160,20 +160,20 @@ impl Lane {
         }
     }
 
-    /// What an `Ack` says now, when one is due: [`ACK_EVERY`] chunks were
-    /// taken since the last, or any at all and `tick_over`.
-    pub(crate) fn ack_due(&self, sent: u64, tick_over: bool) -> Option<u64> {
-        let taken = self.taken.load(Ordering::Acquire);
-        let count = self.unacked_in.load(Ordering::Acquire);
-        (taken > sent && (count >= ACK_EVERY || tick_over)).then(|| {
-            self.unacked_in.store(0, Ordering::Release);
-            taken
-        })
+    /// The reader took every chunk of this stream below this.
+    pub(crate) fn taken(&self) -> u64 {
+        self.taken.load(Ordering::Acquire)
     }
 
-    /// Whether chunks were taken that `sent` does not acknowledge.
-    pub(crate) fn ack_pending(&self, sent: u64) -> bool {
-        self.taken.load(Ordering::Acquire) > sent
+    /// Chunks the reader took since the writer's last `Ack`.
+    pub(crate) fn taken_since_ack(&self) -> u64 {
+        self.unacked_in.load(Ordering::Acquire)
+    }
+
+    /// The writer is writing an `Ack` of what the reader took: the count
+    /// starts again.
+    pub(crate) fn ack_written(&self) {
+        self.unacked_in.store(0, Ordering::Release);
     }
 
     /// The other end acknowledged every chunk of this stream below `next`.
