@@ -62,6 +62,7 @@ mod vmm;
 pub mod fuzzing {
     pub use crate::dest::place::Placer;
     pub use crate::dest::session::{DestSession, Shape, Step};
+    pub use crate::relay::reader::{Heard as ReaderHeard, ReaderLane};
     pub use crate::relay::reassembly::{Next, Reassembly};
     pub use crate::shared::answer;
     pub use crate::source::rules::{check_request, Heard, RoundCounter};

@@ -1,7 +1,8 @@
 //! The byte-stream relay's reassembly, driven by any sequence of chunks,
 //! ends, takes and comebacks (a stream on a new connection, which may
 //! replay) over up to four streams, as the stream readers and the
-//! deliverer call it.
+//! deliverer call it, each stream's `End`s judged by its reader's rules
+//! (`ReaderLane`).
 //!
 //! Properties: the output is chunk 0, 1, 2, … in order, each with the
 //! bytes inserted for it, once — a replayed chunk is never delivered
@@ -12,8 +13,9 @@
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use pmigrate_engine::fuzzing::{Next, Reassembly};
+use pmigrate_engine::fuzzing::{Next, ReaderHeard, ReaderLane, Reassembly};
 use pmigrate_engine::relay::REORDER_WINDOW;
+use pmigrate_transport::message::{Control, Message};
 
 #[derive(Arbitrary, Debug)]
 enum Op {
@@ -27,6 +29,9 @@ fuzz_target!(|input: (u8, Vec<Op>)| {
     let (streams, ops) = input;
     let streams = usize::from(streams % 4) + 1;
     let mut r = Reassembly::new(streams);
+    // Each stream's reader judges its `End`s: one, or the same one again
+    // after a comeback.
+    let mut readers: Vec<ReaderLane> = (0..streams).map(|_| ReaderLane::new(true, false, false, true, false)).collect();
     let mut delivered = 0u64;
     for op in ops.iter().take(4096) {
         let step = match *op {
@@ -44,10 +49,16 @@ fuzz_target!(|input: (u8, Vec<Op>)| {
             }
             Op::End { stream, total } => {
                 let (i, total) = (usize::from(stream) % streams, u64::from(total));
-                if r.replayed_end(i, total) { Ok(()) } else { r.end(i, total) }
+                match readers[i].heard(Message::Control(Control::End { chunks: total })) {
+                    Ok(ReaderHeard::End(total)) => r.end(i, total),
+                    Ok(_) => Ok(()),
+                    Err(_) => return, // refused: the driver ends the flow
+                }
             }
             Op::Resume { stream } => {
-                r.resume(usize::from(stream) % streams);
+                let i = usize::from(stream) % streams;
+                r.resume(i);
+                readers[i].came_back();
                 Ok(())
             }
             Op::Take => loop {

@@ -16,8 +16,9 @@
 //! A lost stream that did not come back fails the relay only while this
 //! end still owes or awaits something ([`not_back`]).
 //!
-//! With the reorder window (`super::reassembly`, fuzzed) and the resend
-//! buffer (`super::resume::Unacked`), these are the relay's rules; the
+//! With the reorder window (`super::reassembly`, fuzzed), the resend
+//! buffer (`super::resume::Unacked`), and each stream's reader and writer
+//! (`super::reader`, `super::writer`), these are the relay's rules; the
 //! threads in `super::inbound`, `super::outbound` and `super::resume` move
 //! the bytes and carry them out.
 
@@ -126,6 +127,29 @@ pub(crate) fn not_back(e: Ends) -> Unreturned {
     }
 }
 
+/// What the other end's verdict on this end's outbound flow says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Confirmed {
+    /// It took every chunk: the flow arrived whole.
+    Whole,
+    /// Its local peer closed after taking some of them: the flow stops
+    /// there, and that is no failure (the peer chose to close).
+    ClosedEarly,
+    /// It names chunks this end did not send, or confirms fewer without
+    /// its peer closing: the relay fails with this.
+    Wrong(String),
+}
+
+/// The verdict `got` chunks (`closed`: its local peer closed) on this
+/// end's outbound flow of `chunks` chunks.
+pub(crate) fn confirmed(got: u64, closed: bool, chunks: u64) -> Confirmed {
+    match (got, closed) {
+        (got, false) if got == chunks => Confirmed::Whole,
+        (got, true) if got <= chunks => Confirmed::ClosedEarly,
+        (got, _) => Confirmed::Wrong(format!("the other end confirmed {got} of {chunks} chunks")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,6 +217,19 @@ mod tests {
         for cut in [None, Some(reset()), Some(peer())] {
             assert_eq!(at(cut, false, true), "done");
         }
+    }
+
+    /// The verdict on the outbound flow: whole only when it names every
+    /// chunk; fewer only with the peer's close; never more.
+    #[test]
+    fn the_verdict_confirms_the_whole_flow_or_a_close_after_part_of_it() {
+        assert_eq!(confirmed(5, false, 5), Confirmed::Whole);
+        assert_eq!(confirmed(0, false, 0), Confirmed::Whole);
+        assert_eq!(confirmed(3, true, 5), Confirmed::ClosedEarly);
+        assert_eq!(confirmed(5, true, 5), Confirmed::ClosedEarly);
+        assert!(matches!(confirmed(4, false, 5), Confirmed::Wrong(w) if w.contains("4 of 5")));
+        assert!(matches!(confirmed(6, false, 5), Confirmed::Wrong(_)));
+        assert!(matches!(confirmed(6, true, 5), Confirmed::Wrong(_)));
     }
 
     /// A stream that did not come back fails the relay only while this end

@@ -21,9 +21,10 @@ use pmigrate_transport::payload::Opener;
 use pmigrate_transport::{Conn, FrameReader, TransportError};
 
 use super::ends::{stream_ended, Facts, Step};
+use super::reader::{Heard, ReaderLane, Refused};
 use super::reassembly::{Next, Reassembly};
 use super::resume::Recovered;
-use super::{Carry, FlowReport, Output, Shared, CHUNK};
+use super::{Carry, FlowReport, Output, Shared};
 use crate::MigrateError;
 
 /// How often a deliverer that may close looks whether its local peer left.
@@ -184,12 +185,8 @@ pub(super) fn stream_reader(shared: &Shared<'_>, i: usize, has_in: bool, expects
         Err(e) => return shared.fail(i, e.into()),
     };
     let mut opener = Opener::default();
-    let (mut in_done, mut verified) = (!has_in, !expects_verified);
-    // The stream came back on a new connection: it may replay.
-    let mut resumed = false;
+    let mut judge = ReaderLane::new(resumable, how.source, how.lz4_in, has_in, expects_verified);
     let protocol = |why: String| MigrateError::Protocol { stream: i, why };
-    // Read after the read returned: the flow may have closed meanwhile.
-    let done = |in_done: bool, verified: bool| (in_done || shared.in_closed.load(Ordering::Acquire)) && verified;
     let res = loop {
         // `None`: a clean end of stream.
         let cut = match reader.next_frame() {
@@ -199,18 +196,18 @@ pub(super) fn stream_reader(shared: &Shared<'_>, i: usize, has_in: bool, expects
                     Ok(m) => m,
                     Err(source) => break Err(TransportError::Wire { what: name.clone(), source }.into()),
                 };
-                match msg {
-                    Message::Control(Control::Keepalive) => {}
-                    Message::Control(Control::Ack { next }) if resumable => lane.acked(next),
-                    Message::Data(chunk) if !in_done || resumed => {
-                        if chunk.decoded_len() as usize > CHUNK {
-                            break Err(protocol(format!("chunk of {} bytes", chunk.decoded_len())));
-                        }
-                        if chunk.encoding() == Encoding::Lz4 && !how.lz4_in {
-                            break Err(protocol("lz4 chunk without the capability".into()));
-                        }
-                        let window = &shared.window;
-                        let seq = chunk.seq();
+                let heard = match judge.heard(msg) {
+                    Ok(h) => h,
+                    Err(Refused::Protocol(why)) => break Err(protocol(why)),
+                    Err(Refused::Unexpected(kind)) => {
+                        break Err(TransportError::Unexpected { what: name.clone(), kind }.into())
+                    }
+                };
+                match heard {
+                    Heard::Nothing => {}
+                    Heard::Acked(next) => lane.acked(next),
+                    Heard::Chunk(chunk) => {
+                        let (window, seq) = (&shared.window, chunk.seq());
                         // A replayed chunk is dropped unopened; a new one is announced.
                         let step = {
                             let mut w = window.state.lock().expect("window lock");
@@ -263,7 +260,7 @@ pub(super) fn stream_reader(shared: &Shared<'_>, i: usize, has_in: bool, expects
                         lane.took(seq);
                         window.deliver_ready(shared);
                     }
-                    Message::Control(Control::End { chunks }) if !in_done => {
+                    Heard::End(chunks) => {
                         shared.in_wire.fetch_add(wire, Ordering::Relaxed);
                         let window = &shared.window;
                         let ended = window.state.lock().expect("window lock").flow.end(i, chunks);
@@ -271,32 +268,23 @@ pub(super) fn stream_reader(shared: &Shared<'_>, i: usize, has_in: bool, expects
                         if let Err(why) = ended {
                             break Err(protocol(why.to_string()));
                         }
-                        in_done = true;
                     }
-                    Message::Control(Control::End { chunks })
-                        if resumed && shared.window.state.lock().expect("window lock").flow.replayed_end(i, chunks) => {
-                    }
-                    Message::Control(Control::Verified { value, closed }) if !verified => {
-                        if closed && how.source {
-                            break Err(protocol("the destination closed the session's forward direction".into()));
-                        }
+                    Heard::Verified { value, closed } => {
                         *shared.verified.lock().expect("verdict lock") = Some((value, closed));
                         if closed {
                             shared.out_closed.store(true, Ordering::Release);
                         }
                         shared.verified_cv.notify_all();
-                        verified = true;
                     }
-                    Message::Control(Control::Verified { value, closed })
-                        if resumed && *shared.verified.lock().expect("verdict lock") == Some((value, closed)) => {}
-                    m => break Err(TransportError::Unexpected { what: name.clone(), kind: m.kind() }.into()),
                 }
                 continue;
             }
             Ok(None) => None,
             Err(e) => Some(e),
         };
-        let facts = Facts { at_end: done(in_done, verified), failed: shared.failed(), resumable };
+        // Read after the read returned: the flow may have closed meanwhile.
+        let at_end = judge.at_end(shared.in_closed.load(Ordering::Acquire));
+        let facts = Facts { at_end, failed: shared.failed(), resumable };
         let why = match stream_ended(&name, cut, facts) {
             Step::Done => break Ok(()),
             Step::Fail(e) => break Err(e.into()),
@@ -318,7 +306,7 @@ pub(super) fn stream_reader(shared: &Shared<'_>, i: usize, has_in: bool, expects
                 };
                 gen = g;
                 shared.window.state.lock().expect("window lock").flow.resume(i);
-                resumed = true;
+                judge.came_back();
             }
             Ok(Recovered::Over) => break Ok(()),
             Err(e) => break Err(e),

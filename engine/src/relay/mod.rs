@@ -82,6 +82,7 @@
 mod ends;
 mod inbound;
 mod outbound;
+pub(crate) mod reader;
 pub(crate) mod reassembly;
 mod resume;
 #[cfg(test)]

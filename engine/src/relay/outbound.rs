@@ -19,6 +19,7 @@ use pmigrate_transport::message::Control;
 use pmigrate_transport::payload::{build_data, seal_raw_data_in_place};
 use pmigrate_transport::{Conn, TransportError};
 
+use super::ends::{confirmed, Confirmed};
 use super::resume::{write_lost, Recovered};
 use super::writer::{Do, Facts, Failed, WriterLane};
 use super::{Carry, FlowReport, Shared, CHUNK, INLINE_CHUNK};
@@ -310,15 +311,15 @@ pub(super) fn run<'s, 'a: 's>(
             return Err(MigrateError::Aborted);
         }
         match *v {
-            Some((got, false)) if got == chunks => return Ok(report),
-            // Its local peer closed after taking `got` chunks.
-            Some((got, true)) if got <= chunks => {
-                report.closed_early = true;
-                return Ok(report);
-            }
-            Some((got, _)) => {
-                let why = format!("the other end confirmed {got} of {chunks} chunks");
-                return Err(MigrateError::Protocol { stream: 0, why });
+            Some((got, closed)) => {
+                return match confirmed(got, closed, chunks) {
+                    Confirmed::Whole => Ok(report),
+                    Confirmed::ClosedEarly => {
+                        report.closed_early = true;
+                        Ok(report)
+                    }
+                    Confirmed::Wrong(why) => Err(MigrateError::Protocol { stream: 0, why }),
+                }
             }
             None if Instant::now() > deadline => {
                 let why = "the other end did not confirm the end of stream".to_string();
