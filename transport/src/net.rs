@@ -166,6 +166,20 @@ pub fn set_progress_timeout(s: &TcpStream, t: Duration) -> io::Result<()> {
     SockRef::from(s).set_tcp_user_timeout(Some(t))
 }
 
+/// Bytes written to `s` that the kernel has not yet sent, or sent and not
+/// yet seen acknowledged (`SIOCOUTQ`): what still has to cross the link.
+pub fn unsent_bytes(s: &TcpStream) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int through the pointer, which
+    // points to `n`; the descriptor is the stream's own, open while `s` lives.
+    let rc = unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
 /// A socket whose every read and write is bounded by one deadline for the
 /// whole exchange, not per call: a peer dripping one byte at a time cannot
 /// stretch it (handshakes, TLS included).

@@ -131,21 +131,31 @@ impl<'m> Placer<'m> {
                 }
             }
             OpenedPages::Data { pages, hashes: page_hashes } => {
-                if (first..first + count).all(newer) {
-                    region.write_pages(PageIdx(first), pages)?;
-                    for (i, h) in page_hashes.iter().enumerate() {
-                        stamps[(first + i as u64) as usize].store(stamp, Ordering::Relaxed);
-                        hashes[(first + i as u64) as usize].store(*h, Ordering::Relaxed);
+                // A zero page riding in a data frame is not written where
+                // the memory is known zero (never written, not offered):
+                // the page stays untouched, as with a `Zero` frame.
+                let z = zero_page_hash();
+                let known_zero =
+                    |p: u64, h: u64| h == z && !self.offered[r] && stamps[p as usize].load(Ordering::Relaxed) == 0;
+                let mut write_from: Option<u64> = None;
+                for (i, h) in page_hashes.iter().enumerate() {
+                    let p = first + i as u64;
+                    let write = newer(p) && !known_zero(p, *h);
+                    if newer(p) {
+                        stamps[p as usize].store(stamp, Ordering::Relaxed);
+                        hashes[p as usize].store(*h, Ordering::Relaxed);
                     }
-                } else {
-                    for (i, (page, h)) in pages.chunks_exact(PAGE_SIZE).zip(page_hashes).enumerate() {
-                        let p = first + i as u64;
-                        if newer(p) {
-                            region.write_pages(PageIdx(p), page)?;
-                            stamps[p as usize].store(stamp, Ordering::Relaxed);
-                            hashes[p as usize].store(*h, Ordering::Relaxed);
+                    match (write, write_from) {
+                        (true, None) => write_from = Some(p),
+                        (false, Some(a)) => {
+                            write_from = None;
+                            write_run(region, first, a, p, pages)?;
                         }
+                        _ => {}
                     }
+                }
+                if let Some(a) = write_from {
+                    write_run(region, first, a, first + count, pages)?;
                 }
             }
         }
@@ -202,5 +212,85 @@ impl<'m> Placer<'m> {
             }
         }
         Ok(())
+    }
+}
+
+/// Writes pages `[a, b)` of a batch of `pages` that starts at page `first`.
+fn write_run(
+    region: &pmigrate_ranges::GuestRegion,
+    first: u64,
+    a: u64,
+    b: u64,
+    pages: &[u8],
+) -> Result<(), MigrateError> {
+    let bytes = &pages[(a - first) as usize * PAGE_SIZE..(b - first) as usize * PAGE_SIZE];
+    Ok(region.write_pages(PageIdx(a), bytes)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use pmigrate_ranges::{Gpa, GuestRegion, HostPageSize, RegionIdx};
+
+    use super::*;
+
+    /// Pages of `r` resident in this process's mapping, by `mincore`.
+    fn resident(r: &GuestRegion) -> Vec<bool> {
+        let mut v = vec![0u8; r.pages() as usize];
+        // SAFETY: the range is the region's whole mapping, page aligned;
+        // `v` has one byte per page, as mincore writes.
+        let rc = unsafe {
+            libc::mincore(r.host_addr() as *mut libc::c_void, r.pages() as usize * PAGE_SIZE, v.as_mut_ptr())
+        };
+        assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+        v.iter().map(|b| b & 1 == 1).collect()
+    }
+
+    /// Places `kinds` (0 zero, else a page of that byte) at pages `first..`
+    /// as one data frame of `stamp`.
+    fn place(p: &Placer<'_>, first: u64, kinds: &[u8], stamp: u32) {
+        let pages: Vec<u8> = kinds.iter().flat_map(|&k| [k; PAGE_SIZE]).collect();
+        let hashes: Vec<u64> = pages.chunks_exact(PAGE_SIZE).map(xxh3_64).collect();
+        let range = PageRange { region: RegionIdx(0), start: PageIdx(first), end: PageIdx(first + kinds.len() as u64) };
+        p.apply(range, OpenedPages::Data { pages: &pages, hashes: &hashes }, stamp).unwrap();
+    }
+
+    /// A zero page that rides in a data frame is not written where the
+    /// memory is known zero (its page stays out of memory, as a `Zero`
+    /// frame leaves it), but is where the page held data, or where the
+    /// region was offered (its memory is not known zero); the hashes
+    /// that the digest is made of are the same either way.
+    #[test]
+    fn zero_pages_in_a_data_frame_leave_known_zero_memory_untouched() {
+        let mem =
+            GuestMemory::new(vec![GuestRegion::anonymous(Gpa(0), 64 * PAGE_SIZE as u64, HostPageSize::Small).unwrap()])
+                .unwrap();
+        let p = Placer::new(&mem, vec![false]);
+        place(&p, 10, &[1, 0, 0, 2, 0], 1);
+        let region = &mem.regions()[0];
+        let res = resident(region);
+        assert!(res[10] && res[13], "data pages are written");
+        assert!(!res[11] && !res[12] && !res[14], "known-zero pages are not: {:?}", &res[10..15]);
+        // Page 13 held data: a later zero copy of it is written.
+        place(&p, 13, &[0], 2);
+        let mut back = vec![1u8; 5 * PAGE_SIZE];
+        region.read_pages(PageIdx(10), &mut back).unwrap();
+        let want: Vec<u8> = [1u8, 0, 0, 0, 0].iter().flat_map(|&k| [k; PAGE_SIZE]).collect();
+        assert!(back == want, "the memory is what the frames carried");
+        let z = zero_page_hash();
+        let t = p.tables(0);
+        assert_eq!(t.hashes[11].load(Ordering::Relaxed), z);
+        assert_eq!(t.hashes[13].load(Ordering::Relaxed), z);
+        assert_eq!(t.stamps[12].load(Ordering::Relaxed), 1, "an untouched zero page is still placed");
+
+        // An offered region's memory is not known zero: every page is written.
+        let mem =
+            GuestMemory::new(vec![GuestRegion::anonymous(Gpa(0), 64 * PAGE_SIZE as u64, HostPageSize::Small).unwrap()])
+                .unwrap();
+        mem.regions()[0].write_pages(PageIdx(21), &[9u8; PAGE_SIZE]).unwrap();
+        let p = Placer::new(&mem, vec![true]);
+        place(&p, 20, &[1, 0], 1);
+        let mut back = vec![1u8; PAGE_SIZE];
+        mem.regions()[0].read_pages(PageIdx(21), &mut back).unwrap();
+        assert!(back.iter().all(|&b| b == 0), "the offered page is overwritten with the zero copy");
     }
 }

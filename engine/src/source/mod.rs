@@ -306,15 +306,20 @@ impl<'r> Run<'r> {
                     pmigrate_transport::link::watch(&links, &how, this.cfg.link_timeout, &stop);
                 });
             }
-            let res = this.rounds(&txs, bulk, &pool_rx, &probe_rx, &verdicts, tracker, pause, &mut report).and_then(
-                |(t_pause, handed_over)| {
+            // What the bulk streams' sockets have yet to send.
+            let unsent = || {
+                let socket = |l: &Link| pmigrate_transport::net::unsent_bytes(l.current().0.tcp()).unwrap_or(0);
+                streams[..bulk].iter().map(socket).sum()
+            };
+            let res = this
+                .rounds(&txs, bulk, &pool_rx, &probe_rx, &verdicts, tracker, pause, &unsent, &mut report)
+                .and_then(|(t_pause, handed_over)| {
                     let digest = this.sent_digest(&handed_over);
                     report.digest = digest.to_string();
                     this.state().done_queued(digest);
                     txs[0].send(Msg::Done { digest }).map_err(|_| MigrateError::Aborted)?;
                     Ok(t_pause)
-                },
-            );
+                });
             drop(txs);
             let (t_pause, mut error) = match res {
                 Ok(t) => (Some(t), None),

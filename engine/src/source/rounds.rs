@@ -4,7 +4,7 @@
 //! (or, in post-copy, the switchover and the push of what is left).
 
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use pmigrate_ranges::{distribute_late, plan_shards, AtomicBitmap, PageRange, PAGE_SIZE};
@@ -19,6 +19,14 @@ use super::{PauseHook, Run};
 use crate::dirty::DirtyTracker;
 use crate::report::{Report, RoundReport};
 use crate::MigrateError;
+
+/// How long the streams may take to write out the last round before the
+/// pause ([`Run::drain`]).
+const DRAIN_LIMIT: Duration = Duration::from_secs(2);
+
+/// Bytes a stream's socket may still hold and count as drained: a few
+/// segments in flight on any path.
+const DRAINED: usize = 256 << 10;
 
 impl Run<'_> {
     /// Sends the pages marked in `dirty` as round `round` over `txs`; the
@@ -57,6 +65,7 @@ impl Run<'_> {
                             round,
                             pages: Outgoing::Vec(Vec::new()),
                             hashes: Vec::with_capacity(batch),
+                            kinds: Vec::with_capacity(batch),
                             scratch: Scratch::default(),
                             counts: Counts::default(),
                             pool,
@@ -86,6 +95,24 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// Before the pause, while the guest still runs, lets the streams
+    /// write out what the last round handed them: their queues and their
+    /// sockets' buffers (up to 8 MiB a stream, which the kernel may hold
+    /// whole on a fast path) would otherwise cross the link during the
+    /// downtime. Pages the guest writes meanwhile go in the final round, as
+    /// any would. At most [`DRAIN_LIMIT`]; a stream that does not drain
+    /// (a slow or lost link) costs downtime, as before, not a failure.
+    fn drain(&self, txs: &[Sender<Msg>], unsent: &dyn Fn() -> usize) {
+        let t = Instant::now();
+        while t.elapsed() < DRAIN_LIMIT && !self.abort.load(Ordering::Relaxed) {
+            if txs.iter().all(Sender::is_empty) && unsent() <= DRAINED * txs.len() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        tracing::debug!(secs = t.elapsed().as_secs_f64(), "streams drained before the pause");
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(super) fn rounds(
         &self,
@@ -96,6 +123,7 @@ impl Run<'_> {
         verdict: &Receiver<Result<Digest, MigrateError>>,
         tracker: &mut dyn DirtyTracker,
         mut pause: Option<PauseHook<'_>>,
+        unsent: &dyn Fn() -> usize,
         report: &mut Report,
     ) -> Result<(Instant, Vec<bool>), MigrateError> {
         let mut shared = self.prove_content(txs, probes, verdict, report)?;
@@ -186,6 +214,7 @@ impl Run<'_> {
             }
         }
         report.converged = converged;
+        self.drain(&txs[..bulk], unsent);
         if let Some(p) = pause.as_mut() {
             p().map_err(MigrateError::Pause)?;
         }
