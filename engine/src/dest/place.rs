@@ -140,8 +140,9 @@ impl<'m> Placer<'m> {
                 let mut write_from: Option<u64> = None;
                 for (i, h) in page_hashes.iter().enumerate() {
                     let p = first + i as u64;
-                    let write = newer(p) && !known_zero(p, *h);
-                    if newer(p) {
+                    let place = newer(p);
+                    let write = place && !known_zero(p, *h);
+                    if place {
                         stamps[p as usize].store(stamp, Ordering::Relaxed);
                         hashes[p as usize].store(*h, Ordering::Relaxed);
                     }
