@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use rand::{RngCore, SeedableRng};
+
 use backends::{config, receive_options};
 use pmigrate::BackendChoice;
 use pmigrate::{
@@ -76,15 +78,8 @@ fn gib_of_mixed_content_over_four_streams_and_four_workers(io: BackendChoice) {
     // riding along; 16 MiB of incompressible pages go raw (lz4 would not
     // shrink them); 16 MiB of zero pages, which a fresh destination holds
     // already, not at all.
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let noise: Vec<u8> = (0..16 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let mut noise = vec![0u8; 16 << 20];
+    rand::rngs::SmallRng::seed_from_u64(7).fill_bytes(&mut noise);
     src.regions()[0].write_pages(pmigrate::PageIdx(0), &noise).unwrap();
     src.regions()[0].write_pages(pmigrate::PageIdx(4096), &vec![0u8; 16 << 20]).unwrap();
     let cfg = SourceConfig { threads: 4, tracker: TrackerKind::Hash, compression: Compression::On, ..config(io) };

@@ -147,9 +147,6 @@ impl Worker<'_> {
         lz4: bool,
         zeros: u64,
     ) -> Result<(), MigrateError> {
-        if a == b {
-            return Ok(());
-        }
         let at = PagesAt { region, first, round: self.round };
         let n = (b - a) as u64;
         self.run.note_sent(region, first, &self.hashes[a..b], self.round);
@@ -181,14 +178,13 @@ impl Worker<'_> {
         Ok(())
     }
 
-    fn emit_zero(&mut self, region: u32, first: u64, n: u64) -> Result<(), MigrateError> {
-        if n == 0 {
-            return Ok(());
-        }
+    /// Sends pages `[a, b)` of the batch, all zero (already hashed), as a
+    /// `Zero` frame.
+    fn emit_zero(&mut self, region: u32, first: u64, (a, b): (usize, usize)) -> Result<(), MigrateError> {
+        let n = (b - a) as u64;
         let mut frame = self.buffer();
         build_zero_pages(&mut frame, region, first, n as u32, self.round);
-        let zeros = vec![zero_page_hash(); n as usize];
-        self.run.note_sent(region, first, &zeros, self.round);
+        self.run.note_sent(region, first, &self.hashes[a..b], self.round);
         self.send(Outgoing::Vec(frame), region, first, n)
     }
 
@@ -238,7 +234,7 @@ impl Worker<'_> {
                 let first = pos + a as u64;
                 match kind {
                     Kind::Unchanged | Kind::UnchangedZero => {}
-                    Kind::Zero => self.emit_zero(region, first, (b - a) as u64)?,
+                    Kind::Zero => self.emit_zero(region, first, (a, b))?,
                     Kind::Data => {
                         let zeros = self.hashes[a..b].iter().filter(|&&h| h == zero_hash).count() as u64;
                         self.emit_data(region, first, (a, b), a == 0 && b == n, lz4, zeros)?;
